@@ -1,0 +1,66 @@
+//! `gpu-sim`: run the simulated GPU inference server. See `gpu-sim --help`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tollgate_backends::sim::{Engine, SimOptions, serve};
+
+/// After SIGTERM, in-flight answers get this long to finish before the
+/// process exits anyway (a slow stream must not hold a shutdown hostage).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let options = SimOptions::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if options.threads > 0 {
+        runtime.worker_threads(options.threads);
+    }
+    let result = runtime
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(options)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpu-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: SimOptions) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(options.listen).await?;
+    let address = listener.local_addr()?;
+    let models = options.models.join(",");
+    let engine = Arc::new(Engine::new(options)?);
+    // The one line scripts and tests wait for: the server accepts connections now.
+    println!("gpu-sim listening on http://{address} models={models}");
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, engine, async {
+        let _ = stop_rx.await;
+    }));
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(joined) => joined??,
+        Err(_) => tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; exiting"),
+    }
+    Ok(())
+}

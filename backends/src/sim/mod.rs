@@ -1,0 +1,103 @@
+//! `gpu-sim`: a simulated GPU inference server.
+//!
+//! A real HTTP server that behaves like trtllm-serve / vLLM (OpenAI API) and
+//! Triton (KServe v2) without a GPU, so every test, demo and benchmark of
+//! Tollgate has a backend with a realistic timing model, batch slots, a cold
+//! start and injected faults.
+//!
+//! - [`options`]: the command line (the timing and fault model).
+//! - [`engine`]: readiness, batch slots, fault draws, token schedule.
+//! - [`generate`]: deterministic answers whose token counts are exact.
+//! - [`openai`], [`triton`]: the two protocol front ends.
+//! - [`stream`]: paced server-sent events shared by both.
+//! - [`metrics`]: `/metrics` under vLLM's and Triton's names.
+
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod metrics;
+pub mod openai;
+pub mod options;
+pub mod stream;
+pub mod triton;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+pub use engine::Engine;
+pub use error::SimError;
+pub use options::SimOptions;
+
+/// Request bodies up to this size are accepted: far above any real prompt, so
+/// the simulator never truncates what a proxy forwards to it.
+const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// The simulator's routes.
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/sim/fail", post(fail))
+        .route("/sim/recover", post(recover))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v2/health/live", get(triton::live))
+        .route("/v2/health/ready", get(triton::ready))
+        .route("/v2/models/{model}/ready", get(triton::model_ready))
+        .route("/v2/models/{model}/generate", post(triton::generate))
+        .route(
+            "/v2/models/{model}/generate_stream",
+            post(triton::generate_stream),
+        )
+        .fallback(|uri: Uri| async move { SimError::NoRoute(uri.path().to_owned()) })
+        .method_not_allowed_fallback(|| async { SimError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(engine)
+}
+
+/// Serves on `listener` until `shutdown` resolves, then lets in-flight
+/// requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    axum::serve(listener, router(engine))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn health(State(engine): State<Arc<Engine>>) -> StatusCode {
+    match engine.check_ready() {
+        Ok(()) => StatusCode::OK,
+        Err(e) => e.status(),
+    }
+}
+
+async fn metrics(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        engine.metrics.render(engine.busy_fraction()),
+    )
+}
+
+/// Injects an engine failure: health checks and inference answer 503 until recovered.
+async fn fail(State(engine): State<Arc<Engine>>) -> StatusCode {
+    engine.set_failed(true);
+    StatusCode::NO_CONTENT
+}
+
+async fn recover(State(engine): State<Arc<Engine>>) -> StatusCode {
+    engine.set_failed(false);
+    StatusCode::NO_CONTENT
+}
