@@ -123,11 +123,20 @@ mod tests {
 
     #[test]
     fn model_families_map_to_their_encoding() {
-        assert_eq!(Encoding::for_model("gpt-4o-2024-11-20"), Some(Encoding::O200k));
+        assert_eq!(
+            Encoding::for_model("gpt-4o-2024-11-20"),
+            Some(Encoding::O200k)
+        );
         assert_eq!(Encoding::for_model("gpt-4o"), Some(Encoding::O200k));
         assert_eq!(Encoding::for_model("gpt-4"), Some(Encoding::Cl100k));
-        assert_eq!(Encoding::for_model("gpt-3.5-turbo-0125"), Some(Encoding::Cl100k));
-        assert_eq!(Encoding::for_model("meta-llama/Llama-3.1-8B-Instruct"), None);
+        assert_eq!(
+            Encoding::for_model("gpt-3.5-turbo-0125"),
+            Some(Encoding::Cl100k)
+        );
+        assert_eq!(
+            Encoding::for_model("meta-llama/Llama-3.1-8B-Instruct"),
+            None
+        );
     }
 
     #[test]

@@ -60,7 +60,9 @@ async fn run(options: SimOptions) -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(joined) => joined??,
-        Err(_) => tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; exiting"),
+        Err(_) => {
+            tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; exiting")
+        }
     }
     Ok(())
 }

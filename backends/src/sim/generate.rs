@@ -9,12 +9,70 @@
 /// Words that encode to a single token in cl100k_base and o200k_base, alone
 /// and after a space (checked by a test).
 const WORDS: &[&str] = &[
-    "the", "model", "is", "running", "on", "a", "simulated", "GPU", "and", "this", "answer", "was",
-    "generated", "from", "seed", "with", "tokens", "that", "are", "counted", "exactly", "for",
-    "every", "request", "in", "order", "to", "test", "gateway", "billing", "time", "fast", "data",
-    "server", "queue", "user", "work", "will", "be", "done", "when", "you", "can", "see", "it",
-    "here", "now", "text", "more", "than", "one", "line", "of", "code", "we", "have", "all", "good",
-    "new", "first", "last", "long", "short", "value",
+    "the",
+    "model",
+    "is",
+    "running",
+    "on",
+    "a",
+    "virtual",
+    "GPU",
+    "and",
+    "this",
+    "answer",
+    "was",
+    "generated",
+    "from",
+    "seed",
+    "with",
+    "tokens",
+    "that",
+    "are",
+    "read",
+    "exactly",
+    "for",
+    "every",
+    "request",
+    "in",
+    "order",
+    "to",
+    "test",
+    "gateway",
+    "billing",
+    "time",
+    "fast",
+    "data",
+    "server",
+    "queue",
+    "user",
+    "work",
+    "will",
+    "be",
+    "done",
+    "when",
+    "you",
+    "can",
+    "see",
+    "it",
+    "here",
+    "now",
+    "text",
+    "more",
+    "than",
+    "one",
+    "line",
+    "of",
+    "code",
+    "we",
+    "have",
+    "all",
+    "good",
+    "new",
+    "first",
+    "last",
+    "long",
+    "short",
+    "value",
 ];
 
 /// FNV-1a over bytes: a stable hash (std's hasher may change between releases).
@@ -87,9 +145,7 @@ impl Completion {
     pub fn plan(key: u64, fixed_len: Option<u32>, max_tokens: Option<u32>) -> Self {
         let natural = match fixed_len {
             Some(n) => u64::from(n),
-            None => {
-                MIN_NATURAL_TOKENS + mix(key) % (MAX_NATURAL_TOKENS - MIN_NATURAL_TOKENS + 1)
-            }
+            None => MIN_NATURAL_TOKENS + mix(key) % (MAX_NATURAL_TOKENS - MIN_NATURAL_TOKENS + 1),
         };
         let (len, finish_reason) = match max_tokens.map(u64::from) {
             Some(cap) if cap < natural => (cap, FinishReason::Length),
@@ -144,7 +200,11 @@ mod tests {
     fn every_word_is_one_token_in_both_encodings() {
         for encoding in [Encoding::Cl100k, Encoding::O200k] {
             for word in WORDS {
-                assert_eq!(encoding.count(&format!(" {word}")), 1, "{encoding}: {word:?}");
+                assert_eq!(
+                    encoding.count(&format!(" {word}")),
+                    1,
+                    "{encoding}: {word:?}"
+                );
                 assert_eq!(encoding.count(&capitalize(word)), 1, "{encoding}: {word:?}");
             }
         }

@@ -346,7 +346,10 @@ impl Answer {
 fn response_id(prefix: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}-{:016x}", mix(n ^ (u64::from(std::process::id()) << 32)))
+    format!(
+        "{prefix}-{:016x}",
+        mix(n ^ (u64::from(std::process::id()) << 32))
+    )
 }
 
 fn json_string(s: &str) -> String {
@@ -515,6 +518,11 @@ fn embedding_vector(key: u64, dimensions: usize) -> Vec<f32> {
     let raw: Vec<f64> = (0..dimensions as u64)
         .map(|i| (mix(key ^ i) >> 11) as f64 / (1u64 << 52) as f64 - 1.0)
         .collect();
-    let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+    let norm = raw
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
     raw.iter().map(|x| (x / norm) as f32).collect()
 }

@@ -31,7 +31,9 @@ pub trait StreamFormat: Send + 'static {
 }
 
 enum Phase {
-    Generating { next: usize },
+    Generating {
+        next: usize,
+    },
     /// Cut off: reset the connection on the next poll.
     Reset,
     Done,

@@ -93,22 +93,21 @@ pub async fn generate_stream(
 async fn start(engine: &Engine, model: &str, body: &[u8]) -> Result<Generation, SimError> {
     engine.check_ready()?;
     let request: GenerateRequest = parse_body(body)?;
-    let max_tokens = match request.max_tokens {
-        Some(n) => Some(n),
-        None => match request.parameters.get("max_tokens") {
-            None => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| {
+    let max_tokens =
+        match request.max_tokens {
+            Some(n) => Some(n),
+            None => match request.parameters.get("max_tokens") {
+                None => None,
+                Some(v) => Some(v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(
+                    || {
                         SimError::bad_request(
                             "`parameters.max_tokens` must be a positive integer.",
                             Some("max_tokens"),
                         )
-                    })?,
-            ),
-        },
-    };
+                    },
+                )?),
+            },
+        };
     let max_tokens = check_max_tokens(max_tokens)?;
     let encoding = engine.encoding_for(model);
     engine
