@@ -43,6 +43,10 @@ pub struct GenerationRequest<'a> {
 impl Engine {
     pub fn new(options: SimOptions) -> prometheus::Result<Self> {
         let metrics = SimMetrics::new(&options.models)?;
+        // Build the encoders now: the first request must not pay for it.
+        for model in &options.models {
+            options.encoding_for(model).count("warm up");
+        }
         Ok(Self {
             ready_at: Instant::now() + options.startup_delay(),
             failed: AtomicBool::new(false),

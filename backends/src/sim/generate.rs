@@ -158,7 +158,8 @@ impl Completion {
         }
     }
 
-    /// Number of tokens in the answer.
+    /// Number of tokens in the answer: exact, since every word is one token
+    /// in every encoding the simulator counts with (see the tests below).
     pub fn len(&self) -> usize {
         self.len
     }

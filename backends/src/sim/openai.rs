@@ -101,7 +101,7 @@ pub async fn chat_completions(
             max_tokens,
         })
         .await?;
-    let answer = Answer::new(&engine, Endpoint::Chat, &request.model, encoding);
+    let answer = Answer::new(&engine, Endpoint::Chat, &request.model);
     if request.stream.unwrap_or(false) {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
         return Ok(answer.stream(generation, include_usage));
@@ -113,7 +113,7 @@ pub async fn chat_completions(
         "logprobs": null,
         "finish_reason": generation.completion.finish_reason.as_str(),
     });
-    Ok(answer.complete(&generation, &text, choice))
+    Ok(answer.complete(&generation, choice))
 }
 
 pub async fn completions(
@@ -135,7 +135,7 @@ pub async fn completions(
             max_tokens,
         })
         .await?;
-    let answer = Answer::new(&engine, Endpoint::Completion, &request.model, encoding);
+    let answer = Answer::new(&engine, Endpoint::Completion, &request.model);
     if request.stream.unwrap_or(false) {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
         return Ok(answer.stream(generation, include_usage));
@@ -147,7 +147,7 @@ pub async fn completions(
         "logprobs": null,
         "finish_reason": generation.completion.finish_reason.as_str(),
     });
-    Ok(answer.complete(&generation, &text, choice))
+    Ok(answer.complete(&generation, choice))
 }
 
 pub async fn embeddings(
@@ -271,12 +271,11 @@ struct Answer {
     id: String,
     created: u64,
     model: String,
-    encoding: Encoding,
     report_usage: bool,
 }
 
 impl Answer {
-    fn new(engine: &Engine, endpoint: Endpoint, model: &str, encoding: Encoding) -> Self {
+    fn new(engine: &Engine, endpoint: Endpoint, model: &str) -> Self {
         let prefix = match endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completion => "cmpl",
@@ -286,7 +285,6 @@ impl Answer {
             id: response_id(prefix),
             created: unix_now(),
             model: model.to_owned(),
-            encoding,
             report_usage: !engine.options.no_usage,
         }
     }
@@ -299,7 +297,7 @@ impl Answer {
         }
     }
 
-    fn complete(&self, generation: &Generation, text: &str, choice: Value) -> Response {
+    fn complete(&self, generation: &Generation, choice: Value) -> Response {
         let mut body = json!({
             "id": self.id,
             "object": self.object(false),
@@ -308,7 +306,7 @@ impl Answer {
             "choices": [choice],
         });
         if self.report_usage {
-            body["usage"] = usage_json(generation.prompt_tokens, self.encoding.count(text));
+            body["usage"] = usage_json(generation.prompt_tokens, generation.completion.len());
         }
         Json(body).into_response()
     }
@@ -404,8 +402,7 @@ impl StreamFormat for OpenAiChunks {
         };
         self.choice(&last, Some(finish), out);
         if self.include_usage {
-            let completion_tokens = self.answer.encoding.count(&generation.completion.text());
-            let usage = usage_json(generation.prompt_tokens, completion_tokens);
+            let usage = usage_json(generation.prompt_tokens, generation.completion.len());
             out.push_str(&self.chunk_prefix);
             let _ = write!(out, "],\"usage\":{usage}}}\n\n");
         }

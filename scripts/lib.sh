@@ -1,0 +1,125 @@
+# Shared provisioning for scripts/dev.sh, scripts/test.sh and .ci/run.
+#
+# Sourced, not run. On Debian it installs what is missing (build tools,
+# PostgreSQL, Redis) and starts a throwaway Postgres and Redis under
+# target/services/ only when none is listening at DATABASE_URL / REDIS_URL
+# (default 127.0.0.1:5432 and 127.0.0.1:6379). It changes nothing system-wide
+# beyond installing packages.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SERVICES_DIR="$ROOT/target/services"
+
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Runs a command as root: directly when we are root, else through sudo.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else die "need root (or sudo) to run: $*"
+    fi
+}
+
+APT_UPDATED=0
+# apt_install PACKAGE... : installs the Debian packages that are not installed yet.
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get to install them"
+    log "installing ${missing[*]}"
+    if [ "$APT_UPDATED" -eq 0 ]; then as_root apt-get update -qq; APT_UPDATED=1; fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Build tools: a C toolchain and cmake (Pingora's zlib-ng build needs cmake).
+ensure_build_tools() {
+    apt_install build-essential cmake pkg-config ca-certificates curl
+    if ! command -v cargo >/dev/null; then
+        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    command -v cargo >/dev/null || die "Rust is not installed: install it with rustup (https://rustup.rs), then re-run"
+}
+
+# host_port URL DEFAULT_PORT : prints "HOST PORT" of a postgres:// or redis:// URL.
+host_port() {
+    local rest="${1#*://}"
+    rest="${rest#*@}"
+    rest="${rest%%/*}"
+    rest="${rest%%\?*}"
+    local host="${rest%:*}" port="${rest##*:}"
+    [ "$host" = "$rest" ] && port="$2"
+    [ -z "$host" ] && host=127.0.0.1
+    echo "$host $port"
+}
+
+# listening HOST PORT : true when something accepts TCP connections there.
+listening() {
+    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+# Waits up to $3 seconds for HOST PORT to accept connections.
+wait_listening() {
+    local deadline=$((SECONDS + $3))
+    until listening "$1" "$2"; do
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.1
+    done
+}
+
+ensure_postgres() {
+    apt_install postgresql postgresql-client
+    local host port
+    read -r host port < <(host_port "$DATABASE_URL" 5432)
+    if listening "$host" "$port"; then
+        log "PostgreSQL: using the server at $host:$port"
+        return 0
+    fi
+    case "$host" in 127.0.0.1|localhost) ;; *) die "PostgreSQL at $host:$port is not reachable";; esac
+    local bin data="$SERVICES_DIR/postgres"
+    bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+    log "PostgreSQL: starting a throwaway server on 127.0.0.1:$port ($data)"
+    mkdir -p "$SERVICES_DIR"
+    # initdb and postgres refuse to run as root: run them as the postgres user.
+    local run=()
+    if [ "$(id -u)" -eq 0 ]; then run=(runuser -u postgres --); fi
+    if [ ! -f "$data/PG_VERSION" ]; then
+        rm -rf "$data"; mkdir -p "$data"
+        [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$data"
+        "${run[@]}" "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >/dev/null
+    fi
+    "${run[@]}" "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 \
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $data -c fsync=off" start >/dev/null
+    wait_listening 127.0.0.1 "$port" 30 || die "PostgreSQL did not start; see $data/server.log"
+}
+
+ensure_redis() {
+    apt_install redis-server
+    local host port
+    read -r host port < <(host_port "$REDIS_URL" 6379)
+    if listening "$host" "$port"; then
+        log "Redis: using the server at $host:$port"
+        return 0
+    fi
+    case "$host" in 127.0.0.1|localhost) ;; *) die "Redis at $host:$port is not reachable";; esac
+    local data="$SERVICES_DIR/redis"
+    log "Redis: starting a throwaway server on 127.0.0.1:$port ($data)"
+    mkdir -p "$data"
+    redis-server --bind 127.0.0.1 --port "$port" --daemonize yes --save "" --appendonly no \
+        --dir "$data" --logfile "$data/redis.log" --pidfile "$data/redis.pid"
+    wait_listening 127.0.0.1 "$port" 30 || die "Redis did not start; see $data/redis.log"
+}
+
+# Everything the stack and its tests need on this machine.
+provision() {
+    ensure_build_tools
+    ensure_postgres
+    ensure_redis
+}
