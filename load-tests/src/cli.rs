@@ -1,0 +1,460 @@
+//! Command-line flags, parsed by clap and validated into a [`LoadPlan`].
+//!
+//! Every flag is checked by a clap value parser, so a bad value is reported by clap
+//! with the flag's name and exits with status 2 before any request is sent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+use serde::Serialize;
+
+use crate::endpoint::Endpoint;
+use crate::key_mix::{ApiKey, KeyMix};
+
+/// Why a flag value was rejected. Shown by clap after `invalid value '…' for '--flag'`.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FlagError {
+    #[error("expected a number, got {0:?}")]
+    NotANumber(String),
+    #[error("must be a finite number greater than 0")]
+    NotPositive,
+    #[error("{0} is more than the maximum, {1}")]
+    TooLarge(f64, f64),
+    #[error("{0}")]
+    BadUrl(String),
+    #[error("entry {0:?} is not KEY:WEIGHT (e.g. sk-free:3,sk-pro:1)")]
+    KeyMixEntry(String),
+    #[error("weight in {0:?} must be a whole number from 1 to 1000000")]
+    KeyMixWeight(String),
+    #[error("key {0} appears twice; per-key reports need each key once")]
+    KeyMixDuplicate(String),
+    #[error(
+        "an API key must be non-empty visible ASCII without spaces (it goes into an HTTP header)"
+    )]
+    KeyCharacters,
+}
+
+/// Open-loop HTTP load generator for OpenAI-style chat completion endpoints.
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Open-loop HTTP load generator for OpenAI-style chat completion endpoints",
+    long_about = "Open-loop HTTP load generator for OpenAI-style chat completion endpoints.\n\n\
+        Requests are sent at a constant arrival rate whatever the target does, and each \
+        latency is measured from the request's scheduled send time, so a slow target \
+        cannot hide its queueing (no coordinated omission). A request that finds \
+        --concurrency requests already in flight is not sent and is counted as dropped: \
+        the target could not keep up.\n\n\
+        Single target:  loadgen --url URL --rate RPS --duration SECS [options]\n\
+        Comparison:     loadgen --compare URL_A URL_B --rate RPS --duration SECS [--rounds R] [options]\n\n\
+        Latency percentiles cover successful responses only. The JSON written by --json \
+        is described in the crate documentation (load-tests/src/report.rs and compare.rs)."
+)]
+pub struct Cli {
+    /// Target base URL, e.g. http://127.0.0.1:8000; /v1/chat/completions is appended
+    /// unless the URL already has a path, which is then used as-is
+    #[arg(
+        long,
+        value_name = "URL",
+        value_parser = Endpoint::parse,
+        required_unless_present = "compare",
+        conflicts_with = "compare"
+    )]
+    pub url: Option<Endpoint>,
+
+    /// Run the same load against two targets in alternating rounds (A, B, A, B, …) and
+    /// report per-target medians, ratios B/A and added latency B−A
+    #[arg(long, num_args = 2, value_names = ["URL_A", "URL_B"], value_parser = Endpoint::parse)]
+    pub compare: Option<Vec<Endpoint>>,
+
+    /// Arrival rate in requests per second (fractions allowed)
+    #[arg(long, value_name = "RPS", value_parser = rate)]
+    pub rate: f64,
+
+    /// How long to keep issuing requests, in seconds (fractions allowed); in-flight
+    /// requests are then awaited for at most --timeout
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    pub duration: Duration,
+
+    /// Maximum requests in flight; a request scheduled while the cap is full is dropped
+    /// and counted. The default stays under the common 1024 open-file limit so an
+    /// overloaded target shows up as drops, not as connect errors
+    #[arg(long, value_name = "N", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub concurrency: u32,
+
+    /// Request streamed responses (SSE, with stream_options.include_usage) and also
+    /// report time to first body byte (TTFB) and content chunks; a stream that ends
+    /// without `data: [DONE]` counts as a truncated_stream error
+    #[arg(long)]
+    pub stream: bool,
+
+    /// Size of the user prompt in bytes (ASCII words)
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub prompt_bytes: u32,
+
+    /// max_tokens sent with every request
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: u32,
+
+    /// Model name sent with every request
+    #[arg(long, value_name = "M", default_value = "sim-model")]
+    pub model: String,
+
+    /// API key sent as `Authorization: Bearer K` (no header when absent)
+    #[arg(long, value_name = "K", value_parser = ApiKey::parse, conflicts_with = "key_mix")]
+    pub key: Option<ApiKey>,
+
+    /// Several keys with integer weights, e.g. sk-free:6,sk-pro:3,sk-ent:1; requests
+    /// cycle through them by smooth weighted round-robin (deterministic) and the report
+    /// has a section per key. Keys are shortened in reports
+    #[arg(long, value_name = "KEY:WEIGHT,...", value_parser = KeyMix::parse)]
+    pub key_mix: Option<KeyMix>,
+
+    /// Per-request timeout in seconds, from send to the end of the body; also bounds
+    /// the wait for in-flight requests after --duration
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = seconds)]
+    pub timeout: Duration,
+
+    /// Tokio worker threads. Default 1: the load generator usually shares a 2-core
+    /// machine with its target, and every core it takes is one the target loses.
+    /// (One more thread, asleep between arrivals, times the sends)
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub threads: u32,
+
+    /// Rounds per target for --compare, default 3; medians are taken across rounds
+    // Checked in `Cli::check`: clap waives `requires = "compare"` whenever --url is
+    // given, because --url conflicts with --compare.
+    #[arg(
+        long,
+        value_name = "R",
+        value_parser = clap::value_parser!(u32).range(1..=1000)
+    )]
+    pub rounds: Option<u32>,
+
+    /// Also write the report as JSON to FILE
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// What to run, once targets are known: the same plan drives every run and round.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    pub rate: f64,
+    pub duration: Duration,
+    pub concurrency: usize,
+    pub stream: bool,
+    pub prompt_bytes: usize,
+    pub max_tokens: u32,
+    pub model: String,
+    /// `None` sends no Authorization header.
+    pub keys: Option<KeyMix>,
+    pub timeout: Duration,
+    pub threads: usize,
+}
+
+/// The load parameters as recorded in JSON reports (keys shortened).
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadEcho {
+    pub rate_rps: f64,
+    pub duration_secs: f64,
+    pub concurrency: usize,
+    pub stream: bool,
+    pub prompt_bytes: usize,
+    pub max_tokens: u32,
+    pub model: String,
+    pub timeout_secs: f64,
+    pub threads: usize,
+    pub keys: Vec<KeyEcho>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyEcho {
+    pub key: String,
+    pub weight: u32,
+}
+
+/// Enough rounds for a median to ignore one disturbed round.
+const DEFAULT_ROUNDS: u32 = 3;
+
+impl Cli {
+    /// Parses the process arguments; on a bad combination prints clap's error and
+    /// exits with status 2, like any other flag error.
+    pub fn parse_and_check() -> Self {
+        let cli = Self::parse();
+        if let Err(err) = cli.check() {
+            err.exit();
+        }
+        cli
+    }
+
+    /// Combinations clap's declarations cannot express.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        if self.rounds.is_some() && self.compare.is_none() {
+            return Err(Self::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--rounds only applies to --compare URL_A URL_B",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn rounds(&self) -> u32 {
+        self.rounds.unwrap_or(DEFAULT_ROUNDS)
+    }
+
+    pub fn load_plan(&self) -> LoadPlan {
+        let keys = match (&self.key, &self.key_mix) {
+            (_, Some(mix)) => Some(mix.clone()),
+            (Some(key), None) => Some(KeyMix::single(key.clone())),
+            (None, None) => None,
+        };
+        LoadPlan {
+            rate: self.rate,
+            duration: self.duration,
+            concurrency: self.concurrency as usize,
+            stream: self.stream,
+            prompt_bytes: self.prompt_bytes as usize,
+            max_tokens: self.max_tokens,
+            model: self.model.clone(),
+            keys,
+            timeout: self.timeout,
+            threads: self.threads as usize,
+        }
+    }
+}
+
+impl LoadPlan {
+    pub fn echo(&self) -> LoadEcho {
+        LoadEcho {
+            rate_rps: self.rate,
+            duration_secs: self.duration.as_secs_f64(),
+            concurrency: self.concurrency,
+            stream: self.stream,
+            prompt_bytes: self.prompt_bytes,
+            max_tokens: self.max_tokens,
+            model: self.model.clone(),
+            timeout_secs: self.timeout.as_secs_f64(),
+            threads: self.threads,
+            keys: self
+                .keys
+                .iter()
+                .flat_map(KeyMix::keys)
+                .map(|k| KeyEcho {
+                    key: k.key.redacted(),
+                    weight: k.weight,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Rejects NaN, infinities, zero and negatives: all of them would make the schedule
+/// (request i at i / rate) meaningless.
+fn positive_f64(raw: &str) -> Result<f64, FlagError> {
+    let value: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| FlagError::NotANumber(raw.to_owned()))?;
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(FlagError::NotPositive)
+    }
+}
+
+/// A million requests a second is far beyond what one load generator process can
+/// send; the cap keeps request counts and offsets well inside integer and time ranges.
+const MAX_RATE: f64 = 1e6;
+/// About 11 days: longer than any benchmark, short enough that `start + duration`
+/// can never overflow a clock.
+const MAX_SECONDS: f64 = 1e6;
+
+fn rate(raw: &str) -> Result<f64, FlagError> {
+    let rate = positive_f64(raw)?;
+    if rate > MAX_RATE {
+        Err(FlagError::TooLarge(rate, MAX_RATE))
+    } else {
+        Ok(rate)
+    }
+}
+
+fn seconds(raw: &str) -> Result<Duration, FlagError> {
+    let secs = positive_f64(raw)?;
+    if secs > MAX_SECONDS {
+        return Err(FlagError::TooLarge(secs, MAX_SECONDS));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("loadgen").chain(args.iter().copied()))?;
+        cli.check().map(|()| cli)
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn minimal_single_target_uses_documented_defaults() {
+        let cli = parse(&[
+            "--url",
+            "http://127.0.0.1:8000",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+        ])
+        .unwrap();
+        let plan = cli.load_plan();
+        assert_eq!(plan.concurrency, 512);
+        assert_eq!(plan.model, "sim-model");
+        assert_eq!(plan.max_tokens, 16);
+        assert_eq!(plan.threads, 1);
+        assert_eq!(plan.timeout, Duration::from_secs(30));
+        assert!(!plan.stream);
+        assert!(plan.keys.is_none());
+        assert_eq!(cli.rounds(), 3);
+    }
+
+    #[test]
+    fn compare_takes_exactly_two_urls_and_excludes_url() {
+        let cli = parse(&[
+            "--compare",
+            "http://a:1",
+            "http://b:2",
+            "--rate",
+            "5",
+            "--duration",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(cli.compare.as_ref().map(Vec::len), Some(2));
+
+        let one = parse(&["--compare", "http://a:1", "--rate", "5", "--duration", "1"]);
+        assert!(one.is_err());
+
+        let both = parse(&[
+            "--url",
+            "http://a:1",
+            "--compare",
+            "http://a:1",
+            "http://b:2",
+            "--rate",
+            "5",
+            "--duration",
+            "1",
+        ]);
+        assert_eq!(both.unwrap_err().kind(), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn missing_target_is_a_clap_error() {
+        let err = parse(&["--rate", "5", "--duration", "1"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn zero_negative_and_nan_rates_are_rejected() {
+        for bad in ["0", "-1", "NaN", "inf", "fast", "1e7"] {
+            let rate = format!("--rate={bad}");
+            let err = parse(&["--url", "http://a:1", &rate, "--duration", "1"]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "rate {bad}");
+        }
+    }
+
+    #[test]
+    fn fractional_and_absurd_durations() {
+        let cli = parse(&["--url", "http://a:1", "--rate", "1", "--duration", "1.5"]).unwrap();
+        assert_eq!(cli.duration, Duration::from_millis(1500));
+        let err =
+            parse(&["--url", "http://a:1", "--rate", "1", "--duration", "1e300"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn rounds_only_with_compare() {
+        let err = parse(&[
+            "--url",
+            "http://a:1",
+            "--rate",
+            "1",
+            "--duration",
+            "1",
+            "--rounds",
+            "2",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+        assert!(err.to_string().contains("--rounds"), "{err}");
+        let cli = parse(&[
+            "--compare",
+            "http://a:1",
+            "http://b:2",
+            "--rate",
+            "1",
+            "--duration",
+            "1",
+            "--rounds",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(cli.rounds(), 5);
+    }
+
+    #[test]
+    fn key_and_key_mix_conflict() {
+        let err = parse(&[
+            "--url",
+            "http://a:1",
+            "--rate",
+            "1",
+            "--duration",
+            "1",
+            "--key",
+            "k",
+            "--key-mix",
+            "a:1",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn single_key_becomes_a_mix_of_one_and_echo_hides_it() {
+        let cli = parse(&[
+            "--url",
+            "http://a:1",
+            "--rate",
+            "1",
+            "--duration",
+            "1",
+            "--key",
+            "sk-live-0123456789abcdef",
+        ])
+        .unwrap();
+        let echo = cli.load_plan().echo();
+        assert_eq!(echo.keys.len(), 1);
+        assert_eq!(echo.keys[0].weight, 1);
+        assert!(
+            !echo.keys[0].key.contains("0123456789ab"),
+            "{}",
+            echo.keys[0].key
+        );
+    }
+}
