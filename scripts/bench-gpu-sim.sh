@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # gpu-sim's peak rate on this machine: one gpu-sim worker thread, unpaced
 # (--ttft-ms 0 --tokens-per-sec 0), 16-token answers, driven by wrk with one
-# thread and 16 connections (closed loop, to find the ceiling). Each scenario
-# runs RUNS times (default 5) and the median is reported, since the machine is
-# shared and noisy.
+# thread and 16 connections (closed loop, to find the ceiling). The baseline,
+# measured in the same run on the same process, is `GET /health`: the HTTP
+# stack with a handler that does nothing. Each scenario runs RUNS times
+# (default 5) and the median is reported, since the machine is shared and noisy.
 #
 #   scripts/bench-gpu-sim.sh            # prints a Markdown table
 #   RUNS=3 DURATION=5 scripts/bench-gpu-sim.sh
@@ -22,10 +23,12 @@ SIM_PID=$!
 trap 'kill $SIM_PID 2>/dev/null; wait $SIM_PID 2>/dev/null' EXIT
 wait_listening 127.0.0.1 "$PORT" 30 || die "gpu-sim did not start"
 
-# run_wrk STREAM : prints "requests/s p50_ms p99_ms" for one wrk run.
+# run_wrk PATH [STREAM] : prints "requests/s p50_ms p99_ms" for one wrk run;
+# with STREAM (0 or 1) it POSTs a chat completion, without it it GETs PATH.
 run_wrk() {
-    STREAM="$1" wrk -t1 -c16 -d"${DURATION}s" --latency -s load-tests/wrk/chat.lua \
-        "http://127.0.0.1:$PORT/v1/chat/completions" |
+    local script=()
+    [ $# -gt 1 ] && script=(-s load-tests/wrk/chat.lua)
+    STREAM="${2:-0}" wrk -t1 -c16 -d"${DURATION}s" --latency "${script[@]}" "http://127.0.0.1:$PORT$1" |
         awk '/Requests\/sec/ {rps=$2}
              /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
              function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
@@ -34,15 +37,20 @@ run_wrk() {
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-echo "| scenario | req/s (median of $RUNS) | p50 ms | p99 ms | runs (req/s) |"
-echo "|---|---|---|---|---|"
-for stream in 0 1; do
+echo "| scenario | req/s (median of $RUNS) | vs baseline | p50 ms | p99 ms | runs (req/s) |"
+echo "|---|---|---|---|---|---|"
+baseline=""
+for scenario in "baseline: GET /health|/health" \
+                "chat, non-streamed (16 tokens)|/v1/chat/completions|0" \
+                "chat, streamed (16 tokens)|/v1/chat/completions|1"; do
+    IFS='|' read -r name path stream <<<"$scenario"
     results=()
-    for _ in $(seq "$RUNS"); do results+=("$(run_wrk "$stream")"); done
+    for _ in $(seq "$RUNS"); do results+=("$(run_wrk "$path" ${stream:+"$stream"})"); done
     rps=$(printf '%s\n' "${results[@]}" | awk '{print $1}' | median)
     p50=$(printf '%s\n' "${results[@]}" | awk '{print $2}' | median)
     p99=$(printf '%s\n' "${results[@]}" | awk '{print $3}' | median)
     all=$(printf '%s\n' "${results[@]}" | awk '{printf "%s%s", sep, $1; sep=", "}')
-    name=$([ "$stream" = 1 ] && echo "chat, streamed (16 tokens)" || echo "chat, non-streamed (16 tokens)")
-    echo "| $name | $rps | $p50 | $p99 | $all |"
+    baseline="${baseline:-$rps}"
+    ratio=$(awk -v a="$rps" -v b="$baseline" 'BEGIN {printf "%.2f", a / b}')
+    echo "| $name | $rps | $ratio | $p50 | $p99 | $all |"
 done

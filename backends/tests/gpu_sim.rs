@@ -1,7 +1,7 @@
 //! gpu-sim over loopback: the real binary, started per test on a free port.
 //!
-//! Token counts are checked against `bpe-openai`, an implementation of the
-//! tiktoken encodings independent of the `tiktoken-rs` the simulator uses.
+//! Token counts are checked against `tiktoken-rs`, an implementation of the
+//! tiktoken encodings independent of the `bpe-openai` the simulator counts with.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -118,7 +118,7 @@ where
 }
 
 fn cl100k(text: &str) -> usize {
-    bpe_openai::cl100k_base().count(text)
+    tiktoken_rs::cl100k_base_singleton().count_ordinary(text)
 }
 
 /// OpenAI's chat prompt count (3 per message + role + content, + 3 reply priming).
@@ -181,7 +181,7 @@ async fn gpt_4o_models_are_counted_with_o200k() {
     request["model"] = json!("gpt-4o-2024-11-20");
     let (status, body) = sim.post_json("/v1/chat/completions", request).await;
     assert_eq!(status, 200, "{body}");
-    let o200k = |t: &str| bpe_openai::o200k_base().count(t);
+    let o200k = |t: &str| tiktoken_rs::o200k_base_singleton().count_ordinary(t);
     assert_eq!(
         body["usage"]["prompt_tokens"],
         chat_prompt_tokens(o200k, &[("user", prompt)])

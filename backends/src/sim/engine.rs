@@ -168,6 +168,15 @@ impl Drop for Slot {
     }
 }
 
+/// Waits until `deadline`. A deadline already reached returns at once: tokio's
+/// timer fires on 1 ms ticks, so registering one for "now" would add up to a
+/// millisecond to every unpaced answer.
+pub async fn wait_until(deadline: Instant) {
+    if Instant::now() < deadline {
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
 /// One admitted generation and its schedule.
 pub struct Generation {
     pub completion: Completion,

@@ -170,17 +170,29 @@ impl Completion {
 
     /// The `i`-th token's text, with its leading space after the first.
     pub fn piece(&self, i: usize) -> String {
-        let word = WORDS[(mix(self.key ^ i as u64) % WORDS.len() as u64) as usize];
-        if i == 0 {
-            capitalize(word)
-        } else {
-            format!(" {word}")
-        }
+        let mut piece = String::new();
+        self.write_piece(i, &mut piece);
+        piece
     }
 
     /// The whole answer text.
     pub fn text(&self) -> String {
-        (0..self.len).map(|i| self.piece(i)).collect()
+        // Words average under 8 bytes with their space.
+        let mut text = String::with_capacity(self.len * 8);
+        for i in 0..self.len {
+            self.write_piece(i, &mut text);
+        }
+        text
+    }
+
+    fn write_piece(&self, i: usize, out: &mut String) {
+        let word = WORDS[(mix(self.key ^ i as u64) % WORDS.len() as u64) as usize];
+        if i == 0 {
+            out.push_str(&capitalize(word));
+        } else {
+            out.push(' ');
+            out.push_str(word);
+        }
     }
 }
 

@@ -13,13 +13,12 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::time::sleep_until;
 use tollgate_metering::tokens::{Encoding, count_chat_prompt};
 
-use super::engine::{Engine, Generation, GenerationRequest};
+use super::engine::{Engine, Generation, GenerationRequest, wait_until};
 use super::error::SimError;
 use super::generate::{FinishReason, mix, stable_hash};
 use super::stream::{StreamFormat, sse_response};
@@ -107,12 +106,15 @@ pub async fn chat_completions(
         return Ok(answer.stream(generation, include_usage));
     }
     let text = generation_text(&generation).await;
-    let choice = json!({
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": null,
-        "finish_reason": generation.completion.finish_reason.as_str(),
-    });
+    let choice = ChatChoice {
+        index: 0,
+        message: AssistantMessage {
+            role: "assistant",
+            content: &text,
+        },
+        logprobs: None,
+        finish_reason: generation.completion.finish_reason.as_str(),
+    };
     Ok(answer.complete(&generation, choice))
 }
 
@@ -141,12 +143,12 @@ pub async fn completions(
         return Ok(answer.stream(generation, include_usage));
     }
     let text = generation_text(&generation).await;
-    let choice = json!({
-        "index": 0,
-        "text": text,
-        "logprobs": null,
-        "finish_reason": generation.completion.finish_reason.as_str(),
-    });
+    let choice = TextChoice {
+        index: 0,
+        text: &text,
+        logprobs: None,
+        finish_reason: generation.completion.finish_reason.as_str(),
+    };
     Ok(answer.complete(&generation, choice))
 }
 
@@ -238,19 +240,62 @@ fn check_n(n: Option<u32>) -> Result<(), SimError> {
 
 /// Waits until the generation is done and returns its text.
 async fn generation_text(generation: &Generation) -> String {
-    sleep_until(generation.due(0)).await;
+    wait_until(generation.due(0)).await;
     generation.observe_first_token();
-    sleep_until(generation.finished_at()).await;
+    wait_until(generation.finished_at()).await;
     generation.observe_generated(generation.completion.len());
     generation.completion.text()
 }
 
-fn usage_json(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    })
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    total_tokens: usize,
+}
+
+impl Usage {
+    fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// A non-streamed answer (`chat.completion` or `text_completion`).
+#[derive(Serialize)]
+struct CompletionBody<'a, C> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [C; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    message: AssistantMessage<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    index: u32,
+    text: &'a str,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
 }
 
 fn unix_now() -> u64 {
@@ -297,18 +342,18 @@ impl Answer {
         }
     }
 
-    fn complete(&self, generation: &Generation, choice: Value) -> Response {
-        let mut body = json!({
-            "id": self.id,
-            "object": self.object(false),
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        });
-        if self.report_usage {
-            body["usage"] = usage_json(generation.prompt_tokens, generation.completion.len());
-        }
-        Json(body).into_response()
+    fn complete<C: Serialize>(&self, generation: &Generation, choice: C) -> Response {
+        Json(CompletionBody {
+            id: &self.id,
+            object: self.object(false),
+            created: self.created,
+            model: &self.model,
+            choices: [choice],
+            usage: self
+                .report_usage
+                .then(|| Usage::new(generation.prompt_tokens, generation.completion.len())),
+        })
+        .into_response()
     }
 
     fn stream(self, generation: Generation, include_usage: bool) -> Response {
@@ -402,7 +447,8 @@ impl StreamFormat for OpenAiChunks {
         };
         self.choice(&last, Some(finish), out);
         if self.include_usage {
-            let usage = usage_json(generation.prompt_tokens, generation.completion.len());
+            let usage = Usage::new(generation.prompt_tokens, generation.completion.len());
+            let usage = serde_json::to_string(&usage).unwrap_or_default();
             out.push_str(&self.chunk_prefix);
             let _ = write!(out, "],\"usage\":{usage}}}\n\n");
         }

@@ -13,9 +13,9 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 
-use super::engine::Generation;
+use super::engine::{Generation, wait_until};
 use super::generate::FinishReason;
 
 /// How one protocol writes the events of a stream.
@@ -82,7 +82,7 @@ impl<F: StreamFormat> StreamState<F> {
     async fn write_due_events(&mut self, mut next: usize) -> String {
         let generation = &self.generation;
         let len = generation.completion.len();
-        sleep_until(generation.due(next)).await;
+        wait_until(generation.due(next)).await;
         let now = Instant::now();
         let mut out = String::new();
         if next == 0 {

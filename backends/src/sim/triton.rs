@@ -14,9 +14,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use tokio::time::sleep_until;
 
-use super::engine::{Engine, Generation, GenerationRequest};
+use super::engine::{Engine, Generation, GenerationRequest, wait_until};
 use super::error::{SimError, TritonError};
 use super::generate::FinishReason;
 use super::openai::{check_max_tokens, parse_body};
@@ -65,9 +64,9 @@ pub async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, TritonError> {
     let generation = start(&engine, &model, &body?).await?;
-    sleep_until(generation.due(0)).await;
+    wait_until(generation.due(0)).await;
     generation.observe_first_token();
-    sleep_until(generation.finished_at()).await;
+    wait_until(generation.finished_at()).await;
     generation.observe_generated(generation.completion.len());
     let body = json!({
         "model_name": model,
