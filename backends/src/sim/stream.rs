@@ -58,6 +58,9 @@ pub fn sse_response<F: StreamFormat>(generation: Generation, format: F) -> Respo
             Phase::Done => return None,
             Phase::Reset => {
                 state.phase = Phase::Done;
+                // Let the server flush what was already generated, as a
+                // crashing engine's last tokens reach the client before the reset.
+                tokio::task::yield_now().await;
                 let reset = io::Error::new(io::ErrorKind::ConnectionReset, "simulated abort");
                 return Some((Err(reset), state));
             }
