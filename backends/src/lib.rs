@@ -1,8 +1,10 @@
 //! GPU inference backends for Tollgate.
 //!
-//! Today this crate holds [`sim`], the simulated GPU inference server behind
-//! the `gpu-sim` binary, which every test, demo and benchmark runs against.
-//! The backend pool, protocol adapters, health checks and the instance
-//! lifecycle controller will live beside it.
+//! - [`routing`]: the backends Tollgate forwards to and how one is chosen
+//!   for a request (round-robin today, behind the [`routing::UpstreamSelector`]
+//!   interface the health-checked pool will implement).
+//! - [`sim`]: the simulated GPU inference server behind the `gpu-sim`
+//!   binary, which every test, demo and benchmark runs against.
 
+pub mod routing;
 pub mod sim;

@@ -1,17 +1,140 @@
-//! `tollgate`: the gateway binary.
-//!
-//! The data plane (`tollgate serve`), migrations and key management land with
-//! the data-plane issue; until then the binary only identifies itself, so the
-//! workspace layout, CI and packaging are in place for it.
+//! `tollgate`: the gateway binary. The logic lives in the library modules;
+//! this file reads the command line and dispatches.
+
+use std::process::ExitCode;
+use std::time::SystemTime;
 
 use clap::Parser;
+use tollgate::cli::{Cli, Command, KeysCommand};
+use tollgate::config::{Config, ProcessEnv, parse_duration};
+use tollgate::keys::store::{KeyListing, KeyStore};
+use tollgate::keys::{KeyAdmin, NewKeyRequest};
+use tollgate::{db, server};
 
-/// OpenAI-compatible gateway and billing sidecar for self-hosted GPU inference.
-#[derive(Parser)]
-#[command(name = "tollgate", version, about)]
-struct Cli {}
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    println!("tollgate {}: no subcommands yet", env!("CARGO_PKG_VERSION"));
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref(), &ProcessEnv)?;
+    if let Command::Serve = cli.command {
+        return server::serve(config);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Serve => unreachable_serve(),
+            Command::Migrate => {
+                let applied = db::migrate(&config.database).await?;
+                if applied.is_empty() {
+                    println!("database is up to date");
+                }
+                for migration in applied {
+                    println!("applied {migration}");
+                }
+                Ok(())
+            }
+            Command::Keys(command) => keys(&config, command).await,
+        }
+    })
+}
+
+fn unreachable_serve() -> anyhow::Result<()> {
+    anyhow::bail!("serve runs on its own server, not here")
+}
+
+async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    let store = KeyStore::new(db::pool(&config.database)?);
+    let admin = KeyAdmin::new(store, config, None);
+    match command {
+        KeysCommand::Create(create) => {
+            let expires_in = create
+                .expires
+                .as_deref()
+                .map(|d| {
+                    parse_duration(d).ok_or_else(|| {
+                        anyhow::anyhow!("--expires {d:?} is not a duration like 30d")
+                    })
+                })
+                .transpose()?;
+            let created = admin
+                .create_key(NewKeyRequest {
+                    account: create.account,
+                    tier: create.tier,
+                    name: create.name,
+                    expires_in,
+                    models: create.models,
+                })
+                .await?;
+            let key = &created.listing;
+            println!(
+                "created key {} ({}) for account {} on tier {}",
+                key.id, key.prefix, key.account, key.tier
+            );
+            println!("store it now: it is shown only once");
+            println!("{}", created.secret);
+        }
+        KeysCommand::List { account } => {
+            let keys = admin.list_keys(account.as_deref()).await?;
+            println!(
+                "{:<36}  {:<11}  {:<20}  {:<12}  {:<8}  {:<20}  NAME",
+                "ID", "PREFIX", "ACCOUNT", "TIER", "STATUS", "MODELS"
+            );
+            for key in keys {
+                println!(
+                    "{:<36}  {:<11}  {:<20}  {:<12}  {:<8}  {:<20}  {}",
+                    key.id,
+                    key.prefix,
+                    key.account,
+                    key.tier,
+                    status(&key),
+                    key.models
+                        .as_ref()
+                        .map_or("all".to_owned(), |m| m.join(",")),
+                    key.name.as_deref().unwrap_or("")
+                );
+            }
+        }
+        KeysCommand::Revoke { key } => {
+            let revoked = admin.revoke_key(&key).await?;
+            println!(
+                "revoked key {} ({}) of account {}",
+                revoked.id, revoked.prefix, revoked.account
+            );
+        }
+    }
+    Ok(())
+}
+
+fn status(key: &KeyListing) -> &'static str {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if key.revoked_at.is_some() {
+        "revoked"
+    } else if key.expires_at.is_some_and(|at| at <= now) {
+        "expired"
+    } else {
+        "active"
+    }
 }

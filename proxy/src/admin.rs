@@ -1,0 +1,225 @@
+//! The admin API, on its own listener (`server.admin_listen`), for operators:
+//!
+//! - `POST /admin/keys` `{"account", "tier", "name"?, "expires_in"? ("30d"), "models"?}`
+//!   → 201 with the new key's secret, shown this once;
+//! - `GET /admin/keys[?account=NAME]`; `DELETE /admin/keys/{id or prefix}`;
+//! - `POST /admin/accounts` `{"name", "tier"}`; `GET /admin/accounts`.
+//!
+//! Every request needs `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`; with no
+//! token configured the admin API refuses everything.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use http::{Method, Response, StatusCode, header};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::config::{Secret, parse_duration};
+use crate::error::ApiError;
+use crate::keys::store::StoreError;
+use crate::keys::{KeyAdmin, KeyAdminError, NewKeyRequest};
+
+/// Admin request bodies are small JSON objects.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+pub struct AdminApi {
+    pub token: Option<Secret>,
+    pub keys: Arc<KeyAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKeyBody {
+    account: String,
+    tier: String,
+    name: Option<String>,
+    expires_in: Option<String>,
+    models: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAccountBody {
+    name: String,
+    tier: String,
+}
+
+impl From<KeyAdminError> for ApiError {
+    fn from(error: KeyAdminError) -> Self {
+        match error {
+            KeyAdminError::UnknownTier { .. } => {
+                ApiError::bad_request(error.to_string(), Some("tier"))
+            }
+            KeyAdminError::InvalidModels(_) => {
+                ApiError::bad_request(error.to_string(), Some("models"))
+            }
+            KeyAdminError::Store(StoreError::NotFound(message)) => ApiError::NotFound(message),
+            KeyAdminError::Store(StoreError::Conflict(message)) => ApiError::Conflict(message),
+            KeyAdminError::Store(StoreError::Pool(_) | StoreError::Db(_)) => {
+                tracing::error!("admin API: {error}");
+                ApiError::AuthUnavailable
+            }
+        }
+    }
+}
+
+impl AdminApi {
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(token) = &self.token else {
+            return false;
+        };
+        let presented = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        presented.as_bytes().ct_eq(token.expose().as_bytes()).into()
+    }
+
+    async fn handle(&self, session: &mut ServerSession) -> Result<(StatusCode, Value), ApiError> {
+        if !self.authorized(session) {
+            return Err(ApiError::AdminUnauthorized);
+        }
+        let method = session.req_header().method.clone();
+        let uri = session.req_header().uri.clone();
+        let path = uri.path().trim_end_matches('/');
+        match (&method, path) {
+            (&Method::POST, "/admin/keys") => {
+                let body: CreateKeyBody = read_json(session).await?;
+                let expires_in = body
+                    .expires_in
+                    .as_deref()
+                    .map(|d| {
+                        parse_duration(d).ok_or_else(|| {
+                            ApiError::bad_request(
+                                format!("`expires_in` {d:?} is not a duration like \"30d\""),
+                                Some("expires_in"),
+                            )
+                        })
+                    })
+                    .transpose()?;
+                let created = self
+                    .keys
+                    .create_key(NewKeyRequest {
+                        account: body.account,
+                        tier: body.tier,
+                        name: body.name,
+                        expires_in,
+                        models: body.models,
+                    })
+                    .await?;
+                let mut listing = serde_json::to_value(&created.listing).unwrap_or_default();
+                listing["key"] = json!(created.secret);
+                Ok((StatusCode::CREATED, listing))
+            }
+            (&Method::GET, "/admin/keys") => {
+                let account = uri.query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|pair| pair.strip_prefix("account="))
+                        .map(str::to_owned)
+                });
+                let keys = self.keys.list_keys(account.as_deref()).await?;
+                Ok((StatusCode::OK, json!({"object": "list", "data": keys})))
+            }
+            (&Method::DELETE, _) if path.starts_with("/admin/keys/") => {
+                let ident = &path["/admin/keys/".len()..];
+                let revoked = self.keys.revoke_key(ident).await?;
+                Ok((
+                    StatusCode::OK,
+                    serde_json::to_value(revoked).unwrap_or_default(),
+                ))
+            }
+            (&Method::POST, "/admin/accounts") => {
+                let body: CreateAccountBody = read_json(session).await?;
+                let account = self.keys.create_account(&body.name, &body.tier).await?;
+                Ok((
+                    StatusCode::CREATED,
+                    serde_json::to_value(account).unwrap_or_default(),
+                ))
+            }
+            (&Method::GET, "/admin/accounts") => {
+                let accounts = self.keys.list_accounts().await?;
+                Ok((StatusCode::OK, json!({"object": "list", "data": accounts})))
+            }
+            (_, "/admin/keys" | "/admin/accounts") => Err(ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                path: path.to_owned(),
+            }),
+            _ => Err(ApiError::UnknownRoute {
+                method: method.to_string(),
+                path: path.to_owned(),
+            }),
+        }
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    session: &mut ServerSession,
+) -> Result<T, ApiError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|_| ApiError::bad_request("Could not read the request body.", None))?
+    {
+        if body.len() + chunk.len() > MAX_ADMIN_BODY {
+            return Err(ApiError::BodyTooLarge {
+                limit: MAX_ADMIN_BODY,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}."), None))
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {
+    let body = body.to_string().into_bytes();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl ServeHttp for AdminApi {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match self.handle(session).await {
+            Ok((status, body)) => json_response(status, &body),
+            Err(error) => json_response(
+                StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                &error.json(),
+            ),
+        }
+    }
+}
+
+/// `GET /metrics` on the metrics listener: the Prometheus text exposition of
+/// everything registered in the default registry.
+pub struct MetricsApp;
+
+#[async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, _session: &mut ServerSession) -> Response<Vec<u8>> {
+        use prometheus::Encoder;
+        let mut body = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = encoder.encode(&prometheus::gather(), &mut body);
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, encoder.format_type())
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}

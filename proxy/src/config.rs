@@ -1,0 +1,747 @@
+//! Configuration in two stages: the TOML file as written ([`RawConfig`], unknown
+//! keys rejected), environment overrides on top, then [`Config::validate`] into
+//! typed values with no "filled in later" options. Every error names the key
+//! to change. `config/tollgate.example.toml` documents every key.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret (connection string, token, credential): never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// A configuration problem, naming the key and what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+// ---------------------------------------------------------------- raw (as written)
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    redis: RawRedis,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    keys: RawKeys,
+    #[serde(default)]
+    tiers: Vec<RawTier>,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    metrics_listen: Option<String>,
+    max_body_bytes: Option<usize>,
+    workers: Option<usize>,
+    drain_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    read_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<String>,
+    max_open_conns: Option<usize>,
+    max_idle_conns: Option<usize>,
+    max_lifetime: Option<String>,
+    max_idle_time: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    cache_ttl: Option<String>,
+    negative_cache_ttl: Option<String>,
+    cache_capacity: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: String,
+    url: String,
+    #[serde(default = "default_protocol")]
+    protocol: String,
+    models: Vec<String>,
+    max_concurrency: Option<u32>,
+    credential: Option<String>,
+}
+
+fn default_protocol() -> String {
+    "openai".to_owned()
+}
+
+// ---------------------------------------------------------------- validated
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    /// Absent: a single instance, with in-process state only.
+    pub redis_url: Option<Secret>,
+    /// Absent: the admin API refuses every request.
+    pub admin_token: Option<Secret>,
+    pub keys: KeyCacheConfig,
+    pub tiers: Vec<TierConfig>,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    /// Pingora worker threads for the public listener.
+    pub workers: usize,
+    /// How long in-flight requests may run on after SIGTERM.
+    pub drain_timeout: Duration,
+    pub timeouts: UpstreamTimeouts,
+}
+
+/// Upstream timeouts; each expiry answers 504 (or ends a stream with an error event).
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTimeouts {
+    pub connect: Duration,
+    /// The longest silence allowed from a backend: waiting for the first byte
+    /// of its answer, and between two chunks of a stream. (Pingora has one
+    /// per-read timer, so the two cannot differ.)
+    pub read: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: Secret,
+    pub max_open_conns: usize,
+    pub max_idle_conns: usize,
+    pub max_lifetime: Duration,
+    pub max_idle_time: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct KeyCacheConfig {
+    /// How long a verified key is trusted without asking Postgres: the bound
+    /// on how late a revocation takes effect when Redis is not configured.
+    pub ttl: Duration,
+    /// How long an unknown key is remembered as unknown.
+    pub negative_ttl: Duration,
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierConfig {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The OpenAI HTTP API, as trtllm-serve, vLLM and SGLang serve it.
+    OpenAi,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub name: String,
+    /// `host:port` to connect to.
+    pub address: String,
+    /// Host header / TLS server name.
+    pub host: String,
+    pub tls: bool,
+    pub protocol: Protocol,
+    pub models: Vec<String>,
+    pub max_concurrency: u32,
+    /// Sent upstream as `Authorization: Bearer …` in place of the client's key.
+    pub credential: Option<Secret>,
+}
+
+/// Defaults sized for a free-tier box (1 vCPU, 512 MB).
+pub mod defaults {
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:8081";
+    pub const METRICS_LISTEN: &str = "127.0.0.1:9091";
+    pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+    pub const WORKERS: usize = 1;
+    pub const DRAIN_TIMEOUT: &str = "30s";
+    pub const CONNECT_TIMEOUT: &str = "2s";
+    /// Long enough for a loaded model's prefill of a large prompt.
+    pub const READ_TIMEOUT: &str = "120s";
+    pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/tollgate";
+    pub const MAX_OPEN_CONNS: usize = 20;
+    pub const MAX_IDLE_CONNS: usize = 10;
+    pub const MAX_LIFETIME: &str = "60s";
+    pub const MAX_IDLE_TIME: &str = "30s";
+    /// Revocation must take effect within 5 s on every instance.
+    pub const KEY_CACHE_TTL: &str = "5s";
+    pub const NEGATIVE_CACHE_TTL: &str = "2s";
+    pub const KEY_CACHE_CAPACITY: usize = 100_000;
+    pub const BACKEND_MAX_CONCURRENCY: u32 = 64;
+}
+
+/// Where environment overrides come from (the process env, or a map in tests).
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Config {
+    /// Reads `path` (or defaults when `None`), applies env overrides, validates.
+    pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
+        let raw = match path {
+            None => RawConfig::default(),
+            Some(path) => {
+                let display = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: display.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: display,
+                    message: e.to_string(),
+                })?
+            }
+        };
+        Self::validate(raw, env)
+    }
+
+    pub fn validate(raw: RawConfig, env: &dyn Env) -> Result<Self, ConfigError> {
+        let s = raw.server;
+        let d = raw.database;
+        let server = ServerConfig {
+            listen: address("server.listen", s.listen.as_deref(), defaults::LISTEN)?,
+            admin_listen: address(
+                "server.admin_listen",
+                s.admin_listen.as_deref(),
+                defaults::ADMIN_LISTEN,
+            )?,
+            metrics_listen: address(
+                "server.metrics_listen",
+                s.metrics_listen.as_deref(),
+                defaults::METRICS_LISTEN,
+            )?,
+            max_body_bytes: positive(
+                "server.max_body_bytes",
+                s.max_body_bytes.unwrap_or(defaults::MAX_BODY_BYTES),
+            )?,
+            workers: positive(
+                "server.workers (env WORKERS)",
+                override_number(env, "WORKERS", s.workers)?.unwrap_or(defaults::WORKERS),
+            )?,
+            drain_timeout: duration(
+                "server.drain_timeout",
+                s.drain_timeout.as_deref(),
+                defaults::DRAIN_TIMEOUT,
+            )?,
+            timeouts: UpstreamTimeouts {
+                connect: duration(
+                    "server.connect_timeout",
+                    s.connect_timeout.as_deref(),
+                    defaults::CONNECT_TIMEOUT,
+                )?,
+                read: duration(
+                    "server.read_timeout",
+                    s.read_timeout.as_deref(),
+                    defaults::READ_TIMEOUT,
+                )?,
+            },
+        };
+        let database = DatabaseConfig {
+            url: Secret::new(
+                env.var("DATABASE_URL")
+                    .or(d.url)
+                    .unwrap_or_else(|| defaults::DATABASE_URL.to_owned()),
+            ),
+            max_open_conns: positive(
+                "database.max_open_conns (env SQL_MAX_OPEN_CONNS)",
+                override_number(env, "SQL_MAX_OPEN_CONNS", d.max_open_conns)?
+                    .unwrap_or(defaults::MAX_OPEN_CONNS),
+            )?,
+            max_idle_conns: override_number(env, "SQL_MAX_IDLE_CONNS", d.max_idle_conns)?
+                .unwrap_or(defaults::MAX_IDLE_CONNS),
+            max_lifetime: duration(
+                "database.max_lifetime (env SQL_MAX_LIFETIME)",
+                env.var("SQL_MAX_LIFETIME").or(d.max_lifetime).as_deref(),
+                defaults::MAX_LIFETIME,
+            )?,
+            max_idle_time: duration(
+                "database.max_idle_time (env SQL_MAX_IDLE_TIME)",
+                env.var("SQL_MAX_IDLE_TIME").or(d.max_idle_time).as_deref(),
+                defaults::MAX_IDLE_TIME,
+            )?,
+        };
+        if !database.url.expose().starts_with("postgres://")
+            && !database.url.expose().starts_with("postgresql://")
+        {
+            return Err(invalid(
+                "database.url (env DATABASE_URL)",
+                "must be a postgres:// URL",
+            ));
+        }
+        if database.max_idle_conns > database.max_open_conns {
+            return Err(invalid(
+                "database.max_idle_conns (env SQL_MAX_IDLE_CONNS)",
+                "must not exceed max_open_conns",
+            ));
+        }
+        let redis_url = env.var("REDIS_URL").or(raw.redis.url).map(Secret::new);
+        if let Some(url) = &redis_url
+            && !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "redis.url (env REDIS_URL)",
+                "must be a redis:// or rediss:// URL",
+            ));
+        }
+        let admin_token = env
+            .var("TOLLGATE_ADMIN_TOKEN")
+            .or(raw.admin.token)
+            .map(Secret::new);
+        if let Some(token) = &admin_token
+            && token.expose().len() < 16
+        {
+            return Err(invalid(
+                "admin.token (env TOLLGATE_ADMIN_TOKEN)",
+                "must be at least 16 characters",
+            ));
+        }
+        let keys = KeyCacheConfig {
+            ttl: duration(
+                "keys.cache_ttl",
+                raw.keys.cache_ttl.as_deref(),
+                defaults::KEY_CACHE_TTL,
+            )?,
+            negative_ttl: duration(
+                "keys.negative_cache_ttl",
+                raw.keys.negative_cache_ttl.as_deref(),
+                defaults::NEGATIVE_CACHE_TTL,
+            )?,
+            capacity: positive(
+                "keys.cache_capacity",
+                raw.keys
+                    .cache_capacity
+                    .unwrap_or(defaults::KEY_CACHE_CAPACITY),
+            )?,
+        };
+        Ok(Self {
+            server,
+            database,
+            redis_url,
+            admin_token,
+            keys,
+            tiers: validate_tiers(raw.tiers)?,
+            backends: validate_backends(raw.backends)?,
+        })
+    }
+
+    pub fn tier(&self, name: &str) -> Option<&TierConfig> {
+        self.tiers.iter().find(|t| t.name == name)
+    }
+
+    /// Every model some backend serves, in config order, without repeats.
+    pub fn models(&self) -> Vec<&str> {
+        let mut seen = HashSet::new();
+        self.backends
+            .iter()
+            .flat_map(|b| b.models.iter().map(String::as_str))
+            .filter(|m| seen.insert(*m))
+            .collect()
+    }
+}
+
+fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {
+    let mut seen = HashSet::new();
+    let mut tiers = Vec::new();
+    for (i, tier) in raw.into_iter().enumerate() {
+        let key = format!("tiers[{i}].name");
+        if !is_identifier(&tier.name) {
+            return Err(invalid(
+                key,
+                "must be 1-64 characters of a-z, 0-9, '-' or '_'",
+            ));
+        }
+        if !seen.insert(tier.name.clone()) {
+            return Err(invalid(
+                key,
+                format!("tier `{}` is defined twice", tier.name),
+            ));
+        }
+        tiers.push(TierConfig { name: tier.name });
+    }
+    if tiers.is_empty() {
+        return Err(invalid(
+            "tiers",
+            "define at least one [[tiers]] entry (keys are created on a tier)",
+        ));
+    }
+    Ok(tiers)
+}
+
+fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigError> {
+    let mut names = HashSet::new();
+    let mut backends = Vec::new();
+    for (i, b) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("backends[{i}].{field}");
+        if !is_identifier(&b.name) {
+            return Err(invalid(
+                key("name"),
+                "must be 1-64 characters of a-z, 0-9, '-' or '_'",
+            ));
+        }
+        if !names.insert(b.name.clone()) {
+            return Err(invalid(
+                key("name"),
+                format!("backend `{}` is defined twice", b.name),
+            ));
+        }
+        let protocol = match b.protocol.as_str() {
+            "openai" => Protocol::OpenAi,
+            other => {
+                return Err(invalid(
+                    key("protocol"),
+                    format!("unsupported protocol `{other}` (supported: \"openai\")"),
+                ));
+            }
+        };
+        let (tls, host, address) =
+            parse_backend_url(&b.url).map_err(|problem| invalid(key("url"), problem))?;
+        if b.models.is_empty() || b.models.iter().any(|m| m.trim().is_empty()) {
+            return Err(invalid(
+                key("models"),
+                "list at least one model name, none empty",
+            ));
+        }
+        let max_concurrency = b
+            .max_concurrency
+            .unwrap_or(defaults::BACKEND_MAX_CONCURRENCY);
+        if max_concurrency == 0 {
+            return Err(invalid(key("max_concurrency"), "must be at least 1"));
+        }
+        backends.push(BackendConfig {
+            name: b.name,
+            address,
+            host,
+            tls,
+            protocol,
+            models: b.models,
+            max_concurrency,
+            credential: b.credential.map(Secret::new),
+        });
+    }
+    if backends.is_empty() {
+        return Err(invalid(
+            "backends",
+            "define at least one [[backends]] entry",
+        ));
+    }
+    Ok(backends)
+}
+
+/// `http://host:port` → (tls, host, "host:port").
+fn parse_backend_url(url: &str) -> Result<(bool, String, String), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(format!("`{url}` must start with http:// or https://")),
+    };
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("`{url}` has no host"))?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_owned();
+    if !matches!(uri.path(), "" | "/") {
+        return Err(format!(
+            "`{url}` must not have a path: Tollgate forwards /v1/... as the client sent it"
+        ));
+    }
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let address = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok((tls, host, address))
+}
+
+fn is_identifier(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn address(key: &str, value: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let value = value.unwrap_or(default);
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{value}` is not an address like 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn duration(key: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(default);
+    parse_duration(value).ok_or_else(|| {
+        invalid(
+            key,
+            format!("`{value}` is not a duration like \"30s\", \"500ms\" or \"2m\""),
+        )
+    })
+}
+
+/// A duration as "30s" / "2m" / "500ms", or bare seconds ("60") as the
+/// SQL_* variables are commonly written.
+pub fn parse_duration(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(value).ok()
+}
+
+fn positive(key: &str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 {
+        Err(invalid(key, "must be at least 1"))
+    } else {
+        Ok(value)
+    }
+}
+
+fn override_number(
+    env: &dyn Env,
+    name: &str,
+    file: Option<usize>,
+) -> Result<Option<usize>, ConfigError> {
+    match env.var(name) {
+        None => Ok(file),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid(format!("env {name}"), format!("`{v}` is not a number"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use std::collections::HashMap;
+
+    use super::*;
+
+    struct MapEnv(HashMap<&'static str, &'static str>);
+
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| (*v).to_owned())
+        }
+    }
+
+    fn no_env() -> MapEnv {
+        MapEnv(HashMap::new())
+    }
+
+    const MINIMAL: &str = r#"
+        [[tiers]]
+        name = "free"
+        [[backends]]
+        name = "sim"
+        url = "http://127.0.0.1:8101"
+        models = ["sim-model"]
+    "#;
+
+    fn parse(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "test".into(),
+            message: e.to_string(),
+        })?;
+        Config::validate(raw, env)
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse(MINIMAL, &no_env()).unwrap();
+        assert_eq!(config.server.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(config.server.workers, 1);
+        assert_eq!(config.database.max_open_conns, 20);
+        assert_eq!(config.database.max_idle_conns, 10);
+        assert_eq!(config.database.max_lifetime, Duration::from_secs(60));
+        assert_eq!(config.database.max_idle_time, Duration::from_secs(30));
+        assert!(config.redis_url.is_none());
+        assert_eq!(config.backends[0].address, "127.0.0.1:8101");
+        assert_eq!(config.backends[0].max_concurrency, 64);
+    }
+
+    #[test]
+    fn env_overrides_win_over_the_file() {
+        let text = format!(
+            "{MINIMAL}\n[database]\nurl = \"postgres://file\"\nmax_open_conns = 5\n[server]\nworkers = 2\n"
+        );
+        let env = MapEnv(HashMap::from([
+            ("DATABASE_URL", "postgres://env/db"),
+            ("SQL_MAX_OPEN_CONNS", "7"),
+            ("SQL_MAX_IDLE_CONNS", "3"),
+            ("SQL_MAX_LIFETIME", "90"),
+            ("SQL_MAX_IDLE_TIME", "15s"),
+            ("WORKERS", "4"),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("TOLLGATE_ADMIN_TOKEN", "0123456789abcdef"),
+        ]));
+        let config = parse(&text, &env).unwrap();
+        assert_eq!(config.database.url.expose(), "postgres://env/db");
+        assert_eq!(config.database.max_open_conns, 7);
+        assert_eq!(config.database.max_idle_conns, 3);
+        assert_eq!(config.database.max_lifetime, Duration::from_secs(90));
+        assert_eq!(config.database.max_idle_time, Duration::from_secs(15));
+        assert_eq!(config.server.workers, 4);
+        assert!(config.redis_url.is_some());
+        assert!(config.admin_token.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = parse(
+            &format!("{MINIMAL}\n[server]\nlisten_addr = \"x\"\n"),
+            &no_env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let cases = [
+            ("[server]\nlisten = \"nope\"\n", "server.listen"),
+            ("[server]\nmax_body_bytes = 0\n", "server.max_body_bytes"),
+            (
+                "[server]\ndrain_timeout = \"soon\"\n",
+                "server.drain_timeout",
+            ),
+            ("[database]\nurl = \"mysql://x\"\n", "database.url"),
+        ];
+        for (extra, key) in cases {
+            let err = parse(&format!("{MINIMAL}\n{extra}"), &no_env())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra:?} → {err}");
+        }
+        let bad_backend = r#"
+            [[tiers]]
+            name = "free"
+            [[backends]]
+            name = "sim"
+            url = "ftp://x"
+            models = ["m"]
+        "#;
+        let err = parse(bad_backend, &no_env()).unwrap_err().to_string();
+        assert!(err.contains("backends[0].url"), "{err}");
+        let err = parse(
+            &MINIMAL
+                .replace("openai", "x")
+                .replace("models = [\"sim-model\"]", "models = []"),
+            &no_env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("backends[0].models"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let text = format!("{MINIMAL}\n[[tiers]]\nname = \"free\"\n");
+        let err = parse(&text, &no_env()).unwrap_err().to_string();
+        assert!(err.contains("tiers[1].name"), "{err}");
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/tollgate.example.toml");
+        let config = Config::load(Some(&path), &no_env()).unwrap();
+        assert_eq!(config.tiers.len(), 3);
+        assert_eq!(config.backends.len(), 2);
+        assert_eq!(config.models(), ["sim-model", "gpt-4o-mini"]);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secret = Secret::new("postgres://user:hunter2@db/x");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+}

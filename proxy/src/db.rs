@@ -1,0 +1,98 @@
+//! Postgres: the connection pool and the schema migrations in `sql/`.
+//!
+//! Small servers fall over from too many connections, so the pool is small
+//! by default and its limits are the familiar `SQL_MAX_*` settings: at most
+//! `max_open_conns` connections; idle ones beyond `max_idle_conns`, idle for
+//! longer than `max_idle_time`, or older than `max_lifetime` are closed by
+//! the [`PoolJanitor`].
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio_postgres::NoTls;
+
+use crate::config::DatabaseConfig;
+
+refinery::embed_migrations!("../sql");
+
+/// How long a caller waits for a pooled connection or a new one: bounded, so
+/// a Postgres outage surfaces as an error instead of a hung request.
+const POOL_WAIT: Duration = Duration::from_secs(5);
+/// How often the janitor trims idle connections.
+const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
+
+pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
+    let pg: tokio_postgres::Config = config
+        .url
+        .expose()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("database.url (env DATABASE_URL) is not valid: {e}"))?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(config.max_open_conns)
+        .timeouts(Timeouts {
+            wait: Some(POOL_WAIT),
+            create: Some(POOL_WAIT),
+            recycle: Some(POOL_WAIT),
+        })
+        .runtime(Runtime::Tokio1)
+        .build()?)
+}
+
+/// Applies the pending migrations from `sql/`; running it again changes nothing.
+/// Returns the names of the migrations applied now.
+pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<Vec<String>> {
+    let (mut client, connection) = tokio_postgres::connect(config.url.expose(), NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let report = migrations::runner().run_async(&mut client).await?;
+    drop(client);
+    let _ = driver.await;
+    Ok(report
+        .applied_migrations()
+        .iter()
+        .map(|m| m.to_string())
+        .collect())
+}
+
+/// Background service enforcing the idle and lifetime limits of the pool.
+pub struct PoolJanitor {
+    pub pool: Pool,
+    pub max_idle_conns: usize,
+    pub max_idle_time: Duration,
+    pub max_lifetime: Duration,
+}
+
+impl PoolJanitor {
+    fn trim(&self) {
+        let mut idle_kept = 0;
+        self.pool.retain(|_, metrics| {
+            let keep = metrics.age() < self.max_lifetime
+                && metrics.last_used() < self.max_idle_time
+                && idle_kept < self.max_idle_conns;
+            idle_kept += usize::from(keep);
+            keep
+        });
+    }
+}
+
+#[async_trait]
+impl BackgroundService for PoolJanitor {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(JANITOR_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.trim(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Every way the gateway refuses or fails a request, and its OpenAI-shaped
+//! answer: `{"error": {"message", "type", "param", "code"}}`. Each variant maps
+//! to a status with no catch-all, so a new variant forces a decision.
+
+use bytes::Bytes;
+use serde_json::json;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("Missing API key: send it as `Authorization: Bearer tg_...`.")]
+    MissingKey,
+    #[error("Invalid API key.")]
+    InvalidKey,
+    #[error("This API key has been revoked.")]
+    RevokedKey,
+    #[error("This API key has expired.")]
+    ExpiredKey,
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("Unknown request URL: {method} {path}.")]
+    UnknownRoute { method: String, path: String },
+    #[error("Method {method} is not allowed on {path}.")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("Request body is larger than the limit of {limit} bytes.")]
+    BodyTooLarge { limit: usize },
+    #[error("The backend refused or dropped the connection.")]
+    BadGateway,
+    #[error("No backend is available for model `{0}`.")]
+    NoBackend(String),
+    #[error("The backend did not answer in time ({phase}).")]
+    GatewayTimeout { phase: &'static str },
+    #[error("Authentication is temporarily unavailable; retry shortly.")]
+    AuthUnavailable,
+    #[error("Admin token missing or invalid.")]
+    AdminUnauthorized,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::MissingKey
+            | Self::InvalidKey
+            | Self::RevokedKey
+            | Self::ExpiredKey
+            | Self::AdminUnauthorized => 401,
+            Self::BadRequest { .. } => 400,
+            Self::ModelNotFound(_) | Self::UnknownRoute { .. } | Self::NotFound(_) => 404,
+            Self::MethodNotAllowed { .. } => 405,
+            Self::Conflict(_) => 409,
+            Self::BodyTooLarge { .. } => 413,
+            Self::BadGateway => 502,
+            Self::NoBackend(_) | Self::AuthUnavailable => 503,
+            Self::GatewayTimeout { .. } => 504,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::MissingKey
+            | Self::InvalidKey
+            | Self::RevokedKey
+            | Self::ExpiredKey
+            | Self::AdminUnauthorized => "authentication_error",
+            Self::BadRequest { .. }
+            | Self::ModelNotFound(_)
+            | Self::UnknownRoute { .. }
+            | Self::MethodNotAllowed { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::Conflict(_)
+            | Self::NotFound(_) => "invalid_request_error",
+            Self::BadGateway
+            | Self::NoBackend(_)
+            | Self::GatewayTimeout { .. }
+            | Self::AuthUnavailable => "server_error",
+        }
+    }
+
+    /// OpenAI's `error.code`.
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::MissingKey
+            | Self::InvalidKey
+            | Self::RevokedKey
+            | Self::ExpiredKey
+            | Self::AdminUnauthorized => Some("invalid_api_key"),
+            Self::ModelNotFound(_) => Some("model_not_found"),
+            Self::UnknownRoute { .. } => Some("unknown_url"),
+            Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
+            Self::BodyTooLarge { .. } => Some("request_too_large"),
+            Self::BadGateway => Some("bad_gateway"),
+            Self::NoBackend(_) => Some("no_backend_available"),
+            Self::GatewayTimeout { .. } => Some("gateway_timeout"),
+            Self::AuthUnavailable => Some("auth_unavailable"),
+            Self::BadRequest { .. } | Self::Conflict(_) | Self::NotFound(_) => None,
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::BadRequest { param, .. } => *param,
+            Self::ModelNotFound(_) | Self::NoBackend(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The error object as JSON bytes.
+    pub fn body(&self) -> Bytes {
+        Bytes::from(self.json().to_string())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.kind(),
+            "param": self.param(),
+            "code": self.code(),
+        }})
+    }
+
+    /// The error as one server-sent event, to end a stream that fails midway.
+    pub fn sse_event(&self) -> Bytes {
+        Bytes::from(format!("data: {}\n\n", self.json()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_have_openai_shape() {
+        let error = ApiError::ModelNotFound("gpt-x".into());
+        let json = error.json();
+        assert_eq!(json["error"]["type"], "invalid_request_error");
+        assert_eq!(json["error"]["code"], "model_not_found");
+        assert_eq!(json["error"]["param"], "model");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("gpt-x"))
+        );
+        assert_eq!(error.status(), 404);
+    }
+
+    #[test]
+    fn sse_error_event_is_one_data_line() {
+        let event = ApiError::BadGateway.sse_event();
+        let text = std::str::from_utf8(&event).unwrap_or_default();
+        assert!(text.starts_with("data: {\"error\""));
+        assert!(text.ends_with("\n\n"));
+    }
+}

@@ -1,0 +1,396 @@
+//! The OpenAI-compatible data plane: Tollgate's `ProxyHttp` implementation.
+//!
+//! Phases and their jobs:
+//! - `request_filter`: request id, route, health answers, key check, body
+//!   read and parse, model access. Anything refused is answered here in
+//!   OpenAI's error shape.
+//! - `upstream_peer`: choose a backend for the model (selection only).
+//! - `upstream_request_filter`: swap the client's key for the backend's
+//!   credential, frame the body we send.
+//! - `request_body_filter`: send the body read in `request_filter`.
+//! - `response_filter`: add `x-request-id`, note whether the answer streams.
+//! - `fail_to_connect` / `fail_to_proxy`: one retry on another backend when a
+//!   connection fails; otherwise an OpenAI error, or an SSE error event when
+//!   a stream was already under way.
+//! - `logging`: one line per request (usage events arrive with metering).
+
+pub mod context;
+pub mod request;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+use serde_json::json;
+use tollgate_backends::routing::UpstreamSelector;
+
+use self::context::{InFlight, RequestContext};
+use self::request::{BodyError, Route, read_body};
+use crate::config::UpstreamTimeouts;
+use crate::error::ApiError;
+use crate::keys::cache::KeyCache;
+
+pub const REQUEST_ID: &str = "x-request-id";
+/// Pingora error type for "no backend serves this model".
+const NO_BACKEND: &str = "no_backend";
+/// How long `/readyz` waits for Postgres before calling it unreachable.
+const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct Gateway {
+    pub keys: KeyCache,
+    pub selector: Arc<dyn UpstreamSelector>,
+    pub pool: Pool,
+    pub in_flight: Arc<InFlight>,
+    pub max_body_bytes: usize,
+    pub timeouts: UpstreamTimeouts,
+    /// Every model a backend serves, in config order.
+    pub models: Vec<String>,
+}
+
+/// How `request_filter` ends when it does not forward.
+enum Stop {
+    /// Answer with this error.
+    Refuse(ApiError),
+    /// Answer with this JSON (health checks, the model list).
+    Answer(u16, serde_json::Value),
+    /// The client is gone: nothing to answer.
+    ClientGone(Box<Error>),
+}
+
+impl From<ApiError> for Stop {
+    fn from(error: ApiError) -> Self {
+        Self::Refuse(error)
+    }
+}
+
+impl From<BodyError> for Stop {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::Refuse(error) => Self::Refuse(error),
+            BodyError::ClientGone(error) => Self::ClientGone(error),
+        }
+    }
+}
+
+impl Gateway {
+    /// Everything `request_filter` decides; `Ok` means forward upstream.
+    async fn admit(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<(), Stop> {
+        let header = session.req_header();
+        let route = request::route(&header.method, header.uri.path())?;
+        ctx.route = Some(route);
+        let endpoint = match route {
+            Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
+            Route::Readyz => return Err(self.readiness().await),
+            Route::Models | Route::Inference(_) => {
+                let key = self.keys.authenticate(bearer_token(header)?).await?;
+                ctx.key = Some(key);
+                match route {
+                    Route::Inference(endpoint) => endpoint,
+                    _ => return Err(Stop::Answer(200, self.model_list(ctx))),
+                }
+            }
+        };
+        let body = read_body(session, self.max_body_bytes).await?;
+        let request = request::parse(endpoint, body)?;
+        let allowed = ctx
+            .key
+            .as_ref()
+            .is_some_and(|k| k.allows_model(&request.model));
+        if !allowed || !self.selector.serves(&request.model) {
+            return Err(ApiError::ModelNotFound(request.model).into());
+        }
+        ctx.request = Some(request);
+        Ok(())
+    }
+
+    /// `/v1/models`: the models this key may use, in OpenAI's list shape.
+    fn model_list(&self, ctx: &RequestContext) -> serde_json::Value {
+        let data: Vec<_> = self
+            .models
+            .iter()
+            .filter(|m| ctx.key.as_ref().is_some_and(|k| k.allows_model(m)))
+            .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "tollgate"}))
+            .collect();
+        json!({"object": "list", "data": data})
+    }
+
+    /// `/readyz`: Postgres reachable and at least one backend configured.
+    async fn readiness(&self) -> Stop {
+        let postgres = tokio::time::timeout(READY_CHECK_TIMEOUT, async {
+            let client = self.pool.get().await.ok()?;
+            client.simple_query("SELECT 1").await.ok()
+        })
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+        let backends = !self.selector.backends().is_empty();
+        let status = if postgres && backends { 200 } else { 503 };
+        Stop::Answer(status, json!({"postgres": postgres, "backends": backends}))
+    }
+}
+
+/// The key from `Authorization: Bearer …`.
+fn bearer_token(header: &RequestHeader) -> Result<&str, ApiError> {
+    let value = header
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or(ApiError::MissingKey)?;
+    let value = value.to_str().map_err(|_| ApiError::InvalidKey)?;
+    let (scheme, token) = value.split_once(' ').ok_or(ApiError::InvalidKey)?;
+    if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
+        Ok(token.trim())
+    } else {
+        Err(ApiError::InvalidKey)
+    }
+}
+
+/// The client's `x-request-id` when it is sane, else a new UUIDv7.
+fn request_id(header: &RequestHeader) -> String {
+    header
+        .headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            (1..=128).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+}
+
+/// Writes a complete JSON answer from `request_filter` or `fail_to_proxy`.
+async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    request_id: &str,
+) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(status, Some(4))?;
+    header.insert_header(header::CONTENT_TYPE, "application/json")?;
+    header.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    header.insert_header(REQUEST_ID, request_id)?;
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// The OpenAI error for a proxying failure; `None` when the client is gone.
+fn classify(error: &Error, ctx: &RequestContext) -> Option<ApiError> {
+    if matches!(error.esource(), ErrorSource::Downstream) {
+        return None;
+    }
+    Some(match error.etype() {
+        ErrorType::Custom(NO_BACKEND) => ApiError::NoBackend(
+            ctx.request
+                .as_ref()
+                .map(|r| r.model.clone())
+                .unwrap_or_default(),
+        ),
+        ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => {
+            ApiError::GatewayTimeout { phase: "connect" }
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            ApiError::GatewayTimeout { phase: "read" }
+        }
+        _ => ApiError::BadGateway,
+    })
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestContext;
+
+    fn new_ctx(&self) -> RequestContext {
+        RequestContext::new(self.in_flight.enter())
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+    ) -> pingora::Result<bool> {
+        ctx.request_id = request_id(session.req_header());
+        match self.admit(session, ctx).await {
+            Ok(()) => Ok(false),
+            Err(Stop::Refuse(error)) => {
+                respond_json(session, error.status(), error.body(), &ctx.request_id).await?;
+                Ok(true)
+            }
+            Err(Stop::Answer(status, body)) => {
+                let body = Bytes::from(body.to_string());
+                respond_json(session, status, body, &ctx.request_id).await?;
+                Ok(true)
+            }
+            Err(Stop::ClientGone(error)) => Err(error),
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestContext,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let model = ctx.request.as_ref().map_or("", |r| r.model.as_str());
+        let (id, backend) = self.selector.select(model, &ctx.tried).ok_or_else(|| {
+            Error::explain(
+                ErrorType::Custom(NO_BACKEND),
+                format!("no backend for model {model}"),
+            )
+        })?;
+        ctx.tried.push(id);
+        let mut peer = HttpPeer::new(backend.address.as_str(), backend.tls, backend.host.clone());
+        peer.options.connection_timeout = Some(self.timeouts.connect);
+        peer.options.total_connection_timeout = Some(self.timeouts.connect);
+        peer.options.read_timeout = Some(self.timeouts.read);
+        peer.options.write_timeout = Some(self.timeouts.read);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestContext,
+        mut error: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(backend) = ctx.backend() {
+            self.selector.connect_failed(backend);
+        }
+        // Nothing reached the backend yet: one more try, on another backend.
+        if ctx.tried.len() < 2 {
+            error.set_retry(true);
+        }
+        error
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestContext,
+    ) -> pingora::Result<()> {
+        upstream.remove_header(&header::AUTHORIZATION);
+        let backend = ctx
+            .backend()
+            .and_then(|id| self.selector.backends().get(id));
+        if let Some(backend) = backend {
+            upstream.insert_header(header::HOST, backend.address.as_str())?;
+            if let Some(credential) = &backend.credential {
+                upstream.insert_header(header::AUTHORIZATION, format!("Bearer {credential}"))?;
+            }
+        }
+        upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        if let Some(request) = &ctx.request {
+            // We send the body ourselves, with its own length.
+            upstream.remove_header(&header::TRANSFER_ENCODING);
+            upstream.remove_header(&header::EXPECT);
+            upstream.insert_header(
+                header::CONTENT_LENGTH,
+                request.upstream_body.len().to_string(),
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestContext,
+    ) -> pingora::Result<()> {
+        // Pingora replays the tail of the body it buffered (see `read_body`);
+        // what goes upstream is the whole body, once per attempt.
+        if let Some(request) = &ctx.request {
+            *body = end_of_stream.then(|| request.upstream_body.clone());
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestContext,
+    ) -> pingora::Result<()> {
+        response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        ctx.streaming_response = response
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        error: &Error,
+        ctx: &mut RequestContext,
+    ) -> FailToProxy {
+        let gone = FailToProxy {
+            error_code: 0,
+            can_reuse_downstream: false,
+        };
+        let Some(api_error) = classify(error, ctx) else {
+            return gone;
+        };
+        let written = if session.response_written().is_none() {
+            respond_json(
+                session,
+                api_error.status(),
+                api_error.body(),
+                &ctx.request_id,
+            )
+            .await
+        } else if ctx.streaming_response {
+            // Mid-stream: end the stream with an error event, never a silent cut.
+            session
+                .write_response_body(Some(api_error.sse_event()), true)
+                .await
+        } else {
+            return gone;
+        };
+        if let Err(e) = written {
+            tracing::debug!(request_id = %ctx.request_id, "could not send the error: {e}");
+        }
+        FailToProxy {
+            error_code: api_error.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(
+        &self,
+        session: &mut Session,
+        error: Option<&Error>,
+        ctx: &mut RequestContext,
+    ) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let backend = ctx
+            .backend()
+            .and_then(|id| self.selector.backends().get(id))
+            .map_or("-", |b| b.name.as_str());
+        tracing::info!(
+            request_id = %ctx.request_id,
+            status,
+            backend,
+            elapsed_ms = ctx.started.elapsed().as_millis() as u64,
+            error = error.map(|e| e.to_string()),
+            "request"
+        );
+    }
+}

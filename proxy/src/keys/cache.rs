@@ -1,0 +1,101 @@
+//! The in-process key cache on the request path.
+//!
+//! Bounded and expiring (moka): a verified key is trusted for `cache_ttl`
+//! (5 s by default: the bound on how late a revocation lands when Redis is not
+//! configured), an unknown key is remembered as unknown for
+//! `negative_cache_ttl` so a flood of bad keys cannot hammer Postgres, and
+//! concurrent misses for the same key wait on one Postgres query
+//! (`try_get_with` coalesces them). With Redis, revocations also arrive at
+//! once through [`super::revocation`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use moka::Expiry;
+use moka::future::Cache;
+
+use super::secret::{KeyHash, is_key_shaped};
+use super::store::{KeyRecord, KeyStore};
+use crate::config::KeyCacheConfig;
+use crate::error::ApiError;
+
+#[derive(Clone)]
+enum Lookup {
+    Found(Arc<KeyRecord>),
+    Unknown,
+}
+
+struct LookupExpiry {
+    found: Duration,
+    unknown: Duration,
+}
+
+impl Expiry<KeyHash, Lookup> for LookupExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &KeyHash,
+        value: &Lookup,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(match value {
+            Lookup::Found(_) => self.found,
+            Lookup::Unknown => self.unknown,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct KeyCache {
+    store: KeyStore,
+    cache: Cache<KeyHash, Lookup>,
+}
+
+impl KeyCache {
+    pub fn new(store: KeyStore, config: KeyCacheConfig) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(config.capacity as u64)
+            .expire_after(LookupExpiry {
+                found: config.ttl,
+                unknown: config.negative_ttl,
+            })
+            .build();
+        Self { store, cache }
+    }
+
+    /// The usable key for `secret`, or why it is refused.
+    pub async fn authenticate(&self, secret: &str) -> Result<Arc<KeyRecord>, ApiError> {
+        // Not even shaped like a key: refuse without touching cache or database.
+        if !is_key_shaped(secret) {
+            return Err(ApiError::InvalidKey);
+        }
+        let hash = KeyHash::of(secret);
+        let store = &self.store;
+        let lookup = self
+            .cache
+            .try_get_with(hash, async move {
+                store
+                    .lookup(&hash)
+                    .await
+                    .map(|found| found.map_or(Lookup::Unknown, |r| Lookup::Found(Arc::new(r))))
+            })
+            .await
+            .map_err(|e| {
+                tracing::warn!("key lookup failed: {e}");
+                ApiError::AuthUnavailable
+            })?;
+        match lookup {
+            Lookup::Unknown => Err(ApiError::InvalidKey),
+            Lookup::Found(record) if record.revoked => Err(ApiError::RevokedKey),
+            Lookup::Found(record) if !record.account_active => Err(ApiError::InvalidKey),
+            Lookup::Found(record) if !record.is_usable(SystemTime::now()) => {
+                Err(ApiError::ExpiredKey)
+            }
+            Lookup::Found(record) => Ok(record),
+        }
+    }
+
+    /// Forgets a key, so its next use asks Postgres (after a revocation).
+    pub async fn invalidate(&self, hash: &KeyHash) {
+        self.cache.invalidate(hash).await;
+    }
+}

@@ -1,0 +1,113 @@
+//! API keys: their secrets ([`secret`]), their records in Postgres
+//! ([`store`]), the request path's cache ([`cache`]) and revocation fan-out
+//! across instances ([`revocation`]). [`KeyAdmin`] holds the operations the
+//! CLI and the admin API share, so both check tiers and announce revocations
+//! the same way.
+
+pub mod cache;
+pub mod revocation;
+pub mod secret;
+pub mod store;
+
+use std::time::{Duration, SystemTime};
+
+use self::cache::KeyCache;
+use self::store::{Account, CreateKey, CreatedKey, KeyListing, KeyStore, StoreError};
+use crate::config::{Config, Secret};
+
+/// Why a key operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyAdminError {
+    #[error("unknown tier `{tier}` (configured tiers: {known})")]
+    UnknownTier { tier: String, known: String },
+    #[error("invalid model list: {0}")]
+    InvalidModels(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A key to create, as the CLI and the admin API receive it.
+pub struct NewKeyRequest {
+    pub account: String,
+    pub tier: String,
+    pub name: Option<String>,
+    pub expires_in: Option<Duration>,
+    pub models: Option<Vec<String>>,
+}
+
+pub struct KeyAdmin {
+    store: KeyStore,
+    tiers: Vec<String>,
+    redis_url: Option<Secret>,
+    /// This instance's cache, dropped from at once on revocation.
+    cache: Option<KeyCache>,
+}
+
+impl KeyAdmin {
+    pub fn new(store: KeyStore, config: &Config, cache: Option<KeyCache>) -> Self {
+        Self {
+            store,
+            tiers: config.tiers.iter().map(|t| t.name.clone()).collect(),
+            redis_url: config.redis_url.clone(),
+            cache,
+        }
+    }
+
+    fn check_tier(&self, tier: &str) -> Result<(), KeyAdminError> {
+        if self.tiers.iter().any(|t| t == tier) {
+            Ok(())
+        } else {
+            Err(KeyAdminError::UnknownTier {
+                tier: tier.to_owned(),
+                known: self.tiers.join(", "),
+            })
+        }
+    }
+
+    pub async fn create_key(&self, request: NewKeyRequest) -> Result<CreatedKey, KeyAdminError> {
+        self.check_tier(&request.tier)?;
+        if let Some(models) = &request.models
+            && (models.is_empty() || models.iter().any(|m| m.trim().is_empty()))
+        {
+            return Err(KeyAdminError::InvalidModels(
+                "name at least one model, none empty".into(),
+            ));
+        }
+        let created = self
+            .store
+            .create_key(CreateKey {
+                account: &request.account,
+                tier: &request.tier,
+                name: request.name.as_deref(),
+                expires_at: request.expires_in.map(|d| SystemTime::now() + d),
+                models: request.models,
+            })
+            .await?;
+        Ok(created)
+    }
+
+    pub async fn list_keys(&self, account: Option<&str>) -> Result<Vec<KeyListing>, KeyAdminError> {
+        Ok(self.store.list_keys(account).await?)
+    }
+
+    /// Revokes in Postgres, then tells every instance to forget the key.
+    pub async fn revoke_key(&self, ident: &str) -> Result<KeyListing, KeyAdminError> {
+        let (listing, hash) = self.store.revoke(ident).await?;
+        if let Some(cache) = &self.cache {
+            cache.invalidate(&hash).await;
+        }
+        if let Some(url) = &self.redis_url {
+            revocation::publish(url.expose(), &hash).await;
+        }
+        Ok(listing)
+    }
+
+    pub async fn create_account(&self, name: &str, tier: &str) -> Result<Account, KeyAdminError> {
+        self.check_tier(tier)?;
+        Ok(self.store.create_account(name, tier).await?)
+    }
+
+    pub async fn list_accounts(&self) -> Result<Vec<Account>, KeyAdminError> {
+        Ok(self.store.list_accounts().await?)
+    }
+}

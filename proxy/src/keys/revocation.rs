@@ -1,0 +1,88 @@
+//! Revocation fan-out through Redis pub/sub.
+//!
+//! Whoever revokes a key (the CLI or the admin API, on any instance) publishes
+//! its hash on [`CHANNEL`]; every running instance listens and drops the key
+//! from its cache, so a revocation lands everywhere at once instead of after
+//! the cache TTL. Without Redis the TTL alone bounds the delay.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::{
+    Builder, ClientLike, Config as RedisConfig, EventInterface, PubsubInterface, ReconnectPolicy,
+};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::cache::KeyCache;
+use super::secret::KeyHash;
+
+pub const CHANNEL: &str = "tollgate:keys:revoked";
+
+/// Bound on a publish: the revocation is already in Postgres, so a slow Redis
+/// only delays the fan-out (the cache TTL still applies).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Tells every instance that `hash` was revoked. Failure is logged, not
+/// fatal: Postgres has the revocation and caches expire within their TTL.
+pub async fn publish(redis_url: &str, hash: &KeyHash) {
+    let result = tokio::time::timeout(PUBLISH_TIMEOUT, async {
+        let client = Builder::from_config(RedisConfig::from_url(redis_url)?).build()?;
+        client.init().await?;
+        let _: i64 = client.publish(CHANNEL, hex::encode(hash.0)).await?;
+        client.quit().await?;
+        Ok::<_, fred::error::Error>(())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("revocation not published to Redis: {e}"),
+        Err(_) => tracing::warn!("revocation not published to Redis: timed out"),
+    }
+}
+
+/// Background service: drops revoked keys from this instance's cache.
+pub struct RevocationListener {
+    pub redis_url: String,
+    pub cache: KeyCache,
+}
+
+impl RevocationListener {
+    async fn listen(&self) -> Result<(), fred::error::Error> {
+        let subscriber = Builder::from_config(RedisConfig::from_url(&self.redis_url)?)
+            // Keep retrying forever: a Redis restart must not end the fan-out.
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build_subscriber_client()?;
+        subscriber.init().await?;
+        // Re-subscribes after every reconnect.
+        let _resubscribe = subscriber.manage_subscriptions();
+        subscriber.subscribe(CHANNEL).await?;
+        let mut messages = subscriber.message_rx();
+        while let Ok(message) = messages.recv().await {
+            let decoded = message
+                .value
+                .as_str()
+                .and_then(|text| hex::decode(text.as_ref()).ok())
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+            match decoded {
+                Some(hash) => self.cache.invalidate(&KeyHash(hash)).await,
+                None => tracing::warn!("ignoring malformed message on {CHANNEL}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BackgroundService for RevocationListener {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        tokio::select! {
+            result = self.listen() => {
+                if let Err(e) = result {
+                    tracing::error!("revocation listener stopped: {e}; revocations now rely on the cache TTL");
+                }
+            }
+            _ = shutdown.changed() => {}
+        }
+    }
+}

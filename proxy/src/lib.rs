@@ -1,0 +1,19 @@
+//! Tollgate, the gateway: an OpenAI-compatible reverse proxy on Pingora with
+//! API keys, in front of self-hosted GPU inference backends.
+//!
+//! - [`config`]: the TOML config, env overrides, validation.
+//! - [`gateway`]: the `ProxyHttp` request path (auth, body, routing, errors).
+//! - [`keys`]: API keys: hashing, Postgres store, cache, revocation fan-out.
+//! - [`admin`]: the admin API and the metrics endpoint.
+//! - [`db`]: the Postgres pool and migrations (`sql/`).
+//! - [`server`]: assembling and running the Pingora server, draining on SIGTERM.
+//! - [`cli`]: the command line; `main.rs` dispatches it.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod gateway;
+pub mod keys;
+pub mod server;

@@ -1,0 +1,145 @@
+//! `tollgate serve`: assembles the Pingora server from the validated config
+//! and runs it until SIGTERM (drain, then exit) or SIGINT (exit now).
+
+use std::process;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::proxy::http_proxy_service;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+use pingora::services::listening::Service;
+use tollgate_backends::routing::{Backend, RoundRobin};
+
+use crate::admin::{AdminApi, MetricsApp};
+use crate::config::Config;
+use crate::db::{self, PoolJanitor};
+use crate::gateway::Gateway;
+use crate::gateway::context::InFlight;
+use crate::keys::KeyAdmin;
+use crate::keys::cache::KeyCache;
+use crate::keys::revocation::RevocationListener;
+use crate::keys::store::KeyStore;
+
+/// After the drain ends, Pingora gets this long to stop its runtimes.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
+
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    let conf = ServerConf {
+        threads: config.server.workers,
+        // The drain's upper bound; `Drainer` exits sooner once idle.
+        grace_period_seconds: Some(config.server.drain_timeout.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN.as_secs()),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let pool = db::pool(&config.database)?;
+    let store = KeyStore::new(pool.clone());
+    let cache = KeyCache::new(store.clone(), config.keys);
+    let backends: Vec<Backend> = config
+        .backends
+        .iter()
+        .map(|b| Backend {
+            name: b.name.clone(),
+            address: b.address.clone(),
+            host: b.host.clone(),
+            tls: b.tls,
+            models: b.models.clone(),
+            max_concurrency: b.max_concurrency,
+            credential: b.credential.as_ref().map(|c| c.expose().to_owned()),
+        })
+        .collect();
+    let in_flight = Arc::new(InFlight::default());
+
+    let gateway = Gateway {
+        keys: cache.clone(),
+        selector: Arc::new(RoundRobin::new(backends, RoundRobin::DEFAULT_PENALTY)),
+        pool: pool.clone(),
+        in_flight: Arc::clone(&in_flight),
+        max_body_bytes: config.server.max_body_bytes,
+        timeouts: config.server.timeouts,
+        models: config.models().into_iter().map(str::to_owned).collect(),
+    };
+    let mut proxy = http_proxy_service(&server.configuration, gateway);
+    proxy.add_tcp(&config.server.listen.to_string());
+
+    let admin_api = AdminApi {
+        token: config.admin_token.clone(),
+        keys: Arc::new(KeyAdmin::new(store, &config, Some(cache.clone()))),
+    };
+    let mut admin = Service::new("admin API".to_owned(), HttpServer::new_app(admin_api));
+    admin.add_tcp(&config.server.admin_listen.to_string());
+    let mut metrics = Service::new("metrics".to_owned(), HttpServer::new_app(MetricsApp));
+    metrics.add_tcp(&config.server.metrics_listen.to_string());
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(metrics);
+    server.add_service(background_service(
+        "postgres pool janitor",
+        PoolJanitor {
+            pool,
+            max_idle_conns: config.database.max_idle_conns,
+            max_idle_time: config.database.max_idle_time,
+            max_lifetime: config.database.max_lifetime,
+        },
+    ));
+    if let Some(url) = &config.redis_url {
+        server.add_service(background_service(
+            "key revocation listener",
+            RevocationListener {
+                redis_url: url.expose().to_owned(),
+                cache,
+            },
+        ));
+    }
+    server.add_service(background_service(
+        "drainer",
+        Drainer {
+            in_flight,
+            timeout: config.server.drain_timeout,
+        },
+    ));
+    tracing::info!(
+        listen = %config.server.listen,
+        admin = %config.server.admin_listen,
+        metrics = %config.server.metrics_listen,
+        "tollgate starting"
+    );
+    server.run_forever()
+}
+
+/// Ends the process once a graceful shutdown has drained.
+///
+/// On SIGTERM Pingora stops accepting and then waits out its whole grace
+/// period, busy or not. This service waits only for the requests in flight
+/// (streams included), up to `timeout`, then exits: an idle gateway stops at
+/// once, a busy one when its last answer is done.
+struct Drainer {
+    in_flight: Arc<InFlight>,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Drainer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+        let pending = self.in_flight.count();
+        tracing::info!(pending, "shutting down: draining requests in flight");
+        match tokio::time::timeout(self.timeout, self.in_flight.wait_idle()).await {
+            Ok(()) => tracing::info!("drained; exiting"),
+            Err(_) => tracing::warn!(
+                remaining = self.in_flight.count(),
+                "drain timeout reached; exiting with requests in flight"
+            ),
+        }
+        process::exit(0);
+    }
+}
