@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Brings up a local Tollgate stack: PostgreSQL and Redis (reused when already
-# listening, else started under target/services/), and two gpu-sim backends.
-# Processes started here run in the background; their logs and pid files are
-# in .dev/. Run it again to restart them; `scripts/dev.sh stop` stops them.
+# listening, else started under target/services/), two gpu-sim backends, and
+# `tollgate serve` with config/tollgate.example.toml on a `tollgate` database,
+# migrated, with a demo key per tier. Processes started here run in the
+# background; their logs and pid files are in .dev/. Run it again to restart
+# them; `scripts/dev.sh stop` stops them.
 #
 #   scripts/dev.sh            # start (or restart) the stack
 #   scripts/dev.sh stop       # stop what dev.sh started (not Postgres/Redis)
 #
-# Ports: SIM_A_PORT (8101) and SIM_B_PORT (8102).
+# Ports are those of config/tollgate.example.toml: the API on 8080, admin on
+# 8081, metrics on 9091, backends on 8101 and 8102.
 
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 RUN_DIR="$ROOT/.dev"
-SIM_A_PORT="${SIM_A_PORT:-8101}"
-SIM_B_PORT="${SIM_B_PORT:-8102}"
+CONFIG="$ROOT/config/tollgate.example.toml"
+SIM_A_PORT=8101
+SIM_B_PORT=8102
+API_PORT=8080
+export TOLLGATE_ADMIN_TOKEN="${TOLLGATE_ADMIN_TOKEN:-dev-admin-token-change-me}"
 
 stop_all() {
     local pidfile
@@ -33,7 +39,7 @@ stop_all() {
 # start NAME PORT COMMAND... : runs COMMAND in the background and waits for PORT.
 start() {
     local name="$1" port="$2"; shift 2
-    listening 127.0.0.1 "$port" && die "port $port is taken; set ${name^^}_PORT to another"
+    listening 127.0.0.1 "$port" && die "port $port is taken (by something dev.sh did not start)"
     nohup "$@" >"$RUN_DIR/$name.log" 2>&1 &
     echo $! >"$RUN_DIR/$name.pid"
     wait_listening 127.0.0.1 "$port" 30 || die "$name did not start; see $RUN_DIR/$name.log"
@@ -58,23 +64,53 @@ start sim_a "$SIM_A_PORT" "$BIN/gpu-sim" --listen "127.0.0.1:$SIM_A_PORT" \
 start sim_b "$SIM_B_PORT" "$BIN/gpu-sim" --listen "127.0.0.1:$SIM_B_PORT" \
     --model sim-model --model gpt-4o-mini --max-concurrency 4 --seed 1
 
+# The gateway's own database, next to whatever DATABASE_URL points at.
+TOLLGATE_DB_URL="${DATABASE_URL%/*}/tollgate"
+psql "$DATABASE_URL" -Atqc "SELECT 1 FROM pg_database WHERE datname = 'tollgate'" | grep -q 1 ||
+    psql "$DATABASE_URL" -qc "CREATE DATABASE tollgate"
+export DATABASE_URL="$TOLLGATE_DB_URL"
+"$BIN/tollgate" --config "$CONFIG" migrate
+start tollgate "$API_PORT" "$BIN/tollgate" --config "$CONFIG" serve
+
+# A demo key per tier, each on its own account (new keys every run).
+declare -A KEYS
+for tier in $(grep -A1 '^\[\[tiers\]\]' "$CONFIG" | sed -n 's/^name = "\(.*\)"/\1/p'); do
+    KEYS[$tier]="$("$BIN/tollgate" --config "$CONFIG" keys create --account "demo-$tier" --tier "$tier" --name dev.sh | tail -1)"
+done
+KEY="${KEYS[pro]:-${KEYS[free]}}"
+printf '%s\n' "${!KEYS[@]}" | sort | while read -r tier; do echo "$tier ${KEYS[$tier]}"; done >"$RUN_DIR/keys.txt"
+
 cat <<MSG
 
 Tollgate dev stack is up.
-  PostgreSQL  $DATABASE_URL
-  Redis       $REDIS_URL
-  gpu-sim A   http://127.0.0.1:$SIM_A_PORT   (64 batch slots; log .dev/sim_a.log)
-  gpu-sim B   http://127.0.0.1:$SIM_B_PORT   (4 batch slots;  log .dev/sim_b.log)
+  Tollgate API   http://127.0.0.1:$API_PORT/v1      (log .dev/tollgate.log)
+  Admin API      http://127.0.0.1:8081/admin    (Bearer \$TOLLGATE_ADMIN_TOKEN = $TOLLGATE_ADMIN_TOKEN)
+  Metrics        http://127.0.0.1:9091/metrics
+  gpu-sim A      http://127.0.0.1:$SIM_A_PORT   (64 batch slots)
+  gpu-sim B      http://127.0.0.1:$SIM_B_PORT   (4 batch slots)
+  PostgreSQL     $DATABASE_URL
+  Redis          $REDIS_URL
+Demo keys, one per tier (also in .dev/keys.txt):
+$(sed 's/^/  /' "$RUN_DIR/keys.txt")
 
-Try a backend directly:
-  curl -s http://127.0.0.1:$SIM_A_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+Call it with curl:
+  curl -s http://127.0.0.1:$API_PORT/v1/chat/completions \\
+    -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
     -d '{"model":"sim-model","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'
-  curl -sN http://127.0.0.1:$SIM_A_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{"model":"sim-model","messages":[{"role":"user","content":"Hello"}],"stream":true}'
-  curl -s http://127.0.0.1:$SIM_B_PORT/metrics | grep -v '^#'
+
+Or with the official Python SDK (pip install openai):
+  python3 - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:$API_PORT/v1", api_key="$KEY")
+reply = client.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "Hello"}])
+print(reply.choices[0].message.content)
+for chunk in client.chat.completions.create(model="sim-model", messages=[{"role": "user", "content": "Stream"}], stream=True):
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+PY
 
 Load it:
-  target/debug/loadgen --url http://127.0.0.1:$SIM_A_PORT --rate 200 --duration 5
+  target/debug/loadgen --url http://127.0.0.1:$API_PORT --key $KEY --rate 200 --duration 5
 
 Stop with: scripts/dev.sh stop
 MSG

@@ -117,6 +117,25 @@ ensure_redis() {
     wait_listening 127.0.0.1 "$port" 30 || die "Redis did not start; see $data/redis.log"
 }
 
+# The official openai SDKs for the compatibility tests: Python in a venv under
+# target/, Node in proxy/tests/sdk/node_modules, both pinned.
+ensure_sdks() {
+    local venv="$ROOT/target/sdk-venv" sdk="$ROOT/proxy/tests/sdk"
+    command -v python3 >/dev/null || apt_install python3
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+    fi
+    if ! "$venv/bin/pip" install -q --disable-pip-version-check -r "$sdk/requirements.txt"; then
+        die "cannot install the openai Python SDK"
+    fi
+    command -v npm >/dev/null || apt_install nodejs npm
+    if [ ! -d "$sdk/node_modules/openai" ] || [ "$sdk/package-lock.json" -nt "$sdk/node_modules" ]; then
+        (cd "$sdk" && npm ci --no-audit --no-fund --loglevel=error) || die "cannot install the openai Node SDK"
+        touch "$sdk/node_modules"
+    fi
+    export TOLLGATE_TEST_PYTHON="$venv/bin/python"
+}
+
 # Everything the stack and its tests need on this machine.
 provision() {
     ensure_build_tools

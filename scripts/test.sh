@@ -9,6 +9,7 @@
 
 source "$(dirname "$0")/lib.sh"
 provision
+ensure_sdks
 cd "$ROOT"
 
 log "building the workspace and its tests"

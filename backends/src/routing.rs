@@ -31,7 +31,10 @@ impl fmt::Debug for Backend {
             .field("name", &self.name)
             .field("address", &self.address)
             .field("models", &self.models)
-            .field("credential", &self.credential.as_ref().map(|_| "[redacted]"))
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "[redacted]"),
+            )
             .finish()
     }
 }
@@ -154,7 +157,11 @@ mod tests {
     #[test]
     fn rotates_among_backends_of_the_model_only() {
         let rr = RoundRobin::new(
-            vec![backend("a", &["m"]), backend("b", &["other"]), backend("c", &["m"])],
+            vec![
+                backend("a", &["m"]),
+                backend("b", &["other"]),
+                backend("c", &["m"]),
+            ],
             RoundRobin::DEFAULT_PENALTY,
         );
         let picks: Vec<_> = (0..4).filter_map(|_| pick(&rr, "m", &[])).collect();
@@ -185,7 +192,10 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(pick(&rr, "m", &[]).as_deref(), Some("b"));
         }
-        let expired = RoundRobin::new(vec![backend("a", &["m"]), backend("b", &["m"])], Duration::ZERO);
+        let expired = RoundRobin::new(
+            vec![backend("a", &["m"]), backend("b", &["m"])],
+            Duration::ZERO,
+        );
         expired.connect_failed(0);
         let picks: Vec<_> = (0..2).filter_map(|_| pick(&expired, "m", &[])).collect();
         assert_eq!(picks, ["a", "b"]);

@@ -706,6 +706,36 @@ async fn injected_engine_failure_fails_health_until_recovered() {
 }
 
 #[tokio::test]
+async fn api_key_flag_requires_the_key_on_openai_routes() {
+    let sim = Sim::fast(&["--api-key", "sk-backend"]);
+    let client = reqwest::Client::new();
+    let url = sim.url("/v1/chat/completions");
+    let request = chat_request("hi", Some(1));
+    let refused = client.post(&url).json(&request).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    let wrong = client
+        .post(&url)
+        .bearer_auth("tg_client")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let accepted = client
+        .post(&url)
+        .bearer_auth("sk-backend")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 200);
+    // Health and metrics stay open, as on vLLM.
+    assert_eq!(sim.get_status("/health").await, 200);
+}
+
+#[tokio::test]
 async fn exits_cleanly_on_sigterm() {
     let sim = Sim::fast(&[]);
     assert_eq!(sim.get_status("/health").await, 200);
@@ -729,6 +759,7 @@ fn help_documents_every_flag() {
         "--error-rate",
         "--abort-mid-stream-rate",
         "--no-usage",
+        "--api-key",
         "--seed",
         "--output-tokens",
         "--encoding",

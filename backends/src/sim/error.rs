@@ -21,6 +21,8 @@ pub enum SimError {
     NoRoute(String),
     #[error("Method not allowed.")]
     MethodNotAllowed,
+    #[error("Invalid or missing API key.")]
+    Unauthorized,
     #[error("Request body is too large.")]
     BodyTooLarge,
     #[error("The model is loading; try again shortly.")]
@@ -44,6 +46,7 @@ impl SimError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::UnknownModel(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotReady | Self::EngineFailed => StatusCode::SERVICE_UNAVAILABLE,
             Self::Injected => StatusCode::INTERNAL_SERVER_ERROR,
@@ -58,6 +61,7 @@ impl SimError {
             | Self::NoRoute(_)
             | Self::MethodNotAllowed
             | Self::BodyTooLarge => "invalid_request_error",
+            Self::Unauthorized => "authentication_error",
             Self::NotReady | Self::EngineFailed | Self::Injected => "server_error",
         }
     }
@@ -68,6 +72,7 @@ impl SimError {
             Self::UnknownModel(_) => Some("model_not_found"),
             Self::NoRoute(_) => Some("unknown_url"),
             Self::MethodNotAllowed => Some("method_not_allowed"),
+            Self::Unauthorized => Some("invalid_api_key"),
             Self::BodyTooLarge => Some("request_too_large"),
             Self::NotReady => Some("model_not_ready"),
             Self::EngineFailed => Some("engine_failed"),

@@ -26,9 +26,11 @@ use std::io;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::Request;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, Uri, header};
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
@@ -43,15 +45,21 @@ const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// The simulator's routes.
 pub fn router(engine: Arc<Engine>) -> Router {
+    let openai = Router::new()
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&engine),
+            require_api_key,
+        ));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/sim/fail", post(fail))
         .route("/sim/recover", post(recover))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/embeddings", post(openai::embeddings))
+        .merge(openai)
         .route("/v2/health/live", get(triton::live))
         .route("/v2/health/ready", get(triton::ready))
         .route("/v2/models/{model}/ready", get(triton::model_ready))
@@ -83,6 +91,25 @@ pub async fn serve(
     axum::serve(listener, router(engine))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// `--api-key`: the OpenAI routes need `Authorization: Bearer KEY`.
+async fn require_api_key(
+    State(engine): State<Arc<Engine>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &engine.options.api_key {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented != Some(key.as_str()) {
+            return SimError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
 }
 
 async fn health(State(engine): State<Arc<Engine>>) -> StatusCode {

@@ -62,6 +62,11 @@ pub struct SimOptions {
     #[arg(long)]
     pub no_usage: bool,
 
+    /// Require `Authorization: Bearer KEY` on /v1 requests, as vLLM's and
+    /// trtllm-serve's --api-key do; others get 401.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+
     /// Seed for the generated text and the fault draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -1,0 +1,1184 @@
+//! Tollgate end to end: real Postgres (a fresh database per test), real
+//! gpu-sim and tollgate processes, HTTP over loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio_postgres::NoTls;
+
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// Upper bound for conditions the tests wait on (a process being ready, a
+/// revocation landing): far above what they take, so only a failure reaches it.
+const POLL_DEADLINE: Duration = Duration::from_secs(30);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn bin(name: &str) -> PathBuf {
+    // gpu-sim is built beside tollgate (same workspace target directory).
+    let tollgate = PathBuf::from(env!("CARGO_BIN_EXE_tollgate"));
+    let path = tollgate.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// A name unique across processes and runs.
+fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A port nobody listens on right now. The listener is released before the
+/// port is used, so a clash is possible in principle but vanishingly rare:
+/// Pingora binds its own listeners and cannot be handed ours.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A database of its own, dropped with the test.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        let name = unique("tollgate_test");
+        let admin = database_url();
+        let (client, connection) = tokio_postgres::connect(&admin, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base);
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = database_url();
+        let name = self.name.clone();
+        // Drop runs outside any async context guarantee: use a thread of our own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin, NoTls).await {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.0.id() as i32)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A gpu-sim process, killed when dropped.
+struct Sim {
+    _proc: Proc,
+    url: String,
+}
+
+impl Sim {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(bin("gpu-sim"))
+            .args(["--listen", "127.0.0.1:0", "--model", "sim-model"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap()
+            .to_owned();
+        Self {
+            _proc: Proc(child),
+            url,
+        }
+    }
+
+    /// Answers at once.
+    fn fast() -> Self {
+        Self::start(&["--ttft-ms", "0", "--tokens-per-sec", "0"])
+    }
+}
+
+/// One backend entry of the generated config.
+struct BackendSpec {
+    url: String,
+    models: &'static str,
+    credential: Option<&'static str>,
+}
+
+impl BackendSpec {
+    fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            models: r#"["sim-model"]"#,
+            credential: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Options {
+    redis: bool,
+    /// Extra `[server]` lines, e.g. `read_timeout = "1s"`.
+    server: &'static str,
+    /// Extra `[keys]` lines.
+    keys: &'static str,
+}
+
+/// A migrated database and a running `tollgate serve`.
+struct Gateway {
+    proc: Option<Proc>,
+    url: String,
+    admin_url: String,
+    config: PathBuf,
+    db: TestDb,
+    client: reqwest::Client,
+}
+
+impl Gateway {
+    async fn start(backends: &[BackendSpec], options: Options) -> Self {
+        let db = TestDb::create().await;
+        let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
+        let mut config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+             metrics_listen = \"127.0.0.1:{metrics_port}\"\ndrain_timeout = \"20s\"\n{}\n\
+             [keys]\n{}\n[[tiers]]\nname = \"free\"\n[[tiers]]\nname = \"pro\"\n",
+            options.server, options.keys
+        );
+        for (i, backend) in backends.iter().enumerate() {
+            config.push_str(&format!(
+                "[[backends]]\nname = \"b{i}\"\nurl = \"{}\"\nmodels = {}\n",
+                backend.url, backend.models
+            ));
+            if let Some(credential) = backend.credential {
+                config.push_str(&format!("credential = \"{credential}\"\n"));
+            }
+        }
+        let path = std::env::temp_dir().join(format!("{}.toml", unique("tollgate")));
+        std::fs::write(&path, config).unwrap();
+        let mut gateway = Self {
+            proc: None,
+            url: format!("http://127.0.0.1:{port}"),
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            config: path,
+            db,
+            client: reqwest::Client::new(),
+        };
+        let migrated = gateway.cli(&["migrate"]).output().unwrap();
+        assert!(
+            migrated.status.success(),
+            "{}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
+        let mut serve = gateway.cli(&["serve"]);
+        if options.redis {
+            serve.env("REDIS_URL", redis_url());
+        }
+        gateway.proc = Some(Proc(serve.spawn().unwrap()));
+        gateway.wait_ready().await;
+        gateway
+    }
+
+    /// `tollgate --config … ARGS` against this gateway's database.
+    fn cli(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        command
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("DATABASE_URL", &self.db.url)
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env_remove("REDIS_URL")
+            .env("LOG_LEVEL", "warn");
+        command
+    }
+
+    async fn wait_ready(&self) {
+        let client = &self.client;
+        let url = format!("{}/healthz", self.url);
+        eventually("tollgate answers /healthz", || async {
+            client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    /// Creates a key with the CLI; returns the secret (the last stdout line).
+    fn create_key(&self, account: &str, extra: &[&str]) -> String {
+        let mut args = vec!["keys", "create", "--account", account, "--tier", "pro"];
+        args.extend_from_slice(extra);
+        let output = self.cli(&args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        stdout.lines().last().unwrap().to_owned()
+    }
+
+    async fn post(&self, key: &str, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn post_json(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
+        let response = self.post(key, path, body).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    fn sigterm(&self) {
+        kill(self.proc.as_ref().unwrap().pid(), Signal::SIGTERM).unwrap();
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut proc = self.proc.take().unwrap();
+        proc.0.wait().unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.proc.take();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + POLL_DEADLINE;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({"model": "sim-model", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+}
+
+fn streamed(mut request: Value) -> Value {
+    request["stream"] = json!(true);
+    request
+}
+
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+/// Replaces the per-response id and timestamp, which differ on every answer.
+fn normalise_ids(body: &str) -> String {
+    let mut out = String::new();
+    for event in body.split("\n\n") {
+        match event
+            .strip_prefix("data: ")
+            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+        {
+            Some(mut chunk) => {
+                chunk["id"] = json!("ID");
+                chunk["created"] = json!(0);
+                out.push_str(&format!("data: {chunk}\n\n"));
+            }
+            None if !event.is_empty() => out.push_str(&format!("{event}\n\n")),
+            None => {}
+        }
+    }
+    out
+}
+
+fn cl100k(text: &str) -> usize {
+    tiktoken_rs::cl100k_base_singleton().count_ordinary(text)
+}
+
+// ------------------------------------------------------------------ the tests
+
+#[tokio::test]
+async fn chat_completion_non_streamed_and_streamed() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("Hello", 5))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 5);
+
+    let response = gateway
+        .post(&key, "/v1/chat/completions", &streamed(chat("Hello", 4)))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = sse_data(&response.text().await.unwrap());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        events.len(),
+        7,
+        "role + 4 tokens + finish + [DONE]: {events:?}"
+    );
+}
+
+#[tokio::test]
+async fn completions_embeddings_and_model_list() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+
+    let request = json!({"model": "sim-model", "prompt": "Once upon a time", "max_tokens": 3});
+    let (status, body) = gateway.post_json(&key, "/v1/completions", &request).await;
+    assert_eq!(
+        (status, body["usage"]["completion_tokens"].as_u64()),
+        (200, Some(3)),
+        "{body}"
+    );
+
+    let request = json!({"model": "sim-model", "input": ["a", "b"], "dimensions": 4});
+    let (status, body) = gateway.post_json(&key, "/v1/embeddings", &request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+
+    let models: Value = gateway
+        .client
+        .get(format!("{}/v1/models", gateway.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "sim-model");
+}
+
+#[tokio::test]
+async fn streamed_events_are_identical_direct_and_proxied() {
+    let sim = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "2000"]);
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let mut request = streamed(chat("Identical, please", 12));
+    request["stream_options"] = json!({"include_usage": true});
+
+    let direct = gateway
+        .client
+        .post(format!("{}/v1/chat/completions", sim.url))
+        .json(&request)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let proxied = gateway
+        .post(&key, "/v1/chat/completions", &request)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(normalise_ids(&proxied), normalise_ids(&direct));
+    assert!(proxied.ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test]
+async fn one_mebibyte_prompt_arrives_intact() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    // Far above Pingora's 64 KiB retry buffer; varied so truncation or
+    // reordering would change the count.
+    let prompt: String = (0..250_000).map(|i| format!("w{} ", i % 977)).collect();
+    assert!(prompt.len() > 1024 * 1024);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat(&prompt, 1))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let expected = 3 + 3 + cl100k("user") + cl100k(&prompt);
+    assert_eq!(body["usage"]["prompt_tokens"], expected);
+}
+
+#[tokio::test]
+async fn request_ids_are_echoed_or_generated() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let response = gateway
+        .client
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&key)
+        .header("x-request-id", "client-chosen-id.42")
+        .json(&chat("hi", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "client-chosen-id.42");
+
+    let generated = gateway
+        .post(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    let id = generated.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
+
+    // Errors carry one too, and an invalid one is replaced.
+    let refused = gateway
+        .client
+        .get(format!("{}/v1/models", gateway.url))
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let id = refused.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+}
+
+#[tokio::test]
+async fn client_key_never_reaches_the_backend_and_credential_does() {
+    // The backend demands its own key, as vLLM's --api-key does.
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "0",
+        "--api-key",
+        "sk-backend",
+    ]);
+    let mut with_credential = BackendSpec::new(&sim.url);
+    with_credential.credential = Some("sk-backend");
+    let gateway = Gateway::start(&[with_credential], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Without a credential, the client's key is not passed on either.
+    let plain = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = plain.create_key("acme", &[]);
+    let (status, body) = plain
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(status, 401, "{body}");
+}
+
+#[tokio::test]
+async fn authentication_errors() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let url = format!("{}/v1/chat/completions", gateway.url);
+
+    let missing = gateway
+        .client
+        .post(&url)
+        .json(&chat("hi", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 401);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(error_code(&body), "invalid_api_key");
+    assert_eq!(body["error"]["type"], "authentication_error");
+
+    for bad in [
+        "tg_not_a_real_key",
+        "sk-openai-style",
+        &format!("tg_{}", "A".repeat(40)),
+    ] {
+        let (status, body) = gateway
+            .post_json(bad, "/v1/chat/completions", &chat("hi", 1))
+            .await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (401, "invalid_api_key"),
+            "{bad}"
+        );
+    }
+
+    let expired = gateway.create_key("acme", &["--expires", "1s"]);
+    eventually("the key expires", || async {
+        let (status, body) = gateway
+            .post_json(&expired, "/v1/chat/completions", &chat("hi", 1))
+            .await;
+        status == 401
+            && body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("expired")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn request_errors_name_what_is_wrong() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &["--models", "sim-model"]);
+    let url = format!("{}/v1/chat/completions", gateway.url);
+
+    let response = gateway
+        .client
+        .post(&url)
+        .bearer_auth(&key)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+
+    let cases = [
+        (
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            "model",
+        ),
+        (json!({"model": "sim-model"}), "messages"),
+        (json!({"model": "sim-model", "messages": "x"}), "messages"),
+        (
+            json!({"model": "sim-model", "messages": [{}], "stream": "yes"}),
+            "stream",
+        ),
+        (
+            json!({"model": "sim-model", "messages": [{}], "max_tokens": -3}),
+            "max_tokens",
+        ),
+    ];
+    for (request, param) in cases {
+        let (status, body) = gateway
+            .post_json(&key, "/v1/chat/completions", &request)
+            .await;
+        assert_eq!(
+            (status, body["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{request}"
+        );
+    }
+    let (status, body) = gateway
+        .post_json(&key, "/v1/completions", &json!({"model": "sim-model"}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("prompt"))
+    );
+    let (status, body) = gateway
+        .post_json(&key, "/v1/embeddings", &json!({"model": "sim-model"}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("input"))
+    );
+
+    let mut unknown = chat("hi", 1);
+    unknown["model"] = json!("gpt-unknown");
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &unknown)
+        .await;
+    assert_eq!((status, error_code(&body)), (404, "model_not_found"));
+
+    let wrong_method = gateway
+        .client
+        .get(&url)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    let body: Value = wrong_method.json().await.unwrap();
+    assert_eq!(error_code(&body), "method_not_allowed");
+
+    let nowhere = gateway
+        .client
+        .get(format!("{}/v1/files", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nowhere.status(), 404);
+    let body: Value = nowhere.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+
+    let too_big = "x".repeat(4 * 1024 * 1024 + 1);
+    let response = gateway
+        .client
+        .post(&url)
+        .bearer_auth(&key)
+        .body(too_big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(error_code(&body), "request_too_large");
+}
+
+#[tokio::test]
+async fn key_model_allow_list_limits_models_and_listing() {
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "0",
+        "--model",
+        "other-model",
+    ]);
+    let mut backend = BackendSpec::new(&sim.url);
+    backend.models = r#"["sim-model", "other-model"]"#;
+    let gateway = Gateway::start(&[backend], Options::default()).await;
+    let limited = gateway.create_key("acme", &["--models", "other-model"]);
+
+    let (status, body) = gateway
+        .post_json(&limited, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!((status, error_code(&body)), (404, "model_not_found"));
+    let mut allowed = chat("hi", 1);
+    allowed["model"] = json!("other-model");
+    let (status, _) = gateway
+        .post_json(&limited, "/v1/chat/completions", &allowed)
+        .await;
+    assert_eq!(status, 200);
+
+    let models: Value = gateway
+        .client
+        .get(format!("{}/v1/models", gateway.url))
+        .bearer_auth(&limited)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["other-model"]);
+}
+
+#[tokio::test]
+async fn backend_failures_map_to_502_503_504() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    // Two dead backends: the retry fails too → 502.
+    let gateway = Gateway::start(
+        &[
+            BackendSpec::new(&dead),
+            BackendSpec::new(&dead.replace("127.0.0.1", "127.0.0.2")),
+        ],
+        Options::default(),
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!((status, error_code(&body)), (502, "bad_gateway"), "{body}");
+    drop(gateway);
+
+    // One dead backend: nothing left to retry on → 503.
+    let gateway = Gateway::start(&[BackendSpec::new(&dead)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (503, "no_backend_available"),
+        "{body}"
+    );
+    drop(gateway);
+
+    // A backend slower than read_timeout → 504.
+    let slow = Sim::start(&["--ttft-ms", "5000", "--tokens-per-sec", "0"]);
+    let options = Options {
+        server: "read_timeout = \"300ms\"",
+        ..Options::default()
+    };
+    let gateway = Gateway::start(&[BackendSpec::new(&slow.url)], options).await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (504, "gateway_timeout"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn connect_failure_is_retried_on_another_backend() {
+    let sim = Sim::fast();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&dead), BackendSpec::new(&sim.url)],
+        Options::default(),
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    // Round-robin starts on either backend; every request must succeed.
+    for _ in 0..6 {
+        let (status, body) = gateway
+            .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn backend_dying_mid_stream_ends_with_an_sse_error_event() {
+    let sim = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "20"]);
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let mut response = gateway
+        .post(&key, "/v1/chat/completions", &streamed(chat("hi", 200)))
+        .await;
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.unwrap().unwrap();
+    assert!(
+        std::str::from_utf8(&first)
+            .unwrap()
+            .contains("chat.completion.chunk")
+    );
+    drop(sim); // kill -9 the backend mid-answer
+    let mut rest = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        rest.extend_from_slice(&chunk);
+    }
+    let events = sse_data(&String::from_utf8(rest).unwrap());
+    let last: Value = serde_json::from_str(events.last().expect("an error event")).unwrap();
+    assert_eq!(last["error"]["type"], "server_error", "{last}");
+    assert!(!events.iter().any(|e| e == "[DONE]"));
+}
+
+#[tokio::test]
+async fn five_hundred_concurrent_streams_complete() {
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "5",
+        "--tokens-per-sec",
+        "200",
+        "--max-concurrency",
+        "512",
+    ]);
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let streams: Vec<_> = (0..500)
+        .map(|i| {
+            let client = gateway.client.clone();
+            let url = format!("{}/v1/chat/completions", gateway.url);
+            let key = key.clone();
+            tokio::spawn(async move {
+                let request = streamed(chat(&format!("stream {i}"), 10));
+                let body = client
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&request)
+                    .send()
+                    .await?
+                    .text()
+                    .await?;
+                Ok::<_, reqwest::Error>(body)
+            })
+        })
+        .collect();
+    for stream in streams {
+        let body = stream.await.unwrap().unwrap();
+        let events = sse_data(&body);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let tokens = events
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .filter(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty())
+            })
+            .count();
+        assert_eq!(tokens, 10);
+    }
+}
+
+#[tokio::test]
+async fn revoked_key_is_refused_within_five_seconds_through_redis() {
+    let sim = Sim::fast();
+    // A long cache TTL: only the Redis fan-out can make the revocation land in time.
+    let options = Options {
+        redis: true,
+        keys: "cache_ttl = \"10m\"",
+        ..Options::default()
+    };
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], options).await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, _) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(status, 200); // now cached
+
+    let revoke = gateway
+        .cli(&["keys", "revoke", &key])
+        .env("REDIS_URL", redis_url())
+        .output()
+        .unwrap();
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    let revoked_at = tokio::time::Instant::now();
+    eventually("the revoked key is refused", || async {
+        let (status, body) = gateway
+            .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+            .await;
+        status == 401
+            && body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("revoked")
+    })
+    .await;
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        revoked_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn revoked_key_is_refused_after_the_cache_ttl_without_redis() {
+    let sim = Sim::fast();
+    let options = Options {
+        keys: "cache_ttl = \"1s\"",
+        ..Options::default()
+    };
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], options).await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, _) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(status, 200);
+    // Revoke by the display prefix that `keys list` shows.
+    let prefix = &key[..11];
+    let list = gateway
+        .cli(&["keys", "list", "--account", "acme"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8(list.stdout).unwrap().contains(prefix));
+    assert!(
+        gateway
+            .cli(&["keys", "revoke", prefix])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let revoked_at = tokio::time::Instant::now();
+    eventually("the revoked key is refused", || async {
+        gateway
+            .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+            .await
+            .0
+            == 401
+    })
+    .await;
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        revoked_at.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn admin_api_manages_keys_and_accounts() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let admin = |method: reqwest::Method, path: &str| {
+        gateway
+            .client
+            .request(method, format!("{}{path}", gateway.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    let unauthorized = gateway
+        .client
+        .get(format!("{}/admin/keys", gateway.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+
+    let account = admin(reqwest::Method::POST, "/admin/accounts")
+        .json(&json!({"name": "globex", "tier": "free"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(account.status(), 201);
+    let bad_tier = admin(reqwest::Method::POST, "/admin/accounts")
+        .json(&json!({"name": "x", "tier": "platinum"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_tier.status(), 400);
+
+    let created: Value = admin(reqwest::Method::POST, "/admin/keys")
+        .json(&json!({"account": "globex", "tier": "free", "name": "ci"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = created["key"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("tg_"));
+    let (status, _) = gateway
+        .post_json(&secret, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(status, 200);
+
+    let listed: Value = admin(reqwest::Method::GET, "/admin/keys?account=globex")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listing = listed.to_string();
+    assert!(listing.contains(created["prefix"].as_str().unwrap()));
+    assert!(!listing.contains(&secret), "listings never show secrets");
+    let accounts: Value = admin(reqwest::Method::GET, "/admin/accounts")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(accounts["data"][0]["name"], "globex");
+
+    let id = created["id"].as_str().unwrap();
+    let revoked = admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    // The admin API revokes in this instance's cache at once.
+    let (status, _) = gateway
+        .post_json(&secret, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn keys_are_stored_hashed_only() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let (client, connection) = tokio_postgres::connect(&gateway.db.url, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let rows = client
+        .query("SELECT hash, display_prefix FROM api_keys", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let hash: Vec<u8> = rows[0].get(0);
+    assert_eq!(hash.len(), 32);
+    let dump = client
+        .query("SELECT row_to_json(k)::text FROM api_keys k", &[])
+        .await
+        .unwrap();
+    let text: String = dump[0].get(0);
+    assert!(!text.contains(&key[3..]), "the secret must not be stored");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let healthz = gateway
+        .client
+        .get(format!("{}/healthz", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthz.status(), 200);
+    let readyz: Value = gateway
+        .client
+        .get(format!("{}/readyz", gateway.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readyz, json!({"postgres": true, "backends": true}));
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_in_flight_stream() {
+    // 20 tokens at 20/s: about a second of streaming after SIGTERM.
+    let sim = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "20"]);
+    let mut gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let mut response = gateway
+        .post(&key, "/v1/chat/completions", &streamed(chat("hi", 20)))
+        .await;
+    let mut body = response.chunk().await.unwrap().unwrap().to_vec();
+    gateway.sigterm();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    let events = sse_data(&String::from_utf8(body).unwrap());
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream finished"
+    );
+    assert!(gateway.wait_exit().success());
+    // Nothing new is accepted once draining has ended.
+    assert!(
+        gateway
+            .client
+            .get(format!("{}/healthz", gateway.url))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+/// The official SDKs, as users run them. scripts/test.sh installs them: the
+/// Python one in target/sdk-venv, the Node one in proxy/tests/sdk/node_modules.
+#[tokio::test]
+async fn official_openai_sdks_work_unchanged() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let sdk_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk");
+    let python = std::env::var("TOLLGATE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sdk-venv/bin/python")
+        });
+    let runs = [
+        (python, sdk_dir.join("openai_python.py")),
+        (PathBuf::from("node"), sdk_dir.join("openai_node.mjs")),
+    ];
+    for (interpreter, script) in runs {
+        let output = Command::new(&interpreter)
+            .arg(&script)
+            .env("TOLLGATE_BASE_URL", &gateway.url)
+            .env("TOLLGATE_KEY", &key)
+            .env("TOLLGATE_MODEL", "sim-model")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} not runnable ({e}): run scripts/test.sh, which installs the SDKs",
+                    interpreter.display()
+                )
+            });
+        assert!(
+            output.status.success(),
+            "{}:\n{}\n{}",
+            script.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

@@ -1,0 +1,54 @@
+// The official openai Node SDK against Tollgate, as a user would call it.
+// Run by proxy/tests/gateway.rs with TOLLGATE_BASE_URL, TOLLGATE_KEY and
+// TOLLGATE_MODEL set; exits non-zero on the first mismatch.
+
+import assert from "node:assert/strict";
+import OpenAI from "openai";
+
+const baseURL = `${process.env.TOLLGATE_BASE_URL}/v1`;
+const model = process.env.TOLLGATE_MODEL;
+const client = new OpenAI({ baseURL, apiKey: process.env.TOLLGATE_KEY, maxRetries: 0 });
+
+const ids = [];
+for await (const m of client.models.list()) ids.push(m.id);
+assert.ok(ids.includes(model), ids.join(","));
+
+const chat = await client.chat.completions.create({
+  model,
+  messages: [{ role: "user", content: "Hello" }],
+  max_tokens: 5,
+});
+assert.ok(chat.choices[0].message.content);
+assert.equal(chat.usage.completion_tokens, 5);
+
+const pieces = [];
+let usage = null;
+const stream = await client.chat.completions.create({
+  model,
+  messages: [{ role: "user", content: "Hello" }],
+  max_tokens: 6,
+  stream: true,
+  stream_options: { include_usage: true },
+});
+for await (const chunk of stream) {
+  const content = chunk.choices[0]?.delta?.content;
+  if (content) pieces.push(content);
+  if (chunk.usage) usage = chunk.usage;
+}
+assert.equal(pieces.length, 6);
+assert.equal(usage?.completion_tokens, 6);
+
+const embeddings = await client.embeddings.create({ model, input: ["first", "second"] });
+assert.equal(embeddings.data.length, 2);
+assert.ok(embeddings.data[0].embedding.length > 0);
+
+await assert.rejects(
+  new OpenAI({ baseURL, apiKey: "tg_wrong", maxRetries: 0 }).models.list(),
+  (e) => e.status === 401 && e.code === "invalid_api_key",
+);
+await assert.rejects(
+  client.chat.completions.create({ model: "no-such-model", messages: [{ role: "user", content: "x" }] }),
+  (e) => e.status === 404 && e.code === "model_not_found",
+);
+
+console.log("node sdk ok");

@@ -1,0 +1,69 @@
+"""The official openai Python SDK against Tollgate, as a user would call it.
+
+Run by proxy/tests/gateway.rs with TOLLGATE_BASE_URL, TOLLGATE_KEY and
+TOLLGATE_MODEL set; exits non-zero on the first mismatch.
+"""
+
+import os
+
+import openai
+from openai import OpenAI
+
+base_url = os.environ["TOLLGATE_BASE_URL"] + "/v1"
+model = os.environ["TOLLGATE_MODEL"]
+client = OpenAI(base_url=base_url, api_key=os.environ["TOLLGATE_KEY"], max_retries=0)
+
+ids = [m.id for m in client.models.list()]
+assert model in ids, ids
+
+chat = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=5
+)
+assert chat.choices[0].message.content, chat
+assert chat.usage.completion_tokens == 5, chat.usage
+
+raw = client.chat.completions.with_raw_response.create(
+    model=model,
+    messages=[{"role": "user", "content": "Hello"}],
+    max_tokens=2,
+    extra_headers={"x-request-id": "sdk-python-1"},
+)
+assert raw.headers["x-request-id"] == "sdk-python-1", raw.headers
+
+pieces, usage = [], None
+stream = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Hello"}],
+    max_tokens=6,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        pieces.append(chunk.choices[0].delta.content)
+    if chunk.usage:
+        usage = chunk.usage
+assert len(pieces) == 6, pieces
+assert usage is not None and usage.completion_tokens == 6, usage
+
+completion = client.completions.create(model=model, prompt="Once upon", max_tokens=3)
+assert completion.usage.completion_tokens == 3, completion
+
+embeddings = client.embeddings.create(model=model, input=["first", "second"])
+assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) > 0, embeddings
+
+try:
+    OpenAI(base_url=base_url, api_key="tg_wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401 and e.code == "invalid_api_key", e
+
+try:
+    client.chat.completions.create(
+        model="no-such-model", messages=[{"role": "user", "content": "x"}]
+    )
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError as e:
+    assert e.code == "model_not_found", e
+
+print("python sdk ok")
