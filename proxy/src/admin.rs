@@ -58,6 +58,9 @@ impl From<KeyAdminError> for ApiError {
             KeyAdminError::InvalidModels(_) => {
                 ApiError::bad_request(error.to_string(), Some("models"))
             }
+            KeyAdminError::InvalidAccountName => {
+                ApiError::bad_request(error.to_string(), Some("account"))
+            }
             KeyAdminError::Store(StoreError::NotFound(message)) => ApiError::NotFound(message),
             KeyAdminError::Store(StoreError::Conflict(message)) => ApiError::Conflict(message),
             KeyAdminError::Store(StoreError::Pool(_) | StoreError::Db(_)) => {

@@ -22,6 +22,8 @@ pub enum KeyAdminError {
     UnknownTier { tier: String, known: String },
     #[error("invalid model list: {0}")]
     InvalidModels(String),
+    #[error("account names are 1-128 characters with no control characters or surrounding spaces")]
+    InvalidAccountName,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -53,6 +55,17 @@ impl KeyAdmin {
         }
     }
 
+    fn check_account_name(name: &str) -> Result<(), KeyAdminError> {
+        let valid = (1..=128).contains(&name.chars().count())
+            && name.trim() == name
+            && !name.chars().any(char::is_control);
+        if valid {
+            Ok(())
+        } else {
+            Err(KeyAdminError::InvalidAccountName)
+        }
+    }
+
     fn check_tier(&self, tier: &str) -> Result<(), KeyAdminError> {
         if self.tiers.iter().any(|t| t == tier) {
             Ok(())
@@ -65,6 +78,7 @@ impl KeyAdmin {
     }
 
     pub async fn create_key(&self, request: NewKeyRequest) -> Result<CreatedKey, KeyAdminError> {
+        Self::check_account_name(&request.account)?;
         self.check_tier(&request.tier)?;
         if let Some(models) = &request.models
             && (models.is_empty() || models.iter().any(|m| m.trim().is_empty()))
@@ -103,6 +117,7 @@ impl KeyAdmin {
     }
 
     pub async fn create_account(&self, name: &str, tier: &str) -> Result<Account, KeyAdminError> {
+        Self::check_account_name(name)?;
         self.check_tier(tier)?;
         Ok(self.store.create_account(name, tier).await?)
     }

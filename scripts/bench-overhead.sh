@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Tollgate's added latency and sustainable rate, against two baselines measured
+# in the same run: gpu-sim directly, and a bare Pingora passthrough with no
+# features (proxy/examples/passthrough.rs: the stack's own limit).
+#
+# Every process runs one worker thread (Tollgate's default WORKERS=1); gpu-sim
+# answers at once with 16 tokens. loadgen drives open-loop load:
+#  1. at fixed rates, `loadgen --compare direct X` with ROUNDS alternating
+#     rounds: added latency p50/p99 of the passthrough and of Tollgate;
+#  2. a rate ladder: the highest rate each target sustains with p99 < 10 ms,
+#     no errors and no dropped requests (median p99 of LADDER_RUNS runs).
+# Prints Markdown for BENCHMARKS.md; raw loadgen JSON goes to target/bench/.
+#
+#   scripts/bench-overhead.sh
+#   RATES="500 1000" ROUNDS=3 DURATION=5 scripts/bench-overhead.sh
+
+source "$(dirname "$0")/lib.sh"
+provision
+cd "$ROOT"
+RATES="${RATES:-500 1000 2000}"
+ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-5}"
+LADDER="${LADDER:-1000 2000 4000 6000 8000 10000 12000 14000 16000 20000}"
+LADDER_RUNS="${LADDER_RUNS:-3}"
+OUT="$ROOT/target/bench"
+mkdir -p "$OUT"
+
+cargo build --release --locked --bins --example passthrough >&2
+BIN="$ROOT/target/release"
+
+SIM_PORT=18301 PASS_PORT=18302 TG_PORT=18303
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    wait 2>/dev/null
+    [ -n "${DB:-}" ] && psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+    rm -f "$OUT/tollgate.toml"
+}
+trap cleanup EXIT
+
+"$BIN/gpu-sim" --listen "127.0.0.1:$SIM_PORT" --ttft-ms 0 --tokens-per-sec 0 \
+    --output-tokens 16 --threads 1 --max-concurrency 4096 >/dev/null &
+PIDS+=($!)
+"$BIN/examples/passthrough" "127.0.0.1:$PASS_PORT" "127.0.0.1:$SIM_PORT" 1 2>/dev/null &
+PIDS+=($!)
+
+DB="tollgate_bench_$$"
+psql "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
+cat >"$OUT/tollgate.toml" <<TOML
+[server]
+listen = "127.0.0.1:$TG_PORT"
+admin_listen = "127.0.0.1:18304"
+metrics_listen = "127.0.0.1:18305"
+workers = 1
+[database]
+url = "${DATABASE_URL%/*}/$DB"
+[[tiers]]
+name = "pro"
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:$SIM_PORT"
+models = ["sim-model"]
+max_concurrency = 4096
+TOML
+TG=("$BIN/tollgate" --config "$OUT/tollgate.toml")
+env -u DATABASE_URL "${TG[@]}" migrate >/dev/null
+KEY="$(env -u DATABASE_URL "${TG[@]}" keys create --account bench --tier pro | tail -1)"
+# Per-request access logs off: the benchmark measures the request path.
+env -u DATABASE_URL -u REDIS_URL LOG_LEVEL=warn "${TG[@]}" serve 2>"$OUT/tollgate.log" &
+PIDS+=($!)
+for port in $SIM_PORT $PASS_PORT $TG_PORT; do
+    wait_listening 127.0.0.1 "$port" 30 || die "nothing listening on $port"
+done
+
+DIRECT="http://127.0.0.1:$SIM_PORT" PASS="http://127.0.0.1:$PASS_PORT" TOLLGATE="http://127.0.0.1:$TG_PORT"
+# Warm up each target (connections, Tollgate's key cache).
+for url in $DIRECT $PASS $TOLLGATE; do
+    "$BIN/loadgen" --url "$url" --key "$KEY" --rate 200 --duration 1 >/dev/null
+done
+
+# field FILE EXPR : a value from a loadgen JSON report.
+field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }
+
+echo "### Added latency at fixed rates"
+echo
+echo "Median of $ROUNDS alternating rounds of ${DURATION}s; latency in ms; added = target − direct."
+echo
+echo "| mode | rate | direct p50 / p99 | passthrough p50 / p99 | Tollgate p50 / p99 | passthrough adds p50 / p99 | Tollgate adds p50 / p99 |"
+echo "|---|---|---|---|---|---|---|"
+for mode in plain stream; do
+    flags=()
+    [ "$mode" = stream ] && flags=(--stream)
+    for rate in $RATES; do
+        for target in pass tollgate; do
+            url=$PASS; [ $target = tollgate ] && url=$TOLLGATE
+            "$BIN/loadgen" --compare "$DIRECT" "$url" --key "$KEY" --rate "$rate" \
+                --duration "$DURATION" --rounds "$ROUNDS" "${flags[@]}" \
+                --json "$OUT/compare-$mode-$rate-$target.json" >/dev/null
+        done
+        p=$OUT/compare-$mode-$rate-pass.json t=$OUT/compare-$mode-$rate-tollgate.json
+        lat='"%.3f / %.3f" % (d["a"]["median"]["latency_ms"]["p50"], d["a"]["median"]["latency_ms"]["p99"])'
+        latb='"%.3f / %.3f" % (d["b"]["median"]["latency_ms"]["p50"], d["b"]["median"]["latency_ms"]["p99"])'
+        add='"%+.3f / %+.3f" % (d["added_latency_ms"]["p50"], d["added_latency_ms"]["p99"])'
+        echo "| $mode | $rate | $(field "$t" "$lat") | $(field "$p" "$latb") | $(field "$t" "$latb") | $(field "$p" "$add") | $(field "$t" "$add") |"
+    done
+done
+
+# sustains URL RATE FLAGS... : prints the median p99 if the target sustains
+# RATE (no errors, no drops, p99 < 10 ms in the median run), else nothing.
+sustains() {
+    local url=$1 rate=$2; shift 2
+    local p99s=() ok=1
+    for run in $(seq "$LADDER_RUNS"); do
+        local json="$OUT/ladder-$(basename "$url")-$rate-$run.json"
+        "$BIN/loadgen" --url "$url" --key "$KEY" --rate "$rate" --duration "$DURATION" "$@" \
+            --json "$json" >/dev/null || true
+        local bad
+        bad=$(field "$json" 'd["report"]["requests"]["errors"] + d["report"]["requests"]["dropped"]')
+        [ "$bad" = 0 ] || ok=0
+        p99s+=("$(field "$json" '(d["report"]["latency_ms"] or {}).get("p99", 1e9)')")
+    done
+    local p99
+    p99=$(printf '%s\n' "${p99s[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    if [ $ok = 1 ] && awk -v p="$p99" 'BEGIN {exit !(p < 10)}'; then echo "$p99"; fi
+}
+
+echo
+echo "### Highest rate sustained with p99 < 10 ms"
+echo
+echo "Ladder: $LADDER req/s, ${DURATION}s per step, median p99 of $LADDER_RUNS runs; a step fails on any error or dropped request."
+echo
+echo "| mode | direct | passthrough | Tollgate | Tollgate / passthrough |"
+echo "|---|---|---|---|---|"
+for mode in plain stream; do
+    flags=()
+    [ "$mode" = stream ] && flags=(--stream)
+    best=()
+    for url in $DIRECT $PASS $TOLLGATE; do
+        top=0
+        for rate in $LADDER; do
+            if [ -n "$(sustains "$url" "$rate" "${flags[@]}")" ]; then top=$rate; else break; fi
+        done
+        best+=("$top")
+    done
+    ratio=$(awk -v t="${best[2]}" -v p="${best[1]}" 'BEGIN {if (p > 0) printf "%.2f", t / p; else print "n/a"}')
+    highest=${LADDER##* }
+    shown=()
+    for top in "${best[@]}"; do
+        if [ "$top" = "$highest" ]; then shown+=("≥ $top"); else shown+=("$top"); fi
+    done
+    echo "| $mode | ${shown[0]} | ${shown[1]} | ${shown[2]} | $ratio |"
+done
