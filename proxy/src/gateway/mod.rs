@@ -40,6 +40,9 @@ use crate::keys::cache::KeyCache;
 pub const REQUEST_ID: &str = "x-request-id";
 /// Pingora error type for "no backend serves this model".
 const NO_BACKEND: &str = "no_backend";
+/// How long a refused upload is read and dropped before the connection closes
+/// (nginx's `lingering_time` plays this role there).
+const UPLOAD_DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `/readyz` waits for Postgres before calling it unreachable.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -188,6 +191,27 @@ async fn respond_json(
     Ok(())
 }
 
+/// Reads and drops the rest of a refused upload, for a bounded time. A client
+/// still sending when the connection closes gets a broken pipe instead of our
+/// 413; like nginx's lingering close, this lets it finish and read the answer.
+async fn discard_upload(session: &mut Session) {
+    let headers = &session.req_header().headers;
+    // A client that asked `Expect: 100-continue` for a body declared too large
+    // never got the 100, so it is not sending: nothing to wait for.
+    let withheld = headers.contains_key(header::CONTENT_LENGTH)
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let drained = !withheld
+        && matches!(
+            tokio::time::timeout(UPLOAD_DISCARD_TIMEOUT, session.drain_request_body()).await,
+            Ok(Ok(()))
+        );
+    if !drained {
+        session.set_keepalive(None);
+    }
+}
+
 /// The OpenAI error for a proxying failure; `None` when the client is gone.
 fn classify(error: &Error, ctx: &RequestContext) -> Option<ApiError> {
     if matches!(error.esource(), ErrorSource::Downstream) {
@@ -228,6 +252,9 @@ impl ProxyHttp for Gateway {
             Ok(()) => Ok(false),
             Err(Stop::Refuse(error)) => {
                 respond_json(session, error.status(), error.body(), &ctx.request_id).await?;
+                if let ApiError::BodyTooLarge { .. } = error {
+                    discard_upload(session).await;
+                }
                 Ok(true)
             }
             Err(Stop::Answer(status, body)) => {
