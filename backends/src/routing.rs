@@ -44,25 +44,32 @@ pub type BackendId = usize;
 
 pub trait UpstreamSelector: Send + Sync {
     /// A backend serving `model`, other than those in `tried`; `None` when
-    /// there is none left.
+    /// none is left or every one left is known to be down.
     fn select(&self, model: &str, tried: &[BackendId]) -> Option<(BackendId, &Backend)>;
 
     /// The connection to `backend` failed before any byte was sent.
     fn connect_failed(&self, backend: BackendId);
 
     /// Whether any configured backend serves `model`.
-    fn serves(&self, model: &str) -> bool;
+    fn serves(&self, model: &str) -> bool {
+        self.candidates(model) > 0
+    }
+
+    /// How many backends serve `model`.
+    fn candidates(&self, model: &str) -> usize;
 
     fn backends(&self) -> &[Backend];
 }
 
 /// Round-robin over the backends serving a model, passing over those whose
-/// connection failed within the last `penalty`. When every candidate failed
-/// recently, they are tried anyway: a brief outage must not become a long one.
+/// connection failed within the last `penalty`: while every candidate is known
+/// down, requests are refused at once (503) instead of piling onto dead
+/// connections, and the first request after the penalty tries again.
 pub struct RoundRobin {
     backends: Vec<Backend>,
-    by_model: HashMap<String, Vec<BackendId>>,
-    next: AtomicUsize,
+    /// Per model: the backends serving it, and the rotation's next position
+    /// (per model, so alternating models do not pin each to one backend).
+    by_model: HashMap<String, (Vec<BackendId>, AtomicUsize)>,
     /// Per backend: milliseconds since `epoch` until which it is passed over.
     failed_until: Vec<AtomicU64>,
     epoch: Instant,
@@ -75,17 +82,16 @@ impl RoundRobin {
     pub const DEFAULT_PENALTY: Duration = Duration::from_secs(5);
 
     pub fn new(backends: Vec<Backend>, penalty: Duration) -> Self {
-        let mut by_model: HashMap<String, Vec<BackendId>> = HashMap::new();
+        let mut by_model: HashMap<String, (Vec<BackendId>, AtomicUsize)> = HashMap::new();
         for (id, backend) in backends.iter().enumerate() {
             for model in &backend.models {
-                by_model.entry(model.clone()).or_default().push(id);
+                by_model.entry(model.clone()).or_default().0.push(id);
             }
         }
         Self {
             failed_until: backends.iter().map(|_| AtomicU64::new(0)).collect(),
             backends,
             by_model,
-            next: AtomicUsize::new(0),
             epoch: Instant::now(),
             penalty,
         }
@@ -102,20 +108,13 @@ impl RoundRobin {
 
 impl UpstreamSelector for RoundRobin {
     fn select(&self, model: &str, tried: &[BackendId]) -> Option<(BackendId, &Backend)> {
-        let candidates = self.by_model.get(model)?;
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let (candidates, next) = self.by_model.get(model)?;
+        let start = next.fetch_add(1, Ordering::Relaxed);
         let now_ms = self.now_ms();
-        let untried = (0..candidates.len())
+        (0..candidates.len())
             .map(|i| candidates[(start + i) % candidates.len()])
-            .filter(|id| !tried.contains(id));
-        let mut fallback = None;
-        for id in untried {
-            if !self.recently_failed(id, now_ms) {
-                return Some((id, &self.backends[id]));
-            }
-            fallback.get_or_insert(id);
-        }
-        fallback.map(|id| (id, &self.backends[id]))
+            .find(|id| !tried.contains(id) && !self.recently_failed(*id, now_ms))
+            .map(|id| (id, &self.backends[id]))
     }
 
     fn connect_failed(&self, backend: BackendId) {
@@ -125,8 +124,8 @@ impl UpstreamSelector for RoundRobin {
         }
     }
 
-    fn serves(&self, model: &str) -> bool {
-        self.by_model.contains_key(model)
+    fn candidates(&self, model: &str) -> usize {
+        self.by_model.get(model).map_or(0, |(ids, _)| ids.len())
     }
 
     fn backends(&self) -> &[Backend] {
@@ -136,6 +135,7 @@ impl UpstreamSelector for RoundRobin {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn backend(name: &str, models: &[&str]) -> Backend {
@@ -176,8 +176,8 @@ mod tests {
             vec![backend("a", &["m"]), backend("b", &["m"])],
             RoundRobin::DEFAULT_PENALTY,
         );
-        let (first, _) = rr.select("m", &[]).unwrap_or((9, &rr.backends[0]));
-        let (second, _) = rr.select("m", &[first]).unwrap_or((first, &rr.backends[0]));
+        let (first, _) = rr.select("m", &[]).unwrap();
+        let (second, _) = rr.select("m", &[first]).unwrap();
         assert_ne!(first, second);
         assert_eq!(rr.select("m", &[0, 1]).map(|(id, _)| id), None);
     }
@@ -202,10 +202,25 @@ mod tests {
     }
 
     #[test]
-    fn all_failed_still_tries_rather_than_refusing() {
+    fn alternating_models_rotate_independently() {
+        // Regression: one shared counter pinned model m to "a" and n to "b".
+        let rr = RoundRobin::new(
+            vec![backend("a", &["m", "n"]), backend("b", &["m", "n"])],
+            RoundRobin::DEFAULT_PENALTY,
+        );
+        let picks: Vec<_> = (0..4)
+            .flat_map(|_| [pick(&rr, "m", &[]), pick(&rr, "n", &[])])
+            .flatten()
+            .collect();
+        assert_eq!(picks, ["a", "a", "b", "b", "a", "a", "b", "b"]);
+    }
+
+    #[test]
+    fn nothing_is_picked_while_every_backend_is_known_down() {
         let rr = RoundRobin::new(vec![backend("a", &["m"])], RoundRobin::DEFAULT_PENALTY);
         rr.connect_failed(0);
-        assert_eq!(pick(&rr, "m", &[]).as_deref(), Some("a"));
+        assert_eq!(pick(&rr, "m", &[]), None);
+        assert_eq!(rr.candidates("m"), 1);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{Secret, parse_duration};
@@ -63,9 +64,9 @@ impl From<KeyAdminError> for ApiError {
             }
             KeyAdminError::Store(StoreError::NotFound(message)) => ApiError::NotFound(message),
             KeyAdminError::Store(StoreError::Conflict(message)) => ApiError::Conflict(message),
-            KeyAdminError::Store(StoreError::Pool(_) | StoreError::Db(_)) => {
+            KeyAdminError::Store(StoreError::Pool(_) | StoreError::Db(_) | StoreError::Timeout) => {
                 tracing::error!("admin API: {error}");
-                ApiError::AuthUnavailable
+                ApiError::DatabaseUnavailable
             }
         }
     }
@@ -81,9 +82,13 @@ impl AdminApi {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        presented.as_bytes().ct_eq(token.expose().as_bytes()).into()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
+        // Digests compare in constant time whatever the lengths: no length leak.
+        let presented = Sha256::digest(presented.as_bytes());
+        let expected = Sha256::digest(token.expose().as_bytes());
+        presented.ct_eq(&expected).into()
     }
 
     async fn handle(&self, session: &mut ServerSession) -> Result<(StatusCode, Value), ApiError> {
@@ -123,10 +128,10 @@ impl AdminApi {
                 Ok((StatusCode::CREATED, listing))
             }
             (&Method::GET, "/admin/keys") => {
-                let account = uri.query().and_then(|q| {
-                    q.split('&')
-                        .find_map(|pair| pair.strip_prefix("account="))
-                        .map(str::to_owned)
+                let account = uri.query().and_then(|query| {
+                    form_urlencoded::parse(query.as_bytes())
+                        .find(|(name, _)| name == "account")
+                        .map(|(_, value)| value.into_owned())
                 });
                 let keys = self.keys.list_keys(account.as_deref()).await?;
                 Ok((StatusCode::OK, json!({"object": "list", "data": keys})))
@@ -152,6 +157,7 @@ impl AdminApi {
                 Ok((StatusCode::OK, json!({"object": "list", "data": accounts})))
             }
             (_, "/admin/keys" | "/admin/accounts") => Err(ApiError::MethodNotAllowed {
+                allow: "GET, POST",
                 method: method.to_string(),
                 path: path.to_owned(),
             }),

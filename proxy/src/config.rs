@@ -54,7 +54,7 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 
 // ---------------------------------------------------------------- raw (as written)
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
@@ -73,7 +73,7 @@ pub struct RawConfig {
     backends: Vec<RawBackend>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
@@ -86,7 +86,7 @@ struct RawServer {
     read_timeout: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDatabase {
     url: Option<String>,
@@ -96,19 +96,19 @@ struct RawDatabase {
     max_idle_time: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     token: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKeys {
     cache_ttl: Option<String>,
@@ -116,13 +116,13 @@ struct RawKeys {
     cache_capacity: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
     name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBackend {
     name: String,
@@ -406,10 +406,6 @@ impl Config {
         })
     }
 
-    pub fn tier(&self, name: &str) -> Option<&TierConfig> {
-        self.tiers.iter().find(|t| t.name == name)
-    }
-
     /// Every model some backend serves, in config order, without repeats.
     pub fn models(&self) -> Vec<&str> {
         let mut seen = HashSet::new();
@@ -477,6 +473,14 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
         };
         let (tls, host, address) =
             parse_backend_url(&b.url).map_err(|problem| invalid(key("url"), problem))?;
+        if let Some(credential) = &b.credential
+            && (credential.is_empty() || !credential.bytes().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                key("credential"),
+                "must be printable ASCII with no spaces (it is sent in a header)",
+            ));
+        }
         if b.models.is_empty() || b.models.iter().any(|m| m.trim().is_empty()) {
             return Err(invalid(
                 key("models"),

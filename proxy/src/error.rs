@@ -25,7 +25,12 @@ pub enum ApiError {
     #[error("Unknown request URL: {method} {path}.")]
     UnknownRoute { method: String, path: String },
     #[error("Method {method} is not allowed on {path}.")]
-    MethodNotAllowed { method: String, path: String },
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        /// The `Allow` header's value.
+        allow: &'static str,
+    },
     #[error("Request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
     #[error("The backend refused or dropped the connection.")]
@@ -36,6 +41,8 @@ pub enum ApiError {
     GatewayTimeout { phase: &'static str },
     #[error("Authentication is temporarily unavailable; retry shortly.")]
     AuthUnavailable,
+    #[error("The database is temporarily unavailable; retry shortly.")]
+    DatabaseUnavailable,
     #[error("Admin token missing or invalid.")]
     AdminUnauthorized,
     #[error("{0}")]
@@ -65,7 +72,7 @@ impl ApiError {
             Self::Conflict(_) => 409,
             Self::BodyTooLarge { .. } => 413,
             Self::BadGateway => 502,
-            Self::NoBackend(_) | Self::AuthUnavailable => 503,
+            Self::NoBackend(_) | Self::AuthUnavailable | Self::DatabaseUnavailable => 503,
             Self::GatewayTimeout { .. } => 504,
         }
     }
@@ -88,7 +95,8 @@ impl ApiError {
             Self::BadGateway
             | Self::NoBackend(_)
             | Self::GatewayTimeout { .. }
-            | Self::AuthUnavailable => "server_error",
+            | Self::AuthUnavailable
+            | Self::DatabaseUnavailable => "server_error",
         }
     }
 
@@ -108,6 +116,7 @@ impl ApiError {
             Self::NoBackend(_) => Some("no_backend_available"),
             Self::GatewayTimeout { .. } => Some("gateway_timeout"),
             Self::AuthUnavailable => Some("auth_unavailable"),
+            Self::DatabaseUnavailable => Some("database_unavailable"),
             Self::BadRequest { .. } | Self::Conflict(_) | Self::NotFound(_) => None,
         }
     }
@@ -116,7 +125,20 @@ impl ApiError {
         match self {
             Self::BadRequest { param, .. } => *param,
             Self::ModelNotFound(_) | Self::NoBackend(_) => Some("model"),
-            _ => None,
+            Self::MissingKey
+            | Self::InvalidKey
+            | Self::RevokedKey
+            | Self::ExpiredKey
+            | Self::UnknownRoute { .. }
+            | Self::MethodNotAllowed { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::BadGateway
+            | Self::GatewayTimeout { .. }
+            | Self::AuthUnavailable
+            | Self::DatabaseUnavailable
+            | Self::AdminUnauthorized
+            | Self::Conflict(_)
+            | Self::NotFound(_) => None,
         }
     }
 

@@ -35,32 +35,30 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), &ProcessEnv)?;
-    if let Command::Serve = cli.command {
-        return server::serve(config);
+    match cli.command {
+        // `serve` runs Pingora's own runtimes; the other commands need a small one.
+        Command::Serve => server::serve(config),
+        Command::Migrate => block_on(migrate(&config)),
+        Command::Keys(command) => block_on(keys(&config, command)),
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        match cli.command {
-            Command::Serve => unreachable_serve(),
-            Command::Migrate => {
-                let applied = db::migrate(&config.database).await?;
-                if applied.is_empty() {
-                    println!("database is up to date");
-                }
-                for migration in applied {
-                    println!("applied {migration}");
-                }
-                Ok(())
-            }
-            Command::Keys(command) => keys(&config, command).await,
-        }
-    })
 }
 
-fn unreachable_serve() -> anyhow::Result<()> {
-    anyhow::bail!("serve runs on its own server, not here")
+fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(task)
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let applied = db::migrate(&config.database).await?;
+    if applied.is_empty() {
+        println!("database is up to date");
+    }
+    for migration in applied {
+        println!("applied {migration}");
+    }
+    Ok(())
 }
 
 async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 
 use std::process;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,7 +32,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let conf = ServerConf {
         threads: config.server.workers,
         // The drain's upper bound; `Drainer` exits sooner once idle.
-        grace_period_seconds: Some(config.server.drain_timeout.as_secs()),
+        // Whole seconds here: round up, so Pingora never cuts a drain short.
+        grace_period_seconds: Some(config.server.drain_timeout.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN.as_secs()),
         ..ServerConf::default()
     };
@@ -55,6 +57,10 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         })
         .collect();
     let in_flight = Arc::new(InFlight::default());
+    let revocation_fanout = config
+        .redis_url
+        .as_ref()
+        .map(|_| Arc::new(AtomicBool::new(false)));
 
     let gateway = Gateway {
         keys: cache.clone(),
@@ -64,6 +70,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         max_body_bytes: config.server.max_body_bytes,
         timeouts: config.server.timeouts,
         models: config.models().into_iter().map(str::to_owned).collect(),
+        revocation_fanout: revocation_fanout.clone(),
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());
@@ -89,12 +96,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             max_lifetime: config.database.max_lifetime,
         },
     ));
-    if let Some(url) = &config.redis_url {
+    if let (Some(url), Some(subscribed)) = (&config.redis_url, revocation_fanout) {
         server.add_service(background_service(
             "key revocation listener",
             RevocationListener {
                 redis_url: url.expose().to_owned(),
                 cache,
+                subscribed,
             },
         ));
     }

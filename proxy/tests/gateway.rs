@@ -187,7 +187,8 @@ impl BackendSpec {
 
 #[derive(Default)]
 struct Options {
-    redis: bool,
+    /// Redis for the revocation fan-out.
+    redis: Option<String>,
     /// Extra `[server]` lines, e.g. `read_timeout = "1s"`.
     server: &'static str,
     /// Extra `[keys]` lines.
@@ -240,8 +241,8 @@ impl Gateway {
             String::from_utf8_lossy(&migrated.stderr)
         );
         let mut serve = gateway.cli(&["serve"]);
-        if options.redis {
-            serve.env("REDIS_URL", redis_url());
+        if let Some(url) = &options.redis {
+            serve.env("REDIS_URL", url);
         }
         gateway.proc = Some(Proc(serve.spawn().unwrap()));
         gateway.wait_ready().await;
@@ -314,6 +315,18 @@ impl Gateway {
             && body["error"]["message"]
                 .as_str()
                 .is_some_and(|m| m.contains(reason))
+    }
+
+    async fn readiness(&self) -> Value {
+        let url = format!("{}/readyz", self.url);
+        self.client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     fn sigterm(&self) {
@@ -558,13 +571,61 @@ async fn client_key_never_reaches_the_backend_and_credential_does() {
         .await;
     assert_eq!(status, 200, "{body}");
 
-    // Without a credential, the client's key is not passed on either.
-    let plain = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    // Without a credential, nothing is sent: a backend that records the
+    // request head sees no Authorization at all.
+    let recorder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let recorder_url = format!("http://{}", recorder.local_addr().unwrap());
+    let head = std::thread::spawn(move || record_one_request(&recorder));
+    let plain = Gateway::start(&[BackendSpec::new(&recorder_url)], Options::default()).await;
     let key = plain.create_key("acme", &[]);
-    let (status, body) = plain
+    let (status, _) = plain
         .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
         .await;
-    assert_eq!(status, 401, "{body}");
+    assert_eq!(status, 200);
+    let head = head.join().unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("post /v1/chat/completions "), "{head}");
+    assert!(!head.contains("authorization"), "{head}");
+    assert!(!head.contains(&key.to_ascii_lowercase()), "{head}");
+}
+
+/// Accepts one HTTP/1.1 request, answers a fixed completion, and returns the
+/// request head as received: an upstream that shows what Tollgate sends.
+fn record_one_request(listener: &TcpListener) -> String {
+    use std::io::{Read, Write};
+    let (mut stream, _) = listener.accept().unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 65536];
+    let head_end = loop {
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "connection closed before the request head");
+        received.extend_from_slice(&buffer[..n]);
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while received.len() < head_end + length {
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "connection closed before the request body");
+        received.extend_from_slice(&buffer[..n]);
+    }
+    let body =
+        r#"{"id":"x","object":"chat.completion","created":0,"model":"sim-model","choices":[]}"#;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    head
 }
 
 #[tokio::test]
@@ -775,9 +836,14 @@ async fn backend_failures_map_to_502_503_504() {
     assert_eq!((status, error_code(&body)), (502, "bad_gateway"), "{body}");
     drop(gateway);
 
-    // One dead backend: nothing left to retry on → 503.
+    // One dead backend: 502 (nothing else to retry on); then, while it is
+    // known down, 503 at once.
     let gateway = Gateway::start(&[BackendSpec::new(&dead)], Options::default()).await;
     let key = gateway.create_key("acme", &[]);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!((status, error_code(&body)), (502, "bad_gateway"), "{body}");
     let (status, body) = gateway
         .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
         .await;
@@ -786,6 +852,19 @@ async fn backend_failures_map_to_502_503_504() {
         (503, "no_backend_available"),
         "{body}"
     );
+    // A client that sent `Expect: 100-continue` gets the error too.
+    let response = gateway
+        .client
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&key)
+        .header("expect", "100-continue")
+        .json(&chat("hi", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(error_code(&body), "no_backend_available");
     drop(gateway);
 
     // A backend slower than read_timeout → 504.
@@ -900,21 +979,26 @@ async fn five_hundred_concurrent_streams_complete() {
 }
 
 #[tokio::test]
-async fn revoked_key_is_refused_within_five_seconds_through_redis() {
+async fn revocation_reaches_a_running_gateway_through_redis() {
     let sim = Sim::fast();
-    // A long cache TTL: only the Redis fan-out can make the revocation land in time.
+    // A ten-minute cache TTL: only the Redis fan-out can make the revocation land.
     let options = Options {
-        redis: true,
+        redis: Some(redis_url()),
         keys: "cache_ttl = \"10m\"",
         ..Options::default()
     };
     let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], options).await;
+    eventually("the revocation listener subscribes", || async {
+        gateway.readiness().await["revocation_fanout"] == "subscribed"
+    })
+    .await;
     let key = gateway.create_key("acme", &[]);
     let (status, _) = gateway
         .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
         .await;
     assert_eq!(status, 200); // now cached
 
+    // The CLI revokes in Postgres and publishes; it shares no memory with the gateway.
     let revoke = gateway
         .cli(&["keys", "revoke", &key])
         .env("REDIS_URL", redis_url())
@@ -925,26 +1009,17 @@ async fn revoked_key_is_refused_within_five_seconds_through_redis() {
         "{}",
         String::from_utf8_lossy(&revoke.stderr)
     );
-    let revoked_at = tokio::time::Instant::now();
     eventually("the revoked key is refused", || {
         gateway.refused(&key, "revoked")
     })
     .await;
-    assert!(
-        revoked_at.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        revoked_at.elapsed()
-    );
 }
 
 #[tokio::test]
-async fn revoked_key_is_refused_after_the_cache_ttl_without_redis() {
+async fn revoked_key_is_refused_once_the_default_cache_ttl_passes_without_redis() {
+    // The default keys.cache_ttl of 5 s is the revocation bound without Redis.
     let sim = Sim::fast();
-    let options = Options {
-        keys: "cache_ttl = \"1s\"",
-        ..Options::default()
-    };
-    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], options).await;
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
     let key = gateway.create_key("acme", &[]);
     let (status, _) = gateway
         .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
@@ -964,16 +1039,50 @@ async fn revoked_key_is_refused_after_the_cache_ttl_without_redis() {
             .unwrap()
             .success()
     );
-    let revoked_at = tokio::time::Instant::now();
     eventually("the revoked key is refused", || {
         gateway.refused(&key, "revoked")
     })
     .await;
-    assert!(
-        revoked_at.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        revoked_at.elapsed()
-    );
+}
+
+#[tokio::test]
+async fn gateway_serves_while_redis_is_down_and_says_so() {
+    let sim = Sim::fast();
+    let dead_redis = format!("redis://127.0.0.1:{}", free_port());
+    let options = Options {
+        redis: Some(dead_redis),
+        ..Options::default()
+    };
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], options).await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, _) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(status, 200);
+    let ready = gateway.readiness().await;
+    assert_eq!(ready["revocation_fanout"], "connecting", "{ready}");
+    assert_eq!(ready["postgres"], true);
+}
+
+#[tokio::test]
+async fn allow_header_and_trailing_slash() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let wrong = gateway
+        .client
+        .get(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 405);
+    assert_eq!(wrong.headers()["allow"], "POST");
+    // gpu-sim, like vLLM, has no route with a trailing slash: Tollgate asks on the canonical path.
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions/", &chat("hi", 1))
+        .await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]
@@ -1098,7 +1207,10 @@ async fn health_and_readiness() {
         .json()
         .await
         .unwrap();
-    assert_eq!(readyz, json!({"postgres": true, "backends": true}));
+    assert_eq!(
+        readyz,
+        json!({"postgres": true, "backends": true, "revocation_fanout": "off"})
+    );
 }
 
 #[tokio::test]
@@ -1112,6 +1224,17 @@ async fn sigterm_drains_an_in_flight_stream() {
         .await;
     let mut body = response.chunk().await.unwrap().unwrap().to_vec();
     gateway.sigterm();
+    // While the stream drains, new connections get nowhere.
+    eventually("the listener stops accepting", || async {
+        gateway
+            .client
+            .get(format!("{}/healthz", gateway.url))
+            .timeout(Duration::from_millis(200))
+            .send()
+            .await
+            .is_err()
+    })
+    .await;
     while let Some(chunk) = response.chunk().await.unwrap() {
         body.extend_from_slice(&chunk);
     }
@@ -1122,15 +1245,6 @@ async fn sigterm_drains_an_in_flight_stream() {
         "the stream finished"
     );
     assert!(gateway.wait_exit().success());
-    // Nothing new is accepted once draining has ended.
-    assert!(
-        gateway
-            .client
-            .get(format!("{}/healthz", gateway.url))
-            .send()
-            .await
-            .is_err()
-    );
 }
 
 /// The official SDKs, as users run them. scripts/test.sh installs them: the

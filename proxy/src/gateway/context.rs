@@ -7,19 +7,20 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tollgate_backends::routing::BackendId;
 
-use super::request::{InferenceRequest, Route};
+use super::request::InferenceRequest;
 use crate::keys::store::KeyRecord;
 
 pub struct RequestContext {
     pub started: Instant,
     pub request_id: String,
-    pub route: Option<Route>,
     pub key: Option<Arc<KeyRecord>>,
     pub request: Option<InferenceRequest>,
     /// Backends tried so far, in order; the last is the current one.
     pub tried: Vec<BackendId>,
     /// The answer is a server-sent-event stream.
     pub streaming_response: bool,
+    /// The last bytes of the stream sent so far.
+    pub stream_tail: StreamTail,
     _in_flight: InFlightGuard,
 }
 
@@ -28,17 +29,37 @@ impl RequestContext {
         Self {
             started: Instant::now(),
             request_id: String::new(),
-            route: None,
             key: None,
             request: None,
             tried: Vec::new(),
             streaming_response: false,
+            stream_tail: StreamTail::default(),
             _in_flight: in_flight,
         }
     }
 
     pub fn backend(&self) -> Option<BackendId> {
         self.tried.last().copied()
+    }
+}
+
+/// The last two bytes sent of a stream: whether it stopped between events
+/// (after a blank line) or in the middle of one.
+#[derive(Default)]
+pub struct StreamTail([u8; 2]);
+
+impl StreamTail {
+    pub fn record(&mut self, chunk: &[u8]) {
+        match chunk {
+            [] => {}
+            [only] => self.0 = [self.0[1], *only],
+            [.., a, b] => self.0 = [*a, *b],
+        }
+    }
+
+    /// True before anything was sent, and after an event's closing blank line.
+    pub fn at_event_boundary(&self) -> bool {
+        matches!(self.0, [0, 0] | [b'\n', b'\n'])
     }
 }
 
@@ -79,5 +100,22 @@ impl Drop for InFlightGuard {
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StreamTail;
+
+    #[test]
+    fn stream_tail_knows_event_boundaries_across_chunks() {
+        let mut tail = StreamTail::default();
+        assert!(tail.at_event_boundary());
+        tail.record(b"data: {\"a\":1}\n");
+        assert!(!tail.at_event_boundary());
+        tail.record(b"\n");
+        assert!(tail.at_event_boundary());
+        tail.record(b"data: {\"half");
+        assert!(!tail.at_event_boundary());
     }
 }

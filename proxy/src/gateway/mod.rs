@@ -18,6 +18,7 @@ pub mod context;
 pub mod request;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,6 +39,8 @@ use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
 
 pub const REQUEST_ID: &str = "x-request-id";
+/// Attempts per request: the first backend, and one other after a failed connection.
+const MAX_ATTEMPTS: usize = 2;
 /// Pingora error type for "no backend serves this model".
 const NO_BACKEND: &str = "no_backend";
 /// How long a refused upload is read and dropped before the connection closes
@@ -45,6 +48,10 @@ const NO_BACKEND: &str = "no_backend";
 const UPLOAD_DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `/readyz` waits for Postgres before calling it unreachable.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pooled upstream connections idle longer than this are not reused: below
+/// uvicorn's 5 s keep-alive (vLLM, SGLang), so a POST never lands on a
+/// connection the backend is closing (Pingora does not retry POSTs).
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 pub struct Gateway {
     pub keys: KeyCache,
@@ -55,6 +62,8 @@ pub struct Gateway {
     pub timeouts: UpstreamTimeouts,
     /// Every model a backend serves, in config order.
     pub models: Vec<String>,
+    /// Whether revocations arrive through Redis right now (`None`: no Redis).
+    pub revocation_fanout: Option<Arc<AtomicBool>>,
 }
 
 /// How `request_filter` ends when it does not forward.
@@ -87,7 +96,6 @@ impl Gateway {
     async fn admit(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<(), Stop> {
         let header = session.req_header();
         let route = request::route(&header.method, header.uri.path())?;
-        ctx.route = Some(route);
         let endpoint = match route {
             Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
             Route::Readyz => return Err(self.readiness().await),
@@ -124,7 +132,9 @@ impl Gateway {
         json!({"object": "list", "data": data})
     }
 
-    /// `/readyz`: Postgres reachable and at least one backend configured.
+    /// `/readyz`: Postgres reachable and at least one backend configured;
+    /// also reports whether revocations fan out through Redis (informative:
+    /// without it revocations still land within the key cache TTL).
     async fn readiness(&self) -> Stop {
         let postgres = tokio::time::timeout(READY_CHECK_TIMEOUT, async {
             let client = self.pool.get().await.ok()?;
@@ -136,7 +146,15 @@ impl Gateway {
         .is_some();
         let backends = !self.selector.backends().is_empty();
         let status = if postgres && backends { 200 } else { 503 };
-        Stop::Answer(status, json!({"postgres": postgres, "backends": backends}))
+        let fanout = match &self.revocation_fanout {
+            None => "off",
+            Some(up) if up.load(Ordering::Relaxed) => "subscribed",
+            Some(_) => "connecting",
+        };
+        Stop::Answer(
+            status,
+            json!({"postgres": postgres, "backends": backends, "revocation_fanout": fanout}),
+        )
     }
 }
 
@@ -177,8 +195,22 @@ async fn respond_json(
     body: Bytes,
     request_id: &str,
 ) -> pingora::Result<()> {
-    let mut header = ResponseHeader::build(status, Some(4))?;
+    respond_json_with(session, status, body, request_id, None).await
+}
+
+/// [`respond_json`] with one more header (`Allow` on a 405).
+async fn respond_json_with(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    request_id: &str,
+    extra: Option<(http::HeaderName, &'static str)>,
+) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(status, Some(5))?;
     header.insert_header(header::CONTENT_TYPE, "application/json")?;
+    if let Some((name, value)) = extra {
+        header.insert_header(name, value)?;
+    }
     header.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     header.insert_header(REQUEST_ID, request_id)?;
     let head_only = session.req_header().method == http::Method::HEAD;
@@ -189,6 +221,16 @@ async fn respond_json(
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// The status of the final response already sent, if any. A `100 Continue`
+/// (sent while reading the body) is not one: an error can still be answered.
+fn final_status(session: &Session) -> Option<u16> {
+    session
+        .response_written()
+        .map(|r| r.status)
+        .filter(|status| !status.is_informational())
+        .map(|status| status.as_u16())
 }
 
 /// Reads and drops the rest of a refused upload, for a bounded time. A client
@@ -248,10 +290,17 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestContext,
     ) -> pingora::Result<bool> {
         ctx.request_id = request_id(session.req_header());
+        // A client that stops reading must not hold a backend slot forever.
+        session.set_write_timeout(Some(self.timeouts.read));
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
             Err(Stop::Refuse(error)) => {
-                respond_json(session, error.status(), error.body(), &ctx.request_id).await?;
+                let allow = match &error {
+                    ApiError::MethodNotAllowed { allow, .. } => Some((header::ALLOW, *allow)),
+                    _ => None,
+                };
+                let body = error.body();
+                respond_json_with(session, error.status(), body, &ctx.request_id, allow).await?;
                 if let ApiError::BodyTooLarge { .. } = error {
                     discard_upload(session).await;
                 }
@@ -284,6 +333,7 @@ impl ProxyHttp for Gateway {
         peer.options.total_connection_timeout = Some(self.timeouts.connect);
         peer.options.read_timeout = Some(self.timeouts.read);
         peer.options.write_timeout = Some(self.timeouts.read);
+        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
         Ok(Box::new(peer))
     }
 
@@ -298,7 +348,8 @@ impl ProxyHttp for Gateway {
             self.selector.connect_failed(backend);
         }
         // Nothing reached the backend yet: one more try, on another backend.
-        if ctx.tried.len() < 2 {
+        let model = ctx.request.as_ref().map_or("", |r| r.model.as_str());
+        if ctx.tried.len() < MAX_ATTEMPTS && self.selector.candidates(model) > ctx.tried.len() {
             error.set_retry(true);
         }
         error
@@ -322,6 +373,17 @@ impl ProxyHttp for Gateway {
         }
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(request) = &ctx.request {
+            // The canonical path (a client's trailing slash would earn a redirect).
+            if upstream.uri.path() != request.endpoint.path() {
+                let uri = match upstream.uri.query() {
+                    Some(query) => format!("{}?{query}", request.endpoint.path()),
+                    None => request.endpoint.path().to_owned(),
+                };
+                upstream.set_uri(
+                    uri.parse()
+                        .map_err(|_| Error::new(ErrorType::InternalError))?,
+                );
+            }
             // We send the body ourselves, with its own length.
             upstream.remove_header(&header::TRANSFER_ENCODING);
             upstream.remove_header(&header::EXPECT);
@@ -362,6 +424,21 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestContext,
+    ) -> pingora::Result<Option<Duration>> {
+        if let Some(chunk) = body.as_deref()
+            && ctx.streaming_response
+        {
+            ctx.stream_tail.record(chunk);
+        }
+        Ok(None)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -375,7 +452,9 @@ impl ProxyHttp for Gateway {
         let Some(api_error) = classify(error, ctx) else {
             return gone;
         };
-        let written = if session.response_written().is_none() {
+        // The connection closes after a proxying failure: say so.
+        session.set_keepalive(None);
+        let written = if final_status(session).is_none() {
             respond_json(
                 session,
                 api_error.status(),
@@ -384,10 +463,14 @@ impl ProxyHttp for Gateway {
             )
             .await
         } else if ctx.streaming_response {
-            // Mid-stream: end the stream with an error event, never a silent cut.
-            session
-                .write_response_body(Some(api_error.sse_event()), true)
-                .await
+            // Mid-stream: end the stream with an error event, never a silent
+            // cut; first close an event the backend left half-written.
+            let event = if ctx.stream_tail.at_event_boundary() {
+                api_error.sse_event()
+            } else {
+                Bytes::from([b"\n\n".as_slice(), &api_error.sse_event()].concat())
+            };
+            session.write_response_body(Some(event), true).await
         } else {
             return gone;
         };
@@ -406,7 +489,7 @@ impl ProxyHttp for Gateway {
         error: Option<&Error>,
         ctx: &mut RequestContext,
     ) {
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let status = final_status(session).unwrap_or(0);
         let backend = ctx
             .backend()
             .and_then(|id| self.selector.backends().get(id))

@@ -16,6 +16,15 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The path the backend is asked on, whatever spelling the client used.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+            Self::Embeddings => "/v1/embeddings",
+        }
+    }
+
     /// The JSON field holding the input, which the endpoint requires.
     fn input_field(self) -> &'static str {
         match self {
@@ -56,6 +65,11 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         Err(ApiError::MethodNotAllowed {
             method: method.to_string(),
             path: path.to_owned(),
+            allow: if allowed == Method::GET {
+                "GET, HEAD"
+            } else {
+                "POST"
+            },
         })
     }
 }

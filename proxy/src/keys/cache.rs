@@ -5,8 +5,12 @@
 //! configured), an unknown key is remembered as unknown for
 //! `negative_cache_ttl` so a flood of bad keys cannot hammer Postgres, and
 //! concurrent misses for the same key wait on one Postgres query
-//! (`try_get_with` coalesces them). With Redis, revocations also arrive at
-//! once through [`super::revocation`].
+//! (`try_get_with` coalesces them), bounded by [`LOOKUP_TIMEOUT`]. With Redis,
+//! revocations also arrive at once through [`super::revocation`].
+//!
+//! A revocation leaves a tombstone for one cache lifetime: a lookup that read
+//! the key just before the revocation committed may still store it as valid,
+//! and the tombstone overrides that stale entry until it expires.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,7 +19,7 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::secret::{KeyHash, is_key_shaped};
-use super::store::{KeyRecord, KeyStore};
+use super::store::{KeyRecord, KeyStore, StoreError};
 use crate::config::KeyCacheConfig;
 use crate::error::ApiError;
 
@@ -44,10 +48,16 @@ impl Expiry<KeyHash, Lookup> for LookupExpiry {
     }
 }
 
+/// How long a key lookup may wait on Postgres before the request gets 503:
+/// a stalled database must not hang every request that needs it.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+
 #[derive(Clone)]
 pub struct KeyCache {
     store: KeyStore,
     cache: Cache<KeyHash, Lookup>,
+    /// Keys revoked within the last cache lifetime.
+    tombstones: Cache<KeyHash, ()>,
 }
 
 impl KeyCache {
@@ -59,7 +69,15 @@ impl KeyCache {
                 unknown: config.negative_ttl,
             })
             .build();
-        Self { store, cache }
+        let tombstones = Cache::builder()
+            .max_capacity(config.capacity as u64)
+            .time_to_live(config.ttl + LOOKUP_TIMEOUT)
+            .build();
+        Self {
+            store,
+            cache,
+            tombstones,
+        }
     }
 
     /// The usable key for `secret`, or why it is refused.
@@ -69,14 +87,17 @@ impl KeyCache {
             return Err(ApiError::InvalidKey);
         }
         let hash = KeyHash::of(secret);
+        if self.tombstones.contains_key(&hash) {
+            return Err(ApiError::RevokedKey);
+        }
         let store = &self.store;
         let lookup = self
             .cache
             .try_get_with(hash, async move {
-                store
-                    .lookup(&hash)
+                let found = tokio::time::timeout(LOOKUP_TIMEOUT, store.lookup(&hash))
                     .await
-                    .map(|found| found.map_or(Lookup::Unknown, |r| Lookup::Found(Arc::new(r))))
+                    .map_err(|_| StoreError::Timeout)??;
+                Ok::<_, StoreError>(found.map_or(Lookup::Unknown, |r| Lookup::Found(Arc::new(r))))
             })
             .await
             .map_err(|e| {
@@ -94,8 +115,14 @@ impl KeyCache {
         }
     }
 
-    /// Forgets a key, so its next use asks Postgres (after a revocation).
+    /// Refuses a revoked key from now on, whatever is cached for it.
     pub async fn invalidate(&self, hash: &KeyHash) {
+        self.tombstones.insert(*hash, ()).await;
         self.cache.invalidate(hash).await;
+    }
+
+    /// Forgets every cached key (after missed revocation messages).
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
     }
 }

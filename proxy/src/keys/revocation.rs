@@ -3,8 +3,11 @@
 //! Whoever revokes a key (the CLI or the admin API, on any instance) publishes
 //! its hash on [`CHANNEL`]; every running instance listens and drops the key
 //! from its cache, so a revocation lands everywhere at once instead of after
-//! the cache TTL. Without Redis the TTL alone bounds the delay.
+//! the cache TTL. Without Redis, or while it is unreachable, the TTL alone
+//! bounds the delay.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,6 +16,7 @@ use fred::prelude::{
 };
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tokio::sync::broadcast::error::RecvError;
 
 use super::cache::KeyCache;
 use super::secret::KeyHash;
@@ -22,6 +26,8 @@ pub const CHANNEL: &str = "tollgate:keys:revoked";
 /// Bound on a publish: the revocation is already in Postgres, so a slow Redis
 /// only delays the fan-out (the cache TTL still applies).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before listening again after the subscriber stopped with an error.
+const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 /// Tells every instance that `hash` was revoked. Failure is logged, not
 /// fatal: Postgres has the revocation and caches expire within their TTL.
@@ -45,30 +51,51 @@ pub async fn publish(redis_url: &str, hash: &KeyHash) {
 pub struct RevocationListener {
     pub redis_url: String,
     pub cache: KeyCache,
+    /// True while subscribed: `/readyz` reports it.
+    pub subscribed: Arc<AtomicBool>,
 }
 
 impl RevocationListener {
     async fn listen(&self) -> Result<(), fred::error::Error> {
-        let subscriber = Builder::from_config(RedisConfig::from_url(&self.redis_url)?)
-            // Keep retrying forever: a Redis restart must not end the fan-out.
+        let mut config = RedisConfig::from_url(&self.redis_url)?;
+        // Redis down at start must not end the fan-out: keep trying.
+        config.fail_fast = false;
+        let subscriber = Builder::from_config(config)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build_subscriber_client()?;
+        // Taken before subscribing, so no message slips between the two.
+        let mut messages = subscriber.message_rx();
+        let mut reconnects = subscriber.reconnect_rx();
         subscriber.init().await?;
         // Re-subscribes after every reconnect.
         let _resubscribe = subscriber.manage_subscriptions();
         subscriber.subscribe(CHANNEL).await?;
-        let mut messages = subscriber.message_rx();
-        while let Ok(message) = messages.recv().await {
-            let decoded = message
-                .value
-                .as_str()
-                .and_then(|text| hex::decode(text.as_ref()).ok())
-                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
-            match decoded {
-                Some(hash) => self.cache.invalidate(&KeyHash(hash)).await,
-                None => tracing::warn!("ignoring malformed message on {CHANNEL}"),
+        self.subscribed.store(true, Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                message = messages.recv() => match message {
+                    Ok(message) => {
+                        let hash = message
+                            .value
+                            .as_str()
+                            .and_then(|text| hex::decode(text.as_ref()).ok())
+                            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+                        match hash {
+                            Some(hash) => self.cache.invalidate(&KeyHash(hash)).await,
+                            None => tracing::warn!("ignoring malformed message on {CHANNEL}"),
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "revocation messages missed; dropping every cached key");
+                        self.cache.invalidate_all();
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                // Messages published while disconnected are lost: forget everything.
+                Ok(_) = reconnects.recv() => self.cache.invalidate_all(),
             }
         }
+        self.subscribed.store(false, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -76,13 +103,20 @@ impl RevocationListener {
 #[async_trait]
 impl BackgroundService for RevocationListener {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        tokio::select! {
-            result = self.listen() => {
-                if let Err(e) = result {
-                    tracing::error!("revocation listener stopped: {e}; revocations now rely on the cache TTL");
+        loop {
+            tokio::select! {
+                result = self.listen() => {
+                    self.subscribed.store(false, Ordering::Relaxed);
+                    if let Err(e) = result {
+                        tracing::error!("revocation listener stopped: {e}; restarting");
+                    }
                 }
+                _ = shutdown.changed() => return,
             }
-            _ = shutdown.changed() => {}
+            tokio::select! {
+                _ = tokio::time::sleep(RESTART_DELAY) => {}
+                _ = shutdown.changed() => return,
+            }
         }
     }
 }

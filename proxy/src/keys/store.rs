@@ -15,6 +15,8 @@ pub enum StoreError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
+    #[error("database did not answer in time")]
+    Timeout,
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
