@@ -886,6 +886,68 @@ async fn backend_failures_map_to_502_503_504() {
 }
 
 #[tokio::test]
+async fn streamed_requests_get_the_same_json_errors_before_the_first_byte() {
+    let slow = Sim::start(&[
+        "--model",
+        "slow-model",
+        "--ttft-ms",
+        "5000",
+        "--tokens-per-sec",
+        "0",
+    ]);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let mut slow_backend = BackendSpec::new(&slow.url);
+    slow_backend.models = r#"["slow-model"]"#;
+    let mut dead_backend = BackendSpec::new(&dead);
+    dead_backend.models = r#"["dead-model"]"#;
+    let options = Options {
+        server: "read_timeout = \"300ms\"",
+        ..Options::default()
+    };
+    let gateway = Gateway::start(&[slow_backend, dead_backend], options).await;
+    let key = gateway.create_key("acme", &[]);
+    let with_model = |model: &str| {
+        let mut request = streamed(chat("hi", 1));
+        request["model"] = json!(model);
+        request
+    };
+    let cases = [
+        ("tg_wrong", with_model("slow-model"), 401, "invalid_api_key"),
+        (key.as_str(), with_model("nope"), 404, "model_not_found"),
+        (key.as_str(), with_model("dead-model"), 502, "bad_gateway"),
+        (
+            key.as_str(),
+            with_model("dead-model"),
+            503,
+            "no_backend_available",
+        ),
+    ];
+    for (key, request, status, code) in cases {
+        let response = gateway.post(key, "/v1/chat/completions", &request).await;
+        assert_eq!(response.status(), status, "{request}");
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json")
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(error_code(&body), code, "{body}");
+    }
+
+    // Like vLLM, gpu-sim sends a stream's 200 and headers before its first
+    // token: a backend silent past read_timeout then ends the stream with an
+    // error event.
+    let response = gateway
+        .post(&key, "/v1/chat/completions", &with_model("slow-model"))
+        .await;
+    assert_eq!(response.status(), 200);
+    let events = sse_data(&response.text().await.unwrap());
+    let last: Value = serde_json::from_str(events.last().expect("an error event")).unwrap();
+    assert_eq!(error_code(&last), "gateway_timeout", "{last}");
+}
+
+#[tokio::test]
 async fn connect_failure_is_retried_on_another_backend() {
     let sim = Sim::fast();
     let dead = format!("http://127.0.0.1:{}", free_port());
