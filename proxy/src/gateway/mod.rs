@@ -12,7 +12,8 @@
 //! - `fail_to_connect` / `fail_to_proxy`: one retry on another backend when a
 //!   connection fails; otherwise an OpenAI error, or an SSE error event when
 //!   a stream was already under way.
-//! - `logging`: one line per request (usage events arrive with metering).
+//! - `logging`: one line per request: id, status, account, backend, time
+//!   (usage events arrive with metering).
 
 pub mod context;
 pub mod request;
@@ -37,6 +38,7 @@ use self::request::{BodyError, Route, read_body};
 use crate::config::UpstreamTimeouts;
 use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
+use crate::keys::store::KeyRecord;
 
 pub const REQUEST_ID: &str = "x-request-id";
 /// Attempts per request: the first backend, and one other after a failed connection.
@@ -99,22 +101,17 @@ impl Gateway {
         let endpoint = match route {
             Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
             Route::Readyz => return Err(self.readiness().await),
-            Route::Models | Route::Inference(_) => {
-                let key = self.keys.authenticate(bearer_token(header)?).await?;
-                ctx.key = Some(key);
-                match route {
-                    Route::Inference(endpoint) => endpoint,
-                    _ => return Err(Stop::Answer(200, self.model_list(ctx))),
-                }
-            }
+            Route::Models => None,
+            Route::Inference(endpoint) => Some(endpoint),
         };
+        let key = self.keys.authenticate(bearer_token(header)?).await?;
+        let Some(endpoint) = endpoint else {
+            return Err(Stop::Answer(200, self.model_list(&key)));
+        };
+        ctx.key = Some(Arc::clone(&key));
         let body = read_body(session, self.max_body_bytes).await?;
         let request = request::parse(endpoint, body)?;
-        let allowed = ctx
-            .key
-            .as_ref()
-            .is_some_and(|k| k.allows_model(&request.model));
-        if !allowed || !self.selector.serves(&request.model) {
+        if !key.allows_model(&request.model) || !self.selector.serves(&request.model) {
             return Err(ApiError::ModelNotFound(request.model).into());
         }
         ctx.request = Some(request);
@@ -122,11 +119,11 @@ impl Gateway {
     }
 
     /// `/v1/models`: the models this key may use, in OpenAI's list shape.
-    fn model_list(&self, ctx: &RequestContext) -> serde_json::Value {
+    fn model_list(&self, key: &KeyRecord) -> serde_json::Value {
         let data: Vec<_> = self
             .models
             .iter()
-            .filter(|m| ctx.key.as_ref().is_some_and(|k| k.allows_model(m)))
+            .filter(|m| key.allows_model(m))
             .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "tollgate"}))
             .collect();
         json!({"object": "list", "data": data})
@@ -494,9 +491,11 @@ impl ProxyHttp for Gateway {
             .backend()
             .and_then(|id| self.selector.backends().get(id))
             .map_or("-", |b| b.name.as_str());
+        let account = ctx.key.as_ref().map_or("-", |k| k.account_name.as_str());
         tracing::info!(
             request_id = %ctx.request_id,
             status,
+            account,
             backend,
             elapsed_ms = ctx.started.elapsed().as_millis() as u64,
             error = error.map(|e| e.to_string()),
