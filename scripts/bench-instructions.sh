@@ -10,54 +10,22 @@
 #   DURATION=5 scripts/bench-instructions.sh
 
 source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/bench-lib.sh"
 provision
 cd "$ROOT"
 DURATION="${DURATION:-10}"
-OUT="$ROOT/target/bench"
-mkdir -p "$OUT"
 apt_install valgrind wrk
 cargo build --release --locked --bins --example passthrough >&2
-BIN="$ROOT/target/release"
-
 SIM_PORT=18501 PASS_PORT=18502 TG_PORT=18503
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null; done
-    wait 2>/dev/null
-    [ -n "${DB:-}" ] && psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
-}
-trap cleanup EXIT
-
-"$BIN/gpu-sim" --listen "127.0.0.1:$SIM_PORT" --ttft-ms 0 --tokens-per-sec 0 \
-    --output-tokens 16 --threads 1 >/dev/null &
-PIDS+=($!)
-DB="tollgate_instr_$$"
-psql "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
-cat >"$OUT/instructions.toml" <<TOML
-[server]
-listen = "127.0.0.1:$TG_PORT"
-admin_listen = "127.0.0.1:18504"
-metrics_listen = "127.0.0.1:18505"
-[database]
-url = "${DATABASE_URL%/*}/$DB"
-[[tiers]]
-name = "pro"
-[[backends]]
-name = "sim"
-url = "http://127.0.0.1:$SIM_PORT"
-models = ["sim-model"]
-TOML
-TG=("$BIN/tollgate" --config "$OUT/instructions.toml")
-env -u DATABASE_URL "${TG[@]}" migrate >/dev/null
-KEY="$(env -u DATABASE_URL "${TG[@]}" keys create --account bench --tier pro | tail -1)"
+bench_sim $SIM_PORT
+bench_gateway $TG_PORT $SIM_PORT
 
 # measure NAME PORT COMMAND... : prints instructions per request for one proxy.
 measure() {
     local name=$1 port=$2; shift 2
     local profile="$OUT/callgrind-$name.out"
     rm -f "$profile"
-    env -u DATABASE_URL -u REDIS_URL LOG_LEVEL=warn \
-        valgrind --tool=callgrind --callgrind-out-file="$profile" "$@" 2>/dev/null &
+    "${TG_ENV[@]}" valgrind --tool=callgrind --callgrind-out-file="$profile" "$@" 2>/dev/null &
     local pid=$!
     # Under valgrind start-up takes seconds: wait for the listener, not a fixed time.
     wait_listening 127.0.0.1 "$port" 120 || die "$name did not start under valgrind"

@@ -20,6 +20,7 @@
 #   SECTIONS="ladder peak" DURATION=5 scripts/bench-overhead.sh
 
 source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/bench-lib.sh"
 provision
 cd "$ROOT"
 RATES="${RATES:-500 1000 2000}"
@@ -29,53 +30,14 @@ LADDER="${LADDER:-1000 2000 4000 6000 8000 10000 12000 14000 16000 20000}"
 LADDER_RUNS="${LADDER_RUNS:-3}"
 PEAK_RUNS="${PEAK_RUNS:-3}"
 SECTIONS="${SECTIONS:-fixed ladder peak}"
-OUT="$ROOT/target/bench"
-mkdir -p "$OUT"
 
 apt_install wrk
 cargo build --release --locked --bins --example passthrough >&2
-BIN="$ROOT/target/release"
-
 SIM_PORT=18301 PASS_PORT=18302 TG_PORT=18303
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-    wait 2>/dev/null
-    [ -n "${DB:-}" ] && psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
-    rm -f "$OUT/tollgate.toml"
-}
-trap cleanup EXIT
-
-"$BIN/gpu-sim" --listen "127.0.0.1:$SIM_PORT" --ttft-ms 0 --tokens-per-sec 0 \
-    --output-tokens 16 --threads 1 --max-concurrency 4096 >/dev/null &
-PIDS+=($!)
-"$BIN/examples/passthrough" "127.0.0.1:$PASS_PORT" "127.0.0.1:$SIM_PORT" 1 2>/dev/null &
-PIDS+=($!)
-
-DB="tollgate_bench_$$"
-psql "$DATABASE_URL" -qc "CREATE DATABASE $DB" >/dev/null
-cat >"$OUT/tollgate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$TG_PORT"
-admin_listen = "127.0.0.1:18304"
-metrics_listen = "127.0.0.1:18305"
-workers = 1
-[database]
-url = "${DATABASE_URL%/*}/$DB"
-[[tiers]]
-name = "pro"
-[[backends]]
-name = "sim"
-url = "http://127.0.0.1:$SIM_PORT"
-models = ["sim-model"]
-max_concurrency = 4096
-TOML
-TG=("$BIN/tollgate" --config "$OUT/tollgate.toml")
-env -u DATABASE_URL "${TG[@]}" migrate >/dev/null
-KEY="$(env -u DATABASE_URL "${TG[@]}" keys create --account bench --tier pro | tail -1)"
-# Per-request access logs off: the benchmark measures the request path.
-env -u DATABASE_URL -u REDIS_URL LOG_LEVEL=warn "${TG[@]}" serve 2>"$OUT/tollgate.log" &
-PIDS+=($!)
+bench_sim $SIM_PORT
+bench_background "$BIN/examples/passthrough" "127.0.0.1:$PASS_PORT" "127.0.0.1:$SIM_PORT" 1 2>/dev/null
+bench_gateway $TG_PORT $SIM_PORT
+bench_background "${TG_ENV[@]}" "${TG[@]}" serve 2>"$OUT/tollgate.log"
 for port in $SIM_PORT $PASS_PORT $TG_PORT; do
     wait_listening 127.0.0.1 "$port" 30 || die "nothing listening on $port"
 done

@@ -306,6 +306,28 @@ impl Gateway {
         (status, response.json().await.unwrap())
     }
 
+    /// An admin API call: status and JSON body.
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.admin_url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
     /// Whether a chat request with `key` gets 401 with `reason` in its message.
     async fn refused(&self, key: &str, reason: &str) -> bool {
         let (status, body) = self
@@ -1149,43 +1171,32 @@ async fn allow_header_and_trailing_slash() {
 
 #[tokio::test]
 async fn admin_api_manages_keys_and_accounts() {
+    use reqwest::Method;
     let sim = Sim::fast();
     let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
-    let admin = |method: reqwest::Method, path: &str| {
-        gateway
-            .client
-            .request(method, format!("{}{path}", gateway.admin_url))
-            .bearer_auth(ADMIN_TOKEN)
-    };
-    let unauthorized = gateway
-        .client
-        .get(format!("{}/admin/keys", gateway.admin_url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(unauthorized.status(), 401);
+    let (status, _) = gateway.admin(Method::GET, "/admin/keys", None, None).await;
+    assert_eq!(status, 401);
+    let admin =
+        |method, path: &'static str, body| gateway.admin(method, path, body, Some(ADMIN_TOKEN));
 
-    let account = admin(reqwest::Method::POST, "/admin/accounts")
-        .json(&json!({"name": "globex", "tier": "free"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(account.status(), 201);
-    let bad_tier = admin(reqwest::Method::POST, "/admin/accounts")
-        .json(&json!({"name": "x", "tier": "platinum"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad_tier.status(), 400);
+    let account = json!({"name": "globex", "tier": "free"});
+    assert_eq!(
+        admin(Method::POST, "/admin/accounts", Some(account))
+            .await
+            .0,
+        201
+    );
+    let bad_tier = json!({"name": "x", "tier": "platinum"});
+    assert_eq!(
+        admin(Method::POST, "/admin/accounts", Some(bad_tier))
+            .await
+            .0,
+        400
+    );
 
-    let created: Value = admin(reqwest::Method::POST, "/admin/keys")
-        .json(&json!({"account": "globex", "tier": "free", "name": "ci"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let new_key = json!({"account": "globex", "tier": "free", "name": "ci"});
+    let (status, created) = admin(Method::POST, "/admin/keys", Some(new_key)).await;
+    assert_eq!(status, 201);
     let secret = created["key"].as_str().unwrap().to_owned();
     assert!(secret.starts_with("tg_"));
     let (status, _) = gateway
@@ -1193,31 +1204,18 @@ async fn admin_api_manages_keys_and_accounts() {
         .await;
     assert_eq!(status, 200);
 
-    let listed: Value = admin(reqwest::Method::GET, "/admin/keys?account=globex")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, listed) = admin(Method::GET, "/admin/keys?account=globex", None).await;
     let listing = listed.to_string();
     assert!(listing.contains(created["prefix"].as_str().unwrap()));
     assert!(!listing.contains(&secret), "listings never show secrets");
-    let accounts: Value = admin(reqwest::Method::GET, "/admin/accounts")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, accounts) = admin(Method::GET, "/admin/accounts", None).await;
     assert_eq!(accounts["data"][0]["name"], "globex");
 
-    let id = created["id"].as_str().unwrap();
-    let revoked = admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 200);
+    let path = format!("/admin/keys/{}", created["id"].as_str().unwrap());
+    let (status, _) = gateway
+        .admin(Method::DELETE, &path, None, Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(status, 200);
     // The admin API revokes in this instance's cache at once.
     let (status, _) = gateway
         .post_json(&secret, "/v1/chat/completions", &chat("hi", 1))

@@ -1,0 +1,62 @@
+# Shared set-up for the benchmark scripts; sourced after lib.sh.
+#
+# bench_sim PORT            unpaced gpu-sim: one thread, 16-token answers
+# bench_gateway PORT SIM    a throwaway database, a Tollgate config in front of
+#                           gpu-sim at SIM, migrated, with one key: sets TG (the
+#                           tollgate command for that config), TG_ENV (the
+#                           environment to run it in) and KEY
+# bench_background CMD...   runs CMD in the background until the script exits
+# Everything started here is stopped, and the database dropped, on exit.
+
+BIN="$ROOT/target/release"
+OUT="$ROOT/target/bench"
+mkdir -p "$OUT"
+BENCH_PIDS=()
+BENCH_DB=""
+
+bench_cleanup() {
+    # SIGINT: every process here exits at once on it (callgrind writes its profile).
+    for pid in "${BENCH_PIDS[@]}"; do kill -INT "$pid" 2>/dev/null; done
+    wait 2>/dev/null
+    if [ -n "$BENCH_DB" ]; then
+        psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $BENCH_DB WITH (FORCE)" >/dev/null
+    fi
+}
+trap bench_cleanup EXIT
+
+bench_background() {
+    "$@" &
+    BENCH_PIDS+=($!)
+}
+
+bench_sim() {
+    bench_background "$BIN/gpu-sim" --listen "127.0.0.1:$1" --ttft-ms 0 --tokens-per-sec 0 \
+        --output-tokens 16 --threads 1 --max-concurrency 4096 >/dev/null
+}
+
+bench_gateway() {
+    local port=$1 sim=$2 config="$OUT/tollgate-$1.toml"
+    BENCH_DB="tollgate_bench_$$"
+    psql "$DATABASE_URL" -qc "CREATE DATABASE $BENCH_DB" >/dev/null
+    cat >"$config" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$((port + 1))"
+metrics_listen = "127.0.0.1:$((port + 2))"
+workers = 1
+[database]
+url = "${DATABASE_URL%/*}/$BENCH_DB"
+[[tiers]]
+name = "pro"
+[[backends]]
+name = "sim"
+url = "http://127.0.0.1:$sim"
+models = ["sim-model"]
+TOML
+    # The config names the database: the environment must not override it.
+    # Per-request access logs off (LOG_LEVEL=warn): benchmarks measure the request path.
+    TG_ENV=(env -u DATABASE_URL -u REDIS_URL LOG_LEVEL=warn)
+    TG=("$BIN/tollgate" --config "$config")
+    "${TG_ENV[@]}" "${TG[@]}" migrate >/dev/null
+    KEY="$("${TG_ENV[@]}" "${TG[@]}" keys create --account bench --tier pro | tail -1)"
+}
