@@ -1,8 +1,24 @@
-//! Usage metering for Tollgate.
+//! Usage metering for Tollgate: what each request used, counted exactly and
+//! recorded in Postgres without slowing the request and without losing or
+//! double-counting an event.
 //!
-//! Today this crate holds exact token counting ([`tokens`]): the encodings,
-//! the model → encoding map and OpenAI's chat-prompt accounting. Both the proxy
-//! (to meter requests) and the `gpu-sim` backend (to report true `usage`)
-//! count through it, so the two can never disagree about what a token is.
+//! - [`tokens`]: exact token counting (tiktoken encodings, OpenAI's prompt
+//!   recipes). The `gpu-sim` backend counts through it too, so the two never
+//!   disagree about what a token is.
+//! - [`capture`]: reads a backend's answer as it streams by (usage report,
+//!   generated text), synchronously and without I/O.
+//! - [`event`]: the usage event, one per admitted request.
+//! - [`writer`]: the request path's non-blocking sink and the batching
+//!   Postgres writer; [`spool`]: its durable fallback file.
+//! - [`partitions`]: month partitions of the usage log and retention;
+//!   [`report`]: totals, live statistics and event listings.
+//!
+//! Nothing here knows about Pingora: the proxy calls these plain APIs.
 
+pub mod capture;
+pub mod event;
+pub mod partitions;
+pub mod report;
+pub mod spool;
 pub mod tokens;
+pub mod writer;

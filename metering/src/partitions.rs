@@ -1,0 +1,213 @@
+//! Month partitions of `usage_events`: created ahead of time, and dropped
+//! whole by retention.
+//!
+//! Partitions are UTC calendar months (`usage_events_2026_11`). Tollgate keeps
+//! the current month and the next [`MONTHS_AHEAD`] created (checked at start-up
+//! and hourly), and the writer creates a missing one on demand, for instance
+//! when a spool written long ago is replayed. Their bounds are kept in
+//! `usage_partitions` (see `sql/V2__usage_events.sql`).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{GenericClient, Pool};
+
+/// Months created beyond the current one: a month boundary never finds its
+/// partition missing even if Tollgate was down for weeks around it.
+pub const MONTHS_AHEAD: i32 = 2;
+/// Rows deleted per statement inside the boundary partition of a purge, so a
+/// purge never holds long locks or one huge transaction.
+const PURGE_BATCH_ROWS: i64 = 10_000;
+
+/// Months since January 1970 (UTC) of `at`: the cache key of a partition.
+pub fn month_index(at: SystemTime) -> i64 {
+    let seconds = match at.duration_since(UNIX_EPOCH) {
+        Ok(since) => since.as_secs() as i64,
+        Err(before) => -(before.duration().as_secs() as i64),
+    };
+    let (year, month) = civil_year_month(seconds.div_euclid(86_400));
+    (year - 1970) * 12 + (month - 1)
+}
+
+/// The first instant of the UTC month containing `at`.
+pub fn month_start(at: SystemTime) -> SystemTime {
+    let month = month_index(at);
+    let days = days_from_civil(1970 + month.div_euclid(12), month.rem_euclid(12) + 1);
+    let seconds = days * 86_400;
+    if seconds >= 0 {
+        UNIX_EPOCH + Duration::from_secs(seconds as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(seconds.unsigned_abs())
+    }
+}
+
+/// Days from 1970-01-01 to the first of `month` (1–12) of `year`, by Howard
+/// Hinnant's `days_from_civil`.
+fn days_from_civil(year: i64, month: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let shifted_month = if month > 2 { month - 3 } else { month + 9 };
+    let day_of_year = (153 * shifted_month + 2) / 5;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// Year and month (1–12) of a day counted from 1970-01-01, by Howard
+/// Hinnant's `civil_from_days`.
+fn civil_year_month(days: i64) -> (i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month)
+}
+
+/// Creates the partition for the month containing `at`, if missing.
+pub async fn ensure<C: GenericClient>(client: &C, at: SystemTime) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("SELECT usage_ensure_partition($1)", &[&at])
+        .await
+        .map(drop)
+}
+
+/// Creates this month's partition and the next [`MONTHS_AHEAD`]; returns their names.
+pub async fn ensure_ahead<C: GenericClient>(client: &C) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT usage_ensure_partition(now() + make_interval(months => m))
+             FROM generate_series(0, $1) AS m",
+            &[&MONTHS_AHEAD],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// What a purge removed.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Purged {
+    /// Whole partitions dropped.
+    pub partitions: Vec<String>,
+    /// Rows deleted one batch at a time from the partition holding the cutoff.
+    pub rows: u64,
+}
+
+/// Removes usage events created before `before`: partitions that end at or
+/// before it are dropped whole; inside the partition holding the cutoff, rows
+/// are deleted in bounded batches. Rollups are left alone (their own retention).
+pub async fn purge(pool: &Pool, before: SystemTime) -> Result<Purged, PurgeError> {
+    let client = pool.get().await?;
+    let whole = client
+        .query(
+            "SELECT name FROM usage_partitions WHERE ends_at <= $1 ORDER BY starts_at",
+            &[&before],
+        )
+        .await?;
+    let mut purged = Purged::default();
+    for row in whole {
+        let name: String = row.get(0);
+        // Drop and forget in one transaction, so the two never disagree.
+        client.batch_execute("BEGIN").await?;
+        let dropped = async {
+            client
+                .batch_execute(&format!("DROP TABLE IF EXISTS {}", quote_ident(&name)))
+                .await?;
+            client
+                .execute("DELETE FROM usage_partitions WHERE name = $1", &[&name])
+                .await
+        }
+        .await;
+        match dropped {
+            Ok(_) => client.batch_execute("COMMIT").await?,
+            Err(error) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(error.into());
+            }
+        }
+        purged.partitions.push(name);
+    }
+    let boundary = client
+        .query_opt(
+            "SELECT name FROM usage_partitions WHERE starts_at < $1 AND ends_at > $1",
+            &[&before],
+        )
+        .await?;
+    if let Some(row) = boundary {
+        let name = quote_ident(&row.get::<_, String>(0));
+        let delete = format!(
+            "DELETE FROM {name} WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM {name} WHERE created_at < $1 LIMIT $2))"
+        );
+        loop {
+            let deleted = client.execute(&delete, &[&before, &PURGE_BATCH_ROWS]).await?;
+            purged.rows += deleted;
+            if deleted < PURGE_BATCH_ROWS as u64 {
+                break;
+            }
+        }
+    }
+    Ok(purged)
+}
+
+/// Deletes rollup rows older than `retention`, in bounded batches.
+pub async fn purge_rollups(pool: &Pool, retention: Duration) -> Result<u64, PurgeError> {
+    let client = pool.get().await?;
+    let cutoff = SystemTime::now() - retention;
+    let mut total = 0;
+    loop {
+        let deleted = client
+            .execute(
+                "DELETE FROM usage_rollup_minute WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM usage_rollup_minute WHERE bucket < $1 LIMIT $2))",
+                &[&cutoff, &PURGE_BATCH_ROWS],
+            )
+            .await?;
+        total += deleted;
+        if deleted < PURGE_BATCH_ROWS as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error("no Postgres connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("Postgres: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    #[test]
+    fn month_index_follows_utc_calendar_months() {
+        assert_eq!(month_index(at(0)), 0);
+        // 2026-11-30T23:59:59Z and 2026-12-01T00:00:00Z.
+        assert_eq!(month_index(at(1_796_083_199)), (2026 - 1970) * 12 + 10);
+        assert_eq!(month_index(at(1_796_083_200)), (2026 - 1970) * 12 + 11);
+        // 2028-02-29 (leap day) is February.
+        assert_eq!(month_index(at(1_835_395_200)), (2028 - 1970) * 12 + 1);
+    }
+
+    #[test]
+    fn month_start_is_the_first_at_midnight_utc() {
+        assert_eq!(month_start(at(1_796_083_199)), at(1_793_491_200)); // 2026-11-01
+        assert_eq!(month_start(at(1_796_083_200)), at(1_796_083_200)); // 2026-12-01
+        assert_eq!(month_start(at(1_835_395_200)), at(1_832_976_000)); // 2028-02-01
+        assert_eq!(month_start(at(0)), at(0));
+    }
+}

@@ -1,0 +1,247 @@
+//! Reading usage back: totals over a period, live statistics, and one
+//! account's raw events.
+//!
+//! Totals and statistics read the minute rollups (`usage_rollup_minute`),
+//! whose primary key starts with `(account_id, bucket)`, so a period's usage
+//! costs one index range scan however large the raw log grows; their
+//! resolution is one minute (`from` is rounded down to its minute). Only the
+//! event listing reads `usage_events`, through `(account_id, created_at)`.
+
+use std::time::SystemTime;
+
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+use uuid::Uuid;
+
+/// The id of the account called `name`.
+pub async fn account_id<C: GenericClient>(
+    client: &C,
+    name: &str,
+) -> Result<Option<Uuid>, tokio_postgres::Error> {
+    let row = client
+        .query_opt("SELECT id FROM accounts WHERE name = $1", &[&name])
+        .await?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+/// How totals are broken down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// One row for the whole period.
+    Total,
+    Model,
+    /// UTC calendar day, `YYYY-MM-DD`.
+    Day,
+    /// API key id.
+    Key,
+}
+
+impl GroupBy {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "total" => Some(Self::Total),
+            "model" => Some(Self::Model),
+            "day" => Some(Self::Day),
+            "key" => Some(Self::Key),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Total => "total",
+            Self::Model => "model",
+            Self::Day => "day",
+            Self::Key => "key",
+        }
+    }
+
+    /// The SQL expression of the group, over `usage_rollup_minute`.
+    fn expression(self) -> &'static str {
+        match self {
+            Self::Total => "NULL::text",
+            Self::Model => "model",
+            Self::Day => "to_char(bucket AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            Self::Key => "key_id::text",
+        }
+    }
+}
+
+/// Totals of one group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageTotals {
+    /// The model, day or key id; absent for [`GroupBy::Total`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub requests: i64,
+    pub failed_requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub units: i64,
+}
+
+/// Usage totals of `account` (every account when `None`) in `[from, to)`.
+pub async fn totals<C: GenericClient>(
+    client: &C,
+    account: Option<Uuid>,
+    from: SystemTime,
+    to: SystemTime,
+    group_by: GroupBy,
+) -> Result<Vec<UsageTotals>, tokio_postgres::Error> {
+    let account_filter = if account.is_some() {
+        "account_id = $3 AND"
+    } else {
+        "$3::uuid IS NULL AND"
+    };
+    let group = group_by.expression();
+    let sql = format!(
+        "SELECT {group} AS grp,
+                coalesce(sum(requests), 0)::int8, coalesce(sum(failed_requests), 0)::int8,
+                coalesce(sum(prompt_tokens), 0)::int8, coalesce(sum(completion_tokens), 0)::int8,
+                coalesce(sum(total_tokens), 0)::int8, coalesce(sum(units), 0)::int8
+         FROM usage_rollup_minute
+         WHERE {account_filter} bucket >= date_trunc('minute', $1::timestamptz) AND bucket < $2
+         GROUP BY grp ORDER BY grp"
+    );
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client.query(&statement, &[&from, &to, &account]).await?;
+    let mut totals: Vec<UsageTotals> = rows
+        .iter()
+        .map(|row| UsageTotals {
+            group: row.get(0),
+            requests: row.get(1),
+            failed_requests: row.get(2),
+            prompt_tokens: row.get(3),
+            completion_tokens: row.get(4),
+            total_tokens: row.get(5),
+            units: row.get(6),
+        })
+        .collect();
+    if totals.is_empty() && group_by == GroupBy::Total {
+        // A period with no usage still has a total: zero.
+        totals.push(UsageTotals {
+            group: None,
+            requests: 0,
+            failed_requests: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            units: 0,
+        });
+    }
+    Ok(totals)
+}
+
+/// The classic "how busy are we" figures, from rollups.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LiveStats {
+    /// Requests in the last 60 seconds.
+    pub requests_per_minute: f64,
+    /// Tokens in the last 60 seconds.
+    pub tokens_per_minute: f64,
+    /// Units used by every account in the current UTC month (the sum quotas draw on).
+    pub units_this_month: i64,
+    pub requests_this_month: i64,
+}
+
+/// Live statistics. The last 60 seconds are the current minute bucket plus
+/// the previous one weighted by how much of it falls inside the window (the
+/// sliding-window estimate), since rollups have minute resolution.
+pub async fn live_stats<C: GenericClient>(client: &C) -> Result<LiveStats, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "WITH now_ AS (SELECT now() AS t, date_trunc('minute', now()) AS m),
+                  weights AS (
+                      SELECT r.requests, r.total_tokens,
+                             CASE WHEN r.bucket = n.m THEN 1.0
+                                  ELSE 1.0 - extract(epoch FROM n.t - n.m) / 60.0 END AS w
+                      FROM usage_rollup_minute r, now_ n
+                      WHERE r.bucket >= n.m - interval '1 minute')
+             SELECT coalesce(sum(requests * w), 0)::float8,
+                    coalesce(sum(total_tokens * w), 0)::float8,
+                    (SELECT coalesce(sum(units), 0)::int8 FROM usage_rollup_minute
+                     WHERE bucket >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+                    (SELECT coalesce(sum(requests), 0)::int8 FROM usage_rollup_minute
+                     WHERE bucket >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+             FROM weights",
+            &[],
+        )
+        .await?;
+    Ok(LiveStats {
+        requests_per_minute: row.get(0),
+        tokens_per_minute: row.get(1),
+        units_this_month: row.get(2),
+        requests_this_month: row.get(3),
+    })
+}
+
+/// One stored usage event, as listed for an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredEvent {
+    pub event_id: Uuid,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub request_id: String,
+    pub key_id: Uuid,
+    pub model: String,
+    pub backend: Option<String>,
+    pub kind: String,
+    pub status: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub counted_prompt_tokens: Option<i64>,
+    pub counted_completion_tokens: Option<i64>,
+    pub usage_source: String,
+    pub units: i64,
+    pub latency_ms: i32,
+    pub ttft_ms: Option<i32>,
+}
+
+/// The per-account raw-log query: newest first, at most `limit`.
+pub const ACCOUNT_EVENTS: &str = "
+    SELECT event_id, (extract(epoch FROM created_at) * 1000)::int8, request_id, key_id, model,
+           backend, kind, status, prompt_tokens, completion_tokens, total_tokens,
+           counted_prompt_tokens, counted_completion_tokens, usage_source, units,
+           latency_ms, ttft_ms
+    FROM usage_events
+    WHERE account_id = $1 AND created_at >= $2 AND created_at < $3
+    ORDER BY created_at DESC
+    LIMIT $4";
+
+/// One account's events in `[from, to)`, newest first.
+pub async fn account_events<C: GenericClient>(
+    client: &C,
+    account: Uuid,
+    from: SystemTime,
+    to: SystemTime,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(ACCOUNT_EVENTS).await?;
+    let rows = client
+        .query(&statement, &[&account, &from, &to, &limit])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| StoredEvent {
+            event_id: row.get(0),
+            created_at: row.get(1),
+            request_id: row.get(2),
+            key_id: row.get(3),
+            model: row.get(4),
+            backend: row.get(5),
+            kind: row.get(6),
+            status: row.get(7),
+            prompt_tokens: row.get(8),
+            completion_tokens: row.get(9),
+            total_tokens: row.get(10),
+            counted_prompt_tokens: row.get(11),
+            counted_completion_tokens: row.get(12),
+            usage_source: row.get(13),
+            units: row.get(14),
+            latency_ms: row.get(15),
+            ttft_ms: row.get(16),
+        })
+        .collect())
+}

@@ -1,0 +1,460 @@
+//! From the request path to Postgres without waiting and without losing an event.
+//!
+//! The request path calls [`UsageSink::record`], a non-blocking `try_send`
+//! into a bounded channel. One [`UsageWriter`] task drains it in batches (a
+//! size trigger and a time trigger) and writes each batch with one
+//! `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING` whose `RETURNING`
+//! rows feed the minute rollups in the same statement: an event written twice
+//! is inserted once and counted once.
+//!
+//! When Postgres fails or is slower than `write_timeout`, the batch goes to the
+//! durable [`Spool`] instead; so does an event that finds the channel full.
+//! While the spool holds anything, new batches are appended behind it and the
+//! writer replays it oldest-first, so events reach Postgres in the order they
+//! were spooled. A spool left by a previous process is replayed the same way.
+//!
+//! Durability: an event is in memory between `record` and its batch's write
+//! (at most `flush_interval` plus one write), and on disk from then on, in
+//! Postgres or in the spool. SIGTERM flushes the channel ([`UsageSink::flush`]);
+//! a SIGKILL loses only the events still in memory. If even the spool cannot
+//! be written, the request path keeps serving: the event is counted in
+//! `lost` and logged at error level.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::event::UsageEvent;
+use crate::partitions;
+use crate::spool::Spool;
+
+/// Writer settings (`[metering]` in the config).
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Events waiting in memory before new ones go straight to the spool.
+    pub channel_capacity: usize,
+    /// Events per Postgres statement.
+    pub batch_size: usize,
+    /// A batch is written at the latest this long after its first event.
+    pub flush_interval: Duration,
+    /// A write slower than this counts as failed: the batch is spooled.
+    pub write_timeout: Duration,
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Events inserted into Postgres (replays of already-stored events excluded).
+    pub written: AtomicU64,
+    /// Events that were already stored when written again (replays).
+    pub duplicates: AtomicU64,
+    /// Batches written to Postgres.
+    pub batches: AtomicU64,
+    /// Events appended to the spool.
+    pub spooled: AtomicU64,
+    /// Spooled events replayed into Postgres.
+    pub replayed: AtomicU64,
+    /// Events neither written nor spooled: lost.
+    pub lost: AtomicU64,
+    /// Failed Postgres writes.
+    pub write_errors: AtomicU64,
+}
+
+/// The request path's handle: cheap to clone, never waits.
+#[derive(Clone)]
+pub struct UsageSink {
+    events: mpsc::Sender<UsageEvent>,
+    flushes: mpsc::Sender<oneshot::Sender<()>>,
+    spool: Arc<Spool>,
+    stats: Arc<WriterStats>,
+}
+
+/// The background task that owns the channel's receiving end.
+pub struct UsageWriter {
+    events: mpsc::Receiver<UsageEvent>,
+    flushes: mpsc::Receiver<oneshot::Sender<()>>,
+    spool: Arc<Spool>,
+    pool: Pool,
+    config: WriterConfig,
+    stats: Arc<WriterStats>,
+    /// Months whose partition is known to exist.
+    partitions: BTreeSet<i64>,
+    /// No spool replay before this instant (backoff while Postgres is down).
+    replay_after: Instant,
+}
+
+/// Backoff between replay attempts while Postgres is unavailable.
+const REPLAY_BACKOFF: Duration = Duration::from_secs(1);
+/// Spool batches replayed before the writer looks at its channel again.
+const REPLAY_BATCHES_PER_TURN: usize = 8;
+/// How long a shutdown flush may try Postgres before spooling instead.
+const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Creates the sink for the request path and the writer to run in the background.
+pub fn channel(
+    pool: Pool,
+    spool: Arc<Spool>,
+    config: WriterConfig,
+) -> (UsageSink, UsageWriter, Arc<WriterStats>) {
+    let (events_tx, events_rx) = mpsc::channel(config.channel_capacity);
+    // Flush requests come from shutdown (and tests): a handful at most.
+    let (flush_tx, flush_rx) = mpsc::channel(4);
+    let stats = Arc::new(WriterStats::default());
+    let sink = UsageSink {
+        events: events_tx,
+        flushes: flush_tx,
+        spool: Arc::clone(&spool),
+        stats: Arc::clone(&stats),
+    };
+    let writer = UsageWriter {
+        events: events_rx,
+        flushes: flush_rx,
+        spool,
+        pool,
+        config,
+        stats: Arc::clone(&stats),
+        partitions: BTreeSet::new(),
+        replay_after: Instant::now(),
+    };
+    (sink, writer, stats)
+}
+
+impl UsageSink {
+    /// Hands one event to the writer without waiting: into the channel, or
+    /// when it is full (or the writer is gone), into the spool.
+    pub fn record(&self, event: UsageEvent) {
+        let event = match self.events.try_send(event) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event)) => {
+                event
+            }
+        };
+        spool_events(&self.spool, &self.stats, std::slice::from_ref(&event), false);
+    }
+
+    /// Waits until every event recorded before this call is in Postgres or
+    /// in the spool (synced). For shutdown, after the last request finished.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.flushes.send(done).await.is_ok() {
+            let _ = flushed.await;
+        }
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    /// Events in the spool waiting for replay.
+    pub fn spooled_events(&self) -> usize {
+        self.spool.len()
+    }
+}
+
+/// Appends `events` to the spool; counts them as spooled or lost. The writer
+/// syncs (`fdatasync`) after each batch it spools; the request path only
+/// appends, so it never waits on the disk (its records survive a process
+/// crash at once, and power loss from the writer's next sync).
+fn spool_events(spool: &Spool, stats: &WriterStats, events: &[UsageEvent], sync: bool) {
+    let mut payloads = Vec::with_capacity(events.len());
+    for event in events {
+        match serde_json::to_vec(event) {
+            Ok(payload) => payloads.push(payload),
+            // Unreachable for these plain types; counted rather than ignored.
+            Err(error) => {
+                stats.lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("USAGE EVENT LOST: not serialisable: {error}");
+            }
+        }
+    }
+    let count = payloads.len() as u64;
+    if let Err(error) = spool.append(payloads.iter().map(Vec::as_slice)) {
+        stats.lost.fetch_add(count, Ordering::Relaxed);
+        tracing::error!(
+            events = count,
+            "USAGE EVENTS LOST: neither Postgres nor the spool could take them: {error}"
+        );
+        return;
+    }
+    stats.spooled.fetch_add(count, Ordering::Relaxed);
+    if sync && let Err(error) = spool.sync() {
+        // Written, so replayed after a crash; only a power loss could take them now.
+        tracing::error!("usage spool sync failed: {error}");
+    }
+}
+
+impl UsageWriter {
+    /// Runs until `shutdown` resolves or every sink is dropped, then writes
+    /// what is left (to Postgres if it answers quickly, else to the spool).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        if !self.spool.is_empty() {
+            tracing::info!(events = self.spool.len(), "replaying the usage spool left by a previous run");
+        }
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut batch = Vec::with_capacity(self.config.batch_size);
+        loop {
+            let deadline = Instant::now() + self.config.flush_interval;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(done) = self.flushes.recv() => {
+                    self.drain_channel(&mut batch).await;
+                    self.deliver(&mut batch).await;
+                    let _ = done.send(());
+                    continue;
+                }
+                received = self.events.recv_many(&mut batch, self.config.batch_size) => {
+                    if received == 0 {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep_until(self.replay_after), if !self.spool.is_empty() => {
+                    self.replay().await;
+                    continue;
+                }
+            }
+            // Fill the batch until it is full or the flush interval is up.
+            while batch.len() < self.config.batch_size {
+                let room = self.config.batch_size - batch.len();
+                match tokio::time::timeout_at(deadline, self.events.recv_many(&mut batch, room)).await
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            self.deliver(&mut batch).await;
+        }
+        self.config.write_timeout = self.config.write_timeout.min(SHUTDOWN_WRITE_TIMEOUT);
+        self.drain_channel(&mut batch).await;
+        self.deliver(&mut batch).await;
+        while let Ok(done) = self.flushes.try_recv() {
+            let _ = done.send(());
+        }
+    }
+
+    /// Moves every event waiting in the channel into batches, writing full ones.
+    async fn drain_channel(&mut self, batch: &mut Vec<UsageEvent>) {
+        while let Ok(event) = self.events.try_recv() {
+            batch.push(event);
+            if batch.len() >= self.config.batch_size {
+                self.deliver(batch).await;
+            }
+        }
+    }
+
+    /// Writes a batch: to Postgres when nothing is spooled ahead of it, to the
+    /// spool otherwise or when Postgres fails.
+    async fn deliver(&mut self, batch: &mut Vec<UsageEvent>) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.spool.is_empty() {
+            match self.write(batch).await {
+                Ok(()) => {
+                    batch.clear();
+                    return;
+                }
+                Err(error) => self.postgres_failed(&error),
+            }
+        }
+        spool_events(&self.spool, &self.stats, batch, true);
+        batch.clear();
+        if Instant::now() >= self.replay_after {
+            self.replay().await;
+        }
+    }
+
+    /// Replays the spool oldest-first until it is empty, Postgres fails, or
+    /// [`REPLAY_BATCHES_PER_TURN`] batches went in (then the channel gets a turn).
+    async fn replay(&mut self) {
+        for _ in 0..REPLAY_BATCHES_PER_TURN {
+            let records = match self.spool.read_batch(self.config.batch_size) {
+                Ok(records) if records.is_empty() => return,
+                Ok(records) => records,
+                Err(error) => {
+                    tracing::error!("usage spool unreadable; replay stopped: {error}");
+                    self.replay_after = Instant::now() + REPLAY_BACKOFF;
+                    return;
+                }
+            };
+            let events: Vec<UsageEvent> = records
+                .iter()
+                .filter_map(|record| match serde_json::from_slice(record) {
+                    Ok(event) => Some(event),
+                    Err(error) => {
+                        // Checksummed, so written by a different version: keep going.
+                        self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!("usage spool record is not an event, skipped: {error}");
+                        None
+                    }
+                })
+                .collect();
+            match self.write(&events).await {
+                Ok(()) => {
+                    self.spool.consume(records.len());
+                    self.stats
+                        .replayed
+                        .fetch_add(events.len() as u64, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    self.postgres_failed(&error);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn postgres_failed(&mut self, error: &WriteError) {
+        self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+        self.replay_after = Instant::now() + REPLAY_BACKOFF;
+        tracing::warn!("usage write failed, spooling: {error}");
+    }
+
+    /// One batch into Postgres, creating a missing month partition on demand.
+    async fn write(&mut self, events: &[UsageEvent]) -> Result<(), WriteError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.config.write_timeout;
+        // One event per month whose partition is not known to exist.
+        let months: BTreeMap<i64, SystemTime> = events
+            .iter()
+            .map(|e| (partitions::month_index(e.created_at), e.created_at))
+            .filter(|(month, _)| !self.partitions.contains(month))
+            .collect();
+        let inserted = tokio::time::timeout(timeout, async {
+            let client = self.pool.get().await?;
+            for &at in months.values() {
+                partitions::ensure(&client, at).await?;
+            }
+            let inserted = insert_batch(&client, events).await?;
+            Ok::<_, WriteError>(inserted)
+        })
+        .await
+        .map_err(|_| WriteError::Timeout(timeout))??;
+        self.partitions.extend(months.into_keys());
+        let events_len = events.len() as u64;
+        self.stats.written.fetch_add(inserted, Ordering::Relaxed);
+        self.stats
+            .duplicates
+            .fetch_add(events_len - inserted.min(events_len), Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("no Postgres connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("Postgres: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("write took longer than {0:?}")]
+    Timeout(Duration),
+}
+
+/// Inserts the events not stored yet and adds exactly those to the minute
+/// rollups, in one statement (so one transaction). Returns how many were new.
+const INSERT_BATCH: &str = "
+WITH inserted AS (
+    INSERT INTO usage_events (
+        event_id, created_at, request_id, account_id, key_id, tier, model, backend,
+        kind, status, prompt_tokens, completion_tokens, total_tokens,
+        counted_prompt_tokens, counted_completion_tokens, usage_source,
+        units, latency_ms, ttft_ms)
+    SELECT * FROM unnest(
+        $1::uuid[], $2::timestamptz[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
+        $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::int8[],
+        $13::int8[], $14::int8[], $15::int8[], $16::text[], $17::int8[], $18::int4[],
+        $19::int4[])
+    ON CONFLICT DO NOTHING
+    RETURNING created_at, account_id, key_id, model, tier, status,
+              prompt_tokens, completion_tokens, total_tokens, units
+), rolled AS (
+    INSERT INTO usage_rollup_minute AS r (
+        bucket, account_id, key_id, model, tier, requests, failed_requests,
+        prompt_tokens, completion_tokens, total_tokens, units)
+    SELECT date_trunc('minute', created_at), account_id, key_id, model, tier,
+           count(*), count(*) FILTER (WHERE status IN ('client_error', 'upstream_error', 'rejected')),
+           sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(units)
+    FROM inserted
+    GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
+        requests = r.requests + excluded.requests,
+        failed_requests = r.failed_requests + excluded.failed_requests,
+        prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = r.completion_tokens + excluded.completion_tokens,
+        total_tokens = r.total_tokens + excluded.total_tokens,
+        units = r.units + excluded.units
+)
+SELECT count(*) FROM inserted";
+
+async fn insert_batch(
+    client: &deadpool_postgres::Client,
+    events: &[UsageEvent],
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = client.prepare_cached(INSERT_BATCH).await?;
+    let column = |f: fn(&UsageEvent) -> i64| events.iter().map(f).collect::<Vec<i64>>();
+    let optional = |f: fn(&UsageEvent) -> Option<i64>| events.iter().map(f).collect::<Vec<_>>();
+    let event_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let created: Vec<SystemTime> = events.iter().map(|e| e.created_at).collect();
+    let request_ids: Vec<&str> = events.iter().map(|e| e.request_id.as_str()).collect();
+    let accounts: Vec<Uuid> = events.iter().map(|e| e.account_id).collect();
+    let keys: Vec<Uuid> = events.iter().map(|e| e.key_id).collect();
+    let tiers: Vec<&str> = events.iter().map(|e| e.tier.as_str()).collect();
+    let models: Vec<&str> = events.iter().map(|e| e.model.as_str()).collect();
+    let backends: Vec<Option<&str>> = events.iter().map(|e| e.backend.as_deref()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let statuses: Vec<&str> = events.iter().map(|e| e.status.as_str()).collect();
+    let prompt = column(|e| clamp(e.tokens.prompt));
+    let completion = column(|e| clamp(e.tokens.completion));
+    let total = column(|e| clamp(e.tokens.total()));
+    let counted_prompt = optional(|e| e.counted_prompt_tokens.map(clamp));
+    let counted_completion = optional(|e| e.counted_completion_tokens.map(clamp));
+    let sources: Vec<&str> = events.iter().map(|e| e.usage_source.as_str()).collect();
+    let units = column(|e| clamp(e.units));
+    let latency: Vec<i32> = events.iter().map(|e| clamp_ms(e.latency_ms)).collect();
+    let ttft: Vec<Option<i32>> = events.iter().map(|e| e.ttft_ms.map(clamp_ms)).collect();
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &event_ids,
+                &created,
+                &request_ids,
+                &accounts,
+                &keys,
+                &tiers,
+                &models,
+                &backends,
+                &kinds,
+                &statuses,
+                &prompt,
+                &completion,
+                &total,
+                &counted_prompt,
+                &counted_completion,
+                &sources,
+                &units,
+                &latency,
+                &ttft,
+            ],
+        )
+        .await?;
+    let inserted: i64 = row.get(0);
+    Ok(u64::try_from(inserted).unwrap_or(0))
+}
+
+fn clamp(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn clamp_ms(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}

@@ -1,0 +1,362 @@
+//! The usage log against a real Postgres (a fresh database per test, the
+//! migrations from `sql/`): the writer, the spool replay, partitions,
+//! retention and the report queries.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
+use tollgate_metering::partitions;
+use tollgate_metering::report::{self, GroupBy};
+use tollgate_metering::spool::Spool;
+use tollgate_metering::writer::{self, WriterConfig};
+use uuid::Uuid;
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A migrated database of its own, dropped with the test.
+struct TestDb {
+    name: String,
+    pool: Pool,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        let name = format!(
+            "tollgate_metering_{}_{}_{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = admin_url();
+        let (client, connection) = tokio_postgres::connect(&admin, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
+        let config: tokio_postgres::Config = format!("{base}/{name}").parse().unwrap();
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager).max_size(4).build().unwrap();
+        let client = pool.get().await.unwrap();
+        let mut migrations: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../sql"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        migrations.sort_by_key(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            name[1..name.find("__").unwrap()].parse::<u32>().unwrap()
+        });
+        for path in migrations {
+            client
+                .batch_execute(&std::fs::read_to_string(&path).unwrap())
+                .await
+                .unwrap();
+        }
+        Self { name, pool }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        self.pool.close();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn config() -> WriterConfig {
+    WriterConfig {
+        channel_capacity: 10_000,
+        batch_size: 500,
+        flush_interval: Duration::from_millis(20),
+        write_timeout: Duration::from_secs(5),
+    }
+}
+
+fn at(seconds: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(seconds)
+}
+
+/// 2026-11-15T12:00:00Z
+const MID_NOVEMBER: u64 = 1_795_262_400;
+
+fn event(account: Uuid, created_at: SystemTime, prompt: u64, completion: u64) -> UsageEvent {
+    UsageEvent {
+        event_id: Uuid::now_v7(),
+        created_at,
+        request_id: Uuid::now_v7().to_string(),
+        account_id: account,
+        key_id: account,
+        tier: "pro".to_owned(),
+        model: "sim-model".to_owned(),
+        backend: Some("b0".to_owned()),
+        kind: Kind::Chat,
+        status: Status::Ok,
+        tokens: Tokens { prompt, completion },
+        counted_prompt_tokens: Some(prompt),
+        counted_completion_tokens: None,
+        usage_source: UsageSource::Backend,
+        units: prompt + completion,
+        latency_ms: 12,
+        ttft_ms: Some(3),
+    }
+}
+
+async fn count(pool: &Pool, sql: &str) -> i64 {
+    pool.get().await.unwrap().query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Runs a writer over `events` (sent through the sink, then flushed).
+async fn write_all(pool: &Pool, spool: Arc<Spool>, events: &[UsageEvent]) -> writer::UsageSink {
+    let (sink, writer, _) = writer::channel(pool.clone(), spool, config());
+    tokio::spawn(writer.run(std::future::pending()));
+    for event in events {
+        sink.record(event.clone());
+    }
+    sink.flush().await;
+    sink
+}
+
+#[tokio::test]
+async fn writing_the_same_events_twice_stores_and_counts_them_once() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path()).unwrap());
+    let account = Uuid::now_v7();
+    let events: Vec<_> = (0..1_000)
+        .map(|i| event(account, at(MID_NOVEMBER + i), 10, 5))
+        .collect();
+    let sink = write_all(&db.pool, Arc::clone(&spool), &events).await;
+    let again = write_all(&db.pool, spool, &events).await;
+    assert_eq!(sink.stats().written.load(Ordering::Relaxed), 1_000);
+    assert_eq!(again.stats().written.load(Ordering::Relaxed), 0);
+    assert_eq!(again.stats().duplicates.load(Ordering::Relaxed), 1_000);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM usage_events").await, 1_000);
+    assert_eq!(
+        count(&db.pool, "SELECT sum(requests)::int8 FROM usage_rollup_minute").await,
+        1_000
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT sum(total_tokens)::int8 FROM usage_rollup_minute").await,
+        15_000
+    );
+}
+
+#[tokio::test]
+async fn a_spool_left_behind_is_replayed_in_order_exactly_once() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let account = Uuid::now_v7();
+    let events: Vec<_> = (0..300)
+        .map(|i| event(account, at(MID_NOVEMBER + i), 1, 1))
+        .collect();
+    {
+        // A previous process spooled these (and wrote the first 100 already).
+        let spool = Spool::open(dir.path()).unwrap();
+        let payloads: Vec<Vec<u8>> = events.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
+        spool.append(payloads.iter().map(Vec::as_slice)).unwrap();
+        spool.sync().unwrap();
+    }
+    let elsewhere = tempfile::tempdir().unwrap();
+    write_all(
+        &db.pool,
+        Arc::new(Spool::open(elsewhere.path()).unwrap()),
+        &events[..100],
+    )
+    .await;
+    let spool = Arc::new(Spool::open(dir.path()).unwrap());
+    assert_eq!(spool.len(), 300);
+    let sink = write_all(&db.pool, Arc::clone(&spool), &[]).await;
+    // The flush returns after the writer's first turn; the replay continues
+    // in the background until the spool is empty.
+    for _ in 0..500 {
+        if spool.is_empty() {
+            break;
+        }
+        sink.flush().await;
+    }
+    assert!(spool.is_empty());
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM usage_events").await, 300);
+    assert_eq!(
+        count(&db.pool, "SELECT sum(requests)::int8 FROM usage_rollup_minute").await,
+        300
+    );
+}
+
+#[tokio::test]
+async fn a_month_without_a_partition_gets_one_on_demand() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path()).unwrap());
+    let account = Uuid::now_v7();
+    // 2024-02-10: long before the partitions the migration created.
+    let old = event(account, at(1_707_566_400), 7, 3);
+    write_all(&db.pool, spool, std::slice::from_ref(&old)).await;
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM usage_events_2024_02"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn partitions_ahead_are_created_and_purge_drops_whole_old_months() {
+    let db = TestDb::create().await;
+    let client = db.pool.get().await.unwrap();
+    let names = partitions::ensure_ahead(&client).await.unwrap();
+    assert_eq!(names.len(), 1 + partitions::MONTHS_AHEAD as usize);
+
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path()).unwrap());
+    let account = Uuid::now_v7();
+    // 2026-09-15, 2026-10-15, and 2026-11-01..02 (the cutoff's month).
+    let mut events = vec![
+        event(account, at(1_789_473_600), 1, 0),
+        event(account, at(1_792_065_600), 1, 0),
+    ];
+    let november = 1_793_491_200;
+    events.extend((0..25_000).map(|i| event(account, at(november + i * 5), 1, 0)));
+    write_all(&db.pool, spool, &events).await;
+
+    // Cut off at 2026-11-01T12:00:00Z: Sep and Oct go whole, Nov in batches.
+    let cutoff = at(november + 12 * 3600);
+    let purged = partitions::purge(&db.pool, cutoff).await.unwrap();
+    assert_eq!(purged.partitions, ["usage_events_2026_09", "usage_events_2026_10"]);
+    assert_eq!(purged.rows, 12 * 3600 / 5);
+    let left = count(&db.pool, "SELECT count(*) FROM usage_events").await;
+    assert_eq!(left, 25_000 - 12 * 3600 / 5);
+    let early = client
+        .query_one(
+            "SELECT count(*) FROM usage_events WHERE created_at < $1",
+            &[&cutoff],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(early, 0);
+    // Rollups keep their own retention: untouched.
+    assert_eq!(
+        count(&db.pool, "SELECT sum(requests)::int8 FROM usage_rollup_minute").await,
+        25_002
+    );
+    // Purging again removes nothing more.
+    let again = partitions::purge(&db.pool, cutoff).await.unwrap();
+    assert_eq!(again, partitions::Purged::default());
+}
+
+#[tokio::test]
+async fn per_account_queries_use_their_indexes() {
+    let db = TestDb::create().await;
+    let client = db.pool.get().await.unwrap();
+    // Enough rows, and fresh statistics, that a scan would be the planner's
+    // choice if the index did not serve the query.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO usage_events
+                 (event_id, created_at, request_id, account_id, key_id, tier, model, kind, status,
+                  prompt_tokens, completion_tokens, total_tokens, usage_source, units, latency_ms)
+             SELECT gen_random_uuid(), to_timestamp({MID_NOVEMBER}) + make_interval(secs => g % 100000),
+                    'r' || g, md5((g % 500)::text)::uuid, md5((g % 500)::text)::uuid, 'pro',
+                    'sim-model', 'chat', 'ok', 10, 5, 15, 'backend', 15, 10
+             FROM generate_series(1, 100000) AS g;
+             INSERT INTO usage_rollup_minute
+             SELECT date_trunc('minute', created_at), account_id, key_id, model, tier, count(*), 0,
+                    sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(units)
+             FROM usage_events GROUP BY 1, 2, 3, 4, 5;
+             ANALYZE usage_events; ANALYZE usage_rollup_minute;"
+        ))
+        .await
+        .unwrap();
+    let account: Uuid = client
+        .query_one("SELECT md5('7')::uuid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let explain = |sql: String| {
+        let client = &client;
+        async move {
+            let rows = client
+                .query(&format!("EXPLAIN {sql}"), &[])
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    let period = format!(
+        "to_timestamp({MID_NOVEMBER}) AND created_at < to_timestamp({})",
+        MID_NOVEMBER + 86_400
+    );
+    let raw = explain(format!(
+        "SELECT * FROM usage_events WHERE account_id = '{account}' AND created_at >= {period}"
+    ))
+    .await;
+    assert!(raw.contains("usage_events_2026_11_account_id_created_at_idx"), "{raw}");
+    assert!(!raw.contains("Seq Scan"), "{raw}");
+    let rollup = explain(format!(
+        "SELECT sum(units) FROM usage_rollup_minute WHERE account_id = '{account}'
+         AND bucket >= to_timestamp({MID_NOVEMBER}) AND bucket < to_timestamp({})",
+        MID_NOVEMBER + 86_400
+    ))
+    .await;
+    assert!(rollup.contains("usage_rollup_minute_pkey"), "{rollup}");
+    assert!(!rollup.contains("Seq Scan"), "{rollup}");
+
+    // And the report functions answer from them.
+    let totals = report::totals(
+        &client,
+        Some(account),
+        at(MID_NOVEMBER),
+        at(MID_NOVEMBER + 200_000),
+        GroupBy::Model,
+    )
+    .await
+    .unwrap();
+    assert_eq!(totals.len(), 1);
+    assert_eq!(totals[0].requests, 200);
+    assert_eq!(totals[0].units, 200 * 15);
+    let events = report::account_events(
+        &client,
+        account,
+        at(MID_NOVEMBER),
+        at(MID_NOVEMBER + 200_000),
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(events.len(), 10);
+    assert!(events.windows(2).all(|w| w[0].created_at >= w[1].created_at));
+}
