@@ -66,6 +66,12 @@ CREATE TABLE usage_rollup_minute (
 
 CREATE INDEX usage_rollup_minute_bucket_idx ON usage_rollup_minute (bucket);
 
+-- The same totals per UTC day: an account's month is ~30 rows per key and
+-- model however often it calls, where its minute rows can number as many as
+-- its requests. Period totals read whole days here and only the partial days
+-- at a period's edges from the minute rollups.
+CREATE TABLE usage_rollup_day (LIKE usage_rollup_minute INCLUDING ALL);
+
 -- The month partitions of usage_events and their bounds, so retention can
 -- find whole partitions to drop without parsing catalog expressions.
 CREATE TABLE usage_partitions (

@@ -68,7 +68,10 @@ fn civil_year_month(days: i64) -> (i64, i64) {
 }
 
 /// Creates the partition for the month containing `at`, if missing.
-pub async fn ensure<C: GenericClient>(client: &C, at: SystemTime) -> Result<(), tokio_postgres::Error> {
+pub async fn ensure<C: GenericClient>(
+    client: &C,
+    at: SystemTime,
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute("SELECT usage_ensure_partition($1)", &[&at])
         .await
@@ -76,7 +79,9 @@ pub async fn ensure<C: GenericClient>(client: &C, at: SystemTime) -> Result<(), 
 }
 
 /// Creates this month's partition and the next [`MONTHS_AHEAD`]; returns their names.
-pub async fn ensure_ahead<C: GenericClient>(client: &C) -> Result<Vec<String>, tokio_postgres::Error> {
+pub async fn ensure_ahead<C: GenericClient>(
+    client: &C,
+) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT usage_ensure_partition(now() + make_interval(months => m))
@@ -143,7 +148,9 @@ pub async fn purge(pool: &Pool, before: SystemTime) -> Result<Purged, PurgeError
                  SELECT ctid FROM {name} WHERE created_at < $1 LIMIT $2))"
         );
         loop {
-            let deleted = client.execute(&delete, &[&before, &PURGE_BATCH_ROWS]).await?;
+            let deleted = client
+                .execute(&delete, &[&before, &PURGE_BATCH_ROWS])
+                .await?;
             purged.rows += deleted;
             if deleted < PURGE_BATCH_ROWS as u64 {
                 break;
@@ -153,24 +160,36 @@ pub async fn purge(pool: &Pool, before: SystemTime) -> Result<Purged, PurgeError
     Ok(purged)
 }
 
-/// Deletes rollup rows older than `retention`, in bounded batches.
-pub async fn purge_rollups(pool: &Pool, retention: Duration) -> Result<u64, PurgeError> {
+/// Deletes rollup rows older than their retention, in bounded batches:
+/// minute rows after `minute_retention`, day rows after `day_retention`.
+pub async fn purge_rollups(
+    pool: &Pool,
+    minute_retention: Duration,
+    day_retention: Duration,
+) -> Result<u64, PurgeError> {
     let client = pool.get().await?;
-    let cutoff = SystemTime::now() - retention;
+    let now = SystemTime::now();
     let mut total = 0;
-    loop {
-        let deleted = client
-            .execute(
-                "DELETE FROM usage_rollup_minute WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM usage_rollup_minute WHERE bucket < $1 LIMIT $2))",
-                &[&cutoff, &PURGE_BATCH_ROWS],
-            )
-            .await?;
-        total += deleted;
-        if deleted < PURGE_BATCH_ROWS as u64 {
-            return Ok(total);
+    for (table, retention) in [
+        ("usage_rollup_minute", minute_retention),
+        ("usage_rollup_day", day_retention),
+    ] {
+        let cutoff = now - retention;
+        let delete = format!(
+            "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM {table} WHERE bucket < $1 LIMIT $2))"
+        );
+        loop {
+            let deleted = client
+                .execute(&delete, &[&cutoff, &PURGE_BATCH_ROWS])
+                .await?;
+            total += deleted;
+            if deleted < PURGE_BATCH_ROWS as u64 {
+                break;
+            }
         }
     }
+    Ok(total)
 }
 
 #[derive(Debug, thiserror::Error)]

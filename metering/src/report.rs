@@ -1,13 +1,15 @@
 //! Reading usage back: totals over a period, live statistics, and one
 //! account's raw events.
 //!
-//! Totals and statistics read the minute rollups (`usage_rollup_minute`),
-//! whose primary key starts with `(account_id, bucket)`, so a period's usage
-//! costs one index range scan however large the raw log grows; their
-//! resolution is one minute (`from` is rounded down to its minute). Only the
-//! event listing reads `usage_events`, through `(account_id, created_at)`.
+//! Totals and statistics read the rollups, whose primary keys start with
+//! `(account_id, bucket)`: whole days from `usage_rollup_day`, the partial
+//! days at a period's edges and the last minute from `usage_rollup_minute`.
+//! A period's usage is a few index range scans however large the raw log
+//! grows; the resolution is one minute (`from` is rounded down to its
+//! minute). Only the event listing reads `usage_events`, through
+//! `(account_id, created_at)`.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
@@ -56,7 +58,7 @@ impl GroupBy {
         }
     }
 
-    /// The SQL expression of the group, over `usage_rollup_minute`.
+    /// The SQL expression of the group, over either rollup table.
     fn expression(self) -> &'static str {
         match self {
             Self::Total => "NULL::text",
@@ -81,7 +83,9 @@ pub struct UsageTotals {
     pub units: i64,
 }
 
-/// Usage totals of `account` (every account when `None`) in `[from, to)`.
+/// Usage totals of `account` (every account when `None`) in `[from, to)`:
+/// whole UTC days from the day rollups, the partial days at either edge from
+/// the minute rollups.
 pub async fn totals<C: GenericClient>(
     client: &C,
     account: Option<Uuid>,
@@ -89,23 +93,36 @@ pub async fn totals<C: GenericClient>(
     to: SystemTime,
     group_by: GroupBy,
 ) -> Result<Vec<UsageTotals>, tokio_postgres::Error> {
+    let (days_from, days_to) = whole_days(from, to);
     let account_filter = if account.is_some() {
         "account_id = $3 AND"
     } else {
         "$3::uuid IS NULL AND"
     };
     let group = group_by.expression();
+    let columns =
+        "requests, failed_requests, prompt_tokens, completion_tokens, total_tokens, units";
     let sql = format!(
-        "SELECT {group} AS grp,
+        "SELECT grp,
                 coalesce(sum(requests), 0)::int8, coalesce(sum(failed_requests), 0)::int8,
                 coalesce(sum(prompt_tokens), 0)::int8, coalesce(sum(completion_tokens), 0)::int8,
                 coalesce(sum(total_tokens), 0)::int8, coalesce(sum(units), 0)::int8
-         FROM usage_rollup_minute
-         WHERE {account_filter} bucket >= date_trunc('minute', $1::timestamptz) AND bucket < $2
+         FROM (
+             SELECT {group} AS grp, {columns} FROM usage_rollup_day
+             WHERE {account_filter} bucket >= $4 AND bucket < $5
+             UNION ALL
+             SELECT {group} AS grp, {columns} FROM usage_rollup_minute
+             WHERE {account_filter} bucket >= date_trunc('minute', $1::timestamptz) AND bucket < $4
+             UNION ALL
+             SELECT {group} AS grp, {columns} FROM usage_rollup_minute
+             WHERE {account_filter} bucket >= $5 AND bucket < $2
+         ) AS periods
          GROUP BY grp ORDER BY grp"
     );
     let statement = client.prepare_cached(&sql).await?;
-    let rows = client.query(&statement, &[&from, &to, &account]).await?;
+    let rows = client
+        .query(&statement, &[&from, &to, &account, &days_from, &days_to])
+        .await?;
     let mut totals: Vec<UsageTotals> = rows
         .iter()
         .map(|row| UsageTotals {
@@ -131,6 +148,22 @@ pub async fn totals<C: GenericClient>(
         });
     }
     Ok(totals)
+}
+
+/// The whole UTC days inside `[from, to)` as `[first, end)`; an empty range
+/// at `to` when there is none (then the minute rollups cover everything).
+fn whole_days(from: SystemTime, to: SystemTime) -> (SystemTime, SystemTime) {
+    const DAY: u64 = 86_400;
+    let unix = |at: SystemTime| at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let at = |seconds: u64| UNIX_EPOCH + Duration::from_secs(seconds);
+    let (from, to_unix) = (unix(from), unix(to));
+    let first = from.div_ceil(DAY) * DAY;
+    let end = to_unix / DAY * DAY;
+    if first < end {
+        (at(first), at(end))
+    } else {
+        (to, to)
+    }
 }
 
 /// The classic "how busy are we" figures, from rollups.
@@ -160,10 +193,10 @@ pub async fn live_stats<C: GenericClient>(client: &C) -> Result<LiveStats, tokio
                       WHERE r.bucket >= n.m - interval '1 minute')
              SELECT coalesce(sum(requests * w), 0)::float8,
                     coalesce(sum(total_tokens * w), 0)::float8,
-                    (SELECT coalesce(sum(units), 0)::int8 FROM usage_rollup_minute
-                     WHERE bucket >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
-                    (SELECT coalesce(sum(requests), 0)::int8 FROM usage_rollup_minute
-                     WHERE bucket >= date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                    (SELECT coalesce(sum(units), 0)::int8 FROM usage_rollup_day
+                     WHERE bucket >= date_trunc('month', now(), 'UTC')),
+                    (SELECT coalesce(sum(requests), 0)::int8 FROM usage_rollup_day
+                     WHERE bucket >= date_trunc('month', now(), 'UTC'))
              FROM weights",
             &[],
         )
@@ -244,4 +277,28 @@ pub async fn account_events<C: GenericClient>(
             ttft_ms: row.get(16),
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    #[test]
+    fn whole_days_are_the_full_utc_days_inside_the_period() {
+        let day = 86_400;
+        // 1.5 days from mid-day: one whole day.
+        assert_eq!(whole_days(at(day / 2), at(2 * day)), (at(day), at(2 * day)));
+        // Aligned on both ends: all of it.
+        assert_eq!(whole_days(at(day), at(3 * day)), (at(day), at(3 * day)));
+        // Inside one day, or across midnight without a whole day: none.
+        assert_eq!(whole_days(at(10), at(20)), (at(20), at(20)));
+        assert_eq!(
+            whole_days(at(day - 10), at(day + 10)),
+            (at(day + 10), at(day + 10))
+        );
+    }
 }

@@ -22,10 +22,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
+use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -47,23 +47,81 @@ pub struct WriterConfig {
     pub write_timeout: Duration,
 }
 
-/// Counters for metrics and tests.
-#[derive(Debug, Default)]
+/// The writer's counters, exported as Prometheus metrics (register them with
+/// [`WriterStats::register`]) and read by tests.
+#[derive(Debug, Clone)]
 pub struct WriterStats {
     /// Events inserted into Postgres (replays of already-stored events excluded).
-    pub written: AtomicU64,
+    pub written: IntCounter,
     /// Events that were already stored when written again (replays).
-    pub duplicates: AtomicU64,
+    pub duplicates: IntCounter,
     /// Batches written to Postgres.
-    pub batches: AtomicU64,
+    pub batches: IntCounter,
     /// Events appended to the spool.
-    pub spooled: AtomicU64,
+    pub spooled: IntCounter,
     /// Spooled events replayed into Postgres.
-    pub replayed: AtomicU64,
+    pub replayed: IntCounter,
     /// Events neither written nor spooled: lost.
-    pub lost: AtomicU64,
+    pub lost: IntCounter,
     /// Failed Postgres writes.
-    pub write_errors: AtomicU64,
+    pub write_errors: IntCounter,
+    /// Events in the spool now, waiting for replay.
+    pub spool_events: IntGauge,
+}
+
+impl WriterStats {
+    pub fn new() -> prometheus::Result<Self> {
+        Ok(Self {
+            written: IntCounter::new(
+                "tollgate_usage_events_written_total",
+                "Usage events inserted into Postgres.",
+            )?,
+            duplicates: IntCounter::new(
+                "tollgate_usage_events_duplicate_total",
+                "Usage events written again and ignored because they were already stored.",
+            )?,
+            batches: IntCounter::new(
+                "tollgate_usage_writer_batches_total",
+                "Batches of usage events written to Postgres.",
+            )?,
+            spooled: IntCounter::new(
+                "tollgate_usage_events_spooled_total",
+                "Usage events appended to the local spool.",
+            )?,
+            replayed: IntCounter::new(
+                "tollgate_usage_events_replayed_total",
+                "Spooled usage events replayed into Postgres.",
+            )?,
+            lost: IntCounter::new(
+                "tollgate_usage_events_lost_total",
+                "Usage events neither written to Postgres nor spooled.",
+            )?,
+            write_errors: IntCounter::new(
+                "tollgate_usage_write_errors_total",
+                "Failed or timed-out usage writes to Postgres.",
+            )?,
+            spool_events: IntGauge::new(
+                "tollgate_usage_spool_events",
+                "Usage events in the spool awaiting replay.",
+            )?,
+        })
+    }
+
+    /// Adds every metric to `registry`.
+    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        for counter in [
+            &self.written,
+            &self.duplicates,
+            &self.batches,
+            &self.spooled,
+            &self.replayed,
+            &self.lost,
+            &self.write_errors,
+        ] {
+            registry.register(Box::new(counter.clone()))?;
+        }
+        registry.register(Box::new(self.spool_events.clone()))
+    }
 }
 
 /// The request path's handle: cheap to clone, never waits.
@@ -101,11 +159,12 @@ pub fn channel(
     pool: Pool,
     spool: Arc<Spool>,
     config: WriterConfig,
-) -> (UsageSink, UsageWriter, Arc<WriterStats>) {
+    stats: WriterStats,
+) -> (UsageSink, UsageWriter) {
     let (events_tx, events_rx) = mpsc::channel(config.channel_capacity);
     // Flush requests come from shutdown (and tests): a handful at most.
     let (flush_tx, flush_rx) = mpsc::channel(4);
-    let stats = Arc::new(WriterStats::default());
+    let stats = Arc::new(stats);
     let sink = UsageSink {
         events: events_tx,
         flushes: flush_tx,
@@ -122,7 +181,7 @@ pub fn channel(
         partitions: BTreeSet::new(),
         replay_after: Instant::now(),
     };
-    (sink, writer, stats)
+    (sink, writer)
 }
 
 impl UsageSink {
@@ -131,15 +190,21 @@ impl UsageSink {
     pub fn record(&self, event: UsageEvent) {
         let event = match self.events.try_send(event) {
             Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event)) => {
-                event
-            }
+            Err(
+                mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event),
+            ) => event,
         };
-        spool_events(&self.spool, &self.stats, std::slice::from_ref(&event), false);
+        append_to_spool(
+            &self.spool,
+            &self.stats,
+            std::slice::from_ref(&event),
+            false,
+        );
     }
 
     /// Waits until every event recorded before this call is in Postgres or
-    /// in the spool (synced). For shutdown, after the last request finished.
+    /// in the spool (synced). For shutdown, after the last request finished:
+    /// from then on a write slower than 2 s goes to the spool instead.
     pub async fn flush(&self) {
         let (done, flushed) = oneshot::channel();
         if self.flushes.send(done).await.is_ok() {
@@ -150,39 +215,35 @@ impl UsageSink {
     pub fn stats(&self) -> &WriterStats {
         &self.stats
     }
-
-    /// Events in the spool waiting for replay.
-    pub fn spooled_events(&self) -> usize {
-        self.spool.len()
-    }
 }
 
 /// Appends `events` to the spool; counts them as spooled or lost. The writer
 /// syncs (`fdatasync`) after each batch it spools; the request path only
 /// appends, so it never waits on the disk (its records survive a process
 /// crash at once, and power loss from the writer's next sync).
-fn spool_events(spool: &Spool, stats: &WriterStats, events: &[UsageEvent], sync: bool) {
+fn append_to_spool(spool: &Spool, stats: &WriterStats, events: &[UsageEvent], sync: bool) {
     let mut payloads = Vec::with_capacity(events.len());
     for event in events {
         match serde_json::to_vec(event) {
             Ok(payload) => payloads.push(payload),
             // Unreachable for these plain types; counted rather than ignored.
             Err(error) => {
-                stats.lost.fetch_add(1, Ordering::Relaxed);
+                stats.lost.inc_by(1);
                 tracing::error!("USAGE EVENT LOST: not serialisable: {error}");
             }
         }
     }
     let count = payloads.len() as u64;
     if let Err(error) = spool.append(payloads.iter().map(Vec::as_slice)) {
-        stats.lost.fetch_add(count, Ordering::Relaxed);
+        stats.lost.inc_by(count);
         tracing::error!(
             events = count,
             "USAGE EVENTS LOST: neither Postgres nor the spool could take them: {error}"
         );
         return;
     }
-    stats.spooled.fetch_add(count, Ordering::Relaxed);
+    stats.spooled.inc_by(count);
+    stats.spool_events.set(spool.len() as i64);
     if sync && let Err(error) = spool.sync() {
         // Written, so replayed after a crash; only a power loss could take them now.
         tracing::error!("usage spool sync failed: {error}");
@@ -193,8 +254,12 @@ impl UsageWriter {
     /// Runs until `shutdown` resolves or every sink is dropped, then writes
     /// what is left (to Postgres if it answers quickly, else to the spool).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        self.stats.spool_events.set(self.spool.len() as i64);
         if !self.spool.is_empty() {
-            tracing::info!(events = self.spool.len(), "replaying the usage spool left by a previous run");
+            tracing::info!(
+                events = self.spool.len(),
+                "replaying the usage spool left by a previous run"
+            );
         }
         let mut shutdown = std::pin::pin!(shutdown);
         let mut batch = Vec::with_capacity(self.config.batch_size);
@@ -204,6 +269,7 @@ impl UsageWriter {
                 biased;
                 () = &mut shutdown => break,
                 Some(done) = self.flushes.recv() => {
+                    self.config.write_timeout = self.config.write_timeout.min(SHUTDOWN_WRITE_TIMEOUT);
                     self.drain_channel(&mut batch).await;
                     self.deliver(&mut batch).await;
                     let _ = done.send(());
@@ -222,7 +288,8 @@ impl UsageWriter {
             // Fill the batch until it is full or the flush interval is up.
             while batch.len() < self.config.batch_size {
                 let room = self.config.batch_size - batch.len();
-                match tokio::time::timeout_at(deadline, self.events.recv_many(&mut batch, room)).await
+                match tokio::time::timeout_at(deadline, self.events.recv_many(&mut batch, room))
+                    .await
                 {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
@@ -263,7 +330,7 @@ impl UsageWriter {
                 Err(error) => self.postgres_failed(&error),
             }
         }
-        spool_events(&self.spool, &self.stats, batch, true);
+        append_to_spool(&self.spool, &self.stats, batch, true);
         batch.clear();
         if Instant::now() >= self.replay_after {
             self.replay().await;
@@ -289,7 +356,7 @@ impl UsageWriter {
                     Ok(event) => Some(event),
                     Err(error) => {
                         // Checksummed, so written by a different version: keep going.
-                        self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                        self.stats.lost.inc_by(1);
                         tracing::error!("usage spool record is not an event, skipped: {error}");
                         None
                     }
@@ -298,9 +365,8 @@ impl UsageWriter {
             match self.write(&events).await {
                 Ok(()) => {
                     self.spool.consume(records.len());
-                    self.stats
-                        .replayed
-                        .fetch_add(events.len() as u64, Ordering::Relaxed);
+                    self.stats.replayed.inc_by(events.len() as u64);
+                    self.stats.spool_events.set(self.spool.len() as i64);
                 }
                 Err(error) => {
                     self.postgres_failed(&error);
@@ -311,7 +377,7 @@ impl UsageWriter {
     }
 
     fn postgres_failed(&mut self, error: &WriteError) {
-        self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.write_errors.inc_by(1);
         self.replay_after = Instant::now() + REPLAY_BACKOFF;
         tracing::warn!("usage write failed, spooling: {error}");
     }
@@ -340,11 +406,11 @@ impl UsageWriter {
         .map_err(|_| WriteError::Timeout(timeout))??;
         self.partitions.extend(months.into_keys());
         let events_len = events.len() as u64;
-        self.stats.written.fetch_add(inserted, Ordering::Relaxed);
+        self.stats.written.inc_by(inserted);
         self.stats
             .duplicates
-            .fetch_add(events_len - inserted.min(events_len), Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            .inc_by(events_len - inserted.min(events_len));
+        self.stats.batches.inc_by(1);
         Ok(())
     }
 }
@@ -359,8 +425,8 @@ pub enum WriteError {
     Timeout(Duration),
 }
 
-/// Inserts the events not stored yet and adds exactly those to the minute
-/// rollups, in one statement (so one transaction). Returns how many were new.
+/// Inserts the events not stored yet and adds exactly those to the minute and
+/// day rollups, in one statement (so one transaction). Returns how many were new.
 const INSERT_BATCH: &str = "
 WITH inserted AS (
     INSERT INTO usage_events (
@@ -376,14 +442,33 @@ WITH inserted AS (
     ON CONFLICT DO NOTHING
     RETURNING created_at, account_id, key_id, model, tier, status,
               prompt_tokens, completion_tokens, total_tokens, units
-), rolled AS (
+), per_minute AS (
+    SELECT date_trunc('minute', created_at) AS minute, account_id, key_id, model, tier,
+           count(*) AS requests,
+           count(*) FILTER (WHERE status IN ('client_error', 'upstream_error', 'rejected')) AS failed,
+           sum(prompt_tokens) AS prompt, sum(completion_tokens) AS completion,
+           sum(total_tokens) AS total, sum(units) AS units
+    FROM inserted
+    GROUP BY 1, 2, 3, 4, 5
+), by_minute AS (
     INSERT INTO usage_rollup_minute AS r (
         bucket, account_id, key_id, model, tier, requests, failed_requests,
         prompt_tokens, completion_tokens, total_tokens, units)
-    SELECT date_trunc('minute', created_at), account_id, key_id, model, tier,
-           count(*), count(*) FILTER (WHERE status IN ('client_error', 'upstream_error', 'rejected')),
-           sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(units)
-    FROM inserted
+    SELECT * FROM per_minute
+    ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
+        requests = r.requests + excluded.requests,
+        failed_requests = r.failed_requests + excluded.failed_requests,
+        prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = r.completion_tokens + excluded.completion_tokens,
+        total_tokens = r.total_tokens + excluded.total_tokens,
+        units = r.units + excluded.units
+), by_day AS (
+    INSERT INTO usage_rollup_day AS r (
+        bucket, account_id, key_id, model, tier, requests, failed_requests,
+        prompt_tokens, completion_tokens, total_tokens, units)
+    SELECT date_trunc('day', minute, 'UTC'), account_id, key_id, model, tier, sum(requests),
+           sum(failed), sum(prompt), sum(completion), sum(total), sum(units)
+    FROM per_minute
     GROUP BY 1, 2, 3, 4, 5
     ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
         requests = r.requests + excluded.requests,

@@ -5,11 +5,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use deadpool_postgres::Pool;
 use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
@@ -17,80 +15,9 @@ use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, WriterConfig};
 use uuid::Uuid;
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// A migrated database of its own, dropped with the test.
-struct TestDb {
-    name: String,
-    pool: Pool,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let name = format!(
-            "tollgate_metering_{}_{}_{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let admin = admin_url();
-        let (client, connection) = tokio_postgres::connect(&admin, NoTls).await.unwrap();
-        tokio::spawn(connection);
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
-        let config: tokio_postgres::Config = format!("{base}/{name}").parse().unwrap();
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager).max_size(4).build().unwrap();
-        let client = pool.get().await.unwrap();
-        let mut migrations: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../sql"))
-            .unwrap()
-            .map(|entry| entry.unwrap().path())
-            .collect();
-        migrations.sort_by_key(|path| {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            name[1..name.find("__").unwrap()].parse::<u32>().unwrap()
-        });
-        for path in migrations {
-            client
-                .batch_execute(&std::fs::read_to_string(&path).unwrap())
-                .await
-                .unwrap();
-        }
-        Self { name, pool }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        self.pool.close();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await {
-                    tokio::spawn(connection);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::TestDb;
 
 fn config() -> WriterConfig {
     WriterConfig {
@@ -131,12 +58,19 @@ fn event(account: Uuid, created_at: SystemTime, prompt: u64, completion: u64) ->
 }
 
 async fn count(pool: &Pool, sql: &str) -> i64 {
-    pool.get().await.unwrap().query_one(sql, &[]).await.unwrap().get(0)
+    pool.get()
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Runs a writer over `events` (sent through the sink, then flushed).
 async fn write_all(pool: &Pool, spool: Arc<Spool>, events: &[UsageEvent]) -> writer::UsageSink {
-    let (sink, writer, _) = writer::channel(pool.clone(), spool, config());
+    let stats = writer::WriterStats::new().unwrap();
+    let (sink, writer) = writer::channel(pool.clone(), spool, config(), stats);
     tokio::spawn(writer.run(std::future::pending()));
     for event in events {
         sink.record(event.clone());
@@ -156,18 +90,30 @@ async fn writing_the_same_events_twice_stores_and_counts_them_once() {
         .collect();
     let sink = write_all(&db.pool, Arc::clone(&spool), &events).await;
     let again = write_all(&db.pool, spool, &events).await;
-    assert_eq!(sink.stats().written.load(Ordering::Relaxed), 1_000);
-    assert_eq!(again.stats().written.load(Ordering::Relaxed), 0);
-    assert_eq!(again.stats().duplicates.load(Ordering::Relaxed), 1_000);
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM usage_events").await, 1_000);
+    assert_eq!(sink.stats().written.get(), 1_000);
+    assert_eq!(again.stats().written.get(), 0);
+    assert_eq!(again.stats().duplicates.get(), 1_000);
     assert_eq!(
-        count(&db.pool, "SELECT sum(requests)::int8 FROM usage_rollup_minute").await,
+        count(&db.pool, "SELECT count(*) FROM usage_events").await,
         1_000
     );
     assert_eq!(
-        count(&db.pool, "SELECT sum(total_tokens)::int8 FROM usage_rollup_minute").await,
-        15_000
+        count(
+            &db.pool,
+            "SELECT sum(requests)::int8 FROM usage_rollup_minute"
+        )
+        .await,
+        1_000
     );
+    for table in ["usage_rollup_minute", "usage_rollup_day"] {
+        let sql =
+            format!("SELECT sum(requests)::int8 * 100000 + sum(total_tokens)::int8 FROM {table}");
+        assert_eq!(
+            count(&db.pool, &sql).await,
+            1_000 * 100_000 + 15_000,
+            "{table}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -181,7 +127,10 @@ async fn a_spool_left_behind_is_replayed_in_order_exactly_once() {
     {
         // A previous process spooled these (and wrote the first 100 already).
         let spool = Spool::open(dir.path()).unwrap();
-        let payloads: Vec<Vec<u8>> = events.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
+        let payloads: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| serde_json::to_vec(e).unwrap())
+            .collect();
         spool.append(payloads.iter().map(Vec::as_slice)).unwrap();
         spool.sync().unwrap();
     }
@@ -204,9 +153,16 @@ async fn a_spool_left_behind_is_replayed_in_order_exactly_once() {
         sink.flush().await;
     }
     assert!(spool.is_empty());
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM usage_events").await, 300);
     assert_eq!(
-        count(&db.pool, "SELECT sum(requests)::int8 FROM usage_rollup_minute").await,
+        count(&db.pool, "SELECT count(*) FROM usage_events").await,
+        300
+    );
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT sum(requests)::int8 FROM usage_rollup_minute"
+        )
+        .await,
         300
     );
 }
@@ -221,11 +177,7 @@ async fn a_month_without_a_partition_gets_one_on_demand() {
     let old = event(account, at(1_707_566_400), 7, 3);
     write_all(&db.pool, spool, std::slice::from_ref(&old)).await;
     assert_eq!(
-        count(
-            &db.pool,
-            "SELECT count(*) FROM usage_events_2024_02"
-        )
-        .await,
+        count(&db.pool, "SELECT count(*) FROM usage_events_2024_02").await,
         1
     );
 }
@@ -252,7 +204,10 @@ async fn partitions_ahead_are_created_and_purge_drops_whole_old_months() {
     // Cut off at 2026-11-01T12:00:00Z: Sep and Oct go whole, Nov in batches.
     let cutoff = at(november + 12 * 3600);
     let purged = partitions::purge(&db.pool, cutoff).await.unwrap();
-    assert_eq!(purged.partitions, ["usage_events_2026_09", "usage_events_2026_10"]);
+    assert_eq!(
+        purged.partitions,
+        ["usage_events_2026_09", "usage_events_2026_10"]
+    );
     assert_eq!(purged.rows, 12 * 3600 / 5);
     let left = count(&db.pool, "SELECT count(*) FROM usage_events").await;
     assert_eq!(left, 25_000 - 12 * 3600 / 5);
@@ -267,7 +222,11 @@ async fn partitions_ahead_are_created_and_purge_drops_whole_old_months() {
     assert_eq!(early, 0);
     // Rollups keep their own retention: untouched.
     assert_eq!(
-        count(&db.pool, "SELECT sum(requests)::int8 FROM usage_rollup_minute").await,
+        count(
+            &db.pool,
+            "SELECT sum(requests)::int8 FROM usage_rollup_minute"
+        )
+        .await,
         25_002
     );
     // Purging again removes nothing more.
@@ -294,7 +253,11 @@ async fn per_account_queries_use_their_indexes() {
              SELECT date_trunc('minute', created_at), account_id, key_id, model, tier, count(*), 0,
                     sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(units)
              FROM usage_events GROUP BY 1, 2, 3, 4, 5;
-             ANALYZE usage_events; ANALYZE usage_rollup_minute;"
+             INSERT INTO usage_rollup_day
+             SELECT date_trunc('day', bucket, 'UTC'), account_id, key_id, model, tier, sum(requests),
+                    0, sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(units)
+             FROM usage_rollup_minute GROUP BY 1, 2, 3, 4, 5;
+             ANALYZE usage_events; ANALYZE usage_rollup_minute; ANALYZE usage_rollup_day;"
         ))
         .await
         .unwrap();
@@ -306,10 +269,7 @@ async fn per_account_queries_use_their_indexes() {
     let explain = |sql: String| {
         let client = &client;
         async move {
-            let rows = client
-                .query(&format!("EXPLAIN {sql}"), &[])
-                .await
-                .unwrap();
+            let rows = client.query(&format!("EXPLAIN {sql}"), &[]).await.unwrap();
             rows.iter()
                 .map(|r| r.get::<_, String>(0))
                 .collect::<Vec<_>>()
@@ -324,7 +284,10 @@ async fn per_account_queries_use_their_indexes() {
         "SELECT * FROM usage_events WHERE account_id = '{account}' AND created_at >= {period}"
     ))
     .await;
-    assert!(raw.contains("usage_events_2026_11_account_id_created_at_idx"), "{raw}");
+    assert!(
+        raw.contains("usage_events_2026_11_account_id_created_at_idx"),
+        "{raw}"
+    );
     assert!(!raw.contains("Seq Scan"), "{raw}");
     let rollup = explain(format!(
         "SELECT sum(units) FROM usage_rollup_minute WHERE account_id = '{account}'
@@ -334,8 +297,17 @@ async fn per_account_queries_use_their_indexes() {
     .await;
     assert!(rollup.contains("usage_rollup_minute_pkey"), "{rollup}");
     assert!(!rollup.contains("Seq Scan"), "{rollup}");
+    let daily = explain(format!(
+        "SELECT sum(units) FROM usage_rollup_day WHERE account_id = '{account}'
+         AND bucket >= to_timestamp({MID_NOVEMBER}) AND bucket < to_timestamp({})",
+        MID_NOVEMBER + 86_400 * 30
+    ))
+    .await;
+    assert!(daily.contains("usage_rollup_day_pkey"), "{daily}");
+    assert!(!daily.contains("Seq Scan"), "{daily}");
 
-    // And the report functions answer from them.
+    // And the report functions answer from them: two whole days from the day
+    // rollups, the edges from the minute rollups, adding up to the raw log.
     let totals = report::totals(
         &client,
         Some(account),
@@ -358,5 +330,9 @@ async fn per_account_queries_use_their_indexes() {
     .await
     .unwrap();
     assert_eq!(events.len(), 10);
-    assert!(events.windows(2).all(|w| w[0].created_at >= w[1].created_at));
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0].created_at >= w[1].created_at)
+    );
 }

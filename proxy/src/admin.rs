@@ -3,7 +3,12 @@
 //! - `POST /admin/keys` `{"account", "tier", "name"?, "expires_in"? ("30d"), "models"?}`
 //!   → 201 with the new key's secret, shown this once;
 //! - `GET /admin/keys[?account=NAME]`; `DELETE /admin/keys/{id or prefix}`;
-//! - `POST /admin/accounts` `{"name", "tier"}`; `GET /admin/accounts`.
+//! - `POST /admin/accounts` `{"name", "tier"}`; `GET /admin/accounts`;
+//! - `GET /admin/usage?account=&from=&to=&group_by=model|day|key|total`: totals
+//!   (every account without `account`); `GET /admin/usage/events?account=…`:
+//!   one account's events, newest first; `GET /admin/stats`: requests and
+//!   tokens in the last minute, units this month; `DELETE /admin/usage?before=<unix ts>`:
+//!   drop usage events older than that (see [`crate::usage_api`]).
 //!
 //! Every request needs `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`; with no
 //! token configured the admin API refuses everything.
@@ -12,6 +17,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
+use deadpool_postgres::Pool;
 use http::{Method, Response, StatusCode, header};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
@@ -24,6 +30,7 @@ use crate::config::{Secret, parse_duration};
 use crate::error::ApiError;
 use crate::keys::store::StoreError;
 use crate::keys::{KeyAdmin, KeyAdminError, NewKeyRequest};
+use crate::usage_api::{self, UsageQuery};
 
 /// Admin request bodies are small JSON objects.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -31,6 +38,7 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 pub struct AdminApi {
     pub token: Option<Secret>,
     pub keys: Arc<KeyAdmin>,
+    pub pool: Pool,
 }
 
 #[derive(Deserialize)]
@@ -156,6 +164,46 @@ impl AdminApi {
                 let accounts = self.keys.list_accounts().await?;
                 Ok((StatusCode::OK, json!({"object": "list", "data": accounts})))
             }
+            (&Method::GET, "/admin/usage") => {
+                let query = UsageQuery::parse(uri.query())?;
+                Ok((
+                    StatusCode::OK,
+                    usage_api::totals(&self.pool, None, &query).await?,
+                ))
+            }
+            (&Method::GET, "/admin/usage/events") => {
+                let query = UsageQuery::parse(uri.query())?;
+                Ok((StatusCode::OK, usage_api::events(&self.pool, &query).await?))
+            }
+            (&Method::GET, "/admin/stats") => {
+                Ok((StatusCode::OK, usage_api::stats(&self.pool).await?))
+            }
+            (&Method::DELETE, "/admin/usage") => {
+                let before = uri
+                    .query()
+                    .and_then(|query| {
+                        form_urlencoded::parse(query.as_bytes())
+                            .find(|(name, _)| name == "before")
+                            .map(|(_, value)| value.into_owned())
+                    })
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "`before` (unix seconds) is required.",
+                            Some("before"),
+                        )
+                    })?;
+                let before = usage_api::parse_time(&before, "before")?;
+                let purged = usage_api::purge(&self.pool, before).await?;
+                Ok((
+                    StatusCode::OK,
+                    serde_json::to_value(purged).unwrap_or_default(),
+                ))
+            }
+            (_, "/admin/usage") => Err(ApiError::MethodNotAllowed {
+                allow: "GET, DELETE",
+                method: method.to_string(),
+                path: path.to_owned(),
+            }),
             (_, "/admin/keys" | "/admin/accounts") => Err(ApiError::MethodNotAllowed {
                 allow: "GET, POST",
                 method: method.to_string(),

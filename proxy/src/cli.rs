@@ -30,6 +30,36 @@ pub enum Command {
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Usage reports and retention of the usage log.
+    #[command(subcommand)]
+    Usage(UsageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsageCommand {
+    /// Print usage totals as JSON (the same as GET /admin/usage), from the
+    /// minute rollups. Times are unix seconds, a date (2026-11-01) or RFC 3339, UTC.
+    Report {
+        /// Only this account; every account by default.
+        #[arg(long, value_name = "NAME")]
+        account: Option<String>,
+        /// Start of the period; the first of the current UTC month by default.
+        #[arg(long, value_name = "TIME")]
+        from: Option<String>,
+        /// End of the period (exclusive); now by default.
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
+        /// Break totals down by model, day or key.
+        #[arg(long, value_name = "GROUP", default_value = "total")]
+        group_by: String,
+    },
+    /// Delete usage events created before a time: whole month partitions are
+    /// dropped, the month holding the cutoff is deleted from in batches.
+    /// Rollups are kept (metering.rollup_retention).
+    Purge {
+        #[arg(long, value_name = "TIME")]
+        before: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,13 +3,15 @@
 //! typed values with no "filled in later" options. Every error names the key
 //! to change. `config/tollgate.example.toml` documents every key.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tollgate_metering::tokens::Encoding;
+use tollgate_metering::writer::WriterConfig;
 
 /// A secret (connection string, token, credential): never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -68,6 +70,8 @@ pub struct RawConfig {
     #[serde(default)]
     keys: RawKeys,
     #[serde(default)]
+    metering: RawMetering,
+    #[serde(default)]
     tiers: Vec<RawTier>,
     #[serde(default)]
     backends: Vec<RawBackend>,
@@ -116,6 +120,27 @@ struct RawKeys {
     cache_capacity: Option<usize>,
 }
 
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetering {
+    count_tokens: Option<bool>,
+    default_encoding: Option<String>,
+    #[serde(default)]
+    encodings: BTreeMap<String, String>,
+    image_tokens: Option<usize>,
+    request_stream_usage: Option<bool>,
+    usage_mismatch_tolerance: Option<f64>,
+    blocking_count_bytes: Option<usize>,
+    max_buffered_response_bytes: Option<usize>,
+    spool_dir: Option<String>,
+    channel_capacity: Option<usize>,
+    batch_size: Option<usize>,
+    flush_interval: Option<String>,
+    write_timeout: Option<String>,
+    rollup_retention: Option<String>,
+    minute_rollup_retention: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
@@ -149,6 +174,7 @@ pub struct Config {
     /// Absent: the admin API refuses every request.
     pub admin_token: Option<Secret>,
     pub keys: KeyCacheConfig,
+    pub metering: MeteringConfig,
     pub tiers: Vec<TierConfig>,
     pub backends: Vec<BackendConfig>,
 }
@@ -193,6 +219,34 @@ pub struct KeyCacheConfig {
     /// How long an unknown key is remembered as unknown.
     pub negative_ttl: Duration,
     pub capacity: usize,
+}
+
+/// `[metering]`: token counting and the usage writer.
+#[derive(Debug, Clone)]
+pub struct MeteringConfig {
+    /// Count tokens locally (env `COUNT_TOKENS`); off: trust backends' usage only.
+    pub count_tokens: bool,
+    /// Encoding for models neither in `encodings` nor known to tiktoken.
+    pub default_encoding: Encoding,
+    /// Per-model encodings (self-hosted models whose names tiktoken does not know).
+    pub encodings: HashMap<String, Encoding>,
+    /// Prompt tokens charged per image part.
+    pub image_tokens: usize,
+    /// Ask streaming backends for a final usage chunk (`stream_options.include_usage`).
+    pub request_stream_usage: bool,
+    /// Relative difference between the backend's and our prompt count beyond
+    /// which a mismatch is logged and counted.
+    pub usage_mismatch_tolerance: f64,
+    /// Inputs longer than this are counted on the blocking pool.
+    pub blocking_count_bytes: usize,
+    /// Non-streamed answers are kept up to this size to read their `usage`.
+    pub max_buffered_response_bytes: usize,
+    pub spool_dir: PathBuf,
+    pub writer: WriterConfig,
+    /// How long day rollups are kept.
+    pub rollup_retention: Duration,
+    /// How long minute rollups are kept (minute precision at a period's edges).
+    pub minute_rollup_retention: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,6 +296,23 @@ pub mod defaults {
     pub const NEGATIVE_CACHE_TTL: &str = "2s";
     pub const KEY_CACHE_CAPACITY: usize = 100_000;
     pub const BACKEND_MAX_CONCURRENCY: u32 = 64;
+    pub const DEFAULT_ENCODING: &str = "cl100k_base";
+    /// OpenAI's charge for a low-detail image; high detail needs the image size.
+    pub const IMAGE_TOKENS: usize = 85;
+    pub const USAGE_MISMATCH_TOLERANCE: f64 = 0.02;
+    /// About 0.2 ms of counting at bpe-openai's ~40 MB/s (see BENCHMARKS.md):
+    /// longer inputs would hold a worker thread past tokio's ~100 µs budget.
+    pub const BLOCKING_COUNT_BYTES: usize = 8 * 1024;
+    pub const MAX_BUFFERED_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+    pub const SPOOL_DIR: &str = "spool";
+    /// About a few seconds of traffic at the rates one instance serves.
+    pub const USAGE_CHANNEL_CAPACITY: usize = 65_536;
+    pub const USAGE_BATCH_SIZE: usize = 2_000;
+    pub const USAGE_FLUSH_INTERVAL: &str = "200ms";
+    pub const USAGE_WRITE_TIMEOUT: &str = "5s";
+    pub const ROLLUP_RETENTION: &str = "400d";
+    /// Two billing months and change.
+    pub const MINUTE_ROLLUP_RETENTION: &str = "70d";
 }
 
 /// Where environment overrides come from (the process env, or a map in tests).
@@ -401,6 +472,7 @@ impl Config {
             redis_url,
             admin_token,
             keys,
+            metering: validate_metering(raw.metering, env)?,
             tiers: validate_tiers(raw.tiers)?,
             backends: validate_backends(raw.backends)?,
         })
@@ -415,6 +487,96 @@ impl Config {
             .filter(|m| seen.insert(*m))
             .collect()
     }
+}
+
+fn validate_metering(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, ConfigError> {
+    let count_tokens = match env.var("COUNT_TOKENS") {
+        None => m.count_tokens.unwrap_or(true),
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => {
+                return Err(invalid(
+                    "env COUNT_TOKENS",
+                    format!("`{v}` is not true or false"),
+                ));
+            }
+        },
+    };
+    let encoding = |key: &str, name: &str| {
+        name.parse::<Encoding>()
+            .map_err(|e| invalid(key, e.to_string()))
+    };
+    let default_encoding = encoding(
+        "metering.default_encoding",
+        m.default_encoding
+            .as_deref()
+            .unwrap_or(defaults::DEFAULT_ENCODING),
+    )?;
+    let mut encodings = HashMap::new();
+    for (model, name) in &m.encodings {
+        encodings.insert(
+            model.clone(),
+            encoding(&format!("metering.encodings.\"{model}\""), name)?,
+        );
+    }
+    let tolerance = m
+        .usage_mismatch_tolerance
+        .unwrap_or(defaults::USAGE_MISMATCH_TOLERANCE);
+    if !(0.0..=1.0).contains(&tolerance) {
+        return Err(invalid(
+            "metering.usage_mismatch_tolerance",
+            "must be a fraction between 0 and 1 (0.02 = 2%)",
+        ));
+    }
+    Ok(MeteringConfig {
+        count_tokens,
+        default_encoding,
+        encodings,
+        image_tokens: m.image_tokens.unwrap_or(defaults::IMAGE_TOKENS),
+        request_stream_usage: m.request_stream_usage.unwrap_or(true),
+        usage_mismatch_tolerance: tolerance,
+        blocking_count_bytes: m
+            .blocking_count_bytes
+            .unwrap_or(defaults::BLOCKING_COUNT_BYTES),
+        max_buffered_response_bytes: positive(
+            "metering.max_buffered_response_bytes",
+            m.max_buffered_response_bytes
+                .unwrap_or(defaults::MAX_BUFFERED_RESPONSE_BYTES),
+        )?,
+        spool_dir: PathBuf::from(m.spool_dir.as_deref().unwrap_or(defaults::SPOOL_DIR)),
+        writer: WriterConfig {
+            channel_capacity: positive(
+                "metering.channel_capacity",
+                m.channel_capacity
+                    .unwrap_or(defaults::USAGE_CHANNEL_CAPACITY),
+            )?,
+            batch_size: positive(
+                "metering.batch_size",
+                m.batch_size.unwrap_or(defaults::USAGE_BATCH_SIZE),
+            )?,
+            flush_interval: duration(
+                "metering.flush_interval",
+                m.flush_interval.as_deref(),
+                defaults::USAGE_FLUSH_INTERVAL,
+            )?,
+            write_timeout: duration(
+                "metering.write_timeout",
+                m.write_timeout.as_deref(),
+                defaults::USAGE_WRITE_TIMEOUT,
+            )?,
+        },
+        rollup_retention: duration(
+            "metering.rollup_retention",
+            m.rollup_retention.as_deref(),
+            defaults::ROLLUP_RETENTION,
+        )?,
+        minute_rollup_retention: duration(
+            "metering.minute_rollup_retention",
+            m.minute_rollup_retention.as_deref(),
+            defaults::MINUTE_ROLLUP_RETENTION,
+        )?,
+    })
 }
 
 fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {

@@ -16,4 +16,6 @@ pub mod db;
 pub mod error;
 pub mod gateway;
 pub mod keys;
+pub mod metering;
 pub mod server;
+pub mod usage_api;

@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::Parser;
-use tollgate::cli::{Cli, Command, KeysCommand};
+use tollgate::cli::{Cli, Command, KeysCommand, UsageCommand};
 use tollgate::config::{Config, ProcessEnv, parse_duration};
 use tollgate::keys::store::{KeyListing, KeyStore};
 use tollgate::keys::{KeyAdmin, NewKeyRequest};
+use tollgate::usage_api::{self, UsageQuery};
 use tollgate::{db, server};
 
 fn main() -> ExitCode {
@@ -40,6 +41,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => server::serve(config),
         Command::Migrate => block_on(migrate(&config)),
         Command::Keys(command) => block_on(keys(&config, command)),
+        Command::Usage(command) => block_on(usage(&config, command)),
     }
 }
 
@@ -121,6 +123,39 @@ async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+async fn usage(config: &Config, command: UsageCommand) -> anyhow::Result<()> {
+    let pool = db::pool(&config.database)?;
+    let output = match command {
+        UsageCommand::Report {
+            account,
+            from,
+            to,
+            group_by,
+        } => {
+            let query: String = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(account.iter().map(|a| ("account", a.as_str())))
+                .extend_pairs(from.iter().map(|f| ("from", f.as_str())))
+                .extend_pairs(to.iter().map(|t| ("to", t.as_str())))
+                .append_pair("group_by", &group_by)
+                .finish();
+            let query = UsageQuery::parse(Some(&query)).map_err(|e| anyhow::anyhow!("{e}"))?;
+            usage_api::totals(&pool, None, &query)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+        }
+        UsageCommand::Purge { before } => {
+            let before =
+                usage_api::parse_time(&before, "before").map_err(|e| anyhow::anyhow!("--{e}"))?;
+            let purged = usage_api::purge(&pool, before)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            serde_json::to_value(purged)?
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&output)?);
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 //! and runs it until SIGTERM (drain, then exit) or SIGINT (exit now).
 
 use std::process;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,19 +14,26 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
 use tollgate_backends::routing::{Backend, RoundRobin};
+use tollgate_metering::spool::Spool;
+use tollgate_metering::writer::{self, UsageSink, WriterStats};
 
 use crate::admin::{AdminApi, MetricsApp};
 use crate::config::Config;
 use crate::db::{self, PoolJanitor};
 use crate::gateway::Gateway;
 use crate::gateway::context::InFlight;
+use crate::gateway::usage::Metering;
 use crate::keys::KeyAdmin;
 use crate::keys::cache::KeyCache;
 use crate::keys::revocation::RevocationListener;
 use crate::keys::store::KeyStore;
+use crate::metering::{UsageUpkeep, UsageWriterService};
 
 /// After the drain ends, Pingora gets this long to stop its runtimes.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
+/// After the drain, how long the usage writer may take to store what is left
+/// (Postgres if it answers within its shutdown timeout, else the spool).
+const USAGE_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn serve(config: Config) -> anyhow::Result<()> {
     let conf = ServerConf {
@@ -41,6 +48,20 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     server.bootstrap();
 
     let pool = db::pool(&config.database)?;
+    let spool = Spool::open(&config.metering.spool_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "metering.spool_dir {}: {e}",
+            config.metering.spool_dir.display()
+        )
+    })?;
+    let usage_stats = WriterStats::new()?;
+    usage_stats.register(prometheus::default_registry())?;
+    let (sink, usage_writer) = writer::channel(
+        pool.clone(),
+        Arc::new(spool),
+        config.metering.writer.clone(),
+        usage_stats,
+    );
     let store = KeyStore::new(pool.clone());
     let cache = KeyCache::new(store.clone(), config.keys);
     let backends: Vec<Backend> = config
@@ -71,6 +92,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         timeouts: config.server.timeouts,
         models: config.models().into_iter().map(str::to_owned).collect(),
         revocation_fanout: revocation_fanout.clone(),
+        metering: Metering::new(&config.metering, sink.clone()),
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());
@@ -78,6 +100,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let admin_api = AdminApi {
         token: config.admin_token.clone(),
         keys: Arc::new(KeyAdmin::new(store, &config, Some(cache.clone()))),
+        pool: pool.clone(),
     };
     let mut admin = Service::new("admin API".to_owned(), HttpServer::new_app(admin_api));
     admin.add_tcp(&config.server.admin_listen.to_string());
@@ -90,7 +113,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     server.add_service(background_service(
         "postgres pool janitor",
         PoolJanitor {
-            pool,
+            pool: pool.clone(),
             max_idle_conns: config.database.max_idle_conns,
             max_idle_time: config.database.max_idle_time,
             max_lifetime: config.database.max_lifetime,
@@ -107,10 +130,23 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         ));
     }
     server.add_service(background_service(
+        "usage writer",
+        UsageWriterService(Mutex::new(Some(usage_writer))),
+    ));
+    server.add_service(background_service(
+        "usage upkeep",
+        UsageUpkeep {
+            pool: pool.clone(),
+            minute_rollup_retention: config.metering.minute_rollup_retention,
+            rollup_retention: config.metering.rollup_retention,
+        },
+    ));
+    server.add_service(background_service(
         "drainer",
         Drainer {
             in_flight,
             timeout: config.server.drain_timeout,
+            usage: sink,
         },
     ));
     tracing::info!(
@@ -126,11 +162,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 ///
 /// On SIGTERM Pingora stops accepting and then waits out its whole grace
 /// period, busy or not. This service waits only for the requests in flight
-/// (streams included), up to `timeout`, then exits: an idle gateway stops at
-/// once, a busy one when its last answer is done.
+/// (streams included), up to `timeout`, then flushes their usage events and
+/// exits: an idle gateway stops at once, a busy one when its last answer is done.
 struct Drainer {
     in_flight: Arc<InFlight>,
     timeout: Duration,
+    usage: UsageSink,
 }
 
 #[async_trait]
@@ -147,6 +184,10 @@ impl BackgroundService for Drainer {
                 remaining = self.in_flight.count(),
                 "drain timeout reached; exiting with requests in flight"
             ),
+        }
+        match tokio::time::timeout(USAGE_FLUSH_TIMEOUT, self.usage.flush()).await {
+            Ok(()) => tracing::info!("usage events flushed"),
+            Err(_) => tracing::error!("usage flush timed out; unwritten events are lost"),
         }
         process::exit(0);
     }

@@ -193,6 +193,11 @@ struct Options {
     server: &'static str,
     /// Extra `[keys]` lines.
     keys: &'static str,
+    /// Extra `[metering]` lines.
+    metering: &'static str,
+    /// `serve` reaches Postgres through this local port (a link the test
+    /// can cut) instead of directly; migrations and the CLI stay direct.
+    postgres_port: Option<u16>,
 }
 
 /// A migrated database and a running `tollgate serve`.
@@ -200,7 +205,10 @@ struct Gateway {
     proc: Option<Proc>,
     url: String,
     admin_url: String,
+    metrics_url: String,
     config: PathBuf,
+    spool_dir: PathBuf,
+    options: Options,
     db: TestDb,
     client: reqwest::Client,
 }
@@ -209,11 +217,16 @@ impl Gateway {
     async fn start(backends: &[BackendSpec], options: Options) -> Self {
         let db = TestDb::create().await;
         let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
+        let spool_dir = std::env::temp_dir().join(unique("tollgate_spool"));
         let mut config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
              metrics_listen = \"127.0.0.1:{metrics_port}\"\ndrain_timeout = \"20s\"\n{}\n\
-             [keys]\n{}\n[[tiers]]\nname = \"free\"\n[[tiers]]\nname = \"pro\"\n",
-            options.server, options.keys
+             [keys]\n{}\n[metering]\nspool_dir = \"{}\"\nflush_interval = \"50ms\"\n{}\n\
+             [[tiers]]\nname = \"free\"\n[[tiers]]\nname = \"pro\"\n",
+            options.server,
+            options.keys,
+            spool_dir.display(),
+            options.metering
         );
         for (i, backend) in backends.iter().enumerate() {
             config.push_str(&format!(
@@ -230,7 +243,10 @@ impl Gateway {
             proc: None,
             url: format!("http://127.0.0.1:{port}"),
             admin_url: format!("http://127.0.0.1:{admin_port}"),
+            metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
             config: path,
+            spool_dir,
+            options,
             db,
             client: reqwest::Client::new(),
         };
@@ -240,13 +256,22 @@ impl Gateway {
             "{}",
             String::from_utf8_lossy(&migrated.stderr)
         );
-        let mut serve = gateway.cli(&["serve"]);
-        if let Some(url) = &options.redis {
+        gateway.serve().await;
+        gateway
+    }
+
+    /// Starts `tollgate serve` (again) and waits until it answers.
+    async fn serve(&mut self) {
+        let mut serve = self.cli(&["serve"]);
+        if let Some(url) = &self.options.redis {
             serve.env("REDIS_URL", url);
         }
-        gateway.proc = Some(Proc(serve.spawn().unwrap()));
-        gateway.wait_ready().await;
-        gateway
+        if let Some(port) = self.options.postgres_port {
+            let url = format!("postgres://postgres@127.0.0.1:{port}/{}", self.db.name);
+            serve.env("DATABASE_URL", url);
+        }
+        self.proc = Some(Proc(serve.spawn().unwrap()));
+        self.wait_ready().await;
     }
 
     /// `tollgate --config … ARGS` against this gateway's database.
@@ -365,6 +390,7 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.proc.take();
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_dir_all(&self.spool_dir);
     }
 }
 
@@ -423,6 +449,9 @@ fn normalise_ids(body: &str) -> String {
 fn cl100k(text: &str) -> usize {
     tiktoken_rs::cl100k_base_singleton().count_ordinary(text)
 }
+
+#[path = "gateway/metering.rs"]
+mod metering;
 
 // ------------------------------------------------------------------ the tests
 

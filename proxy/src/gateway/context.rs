@@ -8,6 +8,7 @@ use tokio::sync::Notify;
 use tollgate_backends::routing::BackendId;
 
 use super::request::InferenceRequest;
+use super::usage::RequestUsage;
 use crate::keys::store::KeyRecord;
 
 pub struct RequestContext {
@@ -15,6 +16,8 @@ pub struct RequestContext {
     pub request_id: String,
     pub key: Option<Arc<KeyRecord>>,
     pub request: Option<InferenceRequest>,
+    /// Metering state, from admission on (only admitted requests are metered).
+    pub usage: Option<RequestUsage>,
     /// Backends tried so far, in order; the last is the current one.
     pub tried: Vec<BackendId>,
     /// The answer is a server-sent-event stream.
@@ -31,6 +34,7 @@ impl RequestContext {
             request_id: String::new(),
             key: None,
             request: None,
+            usage: None,
             tried: Vec::new(),
             streaming_response: false,
             stream_tail: StreamTail::default(),

@@ -2,7 +2,7 @@
 //!
 //! Phases and their jobs:
 //! - `request_filter`: request id, route, health answers, key check, body
-//!   read and parse, model access. Anything refused is answered here in
+//!   read and parse, model access, prompt count and event id. Anything refused is answered here in
 //!   OpenAI's error shape.
 //! - `upstream_peer`: choose a backend for the model (selection only).
 //! - `upstream_request_filter`: swap the client's key for the backend's
@@ -12,11 +12,14 @@
 //! - `fail_to_connect` / `fail_to_proxy`: one retry on another backend when a
 //!   connection fails; otherwise an OpenAI error, or an SSE error event when
 //!   a stream was already under way.
-//! - `logging`: one line per request: id, status, account, backend, time
-//!   (usage events arrive with metering).
+//! - `response_body_filter`: watch the answer for usage and generated text
+//!   (see [`usage`]); drop the usage chunk we asked for on the client's behalf.
+//! - `logging`: one usage event per admitted request, handed to the writer
+//!   without waiting; one log line per request.
 
 pub mod context;
 pub mod request;
+pub mod usage;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,10 +38,12 @@ use tollgate_backends::routing::UpstreamSelector;
 
 use self::context::{InFlight, RequestContext};
 use self::request::{BodyError, Route, read_body};
+use self::usage::{FinishedRequest, Metering};
 use crate::config::UpstreamTimeouts;
 use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
 use crate::keys::store::KeyRecord;
+use crate::usage_api::{self, UsageQuery};
 
 pub const REQUEST_ID: &str = "x-request-id";
 /// Attempts per request: the first backend, and one other after a failed connection.
@@ -66,6 +71,7 @@ pub struct Gateway {
     pub models: Vec<String>,
     /// Whether revocations arrive through Redis right now (`None`: no Redis).
     pub revocation_fanout: Option<Arc<AtomicBool>>,
+    pub metering: Metering,
 }
 
 /// How `request_filter` ends when it does not forward.
@@ -101,19 +107,34 @@ impl Gateway {
         let endpoint = match route {
             Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
             Route::Readyz => return Err(self.readiness().await),
-            Route::Models => None,
+            Route::Models | Route::Usage => None,
             Route::Inference(endpoint) => Some(endpoint),
         };
         let key = self.keys.authenticate(bearer_token(header)?).await?;
         let Some(endpoint) = endpoint else {
-            return Err(Stop::Answer(200, self.model_list(&key)));
+            return Err(match route {
+                Route::Usage => {
+                    let query = UsageQuery::parse(header.uri.query())?;
+                    if query.account.is_some() {
+                        return Err(ApiError::bad_request(
+                            "`account` is not a parameter here: a key reads its own account's usage.",
+                            Some("account"),
+                        )
+                        .into());
+                    }
+                    let usage = usage_api::totals(&self.pool, Some(key.account_id), &query).await?;
+                    Stop::Answer(200, usage)
+                }
+                _ => Stop::Answer(200, self.model_list(&key)),
+            });
         };
         ctx.key = Some(Arc::clone(&key));
         let body = read_body(session, self.max_body_bytes).await?;
-        let request = request::parse(endpoint, body)?;
+        let mut request = request::parse(endpoint, body)?;
         if !key.allows_model(&request.model) || !self.selector.serves(&request.model) {
             return Err(ApiError::ModelNotFound(request.model).into());
         }
+        ctx.usage = Some(self.metering.admit(&mut request).await);
         ctx.request = Some(request);
         Ok(())
     }
@@ -418,6 +439,18 @@ impl ProxyHttp for Gateway {
             .headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        if let Some(usage) = ctx.usage.as_mut() {
+            let reframe = self.metering.response_started(
+                usage,
+                response.status.as_u16(),
+                ctx.streaming_response,
+            );
+            if reframe {
+                // We drop an event from the stream: its declared length no longer holds.
+                response.remove_header(&header::CONTENT_LENGTH);
+                response.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+            }
+        }
         Ok(())
     }
 
@@ -425,9 +458,12 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestContext,
     ) -> pingora::Result<Option<Duration>> {
+        if let Some(usage) = ctx.usage.as_mut() {
+            Metering::response_chunk(usage, body, end_of_stream);
+        }
         if let Some(chunk) = body.as_deref()
             && ctx.streaming_response
         {
@@ -492,6 +528,18 @@ impl ProxyHttp for Gateway {
             .and_then(|id| self.selector.backends().get(id))
             .map_or("-", |b| b.name.as_str());
         let account = ctx.key.as_ref().map_or("-", |k| k.account_name.as_str());
+        if let (Some(usage), Some(request), Some(key)) = (&ctx.usage, &ctx.request, &ctx.key) {
+            self.metering
+                .finish(FinishedRequest {
+                    usage,
+                    request,
+                    key,
+                    request_id: &ctx.request_id,
+                    backend: (backend != "-").then_some(backend),
+                    started: ctx.started,
+                })
+                .await;
+        }
         tracing::info!(
             request_id = %ctx.request_id,
             status,

@@ -39,6 +39,8 @@ impl Endpoint {
 pub enum Route {
     Inference(Endpoint),
     Models,
+    /// `GET /v1/usage`: the caller's own usage.
+    Usage,
     Healthz,
     Readyz,
 }
@@ -50,6 +52,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         "/v1/completions" => (Route::Inference(Endpoint::Completions), Method::POST),
         "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
         "/v1/models" => (Route::Models, Method::GET),
+        "/v1/usage" => (Route::Usage, Method::GET),
         "/healthz" => (Route::Healthz, Method::GET),
         "/readyz" => (Route::Readyz, Method::GET),
         _ => {

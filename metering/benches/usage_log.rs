@@ -1,0 +1,230 @@
+//! The usage log on this machine's Postgres:
+//!
+//! 1. the writer's sustained rate: `EVENTS` events recorded through the sink as
+//!    the request path does, until flushed into Postgres (rows and rollups), for
+//!    `ROUNDS` rounds; the median is reported;
+//! 2. report latency over a large log: `LOG_ROWS` events (10 million by
+//!    default) across 1,000 accounts in the current month, with their rollups;
+//!    then `QUERIES` runs of each report query for random accounts, p50 / p99.
+//!
+//! `cargo bench -p tollgate-metering --bench usage_log` (needs Postgres at
+//! DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres; makes and
+//! drops its own database). Smaller: `LOG_ROWS=1000000 cargo bench …`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
+use tollgate_metering::partitions;
+use tollgate_metering::report::{self, GroupBy};
+use tollgate_metering::spool::Spool;
+use tollgate_metering::writer::{self, WriterConfig, WriterStats};
+use uuid::Uuid;
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::TestDb;
+
+const ACCOUNTS: u64 = 1_000;
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn account(i: u64) -> Uuid {
+    Uuid::from_u64_pair(0x70_11_6a_7e, i % ACCOUNTS)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = TestDb::create().await;
+        writer_rate(&db).await;
+        query_latency(&db).await;
+    });
+}
+
+async fn writer_rate(db: &TestDb) {
+    let events = setting("EVENTS", 200_000);
+    let rounds = setting("ROUNDS", 3);
+    let now = SystemTime::now();
+    let mut rates = Vec::new();
+    for round in 0..rounds {
+        let batch: Vec<UsageEvent> = (0..events)
+            .map(|i| UsageEvent {
+                event_id: Uuid::now_v7(),
+                created_at: now - Duration::from_millis(i % 60_000),
+                request_id: format!("bench-{round}-{i}"),
+                account_id: account(i),
+                key_id: account(i),
+                tier: "pro".to_owned(),
+                model: if i % 3 == 0 { "model-a" } else { "model-b" }.to_owned(),
+                backend: Some("gpu-a".to_owned()),
+                kind: Kind::Chat,
+                status: Status::Ok,
+                tokens: Tokens {
+                    prompt: 100 + i % 50,
+                    completion: 20 + i % 30,
+                },
+                counted_prompt_tokens: Some(100 + i % 50),
+                counted_completion_tokens: None,
+                usage_source: UsageSource::Backend,
+                units: 120 + i % 80,
+                latency_ms: 40,
+                ttft_ms: Some(5),
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("tollgate-bench-spool-{}", std::process::id()));
+        let spool = Arc::new(Spool::open(&dir).unwrap());
+        let config = WriterConfig {
+            channel_capacity: events as usize,
+            batch_size: 2_000,
+            flush_interval: Duration::from_millis(200),
+            write_timeout: Duration::from_secs(30),
+        };
+        let stats = WriterStats::new().unwrap();
+        let (sink, task) = writer::channel(db.pool.clone(), spool, config, stats);
+        let running = tokio::spawn(task.run(std::future::pending()));
+        let started = Instant::now();
+        for event in batch {
+            sink.record(event);
+        }
+        sink.flush().await;
+        let elapsed = started.elapsed();
+        assert_eq!(sink.stats().written.get(), events, "every event written");
+        assert_eq!(sink.stats().spooled.get(), 0, "nothing spooled");
+        running.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        let rate = events as f64 / elapsed.as_secs_f64();
+        println!("writer round {round}: {events} events in {elapsed:.2?} = {rate:.0} events/s");
+        rates.push(rate);
+    }
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "writer: median {:.0} events/s over {rounds} rounds",
+        rates[rates.len() / 2]
+    );
+}
+
+async fn query_latency(db: &TestDb) {
+    let rows = setting("LOG_ROWS", 10_000_000);
+    let queries = setting("QUERIES", 200);
+    let client = db.pool.get().await.unwrap();
+    let month_start = partitions::month_start(SystemTime::now());
+    let span = SystemTime::now()
+        .duration_since(month_start)
+        .unwrap()
+        .as_secs()
+        .max(3_600);
+    let start_unix = month_start.duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let loading = Instant::now();
+    const CHUNK: u64 = 1_000_000;
+    for first in (0..rows).step_by(CHUNK as usize) {
+        let last = (first + CHUNK).min(rows);
+        // Spread evenly over the month so far; accounts interleaved.
+        client
+            .batch_execute(&format!(
+                "WITH ins AS (
+                     INSERT INTO usage_events
+                         (event_id, created_at, request_id, account_id, key_id, tier, model, kind,
+                          status, prompt_tokens, completion_tokens, total_tokens, usage_source, units,
+                          latency_ms)
+                     SELECT gen_random_uuid(),
+                            to_timestamp({start_unix} + (g::float8 / {rows}) * {span}),
+                            'r' || g, ('00000000-7011-6a7e-0000-' || lpad(to_hex(g % {ACCOUNTS}), 12, '0'))::uuid,
+                            ('00000000-7011-6a7e-0000-' || lpad(to_hex(g % {ACCOUNTS}), 12, '0'))::uuid, 'pro',
+                            CASE WHEN g % 3 = 0 THEN 'model-a' ELSE 'model-b' END, 'chat', 'ok',
+                            100, 20, 120, 'backend', 120, 40
+                     FROM generate_series({first}, {last} - 1) AS g
+                     RETURNING created_at, account_id, key_id, model, tier, total_tokens, units)
+                 INSERT INTO usage_rollup_minute AS r
+                 SELECT date_trunc('minute', created_at), account_id, key_id, model, tier, count(*), 0,
+                        count(*) * 100, count(*) * 20, sum(total_tokens), sum(units)
+                 FROM ins GROUP BY 1, 2, 3, 4, 5
+                 ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
+                     requests = r.requests + excluded.requests,
+                     prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
+                     completion_tokens = r.completion_tokens + excluded.completion_tokens,
+                     total_tokens = r.total_tokens + excluded.total_tokens,
+                     units = r.units + excluded.units"
+            ))
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute("VACUUM ANALYZE usage_events; VACUUM ANALYZE usage_rollup_minute")
+        .await
+        .unwrap();
+    let stored: i64 = client
+        .query_one("SELECT count(*) FROM usage_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let rollups: i64 = client
+        .query_one("SELECT count(*) FROM usage_rollup_minute", &[])
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "loaded {stored} events ({rollups} rollup rows) in {:.0?}",
+        loading.elapsed()
+    );
+
+    let now = SystemTime::now();
+    let pick = |i: u64| account(i.wrapping_mul(7_919));
+    let report_line = |name: &str, mut samples: Vec<Duration>| {
+        samples.sort();
+        let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+        println!(
+            "{name}: p50 {:.2} ms, p99 {:.2} ms ({} runs)",
+            at(0.5).as_secs_f64() * 1e3,
+            at(0.99).as_secs_f64() * 1e3,
+            samples.len()
+        );
+    };
+    let mut timed = Vec::new();
+    for i in 0..queries {
+        let started = Instant::now();
+        report::totals(&client, Some(pick(i)), month_start, now, GroupBy::Total)
+            .await
+            .unwrap();
+        timed.push(started.elapsed());
+    }
+    report_line("per-account usage this month (rollups)", timed);
+    let mut timed = Vec::new();
+    for i in 0..queries {
+        let started = Instant::now();
+        report::totals(&client, Some(pick(i)), month_start, now, GroupBy::Model)
+            .await
+            .unwrap();
+        timed.push(started.elapsed());
+    }
+    report_line("per-account usage this month by model (rollups)", timed);
+    let mut timed = Vec::new();
+    for _ in 0..queries {
+        let started = Instant::now();
+        report::live_stats(&client).await.unwrap();
+        timed.push(started.elapsed());
+    }
+    report_line(
+        "stats: last-60-s rpm/tpm and units this month (rollups)",
+        timed,
+    );
+    let mut timed = Vec::new();
+    for i in 0..queries {
+        let started = Instant::now();
+        report::account_events(&client, pick(i), month_start, now, 100)
+            .await
+            .unwrap();
+        timed.push(started.elapsed());
+    }
+    report_line("per-account latest 100 events (raw log)", timed);
+}
