@@ -2,9 +2,10 @@
 #
 # bench_sim PORT            unpaced gpu-sim: one thread, 16-token answers
 # bench_gateway PORT SIM    a throwaway database, a Tollgate config in front of
-#                           gpu-sim at SIM, migrated, with one key: sets TG (the
-#                           tollgate command for that config), TG_ENV (the
-#                           environment to run it in) and KEY
+#                           gpu-sim at SIM (its usage spool under target/bench),
+#                           migrated, with one key:
+#                           sets TG (the tollgate command for that config),
+#                           TG_ENV (the environment to run it in) and KEY
 # bench_background CMD...   runs CMD in the background until the script exits
 # Everything started here is stopped, and the database dropped, on exit.
 
@@ -12,15 +13,16 @@ BIN="$ROOT/target/release"
 OUT="$ROOT/target/bench"
 mkdir -p "$OUT"
 BENCH_PIDS=()
-BENCH_DB=""
+BENCH_DBS=()
 
 bench_cleanup() {
     # SIGINT: every process here exits at once on it (callgrind writes its profile).
     for pid in "${BENCH_PIDS[@]}"; do kill -INT "$pid" 2>/dev/null; done
     wait 2>/dev/null
-    if [ -n "$BENCH_DB" ]; then
-        psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $BENCH_DB WITH (FORCE)" >/dev/null
-    fi
+    for db in "${BENCH_DBS[@]}"; do
+        psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
+    done
+    rm -rf "$OUT"/spool-*
 }
 trap bench_cleanup EXIT
 
@@ -35,9 +37,9 @@ bench_sim() {
 }
 
 bench_gateway() {
-    local port=$1 sim=$2 config="$OUT/tollgate-$1.toml"
-    BENCH_DB="tollgate_bench_$$"
-    psql "$DATABASE_URL" -qc "CREATE DATABASE $BENCH_DB" >/dev/null
+    local port=$1 sim=$2 config="$OUT/tollgate-$1.toml" db="tollgate_bench_$$_$1"
+    BENCH_DBS+=("$db")
+    psql "$DATABASE_URL" -qc "CREATE DATABASE $db" >/dev/null
     cat >"$config" <<TOML
 [server]
 listen = "127.0.0.1:$port"
@@ -45,7 +47,9 @@ admin_listen = "127.0.0.1:$((port + 1))"
 metrics_listen = "127.0.0.1:$((port + 2))"
 workers = 1
 [database]
-url = "${DATABASE_URL%/*}/$BENCH_DB"
+url = "${DATABASE_URL%/*}/$db"
+[metering]
+spool_dir = "$OUT/spool-$port"
 [[tiers]]
 name = "pro"
 [[backends]]

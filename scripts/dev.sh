@@ -3,7 +3,7 @@
 # listening, else started under target/services/), two gpu-sim backends, and
 # `tollgate serve` with config/tollgate.example.toml on a `tollgate` database,
 # migrated, with a demo key per tier. Processes started here run in the
-# background; their logs and pid files are in .dev/. Run it again to restart
+# background; their logs, pid files and Tollgate's usage spool are in .dev/. Run it again to restart
 # them; `scripts/dev.sh stop` stops them.
 #
 #   scripts/dev.sh            # start (or restart) the stack
@@ -70,7 +70,8 @@ psql "$DATABASE_URL" -Atqc "SELECT 1 FROM pg_database WHERE datname = 'tollgate'
     psql "$DATABASE_URL" -qc "CREATE DATABASE tollgate"
 export DATABASE_URL="$TOLLGATE_DB_URL"
 "$BIN/tollgate" --config "$CONFIG" migrate
-start tollgate "$API_PORT" "$BIN/tollgate" --config "$CONFIG" serve
+# Run from .dev/ so the config's relative spool_dir ("spool") lands there.
+start tollgate "$API_PORT" env --chdir="$RUN_DIR" "$BIN/tollgate" --config "$CONFIG" serve
 
 # A demo key per tier, each on its own account (new keys every run).
 declare -A KEYS

@@ -7,7 +7,9 @@
 //!    default) across 1,000 accounts in the current month, with their rollups;
 //!    then `QUERIES` runs of each report query for random accounts, p50 / p99.
 //!
-//! `cargo bench -p tollgate-metering --bench usage_log` (needs Postgres at
+//! `cargo bench -p tollgate-metering --bench usage_log` (settings by env:
+//! EVENTS, ROUNDS, BATCH (the writer's batch size, 10000), LOG_ROWS (0 skips
+//! part 2), QUERIES; needs Postgres at
 //! DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres; makes and
 //! drops its own database). Smaller: `LOG_ROWS=1000000 cargo bench …`.
 
@@ -48,7 +50,9 @@ fn main() {
     runtime.block_on(async {
         let db = TestDb::create().await;
         writer_rate(&db).await;
-        query_latency(&db).await;
+        if setting("LOG_ROWS", 1) > 0 {
+            query_latency(&db).await;
+        }
     });
 }
 
@@ -86,7 +90,7 @@ async fn writer_rate(db: &TestDb) {
         let spool = Arc::new(Spool::open(&dir).unwrap());
         let config = WriterConfig {
             channel_capacity: events as usize,
-            batch_size: 2_000,
+            batch_size: setting("BATCH", 10_000) as usize,
             flush_interval: Duration::from_millis(200),
             write_timeout: Duration::from_secs(30),
         };
@@ -145,9 +149,20 @@ async fn query_latency(db: &TestDb) {
                             100, 20, 120, 'backend', 120, 40
                      FROM generate_series({first}, {last} - 1) AS g
                      RETURNING created_at, account_id, key_id, model, tier, total_tokens, units)
-                 INSERT INTO usage_rollup_minute AS r
-                 SELECT date_trunc('minute', created_at), account_id, key_id, model, tier, count(*), 0,
-                        count(*) * 100, count(*) * 20, sum(total_tokens), sum(units)
+                 , minutes AS (
+                     INSERT INTO usage_rollup_minute AS r
+                     SELECT date_trunc('minute', created_at), account_id, key_id, model, tier,
+                            count(*), 0, count(*) * 100, count(*) * 20, sum(total_tokens), sum(units)
+                     FROM ins GROUP BY 1, 2, 3, 4, 5
+                     ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
+                         requests = r.requests + excluded.requests,
+                         prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
+                         completion_tokens = r.completion_tokens + excluded.completion_tokens,
+                         total_tokens = r.total_tokens + excluded.total_tokens,
+                         units = r.units + excluded.units)
+                 INSERT INTO usage_rollup_day AS r
+                 SELECT date_trunc('day', created_at, 'UTC'), account_id, key_id, model, tier,
+                        count(*), 0, count(*) * 100, count(*) * 20, sum(total_tokens), sum(units)
                  FROM ins GROUP BY 1, 2, 3, 4, 5
                  ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
                      requests = r.requests + excluded.requests,
@@ -159,72 +174,92 @@ async fn query_latency(db: &TestDb) {
             .await
             .unwrap();
     }
-    client
-        .batch_execute("VACUUM ANALYZE usage_events; VACUUM ANALYZE usage_rollup_minute")
-        .await
-        .unwrap();
+    // One statement per call: VACUUM cannot run in the implicit transaction
+    // of a multi-statement batch.
+    for table in ["usage_events", "usage_rollup_minute", "usage_rollup_day"] {
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await
+            .unwrap();
+    }
     let stored: i64 = client
         .query_one("SELECT count(*) FROM usage_events", &[])
         .await
         .unwrap()
         .get(0);
-    let rollups: i64 = client
-        .query_one("SELECT count(*) FROM usage_rollup_minute", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let count = |table: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
     println!(
-        "loaded {stored} events ({rollups} rollup rows) in {:.0?}",
+        "loaded {stored} events ({} minute and {} day rollup rows) in {:.0?}",
+        count("usage_rollup_minute").await,
+        count("usage_rollup_day").await,
         loading.elapsed()
     );
 
     let now = SystemTime::now();
     let pick = |i: u64| account(i.wrapping_mul(7_919));
-    let report_line = |name: &str, mut samples: Vec<Duration>| {
-        samples.sort();
-        let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-        println!(
-            "{name}: p50 {:.2} ms, p99 {:.2} ms ({} runs)",
-            at(0.5).as_secs_f64() * 1e3,
-            at(0.99).as_secs_f64() * 1e3,
-            samples.len()
-        );
-    };
-    let mut timed = Vec::new();
-    for i in 0..queries {
-        let started = Instant::now();
-        report::totals(&client, Some(pick(i)), month_start, now, GroupBy::Total)
-            .await
-            .unwrap();
-        timed.push(started.elapsed());
-    }
-    report_line("per-account usage this month (rollups)", timed);
-    let mut timed = Vec::new();
-    for i in 0..queries {
-        let started = Instant::now();
-        report::totals(&client, Some(pick(i)), month_start, now, GroupBy::Model)
-            .await
-            .unwrap();
-        timed.push(started.elapsed());
-    }
-    report_line("per-account usage this month by model (rollups)", timed);
-    let mut timed = Vec::new();
-    for _ in 0..queries {
-        let started = Instant::now();
-        report::live_stats(&client).await.unwrap();
-        timed.push(started.elapsed());
-    }
-    report_line(
+    let client = &client;
+    time_queries(
+        "per-account usage this month (rollups)",
+        queries,
+        async |i| {
+            report::totals(client, Some(pick(i)), month_start, now, GroupBy::Total)
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+    time_queries(
+        "per-account usage this month by model (rollups)",
+        queries,
+        async |i| {
+            report::totals(client, Some(pick(i)), month_start, now, GroupBy::Model)
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+    time_queries(
         "stats: last-60-s rpm/tpm and units this month (rollups)",
-        timed,
-    );
-    let mut timed = Vec::new();
-    for i in 0..queries {
+        queries,
+        async |_| {
+            report::live_stats(client).await.unwrap();
+        },
+    )
+    .await;
+    time_queries(
+        "per-account latest 100 events (raw log)",
+        queries,
+        async |i| {
+            report::account_events(client, pick(i), month_start, now, 100)
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+}
+
+/// Runs `query` `runs` times and prints its p50 and p99.
+async fn time_queries(name: &str, runs: u64, query: impl AsyncFn(u64)) {
+    let mut samples = Vec::new();
+    for i in 0..runs {
         let started = Instant::now();
-        report::account_events(&client, pick(i), month_start, now, 100)
-            .await
-            .unwrap();
-        timed.push(started.elapsed());
+        query(i).await;
+        samples.push(started.elapsed());
     }
-    report_line("per-account latest 100 events (raw log)", timed);
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "{name}: p50 {:.2} ms, p99 {:.2} ms ({runs} runs)",
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+    );
 }

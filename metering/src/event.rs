@@ -84,8 +84,9 @@ pub struct Tokens {
 }
 
 impl Tokens {
+    /// Saturating: the figures come from backends.
     pub fn total(self) -> u64 {
-        self.prompt + self.completion
+        self.prompt.saturating_add(self.completion)
     }
 }
 
@@ -109,8 +110,8 @@ pub struct UsageEvent {
     pub tokens: Tokens,
     /// Tollgate's own prompt count, `None` when counting is off.
     pub counted_prompt_tokens: Option<u64>,
-    /// Tollgate's count of the generated text, when it was counted: always
-    /// when the backend reported no usage, else only if verification is on.
+    /// Tollgate's count of the generated text, when the backend reported no
+    /// usage (it is not counted otherwise).
     pub counted_completion_tokens: Option<u64>,
     pub usage_source: UsageSource,
     /// What the account is charged; one unit per token today.

@@ -28,6 +28,7 @@ use deadpool_postgres::Pool;
 use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
 use crate::event::UsageEvent;
@@ -145,6 +146,8 @@ pub struct UsageWriter {
     partitions: BTreeSet<i64>,
     /// No spool replay before this instant (backoff while Postgres is down).
     replay_after: Instant,
+    /// A flush was asked for: the process is about to exit.
+    shutting_down: bool,
 }
 
 /// Backoff between replay attempts while Postgres is unavailable.
@@ -180,6 +183,7 @@ pub fn channel(
         stats: Arc::clone(&stats),
         partitions: BTreeSet::new(),
         replay_after: Instant::now(),
+        shutting_down: false,
     };
     (sink, writer)
 }
@@ -204,7 +208,8 @@ impl UsageSink {
 
     /// Waits until every event recorded before this call is in Postgres or
     /// in the spool (synced). For shutdown, after the last request finished:
-    /// from then on a write slower than 2 s goes to the spool instead.
+    /// from then on a write slower than 2 s goes to the spool instead, and the
+    /// spool is not replayed by this process (the next start does it).
     pub async fn flush(&self) {
         let (done, flushed) = oneshot::channel();
         if self.flushes.send(done).await.is_ok() {
@@ -269,6 +274,7 @@ impl UsageWriter {
                 biased;
                 () = &mut shutdown => break,
                 Some(done) = self.flushes.recv() => {
+                    self.shutting_down = true;
                     self.config.write_timeout = self.config.write_timeout.min(SHUTDOWN_WRITE_TIMEOUT);
                     self.drain_channel(&mut batch).await;
                     self.deliver(&mut batch).await;
@@ -280,7 +286,8 @@ impl UsageWriter {
                         break;
                     }
                 }
-                () = tokio::time::sleep_until(self.replay_after), if !self.spool.is_empty() => {
+                () = tokio::time::sleep_until(self.replay_after),
+                    if !self.shutting_down && !self.spool.is_empty() => {
                     self.replay().await;
                     continue;
                 }
@@ -297,6 +304,7 @@ impl UsageWriter {
             }
             self.deliver(&mut batch).await;
         }
+        self.shutting_down = true;
         self.config.write_timeout = self.config.write_timeout.min(SHUTDOWN_WRITE_TIMEOUT);
         self.drain_channel(&mut batch).await;
         self.deliver(&mut batch).await;
@@ -332,7 +340,9 @@ impl UsageWriter {
         }
         append_to_spool(&self.spool, &self.stats, batch, true);
         batch.clear();
-        if Instant::now() >= self.replay_after {
+        // At shutdown the flush must end soon: what is spooled stays for the
+        // next start instead of being retried now.
+        if !self.shutting_down && Instant::now() >= self.replay_after {
             self.replay().await;
         }
     }
@@ -352,18 +362,20 @@ impl UsageWriter {
             };
             let events: Vec<UsageEvent> = records
                 .iter()
-                .filter_map(|record| match serde_json::from_slice(record) {
-                    Ok(event) => Some(event),
-                    Err(error) => {
-                        // Checksummed, so written by a different version: keep going.
-                        self.stats.lost.inc_by(1);
-                        tracing::error!("usage spool record is not an event, skipped: {error}");
-                        None
-                    }
-                })
+                .filter_map(|record| serde_json::from_slice(record).ok())
                 .collect();
             match self.write(&events).await {
                 Ok(()) => {
+                    // Checksummed yet not an event: written by another version.
+                    // Counted once, when the batch around it is done with.
+                    let unreadable = records.len() - events.len();
+                    if unreadable > 0 {
+                        self.stats.lost.inc_by(unreadable as u64);
+                        tracing::error!(
+                            unreadable,
+                            "USAGE EVENTS LOST: spool records are not events"
+                        );
+                    }
                     self.spool.consume(records.len());
                     self.stats.replayed.inc_by(events.len() as u64);
                     self.stats.spool_events.set(self.spool.len() as i64);
@@ -399,8 +411,17 @@ impl UsageWriter {
             for &at in months.values() {
                 partitions::ensure(&client, at).await?;
             }
-            let inserted = insert_batch(&client, events).await?;
-            Ok::<_, WriteError>(inserted)
+            match insert_batch(&client, events).await {
+                // A partition we knew of is gone (dropped by hand, or by a
+                // purge on another instance): create what the batch needs, once.
+                Err(error) if error.code() == Some(&SqlState::CHECK_VIOLATION) => {
+                    for event in events {
+                        partitions::ensure(&client, event.created_at).await?;
+                    }
+                    Ok(insert_batch(&client, events).await?)
+                }
+                other => Ok::<_, WriteError>(other?),
+            }
         })
         .await
         .map_err(|_| WriteError::Timeout(timeout))??;

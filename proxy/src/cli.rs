@@ -38,7 +38,8 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum UsageCommand {
     /// Print usage totals as JSON (the same as GET /admin/usage), from the
-    /// minute rollups. Times are unix seconds, a date (2026-11-01) or RFC 3339, UTC.
+    /// day and minute rollups. Times are unix seconds, a date (2026-11-01) or
+    /// RFC 3339, UTC.
     Report {
         /// Only this account; every account by default.
         #[arg(long, value_name = "NAME")]
@@ -53,9 +54,9 @@ pub enum UsageCommand {
         #[arg(long, value_name = "GROUP", default_value = "total")]
         group_by: String,
     },
-    /// Delete usage events created before a time: whole month partitions are
-    /// dropped, the month holding the cutoff is deleted from in batches.
-    /// Rollups are kept (metering.rollup_retention).
+    /// Delete usage events created before a time, at least a day ago: whole
+    /// month partitions are dropped, the month holding the cutoff is deleted
+    /// from in batches. Rollups are kept (metering.rollup_retention).
     Purge {
         #[arg(long, value_name = "TIME")]
         before: String,

@@ -297,17 +297,14 @@ pub mod defaults {
     pub const KEY_CACHE_CAPACITY: usize = 100_000;
     pub const BACKEND_MAX_CONCURRENCY: u32 = 64;
     pub const DEFAULT_ENCODING: &str = "cl100k_base";
-    /// OpenAI's charge for a low-detail image; high detail needs the image size.
-    pub const IMAGE_TOKENS: usize = 85;
+    pub const IMAGE_TOKENS: usize = tollgate_metering::tokens::DEFAULT_IMAGE_TOKENS;
     pub const USAGE_MISMATCH_TOLERANCE: f64 = 0.02;
-    /// About 0.2 ms of counting at bpe-openai's ~40 MB/s (see BENCHMARKS.md):
-    /// longer inputs would hold a worker thread past tokio's ~100 µs budget.
-    pub const BLOCKING_COUNT_BYTES: usize = 8 * 1024;
+    pub const BLOCKING_COUNT_BYTES: usize = tollgate_metering::tokens::BLOCKING_THRESHOLD_BYTES;
     pub const MAX_BUFFERED_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
     pub const SPOOL_DIR: &str = "spool";
     /// About a few seconds of traffic at the rates one instance serves.
     pub const USAGE_CHANNEL_CAPACITY: usize = 65_536;
-    pub const USAGE_BATCH_SIZE: usize = 2_000;
+    pub const USAGE_BATCH_SIZE: usize = 10_000;
     pub const USAGE_FLUSH_INTERVAL: &str = "200ms";
     pub const USAGE_WRITE_TIMEOUT: &str = "5s";
     pub const ROLLUP_RETENTION: &str = "400d";
@@ -529,7 +526,7 @@ fn validate_metering(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, Co
             "must be a fraction between 0 and 1 (0.02 = 2%)",
         ));
     }
-    Ok(MeteringConfig {
+    let metering = MeteringConfig {
         count_tokens,
         default_encoding,
         encodings,
@@ -576,7 +573,20 @@ fn validate_metering(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, Co
             m.minute_rollup_retention.as_deref(),
             defaults::MINUTE_ROLLUP_RETENTION,
         )?,
-    })
+    };
+    if metering.writer.flush_interval.is_zero() || metering.writer.write_timeout.is_zero() {
+        return Err(invalid(
+            "metering.flush_interval / metering.write_timeout",
+            "must be longer than zero",
+        ));
+    }
+    if metering.minute_rollup_retention > metering.rollup_retention {
+        return Err(invalid(
+            "metering.minute_rollup_retention",
+            "must not exceed metering.rollup_retention (day rollups back the minute ones)",
+        ));
+    }
+    Ok(metering)
 }
 
 fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {

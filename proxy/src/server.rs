@@ -92,7 +92,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         timeouts: config.server.timeouts,
         models: config.models().into_iter().map(str::to_owned).collect(),
         revocation_fanout: revocation_fanout.clone(),
-        metering: Metering::new(&config.metering, sink.clone()),
+        metering: Metering::new(
+            &config.metering,
+            sink.clone(),
+            prometheus::default_registry(),
+        )?,
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());

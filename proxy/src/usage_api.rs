@@ -151,8 +151,19 @@ pub async fn stats(pool: &Pool) -> Result<Value, ApiError> {
     .await
 }
 
+/// The newest cutoff a purge accepts: a day ago. A spool being replayed
+/// holds recent events; deleting their period would let a replay of events
+/// already counted in the rollups count them again.
+const PURGE_MIN_AGE: Duration = Duration::from_secs(86_400);
+
 /// Deletes usage events created before `before` (the admin API and CLI).
 pub async fn purge(pool: &Pool, before: SystemTime) -> Result<Purged, ApiError> {
+    if before > SystemTime::now() - PURGE_MIN_AGE {
+        return Err(ApiError::bad_request(
+            "`before` must be at least a day in the past.",
+            Some("before"),
+        ));
+    }
     partitions::purge(pool, before).await.map_err(|error| {
         tracing::error!("usage purge failed: {error}");
         ApiError::DatabaseUnavailable

@@ -315,6 +315,15 @@ impl Gateway {
         stdout.lines().last().unwrap().to_owned()
     }
 
+    async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn post(&self, key: &str, path: &str, body: &Value) -> reqwest::Response {
         self.client
             .post(format!("{}{path}", self.url))
@@ -505,16 +514,7 @@ async fn completions_embeddings_and_model_list() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
 
-    let models: Value = gateway
-        .client
-        .get(format!("{}/v1/models", gateway.url))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = gateway.get(&key, "/v1/models").await.json().await.unwrap();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "sim-model");
 }
@@ -850,12 +850,8 @@ async fn key_model_allow_list_limits_models_and_listing() {
     assert_eq!(status, 200);
 
     let models: Value = gateway
-        .client
-        .get(format!("{}/v1/models", gateway.url))
-        .bearer_auth(&limited)
-        .send()
+        .get(&limited, "/v1/models")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -1334,6 +1330,13 @@ async fn sigterm_drains_an_in_flight_stream() {
         "the stream finished"
     );
     assert!(gateway.wait_exit().success());
+    // The process is gone: the drained request's usage was written before it exited.
+    let usage = gateway.usage_events().await;
+    assert_eq!(usage.len(), 1);
+    assert_eq!(
+        (usage[0].status.as_str(), usage[0].completion_tokens),
+        ("ok", 20)
+    );
 }
 
 /// The official SDKs, as users run them. scripts/test.sh installs them: the

@@ -528,7 +528,7 @@ impl ProxyHttp for Gateway {
             .and_then(|id| self.selector.backends().get(id))
             .map_or("-", |b| b.name.as_str());
         let account = ctx.key.as_ref().map_or("-", |k| k.account_name.as_str());
-        if let (Some(usage), Some(request), Some(key)) = (&ctx.usage, &ctx.request, &ctx.key) {
+        if let (Some(usage), Some(request), Some(key)) = (&mut ctx.usage, &ctx.request, &ctx.key) {
             self.metering
                 .finish(FinishedRequest {
                     usage,

@@ -5,6 +5,7 @@
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use prometheus::{IntCounter, Registry};
 use serde_json::Value;
 use tollgate_metering::capture::ResponseCapture;
 use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
@@ -25,6 +26,9 @@ pub struct Metering {
     mismatch_tolerance: f64,
     blocking_count_bytes: usize,
     max_buffered_response_bytes: usize,
+    /// Requests whose backend-reported prompt tokens differ from our count
+    /// by more than the tolerance.
+    mismatches: IntCounter,
 }
 
 struct Counting {
@@ -33,8 +37,18 @@ struct Counting {
 }
 
 impl Metering {
-    pub fn new(config: &MeteringConfig, sink: UsageSink) -> Self {
-        Self {
+    pub fn new(
+        config: &MeteringConfig,
+        sink: UsageSink,
+        registry: &Registry,
+    ) -> prometheus::Result<Self> {
+        let mismatches = IntCounter::new(
+            "tollgate_usage_count_mismatch_total",
+            "Requests whose backend-reported prompt tokens differ from Tollgate's count \
+             by more than metering.usage_mismatch_tolerance.",
+        )?;
+        registry.register(Box::new(mismatches.clone()))?;
+        Ok(Self {
             sink,
             counting: config.count_tokens.then(|| Counting {
                 encodings: EncodingMap::new(config.default_encoding, config.encodings.clone()),
@@ -44,7 +58,8 @@ impl Metering {
             mismatch_tolerance: config.usage_mismatch_tolerance,
             blocking_count_bytes: config.blocking_count_bytes,
             max_buffered_response_bytes: config.max_buffered_response_bytes,
-        }
+            mismatches,
+        })
     }
 
     fn counter(&self, model: &str) -> Option<PromptCounter> {
@@ -136,9 +151,15 @@ impl Metering {
     /// In `logging`: builds the request's one usage event and hands it over.
     pub async fn finish(&self, done: FinishedRequest<'_>) {
         let usage = done.usage;
+        // A JSON answer cut short of its end (the client left while it was
+        // written) is parsed from what arrived; a finished one is not re-read.
+        if let Some(capture) = usage.capture.as_mut() {
+            capture.finish();
+        }
+        let usage = &*usage;
         let capture = usage.capture.as_ref();
         let reported = capture.and_then(ResponseCapture::usage);
-        let status = outcome(usage.upstream_status, capture);
+        let status = outcome(usage.upstream_status, capture, done.request.stream);
         // The generated text is counted when the backend reported no usage.
         let counted_completion = match (&self.counting, reported, status) {
             (Some(_), None, Status::Ok | Status::Partial) => {
@@ -168,7 +189,10 @@ impl Metering {
         if let (Some(r), Some(counted)) = (reported, usage.counted_prompt)
             && mismatched(r.prompt_tokens, counted, self.mismatch_tolerance)
         {
-            tracing::info!(
+            self.mismatches.inc();
+            // Debug, not info: with a self-hosted model's own tokenizer every
+            // request differs; the metric is where an operator looks.
+            tracing::debug!(
                 request_id = done.request_id,
                 model = %done.request.model,
                 reported = r.prompt_tokens,
@@ -217,7 +241,7 @@ impl Metering {
 
 /// What `logging` knows about a request that was admitted.
 pub struct FinishedRequest<'a> {
-    pub usage: &'a RequestUsage,
+    pub usage: &'a mut RequestUsage,
     pub request: &'a InferenceRequest,
     pub key: &'a KeyRecord,
     pub request_id: &'a str,
@@ -290,18 +314,26 @@ fn kind(endpoint: Endpoint) -> Kind {
     }
 }
 
-/// How an admitted request ended: a 2xx answer is `ok` only when it arrived
-/// whole and without an error event; otherwise the work done so far is billed
-/// as `partial`.
-fn outcome(upstream_status: Option<u16>, capture: Option<&ResponseCapture>) -> Status {
-    match upstream_status {
-        None => Status::UpstreamError,
-        Some(200..=299) if capture.is_some_and(|c| c.completed() && !c.backend_error()) => {
-            Status::Ok
-        }
-        Some(200..=299) => Status::Partial,
-        Some(400..=499) => Status::ClientError,
-        Some(_) => Status::UpstreamError,
+/// How an admitted request ended. A 2xx answer is `ok` when it arrived whole
+/// without an error; a stream cut short, or ended by an error event, bills
+/// the work done so far as `partial`; a JSON error under a 2xx status did no
+/// work. A JSON answer too large to read (`max_buffered_response_bytes`) is
+/// `ok`, billed from Tollgate's counts.
+fn outcome(
+    upstream_status: Option<u16>,
+    capture: Option<&ResponseCapture>,
+    streamed: bool,
+) -> Status {
+    let Some(status) = upstream_status else {
+        return Status::UpstreamError;
+    };
+    match (status, capture) {
+        (200..=299, Some(c)) if !streamed && c.backend_error() => Status::UpstreamError,
+        (200..=299, Some(c)) if c.completed() && !c.backend_error() => Status::Ok,
+        (200..=299, Some(c)) if !streamed && c.overflowed() => Status::Ok,
+        (200..=299, _) => Status::Partial,
+        (400..=499, _) => Status::ClientError,
+        _ => Status::UpstreamError,
     }
 }
 
@@ -309,4 +341,96 @@ fn mismatched(reported: u64, counted: u64, tolerance: f64) -> bool {
     let counted = counted as f64;
     let reported = reported as f64;
     (reported - counted).abs() > tolerance * reported.max(counted).max(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::gateway::request::parse;
+
+    fn request(endpoint: Endpoint, body: Value) -> InferenceRequest {
+        parse(endpoint, Bytes::from(body.to_string())).unwrap()
+    }
+
+    #[test]
+    fn streams_are_asked_for_usage_unless_the_client_already_did() {
+        let body =
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+        let mut asked = request(Endpoint::ChatCompletions, body.clone());
+        assert!(request_stream_usage(&mut asked));
+        let sent: Value = serde_json::from_slice(&asked.upstream_body).unwrap();
+        assert_eq!(sent["stream_options"], json!({"include_usage": true}));
+        assert_eq!(sent["messages"], body["messages"]);
+
+        let mut own = body.clone();
+        own["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": false});
+        let mut client_asked = request(Endpoint::ChatCompletions, own);
+        let original = client_asked.upstream_body.clone();
+        assert!(!request_stream_usage(&mut client_asked));
+        assert_eq!(
+            client_asked.upstream_body, original,
+            "the client's bytes, untouched"
+        );
+
+        let mut other_options = body.clone();
+        other_options["stream_options"] = json!({"continuous_usage_stats": true});
+        let mut merged = request(Endpoint::ChatCompletions, other_options);
+        assert!(request_stream_usage(&mut merged));
+        let sent: Value = serde_json::from_slice(&merged.upstream_body).unwrap();
+        assert_eq!(
+            sent["stream_options"],
+            json!({"continuous_usage_stats": true, "include_usage": true})
+        );
+
+        let mut plain = request(
+            Endpoint::ChatCompletions,
+            json!({"model": "m", "messages": body["messages"]}),
+        );
+        assert!(
+            !request_stream_usage(&mut plain),
+            "not streamed: nothing to ask"
+        );
+    }
+
+    #[test]
+    fn outcome_follows_the_status_and_how_the_answer_ended() {
+        let whole = {
+            let mut capture = ResponseCapture::new(true, false, 1024);
+            capture.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+            capture.finish();
+            capture
+        };
+        let cut = {
+            let mut capture = ResponseCapture::new(true, false, 1024);
+            capture.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
+            capture
+        };
+        let json_error = {
+            let mut capture = ResponseCapture::new(false, false, 1024);
+            capture.feed(br#"{"error":{"message":"engine died"}}"#);
+            capture.finish();
+            capture
+        };
+        assert_eq!(outcome(Some(200), Some(&whole), true), Status::Ok);
+        assert_eq!(outcome(Some(200), Some(&cut), true), Status::Partial);
+        assert_eq!(
+            outcome(Some(200), Some(&json_error), false),
+            Status::UpstreamError
+        );
+        assert_eq!(outcome(Some(429), None, false), Status::ClientError);
+        assert_eq!(outcome(Some(503), None, false), Status::UpstreamError);
+        assert_eq!(outcome(None, None, false), Status::UpstreamError);
+    }
+
+    #[test]
+    fn mismatch_is_relative_to_the_larger_count() {
+        assert!(!mismatched(100, 101, 0.02));
+        assert!(mismatched(100, 110, 0.02));
+        assert!(!mismatched(0, 0, 0.02));
+        assert!(mismatched(0, 5, 0.02));
+    }
 }
