@@ -182,22 +182,24 @@ pub struct LiveStats {
 /// the previous one weighted by how much of it falls inside the window (the
 /// sliding-window estimate), since rollups have minute resolution.
 pub async fn live_stats<C: GenericClient>(client: &C) -> Result<LiveStats, tokio_postgres::Error> {
+    // `now()` is stable within a statement, so both ranges are index range
+    // scans (a CTE or join for the window would hide the bounds from the planner).
     let row = client
         .query_one(
-            "WITH now_ AS (SELECT now() AS t, date_trunc('minute', now()) AS m),
-                  weights AS (
-                      SELECT r.requests, r.total_tokens,
-                             CASE WHEN r.bucket = n.m THEN 1.0
-                                  ELSE 1.0 - extract(epoch FROM n.t - n.m) / 60.0 END AS w
-                      FROM usage_rollup_minute r, now_ n
-                      WHERE r.bucket >= n.m - interval '1 minute')
-             SELECT coalesce(sum(requests * w), 0)::float8,
-                    coalesce(sum(total_tokens * w), 0)::float8,
-                    (SELECT coalesce(sum(units), 0)::int8 FROM usage_rollup_day
-                     WHERE bucket >= date_trunc('month', now(), 'UTC')),
-                    (SELECT coalesce(sum(requests), 0)::int8 FROM usage_rollup_day
-                     WHERE bucket >= date_trunc('month', now(), 'UTC'))
-             FROM weights",
+            "SELECT recent.requests, recent.tokens, month.units, month.requests
+             FROM (SELECT coalesce(sum(requests * w), 0)::float8 AS requests,
+                          coalesce(sum(total_tokens * w), 0)::float8 AS tokens
+                   FROM (SELECT requests, total_tokens,
+                                CASE WHEN bucket = date_trunc('minute', now()) THEN 1.0
+                                     ELSE 1.0 - extract(epoch FROM now() - date_trunc('minute', now())) / 60.0
+                                END AS w
+                         FROM usage_rollup_minute
+                         WHERE bucket >= date_trunc('minute', now()) - interval '1 minute') AS weighted
+                  ) AS recent,
+                  (SELECT coalesce(sum(units), 0)::int8 AS units,
+                          coalesce(sum(requests), 0)::int8 AS requests
+                   FROM usage_rollup_day
+                   WHERE bucket >= date_trunc('month', now(), 'UTC')) AS month",
             &[],
         )
         .await?;

@@ -15,7 +15,7 @@
 //!
 //! Durability: an event is in memory between `record` and its batch's write
 //! (at most `flush_interval` plus one write), and on disk from then on, in
-//! Postgres or in the spool. SIGTERM flushes the channel ([`UsageSink::flush`]);
+//! Postgres or in the spool. SIGTERM flushes the channel ([`UsageSink::flush_for_exit`]);
 //! a SIGKILL loses only the events still in memory. If even the spool cannot
 //! be written, the request path keeps serving: the event is counted in
 //! `lost` and logged at error level.
@@ -125,11 +125,17 @@ impl WriterStats {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    Now,
+    ForExit,
+}
+
 /// The request path's handle: cheap to clone, never waits.
 #[derive(Clone)]
 pub struct UsageSink {
     events: mpsc::Sender<UsageEvent>,
-    flushes: mpsc::Sender<oneshot::Sender<()>>,
+    flushes: mpsc::Sender<(Flush, oneshot::Sender<()>)>,
     spool: Arc<Spool>,
     stats: Arc<WriterStats>,
 }
@@ -137,7 +143,7 @@ pub struct UsageSink {
 /// The background task that owns the channel's receiving end.
 pub struct UsageWriter {
     events: mpsc::Receiver<UsageEvent>,
-    flushes: mpsc::Receiver<oneshot::Sender<()>>,
+    flushes: mpsc::Receiver<(Flush, oneshot::Sender<()>)>,
     spool: Arc<Spool>,
     pool: Pool,
     config: WriterConfig,
@@ -207,12 +213,21 @@ impl UsageSink {
     }
 
     /// Waits until every event recorded before this call is in Postgres or
-    /// in the spool (synced). For shutdown, after the last request finished:
-    /// from then on a write slower than 2 s goes to the spool instead, and the
-    /// spool is not replayed by this process (the next start does it).
+    /// in the spool (synced).
     pub async fn flush(&self) {
+        self.request_flush(Flush::Now).await;
+    }
+
+    /// [`flush`](Self::flush) before the process exits, after the last
+    /// request finished: a write slower than 2 s goes to the spool instead,
+    /// and the spool is left for the next start to replay, so this ends soon.
+    pub async fn flush_for_exit(&self) {
+        self.request_flush(Flush::ForExit).await;
+    }
+
+    async fn request_flush(&self, kind: Flush) {
         let (done, flushed) = oneshot::channel();
-        if self.flushes.send(done).await.is_ok() {
+        if self.flushes.send((kind, done)).await.is_ok() {
             let _ = flushed.await;
         }
     }
@@ -273,9 +288,10 @@ impl UsageWriter {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                Some(done) = self.flushes.recv() => {
-                    self.shutting_down = true;
-                    self.config.write_timeout = self.config.write_timeout.min(SHUTDOWN_WRITE_TIMEOUT);
+                Some((kind, done)) = self.flushes.recv() => {
+                    if kind == Flush::ForExit {
+                        self.prepare_exit();
+                    }
                     self.drain_channel(&mut batch).await;
                     self.deliver(&mut batch).await;
                     let _ = done.send(());
@@ -304,13 +320,18 @@ impl UsageWriter {
             }
             self.deliver(&mut batch).await;
         }
-        self.shutting_down = true;
-        self.config.write_timeout = self.config.write_timeout.min(SHUTDOWN_WRITE_TIMEOUT);
+        self.prepare_exit();
         self.drain_channel(&mut batch).await;
         self.deliver(&mut batch).await;
-        while let Ok(done) = self.flushes.try_recv() {
+        while let Ok((_, done)) = self.flushes.try_recv() {
             let _ = done.send(());
         }
+    }
+
+    /// From now on, end soon: short writes, no spool replay.
+    fn prepare_exit(&mut self) {
+        self.shutting_down = true;
+        self.config.write_timeout = self.config.write_timeout.min(SHUTDOWN_WRITE_TIMEOUT);
     }
 
     /// Moves every event waiting in the channel into batches, writing full ones.

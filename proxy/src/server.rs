@@ -189,7 +189,7 @@ impl BackgroundService for Drainer {
                 "drain timeout reached; exiting with requests in flight"
             ),
         }
-        match tokio::time::timeout(USAGE_FLUSH_TIMEOUT, self.usage.flush()).await {
+        match tokio::time::timeout(USAGE_FLUSH_TIMEOUT, self.usage.flush_for_exit()).await {
             Ok(()) => tracing::info!("usage events flushed"),
             Err(_) => tracing::error!("usage flush timed out; unwritten events are lost"),
         }
