@@ -284,7 +284,6 @@ impl UsageWriter {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut batch = Vec::with_capacity(self.config.batch_size);
         loop {
-            let deadline = Instant::now() + self.config.flush_interval;
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -308,7 +307,9 @@ impl UsageWriter {
                     continue;
                 }
             }
-            // Fill the batch until it is full or the flush interval is up.
+            // Fill the batch until it is full or its first event has waited
+            // the flush interval.
+            let deadline = Instant::now() + self.config.flush_interval;
             while batch.len() < self.config.batch_size {
                 let room = self.config.batch_size - batch.len();
                 match tokio::time::timeout_at(deadline, self.events.recv_many(&mut batch, room))
