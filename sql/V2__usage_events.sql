@@ -72,6 +72,18 @@ CREATE INDEX usage_rollup_minute_bucket_idx ON usage_rollup_minute (bucket);
 -- at a period's edges from the minute rollups.
 CREATE TABLE usage_rollup_day (LIKE usage_rollup_minute INCLUDING ALL);
 
+-- All accounts together per UTC day: what "units this month" sums, in a
+-- handful of rows instead of one per account, key and model.
+CREATE TABLE usage_rollup_total_day (
+    bucket            timestamptz PRIMARY KEY,
+    requests          bigint      NOT NULL,
+    failed_requests   bigint      NOT NULL,
+    prompt_tokens     bigint      NOT NULL,
+    completion_tokens bigint      NOT NULL,
+    total_tokens      bigint      NOT NULL,
+    units             bigint      NOT NULL
+);
+
 -- The month partitions of usage_events and their bounds, so retention can
 -- find whole partitions to drop without parsing catalog expressions.
 CREATE TABLE usage_partitions (

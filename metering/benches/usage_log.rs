@@ -160,11 +160,22 @@ async fn query_latency(db: &TestDb) {
                          completion_tokens = r.completion_tokens + excluded.completion_tokens,
                          total_tokens = r.total_tokens + excluded.total_tokens,
                          units = r.units + excluded.units)
-                 INSERT INTO usage_rollup_day AS r
-                 SELECT date_trunc('day', created_at, 'UTC'), account_id, key_id, model, tier,
-                        count(*), 0, count(*) * 100, count(*) * 20, sum(total_tokens), sum(units)
-                 FROM ins GROUP BY 1, 2, 3, 4, 5
-                 ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
+                 , days AS (
+                     INSERT INTO usage_rollup_day AS r
+                     SELECT date_trunc('day', created_at, 'UTC'), account_id, key_id, model, tier,
+                            count(*), 0, count(*) * 100, count(*) * 20, sum(total_tokens), sum(units)
+                     FROM ins GROUP BY 1, 2, 3, 4, 5
+                     ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
+                         requests = r.requests + excluded.requests,
+                         prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
+                         completion_tokens = r.completion_tokens + excluded.completion_tokens,
+                         total_tokens = r.total_tokens + excluded.total_tokens,
+                         units = r.units + excluded.units)
+                 INSERT INTO usage_rollup_total_day AS r
+                 SELECT date_trunc('day', created_at, 'UTC'), count(*), 0, count(*) * 100,
+                        count(*) * 20, sum(total_tokens), sum(units)
+                 FROM ins GROUP BY 1
+                 ON CONFLICT (bucket) DO UPDATE SET
                      requests = r.requests + excluded.requests,
                      prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
                      completion_tokens = r.completion_tokens + excluded.completion_tokens,

@@ -173,6 +173,7 @@ pub async fn purge_rollups(
     for (table, retention) in [
         ("usage_rollup_minute", minute_retention),
         ("usage_rollup_day", day_retention),
+        ("usage_rollup_total_day", day_retention),
     ] {
         let cutoff = now - retention;
         let delete = format!(

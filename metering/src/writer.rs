@@ -468,8 +468,9 @@ pub enum WriteError {
     Timeout(Duration),
 }
 
-/// Inserts the events not stored yet and adds exactly those to the minute and
-/// day rollups, in one statement (so one transaction). Returns how many were new.
+/// Inserts the events not stored yet and adds exactly those to the rollups
+/// (minute, day, and all-accounts day), in one statement (so one
+/// transaction). Returns how many were new.
 const INSERT_BATCH: &str = "
 WITH inserted AS (
     INSERT INTO usage_events (
@@ -514,6 +515,20 @@ WITH inserted AS (
     FROM per_minute
     GROUP BY 1, 2, 3, 4, 5
     ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
+        requests = r.requests + excluded.requests,
+        failed_requests = r.failed_requests + excluded.failed_requests,
+        prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = r.completion_tokens + excluded.completion_tokens,
+        total_tokens = r.total_tokens + excluded.total_tokens,
+        units = r.units + excluded.units
+), by_total AS (
+    INSERT INTO usage_rollup_total_day AS r (
+        bucket, requests, failed_requests, prompt_tokens, completion_tokens, total_tokens, units)
+    SELECT date_trunc('day', minute, 'UTC'), sum(requests), sum(failed), sum(prompt),
+           sum(completion), sum(total), sum(units)
+    FROM per_minute
+    GROUP BY 1
+    ON CONFLICT (bucket) DO UPDATE SET
         requests = r.requests + excluded.requests,
         failed_requests = r.failed_requests + excluded.failed_requests,
         prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,

@@ -105,7 +105,11 @@ async fn writing_the_same_events_twice_stores_and_counts_them_once() {
         .await,
         1_000
     );
-    for table in ["usage_rollup_minute", "usage_rollup_day"] {
+    for table in [
+        "usage_rollup_minute",
+        "usage_rollup_day",
+        "usage_rollup_total_day",
+    ] {
         let sql =
             format!("SELECT sum(requests)::int8 * 100000 + sum(total_tokens)::int8 FROM {table}");
         assert_eq!(

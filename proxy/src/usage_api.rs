@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Pool;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 use tollgate_metering::partitions::{self, Purged};
 use tollgate_metering::report::{self, GroupBy};
 use uuid::Uuid;
@@ -14,6 +15,10 @@ use crate::error::ApiError;
 
 /// Reports read Postgres; they must not hang when it does.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reports running at once, whoever asks: any key holder may call
+/// `/v1/usage`, and the pool's other connections belong to the usage writer
+/// and key lookups, which must not wait behind a flood of reports.
+static REPORT_SLOTS: Semaphore = Semaphore::const_new(4);
 /// Events listed per request at most.
 const MAX_EVENTS: i64 = 1000;
 
@@ -197,13 +202,17 @@ impl From<tokio_postgres::Error> for QueryError {
     }
 }
 
-/// Runs `query` on a pooled connection, bounded by [`REPORT_TIMEOUT`]; any
-/// Postgres trouble answers 503.
+/// Runs `query` on a pooled connection, at most [`REPORT_SLOTS`] at once and
+/// bounded by [`REPORT_TIMEOUT`]; any Postgres trouble answers 503.
 async fn with_client<T>(
     pool: &Pool,
     query: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, QueryError>,
 ) -> Result<T, ApiError> {
     let outcome = tokio::time::timeout(REPORT_TIMEOUT, async {
+        let _slot = REPORT_SLOTS
+            .acquire()
+            .await
+            .map_err(|_| ApiError::DatabaseUnavailable)?;
         let client = pool.get().await.map_err(|e| {
             tracing::error!("usage report: no Postgres connection: {e}");
             ApiError::DatabaseUnavailable

@@ -2,8 +2,8 @@
 //!
 //! Phases and their jobs:
 //! - `request_filter`: request id, route, health answers, key check, body
-//!   read and parse, model access, prompt count and event id. Anything refused is answered here in
-//!   OpenAI's error shape.
+//!   read and parse, model access, prompt count and event id. Anything
+//!   refused is answered here in OpenAI's error shape.
 //! - `upstream_peer`: choose a backend for the model (selection only).
 //! - `upstream_request_filter`: swap the client's key for the backend's
 //!   credential, frame the body we send.
@@ -113,18 +113,7 @@ impl Gateway {
         let key = self.keys.authenticate(bearer_token(header)?).await?;
         let Some(endpoint) = endpoint else {
             return Err(match route {
-                Route::Usage => {
-                    let query = UsageQuery::parse(header.uri.query())?;
-                    if query.account.is_some() {
-                        return Err(ApiError::bad_request(
-                            "`account` is not a parameter here: a key reads its own account's usage.",
-                            Some("account"),
-                        )
-                        .into());
-                    }
-                    let usage = usage_api::totals(&self.pool, Some(key.account_id), &query).await?;
-                    Stop::Answer(200, usage)
-                }
+                Route::Usage => Stop::Answer(200, self.own_usage(header, &key).await?),
                 _ => Stop::Answer(200, self.model_list(&key)),
             });
         };
@@ -137,6 +126,22 @@ impl Gateway {
         ctx.usage = Some(self.metering.admit(&mut request).await);
         ctx.request = Some(request);
         Ok(())
+    }
+
+    /// `/v1/usage`: usage totals of the key's own account.
+    async fn own_usage(
+        &self,
+        header: &RequestHeader,
+        key: &KeyRecord,
+    ) -> Result<serde_json::Value, ApiError> {
+        let query = UsageQuery::parse(header.uri.query())?;
+        if query.account.is_some() {
+            return Err(ApiError::bad_request(
+                "`account` is not a parameter here: a key reads its own account's usage.",
+                Some("account"),
+            ));
+        }
+        usage_api::totals(&self.pool, Some(key.account_id), &query).await
     }
 
     /// `/v1/models`: the models this key may use, in OpenAI's list shape.

@@ -601,7 +601,11 @@ async fn sigkill_with_events_in_the_spool_replays_them_once_on_restart() {
     .await;
     // Counted once: the rollups (which a double write would inflate) agree.
     let client = gateway.db_client().await;
-    for table in ["usage_rollup_minute", "usage_rollup_day"] {
+    for table in [
+        "usage_rollup_minute",
+        "usage_rollup_day",
+        "usage_rollup_total_day",
+    ] {
         let requests: i64 = client
             .query_one(&format!("SELECT sum(requests)::int8 FROM {table}"), &[])
             .await
