@@ -21,7 +21,7 @@
 //! `lost` and logged at error level.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
@@ -468,10 +468,21 @@ pub enum WriteError {
     Timeout(Duration),
 }
 
+/// `ON CONFLICT … DO UPDATE` of a rollup row: add the batch's totals.
+const ADD_TO_ROLLUP: &str = "DO UPDATE SET
+        requests = r.requests + excluded.requests,
+        failed_requests = r.failed_requests + excluded.failed_requests,
+        prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = r.completion_tokens + excluded.completion_tokens,
+        total_tokens = r.total_tokens + excluded.total_tokens,
+        units = r.units + excluded.units";
+
 /// Inserts the events not stored yet and adds exactly those to the rollups
 /// (minute, day, and all-accounts day), in one statement (so one
 /// transaction). Returns how many were new.
-const INSERT_BATCH: &str = "
+static INSERT_BATCH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "
 WITH inserted AS (
     INSERT INTO usage_events (
         event_id, created_at, request_id, account_id, key_id, tier, model, backend,
@@ -499,13 +510,7 @@ WITH inserted AS (
         bucket, account_id, key_id, model, tier, requests, failed_requests,
         prompt_tokens, completion_tokens, total_tokens, units)
     SELECT * FROM per_minute
-    ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
-        requests = r.requests + excluded.requests,
-        failed_requests = r.failed_requests + excluded.failed_requests,
-        prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = r.completion_tokens + excluded.completion_tokens,
-        total_tokens = r.total_tokens + excluded.total_tokens,
-        units = r.units + excluded.units
+    ON CONFLICT (account_id, bucket, key_id, model, tier) {ADD_TO_ROLLUP}
 ), by_day AS (
     INSERT INTO usage_rollup_day AS r (
         bucket, account_id, key_id, model, tier, requests, failed_requests,
@@ -514,13 +519,7 @@ WITH inserted AS (
            sum(failed), sum(prompt), sum(completion), sum(total), sum(units)
     FROM per_minute
     GROUP BY 1, 2, 3, 4, 5
-    ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
-        requests = r.requests + excluded.requests,
-        failed_requests = r.failed_requests + excluded.failed_requests,
-        prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = r.completion_tokens + excluded.completion_tokens,
-        total_tokens = r.total_tokens + excluded.total_tokens,
-        units = r.units + excluded.units
+    ON CONFLICT (account_id, bucket, key_id, model, tier) {ADD_TO_ROLLUP}
 ), by_total AS (
     INSERT INTO usage_rollup_total_day AS r (
         bucket, requests, failed_requests, prompt_tokens, completion_tokens, total_tokens, units)
@@ -528,21 +527,17 @@ WITH inserted AS (
            sum(completion), sum(total), sum(units)
     FROM per_minute
     GROUP BY 1
-    ON CONFLICT (bucket) DO UPDATE SET
-        requests = r.requests + excluded.requests,
-        failed_requests = r.failed_requests + excluded.failed_requests,
-        prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = r.completion_tokens + excluded.completion_tokens,
-        total_tokens = r.total_tokens + excluded.total_tokens,
-        units = r.units + excluded.units
+    ON CONFLICT (bucket) {ADD_TO_ROLLUP}
 )
-SELECT count(*) FROM inserted";
+SELECT count(*) FROM inserted"
+    )
+});
 
 async fn insert_batch(
     client: &deadpool_postgres::Client,
     events: &[UsageEvent],
 ) -> Result<u64, tokio_postgres::Error> {
-    let statement = client.prepare_cached(INSERT_BATCH).await?;
+    let statement = client.prepare_cached(&INSERT_BATCH).await?;
     let column = |f: fn(&UsageEvent) -> i64| events.iter().map(f).collect::<Vec<i64>>();
     let optional = |f: fn(&UsageEvent) -> Option<i64>| events.iter().map(f).collect::<Vec<_>>();
     let event_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();

@@ -79,20 +79,9 @@ impl Gateway {
         events.remove(0)
     }
 
-    /// A metric's value from `/metrics` (0 when absent).
+    /// A metric of this gateway's (0 when absent).
     async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(&self.metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        scrape(&self.metrics_url, name).await
     }
 
     async fn post_with_id(
@@ -113,16 +102,20 @@ impl Gateway {
     }
 }
 
-/// A sim's counter from its Prometheus endpoint.
+/// A sim's counter (summed over its labels).
 async fn sim_counter(sim: &Sim, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", sim.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    scrape(&format!("{}/metrics", sim.url), name).await
+}
+
+/// The sum of metric `name`'s series (any labels) at a Prometheus endpoint;
+/// 0 when absent.
+async fn scrape(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
     text.lines()
-        .filter(|line| line.starts_with(name))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
