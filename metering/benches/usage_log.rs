@@ -4,8 +4,9 @@
 //!    the request path does, until flushed into Postgres (rows and rollups), for
 //!    `ROUNDS` rounds; the median is reported;
 //! 2. report latency over a large log: `LOG_ROWS` events (10 million by
-//!    default) across 1,000 accounts in the current month, with their rollups;
-//!    then `QUERIES` runs of each report query for random accounts, p50 / p99.
+//!    default) across 1,000 accounts in the current month, loaded through the
+//!    writer (so with their rollups); then `QUERIES` runs of each report query
+//!    for random accounts, p50 / p99.
 //!
 //! `cargo bench -p tollgate-metering --bench usage_log` (settings by env:
 //! EVENTS, ROUNDS, BATCH (the writer's batch size, 10000), LOG_ROWS (0 skips
@@ -16,7 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::partitions;
@@ -56,57 +57,81 @@ fn main() {
     });
 }
 
+/// The `i`th bench event: 1,000 accounts, two models, created at `created_at`.
+fn event(i: u64, created_at: SystemTime, tag: &str) -> UsageEvent {
+    UsageEvent {
+        event_id: Uuid::now_v7(),
+        created_at,
+        request_id: format!("bench-{tag}-{i}"),
+        account_id: account(i),
+        key_id: account(i),
+        tier: "pro".to_owned(),
+        model: if i.is_multiple_of(3) {
+            "model-a"
+        } else {
+            "model-b"
+        }
+        .to_owned(),
+        backend: Some("gpu-a".to_owned()),
+        kind: Kind::Chat,
+        status: Status::Ok,
+        tokens: Tokens {
+            prompt: 100 + i % 50,
+            completion: 20 + i % 30,
+        },
+        counted_prompt_tokens: Some(100 + i % 50),
+        counted_completion_tokens: None,
+        usage_source: UsageSource::Backend,
+        units: 120 + i % 80,
+        latency_ms: 40,
+        ttft_ms: Some(5),
+    }
+}
+
+/// Records `events` through a fresh sink, as the request path does, and
+/// returns how long until all of them were in Postgres.
+async fn write(db: &TestDb, events: Vec<UsageEvent>) -> Duration {
+    let count = events.len() as u64;
+    let dir = std::env::temp_dir().join(format!("tollgate-bench-spool-{}", std::process::id()));
+    let spool = Arc::new(Spool::open(&dir).unwrap());
+    let config = WriterConfig {
+        channel_capacity: events.len().max(1),
+        batch_size: setting("BATCH", 10_000) as usize,
+        flush_interval: Duration::from_millis(200),
+        write_timeout: Duration::from_secs(30),
+    };
+    let stats = WriterStats::new().unwrap();
+    let (sink, task) = writer::channel(db.pool.clone(), spool, config, stats);
+    let running = tokio::spawn(task.run(std::future::pending()));
+    let started = Instant::now();
+    for event in events {
+        sink.record(event);
+    }
+    sink.flush().await;
+    let elapsed = started.elapsed();
+    assert_eq!(sink.stats().written.get(), count, "every event written");
+    assert_eq!(sink.stats().spooled.get(), 0, "nothing spooled");
+    running.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+    elapsed
+}
+
 async fn writer_rate(db: &TestDb) {
     let events = setting("EVENTS", 200_000);
     let rounds = setting("ROUNDS", 3);
     let now = SystemTime::now();
     let mut rates = Vec::new();
     for round in 0..rounds {
-        let batch: Vec<UsageEvent> = (0..events)
-            .map(|i| UsageEvent {
-                event_id: Uuid::now_v7(),
-                created_at: now - Duration::from_millis(i % 60_000),
-                request_id: format!("bench-{round}-{i}"),
-                account_id: account(i),
-                key_id: account(i),
-                tier: "pro".to_owned(),
-                model: if i % 3 == 0 { "model-a" } else { "model-b" }.to_owned(),
-                backend: Some("gpu-a".to_owned()),
-                kind: Kind::Chat,
-                status: Status::Ok,
-                tokens: Tokens {
-                    prompt: 100 + i % 50,
-                    completion: 20 + i % 30,
-                },
-                counted_prompt_tokens: Some(100 + i % 50),
-                counted_completion_tokens: None,
-                usage_source: UsageSource::Backend,
-                units: 120 + i % 80,
-                latency_ms: 40,
-                ttft_ms: Some(5),
+        let batch = (0..events)
+            .map(|i| {
+                event(
+                    i,
+                    now - Duration::from_millis(i % 60_000),
+                    &round.to_string(),
+                )
             })
             .collect();
-        let dir = std::env::temp_dir().join(format!("tollgate-bench-spool-{}", std::process::id()));
-        let spool = Arc::new(Spool::open(&dir).unwrap());
-        let config = WriterConfig {
-            channel_capacity: events as usize,
-            batch_size: setting("BATCH", 10_000) as usize,
-            flush_interval: Duration::from_millis(200),
-            write_timeout: Duration::from_secs(30),
-        };
-        let stats = WriterStats::new().unwrap();
-        let (sink, task) = writer::channel(db.pool.clone(), spool, config, stats);
-        let running = tokio::spawn(task.run(std::future::pending()));
-        let started = Instant::now();
-        for event in batch {
-            sink.record(event);
-        }
-        sink.flush().await;
-        let elapsed = started.elapsed();
-        assert_eq!(sink.stats().written.get(), events, "every event written");
-        assert_eq!(sink.stats().spooled.get(), 0, "nothing spooled");
-        running.abort();
-        let _ = std::fs::remove_dir_all(&dir);
+        let elapsed = write(db, batch).await;
         let rate = events as f64 / elapsed.as_secs_f64();
         println!("writer round {round}: {events} events in {elapsed:.2?} = {rate:.0} events/s");
         rates.push(rate);
@@ -126,68 +151,30 @@ async fn query_latency(db: &TestDb) {
     let span = SystemTime::now()
         .duration_since(month_start)
         .unwrap()
-        .as_secs()
-        .max(3_600);
-    let start_unix = month_start.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        .max(Duration::from_secs(3_600));
     let loading = Instant::now();
-    const CHUNK: u64 = 1_000_000;
+    // Through the writer itself, in chunks, spread evenly over the month so far.
+    const CHUNK: u64 = 500_000;
     for first in (0..rows).step_by(CHUNK as usize) {
-        let last = (first + CHUNK).min(rows);
-        // Spread evenly over the month so far; accounts interleaved.
-        client
-            .batch_execute(&format!(
-                "WITH ins AS (
-                     INSERT INTO usage_events
-                         (event_id, created_at, request_id, account_id, key_id, tier, model, kind,
-                          status, prompt_tokens, completion_tokens, total_tokens, usage_source, units,
-                          latency_ms)
-                     SELECT gen_random_uuid(),
-                            to_timestamp({start_unix} + (g::float8 / {rows}) * {span}),
-                            'r' || g, ('00000000-7011-6a7e-0000-' || lpad(to_hex(g % {ACCOUNTS}), 12, '0'))::uuid,
-                            ('00000000-7011-6a7e-0000-' || lpad(to_hex(g % {ACCOUNTS}), 12, '0'))::uuid, 'pro',
-                            CASE WHEN g % 3 = 0 THEN 'model-a' ELSE 'model-b' END, 'chat', 'ok',
-                            100, 20, 120, 'backend', 120, 40
-                     FROM generate_series({first}, {last} - 1) AS g
-                     RETURNING created_at, account_id, key_id, model, tier, total_tokens, units)
-                 , minutes AS (
-                     INSERT INTO usage_rollup_minute AS r
-                     SELECT date_trunc('minute', created_at), account_id, key_id, model, tier,
-                            count(*), 0, count(*) * 100, count(*) * 20, sum(total_tokens), sum(units)
-                     FROM ins GROUP BY 1, 2, 3, 4, 5
-                     ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
-                         requests = r.requests + excluded.requests,
-                         prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
-                         completion_tokens = r.completion_tokens + excluded.completion_tokens,
-                         total_tokens = r.total_tokens + excluded.total_tokens,
-                         units = r.units + excluded.units)
-                 , days AS (
-                     INSERT INTO usage_rollup_day AS r
-                     SELECT date_trunc('day', created_at, 'UTC'), account_id, key_id, model, tier,
-                            count(*), 0, count(*) * 100, count(*) * 20, sum(total_tokens), sum(units)
-                     FROM ins GROUP BY 1, 2, 3, 4, 5
-                     ON CONFLICT (account_id, bucket, key_id, model, tier) DO UPDATE SET
-                         requests = r.requests + excluded.requests,
-                         prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
-                         completion_tokens = r.completion_tokens + excluded.completion_tokens,
-                         total_tokens = r.total_tokens + excluded.total_tokens,
-                         units = r.units + excluded.units)
-                 INSERT INTO usage_rollup_total_day AS r
-                 SELECT date_trunc('day', created_at, 'UTC'), count(*), 0, count(*) * 100,
-                        count(*) * 20, sum(total_tokens), sum(units)
-                 FROM ins GROUP BY 1
-                 ON CONFLICT (bucket) DO UPDATE SET
-                     requests = r.requests + excluded.requests,
-                     prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
-                     completion_tokens = r.completion_tokens + excluded.completion_tokens,
-                     total_tokens = r.total_tokens + excluded.total_tokens,
-                     units = r.units + excluded.units"
-            ))
-            .await
-            .unwrap();
+        let chunk = (first..(first + CHUNK).min(rows))
+            .map(|i| {
+                event(
+                    i,
+                    month_start + span.mul_f64(i as f64 / rows as f64),
+                    "load",
+                )
+            })
+            .collect();
+        write(db, chunk).await;
     }
     // One statement per call: VACUUM cannot run in the implicit transaction
     // of a multi-statement batch.
-    for table in ["usage_events", "usage_rollup_minute", "usage_rollup_day"] {
+    for table in [
+        "usage_events",
+        "usage_rollup_minute",
+        "usage_rollup_day",
+        "usage_rollup_total_day",
+    ] {
         client
             .batch_execute(&format!("VACUUM ANALYZE {table}"))
             .await

@@ -143,19 +143,7 @@ pub async fn purge(pool: &Pool, before: SystemTime) -> Result<Purged, PurgeError
         .await?;
     if let Some(row) = boundary {
         let name = quote_ident(&row.get::<_, String>(0));
-        let delete = format!(
-            "DELETE FROM {name} WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM {name} WHERE created_at < $1 LIMIT $2))"
-        );
-        loop {
-            let deleted = client
-                .execute(&delete, &[&before, &PURGE_BATCH_ROWS])
-                .await?;
-            purged.rows += deleted;
-            if deleted < PURGE_BATCH_ROWS as u64 {
-                break;
-            }
-        }
+        purged.rows = delete_in_batches(&client, &name, "created_at", before).await?;
     }
     Ok(purged)
 }
@@ -175,22 +163,33 @@ pub async fn purge_rollups(
         ("usage_rollup_day", day_retention),
         ("usage_rollup_total_day", day_retention),
     ] {
-        let cutoff = now - retention;
-        let delete = format!(
-            "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
-                 SELECT ctid FROM {table} WHERE bucket < $1 LIMIT $2))"
-        );
-        loop {
-            let deleted = client
-                .execute(&delete, &[&cutoff, &PURGE_BATCH_ROWS])
-                .await?;
-            total += deleted;
-            if deleted < PURGE_BATCH_ROWS as u64 {
-                break;
-            }
-        }
+        total += delete_in_batches(&client, table, "bucket", now - retention).await?;
     }
     Ok(total)
+}
+
+/// Deletes the rows of `table` whose `column` is before `cutoff`, at most
+/// [`PURGE_BATCH_ROWS`] per statement; returns how many.
+async fn delete_in_batches<C: GenericClient>(
+    client: &C,
+    table: &str,
+    column: &str,
+    cutoff: SystemTime,
+) -> Result<u64, tokio_postgres::Error> {
+    let delete = format!(
+        "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM {table} WHERE {column} < $1 LIMIT $2))"
+    );
+    let mut total = 0;
+    loop {
+        let deleted = client
+            .execute(&delete, &[&cutoff, &PURGE_BATCH_ROWS])
+            .await?;
+        total += deleted;
+        if deleted < PURGE_BATCH_ROWS as u64 {
+            return Ok(total);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

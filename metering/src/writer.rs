@@ -213,7 +213,8 @@ impl UsageSink {
     }
 
     /// Waits until every event recorded before this call is in Postgres or
-    /// in the spool (synced).
+    /// in the spool (synced), and the spool is replayed as far as Postgres
+    /// takes it: with Postgres up, everything is stored when this returns.
     pub async fn flush(&self) {
         self.request_flush(Flush::Now).await;
     }
@@ -293,6 +294,14 @@ impl UsageWriter {
                     }
                     self.drain_channel(&mut batch).await;
                     self.deliver(&mut batch).await;
+                    // Not at exit: what is spooled goes in too, as far as
+                    // Postgres takes it (a failure sets `replay_after` ahead).
+                    while kind == Flush::Now
+                        && !self.spool.is_empty()
+                        && Instant::now() >= self.replay_after
+                    {
+                        self.replay().await;
+                    }
                     let _ = done.send(());
                     continue;
                 }
