@@ -49,8 +49,11 @@ pub enum FlagError {
         the target could not keep up.\n\n\
         Single target:  loadgen --url URL --rate RPS --duration SECS [options]\n\
         Comparison:     loadgen --compare URL_A URL_B --rate RPS --duration SECS [--rounds R] [options]\n\n\
-        Latency percentiles cover successful responses only. The JSON written by --json \
-        is described in the crate documentation (load-tests/src/report.rs and compare.rs)."
+        Latency percentiles cover successful responses only. Against Tollgate the report \
+        also summarizes the x-tollgate-queue-wait-ms header (time waited in its admission \
+        queue for a GPU slot) of the 2xx responses that carry it. The JSON written by \
+        --json is described in the crate documentation (load-tests/src/report.rs and \
+        compare.rs)."
 )]
 pub struct Cli {
     /// Target base URL, e.g. http://127.0.0.1:8000; /v1/chat/completions is appended

@@ -435,6 +435,7 @@ mod tests {
             elapsed_secs: 1.0,
             latency_ms: Some(summary(p50, p99)),
             ttfb_ms: None,
+            queue_wait_ms: None,
             send_lag_ms: Some(summary(0.05, 0.1)),
             tokens: TokenCounts::default(),
             per_key: Vec::new(),

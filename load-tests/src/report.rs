@@ -23,6 +23,12 @@ pub const FORMAT: &str = "tollgate-loadgen/1";
 /// resolution): far above any --timeout anyone will use, and a few hundred KiB each.
 const HISTOGRAM_MAX_MICROS: u64 = 3_600_000_000;
 const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
+const MICROS_PER_MS: f64 = 1000.0;
+
+/// Queue waits arrive in whole milliseconds, so their histogram counts milliseconds:
+/// with 3 significant digits every value below 2048 ms is stored exactly, where the
+/// microsecond histograms would print a 12 ms wait as 12.007. Same one-hour ceiling.
+const QUEUE_WAIT_MAX_MILLIS: u64 = 3_600_000;
 
 /// The JSON document of a single-target run:
 ///
@@ -49,13 +55,17 @@ const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
 ///     "elapsed_secs": 2.003,
 ///     "latency_ms": {"count": 398, "p50": 0.61, "p90": 0.9, "p99": 1.4, "p99_9": 2.2, "max": 2.4, "mean": 0.65},
 ///     "ttfb_ms": {"count": 398, "p50": 0.4, "p90": 0.6, "p99": 1.0, "p99_9": 1.9, "max": 2.0, "mean": 0.43},
+///     "queue_wait_ms": {"count": 399, "p50": 0.0, "p90": 3.0, "p99": 41.0, "p99_9": 57.0, "max": 57.0, "mean": 2.114},
 ///     "send_lag_ms": {"count": 400, "p50": 0.06, "p90": 0.07, "p99": 0.1, "p99_9": 0.2, "max": 0.3, "mean": 0.06},
 ///     "tokens": {"completion_tokens": 6368, "responses_with_usage": 398,
 ///                "content_chunks": 6368, "completion_tokens_per_sec": 3179.2},
 ///     "per_key": [
 ///       {"key": "sk-fre…0001", "weight": 3,
 ///        "requests": {"scheduled": 400, "sent": 400, "ok": 398, "dropped": 0, "errors": 2},
-///        "latency_ms": {"count": 398, "p50": 0.61, "…": "…"}}
+///        "errors": {"by_status": {"500": 1}, "by_kind": {"truncated_stream": 1, "…": 0}},
+///        "achieved_rps": 198.7,
+///        "latency_ms": {"count": 398, "p50": 0.61, "…": "…"},
+///        "queue_wait_ms": {"count": 399, "p50": 0.0, "…": "…"}}
 ///     ]
 ///   }
 /// }
@@ -77,14 +87,25 @@ const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
 ///   load generator, not the target, was the bottleneck (use more `threads`).
 /// - `elapsed_secs` runs from the first scheduled send to the end of the schedule
 ///   (`duration_secs` later) or to the last response, whichever is later, so
-///   `achieved_rps = ok / elapsed_secs` drops when the target falls behind. The last
-///   responses' latency lengthens it slightly: with responses that take more than a
-///   few percent of `duration_secs`, use a longer run.
+///   `achieved_rps = ok / elapsed_secs` (goodput: successful requests per second)
+///   drops when the target falls behind. The last responses' latency lengthens it
+///   slightly: with responses that take more than a few percent of `duration_secs`,
+///   use a longer run.
 /// - `tokens.completion_tokens` sums `usage.completion_tokens` over the
 ///   `responses_with_usage` responses that reported it; `content_chunks` counts SSE
 ///   chunks with non-empty `delta.content`; `completion_tokens_per_sec` is
 ///   `completion_tokens / elapsed_secs`.
-/// - `per_key` has one entry per `--key`/`--key-mix` key (empty without keys).
+/// - `queue_wait_ms`: Tollgate's `x-tollgate-queue-wait-ms` response header, the whole
+///   milliseconds a request waited in its admission queue for a GPU slot. It covers
+///   every 2xx response that carried a readable value, including 2xx responses whose
+///   body then failed (they waited too), so `count` is not tied to `ok`; `null` when
+///   none did (any target but Tollgate; a run in which every request was refused).
+///   Values are exact below 2048 ms and within 0.1 % above.
+/// - `per_key` has one entry per `--key`/`--key-mix` key (empty without keys). Its
+///   `requests` and `errors` have the top-level shape and count only that key's
+///   requests (a key's share of 503 refusals is `errors.by_status["503"] /
+///   requests.sent`); its `achieved_rps` is that key's `ok / elapsed_secs`, over the
+///   run's `elapsed_secs`, so the keys' figures add up to the top-level one.
 /// - `interrupted`: Ctrl-C stopped the schedule early; the counts cover what was sent.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunDocument<'a> {
@@ -129,6 +150,18 @@ impl RequestCounts {
 }
 
 impl ErrorCounts {
+    fn count(&mut self, failure: Failure) {
+        let kinds = &mut self.by_kind;
+        match failure {
+            Failure::Status(status) => *self.by_status.entry(status).or_default() += 1,
+            Failure::Connect => kinds.connect += 1,
+            Failure::Timeout => kinds.timeout += 1,
+            Failure::TruncatedStream => kinds.truncated_stream += 1,
+            Failure::BadBody => kinds.bad_body += 1,
+            Failure::Io => kinds.io += 1,
+        }
+    }
+
     pub fn add(&mut self, other: &Self) {
         for (status, n) in &other.by_status {
             *self.by_status.entry(*status).or_default() += n;
@@ -167,7 +200,10 @@ pub struct KeyReport {
     pub key: String,
     pub weight: u32,
     pub requests: RequestCounts,
+    pub errors: ErrorCounts,
+    pub achieved_rps: f64,
     pub latency_ms: Option<LatencySummary>,
+    pub queue_wait_ms: Option<LatencySummary>,
 }
 
 /// The result of one run against one target. See [`RunDocument`] for field meanings.
@@ -182,6 +218,7 @@ pub struct RunReport {
     pub elapsed_secs: f64,
     pub latency_ms: Option<LatencySummary>,
     pub ttfb_ms: Option<LatencySummary>,
+    pub queue_wait_ms: Option<LatencySummary>,
     pub send_lag_ms: Option<LatencySummary>,
     pub tokens: TokenCounts,
     pub per_key: Vec<KeyReport>,
@@ -203,6 +240,8 @@ pub struct RunRecorder {
     errors: ErrorCounts,
     latency: Histogram<u64>,
     ttfb: Histogram<u64>,
+    /// Milliseconds, unlike the others; see [`QUEUE_WAIT_MAX_MILLIS`].
+    queue_wait: Histogram<u64>,
     send_lag: Histogram<u64>,
     tokens: TokenCounts,
     per_key: Vec<KeyRecorder>,
@@ -212,11 +251,17 @@ pub struct RunRecorder {
 #[derive(Debug)]
 struct KeyRecorder {
     counts: RequestCounts,
+    errors: ErrorCounts,
     latency: Histogram<u64>,
+    queue_wait: Histogram<u64>,
 }
 
 fn new_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
     Histogram::new_with_bounds(1, HISTOGRAM_MAX_MICROS, HISTOGRAM_SIGNIFICANT_DIGITS)
+}
+
+fn new_queue_wait_histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
+    Histogram::new_with_bounds(1, QUEUE_WAIT_MAX_MILLIS, HISTOGRAM_SIGNIFICANT_DIGITS)
 }
 
 fn record(histogram: &mut Histogram<u64>, value: Duration) {
@@ -226,11 +271,19 @@ fn record(histogram: &mut Histogram<u64>, value: Duration) {
     histogram.saturating_record(micros);
 }
 
-fn summarize(histogram: &Histogram<u64>) -> Option<LatencySummary> {
+/// Unlike [`record`], 0 stays 0: a request that found a free slot waited 0 ms, and
+/// the histogram holds 0 exactly (its lowest bound only sets the resolution).
+fn record_millis(histogram: &mut Histogram<u64>, value: Duration) {
+    let millis = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
+    histogram.saturating_record(millis);
+}
+
+/// `units_per_ms`: what the histogram counts, [`MICROS_PER_MS`] or 1.0 (milliseconds).
+fn summarize(histogram: &Histogram<u64>, units_per_ms: f64) -> Option<LatencySummary> {
     if histogram.is_empty() {
         return None;
     }
-    let ms = |micros: u64| micros as f64 / 1000.0;
+    let ms = |value: u64| value as f64 / units_per_ms;
     Some(LatencySummary {
         count: histogram.len(),
         p50: ms(histogram.value_at_quantile(0.50)),
@@ -238,8 +291,8 @@ fn summarize(histogram: &Histogram<u64>) -> Option<LatencySummary> {
         p99: ms(histogram.value_at_quantile(0.99)),
         p99_9: ms(histogram.value_at_quantile(0.999)),
         max: ms(histogram.max()),
-        // Whole microseconds, like the percentiles.
-        mean: histogram.mean().round() / 1000.0,
+        // Whole microseconds, like the microsecond percentiles.
+        mean: (histogram.mean() * MICROS_PER_MS / units_per_ms).round() / MICROS_PER_MS,
     })
 }
 
@@ -250,7 +303,9 @@ impl RunRecorder {
             .map(|_| {
                 Ok(KeyRecorder {
                     counts: RequestCounts::default(),
+                    errors: ErrorCounts::default(),
                     latency: new_histogram()?,
+                    queue_wait: new_queue_wait_histogram()?,
                 })
             })
             .collect::<Result<_, hdrhistogram::CreationError>>()?;
@@ -259,6 +314,7 @@ impl RunRecorder {
             errors: ErrorCounts::default(),
             latency: new_histogram()?,
             ttfb: new_histogram()?,
+            queue_wait: new_queue_wait_histogram()?,
             send_lag: new_histogram()?,
             tokens: TokenCounts::default(),
             per_key,
@@ -289,6 +345,15 @@ impl RunRecorder {
         });
     }
 
+    /// The admission-queue wait a 2xx answer reported; called in addition to
+    /// [`Self::on_finished`] for the same request, whatever its outcome.
+    pub fn on_queue_wait(&mut self, key: Option<usize>, wait: Duration) {
+        record_millis(&mut self.queue_wait, wait);
+        if let Some(k) = key.and_then(|i| self.per_key.get_mut(i)) {
+            record_millis(&mut k.queue_wait, wait);
+        }
+    }
+
     pub fn on_finished(
         &mut self,
         key: Option<usize>,
@@ -314,16 +379,9 @@ impl RunRecorder {
             }
             Err(failure) => {
                 self.each_count(key, |c| c.errors += 1);
-                let kinds = &mut self.errors.by_kind;
-                match failure {
-                    Failure::Status(status) => {
-                        *self.errors.by_status.entry(status).or_default() += 1;
-                    }
-                    Failure::Connect => kinds.connect += 1,
-                    Failure::Timeout => kinds.timeout += 1,
-                    Failure::TruncatedStream => kinds.truncated_stream += 1,
-                    Failure::BadBody => kinds.bad_body += 1,
-                    Failure::Io => kinds.io += 1,
+                self.errors.count(failure);
+                if let Some(k) = key.and_then(|i| self.per_key.get_mut(i)) {
+                    k.errors.count(failure);
                 }
             }
         }
@@ -360,7 +418,10 @@ impl RunRecorder {
                 key: weighted.key.redacted(),
                 weight: weighted.weight,
                 requests: recorded.counts,
-                latency_ms: summarize(&recorded.latency),
+                errors: recorded.errors.clone(),
+                achieved_rps: per_second(recorded.counts.ok),
+                latency_ms: summarize(&recorded.latency, MICROS_PER_MS),
+                queue_wait_ms: summarize(&recorded.queue_wait, 1.0),
             })
             .collect();
         RunReport {
@@ -371,9 +432,10 @@ impl RunRecorder {
             offered_rps: rate,
             achieved_rps: per_second(self.counts.ok),
             elapsed_secs,
-            latency_ms: summarize(&self.latency),
-            ttfb_ms: summarize(&self.ttfb),
-            send_lag_ms: summarize(&self.send_lag),
+            latency_ms: summarize(&self.latency, MICROS_PER_MS),
+            ttfb_ms: summarize(&self.ttfb, MICROS_PER_MS),
+            queue_wait_ms: summarize(&self.queue_wait, 1.0),
+            send_lag_ms: summarize(&self.send_lag, MICROS_PER_MS),
             tokens,
             per_key,
         }
@@ -465,6 +527,9 @@ impl fmt::Display for RunReport {
         if let Some(ttfb) = &self.ttfb_ms {
             writeln!(f, "ttfb       {ttfb}")?;
         }
+        if let Some(wait) = &self.queue_wait_ms {
+            writeln!(f, "queue wait {wait}")?;
+        }
         writeln!(
             f,
             "send lag   {}",
@@ -484,15 +549,24 @@ impl fmt::Display for RunReport {
             let k = &key.requests;
             writeln!(
                 f,
-                "key        {} (weight {}): sent {} ok {} errors {} dropped {}  latency {}",
+                "key        {} (weight {}): sent {} ok {} errors {} dropped {}  \
+                 achieved {:.1} ok/s  latency {}",
                 key.key,
                 key.weight,
                 k.sent,
                 k.ok,
                 k.errors,
                 k.dropped,
+                key.achieved_rps,
                 summary_or_dash(key.latency_ms.as_ref())
             )?;
+            // Indented under their key, with the same labels as the run's lines.
+            if k.errors > 0 {
+                writeln!(f, "           errors     {}", key.errors)?;
+            }
+            if let Some(wait) = &key.queue_wait_ms {
+                writeln!(f, "           queue wait {wait}")?;
+            }
         }
         Ok(())
     }
@@ -655,6 +729,8 @@ mod tests {
             }
         );
         assert_eq!(free.latency_ms.unwrap().count, 1);
+        assert_eq!(free.errors.by_status, BTreeMap::from([(429, 1)]));
+        assert!((free.achieved_rps - 1.0).abs() < 1e-9, "1 ok over 1 s");
         let pro = &report.per_key[1];
         assert_eq!(
             pro.requests,
@@ -666,6 +742,7 @@ mod tests {
                 errors: 0
             }
         );
+        assert_eq!(pro.errors, ErrorCounts::default());
         assert_eq!(report.requests.scheduled, 4);
     }
 
@@ -685,6 +762,7 @@ mod tests {
             "elapsed_secs",
             "latency_ms",
             "ttfb_ms",
+            "queue_wait_ms",
             "send_lag_ms",
             "tokens",
             "per_key",
@@ -702,5 +780,143 @@ mod tests {
         record(&mut histogram, Duration::from_nanos(10));
         record(&mut histogram, Duration::from_secs(100_000));
         assert_eq!(histogram.len(), 2);
+        let mut queue_wait = new_queue_wait_histogram().unwrap();
+        record_millis(&mut queue_wait, Duration::ZERO);
+        record_millis(&mut queue_wait, Duration::from_secs(100_000));
+        assert_eq!(queue_wait.len(), 2);
+    }
+
+    #[test]
+    fn every_per_key_field_is_in_the_json() {
+        let mix = KeyMix::parse("sk-a:1").unwrap();
+        let recorder = RunRecorder::new(1).unwrap();
+        let start = Instant::now();
+        let report = recorder.finish("u".into(), 1.0, Some(&mix), timing(start, 1));
+        let json = serde_json::to_value(&report).unwrap();
+        let key = &json["per_key"][0];
+        for field in [
+            "key",
+            "weight",
+            "requests",
+            "errors",
+            "achieved_rps",
+            "latency_ms",
+            "queue_wait_ms",
+        ] {
+            assert!(key.get(field).is_some(), "missing per_key.{field}");
+        }
+        assert!(key["queue_wait_ms"].is_null());
+        for kind in ["connect", "timeout", "truncated_stream", "bad_body", "io"] {
+            assert_eq!(key["errors"]["by_kind"][kind], 0, "{kind}");
+        }
+    }
+
+    /// Tollgate reports whole milliseconds; a microsecond histogram would print a 12 ms
+    /// wait as 12.007 and a free slot's 0 ms as 0.001.
+    #[test]
+    fn queue_waits_are_exact_milliseconds_overall_and_per_key() {
+        let mix = KeyMix::parse("sk-free:1,sk-pro:1").unwrap();
+        let mut recorder = RunRecorder::new(2).unwrap();
+        let start = Instant::now();
+        for wait_ms in [0, 12, 1250] {
+            recorder.on_sent(Some(0), Duration::ZERO);
+            recorder.on_queue_wait(Some(0), Duration::from_millis(wait_ms));
+            recorder.on_finished(Some(0), ok(wait_ms + 5, None, None), start);
+        }
+        // A key whose answers carry no header (e.g. not routed through Tollgate).
+        recorder.on_sent(Some(1), Duration::ZERO);
+        recorder.on_finished(Some(1), ok(3, None, None), start);
+        let report = recorder.finish("u".into(), 4.0, Some(&mix), timing(start, 1));
+
+        let overall = report.queue_wait_ms.unwrap();
+        assert_eq!(overall.count, 3);
+        assert_eq!(
+            (overall.p50, overall.p99, overall.max),
+            (12.0, 1250.0, 1250.0)
+        );
+        assert!((overall.mean - 420.667).abs() < 1e-9, "{overall:?}");
+        assert_eq!(report.per_key[0].queue_wait_ms, Some(overall));
+        assert_eq!(report.per_key[1].queue_wait_ms, None);
+
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["queue_wait_ms"]["p50"], 12.0);
+        assert!(json["per_key"][1]["queue_wait_ms"].is_null());
+
+        let text = report.to_string();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("queue wait")).collect();
+        assert_eq!(lines.len(), 2, "one for the run, one for sk-free:\n{text}");
+        assert!(lines[0].starts_with("queue wait p50 12.000"), "{text}");
+        assert!(
+            lines[1].starts_with("           queue wait p50 12.000"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_wait_reported_by_a_failed_2xx_is_still_a_wait() {
+        let mut recorder = RunRecorder::new(0).unwrap();
+        let start = Instant::now();
+        recorder.on_sent(None, Duration::ZERO);
+        recorder.on_queue_wait(None, Duration::from_millis(30));
+        recorder.on_finished(None, Err(Failure::TruncatedStream), start);
+        let report = recorder.finish("u".into(), 1.0, None, timing(start, 1));
+        assert!(report.latency_ms.is_none());
+        assert_eq!(report.queue_wait_ms.unwrap().count, 1);
+    }
+
+    #[test]
+    fn no_queue_wait_header_means_null_and_no_text_line() {
+        let mut recorder = RunRecorder::new(0).unwrap();
+        let start = Instant::now();
+        recorder.on_sent(None, Duration::ZERO);
+        recorder.on_finished(None, ok(2, None, None), start);
+        let report = recorder.finish("u".into(), 1.0, None, timing(start, 1));
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["queue_wait_ms"].is_null());
+        assert!(!report.to_string().contains("queue wait"), "{report}");
+    }
+
+    /// The per-key figures an admission test needs: how many of a key's requests were
+    /// refused with 503, and how many it got served per second.
+    #[test]
+    fn per_key_text_shows_goodput_and_errors_by_status() {
+        let mix = KeyMix::parse("sk-free:3,sk-pro:1").unwrap();
+        let mut recorder = RunRecorder::new(2).unwrap();
+        let start = Instant::now();
+        for (key, outcome) in [
+            (0, ok(10, None, None)),
+            (0, Err(Failure::Status(503))),
+            (0, Err(Failure::Status(503))),
+            (0, Err(Failure::Timeout)),
+            (1, ok(3, None, None)),
+            (1, ok(4, None, None)),
+        ] {
+            recorder.on_sent(Some(key), Duration::ZERO);
+            recorder.on_finished(Some(key), outcome, start);
+        }
+        let report = recorder.finish("u".into(), 6.0, Some(&mix), timing(start, 2));
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["per_key"][0]["errors"]["by_status"]["503"], 2);
+        assert_eq!(json["per_key"][0]["errors"]["by_kind"]["timeout"], 1);
+        assert_eq!(json["per_key"][0]["achieved_rps"], 0.5);
+        assert_eq!(json["per_key"][1]["achieved_rps"], 1.0);
+        assert_eq!(json["achieved_rps"], 1.5, "the keys' goodput adds up");
+
+        let text = report.to_string();
+        let free = text
+            .lines()
+            .position(|l| l.starts_with("key        sk-free"));
+        let lines: Vec<&str> = text.lines().collect();
+        let free = free.unwrap_or_else(|| panic!("no sk-free line:\n{text}"));
+        assert!(
+            lines[free].contains("sent 4 ok 1 errors 3 dropped 0  achieved 0.5 ok/s"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[free + 1],
+            "           errors     HTTP 503: 2, timeout: 1"
+        );
+        assert!(lines[free + 2].starts_with("key        sk-pro"), "{text}");
+        assert!(lines[free + 2].contains("achieved 1.0 ok/s"), "{text}");
     }
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -19,6 +19,11 @@ use crate::endpoint::Endpoint;
 use crate::sse::{BodyFault, BodyTally, SseScanner, tally_completion_body};
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Set by Tollgate on the answers it forwards: whole milliseconds the request waited
+/// in its admission queue for a GPU slot. Refusals (429, 503 "server busy") and other
+/// targets (gpu-sim) do not send it.
+pub const QUEUE_WAIT_HEADER: &str = "x-tollgate-queue-wait-ms";
 
 /// A keep-alive pool sized to the in-flight cap, so a steady load reuses connections
 /// instead of paying a TCP handshake per request.
@@ -158,6 +163,16 @@ pub enum Failure {
     Io,
 }
 
+/// What one exchange produced.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply {
+    pub outcome: Result<Success, Failure>,
+    /// [`QUEUE_WAIT_HEADER`] of a 2xx answer. Kept even when the body then fails: the
+    /// wait happened before the body, and dropping it would hide the waits of exactly
+    /// the requests a struggling target broke off.
+    pub queue_wait: Option<Duration>,
+}
+
 /// Sends one request and reads its whole body. `scheduled` is when the request was
 /// due, not when it left: measuring from there keeps scheduler lag in the figures.
 pub async fn exchange(
@@ -165,7 +180,10 @@ pub async fn exchange(
     template: &RequestTemplate,
     key: Option<usize>,
     scheduled: Instant,
-) -> Result<Success, Failure> {
+) -> Reply {
+    // Written inside `attempt`, read after it: a timeout drops the attempt but must
+    // not lose a wait that arrived with the headers.
+    let mut queue_wait = None;
     let attempt = async {
         let response = client.request(template.request(key)).await.map_err(|e| {
             if e.is_connect() {
@@ -180,15 +198,33 @@ pub async fn exchange(
             let _ = response.into_body().collect().await;
             return Err(Failure::Status(status));
         }
+        queue_wait = queue_wait_of(response.headers());
         if template.stream {
             read_stream(response, scheduled).await
         } else {
             read_completion(response, scheduled).await
         }
     };
-    tokio::time::timeout(template.timeout, attempt)
+    let outcome = tokio::time::timeout(template.timeout, attempt)
         .await
-        .map_err(|_| Failure::Timeout)?
+        .unwrap_or(Err(Failure::Timeout));
+    Reply {
+        outcome,
+        queue_wait,
+    }
+}
+
+/// `None` when the header is absent or not a whole number of milliseconds: a value
+/// this tool cannot read is left out rather than guessed.
+fn queue_wait_of(headers: &HeaderMap) -> Option<Duration> {
+    let millis = headers
+        .get(QUEUE_WAIT_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_millis(millis))
 }
 
 async fn read_completion(
@@ -344,14 +380,19 @@ mod tests {
         raw.len() >= header_end + 4 + length
     }
 
+    async fn reply_to(response: &'static str, stream: bool) -> (Reply, String) {
+        let (endpoint, server) = one_shot_server(response).await;
+        let template = RequestTemplate::new(&endpoint, &plan(stream)).unwrap();
+        let reply = exchange(&http_client(1), &template, Some(0), Instant::now()).await;
+        (reply, server.await.unwrap())
+    }
+
     async fn exchange_with(
         response: &'static str,
         stream: bool,
     ) -> (Result<Success, Failure>, String) {
-        let (endpoint, server) = one_shot_server(response).await;
-        let template = RequestTemplate::new(&endpoint, &plan(stream)).unwrap();
-        let result = exchange(&http_client(1), &template, Some(0), Instant::now()).await;
-        (result, server.await.unwrap())
+        let (reply, request) = reply_to(response, stream).await;
+        (reply.outcome, request)
     }
 
     #[tokio::test]
@@ -440,5 +481,53 @@ mod tests {
         )
         .await;
         assert_eq!(result.unwrap_err(), Failure::BadBody);
+    }
+
+    #[tokio::test]
+    async fn queue_wait_header_of_a_2xx_is_read_as_milliseconds() {
+        let (reply, _) = reply_to(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-tollgate-queue-wait-ms: 1250\r\n\
+             connection: close\r\n\r\n{\"choices\":[{\"message\":{\"content\":\"hi\"}}]}",
+            false,
+        )
+        .await;
+        assert!(reply.outcome.is_ok());
+        assert_eq!(reply.queue_wait, Some(Duration::from_millis(1250)));
+    }
+
+    #[tokio::test]
+    async fn queue_wait_of_a_2xx_is_kept_when_its_stream_breaks() {
+        let (reply, _) = reply_to(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-tollgate-queue-wait-ms: 0\r\n\
+             connection: close\r\n\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            true,
+        )
+        .await;
+        assert_eq!(reply.outcome.unwrap_err(), Failure::TruncatedStream);
+        assert_eq!(reply.queue_wait, Some(Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn queue_wait_is_not_read_from_refusals() {
+        // Tollgate sends no wait on its own refusals, but it does on upstream errors
+        // it forwards; the figure covers 2xx answers only, so a non-2xx is never read.
+        let (reply, _) = reply_to(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             x-tollgate-queue-wait-ms: 40\r\ncontent-length: 2\r\n\r\n{}",
+            false,
+        )
+        .await;
+        assert_eq!(reply.outcome.unwrap_err(), Failure::Status(503));
+        assert_eq!(reply.queue_wait, None);
+    }
+
+    #[test]
+    fn unreadable_queue_wait_is_left_out() {
+        for value in ["-3", "1.5", "soon", ""] {
+            let mut headers = HeaderMap::new();
+            headers.insert(QUEUE_WAIT_HEADER, HeaderValue::from_str(value).unwrap());
+            assert_eq!(queue_wait_of(&headers), None, "{value:?}");
+        }
+        assert_eq!(queue_wait_of(&HeaderMap::new()), None);
     }
 }

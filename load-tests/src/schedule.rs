@@ -23,7 +23,7 @@ use crate::arrival_clock::ArrivalClock;
 use crate::cli::LoadPlan;
 use crate::endpoint::Endpoint;
 use crate::report::{RunRecorder, RunReport, RunTiming};
-use crate::request::{Failure, RequestTemplate, Success, exchange, http_client};
+use crate::request::{Reply, RequestTemplate, exchange, http_client};
 
 /// How far after `start` request `index` is due.
 pub fn scheduled_offset(index: u64, rate: f64) -> Duration {
@@ -46,7 +46,7 @@ pub fn scheduled_count(rate: f64, duration: Duration) -> u64 {
 /// A request's task hands this back to the scheduler.
 struct Finished {
     key: Option<usize>,
-    outcome: Result<Success, Failure>,
+    reply: Reply,
     at: Instant,
 }
 
@@ -101,9 +101,9 @@ pub async fn run_load(
                     let client = client.clone();
                     let template = Arc::clone(&template);
                     tasks.spawn(async move {
-                        let outcome = exchange(&client, &template, key, due).await;
+                        let reply = exchange(&client, &template, key, due).await;
                         drop(permit);
-                        Finished { key, outcome, at: Instant::now() }
+                        Finished { key, reply, at: Instant::now() }
                     });
                 }
             }
@@ -130,7 +130,12 @@ pub async fn run_load(
 
 fn record(recorder: &mut RunRecorder, joined: Result<Finished, JoinError>) {
     match joined {
-        Ok(finished) => recorder.on_finished(finished.key, finished.outcome, finished.at),
+        Ok(Finished { key, reply, at }) => {
+            if let Some(wait) = reply.queue_wait {
+                recorder.on_queue_wait(key, wait);
+            }
+            recorder.on_finished(key, reply.outcome, at);
+        }
         // A request task only panics on a bug in this program: surface it, don't count it.
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
         // Tasks are never aborted while the set is alive, so cancellation cannot happen.

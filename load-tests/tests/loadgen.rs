@@ -162,7 +162,7 @@ fn assert_consistent(report: &Value) {
             "by_kind.{kind} is always present"
         );
     }
-    for summary in ["latency_ms", "ttfb_ms", "send_lag_ms"] {
+    for summary in ["latency_ms", "ttfb_ms", "queue_wait_ms", "send_lag_ms"] {
         let summary = &report[summary];
         if summary.is_null() {
             continue;
@@ -200,6 +200,12 @@ fn assert_all_ok(report: &Value, expected_scheduled: u64) {
     );
     assert!(count(&requests["ok"]) > 0, "{requests}");
     assert!(!report["latency_ms"].is_null());
+    // gpu-sim has no admission queue, so it never sends x-tollgate-queue-wait-ms.
+    assert!(
+        report["queue_wait_ms"].is_null(),
+        "{}",
+        report["queue_wait_ms"]
+    );
     assert_eq!(report["interrupted"], false);
 }
 
@@ -345,7 +351,22 @@ fn key_mix_splits_requests_exactly_by_weight() {
             count(&requests["sent"]),
             count(&requests["ok"]) + count(&requests["errors"])
         );
+        assert_eq!(sum_of(&key["errors"]["by_status"]), 0, "{key}");
+        assert!(
+            key["achieved_rps"].as_f64().is_some_and(|r| r > 0.0),
+            "{key}"
+        );
+        assert!(key["queue_wait_ms"].is_null(), "{key}");
     }
+    let goodput: f64 = per_key
+        .iter()
+        .filter_map(|k| k["achieved_rps"].as_f64())
+        .sum();
+    let overall = report["achieved_rps"].as_f64().expect("achieved_rps");
+    assert!(
+        (goodput - overall).abs() < 1e-6 * overall.max(1.0),
+        "per-key achieved_rps {goodput} should add up to {overall}"
+    );
     let ok_total: u64 = per_key.iter().map(|k| count(&k["requests"]["ok"])).sum();
     assert_eq!(ok_total, count(&report["requests"]["ok"]));
     let text = serde_json::to_string(&doc).unwrap();
