@@ -8,7 +8,9 @@
 //!   (every account without `account`); `GET /admin/usage/events?account=…`:
 //!   one account's events, newest first; `GET /admin/stats`: requests and
 //!   tokens in the last minute, units this month; `DELETE /admin/usage?before=<unix ts>`:
-//!   drop usage events older than that (see [`crate::usage_api`]).
+//!   drop usage events older than that (see [`crate::usage_api`]);
+//! - `GET /admin/queues`: per backend pool, its slots and, per tier, queue
+//!   depth, oldest and expected wait, admitted and shed counts.
 //!
 //! Every request needs `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`; with no
 //! token configured the admin API refuses everything.
@@ -26,6 +28,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::admission::AdmissionQueues;
 use crate::config::{Secret, parse_duration};
 use crate::error::ApiError;
 use crate::keys::store::StoreError;
@@ -39,6 +42,7 @@ pub struct AdminApi {
     pub token: Option<Secret>,
     pub keys: Arc<KeyAdmin>,
     pub pool: Pool,
+    pub queues: Arc<AdmissionQueues>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +179,7 @@ impl AdminApi {
                 let query = UsageQuery::parse(uri.query())?;
                 Ok((StatusCode::OK, usage_api::events(&self.pool, &query).await?))
             }
+            (&Method::GET, "/admin/queues") => Ok((StatusCode::OK, self.queues.signals_json())),
             (&Method::GET, "/admin/stats") => {
                 Ok((StatusCode::OK, usage_api::stats(&self.pool).await?))
             }

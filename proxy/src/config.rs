@@ -72,6 +72,8 @@ pub struct RawConfig {
     #[serde(default)]
     metering: RawMetering,
     #[serde(default)]
+    admission: RawAdmission,
+    #[serde(default)]
     tiers: Vec<RawTier>,
     #[serde(default)]
     backends: Vec<RawBackend>,
@@ -104,6 +106,8 @@ struct RawDatabase {
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: Option<String>,
+    key_prefix: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -141,10 +145,34 @@ struct RawMetering {
     minute_rollup_retention: Option<String>,
 }
 
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmission {
+    default_max_tokens: Option<u64>,
+    aging: Option<String>,
+    reservation_ttl: Option<String>,
+    reconcile_interval: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
     name: String,
+    #[serde(default)]
+    priority: i64,
+    requests_per_minute: Option<u64>,
+    tokens_per_minute: Option<u64>,
+    key_requests_per_minute: Option<u64>,
+    key_tokens_per_minute: Option<u64>,
+    max_concurrent: Option<u64>,
+    max_queue_wait_secs: Option<f64>,
+    max_expected_wait_secs: Option<f64>,
+    included_units: Option<u64>,
+    daily_cap: Option<u64>,
+    hard_cap: Option<bool>,
+    overage_price: Option<f64>,
+    monthly_price: Option<f64>,
+    on_redis_down: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -156,6 +184,7 @@ struct RawBackend {
     protocol: String,
     models: Vec<String>,
     max_concurrency: Option<u32>,
+    pool: Option<String>,
     credential: Option<String>,
 }
 
@@ -171,12 +200,39 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// Absent: a single instance, with in-process state only.
     pub redis_url: Option<Secret>,
+    pub redis: RedisConfig,
     /// Absent: the admin API refuses every request.
     pub admin_token: Option<Secret>,
     pub keys: KeyCacheConfig,
     pub metering: MeteringConfig,
+    pub admission: AdmissionConfig,
+    /// In config order.
     pub tiers: Vec<TierConfig>,
     pub backends: Vec<BackendConfig>,
+}
+
+/// How Tollgate uses Redis when `redis_url` is set.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Prefix of every key Tollgate writes (several deployments can share one Redis).
+    pub key_prefix: String,
+    /// Bound on one limiter call; past it the tier's `on_redis_down` applies.
+    pub timeout: Duration,
+}
+
+/// `[admission]`: what the tiers share.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionConfig {
+    /// Token estimate for the completion when a request sets no `max_tokens`;
+    /// also sent upstream as `max_tokens` for hard-capped tiers, so the
+    /// reservation bounds what the backend may generate.
+    pub default_max_tokens: u64,
+    /// A queued request gains one tier rank per `aging` waited (`None`: strict priority).
+    pub aging: Option<Duration>,
+    /// How long a reservation holds when it is never settled (its instance died).
+    pub reservation_ttl: Duration,
+    /// How often period counters are raised to the usage log's totals.
+    pub reconcile_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -249,9 +305,51 @@ pub struct MeteringConfig {
     pub minute_rollup_retention: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A tier: its place in the queue, its limits and its quota. `None` is unlimited.
+#[derive(Debug, Clone, PartialEq)]
 pub struct TierConfig {
     pub name: String,
+    /// Higher is served first.
+    pub priority: i64,
+    /// Per account.
+    pub requests_per_minute: Option<u64>,
+    /// Per account: prompt tokens plus `max_tokens`, corrected after the answer.
+    pub tokens_per_minute: Option<u64>,
+    pub key_requests_per_minute: Option<u64>,
+    pub key_tokens_per_minute: Option<u64>,
+    /// Requests in progress (queued or forwarded) per account.
+    pub max_concurrent: Option<u64>,
+    /// The longest a request waits in the queue for a GPU slot.
+    pub max_queue_wait: Duration,
+    /// A request whose expected wait is longer is refused at once ("server busy").
+    pub max_expected_wait: Duration,
+    /// Units included per billing period (UTC month).
+    pub included_units: Option<u64>,
+    /// Units per UTC day, always a hard limit.
+    pub daily_cap: Option<u64>,
+    /// Refuse requests once `included_units` are spent; otherwise bill overage.
+    pub hard_cap: bool,
+    /// USD per unit past `included_units` (billing reads it).
+    pub overage_price: Option<f64>,
+    /// USD per month (0 for a free tier).
+    pub monthly_price: f64,
+    pub on_redis_down: RedisDownPolicy,
+}
+
+impl TierConfig {
+    /// Free tiers (no price at all) fail closed when Redis is down.
+    pub fn is_paid(&self) -> bool {
+        self.monthly_price > 0.0 || self.overage_price.is_some_and(|p| p > 0.0)
+    }
+}
+
+/// What admission does for a tier while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisDownPolicy {
+    /// Admit, enforcing the limits in this process alone (per instance).
+    Local,
+    /// Refuse with 503 until Redis answers again.
+    Reject,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +369,9 @@ pub struct BackendConfig {
     pub protocol: Protocol,
     pub models: Vec<String>,
     pub max_concurrency: u32,
+    /// The admission queue this backend's slots belong to: backends serving
+    /// the same models share one.
+    pub pool: String,
     /// Sent upstream as `Authorization: Bearer …` in place of the client's key.
     pub credential: Option<Secret>,
 }
@@ -296,6 +397,20 @@ pub mod defaults {
     pub const NEGATIVE_CACHE_TTL: &str = "2s";
     pub const KEY_CACHE_CAPACITY: usize = 100_000;
     pub const BACKEND_MAX_CONCURRENCY: u32 = 64;
+    pub const REDIS_KEY_PREFIX: &str = "tollgate";
+    /// Loopback Redis answers in well under a millisecond; a call this slow
+    /// means Redis is in trouble, and the request must not hang on it.
+    pub const REDIS_TIMEOUT: &str = "100ms";
+    pub const DEFAULT_MAX_TOKENS: u64 = 1024;
+    /// One rank per minute: Free (rank 0) reaches a fresh Pro request (rank 2)
+    /// after two minutes, inside its five-minute wait, so it is never starved
+    /// for good, while short waits keep strict priority.
+    pub const AGING: &str = "60s";
+    /// Longer than any request: the longest queue wait plus streams of many minutes.
+    pub const RESERVATION_TTL: &str = "30m";
+    pub const RECONCILE_INTERVAL: &str = "60s";
+    /// The longest wait in the design brief's tier rules (Free, five minutes).
+    pub const MAX_QUEUE_WAIT_SECS: f64 = 300.0;
     pub const DEFAULT_ENCODING: &str = "cl100k_base";
     pub const IMAGE_TOKENS: usize = tollgate_metering::tokens::DEFAULT_IMAGE_TOKENS;
     pub const USAGE_MISMATCH_TOLERANCE: f64 = 0.02;
@@ -433,6 +548,31 @@ impl Config {
                 "must be a redis:// or rediss:// URL",
             ));
         }
+        let redis = RedisConfig {
+            key_prefix: raw
+                .redis
+                .key_prefix
+                .unwrap_or_else(|| defaults::REDIS_KEY_PREFIX.to_owned()),
+            timeout: duration(
+                "redis.timeout",
+                raw.redis.timeout.as_deref(),
+                defaults::REDIS_TIMEOUT,
+            )?,
+        };
+        if redis.key_prefix.is_empty()
+            || !redis
+                .key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+        {
+            return Err(invalid(
+                "redis.key_prefix",
+                "must be printable ASCII without spaces or braces",
+            ));
+        }
+        if redis.timeout.is_zero() {
+            return Err(invalid("redis.timeout", "must be longer than zero"));
+        }
         let admin_token = env
             .var("TOLLGATE_ADMIN_TOKEN")
             .or(raw.admin.token)
@@ -467,9 +607,11 @@ impl Config {
             server,
             database,
             redis_url,
+            redis,
             admin_token,
             keys,
             metering: validate_metering(raw.metering, env)?,
+            admission: validate_admission(raw.admission)?,
             tiers: validate_tiers(raw.tiers)?,
             backends: validate_backends(raw.backends)?,
         })
@@ -589,24 +731,141 @@ fn validate_metering(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, Co
     Ok(metering)
 }
 
+fn validate_admission(a: RawAdmission) -> Result<AdmissionConfig, ConfigError> {
+    let aging = duration("admission.aging", a.aging.as_deref(), defaults::AGING)?;
+    let config = AdmissionConfig {
+        default_max_tokens: a.default_max_tokens.unwrap_or(defaults::DEFAULT_MAX_TOKENS),
+        aging: (!aging.is_zero()).then_some(aging),
+        reservation_ttl: duration(
+            "admission.reservation_ttl",
+            a.reservation_ttl.as_deref(),
+            defaults::RESERVATION_TTL,
+        )?,
+        reconcile_interval: duration(
+            "admission.reconcile_interval",
+            a.reconcile_interval.as_deref(),
+            defaults::RECONCILE_INTERVAL,
+        )?,
+    };
+    if config.default_max_tokens == 0 {
+        return Err(invalid(
+            "admission.default_max_tokens",
+            "must be at least 1",
+        ));
+    }
+    if config.reservation_ttl < Duration::from_secs(60) || config.reconcile_interval.is_zero() {
+        return Err(invalid(
+            "admission.reservation_ttl / admission.reconcile_interval",
+            "reservation_ttl must be at least 60s (longer than any request), reconcile_interval above zero",
+        ));
+    }
+    Ok(config)
+}
+
 fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {
     let mut seen = HashSet::new();
     let mut tiers = Vec::new();
     for (i, tier) in raw.into_iter().enumerate() {
-        let key = format!("tiers[{i}].name");
+        let key = |field: &str| format!("tiers[{i}].{field}");
         if !is_identifier(&tier.name) {
             return Err(invalid(
-                key,
+                key("name"),
                 "must be 1-64 characters of a-z, 0-9, '-' or '_'",
             ));
         }
         if !seen.insert(tier.name.clone()) {
             return Err(invalid(
-                key,
+                key("name"),
                 format!("tier `{}` is defined twice", tier.name),
             ));
         }
-        tiers.push(TierConfig { name: tier.name });
+        let seconds = |field: &str, value: Option<f64>, default: f64| {
+            let value = value.unwrap_or(default);
+            Duration::try_from_secs_f64(value)
+                .map_err(|_| invalid(key(field), "must be a number of seconds, 0 or more"))
+        };
+        let max_queue_wait = seconds(
+            "max_queue_wait_secs",
+            tier.max_queue_wait_secs,
+            defaults::MAX_QUEUE_WAIT_SECS,
+        )?;
+        let max_expected_wait = seconds(
+            "max_expected_wait_secs",
+            tier.max_expected_wait_secs,
+            max_queue_wait.as_secs_f64(),
+        )?;
+        let limits = [
+            ("requests_per_minute", tier.requests_per_minute),
+            ("tokens_per_minute", tier.tokens_per_minute),
+            ("key_requests_per_minute", tier.key_requests_per_minute),
+            ("key_tokens_per_minute", tier.key_tokens_per_minute),
+            ("max_concurrent", tier.max_concurrent),
+        ];
+        if let Some((field, _)) = limits.iter().find(|(_, v)| *v == Some(0)) {
+            return Err(invalid(
+                key(field),
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        let prices = [
+            ("overage_price", tier.overage_price),
+            ("monthly_price", tier.monthly_price),
+        ];
+        if let Some((field, _)) = prices
+            .iter()
+            .find(|(_, p)| p.is_some_and(|p| !p.is_finite() || p < 0.0))
+        {
+            return Err(invalid(key(field), "must be a price in USD, 0 or more"));
+        }
+        let hard_cap = tier.hard_cap.unwrap_or(tier.overage_price.is_none());
+        if hard_cap && tier.overage_price.is_some() {
+            return Err(invalid(
+                key("overage_price"),
+                "a hard-capped tier has no overage: remove overage_price or set hard_cap = false",
+            ));
+        }
+        let mut config = TierConfig {
+            name: tier.name,
+            priority: tier.priority,
+            requests_per_minute: tier.requests_per_minute,
+            tokens_per_minute: tier.tokens_per_minute,
+            key_requests_per_minute: tier.key_requests_per_minute,
+            key_tokens_per_minute: tier.key_tokens_per_minute,
+            max_concurrent: tier.max_concurrent,
+            max_queue_wait,
+            max_expected_wait,
+            included_units: tier.included_units,
+            daily_cap: tier.daily_cap,
+            hard_cap,
+            overage_price: tier.overage_price,
+            monthly_price: tier.monthly_price.unwrap_or(0.0),
+            on_redis_down: RedisDownPolicy::Local,
+        };
+        config.on_redis_down = match tier.on_redis_down.as_deref() {
+            None if config.is_paid() => RedisDownPolicy::Local,
+            None => RedisDownPolicy::Reject,
+            Some("local") => RedisDownPolicy::Local,
+            Some("reject") => RedisDownPolicy::Reject,
+            Some(other) => {
+                return Err(invalid(
+                    key("on_redis_down"),
+                    format!("`{other}` is not \"local\" or \"reject\""),
+                ));
+            }
+        };
+        if let Some(same) = tiers
+            .iter()
+            .find(|t: &&TierConfig| t.priority == config.priority)
+        {
+            return Err(invalid(
+                key("priority"),
+                format!(
+                    "tier `{}` has the same priority; give each tier its own place in the queue",
+                    same.name
+                ),
+            ));
+        }
+        tiers.push(config);
     }
     if tiers.is_empty() {
         return Err(invalid(
@@ -665,6 +924,20 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
         if max_concurrency == 0 {
             return Err(invalid(key("max_concurrency"), "must be at least 1"));
         }
+        let pool = match b.pool {
+            Some(pool) if is_identifier(&pool) => pool,
+            Some(_) => {
+                return Err(invalid(
+                    key("pool"),
+                    "must be 1-64 characters of a-z, 0-9, '-' or '_'",
+                ));
+            }
+            None => {
+                let mut models = b.models.clone();
+                models.sort();
+                models.join("+")
+            }
+        };
         backends.push(BackendConfig {
             name: b.name,
             address,
@@ -673,6 +946,7 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
             protocol,
             models: b.models,
             max_concurrency,
+            pool,
             credential: b.credential.map(Secret::new),
         });
     }
@@ -681,6 +955,26 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
             "backends",
             "define at least one [[backends]] entry",
         ));
+    }
+    // One queue per model: a model served from two pools could take a slot
+    // in one and be routed to a backend of the other.
+    let mut pool_of: HashMap<&str, &str> = HashMap::new();
+    for (i, b) in backends.iter().enumerate() {
+        for model in &b.models {
+            match pool_of.insert(model, &b.pool) {
+                Some(other) if other != b.pool => {
+                    return Err(invalid(
+                        format!("backends[{i}].pool"),
+                        format!(
+                            "model `{model}` is served from pools `{other}` and `{}`; \
+                             backends sharing a model must share a pool (set the same `pool`)",
+                            b.pool
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
     }
     Ok(backends)
 }
@@ -913,6 +1207,71 @@ mod tests {
         assert_eq!(config.tiers.len(), 3);
         assert_eq!(config.backends.len(), 2);
         assert_eq!(config.models(), ["sim-model", "gpt-4o-mini"]);
+    }
+
+    /// The example price books, with the minimal config's backend.
+    fn plan(name: &str) -> Config {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../config/plans/{name}.toml"));
+        let tiers = std::fs::read_to_string(path).unwrap();
+        let backends = MINIMAL.replace("[[tiers]]\n        name = \"free\"", "");
+        parse(&format!("{backends}\n{tiers}"), &no_env()).unwrap()
+    }
+
+    #[test]
+    fn example_price_books_are_valid() {
+        let creator = plan("creator");
+        let names: Vec<_> = creator.tiers.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["free", "starter", "creator", "studio", "enterprise"]
+        );
+        let free = &creator.tiers[0];
+        assert!(free.hard_cap && !free.is_paid());
+        assert_eq!(free.on_redis_down, RedisDownPolicy::Reject);
+        assert_eq!(free.max_expected_wait, Duration::from_secs(60));
+        let starter = &creator.tiers[1];
+        assert!(!starter.hard_cap && starter.is_paid());
+        assert_eq!(starter.on_redis_down, RedisDownPolicy::Local);
+        assert_eq!(starter.max_expected_wait, starter.max_queue_wait);
+
+        let hybrid = plan("hybrid");
+        let names: Vec<_> = hybrid.tiers.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["free", "premium", "pro", "enterprise"]);
+        assert_eq!(hybrid.tiers[0].daily_cap, Some(20));
+        assert_eq!(hybrid.tiers[2].max_queue_wait, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn tier_mistakes_name_the_key() {
+        let cases = [
+            ("requests_per_minute = 0", "tiers[1].requests_per_minute"),
+            (
+                "overage_price = 0.01\nhard_cap = true",
+                "tiers[1].overage_price",
+            ),
+            ("on_redis_down = \"maybe\"", "tiers[1].on_redis_down"),
+            ("max_queue_wait_secs = -1", "tiers[1].max_queue_wait_secs"),
+            ("priority = 0", "tiers[1].priority"),
+        ];
+        for (line, key) in cases {
+            let text = format!("{MINIMAL}\n[[tiers]]\nname = \"pro\"\n{line}\n");
+            let err = parse(&text, &no_env()).unwrap_err().to_string();
+            assert!(err.contains(key), "{line:?} → {err}");
+        }
+    }
+
+    #[test]
+    fn a_model_belongs_to_one_pool() {
+        let text = format!(
+            "{MINIMAL}\n[[backends]]\nname = \"other\"\nurl = \"http://127.0.0.1:8102\"\n\
+             models = [\"sim-model\", \"big\"]\n"
+        );
+        let err = parse(&text, &no_env()).unwrap_err().to_string();
+        assert!(err.contains("backends[1].pool"), "{err}");
+        let shared = format!("{text}pool = \"sim-model\"\n");
+        let config = parse(&shared, &no_env()).unwrap();
+        assert_eq!(config.backends[1].pool, config.backends[0].pool);
     }
 
     #[test]

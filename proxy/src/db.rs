@@ -63,6 +63,22 @@ pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// The tiers accounts are on, from a connection of its own (before the
+/// server's runtimes exist); `None` when Postgres does not answer in time.
+pub async fn account_tiers(config: &DatabaseConfig) -> anyhow::Result<Option<Vec<String>>> {
+    let connect = tokio_postgres::connect(config.url.expose(), NoTls);
+    let Ok(Ok((client, connection))) = tokio::time::timeout(POOL_WAIT, connect).await else {
+        return Ok(None);
+    };
+    let driver = tokio::spawn(connection);
+    let rows = client
+        .query("SELECT DISTINCT tier FROM accounts ORDER BY tier", &[])
+        .await?;
+    drop(client);
+    let _ = driver.await;
+    Ok(Some(rows.iter().map(|row| row.get(0)).collect()))
+}
+
 /// Background service enforcing the idle and lifetime limits of the pool.
 pub struct PoolJanitor {
     pub pool: Pool,

@@ -2,8 +2,12 @@
 //! answer: `{"error": {"message", "type", "param", "code"}}`. Each variant maps
 //! to a status with no catch-all, so a new variant forces a decision.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use serde_json::json;
+
+use crate::admission::limits::{Period, RateKind, Scope};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -49,6 +53,70 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    #[error(
+        "Rate limit reached for {} per minute ({}): limit {limit}. Try again in {}.",
+        kind_name(*kind), scope_name(*scope), seconds(*retry_after)
+    )]
+    RateLimited {
+        kind: RateKind,
+        scope: Scope,
+        limit: u64,
+        retry_after: Duration,
+    },
+    #[error(
+        "Request too large for this tier's tokens per minute: limit {limit}, requested \
+         {requested} (prompt plus max_tokens). Lower max_tokens or shorten the prompt."
+    )]
+    TooManyTokens { limit: u64, requested: u64 },
+    #[error(
+        "Too many requests in progress for this account (limit {limit}); wait for one to finish."
+    )]
+    TooManyConcurrent { limit: u64 },
+    #[error(
+        "You exceeded your {} quota for this tier. It renews in {}.",
+        period_name(*period), seconds(*retry_after)
+    )]
+    InsufficientQuota {
+        period: Period,
+        retry_after: Duration,
+    },
+    #[error(
+        "Server busy: every GPU is taken and your tier's wait limit would be passed. \
+         Try again in a few minutes (Retry-After: {} s).", retry_after.as_secs().max(1)
+    )]
+    ServerBusy { retry_after: Duration },
+    #[error("Rate limiting is temporarily unavailable for this tier; retry shortly.")]
+    LimiterUnavailable,
+    /// The account's tier is not in this instance's config (start-up checks
+    /// existing accounts; this catches one created under another config).
+    #[error("This account's tier `{0}` is not configured on this server.")]
+    UnknownTier(String),
+}
+
+fn kind_name(kind: RateKind) -> &'static str {
+    match kind {
+        RateKind::Requests => "requests",
+        RateKind::Tokens => "tokens",
+    }
+}
+
+fn scope_name(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Key => "this API key",
+        Scope::Account => "this account",
+    }
+}
+
+fn period_name(period: Period) -> &'static str {
+    match period {
+        Period::Month => "monthly",
+        Period::Day => "daily",
+    }
+}
+
+/// A wait as "42s", for messages.
+fn seconds(wait: Duration) -> String {
+    format!("{}s", wait.as_secs_f64().ceil().max(1.0) as u64)
 }
 
 impl ApiError {
@@ -71,8 +139,17 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => 405,
             Self::Conflict(_) => 409,
             Self::BodyTooLarge { .. } => 413,
+            Self::RateLimited { .. }
+            | Self::TooManyTokens { .. }
+            | Self::TooManyConcurrent { .. }
+            | Self::InsufficientQuota { .. } => 429,
+            Self::UnknownTier(_) => 500,
             Self::BadGateway => 502,
-            Self::NoBackend(_) | Self::AuthUnavailable | Self::DatabaseUnavailable => 503,
+            Self::NoBackend(_)
+            | Self::AuthUnavailable
+            | Self::DatabaseUnavailable
+            | Self::ServerBusy { .. }
+            | Self::LimiterUnavailable => 503,
             Self::GatewayTimeout { .. } => 504,
         }
     }
@@ -92,11 +169,19 @@ impl ApiError {
             | Self::BodyTooLarge { .. }
             | Self::Conflict(_)
             | Self::NotFound(_) => "invalid_request_error",
+            // OpenAI's rate-limit errors name what ran out.
+            Self::RateLimited { kind, .. } => kind_name(*kind),
+            Self::TooManyTokens { .. } => "tokens",
+            Self::TooManyConcurrent { .. } => "requests",
+            Self::InsufficientQuota { .. } => "insufficient_quota",
             Self::BadGateway
             | Self::NoBackend(_)
             | Self::GatewayTimeout { .. }
             | Self::AuthUnavailable
-            | Self::DatabaseUnavailable => "server_error",
+            | Self::DatabaseUnavailable
+            | Self::ServerBusy { .. }
+            | Self::LimiterUnavailable
+            | Self::UnknownTier(_) => "server_error",
         }
     }
 
@@ -117,6 +202,13 @@ impl ApiError {
             Self::GatewayTimeout { .. } => Some("gateway_timeout"),
             Self::AuthUnavailable => Some("auth_unavailable"),
             Self::DatabaseUnavailable => Some("database_unavailable"),
+            Self::RateLimited { .. }
+            | Self::TooManyTokens { .. }
+            | Self::TooManyConcurrent { .. } => Some("rate_limit_exceeded"),
+            Self::InsufficientQuota { .. } => Some("insufficient_quota"),
+            Self::ServerBusy { .. } => Some("server_busy"),
+            Self::LimiterUnavailable => Some("rate_limiter_unavailable"),
+            Self::UnknownTier(_) => Some("unknown_tier"),
             Self::BadRequest { .. } | Self::Conflict(_) | Self::NotFound(_) => None,
         }
     }
@@ -138,7 +230,46 @@ impl ApiError {
             | Self::DatabaseUnavailable
             | Self::AdminUnauthorized
             | Self::Conflict(_)
-            | Self::NotFound(_) => None,
+            | Self::NotFound(_)
+            | Self::RateLimited { .. }
+            | Self::TooManyTokens { .. }
+            | Self::TooManyConcurrent { .. }
+            | Self::InsufficientQuota { .. }
+            | Self::ServerBusy { .. }
+            | Self::LimiterUnavailable
+            | Self::UnknownTier(_) => None,
+        }
+    }
+
+    /// The `Retry-After` to send, when waiting helps.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. }
+            | Self::InsufficientQuota { retry_after, .. }
+            | Self::ServerBusy { retry_after } => Some(*retry_after),
+            Self::TooManyConcurrent { .. } | Self::LimiterUnavailable => {
+                Some(Duration::from_secs(1))
+            }
+            // Retrying the same request cannot help, or the cause is not a wait.
+            Self::TooManyTokens { .. }
+            | Self::MissingKey
+            | Self::InvalidKey
+            | Self::RevokedKey
+            | Self::ExpiredKey
+            | Self::BadRequest { .. }
+            | Self::ModelNotFound(_)
+            | Self::UnknownRoute { .. }
+            | Self::MethodNotAllowed { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::BadGateway
+            | Self::NoBackend(_)
+            | Self::GatewayTimeout { .. }
+            | Self::AuthUnavailable
+            | Self::DatabaseUnavailable
+            | Self::AdminUnauthorized
+            | Self::Conflict(_)
+            | Self::NotFound(_)
+            | Self::UnknownTier(_) => None,
         }
     }
 

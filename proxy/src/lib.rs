@@ -10,6 +10,7 @@
 //! - [`cli`]: the command line; `main.rs` dispatches it.
 
 pub mod admin;
+pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod db;

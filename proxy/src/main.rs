@@ -38,7 +38,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), &ProcessEnv)?;
     match cli.command {
         // `serve` runs Pingora's own runtimes; the other commands need a small one.
-        Command::Serve => server::serve(config),
+        Command::Serve => {
+            block_on(check_account_tiers(&config))?;
+            server::serve(config)
+        }
         Command::Migrate => block_on(migrate(&config)),
         Command::Keys(command) => block_on(keys(&config, command)),
         Command::Usage(command) => block_on(usage(&config, command)),
@@ -50,6 +53,29 @@ fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()
         .enable_all()
         .build()?
         .block_on(task)
+}
+
+/// Refuses to serve when an account is on a tier the config does not define:
+/// its requests would have no limits to apply.
+async fn check_account_tiers(config: &Config) -> anyhow::Result<()> {
+    let Some(tiers) = db::account_tiers(&config.database).await? else {
+        tracing::warn!("Postgres unreachable at start-up: account tiers not checked");
+        return Ok(());
+    };
+    let unknown: Vec<_> = tiers
+        .iter()
+        .filter(|t| !config.tiers.iter().any(|c| &c.name == *t))
+        .map(String::as_str)
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "accounts are on tiers the config does not define: {}; add [[tiers]] entries \
+             for them or move the accounts to a defined tier",
+            unknown.join(", ")
+        )
+    }
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {

@@ -18,6 +18,9 @@ use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, UsageSink, WriterStats};
 
 use crate::admin::{AdminApi, MetricsApp};
+use crate::admission::Admission;
+use crate::admission::limits::redis::RedisLimits;
+use crate::admission::reconcile::PeriodReconciler;
 use crate::config::Config;
 use crate::db::{self, PoolJanitor};
 use crate::gateway::Gateway;
@@ -77,6 +80,17 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             credential: b.credential.as_ref().map(|c| c.expose().to_owned()),
         })
         .collect();
+    let redis = match &config.redis_url {
+        Some(url) => Some(redis_client(url.expose())?),
+        None => None,
+    };
+    let admission = Arc::new(Admission::new(
+        &config,
+        redis
+            .clone()
+            .map(|client| RedisLimits::new(client, config.redis.key_prefix.clone())),
+        prometheus::default_registry(),
+    )?);
     let in_flight = Arc::new(InFlight::default());
     let revocation_fanout = config
         .redis_url
@@ -97,6 +111,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             sink.clone(),
             prometheus::default_registry(),
         )?,
+        admission: Arc::clone(&admission),
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());
@@ -105,6 +120,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         token: config.admin_token.clone(),
         keys: Arc::new(KeyAdmin::new(store, &config, Some(cache.clone()))),
         pool: pool.clone(),
+        queues: admission.queues(),
     };
     let mut admin = Service::new("admin API".to_owned(), HttpServer::new_app(admin_api));
     admin.add_tcp(&config.server.admin_listen.to_string());
@@ -133,6 +149,20 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             },
         ));
     }
+    if let Some(client) = redis {
+        server.add_service(background_service(
+            "redis limiter connection",
+            RedisConnection(client),
+        ));
+    }
+    server.add_service(background_service(
+        "period counter reconciler",
+        PeriodReconciler {
+            pool: pool.clone(),
+            admission,
+            interval: config.admission.reconcile_interval,
+        },
+    ));
     server.add_service(background_service(
         "usage writer",
         UsageWriterService(Mutex::new(Some(usage_writer))),
@@ -160,6 +190,34 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         "tollgate starting"
     );
     server.run_forever()
+}
+
+/// The Redis client the limiter shares. Commands fail at once while it is
+/// disconnected (`fail_fast`), so the limiter falls back instead of waiting;
+/// it reconnects on its own.
+fn redis_client(url: &str) -> anyhow::Result<fred::prelude::Client> {
+    use fred::prelude::{Builder, Config as RedisConfig, ReconnectPolicy};
+    let mut config = RedisConfig::from_url(url)
+        .map_err(|e| anyhow::anyhow!("redis.url (env REDIS_URL) is not valid: {e}"))?;
+    config.fail_fast = true;
+    Ok(Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .build()?)
+}
+
+/// Runs the limiter's Redis connection on a runtime of its own for the
+/// server's lifetime (Pingora's services each have one).
+struct RedisConnection(fred::prelude::Client);
+
+#[async_trait]
+impl BackgroundService for RedisConnection {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use fred::prelude::ClientLike;
+        let connection = self.0.connect();
+        let _ = shutdown.changed().await;
+        let _ = self.0.quit().await;
+        connection.abort();
+    }
 }
 
 /// Ends the process once a graceful shutdown has drained.

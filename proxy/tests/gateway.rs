@@ -173,6 +173,7 @@ struct BackendSpec {
     url: String,
     models: &'static str,
     credential: Option<&'static str>,
+    max_concurrency: Option<u32>,
 }
 
 impl BackendSpec {
@@ -181,9 +182,14 @@ impl BackendSpec {
             url: url.to_owned(),
             models: r#"["sim-model"]"#,
             credential: None,
+            max_concurrency: None,
         }
     }
 }
+
+/// The tiers of the generated config unless a test brings its own.
+const DEFAULT_TIERS: &str =
+    "[[tiers]]\nname = \"free\"\npriority = 0\n[[tiers]]\nname = \"pro\"\npriority = 10\n";
 
 #[derive(Default)]
 struct Options {
@@ -198,6 +204,10 @@ struct Options {
     /// `serve` reaches Postgres through this local port (a link the test
     /// can cut) instead of directly; migrations and the CLI stay direct.
     postgres_port: Option<u16>,
+    /// `[[tiers]]` entries in place of [`DEFAULT_TIERS`].
+    tiers: Option<String>,
+    /// Extra `[admission]` lines.
+    admission: &'static str,
 }
 
 /// A migrated database and a running `tollgate serve`.
@@ -208,6 +218,8 @@ struct Gateway {
     metrics_url: String,
     config: PathBuf,
     spool_dir: PathBuf,
+    /// `redis.key_prefix`: this test's keys in a shared Redis.
+    redis_prefix: String,
     options: Options,
     db: TestDb,
     client: reqwest::Client,
@@ -218,15 +230,19 @@ impl Gateway {
         let db = TestDb::create().await;
         let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
         let spool_dir = std::env::temp_dir().join(unique("tollgate_spool"));
+        let redis_prefix = unique("tgtest");
         let mut config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
              metrics_listen = \"127.0.0.1:{metrics_port}\"\ndrain_timeout = \"20s\"\n{}\n\
              [keys]\n{}\n[metering]\nspool_dir = \"{}\"\nflush_interval = \"50ms\"\n{}\n\
-             [[tiers]]\nname = \"free\"\n[[tiers]]\nname = \"pro\"\n",
+             [admission]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}",
             options.server,
             options.keys,
             spool_dir.display(),
-            options.metering
+            options.metering,
+            options.admission,
+            redis_prefix,
+            options.tiers.as_deref().unwrap_or(DEFAULT_TIERS),
         );
         for (i, backend) in backends.iter().enumerate() {
             config.push_str(&format!(
@@ -235,6 +251,9 @@ impl Gateway {
             ));
             if let Some(credential) = backend.credential {
                 config.push_str(&format!("credential = \"{credential}\"\n"));
+            }
+            if let Some(slots) = backend.max_concurrency {
+                config.push_str(&format!("max_concurrency = {slots}\n"));
             }
         }
         let path = std::env::temp_dir().join(format!("{}.toml", unique("tollgate")));
@@ -246,6 +265,7 @@ impl Gateway {
             metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
             config: path,
             spool_dir,
+            redis_prefix,
             options,
             db,
             client: reqwest::Client::new(),
@@ -301,9 +321,14 @@ impl Gateway {
         .await;
     }
 
-    /// Creates a key with the CLI; returns the secret (the last stdout line).
+    /// Creates a key on tier `pro` with the CLI; returns the secret.
     fn create_key(&self, account: &str, extra: &[&str]) -> String {
-        let mut args = vec!["keys", "create", "--account", account, "--tier", "pro"];
+        self.create_key_on(account, "pro", extra)
+    }
+
+    /// Creates a key with the CLI; returns the secret (the last stdout line).
+    fn create_key_on(&self, account: &str, tier: &str, extra: &[&str]) -> String {
+        let mut args = vec!["keys", "create", "--account", account, "--tier", tier];
         args.extend_from_slice(extra);
         let output = self.cli(&args).output().unwrap();
         assert!(
@@ -400,7 +425,20 @@ impl Drop for Gateway {
         self.proc.take();
         let _ = std::fs::remove_file(&self.config);
         let _ = std::fs::remove_dir_all(&self.spool_dir);
+        if let Some(url) = &self.options.redis {
+            delete_redis_keys(url, &self.redis_prefix);
+        }
     }
+}
+
+/// Deletes every key under `prefix` (the test's own, in a shared Redis).
+fn delete_redis_keys(url: &str, prefix: &str) {
+    const DELETE: &str = "local keys = redis.call('KEYS', ARGV[1]) \
+        for _, key in ipairs(keys) do redis.call('DEL', key) end return #keys";
+    let _ = Command::new("redis-cli")
+        .args(["-u", url, "EVAL", DELETE, "0", &format!("{prefix}:*")])
+        .stdout(Stdio::null())
+        .status();
 }
 
 async fn eventually<F, Fut>(what: &str, mut check: F)
@@ -459,6 +497,8 @@ fn cl100k(text: &str) -> usize {
     tiktoken_rs::cl100k_base_singleton().count_ordinary(text)
 }
 
+#[path = "gateway/admission.rs"]
+mod admission;
 #[path = "gateway/metering.rs"]
 mod metering;
 

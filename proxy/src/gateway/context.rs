@@ -2,13 +2,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tollgate_backends::routing::BackendId;
 
 use super::request::InferenceRequest;
 use super::usage::RequestUsage;
+use crate::admission::Ticket;
+use crate::admission::limits::Windows;
+use crate::admission::queue::Slot;
 use crate::keys::store::KeyRecord;
 
 pub struct RequestContext {
@@ -16,8 +19,17 @@ pub struct RequestContext {
     pub request_id: String,
     pub key: Option<Arc<KeyRecord>>,
     pub request: Option<InferenceRequest>,
-    /// Metering state, from admission on (only admitted requests are metered).
+    /// Metering state, from the prompt count on: requests refused after it
+    /// are recorded as `rejected`.
     pub usage: Option<RequestUsage>,
+    /// The request's reservation against its tier's limits, settled in `logging`.
+    pub ticket: Option<Ticket>,
+    /// The rate windows reported in `x-ratelimit-*` headers.
+    pub rate_windows: Windows,
+    /// The GPU slot held while the request is forwarded.
+    pub slot: Option<Slot>,
+    /// How long the request waited for its slot.
+    pub queue_wait: Option<Duration>,
     /// Backends tried so far, in order; the last is the current one.
     pub tried: Vec<BackendId>,
     /// The answer is a server-sent-event stream.
@@ -35,6 +47,10 @@ impl RequestContext {
             key: None,
             request: None,
             usage: None,
+            ticket: None,
+            rate_windows: Windows::default(),
+            slot: None,
+            queue_wait: None,
             tried: Vec::new(),
             streaming_response: false,
             stream_tail: StreamTail::default(),

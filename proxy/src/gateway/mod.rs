@@ -2,20 +2,24 @@
 //!
 //! Phases and their jobs:
 //! - `request_filter`: request id, route, health answers, key check, body
-//!   read and parse, model access, prompt count and event id. Anything
-//!   refused is answered here in OpenAI's error shape.
+//!   read and parse, model access, prompt count and event id, then
+//!   admission (see [`crate::admission`]): limits and quota reserved, a GPU
+//!   slot waited for by tier priority. Anything refused is answered here in
+//!   OpenAI's error shape, with `Retry-After` when waiting helps.
 //! - `upstream_peer`: choose a backend for the model (selection only).
 //! - `upstream_request_filter`: swap the client's key for the backend's
 //!   credential, frame the body we send.
 //! - `request_body_filter`: send the body read in `request_filter`.
-//! - `response_filter`: add `x-request-id`, note whether the answer streams.
+//! - `response_filter`: add `x-request-id`, the `x-ratelimit-*` headers and
+//!   the queue wait; note whether the answer streams.
 //! - `fail_to_connect` / `fail_to_proxy`: one retry on another backend when a
 //!   connection fails; otherwise an OpenAI error, or an SSE error event when
 //!   a stream was already under way.
 //! - `response_body_filter`: watch the answer for usage and generated text
 //!   (see [`usage`]); drop the usage chunk we asked for on the client's behalf.
-//! - `logging`: one usage event per admitted request, handed to the writer
-//!   without waiting; one log line per request.
+//! - `logging`: release the GPU slot, one usage event per metered request
+//!   handed to the writer without waiting, settle the quota reservation;
+//!   one log line per request.
 
 pub mod context;
 pub mod request;
@@ -37,8 +41,10 @@ use serde_json::json;
 use tollgate_backends::routing::UpstreamSelector;
 
 use self::context::{InFlight, RequestContext};
-use self::request::{BodyError, Route, read_body};
+use self::request::{BodyError, Endpoint, Route, read_body};
 use self::usage::{FinishedRequest, Metering};
+use crate::admission::headers::{rate_limit_headers, retry_after};
+use crate::admission::{Admission, Estimate, Refusal};
 use crate::config::UpstreamTimeouts;
 use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
@@ -46,6 +52,8 @@ use crate::keys::store::KeyRecord;
 use crate::usage_api::{self, UsageQuery};
 
 pub const REQUEST_ID: &str = "x-request-id";
+/// How long the request waited for a GPU slot, in milliseconds.
+pub const QUEUE_WAIT: &str = "x-tollgate-queue-wait-ms";
 /// Attempts per request: the first backend, and one other after a failed connection.
 const MAX_ATTEMPTS: usize = 2;
 /// Pingora error type for "no backend serves this model".
@@ -72,6 +80,7 @@ pub struct Gateway {
     /// Whether revocations arrive through Redis right now (`None`: no Redis).
     pub revocation_fanout: Option<Arc<AtomicBool>>,
     pub metering: Metering,
+    pub admission: Arc<Admission>,
 }
 
 /// How `request_filter` ends when it does not forward.
@@ -87,6 +96,12 @@ enum Stop {
 impl From<ApiError> for Stop {
     fn from(error: ApiError) -> Self {
         Self::Refuse(error)
+    }
+}
+
+impl From<Refusal> for Stop {
+    fn from(refusal: Refusal) -> Self {
+        Self::Refuse(refusal.error)
     }
 }
 
@@ -123,8 +138,44 @@ impl Gateway {
         if !key.allows_model(&request.model) || !self.selector.serves(&request.model) {
             return Err(ApiError::ModelNotFound(request.model).into());
         }
-        ctx.usage = Some(self.metering.admit(&mut request).await);
+        let usage = self.metering.admit(&mut request).await;
+        if request.max_tokens.is_none()
+            && request.endpoint != Endpoint::Embeddings
+            && let Some(cap) = self.admission.output_cap(&key.tier)
+        {
+            request.set_max_tokens(cap);
+        }
+        let estimate = Estimate {
+            // Without local counting, a rough prompt size; settlement corrects it.
+            prompt_tokens: usage
+                .counted_prompt()
+                .unwrap_or(request.upstream_body.len() as u64 / 4),
+            max_tokens: request.max_tokens,
+            generates: request.endpoint != Endpoint::Embeddings,
+        };
+        let event_id = usage.event_id;
+        ctx.usage = Some(usage);
+        let model = request.model.clone();
         ctx.request = Some(request);
+        let ticket = match self.admission.check(&key, event_id, estimate).await {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                ctx.rate_windows = refusal.windows;
+                return Err(refusal.into());
+            }
+        };
+        if let Some(ticket) = &ticket {
+            ctx.rate_windows = ticket.windows;
+        }
+        ctx.ticket = ticket;
+        // Waiting costs no thread; a client that leaves stops waiting at once.
+        let slot = tokio::select! {
+            biased;
+            slot = self.admission.wait_for_slot(&key.tier, &model) => slot?,
+            gone = client_gone(session) => return Err(Stop::ClientGone(gone)),
+        };
+        ctx.queue_wait = Some(slot.waited());
+        ctx.slot = Some(slot);
         Ok(())
     }
 
@@ -196,6 +247,16 @@ fn bearer_token(header: &RequestHeader) -> Result<&str, ApiError> {
     }
 }
 
+/// Resolves when the client closes its connection (the body is read, so any
+/// read is the connection's end); data from the client instead (a pipelined
+/// request) is left for later and keeps it pending.
+async fn client_gone(session: &mut Session) -> Box<Error> {
+    match session.read_body_or_idle(true).await {
+        Err(error) => error,
+        Ok(_) => std::future::pending().await,
+    }
+}
+
 /// The client's `x-request-id` when it is sane, else a new UUIDv7.
 fn request_id(header: &RequestHeader) -> String {
     header
@@ -218,20 +279,21 @@ async fn respond_json(
     body: Bytes,
     request_id: &str,
 ) -> pingora::Result<()> {
-    respond_json_with(session, status, body, request_id, None).await
+    respond_json_with(session, status, body, request_id, Vec::new()).await
 }
 
-/// [`respond_json`] with one more header (`Allow` on a 405).
+/// [`respond_json`] with more headers (`Allow` on a 405, `Retry-After` and
+/// the rate-limit headers on a 429).
 async fn respond_json_with(
     session: &mut Session,
     status: u16,
     body: Bytes,
     request_id: &str,
-    extra: Option<(http::HeaderName, &'static str)>,
+    extra: Vec<(&'static str, String)>,
 ) -> pingora::Result<()> {
-    let mut header = ResponseHeader::build(status, Some(5))?;
+    let mut header = ResponseHeader::build(status, Some(5 + extra.len()))?;
     header.insert_header(header::CONTENT_TYPE, "application/json")?;
-    if let Some((name, value)) = extra {
+    for (name, value) in extra {
         header.insert_header(name, value)?;
     }
     header.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
@@ -318,12 +380,18 @@ impl ProxyHttp for Gateway {
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
             Err(Stop::Refuse(error)) => {
-                let allow = match &error {
-                    ApiError::MethodNotAllowed { allow, .. } => Some((header::ALLOW, *allow)),
-                    _ => None,
-                };
+                if let Some(usage) = ctx.usage.as_mut() {
+                    usage.reject();
+                }
+                let mut headers = rate_limit_headers(&ctx.rate_windows);
+                if let ApiError::MethodNotAllowed { allow, .. } = &error {
+                    headers.push(("allow", (*allow).to_owned()));
+                }
+                if let Some(wait) = error.retry_after() {
+                    headers.push(("retry-after", retry_after(wait)));
+                }
                 let body = error.body();
-                respond_json_with(session, error.status(), body, &ctx.request_id, allow).await?;
+                respond_json_with(session, error.status(), body, &ctx.request_id, headers).await?;
                 if let ApiError::BodyTooLarge { .. } = error {
                     discard_upload(session).await;
                 }
@@ -334,7 +402,12 @@ impl ProxyHttp for Gateway {
                 respond_json(session, status, body, &ctx.request_id).await?;
                 Ok(true)
             }
-            Err(Stop::ClientGone(error)) => Err(error),
+            Err(Stop::ClientGone(error)) => {
+                if let Some(usage) = ctx.usage.as_mut() {
+                    usage.reject();
+                }
+                Err(error)
+            }
         }
     }
 
@@ -440,6 +513,12 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestContext,
     ) -> pingora::Result<()> {
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        for (name, value) in rate_limit_headers(&ctx.rate_windows) {
+            response.insert_header(name, value)?;
+        }
+        if let Some(wait) = ctx.queue_wait {
+            response.insert_header(QUEUE_WAIT, wait.as_millis().to_string())?;
+        }
         ctx.streaming_response = response
             .headers
             .get(header::CONTENT_TYPE)
@@ -527,6 +606,8 @@ impl ProxyHttp for Gateway {
         error: Option<&Error>,
         ctx: &mut RequestContext,
     ) {
+        // The next queued request need not wait for our bookkeeping.
+        drop(ctx.slot.take());
         let status = final_status(session).unwrap_or(0);
         let backend = ctx
             .backend()
@@ -534,7 +615,8 @@ impl ProxyHttp for Gateway {
             .map_or("-", |b| b.name.as_str());
         let account = ctx.key.as_ref().map_or("-", |k| k.account_name.as_str());
         if let (Some(usage), Some(request), Some(key)) = (&mut ctx.usage, &ctx.request, &ctx.key) {
-            self.metering
+            let used = self
+                .metering
                 .finish(FinishedRequest {
                     usage,
                     request,
@@ -544,6 +626,9 @@ impl ProxyHttp for Gateway {
                     started: ctx.started,
                 })
                 .await;
+            if let Some(ticket) = ctx.ticket.take() {
+                self.admission.settle(ticket, used).await;
+            }
         }
         tracing::info!(
             request_id = %ctx.request_id,

@@ -91,6 +91,20 @@ pub struct InferenceRequest {
     pub upstream_body: Bytes,
 }
 
+impl InferenceRequest {
+    /// Sets `max_tokens` in the body sent upstream (for a request that set none).
+    pub fn set_max_tokens(&mut self, max_tokens: u64) {
+        let Some(fields) = self.json.as_object_mut() else {
+            return;
+        };
+        fields.insert("max_tokens".to_owned(), Value::from(max_tokens));
+        if let Ok(body) = serde_json::to_vec(&self.json) {
+            self.upstream_body = Bytes::from(body);
+            self.max_tokens = Some(max_tokens);
+        }
+    }
+}
+
 /// Pingora replays a request body upstream only from its retry buffer, which
 /// holds 64 KiB (pingora-core's private `BODY_BUF_LIMIT`; re-check on upgrade).
 const RETRY_BUFFER_BYTES: usize = 64 * 1024;

@@ -14,6 +14,7 @@ use tollgate_metering::writer::UsageSink;
 use uuid::Uuid;
 
 use super::request::{Endpoint, InferenceRequest};
+use crate::admission::limits::Settlement;
 use crate::config::MeteringConfig;
 use crate::keys::store::KeyRecord;
 
@@ -111,6 +112,7 @@ impl Metering {
             capture: None,
             upstream_status: None,
             first_byte: None,
+            rejected: false,
         }
     }
 
@@ -148,8 +150,9 @@ impl Metering {
         }
     }
 
-    /// In `logging`: builds the request's one usage event and hands it over.
-    pub async fn finish(&self, done: FinishedRequest<'_>) {
+    /// In `logging`: builds the request's one usage event, hands it over,
+    /// and returns what the request used (for its quota settlement).
+    pub async fn finish(&self, done: FinishedRequest<'_>) -> Settlement {
         let usage = done.usage;
         // A JSON answer cut short of its end (the client left while it was
         // written) is parsed from what arrived; a finished one is not re-read.
@@ -159,7 +162,11 @@ impl Metering {
         let usage = &*usage;
         let capture = usage.capture.as_ref();
         let reported = capture.and_then(ResponseCapture::usage);
-        let status = outcome(usage.upstream_status, capture, done.request.stream);
+        let status = if usage.rejected {
+            Status::Rejected
+        } else {
+            outcome(usage.upstream_status, capture, done.request.stream)
+        };
         // The generated text is counted when the backend reported no usage.
         let counted_completion = match (&self.counting, reported, status) {
             (Some(_), None, Status::Ok | Status::Partial) => {
@@ -206,6 +213,7 @@ impl Metering {
         let ttft_ms = usage.first_byte.map(|at| {
             u32::try_from(at.duration_since(done.started).as_millis()).unwrap_or(u32::MAX)
         });
+        let units = if billable { tokens.total() } else { 0 };
         self.sink.record(UsageEvent {
             event_id: usage.event_id,
             created_at: usage.admitted_at,
@@ -221,10 +229,14 @@ impl Metering {
             counted_prompt_tokens: usage.counted_prompt,
             counted_completion_tokens: counted_completion,
             usage_source: source,
-            units: if billable { tokens.total() } else { 0 },
+            units,
             latency_ms: elapsed(done.started),
             ttft_ms: if done.request.stream { ttft_ms } else { None },
         });
+        Settlement {
+            units,
+            tokens: tokens.total(),
+        }
     }
 
     async fn count_completion(&self, model: &str, text: &str) -> Option<u64> {
@@ -259,6 +271,18 @@ pub struct RequestUsage {
     capture: Option<ResponseCapture>,
     upstream_status: Option<u16>,
     first_byte: Option<Instant>,
+    /// Refused at admission: recorded as `rejected`, never forwarded.
+    rejected: bool,
+}
+
+impl RequestUsage {
+    pub fn counted_prompt(&self) -> Option<u64> {
+        self.counted_prompt
+    }
+
+    pub fn reject(&mut self) {
+        self.rejected = true;
+    }
 }
 
 fn count_prompt(counter: &PromptCounter, endpoint: Endpoint, json: &Value) -> usize {

@@ -109,7 +109,7 @@ async fn sim_counter(sim: &Sim, name: &str) -> f64 {
 
 /// The sum of metric `name`'s series (any labels) at a Prometheus endpoint;
 /// 0 when absent.
-async fn scrape(url: &str, name: &str) -> f64 {
+pub(super) async fn scrape(url: &str, name: &str) -> f64 {
     let text = reqwest::get(url).await.unwrap().text().await.unwrap();
     text.lines()
         .filter(|line| {

@@ -1,0 +1,205 @@
+//! Rate limits, concurrency limits and quota reservations: the state that
+//! decides whether a request may go ahead, shared by every instance.
+//!
+//! [`LimitStore`] is the interface; [`redis::RedisLimits`] keeps the state in
+//! Redis (one Lua script per call, so one round trip per request and nothing
+//! half-applied), [`local::LocalLimits`] keeps it in this process with the
+//! same semantics for a single instance without Redis, and as the backstop
+//! while Redis is unreachable.
+//!
+//! Semantics (both stores):
+//! - **Rate limits** are GCRA (see [`gcra`]): each rule allows `per_minute`
+//!   units per minute, refilled evenly, with a burst of one minute's worth.
+//!   A request costs 1 against request rules and its token estimate against
+//!   token rules. A token rule is corrected at settlement by the difference
+//!   between the actual tokens and the estimate.
+//! - **Concurrency**: an account holds one live reservation per admitted
+//!   request until it is settled (or lapses after `reservation_ttl`); with
+//!   `max_concurrent` set, a request is refused while the account holds that many.
+//! - **Quotas** are reserve-then-settle per account and period (UTC month
+//!   and day): a request reserves `estimate_units`; with a hard cap (month)
+//!   or a daily cap, it is refused when `used + reserved + estimate` would
+//!   pass the cap. Settlement moves the reservation into `used` at the
+//!   actual units. A reservation never settled (an instance died) lapses
+//!   after `reservation_ttl`.
+//! - **All or nothing**: a refused request changes no state.
+//! - Check order: quota (month, then day), concurrency, then the rate rules
+//!   in the order given; the first that fails is reported.
+
+#[cfg(test)]
+mod conformance;
+pub mod gcra;
+pub mod local;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+/// Whose budget a rule spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Key,
+    Account,
+}
+
+/// What a rule counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateKind {
+    Requests,
+    Tokens,
+}
+
+/// One GCRA limit: `per_minute` units per minute for the key or the account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateRule {
+    pub scope: Scope,
+    pub kind: RateKind,
+    pub per_minute: u64,
+}
+
+/// The quota side of a tier. `None` is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuotaRule {
+    /// Units included per billing period (UTC month).
+    pub included_units: Option<u64>,
+    /// Refuse past `included_units` (`false`: continue, the rest is overage).
+    pub hard_cap: bool,
+    /// Units per UTC day; always a hard limit.
+    pub daily_cap: Option<u64>,
+    /// Requests in progress (queued or forwarded) per account.
+    pub max_concurrent: Option<u64>,
+}
+
+/// The quota periods a request falls in, e.g. `2026-11` and `2026-11-23`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Periods {
+    pub month: String,
+    pub day: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Month,
+    Day,
+}
+
+/// One admission check.
+#[derive(Debug, Clone)]
+pub struct AdmitRequest {
+    pub account: Uuid,
+    pub key: Uuid,
+    /// Names the reservation (the request's usage event id).
+    pub reservation_id: Uuid,
+    pub rates: Vec<RateRule>,
+    pub quota: QuotaRule,
+    /// Charged against token rules: prompt tokens plus `max_tokens`.
+    pub estimate_tokens: u64,
+    /// Reserved against the quota.
+    pub estimate_units: u64,
+    pub periods: Periods,
+    /// How long an unsettled reservation holds.
+    pub reservation_ttl: Duration,
+}
+
+/// A rate window as OpenAI's `x-ratelimit-*` headers report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the window is full again.
+    pub reset: Duration,
+}
+
+/// The tightest window (least remaining) per kind, after this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Windows {
+    pub requests: Option<Window>,
+    pub tokens: Option<Window>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Admitted {
+        reservation: Reservation,
+        windows: Windows,
+    },
+    RateLimited {
+        rule: RateRule,
+        /// When this request would conform.
+        retry_after: Duration,
+        windows: Windows,
+    },
+    Concurrency {
+        limit: u64,
+    },
+    QuotaExhausted {
+        period: Period,
+    },
+}
+
+/// What settlement needs to undo or complete an admission.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub account: Uuid,
+    pub key: Uuid,
+    pub id: Uuid,
+    pub periods: Periods,
+    pub units: u64,
+    pub tokens: u64,
+    /// The token rules charged with `tokens`, to correct at settlement.
+    pub token_rules: Vec<RateRule>,
+}
+
+/// A request's actual usage: zero for one that did no work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Settlement {
+    pub units: u64,
+    pub tokens: u64,
+}
+
+/// Period counters of one account (for reconciliation and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuotaState {
+    pub month_used: u64,
+    pub month_reserved: u64,
+    pub day_used: u64,
+    pub day_reserved: u64,
+    /// Live reservations (requests in progress).
+    pub in_progress: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error("redis answered {0}")]
+    Protocol(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+#[async_trait]
+pub trait LimitStore: Send + Sync {
+    /// Checks every rule and, when all pass, charges them and reserves.
+    async fn admit(&self, request: &AdmitRequest) -> Result<Verdict, StoreError>;
+
+    /// Replaces a reservation by the actual usage (zero releases it). A
+    /// reservation that already lapsed still adds its actual usage.
+    async fn settle(&self, reservation: &Reservation, actual: Settlement)
+    -> Result<(), StoreError>;
+
+    /// Raises the account's `used` counters to at least the given totals
+    /// (from the usage log), never lowers them.
+    async fn reconcile(
+        &self,
+        account: Uuid,
+        periods: &Periods,
+        month_units: u64,
+        day_units: u64,
+    ) -> Result<(), StoreError>;
+
+    async fn quota_state(&self, account: Uuid, periods: &Periods)
+    -> Result<QuotaState, StoreError>;
+}

@@ -1,0 +1,557 @@
+//! Admission: between authentication and upstream selection, who goes ahead,
+//! who waits and who is turned away.
+//!
+//! A request passes two gates, in this order:
+//! 1. [`Admission::check`]: the tier's rate limits (per key and per account),
+//!    its concurrency limit and its quota, decided and reserved in one call
+//!    to the [`limiter`] (Redis, or this process). The reservation becomes a
+//!    [`Ticket`] that `logging` settles to the actual usage.
+//! 2. [`Admission::wait_for_slot`]: a slot in the model's backend pool, from
+//!    the [`queue`], by tier priority; refused at once when the expected wait
+//!    is beyond the tier's limit.
+//!
+//! [`AdmissionQueues::signals`] is the one interface the backend fleet reads
+//! (depth, oldest and expected wait, shed counts per pool and tier).
+//!
+//! Layout: [`limits`] (state and its two stores), [`limiter`] (Redis or local,
+//! and the outage policy), [`queue`] (one pool's priority queue), [`periods`]
+//! (quota months and days), [`headers`] (OpenAI's rate-limit headers),
+//! [`reconcile`] (period counters from the usage log).
+
+pub mod headers;
+pub mod limiter;
+pub mod limits;
+pub mod periods;
+pub mod queue;
+pub mod reconcile;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+use uuid::Uuid;
+
+use self::limiter::{Limiter, StoreKind};
+use self::limits::redis::RedisLimits;
+use self::limits::{
+    AdmitRequest, QuotaRule, RateKind, RateRule, Reservation, Scope, Settlement, Verdict, Windows,
+};
+use self::queue::{AdmissionQueue, PoolSnapshot, Shed, Slot};
+use crate::config::{AdmissionConfig, Config, TierConfig};
+use crate::error::ApiError;
+use crate::keys::store::KeyRecord;
+
+/// A tier as admission applies it.
+struct Plan {
+    tier: TierConfig,
+    /// Queue rank: the tier's place in priority order, lowest first.
+    rank: usize,
+    rates: Vec<RateRule>,
+    quota: QuotaRule,
+}
+
+impl Plan {
+    fn new(tier: &TierConfig, rank: usize) -> Self {
+        let rules = [
+            (Scope::Key, RateKind::Requests, tier.key_requests_per_minute),
+            (Scope::Key, RateKind::Tokens, tier.key_tokens_per_minute),
+            (Scope::Account, RateKind::Requests, tier.requests_per_minute),
+            (Scope::Account, RateKind::Tokens, tier.tokens_per_minute),
+        ];
+        Self {
+            tier: tier.clone(),
+            rank,
+            rates: rules
+                .into_iter()
+                .filter_map(|(scope, kind, limit)| {
+                    limit.map(|per_minute| RateRule {
+                        scope,
+                        kind,
+                        per_minute,
+                    })
+                })
+                .collect(),
+            quota: QuotaRule {
+                included_units: tier.included_units,
+                hard_cap: tier.hard_cap,
+                daily_cap: tier.daily_cap,
+                max_concurrent: tier.max_concurrent,
+            },
+        }
+    }
+
+    /// Nothing to check or reserve: no round trip.
+    fn unlimited(&self) -> bool {
+        let q = &self.quota;
+        self.rates.is_empty()
+            && q.included_units.is_none()
+            && q.daily_cap.is_none()
+            && q.max_concurrent.is_none()
+    }
+
+    /// A capped tier must not let the backend generate past the reservation.
+    fn caps_output(&self) -> bool {
+        (self.quota.hard_cap && self.quota.included_units.is_some())
+            || self.quota.daily_cap.is_some()
+    }
+}
+
+/// What a request may cost, known before it is forwarded.
+#[derive(Debug, Clone, Copy)]
+pub struct Estimate {
+    pub prompt_tokens: u64,
+    /// The request's `max_tokens` (`None`: the configured default).
+    pub max_tokens: Option<u64>,
+    /// False for embeddings, which generate nothing.
+    pub generates: bool,
+}
+
+/// An admitted request's claim on its tier's limits; settled in `logging`.
+#[derive(Debug)]
+pub struct Ticket {
+    reservation: Reservation,
+    store: StoreKind,
+    /// For the `x-ratelimit-*` headers.
+    pub windows: Windows,
+}
+
+/// A refusal, with the rate windows to report on it.
+pub struct Refusal {
+    pub error: ApiError,
+    pub windows: Windows,
+}
+
+impl From<ApiError> for Refusal {
+    fn from(error: ApiError) -> Self {
+        Self {
+            error,
+            windows: Windows::default(),
+        }
+    }
+}
+
+pub struct Admission {
+    plans: HashMap<String, Plan>,
+    limiter: Limiter,
+    queues: Arc<AdmissionQueues>,
+    config: AdmissionConfig,
+    rejected: IntCounterVec,
+    queue_wait: HistogramVec,
+}
+
+impl Admission {
+    pub fn new(
+        config: &Config,
+        redis: Option<RedisLimits>,
+        registry: &Registry,
+    ) -> prometheus::Result<Self> {
+        let mut by_priority: Vec<&TierConfig> = config.tiers.iter().collect();
+        by_priority.sort_by_key(|t| t.priority);
+        let plans = by_priority
+            .iter()
+            .enumerate()
+            .map(|(rank, tier)| (tier.name.clone(), Plan::new(tier, rank)))
+            .collect();
+        let tier_names: Vec<String> = by_priority.iter().map(|t| t.name.clone()).collect();
+        let queues = Arc::new(AdmissionQueues::new(config, tier_names, registry)?);
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "tollgate_admission_rejected_total",
+                "Requests refused at admission, by tier and reason.",
+            ),
+            &["tier", "reason"],
+        )?;
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_queue_wait_seconds",
+                "Time admitted requests waited for a GPU slot, by pool and tier.",
+            )
+            .buckets(vec![
+                0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+            ]),
+            &["pool", "tier"],
+        )?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(queue_wait.clone()))?;
+        Ok(Self {
+            plans,
+            limiter: Limiter::new(redis, config.redis.timeout, registry)?,
+            queues,
+            config: config.admission,
+            rejected,
+            queue_wait,
+        })
+    }
+
+    fn plan(&self, tier: &str) -> Result<&Plan, ApiError> {
+        self.plans
+            .get(tier)
+            .ok_or_else(|| ApiError::UnknownTier(tier.to_owned()))
+    }
+
+    pub fn queues(&self) -> Arc<AdmissionQueues> {
+        Arc::clone(&self.queues)
+    }
+
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
+    }
+
+    /// The `max_tokens` to send upstream for a request that set none, when
+    /// its tier is capped: the reservation then bounds what it can cost.
+    pub fn output_cap(&self, tier: &str) -> Option<u64> {
+        let plan = self.plans.get(tier)?;
+        plan.caps_output().then_some(self.config.default_max_tokens)
+    }
+
+    /// Gate 1: rate limits, concurrency and quota, reserved in one call.
+    /// `None`: the tier has no limits, so there is nothing to settle.
+    pub async fn check(
+        &self,
+        key: &KeyRecord,
+        reservation_id: Uuid,
+        estimate: Estimate,
+    ) -> Result<Option<Ticket>, Refusal> {
+        let plan = self.plan(&key.tier)?;
+        if plan.unlimited() {
+            return Ok(None);
+        }
+        let completion = if estimate.generates {
+            estimate
+                .max_tokens
+                .unwrap_or(self.config.default_max_tokens)
+        } else {
+            0
+        };
+        let tokens = estimate.prompt_tokens.saturating_add(completion);
+        // A request no minute can hold: refuse without a round trip.
+        if let Some(rule) = plan
+            .rates
+            .iter()
+            .find(|r| r.kind == RateKind::Tokens && r.per_minute < tokens)
+        {
+            return Err(self.refuse(
+                plan,
+                "too_many_tokens",
+                ApiError::TooManyTokens {
+                    limit: rule.per_minute,
+                    requested: tokens,
+                },
+            ));
+        }
+        let now = SystemTime::now();
+        let request = AdmitRequest {
+            account: key.account_id,
+            key: key.key_id,
+            reservation_id,
+            rates: plan.rates.clone(),
+            quota: plan.quota,
+            estimate_tokens: tokens,
+            estimate_units: tokens,
+            periods: periods::periods(now),
+            reservation_ttl: self.config.reservation_ttl,
+        };
+        let (verdict, store) = self
+            .limiter
+            .admit(&plan.tier.name, plan.tier.on_redis_down, &request)
+            .await
+            .map_err(|_| self.refuse(plan, "limiter_unavailable", ApiError::LimiterUnavailable))?;
+        match verdict {
+            Verdict::Admitted {
+                reservation,
+                windows,
+            } => Ok(Some(Ticket {
+                reservation,
+                store,
+                windows,
+            })),
+            Verdict::RateLimited {
+                rule,
+                retry_after,
+                windows,
+            } => {
+                let reason = match rule.kind {
+                    RateKind::Requests => "requests_per_minute",
+                    RateKind::Tokens => "tokens_per_minute",
+                };
+                let error = ApiError::RateLimited {
+                    kind: rule.kind,
+                    scope: rule.scope,
+                    limit: rule.per_minute,
+                    retry_after,
+                };
+                Err(Refusal {
+                    windows,
+                    ..self.refuse(plan, reason, error)
+                })
+            }
+            Verdict::Concurrency { limit } => Err(self.refuse(
+                plan,
+                "max_concurrent",
+                ApiError::TooManyConcurrent { limit },
+            )),
+            Verdict::QuotaExhausted { period } => {
+                let reason = match period {
+                    limits::Period::Month => "quota_month",
+                    limits::Period::Day => "quota_day",
+                };
+                let retry_after = periods::until_end(period, now);
+                Err(self.refuse(
+                    plan,
+                    reason,
+                    ApiError::InsufficientQuota {
+                        period,
+                        retry_after,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// Gate 2: a slot in the model's pool, waiting by tier priority.
+    pub async fn wait_for_slot(&self, tier: &str, model: &str) -> Result<Slot, ApiError> {
+        let plan = self.plan(tier)?;
+        let Some(queue) = self.queues.for_model(model) else {
+            return Err(ApiError::NoBackend(model.to_owned()));
+        };
+        match queue
+            .acquire(
+                plan.rank,
+                plan.tier.max_queue_wait,
+                plan.tier.max_expected_wait,
+            )
+            .await
+        {
+            Ok(slot) => {
+                self.queue_wait
+                    .with_label_values(&[queue.pool(), tier])
+                    .observe(slot.waited().as_secs_f64());
+                Ok(slot)
+            }
+            Err(shed) => {
+                let reason = match shed {
+                    Shed::Busy { .. } => "busy",
+                    Shed::TimedOut { .. } => "queue_timeout",
+                };
+                let error = ApiError::ServerBusy {
+                    retry_after: shed.retry_after(),
+                };
+                Err(self.refuse(plan, reason, error).error)
+            }
+        }
+    }
+
+    /// Replaces the ticket's reservation by what the request really used.
+    pub async fn settle(&self, ticket: Ticket, actual: Settlement) {
+        self.limiter
+            .settle(ticket.store, &ticket.reservation, actual)
+            .await;
+    }
+
+    fn refuse(&self, plan: &Plan, reason: &str, error: ApiError) -> Refusal {
+        self.rejected
+            .with_label_values(&[plan.tier.name.as_str(), reason])
+            .inc();
+        error.into()
+    }
+}
+
+/// The admission queues, one per backend pool, and their signals.
+pub struct AdmissionQueues {
+    by_model: HashMap<String, Arc<AdmissionQueue>>,
+    all: Vec<Arc<AdmissionQueue>>,
+}
+
+impl AdmissionQueues {
+    fn new(config: &Config, tiers: Vec<String>, registry: &Registry) -> prometheus::Result<Self> {
+        let mut capacity: Vec<(&str, u32)> = Vec::new();
+        for backend in &config.backends {
+            match capacity.iter_mut().find(|(pool, _)| *pool == backend.pool) {
+                Some((_, slots)) => *slots = slots.saturating_add(backend.max_concurrency),
+                None => capacity.push((&backend.pool, backend.max_concurrency)),
+            }
+        }
+        let all: Vec<_> = capacity
+            .into_iter()
+            .map(|(pool, slots)| {
+                AdmissionQueue::new(pool, slots, tiers.clone(), config.admission.aging)
+            })
+            .collect();
+        let by_model = config
+            .backends
+            .iter()
+            .flat_map(|b| b.models.iter().map(move |m| (m, &b.pool)))
+            .filter_map(|(model, pool)| {
+                let queue = all.iter().find(|q| q.pool() == pool)?;
+                Some((model.clone(), Arc::clone(queue)))
+            })
+            .collect();
+        let queues = Self { by_model, all };
+        registry.register(Box::new(QueueCollector::new(queues.all.clone())?))?;
+        Ok(queues)
+    }
+
+    fn for_model(&self, model: &str) -> Option<&Arc<AdmissionQueue>> {
+        self.by_model.get(model)
+    }
+
+    /// Per pool and tier: depth, oldest wait, expected wait, shed counts.
+    pub fn signals(&self) -> Vec<PoolSnapshot> {
+        self.all.iter().map(|q| q.snapshot()).collect()
+    }
+
+    /// [`Self::signals`] as JSON, for `GET /admin/queues`.
+    pub fn signals_json(&self) -> serde_json::Value {
+        let seconds = |d: Duration| d.as_secs_f64();
+        let pools: Vec<_> = self
+            .signals()
+            .into_iter()
+            .map(|pool| {
+                let tiers: Vec<_> = pool
+                    .tiers
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "tier": t.tier,
+                            "depth": t.depth,
+                            "oldest_wait_secs": seconds(t.oldest_wait),
+                            "expected_wait_secs": t.expected_wait.map(seconds),
+                            "admitted": t.admitted_total,
+                            "shed_busy": t.shed_busy_total,
+                            "shed_timeout": t.shed_timeout_total,
+                            "abandoned": t.abandoned_total,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "pool": pool.pool,
+                    "slots": pool.capacity,
+                    "in_use": pool.in_use,
+                    "service_time_secs": pool.service_time.map(seconds),
+                    "tiers": tiers,
+                })
+            })
+            .collect();
+        serde_json::json!({"object": "list", "data": pools})
+    }
+
+    /// Sets a pool's slot count (the fleet calls this as backends come and go).
+    pub fn set_capacity(&self, pool: &str, slots: u32) -> bool {
+        let queue = self.all.iter().find(|q| q.pool() == pool);
+        if let Some(queue) = queue {
+            queue.set_capacity(slots);
+        }
+        queue.is_some()
+    }
+}
+
+/// Publishes the queues' snapshots as Prometheus metrics at scrape time, so
+/// the request path updates no gauges.
+struct QueueCollector {
+    queues: Vec<Arc<AdmissionQueue>>,
+    depth: IntGaugeVec,
+    oldest_wait: GaugeVec,
+    expected_wait: GaugeVec,
+    shed: IntGaugeVec,
+    slots: IntGaugeVec,
+    in_use: IntGaugeVec,
+}
+
+impl QueueCollector {
+    fn new(queues: Vec<Arc<AdmissionQueue>>) -> prometheus::Result<Self> {
+        let tier = &["pool", "tier"];
+        Ok(Self {
+            queues,
+            depth: IntGaugeVec::new(
+                Opts::new("tollgate_queue_depth", "Requests waiting for a GPU slot."),
+                tier,
+            )?,
+            oldest_wait: GaugeVec::new(
+                Opts::new(
+                    "tollgate_queue_oldest_wait_seconds",
+                    "How long the longest-waiting request of the tier has waited.",
+                ),
+                tier,
+            )?,
+            expected_wait: GaugeVec::new(
+                Opts::new(
+                    "tollgate_queue_expected_wait_seconds",
+                    "Expected wait of a request of the tier arriving now (-1: unknown).",
+                ),
+                tier,
+            )?,
+            shed: IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_queue_shed_total",
+                    "Requests refused as server busy: expected wait too long (busy) or waited out (timeout).",
+                ),
+                &["pool", "tier", "reason"],
+            )?,
+            slots: IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_pool_slots",
+                    "GPU slots of the pool (its capacity).",
+                ),
+                &["pool"],
+            )?,
+            in_use: IntGaugeVec::new(
+                Opts::new("tollgate_pool_slots_in_use", "GPU slots held by requests."),
+                &["pool"],
+            )?,
+        })
+    }
+
+    fn parts(&self) -> [&dyn Collector; 6] {
+        [
+            &self.depth,
+            &self.oldest_wait,
+            &self.expected_wait,
+            &self.shed,
+            &self.slots,
+            &self.in_use,
+        ]
+    }
+}
+
+impl Collector for QueueCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.parts().into_iter().flat_map(|c| c.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        for queue in &self.queues {
+            let pool = queue.snapshot();
+            let name = pool.pool.as_str();
+            self.slots
+                .with_label_values(&[name])
+                .set(i64::from(pool.capacity));
+            self.in_use
+                .with_label_values(&[name])
+                .set(i64::from(pool.in_use));
+            for tier in &pool.tiers {
+                let labels = [name, tier.tier.as_str()];
+                self.depth.with_label_values(&labels).set(tier.depth as i64);
+                self.oldest_wait
+                    .with_label_values(&labels)
+                    .set(tier.oldest_wait.as_secs_f64());
+                self.expected_wait
+                    .with_label_values(&labels)
+                    .set(tier.expected_wait.map_or(-1.0, |w| w.as_secs_f64()));
+                for (reason, count) in [
+                    ("busy", tier.shed_busy_total),
+                    ("timeout", tier.shed_timeout_total),
+                ] {
+                    self.shed
+                        .with_label_values(&[name, tier.tier.as_str(), reason])
+                        .set(count as i64);
+                }
+            }
+        }
+        self.parts().into_iter().flat_map(|c| c.collect()).collect()
+    }
+}
