@@ -114,6 +114,7 @@ impl Traffic {
             quota: QUOTA,
             estimate_tokens: 500,
             estimate_units: 500,
+            min_units: 1,
             periods: Periods {
                 month: "2026-11".to_owned(),
                 day: "2026-11-23".to_owned(),
@@ -138,6 +139,7 @@ impl Traffic {
             let actual = Settlement {
                 units: 300,
                 tokens: 300,
+                forwarded: true,
             };
             store.settle(&reservation, actual).await.unwrap();
         }
@@ -184,7 +186,7 @@ fn main() {
         client
     });
     let prefix = format!("tgbench:{}", Uuid::now_v7());
-    let redis = RedisLimits::new(client.clone(), prefix.clone());
+    let redis = RedisLimits::new(client.clone(), prefix.clone(), Duration::from_secs(5));
     let local = LocalLimits::new();
     let traffic = Traffic::new();
     let stores: [(&str, &dyn LimitStore); 2] = [("redis", &redis), ("local", &local)];

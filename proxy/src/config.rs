@@ -158,8 +158,7 @@ struct RawAdmission {
 #[serde(deny_unknown_fields)]
 struct RawTier {
     name: String,
-    #[serde(default)]
-    priority: i64,
+    priority: Option<i64>,
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
     key_requests_per_minute: Option<u64>,
@@ -603,7 +602,7 @@ impl Config {
                     .unwrap_or(defaults::KEY_CACHE_CAPACITY),
             )?,
         };
-        Ok(Self {
+        Self {
             server,
             database,
             redis_url,
@@ -614,7 +613,31 @@ impl Config {
             admission: validate_admission(raw.admission)?,
             tiers: validate_tiers(raw.tiers)?,
             backends: validate_backends(raw.backends)?,
-        })
+        }
+        .check_reservation_ttl()
+    }
+
+    /// A reservation must outlive its request, queue wait included: one that
+    /// lapses mid-request lets its account pass `max_concurrent` and its caps.
+    fn check_reservation_ttl(self) -> Result<Self, ConfigError> {
+        let longest_wait = self
+            .tiers
+            .iter()
+            .map(|t| t.max_queue_wait)
+            .max()
+            .unwrap_or_default();
+        let needed = longest_wait + self.server.timeouts.read;
+        if self.admission.reservation_ttl <= needed {
+            return Err(invalid(
+                "admission.reservation_ttl",
+                format!(
+                    "must be longer than the longest max_queue_wait_secs plus server.read_timeout \
+                     ({}s here)",
+                    needed.as_secs()
+                ),
+            ));
+        }
+        Ok(self)
     }
 
     /// Every model some backend serves, in config order, without repeats.
@@ -826,7 +849,8 @@ fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {
         }
         let mut config = TierConfig {
             name: tier.name,
-            priority: tier.priority,
+            // Unset: the tier's place in the list (later tiers first).
+            priority: tier.priority.unwrap_or(i as i64),
             requests_per_minute: tier.requests_per_minute,
             tokens_per_minute: tier.tokens_per_minute,
             key_requests_per_minute: tier.key_requests_per_minute,

@@ -82,7 +82,8 @@ pub enum ApiError {
     },
     #[error(
         "Server busy: every GPU is taken and your tier's wait limit would be passed. \
-         Try again in a few minutes (Retry-After: {} s).", retry_after.as_secs().max(1)
+         Try again in a few minutes (Retry-After: {} s).",
+        crate::admission::headers::retry_after(*retry_after)
     )]
     ServerBusy { retry_after: Duration },
     #[error("Rate limiting is temporarily unavailable for this tier; retry shortly.")]

@@ -86,9 +86,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     };
     let admission = Arc::new(Admission::new(
         &config,
-        redis
-            .clone()
-            .map(|client| RedisLimits::new(client, config.redis.key_prefix.clone())),
+        redis.clone().map(|client| {
+            RedisLimits::new(
+                client,
+                config.redis.key_prefix.clone(),
+                config.redis.timeout,
+            )
+        }),
         prometheus::default_registry(),
     )?);
     let in_flight = Arc::new(InFlight::default());
@@ -192,31 +196,27 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     server.run_forever()
 }
 
-/// The Redis client the limiter shares. Commands fail at once while it is
-/// disconnected (`fail_fast`), so the limiter falls back instead of waiting;
-/// it reconnects on its own.
+/// The Redis client the limiter shares; it reconnects on its own (the
+/// limiter's calls set their own timeouts and fail at once while it is down).
 fn redis_client(url: &str) -> anyhow::Result<fred::prelude::Client> {
     use fred::prelude::{Builder, Config as RedisConfig, ReconnectPolicy};
-    let mut config = RedisConfig::from_url(url)
+    let config = RedisConfig::from_url(url)
         .map_err(|e| anyhow::anyhow!("redis.url (env REDIS_URL) is not valid: {e}"))?;
-    config.fail_fast = true;
     Ok(Builder::from_config(config)
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
         .build()?)
 }
 
-/// Runs the limiter's Redis connection on a runtime of its own for the
-/// server's lifetime (Pingora's services each have one).
+/// Runs the limiter's Redis connection on a runtime of its own (Pingora's
+/// services each have one) for the process's lifetime. It is not closed at
+/// shutdown: requests finishing during the drain still settle through it.
 struct RedisConnection(fred::prelude::Client);
 
 #[async_trait]
 impl BackgroundService for RedisConnection {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    async fn start(&self, _shutdown: ShutdownWatch) {
         use fred::prelude::ClientLike;
-        let connection = self.0.connect();
-        let _ = shutdown.changed().await;
-        let _ = self.0.quit().await;
-        connection.abort();
+        let _connection = self.0.connect();
     }
 }
 

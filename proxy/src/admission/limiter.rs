@@ -23,6 +23,9 @@ use crate::config::RedisDownPolicy;
 
 /// How long Redis is passed over after a failed call.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Settlement runs after the answer is sent; it gets longer than an
+/// admission (the store's own settle timeout is 2 s).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where a reservation was made, so it is settled in the same place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,9 +129,15 @@ impl Limiter {
     ) -> Result<(Verdict, StoreKind), RedisDown> {
         if let Some(redis) = &self.redis {
             if !self.health.passed_over() {
-                match self.bounded(redis.admit(request)).await {
-                    Ok(verdict) => return Ok((verdict, StoreKind::Redis)),
-                    Err(error) => self.failed(&error),
+                match bounded(self.timeout, redis.admit(request)).await {
+                    Ok(verdict) => {
+                        self.health.answered();
+                        return Ok((verdict, StoreKind::Redis));
+                    }
+                    Err(error) => {
+                        self.errors.inc();
+                        self.health.failed(&error.to_string());
+                    }
                 }
             }
             let policy_name = match policy {
@@ -148,13 +157,14 @@ impl Limiter {
     pub async fn settle(&self, store: StoreKind, reservation: &Reservation, actual: Settlement) {
         let result = match (store, &self.redis) {
             (StoreKind::Redis, Some(redis)) => {
-                self.bounded(redis.settle(reservation, actual)).await
+                bounded(SETTLE_TIMEOUT, redis.settle(reservation, actual)).await
             }
             _ => self.local.settle(reservation, actual).await,
         };
         if let Err(error) = result {
-            // The reservation lapses after its TTL; reconciliation restores `used`.
-            self.failed(&error);
+            // Admissions notice an outage themselves; this reservation lapses
+            // after its TTL, and reconciliation restores `used` from the log.
+            self.errors.inc();
             tracing::warn!(reservation = %reservation.id, "settlement failed: {error}");
         }
     }
@@ -171,30 +181,25 @@ impl Limiter {
             .reconcile(account, periods, month_units, day_units)
             .await?;
         if let Some(redis) = &self.redis {
-            self.bounded(redis.reconcile(account, periods, month_units, day_units))
-                .await?;
+            bounded(
+                self.timeout,
+                redis.reconcile(account, periods, month_units, day_units),
+            )
+            .await?;
         }
         Ok(())
     }
+}
 
-    async fn bounded<T>(
-        &self,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        let result = match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        };
-        if result.is_ok() {
-            self.health.answered();
-        }
-        result
-    }
-
-    fn failed(&self, error: &StoreError) {
-        self.errors.inc();
-        self.health.failed(&error.to_string());
-    }
+/// `call`, given up after `timeout` (the store's own timeout should fire
+/// first; this guards against one that does not).
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(timeout)))
 }
 
 /// Redis is unreachable and the tier's policy is to refuse.

@@ -107,6 +107,8 @@ pub struct Estimate {
     pub prompt_tokens: u64,
     /// The request's `max_tokens` (`None`: the configured default).
     pub max_tokens: Option<u64>,
+    /// Sequences generated (`n`, `best_of`); each may reach `max_tokens`.
+    pub choices: u64,
     /// False for embeddings, which generate nothing.
     pub generates: bool,
 }
@@ -118,6 +120,9 @@ pub struct Ticket {
     store: StoreKind,
     /// For the `x-ratelimit-*` headers.
     pub windows: Windows,
+    /// A capped quota granted less than the estimate: the `max_tokens` that
+    /// fits what was reserved, to send upstream.
+    pub shortened_max_tokens: Option<u64>,
 }
 
 /// A refusal, with the rate windows to report on it.
@@ -221,12 +226,14 @@ impl Admission {
         if plan.unlimited() {
             return Ok(None);
         }
-        let completion = if estimate.generates {
-            estimate
+        let choices = estimate.choices.max(1);
+        let (completion, least) = if estimate.generates {
+            let max_tokens = estimate
                 .max_tokens
-                .unwrap_or(self.config.default_max_tokens)
+                .unwrap_or(self.config.default_max_tokens);
+            (max_tokens.saturating_mul(choices), choices)
         } else {
-            0
+            (0, 0)
         };
         let tokens = estimate.prompt_tokens.saturating_add(completion);
         // A request no minute can hold: refuse without a round trip.
@@ -253,6 +260,9 @@ impl Admission {
             quota: plan.quota,
             estimate_tokens: tokens,
             estimate_units: tokens,
+            // The prompt and a token per choice: a capped quota with less room
+            // refuses; with more, the answer is shortened to fit.
+            min_units: estimate.prompt_tokens.saturating_add(least),
             periods: periods::periods(now),
             reservation_ttl: self.config.reservation_ttl,
         };
@@ -265,11 +275,17 @@ impl Admission {
             Verdict::Admitted {
                 reservation,
                 windows,
-            } => Ok(Some(Ticket {
-                reservation,
-                store,
-                windows,
-            })),
+            } => {
+                let room = reservation.units.saturating_sub(estimate.prompt_tokens);
+                let shortened_max_tokens =
+                    (reservation.units < tokens && estimate.generates).then(|| room / choices);
+                Ok(Some(Ticket {
+                    reservation,
+                    store,
+                    windows,
+                    shortened_max_tokens,
+                }))
+            }
             Verdict::RateLimited {
                 rule,
                 retry_after,
@@ -454,10 +470,12 @@ impl AdmissionQueues {
 /// the request path updates no gauges.
 struct QueueCollector {
     queues: Vec<Arc<AdmissionQueue>>,
+    /// One scrape at a time: the shed counters catch up by difference.
+    scraping: std::sync::Mutex<()>,
     depth: IntGaugeVec,
     oldest_wait: GaugeVec,
     expected_wait: GaugeVec,
-    shed: IntGaugeVec,
+    shed: IntCounterVec,
     slots: IntGaugeVec,
     in_use: IntGaugeVec,
 }
@@ -467,6 +485,7 @@ impl QueueCollector {
         let tier = &["pool", "tier"];
         Ok(Self {
             queues,
+            scraping: std::sync::Mutex::new(()),
             depth: IntGaugeVec::new(
                 Opts::new("tollgate_queue_depth", "Requests waiting for a GPU slot."),
                 tier,
@@ -485,7 +504,7 @@ impl QueueCollector {
                 ),
                 tier,
             )?,
-            shed: IntGaugeVec::new(
+            shed: IntCounterVec::new(
                 Opts::new(
                     "tollgate_queue_shed_total",
                     "Requests refused as server busy: expected wait too long (busy) or waited out (timeout).",
@@ -524,6 +543,10 @@ impl Collector for QueueCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        let _one_at_a_time = self
+            .scraping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for queue in &self.queues {
             let pool = queue.snapshot();
             let name = pool.pool.as_str();
@@ -546,9 +569,11 @@ impl Collector for QueueCollector {
                     ("busy", tier.shed_busy_total),
                     ("timeout", tier.shed_timeout_total),
                 ] {
-                    self.shed
-                        .with_label_values(&[name, tier.tier.as_str(), reason])
-                        .set(count as i64);
+                    // The queue keeps the totals; the counter catches up to them.
+                    let counter = self
+                        .shed
+                        .with_label_values(&[name, tier.tier.as_str(), reason]);
+                    counter.inc_by(count.saturating_sub(counter.get()));
                 }
             }
         }

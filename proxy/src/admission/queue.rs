@@ -12,16 +12,21 @@
 //! - **Strict priority.** Each tier has a rank, its index in the tier list
 //!   (lowest first). A freed slot goes to the waiter with the highest
 //!   *effective rank*.
-//! - **FIFO within a tier.** Each tier's waiters are kept in arrival order;
-//!   ties in effective rank (within or across tiers) go to whoever arrived
-//!   first.
+//! - **FIFO within a tier.** Each tier's waiters are kept in arrival order.
 //! - **Aging**, when configured, so a low tier is not starved forever by a
 //!   steady stream of higher ones: a waiter gains one rank per `aging` it has
-//!   waited, so effective rank = `rank + floor(waited / aging)`. A rank-0
-//!   request that has waited `2 × aging` ties a fresh rank-2 request and wins
-//!   the tie because it arrived first. Without aging (`None`) the order is
-//!   strict priority and a busy high tier can hold a low tier back
-//!   indefinitely; `max_wait` then bounds how long it waits.
+//!   waited, so effective rank = `rank + floor(waited / aging)`.
+//! - **Ties** in effective rank go to the higher tier, then to the earlier
+//!   arrival. An aged waiter must therefore climb *past* a tier to overtake
+//!   it: a rank-0 request that has waited `2 × aging` is level with a fresh
+//!   rank-2 request and still yields to it; at `3 × aging` it goes first.
+//!   This keeps a backlogged middle tier from taking the top tier's slots
+//!   (Premium waiting a minute must not push Pro past its 30 s target)
+//!   while a long-waiting low request still gets through.
+//!
+//! Without aging (`None`) the order is strict priority and a busy high tier
+//! can hold a low tier back indefinitely; `max_wait` then bounds how long it
+//! waits.
 //!
 //! Only the head of each tier is compared: within a tier everyone has the same
 //! rank and the head has waited longest, so no one behind it can beat it.
@@ -362,9 +367,9 @@ impl State {
         }
     }
 
-    /// Removes and returns the waiter with the highest effective rank, the
-    /// earliest arrival on a tie. Only tier heads are compared: within a tier
-    /// the head has waited longest.
+    /// Removes and returns the waiter with the highest effective rank; on a
+    /// tie the higher tier, then the earliest arrival. Only tier heads are
+    /// compared: within a tier the head has waited longest.
     fn pop_next(&mut self, now: Instant, aging: Option<Duration>) -> Option<Waiter> {
         let mut best: Option<(usize, u64, usize)> = None; // (effective rank, seq, rank)
         for (rank, waiters) in self.waiting.iter().enumerate() {
@@ -373,9 +378,8 @@ impl State {
             };
             let effective =
                 effective_rank(rank, now.saturating_duration_since(head.arrived), aging);
-            let better = best.is_none_or(|(best_effective, best_seq, _)| {
-                effective > best_effective || (effective == best_effective && seq < best_seq)
-            });
+            // Ranks are visited lowest first, so `>=` on a tie prefers the higher tier.
+            let better = best.is_none_or(|(best_effective, _, _)| effective >= best_effective);
             if better {
                 best = Some((effective, seq, rank));
             }
@@ -694,13 +698,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn aged_low_rank_ties_fresh_high_rank_and_wins_by_arrival() {
-        // aging 10 s: after 25 s a rank-0 waiter is at effective rank 0 + 2 = 2,
-        // level with a fresh rank-2 arrival; the earlier arrival wins the tie.
+    async fn an_aged_waiter_level_with_a_higher_tier_yields_to_it() {
+        // aging 10 s: after 25 s a rank-0 waiter is at effective rank 2, level
+        // with a fresh rank-2 arrival; the tie goes to the higher tier.
         let q = queue(1, Some(Duration::from_secs(10)));
         let held = q.acquire(0, HOUR, HOUR).await.unwrap();
         let mut low = waiter(&q, 0);
         tokio::time::advance(Duration::from_secs(25)).await;
+        let mut high = waiter(&q, 2);
+
+        drop(held);
+        let slot = granted(&mut high).unwrap();
+        assert!(granted(&mut low).is_none());
+        drop(slot);
+        assert!(granted(&mut low).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_aged_waiter_past_a_higher_tier_goes_first() {
+        // After 35 s a rank-0 waiter is at effective rank 3: past a fresh rank-2.
+        let q = queue(1, Some(Duration::from_secs(10)));
+        let held = q.acquire(0, HOUR, HOUR).await.unwrap();
+        let mut low = waiter(&q, 0);
+        tokio::time::advance(Duration::from_secs(35)).await;
         let mut high = waiter(&q, 2);
 
         drop(held);
@@ -711,24 +731,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn aging_short_of_a_tie_still_loses_to_higher_rank() {
-        // After 19 s a rank-0 waiter is at effective rank 1: it beats a fresh
-        // rank-1 arrival (1 = 1, earlier) but not a fresh rank-2 one.
+    async fn same_tier_waiters_keep_arrival_order_under_aging() {
         let q = queue(1, Some(Duration::from_secs(10)));
         let held = q.acquire(0, HOUR, HOUR).await.unwrap();
-        let mut low = waiter(&q, 0);
-        tokio::time::advance(Duration::from_secs(19)).await;
-        let mut mid = waiter(&q, 1);
-        let mut high = waiter(&q, 2);
+        let mut first = waiter(&q, 1);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let mut second = waiter(&q, 1);
 
         drop(held);
-        let slot = granted(&mut high).unwrap();
-        assert!(granted(&mut low).is_none());
+        let slot = granted(&mut first).unwrap();
+        assert!(granted(&mut second).is_none());
         drop(slot);
-        let slot = granted(&mut low).unwrap();
-        assert!(granted(&mut mid).is_none());
-        drop(slot);
-        assert!(granted(&mut mid).is_some());
+        assert!(granted(&mut second).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -151,6 +151,7 @@ impl Gateway {
                 .counted_prompt()
                 .unwrap_or(request.upstream_body.len() as u64 / 4),
             max_tokens: request.max_tokens,
+            choices: request.choices,
             generates: request.endpoint != Endpoint::Embeddings,
         };
         let event_id = usage.event_id;
@@ -166,6 +167,11 @@ impl Gateway {
         };
         if let Some(ticket) = &ticket {
             ctx.rate_windows = ticket.windows;
+            if let (Some(max_tokens), Some(request)) =
+                (ticket.shortened_max_tokens, ctx.request.as_mut())
+            {
+                request.set_max_tokens(max_tokens);
+            }
         }
         ctx.ticket = ticket;
         // Waiting costs no thread; a client that leaves stops waiting at once.
@@ -247,12 +253,13 @@ fn bearer_token(header: &RequestHeader) -> Result<&str, ApiError> {
     }
 }
 
-/// Resolves when the client closes its connection (the body is read, so any
-/// read is the connection's end); data from the client instead (a pipelined
-/// request) is left for later and keeps it pending.
+/// Resolves when the client closes its connection while its request waits.
+/// The body is read, so Pingora reads one byte as a probe: end of stream is
+/// the client leaving; bytes are a request pipelined behind this one, which
+/// Pingora refuses (pipelining is off) and which therefore also ends it.
 async fn client_gone(session: &mut Session) -> Box<Error> {
     match session.read_body_or_idle(true).await {
-        Err(error) => error,
+        Err(error) => error.into_down(),
         Ok(_) => std::future::pending().await,
     }
 }

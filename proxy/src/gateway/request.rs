@@ -85,6 +85,8 @@ pub struct InferenceRequest {
     pub stream: bool,
     /// `max_completion_tokens` or `max_tokens`.
     pub max_tokens: Option<u64>,
+    /// Sequences generated per prompt: `n`, or `best_of` when larger (1 if unset).
+    pub choices: u64,
     /// The parsed body, for token counting.
     pub json: Value,
     /// The body sent upstream: the client's bytes, unless the proxy had to change them.
@@ -92,12 +94,21 @@ pub struct InferenceRequest {
 }
 
 impl InferenceRequest {
-    /// Sets `max_tokens` in the body sent upstream (for a request that set none).
+    /// Sets the completion limit in the body sent upstream, in the field the
+    /// client used (`max_tokens` if it used none).
     pub fn set_max_tokens(&mut self, max_tokens: u64) {
         let Some(fields) = self.json.as_object_mut() else {
             return;
         };
-        fields.insert("max_tokens".to_owned(), Value::from(max_tokens));
+        let name = if fields
+            .get("max_completion_tokens")
+            .is_some_and(|v| !v.is_null())
+        {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        fields.insert(name.to_owned(), Value::from(max_tokens));
         if let Ok(body) = serde_json::to_vec(&self.json) {
             self.upstream_body = Bytes::from(body);
             self.max_tokens = Some(max_tokens);
@@ -263,11 +274,27 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
             })
         })
         .transpose()?;
+    let mut choices = 1;
+    for name in ["n", "best_of"] {
+        match fields.get(name) {
+            None | Some(Value::Null) => {}
+            Some(value) => match value.as_u64() {
+                Some(n) if n >= 1 => choices = choices.max(n),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        format!("`{name}` must be a positive integer."),
+                        Some(if name == "n" { "n" } else { "best_of" }),
+                    ));
+                }
+            },
+        }
+    }
     Ok(InferenceRequest {
         endpoint,
         model,
         stream,
         max_tokens,
+        choices,
         json,
         upstream_body: body,
     })

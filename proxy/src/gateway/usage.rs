@@ -236,6 +236,7 @@ impl Metering {
         Settlement {
             units,
             tokens: tokens.total(),
+            forwarded: usage.upstream_status.is_some(),
         }
     }
 

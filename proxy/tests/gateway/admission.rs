@@ -138,7 +138,11 @@ impl Gateway {
             .build()
             .unwrap();
         client.init().await.unwrap();
-        let limits = RedisLimits::new(client.clone(), self.redis_prefix.clone());
+        let limits = RedisLimits::new(
+            client.clone(),
+            self.redis_prefix.clone(),
+            Duration::from_secs(5),
+        );
         let state = limits
             .quota_state(account, &periods(SystemTime::now()))
             .await
@@ -368,6 +372,53 @@ async fn a_balance_of_50_units_is_never_overspent_by_1000_concurrent_requests() 
 }
 
 #[tokio::test]
+async fn a_capped_request_is_shortened_to_the_balance_left() {
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "0",
+        "--output-tokens",
+        "1000",
+    ]);
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            redis: Some(redis_url()),
+            tiers: tiers(
+                "[[tiers]]\nname = \"free\"\npriority = 0\nincluded_units = 30\nhard_cap = true\n",
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key_on("acme", "free", &[]);
+    // No max_tokens: the estimate (8 + 1024) is more than the 30 units
+    // left, so 30 are reserved and the answer is cut to 30 - 8 = 22 tokens.
+    let request = json!({"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &request)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 22);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    // The balance is spent: the next one is refused, not served past it.
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &request)
+        .await;
+    assert_eq!(status, 429);
+    assert_eq!(error_code(&body), "insufficient_quota");
+    let billed: i64 = {
+        eventually("both requests recorded", || async {
+            gateway.usage_events().await.len() == 2
+        })
+        .await;
+        gateway.usage_events().await.iter().map(|e| e.units).sum()
+    };
+    assert_eq!(billed, 30);
+}
+
+#[tokio::test]
 async fn overage_tiers_continue_past_their_included_units() {
     let sim = Sim::start(&[
         "--ttft-ms",
@@ -491,8 +542,11 @@ async fn redis_outage_fails_free_closed_and_paid_open_then_recovers() {
     .await;
 }
 
-/// One slot, 20 tokens a second: `chat("hi", 40)` holds it for two seconds
-/// (what comes next queues), `chat("hi", 2)` for a tenth of a second.
+/// One slot, 20 tokens a second: `chat("hi", HOLD)` holds it for five
+/// seconds (what comes next queues, with time to spare on a busy machine),
+/// `chat("hi", 2)` for a tenth of a second.
+const HOLD: u32 = 100;
+
 fn slow_sim() -> Sim {
     Sim::start(&[
         "--ttft-ms",
@@ -552,7 +606,7 @@ async fn a_pro_request_after_ten_queued_free_requests_is_served_first() {
             finished.lock().unwrap().push(name);
         })
     };
-    let mut tasks = vec![send(&free, "blocker".into(), 40)];
+    let mut tasks = vec![send(&free, "blocker".into(), HOLD)];
     eventually("the blocker holds the slot", || async {
         gateway.queues().await["data"][0]["in_use"] == 1
     })
@@ -597,7 +651,7 @@ async fn requests_expected_to_wait_too_long_are_shed_at_once_with_retry_after() 
         .post_json(&key, "/v1/chat/completions", &chat("hi", 20))
         .await;
     assert_eq!(status, 200);
-    let running = spawn_chat(&gateway, &key, 20);
+    let running = spawn_chat(&gateway, &key, HOLD);
     eventually("the slot is taken", || async {
         gateway.queues().await["data"][0]["in_use"] == 1
     })
@@ -647,7 +701,7 @@ async fn a_queued_client_that_leaves_frees_its_place_and_its_reservation() {
     let pro = gateway.create_key_on("pro-co", "pro", &[]);
     let free = gateway.create_key_on("free-co", "free", &[]);
     let account = gateway.account_id("free-co").await;
-    let blocker = spawn_chat(&gateway, &pro, 40);
+    let blocker = spawn_chat(&gateway, &pro, HOLD);
     eventually("the blocker holds the slot", || async {
         gateway.queues().await["data"][0]["in_use"] == 1
     })
@@ -721,7 +775,6 @@ async fn a_redis_flush_does_not_grant_free_usage() {
     })
     .await;
     delete_redis_keys(&redis_url(), &gateway.redis_prefix);
-    assert_eq!(gateway.quota_state(account).await.month_used, 0);
     eventually("the counters are restored from the usage log", || async {
         gateway.quota_state(account).await.month_used == 24
     })

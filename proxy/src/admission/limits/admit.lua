@@ -10,11 +10,13 @@
 -- ARGV[6] reservation ttl ms  ARGV[7] month hash ttl ms
 -- ARGV[8] day hash ttl ms     ARGV[9] GCRA burst tolerance µs
 -- ARGV[10] GCRA level cap µs  ARGV[11] GCRA key ttl margin ms
--- ARGV[12..] per rate rule, what this request costs it in µs
+-- ARGV[12] least units a capped quota may grant
+-- ARGV[13..] per rate rule, what this request costs it in µs
 --
--- Returns {status, failed rule (0-based), retry after µs, levels...}:
--- status 0 admitted (levels after charging), 1 rate limited (levels as
--- they stand), 2 concurrency, 3 month quota, 4 day quota.
+-- Returns {status, failed rule (0-based) or units granted, retry after µs,
+-- levels...}: status 0 admitted (units granted, levels after charging),
+-- 1 rate limited (levels as they stand), 2 concurrency, 3 month quota,
+-- 4 day quota.
 
 local month, day, reservations, records = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id = ARGV[1]
@@ -27,14 +29,19 @@ local now = now_us()
 local now_ms = math.floor(now / 1000)
 purge(reservations, records, now_ms)
 
--- Quota: month (hard cap only), then day, then requests in progress.
-local used, reserved = counters(month)
-if month_cap >= 0 and used + reserved + units > month_cap then
-  return {3, 0, 0}
-end
-used, reserved = counters(day)
-if day_cap >= 0 and used + reserved + units > day_cap then
-  return {4, 0, 0}
+-- Quota: month (hard cap only), then day, then requests in progress. A
+-- capped quota grants the room left under it, refused below the minimum.
+local min_units = math.max(tonumber(ARGV[12]), 1)
+local caps = {{month, month_cap, 3}, {day, day_cap, 4}}
+for _, c in ipairs(caps) do
+  if c[2] >= 0 then
+    local used, reserved = counters(c[1])
+    local room = c[2] - used - reserved
+    if room < min_units then
+      return {c[3], 0, 0}
+    end
+    units = math.min(units, room)
+  end
 end
 if max_concurrent >= 0 and redis.call('ZCARD', reservations) >= max_concurrent then
   return {2, 0, 0}
@@ -50,7 +57,7 @@ for i = 1, rules do
   local stored = tonumber(redis.call('GET', key)) or now
   before[i] = math.max(stored - now, 0)
   local tat = math.max(pending[key] or stored, now)
-  local level = math.min(tat - now + tonumber(ARGV[11 + i]), level_cap)
+  local level = math.min(tat - now + tonumber(ARGV[12 + i]), level_cap)
   after[i] = level
   if level > burst then
     if failed < 0 then
@@ -97,6 +104,6 @@ redis.call('HSET', records, id, cjson.encode({u = int(units), m = month, d = day
 redis.call('PEXPIRE', reservations, ARGV[7])
 redis.call('PEXPIRE', records, ARGV[7])
 
-local reply = {0, 0, 0}
+local reply = {0, units, 0}
 for i = 1, rules do reply[3 + i] = after[i] end
 return reply

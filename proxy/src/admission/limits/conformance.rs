@@ -59,6 +59,9 @@ on_both_stores!(
     max_concurrent_refuses_until_a_reservation_is_settled,
     refused_requests_change_nothing,
     unsettled_reservation_lapses_and_frees_its_units,
+    a_replayed_settlement_counts_once,
+    a_capped_quota_grants_the_room_left,
+    a_request_never_forwarded_gets_its_request_charge_back,
     reconcile_raises_used_but_never_lowers_it,
     concurrent_admissions_never_pass_a_hard_cap,
 );
@@ -95,7 +98,11 @@ where
         .await
         .unwrap_or_else(|e| panic!("no Redis at {url} (set REDIS_URL): {e}"));
     let prefix = format!("tgtest:{}", Uuid::now_v7());
-    let store: Store = Arc::new(RedisLimits::new(client.clone(), prefix.clone()));
+    let store: Store = Arc::new(RedisLimits::new(
+        client.clone(),
+        prefix.clone(),
+        Duration::from_secs(5),
+    ));
     // Spawned so that a failed assertion comes back here as an error and
     // the keys are deleted before it is raised again.
     let outcome = tokio::spawn(scenario(store, client.clone(), prefix.clone())).await;
@@ -179,6 +186,7 @@ impl Account {
             quota,
             estimate_tokens: tokens,
             estimate_units: units,
+            min_units: units,
             periods: periods(),
             reservation_ttl: Duration::from_secs(60),
         }
@@ -200,7 +208,14 @@ impl Account {
 
     async fn settle(&self, reservation: &Reservation, units: u64, tokens: u64) {
         self.store
-            .settle(reservation, Settlement { units, tokens })
+            .settle(
+                reservation,
+                Settlement {
+                    units,
+                    tokens,
+                    forwarded: true,
+                },
+            )
             .await
             .unwrap();
     }
@@ -594,8 +609,9 @@ async fn unsettled_reservation_lapses_and_frees_its_units(store: Store) {
 
     // Its place and units are free again.
     let (next, _) = admitted(account.admit(key, &[], quota, 6, 0).await);
-    // The lapsed request's usage still counts when it finally settles, and
-    // its reservation is not given back a second time.
+    // The lapsed request settling late changes nothing: its reservation was
+    // given back when it lapsed, and its units come back from the usage log
+    // (reconcile), never twice.
     account.settle(&held, 4, 0).await;
     let state = account.state().await;
     assert_eq!(
@@ -605,14 +621,91 @@ async fn unsettled_reservation_lapses_and_frees_its_units(store: Store) {
             state.day_reserved,
             state.in_progress
         ),
-        (4, 6, 6, 1)
+        (0, 6, 6, 1)
     );
     account.settle(&next, 6, 0).await;
     let state = account.state().await;
     assert_eq!(
         (state.month_used, state.month_reserved, state.in_progress),
-        (10, 0, 0)
+        (6, 0, 0)
     );
+}
+
+async fn a_replayed_settlement_counts_once(store: Store) {
+    let account = Account::new(&store);
+    let key = Uuid::now_v7();
+    let (held, _) = admitted(account.admit(key, &[], hard_cap(50), 10, 0).await);
+    account.settle(&held, 7, 0).await;
+    account.settle(&held, 7, 0).await;
+    let state = account.state().await;
+    assert_eq!((state.month_used, state.month_reserved), (7, 0));
+}
+
+async fn a_capped_quota_grants_the_room_left(store: Store) {
+    let account = Account::new(&store);
+    let key = Uuid::now_v7();
+    let (first, _) = admitted(account.admit(key, &[], hard_cap(50), 40, 0).await);
+    assert_eq!(first.units, 40);
+    // 10 left: an estimate of 30 is granted 10, when at least 5 will do.
+    let mut request = account.request(key, &[], hard_cap(50), 30, 0);
+    request.min_units = 5;
+    let (second, _) = admitted(store.admit(&request).await.unwrap());
+    assert_eq!(second.units, 10);
+    // Nothing left: even a request needing one unit is refused.
+    let mut request = account.request(key, &[], hard_cap(50), 30, 0);
+    request.min_units = 1;
+    assert!(matches!(
+        store.admit(&request).await.unwrap(),
+        Verdict::QuotaExhausted {
+            period: Period::Month
+        }
+    ));
+    // The same with a daily cap: room 8 of 8, then refused below min_units.
+    let daily = QuotaRule {
+        daily_cap: Some(8),
+        ..QuotaRule::default()
+    };
+    let other = Account::new(&store);
+    let mut request = other.request(key, &[], daily, 30, 0);
+    request.min_units = 3;
+    let (granted, _) = admitted(store.admit(&request).await.unwrap());
+    assert_eq!(granted.units, 8);
+    assert!(matches!(
+        store.admit(&request).await.unwrap(),
+        Verdict::QuotaExhausted {
+            period: Period::Day
+        }
+    ));
+    account.settle(&first, 0, 0).await;
+    account.settle(&second, 0, 0).await;
+    other.settle(&granted, 0, 0).await;
+}
+
+async fn a_request_never_forwarded_gets_its_request_charge_back(store: Store) {
+    let account = Account::new(&store);
+    let key = Uuid::now_v7();
+    let rpm = [rule(Scope::Account, RateKind::Requests, 2)];
+    let (first, _) = admitted(account.admit(key, &rpm, QuotaRule::default(), 1, 1).await);
+    let (second, _) = admitted(account.admit(key, &rpm, QuotaRule::default(), 1, 1).await);
+    assert!(matches!(
+        account.admit(key, &rpm, QuotaRule::default(), 1, 1).await,
+        Verdict::RateLimited { .. }
+    ));
+    // Shed from the queue: never reached a backend.
+    store
+        .settle(
+            &second,
+            Settlement {
+                units: 0,
+                tokens: 0,
+                forwarded: false,
+            },
+        )
+        .await
+        .unwrap();
+    let (third, _) = admitted(account.admit(key, &rpm, QuotaRule::default(), 1, 1).await);
+    account.settle(&first, 1, 1).await;
+    account.settle(&third, 1, 1).await;
 }
 
 async fn reconcile_raises_used_but_never_lowers_it(store: Store) {

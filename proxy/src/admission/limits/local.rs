@@ -159,12 +159,14 @@ impl Account {
         self.live.insert(id, live);
     }
 
-    /// Ends a reservation if it is still live, returning its units.
-    fn end(&mut self, id: Uuid) {
-        if let Some(live) = self.live.remove(&id) {
-            self.expiries.remove(&(live.expires_at, id));
-            self.unreserve(&live);
-        }
+    /// Ends a reservation if it is still live; returns whether it was.
+    fn end(&mut self, id: Uuid) -> bool {
+        let Some(live) = self.live.remove(&id) else {
+            return false;
+        };
+        self.expiries.remove(&(live.expires_at, id));
+        self.unreserve(&live);
+        true
     }
 
     /// Ends the reservations that lapsed by `now`.
@@ -224,28 +226,28 @@ impl State {
         account.purge(now);
         account.keep_only(&request.periods);
 
-        // Quota: month, then day, then concurrency.
-        let units = request.estimate_units;
+        // Quota: month, then day, then concurrency. A capped quota grants
+        // the room left under it, refused below `min_units`.
         let quota = &request.quota;
+        let mut units = request.estimate_units;
         let month = Account::counter(&account.months, &request.periods.month);
-        if let (Some(cap), true) = (quota.included_units, quota.hard_cap)
-            && month
-                .used
-                .saturating_add(month.reserved)
-                .saturating_add(units)
-                > cap
-        {
-            return Verdict::QuotaExhausted {
-                period: Period::Month,
-            };
-        }
         let day = Account::counter(&account.days, &request.periods.day);
-        if let Some(cap) = quota.daily_cap
-            && day.used.saturating_add(day.reserved).saturating_add(units) > cap
-        {
-            return Verdict::QuotaExhausted {
-                period: Period::Day,
-            };
+        let caps = [
+            (
+                Period::Month,
+                quota.included_units.filter(|_| quota.hard_cap),
+                month,
+            ),
+            (Period::Day, quota.daily_cap, day),
+        ];
+        for (period, cap, counter) in caps {
+            if let Some(cap) = cap {
+                let room = cap.saturating_sub(counter.used.saturating_add(counter.reserved));
+                if room < request.min_units.max(1) {
+                    return Verdict::QuotaExhausted { period };
+                }
+                units = units.min(room);
+            }
         }
         if let Some(limit) = quota.max_concurrent
             && account.live.len() as u64 >= limit
@@ -318,16 +320,17 @@ impl State {
             },
         );
         Verdict::Admitted {
-            reservation: reservation(request),
+            reservation: reservation(request, units),
             windows: gcra::tightest(&request.rates, &after),
         }
     }
 
     fn settle(&mut self, now: u64, reservation: &Reservation, actual: Settlement) {
         let account = self.accounts.entry(reservation.account).or_default();
-        // No longer live when it lapsed and was purged: its units went back
-        // then.
-        account.end(reservation.id);
+        // Not held (settled already, or lapsed and purged): nothing to do.
+        if !account.end(reservation.id) {
+            return;
+        }
         if actual.units > 0 {
             for (map, period) in [
                 (&mut account.months, &reservation.periods.month),
@@ -337,12 +340,8 @@ impl State {
                 counter.used = counter.used.saturating_add(actual.units);
             }
         }
-        let delta = token_delta(reservation.tokens, actual.tokens);
-        if delta == 0 {
-            return;
-        }
-        for rule in &reservation.token_rules {
-            let key = RateKey::new(rule, reservation.account, reservation.key);
+        for (rule, delta) in reservation.corrections(actual) {
+            let key = RateKey::new(&rule, reservation.account, reservation.key);
             let tat = self.tats.get(&key).copied().unwrap_or(0);
             let corrected = gcra::adjust(tat, now, delta, rule.per_minute);
             if corrected > now {
@@ -381,28 +380,17 @@ impl State {
     }
 }
 
-/// What an admitted request holds until it is settled.
-pub(super) fn reservation(request: &AdmitRequest) -> Reservation {
+/// What an admitted request holds until it is settled: `units` granted.
+pub(super) fn reservation(request: &AdmitRequest, units: u64) -> Reservation {
     Reservation {
         account: request.account,
         key: request.key,
         id: request.reservation_id,
         periods: request.periods.clone(),
-        units: request.estimate_units,
+        units,
         tokens: request.estimate_tokens,
-        token_rules: request
-            .rates
-            .iter()
-            .filter(|rule| rule.kind == RateKind::Tokens)
-            .copied()
-            .collect(),
+        rules: request.rates.clone(),
     }
-}
-
-/// Actual minus estimated tokens, saturated to `i64`.
-pub(super) fn token_delta(estimate: u64, actual: u64) -> i64 {
-    let delta = i128::from(actual) - i128::from(estimate);
-    i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX })
 }
 
 #[async_trait]
@@ -495,6 +483,7 @@ mod tests {
                 quota,
                 estimate_tokens: tokens,
                 estimate_units: units,
+                min_units: units,
                 periods: periods("2026-11-23"),
                 reservation_ttl: Duration::from_secs(60),
             }
@@ -606,8 +595,8 @@ mod tests {
             (0, 0, 0)
         );
 
-        // The lapsed request finishes after all: its usage counts, its
-        // reservation is not taken back a second time.
+        // The lapsed request finishes after all: nothing changes (its units
+        // come back from the usage log, never twice).
         let (next, _) = admitted(f.admit(&f.request(&[], quota, 5, 0)).await);
         f.store
             .settle(
@@ -615,6 +604,7 @@ mod tests {
                 Settlement {
                     units: 4,
                     tokens: 0,
+                    forwarded: true,
                 },
             )
             .await
@@ -622,17 +612,10 @@ mod tests {
         let state = f.state("2026-11-23").await;
         assert_eq!(
             (state.month_used, state.month_reserved, state.in_progress),
-            (4, 5, 1)
+            (0, 5, 1)
         );
         f.store.settle(&next, Settlement::default()).await.unwrap();
-        assert_eq!(
-            f.state("2026-11-23").await,
-            QuotaState {
-                month_used: 4,
-                day_used: 4,
-                ..QuotaState::default()
-            }
-        );
+        assert_eq!(f.state("2026-11-23").await, QuotaState::default());
     }
 
     #[tokio::test]
@@ -654,6 +637,7 @@ mod tests {
                 Settlement {
                     units: 0,
                     tokens: 0,
+                    forwarded: true,
                 },
             )
             .await
@@ -677,6 +661,7 @@ mod tests {
                 Settlement {
                     units: 0,
                     tokens: 250,
+                    forwarded: true,
                 },
             )
             .await
@@ -737,6 +722,7 @@ mod tests {
                 Settlement {
                     units: 6,
                     tokens: 0,
+                    forwarded: true,
                 },
             )
             .await
@@ -747,6 +733,7 @@ mod tests {
                 Settlement {
                     units: 10,
                     tokens: 0,
+                    forwarded: true,
                 },
             )
             .await
@@ -757,8 +744,10 @@ mod tests {
 
         // The next admission drops the 23rd's counter: nothing is reserved
         // in it and no admission reads it again.
+        // (Today's cap is spent: this one asks for no quota.)
         today.reservation_id = Uuid::now_v7();
         today.estimate_units = 0;
+        today.quota = QuotaRule::default();
         admitted(f.admit(&today).await);
         assert_eq!(f.state("2026-11-23").await.day_used, 0);
     }

@@ -17,11 +17,20 @@
 //!   request until it is settled (or lapses after `reservation_ttl`); with
 //!   `max_concurrent` set, a request is refused while the account holds that many.
 //! - **Quotas** are reserve-then-settle per account and period (UTC month
-//!   and day): a request reserves `estimate_units`; with a hard cap (month)
-//!   or a daily cap, it is refused when `used + reserved + estimate` would
-//!   pass the cap. Settlement moves the reservation into `used` at the
-//!   actual units. A reservation never settled (an instance died) lapses
-//!   after `reservation_ttl`.
+//!   and day). A request reserves `estimate_units`, or with a hard cap (month)
+//!   or a daily cap only the room left under it, `cap - used - reserved`; it
+//!   is refused when that room is below `min_units` (the prompt and one
+//!   token per choice). The reservation says how many units were granted, so
+//!   the caller can shorten `max_tokens` to fit. Settlement moves the
+//!   reservation into `used` at the actual units. A reservation never settled
+//!   (an instance died) lapses after `reservation_ttl`.
+//! - **Settlement happens once.** A settlement whose reservation is no longer
+//!   held (settled already, or lapsed and purged) changes nothing, so a
+//!   settlement replayed after a lost reply never counts twice; the usage log
+//!   (see `reconcile`) restores the units of a lapsed one.
+//! - **Corrections**: token rules are corrected at settlement by actual minus
+//!   estimated tokens; request rules give the request back when it was never
+//!   forwarded (shed from the queue, or its client left).
 //! - **All or nothing**: a refused request changes no state.
 //! - Check order: quota (month, then day), concurrency, then the rate rules
 //!   in the order given; the first that fails is reported.
@@ -98,6 +107,8 @@ pub struct AdmitRequest {
     pub estimate_tokens: u64,
     /// Reserved against the quota.
     pub estimate_units: u64,
+    /// The least a capped quota may grant: below it the request is refused.
+    pub min_units: u64,
     pub periods: Periods,
     /// How long an unsettled reservation holds.
     pub reservation_ttl: Duration,
@@ -146,10 +157,11 @@ pub struct Reservation {
     pub key: Uuid,
     pub id: Uuid,
     pub periods: Periods,
+    /// Units granted: the estimate, or less under a capped quota.
     pub units: u64,
     pub tokens: u64,
-    /// The token rules charged with `tokens`, to correct at settlement.
-    pub token_rules: Vec<RateRule>,
+    /// The rules charged, to correct at settlement.
+    pub rules: Vec<RateRule>,
 }
 
 /// A request's actual usage: zero for one that did no work.
@@ -157,6 +169,27 @@ pub struct Reservation {
 pub struct Settlement {
     pub units: u64,
     pub tokens: u64,
+    /// False when the request never reached a backend: its request-rule
+    /// charge is given back.
+    pub forwarded: bool,
+}
+
+impl Reservation {
+    /// Per charged rule, the change in cost that settling at `actual` makes:
+    /// tokens actual minus estimated; a request not forwarded, minus one.
+    pub fn corrections(&self, actual: Settlement) -> Vec<(RateRule, i64)> {
+        let token_delta = i128::from(actual.tokens) - i128::from(self.tokens);
+        let token_delta =
+            i64::try_from(token_delta).unwrap_or(if token_delta < 0 { i64::MIN } else { i64::MAX });
+        self.rules
+            .iter()
+            .map(|rule| match rule.kind {
+                RateKind::Tokens => (*rule, token_delta),
+                RateKind::Requests => (*rule, if actual.forwarded { 0 } else { -1 }),
+            })
+            .filter(|(_, delta)| *delta != 0)
+            .collect()
+    }
 }
 
 /// Period counters of one account (for reconciliation and tests).
@@ -185,8 +218,8 @@ pub trait LimitStore: Send + Sync {
     /// Checks every rule and, when all pass, charges them and reserves.
     async fn admit(&self, request: &AdmitRequest) -> Result<Verdict, StoreError>;
 
-    /// Replaces a reservation by the actual usage (zero releases it). A
-    /// reservation that already lapsed still adds its actual usage.
+    /// Replaces a reservation by the actual usage (zero releases it). Once
+    /// only: when the reservation is no longer held, nothing changes.
     async fn settle(&self, reservation: &Reservation, actual: Settlement)
     -> Result<(), StoreError>;
 

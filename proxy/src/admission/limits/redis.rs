@@ -26,12 +26,12 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fred::prelude::Client;
+use fred::prelude::{Client, ClientLike, LuaInterface, Options};
 use fred::types::Value;
 use fred::types::scripts::Script;
 use uuid::Uuid;
 
-use super::local::{reservation, token_delta};
+use super::local::reservation;
 use super::{
     AdmitRequest, LimitStore, Period, Periods, QuotaState, RateKind, RateRule, Reservation, Scope,
     Settlement, StoreError, Verdict, gcra,
@@ -47,11 +47,16 @@ const DAY_TTL: Duration = Duration::from_secs(3 * 86_400);
 /// it never expires while it still matters, whatever the rounding.
 const RATE_KEY_MARGIN: Duration = Duration::from_secs(1);
 
+/// Settlement is off the critical path (the answer is sent): it may take
+/// longer than an admission before it is given up.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 const COMMON: &str = include_str!("common.lua");
 
 pub struct RedisLimits {
     client: Client,
     prefix: String,
+    timeout: Duration,
     admit: Script,
     settle: Script,
     reconcile: Script,
@@ -59,13 +64,14 @@ pub struct RedisLimits {
 }
 
 impl RedisLimits {
-    /// `prefix` starts every key (e.g. `tollgate:limits`); the client should
-    /// already be connected.
-    pub fn new(client: Client, prefix: impl Into<String>) -> Self {
+    /// `prefix` starts every key (e.g. `tollgate:limits`). Each call but a
+    /// settlement gives up after `timeout`.
+    pub fn new(client: Client, prefix: impl Into<String>, timeout: Duration) -> Self {
         let with_common = |body: &str| Script::from_lua(format!("{COMMON}\n{body}"));
         Self {
             client,
             prefix: prefix.into(),
+            timeout,
             admit: with_common(include_str!("admit.lua")),
             settle: with_common(include_str!("settle.lua")),
             reconcile: Script::from_lua(include_str!("reconcile.lua")),
@@ -89,13 +95,33 @@ impl RedisLimits {
         ]
     }
 
+    /// Runs `script` once within `timeout`. One attempt, failing at once
+    /// while disconnected, and fred's own timeout (not just a dropped
+    /// future): a call given up on is never replayed after a reconnect, so a
+    /// refused or settled request cannot be admitted again behind our back.
     async fn call(
         &self,
         script: &Script,
         keys: Vec<String>,
         args: Vec<Value>,
+        timeout: Duration,
     ) -> Result<Vec<i64>, StoreError> {
-        let reply: Value = script.evalsha_with_reload(&self.client, keys, args).await?;
+        let client = self.client.with_options(&Options {
+            max_attempts: Some(1),
+            fail_fast: true,
+            timeout: Some(timeout),
+            ..Options::default()
+        });
+        let reply: Value = match client
+            .evalsha(script.sha1().clone(), keys.clone(), args.clone())
+            .await
+        {
+            Err(error) if error.details().starts_with("NOSCRIPT") => {
+                script.load(&self.client).await?;
+                client.evalsha(script.sha1().clone(), keys, args).await?
+            }
+            reply => reply?,
+        };
         match reply {
             Value::Array(items) => items
                 .into_iter()
@@ -178,6 +204,7 @@ impl LimitStore for RedisLimits {
             int(gcra::BURST_US),
             int(gcra::MAX_LEVEL_US),
             millis(RATE_KEY_MARGIN),
+            int(request.min_units),
         ];
         args.extend(request.rates.iter().map(|rule| {
             let cost = match rule.kind {
@@ -187,7 +214,7 @@ impl LimitStore for RedisLimits {
             int(gcra::increment(cost, rule.per_minute))
         }));
 
-        let reply = self.call(&self.admit, keys, args).await?;
+        let reply = self.call(&self.admit, keys, args, self.timeout).await?;
         let unexpected = || StoreError::Protocol(format!("admit.lua returned {reply:?}"));
         let Some((&[status, failed, retry_after_us], rest)) = reply.split_first_chunk::<3>() else {
             return Err(unexpected());
@@ -195,7 +222,8 @@ impl LimitStore for RedisLimits {
         Ok(match status {
             0 | 1 if rest.len() != request.rates.len() => return Err(unexpected()),
             0 => Verdict::Admitted {
-                reservation: reservation(request),
+                // The second field of an admission is the units granted.
+                reservation: reservation(request, u64::try_from(failed).unwrap_or(0)),
                 windows: gcra::tightest(&request.rates, &levels(rest)),
             },
             1 => Verdict::RateLimited {
@@ -227,13 +255,12 @@ impl LimitStore for RedisLimits {
     ) -> Result<(), StoreError> {
         let base = self.account_base(reservation.account);
         let mut keys = self.quota_keys(reservation.account, &reservation.periods);
+        let corrections = reservation.corrections(actual);
         keys.extend(
-            reservation
-                .token_rules
+            corrections
                 .iter()
-                .map(|rule| rate_key(&base, rule, reservation.key)),
+                .map(|(rule, _)| rate_key(&base, rule, reservation.key)),
         );
-        let delta = token_delta(reservation.tokens, actual.tokens);
         let mut args = vec![
             Value::from(reservation.id.to_string()),
             int(actual.units),
@@ -243,12 +270,12 @@ impl LimitStore for RedisLimits {
             millis(RATE_KEY_MARGIN),
         ];
         args.extend(
-            reservation
-                .token_rules
-                .iter()
-                .map(|rule| Value::Integer(gcra::signed_increment(delta, rule.per_minute))),
+            corrections.iter().map(|(rule, delta)| {
+                Value::Integer(gcra::signed_increment(*delta, rule.per_minute))
+            }),
         );
-        self.call(&self.settle, keys, args).await?;
+        self.call(&self.settle, keys, args, SETTLE_TIMEOUT.max(self.timeout))
+            .await?;
         Ok(())
     }
 
@@ -267,7 +294,7 @@ impl LimitStore for RedisLimits {
             millis(MONTH_TTL),
             millis(DAY_TTL),
         ];
-        self.call(&self.reconcile, keys, args).await?;
+        self.call(&self.reconcile, keys, args, self.timeout).await?;
         Ok(())
     }
 
@@ -277,7 +304,9 @@ impl LimitStore for RedisLimits {
         periods: &Periods,
     ) -> Result<QuotaState, StoreError> {
         let keys = self.quota_keys(account, periods);
-        let reply = self.call(&self.state, keys, Vec::new()).await?;
+        let reply = self
+            .call(&self.state, keys, Vec::new(), self.timeout)
+            .await?;
         let &[
             month_used,
             month_reserved,
@@ -312,7 +341,7 @@ mod tests {
         let client = fred::prelude::Builder::default_centralized()
             .build()
             .unwrap();
-        let store = RedisLimits::new(client, "tollgate:limits");
+        let store = RedisLimits::new(client, "tollgate:limits", Duration::from_secs(1));
         let account = Uuid::now_v7();
         let key = Uuid::now_v7();
         let base = store.account_base(account);
