@@ -401,9 +401,9 @@ pub mod defaults {
     /// means Redis is in trouble, and the request must not hang on it.
     pub const REDIS_TIMEOUT: &str = "100ms";
     pub const DEFAULT_MAX_TOKENS: u64 = 1024;
-    /// One rank per minute: Free (rank 0) reaches a fresh Pro request (rank 2)
-    /// after two minutes, inside its five-minute wait, so it is never starved
-    /// for good, while short waits keep strict priority.
+    /// One rank per minute (at most two): Free overtakes fresh Premium after
+    /// two minutes, inside its five-minute wait, so it is never starved for
+    /// good, while short waits keep strict priority.
     pub const AGING: &str = "60s";
     /// Longer than any request: the longest queue wait plus streams of many minutes.
     pub const RESERVATION_TTL: &str = "30m";

@@ -18,11 +18,11 @@
 //!   waited, so effective rank = `rank + floor(waited / aging)`.
 //! - **Ties** in effective rank go to the higher tier, then to the earlier
 //!   arrival. An aged waiter must therefore climb *past* a tier to overtake
-//!   it: a rank-0 request that has waited `2 × aging` is level with a fresh
-//!   rank-2 request and still yields to it; at `3 × aging` it goes first.
-//!   This keeps a backlogged middle tier from taking the top tier's slots
-//!   (Premium waiting a minute must not push Pro past its 30 s target)
-//!   while a long-waiting low request still gets through.
+//!   it, and aging adds at most two ranks: a request can overtake the tier
+//!   directly above its own (after `2 × aging`), never one further up. A
+//!   long-waiting Free request gets ahead of Premium, but neither Free nor a
+//!   backlogged Premium takes Pro's slots (measured: with unbounded aging,
+//!   Free aged past Pro at 3x overload and Pro was shed).
 //!
 //! Without aging (`None`) the order is strict priority and a busy high tier
 //! can hold a low tier back indefinitely; `max_wait` then bounds how long it
@@ -389,12 +389,17 @@ impl State {
     }
 }
 
-/// `rank + floor(waited / aging)`, or `rank` without aging.
+/// The most ranks aging adds: with ties going to the higher tier, a waiter
+/// can overtake the tier directly above its own, never one further up.
+const MAX_AGING_RANKS: usize = 2;
+
+/// `rank + min(floor(waited / aging), 2)`, or `rank` without aging.
 fn effective_rank(rank: usize, waited: Duration, aging: Option<Duration>) -> usize {
     match aging {
         Some(step) if !step.is_zero() => {
             let steps = waited.as_nanos() / step.as_nanos();
-            rank.saturating_add(usize::try_from(steps).unwrap_or(usize::MAX))
+            let steps = usize::try_from(steps).unwrap_or(usize::MAX);
+            rank.saturating_add(steps.min(MAX_AGING_RANKS))
         }
         _ => rank,
     }
@@ -715,19 +720,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_aged_waiter_past_a_higher_tier_goes_first() {
-        // After 35 s a rank-0 waiter is at effective rank 3: past a fresh rank-2.
+    async fn an_aged_waiter_overtakes_the_tier_directly_above() {
+        // After 20 s a rank-0 waiter is at effective rank 2: past a fresh rank-1.
         let q = queue(1, Some(Duration::from_secs(10)));
         let held = q.acquire(0, HOUR, HOUR).await.unwrap();
         let mut low = waiter(&q, 0);
-        tokio::time::advance(Duration::from_secs(35)).await;
-        let mut high = waiter(&q, 2);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let mut mid = waiter(&q, 1);
 
         drop(held);
         let slot = granted(&mut low).unwrap();
-        assert!(granted(&mut high).is_none());
+        assert!(granted(&mut mid).is_none());
         drop(slot);
-        assert!(granted(&mut high).is_some());
+        assert!(granted(&mut mid).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn aging_never_overtakes_a_tier_two_above() {
+        // Pins the regression where Free, aged past Pro, took Pro's slots at
+        // 3x overload: however long it waits, rank 0 yields to rank 2.
+        let q = queue(1, Some(Duration::from_secs(10)));
+        let held = q.acquire(0, HOUR, HOUR).await.unwrap();
+        let mut low = waiter(&q, 0);
+        tokio::time::advance(Duration::from_secs(10 * 60)).await;
+        let mut high = waiter(&q, 2);
+
+        drop(held);
+        let slot = granted(&mut high).unwrap();
+        assert!(granted(&mut low).is_none());
+        drop(slot);
+        assert!(granted(&mut low).is_some());
     }
 
     #[tokio::test(start_paused = true)]
