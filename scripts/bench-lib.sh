@@ -56,6 +56,7 @@ name = "pro"
 name = "sim"
 url = "http://127.0.0.1:$sim"
 models = ["sim-model"]
+max_concurrency = 4096
 TOML
     # The config names the database: the environment must not override it.
     # Per-request access logs off (LOG_LEVEL=warn): benchmarks measure the request path.

@@ -75,7 +75,7 @@ start tollgate "$API_PORT" env --chdir="$RUN_DIR" "$BIN/tollgate" --config "$CON
 
 # A demo key per tier, each on its own account (new keys every run).
 declare -A KEYS
-for tier in $(grep -A1 '^\[\[tiers\]\]' "$CONFIG" | sed -n 's/^name = "\(.*\)"/\1/p'); do
+for tier in $(grep -A1 '^\[\[tiers\]\]' "$CONFIG" | sed -n 's/^name = "\([^"]*\)".*/\1/p'); do
     KEYS[$tier]="$("$BIN/tollgate" --config "$CONFIG" keys create --account "demo-$tier" --tier "$tier" --name dev.sh | tail -1)"
 done
 KEY="${KEYS[pro]:-${KEYS[free]}}"
@@ -111,7 +111,8 @@ print()
 PY
 
 Load it:
-  target/debug/loadgen --url http://127.0.0.1:$API_PORT --key $KEY --rate 200 --duration 5
+  target/debug/loadgen --url http://127.0.0.1:$API_PORT --key $KEY --rate 100 --duration 5
+  (the pro tier allows 600 requests a minute: push past it to see 429s with Retry-After)
 
 Stop with: scripts/dev.sh stop
 MSG

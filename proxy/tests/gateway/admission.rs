@@ -785,3 +785,24 @@ async fn a_redis_flush_does_not_grant_free_usage() {
     assert_eq!(status, 429);
     assert_eq!(error_code(&body), "insufficient_quota");
 }
+
+#[tokio::test]
+async fn serve_refuses_to_start_when_an_account_is_on_an_unknown_tier() {
+    let sim = Sim::fast();
+    let mut gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    gateway.create_key("acme", &[]);
+    gateway.sigterm();
+    assert!(gateway.wait_exit().success());
+    // The same config without the `pro` tier the account is on.
+    let text = std::fs::read_to_string(&gateway.config).unwrap();
+    let without_pro = text.replace("[[tiers]]\nname = \"pro\"\npriority = 10\n", "");
+    assert_ne!(text, without_pro);
+    std::fs::write(&gateway.config, without_pro).unwrap();
+    let output = gateway.cli(&["serve"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("tiers the config does not define: pro"),
+        "{stderr}"
+    );
+}
