@@ -42,14 +42,8 @@ field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)
 # This run's Redis keys go with it.
 trap 'redis-cli -u "$REDIS_URL" EVAL "for _, k in ipairs(redis.call(\"KEYS\", ARGV[1])) do redis.call(\"DEL\", k) end" 0 "$PREFIX:*" >/dev/null; bench_cleanup' EXIT
 
-BASELINE="$OUT/tollgate-$BASE_REV"
-if section overhead && [ ! -x "$BASELINE" ]; then
-    src="$OUT/src-$BASE_REV"
-    [ -d "$src" ] || git worktree add --detach "$src" "$BASE_REV" >&2
-    CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -p tollgate \
-        --manifest-path "$src/Cargo.toml" >&2
-    cp "$BIN/tollgate" "$BASELINE"
-    git worktree remove --force "$src" >&2
+if section overhead; then
+    bench_baseline "$BASE_REV"
 fi
 cargo build --release --locked --bins >&2
 

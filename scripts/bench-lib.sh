@@ -7,6 +7,8 @@
 #                           sets TG (the tollgate command for that config),
 #                           TG_ENV (the environment to run it in) and KEY
 # bench_background CMD...   runs CMD in the background until the script exits
+# bench_baseline REV        tollgate built from REV, set aside as $OUT/tollgate-REV
+#                           (call before building this checkout); sets BASELINE
 # Everything started here is stopped, and the database dropped, on exit.
 
 BIN="$ROOT/target/release"
@@ -29,6 +31,18 @@ trap bench_cleanup EXIT
 bench_background() {
     "$@" &
     BENCH_PIDS+=($!)
+}
+
+bench_baseline() {
+    BASELINE="$OUT/tollgate-$1"
+    [ -x "$BASELINE" ] && return
+    # A worktree sharing this target directory, so dependencies are built once.
+    local src="$OUT/src-$1"
+    [ -d "$src" ] || git -C "$ROOT" worktree add --detach "$src" "$1" >&2
+    CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -p tollgate \
+        --manifest-path "$src/Cargo.toml" >&2
+    cp "$BIN/tollgate" "$BASELINE"
+    git -C "$ROOT" worktree remove --force "$src" >&2
 }
 
 bench_sim() {

@@ -26,16 +26,8 @@ SECTIONS="${SECTIONS:-overhead counting}"
 section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }
 
-# The baseline binary, built from BASE_REV in a worktree with the same target
-# directory (dependencies are shared), then set aside before this checkout's build.
-BASELINE="$OUT/tollgate-$BASE_REV"
-if section overhead && [ ! -x "$BASELINE" ]; then
-    src="$OUT/src-$BASE_REV"
-    [ -d "$src" ] || git worktree add --detach "$src" "$BASE_REV" >&2
-    CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -p tollgate \
-        --manifest-path "$src/Cargo.toml" >&2
-    cp "$BIN/tollgate" "$BASELINE"
-    git worktree remove --force "$src" >&2
+if section overhead; then
+    bench_baseline "$BASE_REV"
 fi
 cargo build --release --locked --bins >&2
 

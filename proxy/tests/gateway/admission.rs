@@ -199,18 +199,37 @@ fn tiers(text: &str) -> Option<String> {
     Some(text.to_owned())
 }
 
-#[tokio::test]
-async fn requests_per_minute_are_limited_with_openai_headers() {
-    let sim = Sim::fast();
-    let gateway = Gateway::start(
+/// gpu-sim answering at once, with `tokens` completion tokens.
+fn instant_sim(tokens: &str) -> Sim {
+    Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "0",
+        "--output-tokens",
+        tokens,
+    ])
+}
+
+/// A gateway in front of `sim` with these tiers, its limits in the shared Redis.
+async fn on_shared_redis(sim: &Sim, tier_lines: &str) -> Gateway {
+    Gateway::start(
         &[BackendSpec::new(&sim.url)],
         Options {
             redis: Some(redis_url()),
-            tiers: tiers(
-                "[[tiers]]\nname = \"pro\"\npriority = 1\nrequests_per_minute = 3\nmonthly_price = 9.0\n",
-            ),
+            tiers: tiers(tier_lines),
             ..Options::default()
         },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn requests_per_minute_are_limited_with_openai_headers() {
+    let sim = Sim::fast();
+    let gateway = on_shared_redis(
+        &sim,
+        "[[tiers]]\nname = \"pro\"\npriority = 1\nrequests_per_minute = 3\nmonthly_price = 9.0\n",
     )
     .await;
     let key = gateway.create_key("acme", &[]);
@@ -255,24 +274,11 @@ async fn requests_per_minute_are_limited_with_openai_headers() {
 
 #[tokio::test]
 async fn tokens_per_minute_charge_the_estimate_and_refund_after_the_answer() {
-    let sim = Sim::start(&[
-        "--ttft-ms",
-        "0",
-        "--tokens-per-sec",
-        "0",
-        "--output-tokens",
-        "3",
-    ]);
-    let gateway = Gateway::start(
-        &[BackendSpec::new(&sim.url)],
-        Options {
-            redis: Some(redis_url()),
-            tiers: tiers(
-                "[[tiers]]\nname = \"pro\"\npriority = 1\ntokens_per_minute = 100\n\
-                 included_units = 1000000\nhard_cap = false\nmonthly_price = 9.0\n",
-            ),
-            ..Options::default()
-        },
+    let sim = instant_sim("3");
+    let gateway = on_shared_redis(
+        &sim,
+        "[[tiers]]\nname = \"pro\"\npriority = 1\ntokens_per_minute = 100\n\
+         included_units = 1000000\nhard_cap = false\nmonthly_price = 9.0\n",
     )
     .await;
     let key = gateway.create_key("acme", &[]);
@@ -318,23 +324,10 @@ async fn tokens_per_minute_charge_the_estimate_and_refund_after_the_answer() {
 
 #[tokio::test]
 async fn a_balance_of_50_units_is_never_overspent_by_1000_concurrent_requests() {
-    let sim = Sim::start(&[
-        "--ttft-ms",
-        "0",
-        "--tokens-per-sec",
-        "0",
-        "--output-tokens",
-        "4",
-    ]);
-    let gateway = Gateway::start(
-        &[BackendSpec::new(&sim.url)],
-        Options {
-            redis: Some(redis_url()),
-            tiers: tiers(
-                "[[tiers]]\nname = \"free\"\npriority = 0\nincluded_units = 50\nhard_cap = true\n",
-            ),
-            ..Options::default()
-        },
+    let sim = instant_sim("4");
+    let gateway = on_shared_redis(
+        &sim,
+        "[[tiers]]\nname = \"free\"\npriority = 0\nincluded_units = 50\nhard_cap = true\n",
     )
     .await;
     let key = gateway.create_key_on("acme", "free", &[]);
@@ -373,23 +366,10 @@ async fn a_balance_of_50_units_is_never_overspent_by_1000_concurrent_requests() 
 
 #[tokio::test]
 async fn a_capped_request_is_shortened_to_the_balance_left() {
-    let sim = Sim::start(&[
-        "--ttft-ms",
-        "0",
-        "--tokens-per-sec",
-        "0",
-        "--output-tokens",
-        "1000",
-    ]);
-    let gateway = Gateway::start(
-        &[BackendSpec::new(&sim.url)],
-        Options {
-            redis: Some(redis_url()),
-            tiers: tiers(
-                "[[tiers]]\nname = \"free\"\npriority = 0\nincluded_units = 30\nhard_cap = true\n",
-            ),
-            ..Options::default()
-        },
+    let sim = instant_sim("1000");
+    let gateway = on_shared_redis(
+        &sim,
+        "[[tiers]]\nname = \"free\"\npriority = 0\nincluded_units = 30\nhard_cap = true\n",
     )
     .await;
     let key = gateway.create_key_on("acme", "free", &[]);
@@ -420,24 +400,11 @@ async fn a_capped_request_is_shortened_to_the_balance_left() {
 
 #[tokio::test]
 async fn overage_tiers_continue_past_their_included_units() {
-    let sim = Sim::start(&[
-        "--ttft-ms",
-        "0",
-        "--tokens-per-sec",
-        "0",
-        "--output-tokens",
-        "4",
-    ]);
-    let gateway = Gateway::start(
-        &[BackendSpec::new(&sim.url)],
-        Options {
-            redis: Some(redis_url()),
-            tiers: tiers(
-                "[[tiers]]\nname = \"pro\"\npriority = 1\nincluded_units = 20\n\
-                 overage_price = 0.01\nmonthly_price = 9.0\n",
-            ),
-            ..Options::default()
-        },
+    let sim = instant_sim("4");
+    let gateway = on_shared_redis(
+        &sim,
+        "[[tiers]]\nname = \"pro\"\npriority = 1\nincluded_units = 20\n\
+         overage_price = 0.01\nmonthly_price = 9.0\n",
     )
     .await;
     let key = gateway.create_key("acme", &[]);
@@ -456,15 +423,9 @@ async fn overage_tiers_continue_past_their_included_units() {
 #[tokio::test]
 async fn two_instances_sharing_redis_enforce_one_combined_limit() {
     let sim = Sim::fast();
-    let gateway = Gateway::start(
-        &[BackendSpec::new(&sim.url)],
-        Options {
-            redis: Some(redis_url()),
-            tiers: tiers(
-                "[[tiers]]\nname = \"pro\"\npriority = 1\nrequests_per_minute = 4\nmonthly_price = 9.0\n",
-            ),
-            ..Options::default()
-        },
+    let gateway = on_shared_redis(
+        &sim,
+        "[[tiers]]\nname = \"pro\"\npriority = 1\nrequests_per_minute = 4\nmonthly_price = 9.0\n",
     )
     .await;
     let peer = gateway.peer().await;
@@ -735,14 +696,7 @@ async fn a_queued_client_that_leaves_frees_its_place_and_its_reservation() {
 
 #[tokio::test]
 async fn a_redis_flush_does_not_grant_free_usage() {
-    let sim = Sim::start(&[
-        "--ttft-ms",
-        "0",
-        "--tokens-per-sec",
-        "0",
-        "--output-tokens",
-        "4",
-    ]);
+    let sim = instant_sim("4");
     let gateway = Gateway::start(
         &[BackendSpec::new(&sim.url)],
         Options {
