@@ -120,9 +120,10 @@ pub struct Ticket {
     store: StoreKind,
     /// For the `x-ratelimit-*` headers.
     pub windows: Windows,
-    /// A capped quota granted less than the estimate: the `max_tokens` that
-    /// fits what was reserved, to send upstream.
-    pub shortened_max_tokens: Option<u64>,
+    /// The `max_tokens` to send upstream in place of the request's: on a
+    /// capped tier, what fits the units reserved (the default when the
+    /// request set none), so the backend cannot generate past the reservation.
+    pub send_max_tokens: Option<u64>,
 }
 
 /// A refusal, with the rate windows to report on it.
@@ -207,13 +208,6 @@ impl Admission {
         &self.limiter
     }
 
-    /// The `max_tokens` to send upstream for a request that set none, when
-    /// its tier is capped: the reservation then bounds what it can cost.
-    pub fn output_cap(&self, tier: &str) -> Option<u64> {
-        let plan = self.plans.get(tier)?;
-        plan.caps_output().then_some(self.config.default_max_tokens)
-    }
-
     /// Gate 1: rate limits, concurrency and quota, reserved in one call.
     /// `None`: the tier has no limits, so there is nothing to settle.
     pub async fn check(
@@ -277,13 +271,20 @@ impl Admission {
                 windows,
             } => {
                 let room = reservation.units.saturating_sub(estimate.prompt_tokens);
-                let shortened_max_tokens =
-                    (reservation.units < tokens && estimate.generates).then(|| room / choices);
+                let send_max_tokens = if !estimate.generates {
+                    None
+                } else if reservation.units < tokens {
+                    Some(room / choices)
+                } else if plan.caps_output() && estimate.max_tokens.is_none() {
+                    Some(self.config.default_max_tokens)
+                } else {
+                    None
+                };
                 Ok(Some(Ticket {
                     reservation,
                     store,
                     windows,
-                    shortened_max_tokens,
+                    send_max_tokens,
                 }))
             }
             Verdict::RateLimited {

@@ -176,16 +176,6 @@ impl AdmissionQueue {
         &self.pool
     }
 
-    /// Tier names, lowest priority first.
-    pub fn tiers(&self) -> &[String] {
-        &self.tiers
-    }
-
-    /// The rank of a tier name, for callers that know the tier by name.
-    pub fn rank_of(&self, tier: &str) -> Option<usize> {
-        self.tiers.iter().position(|name| name == tier)
-    }
-
     /// Sets the number of slots (the backend fleet changed). Growing hands the
     /// new slots to waiters at once; shrinking below `in_use` takes nothing
     /// away: slots in use drain, and no slot is handed over until `in_use` is
@@ -1096,8 +1086,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn unknown_rank_counts_as_the_highest_tier() {
         let q = queue(1, None);
-        assert_eq!(q.rank_of("priority"), Some(2));
-        assert_eq!(q.rank_of("gold"), None);
         let held = q.acquire(0, HOUR, HOUR).await.unwrap();
         let mut top = waiter(&q, 2);
         let mut beyond = waiter(&q, 99);
@@ -1113,8 +1101,9 @@ mod tests {
     #[test]
     fn empty_tier_list_gets_one_default_tier() {
         let q = AdmissionQueue::new("llama", 1, Vec::new(), None);
-        assert_eq!(q.tiers(), ["default"]);
-        assert_eq!(q.snapshot().tiers.len(), 1);
+        let tiers = q.snapshot().tiers;
+        assert_eq!(tiers.len(), 1);
+        assert_eq!(tiers[0].tier, "default");
     }
 
     #[test]

@@ -139,12 +139,6 @@ impl Gateway {
             return Err(ApiError::ModelNotFound(request.model).into());
         }
         let usage = self.metering.admit(&mut request).await;
-        if request.max_tokens.is_none()
-            && request.endpoint != Endpoint::Embeddings
-            && let Some(cap) = self.admission.output_cap(&key.tier)
-        {
-            request.set_max_tokens(cap);
-        }
         let estimate = Estimate {
             // Without local counting, a rough prompt size; settlement corrects it.
             prompt_tokens: usage
@@ -168,7 +162,7 @@ impl Gateway {
         if let Some(ticket) = &ticket {
             ctx.rate_windows = ticket.windows;
             if let (Some(max_tokens), Some(request)) =
-                (ticket.shortened_max_tokens, ctx.request.as_mut())
+                (ticket.send_max_tokens, ctx.request.as_mut())
             {
                 request.set_max_tokens(max_tokens);
             }
