@@ -1,10 +1,14 @@
 //! GPU inference backends for Tollgate.
 //!
+//! - [`balance`]: pure, I/O-free routing building blocks: load-balancing
+//!   policies behind the [`balance::Policy`] trait and the per-backend
+//!   [`balance::breaker::CircuitBreaker`].
 //! - [`routing`]: the backends Tollgate forwards to and how one is chosen
 //!   for a request (round-robin today, behind the [`routing::UpstreamSelector`]
 //!   interface the health-checked pool will implement).
 //! - [`sim`]: the simulated GPU inference server behind the `gpu-sim`
 //!   binary, which every test, demo and benchmark runs against.
 
+pub mod balance;
 pub mod routing;
 pub mod sim;
