@@ -1,14 +1,22 @@
 //! Choosing a backend for a request.
 //!
-//! [`UpstreamSelector`] is the one interface the proxy routes through, so the
-//! health-checked pool can replace today's [`RoundRobin`] without touching the
-//! proxy. Types here are plain Rust; the proxy turns a [`Backend`] into its
-//! own peer type.
+//! [`UpstreamSelector`] is the one interface the proxy routes through.
+//! [`BackendPool`] implements it: the backends serving the request's model,
+//! less those already tried and those whose circuit breaker is open, handed
+//! to the configured [`Policy`](crate::balance::Policy) (least outstanding
+//! requests by default). A request holds a [`Lease`] on its backend while it
+//! runs, which is the in-flight count policies balance on, and reports how
+//! it ended, which is what the breaker learns from. Types here are plain
+//! Rust; the proxy turns a [`Backend`] into its own peer type.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::balance::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+use crate::balance::{Candidate, Policy, RequestFacts};
 
 /// An inference server Tollgate forwards to.
 #[derive(Clone)]
@@ -42,13 +50,33 @@ impl fmt::Debug for Backend {
 /// Index of a backend in the selector's list.
 pub type BackendId = usize;
 
-pub trait UpstreamSelector: Send + Sync {
-    /// A backend serving `model`, other than those in `tried`; `None` when
-    /// none is left or every one left is known to be down.
-    fn select(&self, model: &str, tried: &[BackendId]) -> Option<(BackendId, &Backend)>;
+/// How a request to a backend ended, for its breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The backend answered (any status below 500).
+    Answered,
+    /// A 5xx, a reset connection, or a timeout: `breaker_failures` in a
+    /// row open the breaker.
+    Failed,
+    /// The connection could not be made: the breaker opens at once.
+    Unreachable,
+    /// The client left before the backend answered: no verdict.
+    Abandoned,
+}
 
-    /// The connection to `backend` failed before any byte was sent.
-    fn connect_failed(&self, backend: BackendId);
+pub trait UpstreamSelector: Send + Sync {
+    /// A backend serving `model`, other than those in `tried`, with a lease
+    /// counting the request as in flight there until dropped; `None` when
+    /// none is left or every one left is known to be down.
+    fn select(
+        &self,
+        model: &str,
+        tried: &[BackendId],
+        facts: &RequestFacts<'_>,
+    ) -> Option<(BackendId, &Backend, Lease)>;
+
+    /// How a request to `backend` ended.
+    fn report(&self, backend: BackendId, outcome: Outcome);
 
     /// Whether any configured backend serves `model`.
     fn serves(&self, model: &str) -> bool {
@@ -61,71 +89,130 @@ pub trait UpstreamSelector: Send + Sync {
     fn backends(&self) -> &[Backend];
 }
 
-/// Round-robin over the backends serving a model, passing over those whose
-/// connection failed within the last `penalty`: while every candidate is known
-/// down, requests are refused at once (503) instead of piling onto dead
-/// connections, and the first request after the penalty tries again.
-pub struct RoundRobin {
-    backends: Vec<Backend>,
-    /// Per model: the backends serving it, and the rotation's next position
-    /// (per model, so alternating models do not pin each to one backend).
-    by_model: HashMap<String, (Vec<BackendId>, AtomicUsize)>,
-    /// Per backend: milliseconds since `epoch` until which it is passed over.
-    failed_until: Vec<AtomicU64>,
-    epoch: Instant,
-    penalty: Duration,
+/// Counts one request in flight on a backend until dropped.
+#[derive(Debug)]
+pub struct Lease(Arc<BackendState>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
-impl RoundRobin {
-    /// How long a backend is passed over after a failed connection: long
-    /// enough to spare clients a dead backend, short enough to notice its return.
-    pub const DEFAULT_PENALTY: Duration = Duration::from_secs(5);
+#[derive(Debug)]
+struct BackendState {
+    in_flight: AtomicU32,
+    breaker: CircuitBreaker,
+}
 
-    pub fn new(backends: Vec<Backend>, penalty: Duration) -> Self {
-        let mut by_model: HashMap<String, (Vec<BackendId>, AtomicUsize)> = HashMap::new();
+/// The configured backends, their in-flight counts and breakers, and the
+/// policy that picks among them.
+pub struct BackendPool {
+    backends: Vec<Backend>,
+    states: Vec<Arc<BackendState>>,
+    /// Per model: the backends serving it, in config order.
+    by_model: HashMap<String, Vec<BackendId>>,
+    policy: Box<dyn Policy>,
+}
+
+impl BackendPool {
+    /// A breaker opens after this many consecutive failures: one refused
+    /// connection is enough to pass a backend over (the request is retried
+    /// elsewhere), but a single slow answer among many is not.
+    pub const DEFAULT_BREAKER: BreakerConfig = BreakerConfig {
+        failure_threshold: 3,
+        open_for: Duration::from_secs(5),
+    };
+
+    pub fn new(backends: Vec<Backend>, policy: Box<dyn Policy>, breaker: BreakerConfig) -> Self {
+        let mut by_model: HashMap<String, Vec<BackendId>> = HashMap::new();
         for (id, backend) in backends.iter().enumerate() {
             for model in &backend.models {
-                by_model.entry(model.clone()).or_default().0.push(id);
+                by_model.entry(model.clone()).or_default().push(id);
             }
         }
         Self {
-            failed_until: backends.iter().map(|_| AtomicU64::new(0)).collect(),
+            states: backends
+                .iter()
+                .map(|_| {
+                    Arc::new(BackendState {
+                        in_flight: AtomicU32::new(0),
+                        breaker: CircuitBreaker::new(breaker),
+                    })
+                })
+                .collect(),
             backends,
             by_model,
-            epoch: Instant::now(),
-            penalty,
+            policy,
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
     }
 
-    fn recently_failed(&self, id: BackendId, now_ms: u64) -> bool {
-        self.failed_until[id].load(Ordering::Relaxed) > now_ms
+    /// Requests in flight on `backend`.
+    pub fn in_flight(&self, backend: BackendId) -> u32 {
+        self.states
+            .get(backend)
+            .map_or(0, |s| s.in_flight.load(Ordering::Acquire))
+    }
+
+    pub fn breaker_state(&self, backend: BackendId) -> Option<BreakerState> {
+        self.states
+            .get(backend)
+            .map(|s| s.breaker.state(Instant::now()))
     }
 }
 
-impl UpstreamSelector for RoundRobin {
-    fn select(&self, model: &str, tried: &[BackendId]) -> Option<(BackendId, &Backend)> {
-        let (candidates, next) = self.by_model.get(model)?;
-        let start = next.fetch_add(1, Ordering::Relaxed);
-        let now_ms = self.now_ms();
-        (0..candidates.len())
-            .map(|i| candidates[(start + i) % candidates.len()])
-            .find(|id| !tried.contains(id) && !self.recently_failed(*id, now_ms))
-            .map(|id| (id, &self.backends[id]))
+impl UpstreamSelector for BackendPool {
+    fn select(
+        &self,
+        model: &str,
+        tried: &[BackendId],
+        facts: &RequestFacts<'_>,
+    ) -> Option<(BackendId, &Backend, Lease)> {
+        let now = Instant::now();
+        let mut candidates: Vec<Candidate> = self
+            .by_model
+            .get(model)?
+            .iter()
+            .filter(|id| !tried.contains(id))
+            .filter(|id| self.states[**id].breaker.state(now) != BreakerState::Open)
+            .map(|&id| Candidate {
+                id,
+                in_flight: self.states[id].in_flight.load(Ordering::Acquire),
+                capacity: self.backends[id].max_concurrency,
+            })
+            .collect();
+        // A half-open breaker lets one probe through: the policy's pick may
+        // lose that race to another request, and then the next is tried.
+        while !candidates.is_empty() {
+            let picked = candidates.swap_remove(self.policy.pick(&candidates, facts));
+            let state = &self.states[picked.id];
+            if state.breaker.allow(now) {
+                state.in_flight.fetch_add(1, Ordering::AcqRel);
+                let lease = Lease(Arc::clone(state));
+                return Some((picked.id, &self.backends[picked.id], lease));
+            }
+        }
+        None
     }
 
-    fn connect_failed(&self, backend: BackendId) {
-        let until = self.now_ms() + u64::try_from(self.penalty.as_millis()).unwrap_or(u64::MAX);
-        if let Some(slot) = self.failed_until.get(backend) {
-            slot.store(until, Ordering::Relaxed);
+    fn report(&self, backend: BackendId, outcome: Outcome) {
+        let Some(state) = self.states.get(backend) else {
+            return;
+        };
+        match outcome {
+            Outcome::Answered => state.breaker.on_success(),
+            Outcome::Failed => state.breaker.on_failure(Instant::now()),
+            Outcome::Unreachable => state.breaker.trip(Instant::now()),
+            Outcome::Abandoned => state.breaker.on_abandoned(),
         }
     }
 
     fn candidates(&self, model: &str) -> usize {
-        self.by_model.get(model).map_or(0, |(ids, _)| ids.len())
+        self.by_model.get(model).map_or(0, Vec::len)
     }
 
     fn backends(&self) -> &[Backend] {
@@ -137,95 +224,104 @@ impl UpstreamSelector for RoundRobin {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::balance::least_outstanding::LeastOutstanding;
+    use crate::balance::round_robin::RoundRobin;
 
-    fn backend(name: &str, models: &[&str]) -> Backend {
+    fn backend(name: &str, models: &[&str], slots: u32) -> Backend {
         Backend {
             name: name.into(),
             address: format!("{name}:80"),
             host: name.into(),
             tls: false,
             models: models.iter().map(|m| (*m).to_owned()).collect(),
-            max_concurrency: 1,
+            max_concurrency: slots,
             credential: None,
         }
     }
 
-    fn pick(rr: &RoundRobin, model: &str, tried: &[BackendId]) -> Option<String> {
-        rr.select(model, tried).map(|(_, b)| b.name.clone())
+    fn pool(backends: Vec<Backend>) -> BackendPool {
+        BackendPool::new(
+            backends,
+            Box::new(RoundRobin::default()),
+            BreakerConfig {
+                failure_threshold: 1,
+                open_for: Duration::from_secs(3600),
+            },
+        )
+    }
+
+    fn pick(pool: &BackendPool, model: &str, tried: &[BackendId]) -> Option<String> {
+        pool.select(model, tried, &RequestFacts::default())
+            .map(|(_, b, _)| b.name.clone())
     }
 
     #[test]
-    fn rotates_among_backends_of_the_model_only() {
-        let rr = RoundRobin::new(
-            vec![
-                backend("a", &["m"]),
-                backend("b", &["other"]),
-                backend("c", &["m"]),
-            ],
-            RoundRobin::DEFAULT_PENALTY,
-        );
-        let picks: Vec<_> = (0..4).filter_map(|_| pick(&rr, "m", &[])).collect();
-        assert_eq!(picks, ["a", "c", "a", "c"]);
-        assert_eq!(pick(&rr, "unknown", &[]), None);
-        assert!(rr.serves("other") && !rr.serves("unknown"));
+    fn only_backends_of_the_model_are_picked() {
+        let pool = pool(vec![
+            backend("a", &["m"], 1),
+            backend("b", &["other"], 1),
+            backend("c", &["m"], 1),
+        ]);
+        let picks: Vec<_> = (0..4).filter_map(|_| pick(&pool, "m", &[])).collect();
+        assert!(picks.iter().all(|p| p == "a" || p == "c"), "{picks:?}");
+        assert!(picks.contains(&"a".to_owned()) && picks.contains(&"c".to_owned()));
+        assert_eq!(pick(&pool, "unknown", &[]), None);
+        assert!(pool.serves("other") && !pool.serves("unknown"));
     }
 
     #[test]
     fn retry_goes_to_a_different_backend() {
-        let rr = RoundRobin::new(
-            vec![backend("a", &["m"]), backend("b", &["m"])],
-            RoundRobin::DEFAULT_PENALTY,
-        );
-        let (first, _) = rr.select("m", &[]).unwrap();
-        let (second, _) = rr.select("m", &[first]).unwrap();
+        let pool = pool(vec![backend("a", &["m"], 1), backend("b", &["m"], 1)]);
+        let (first, _, _) = pool.select("m", &[], &RequestFacts::default()).unwrap();
+        let (second, _, _) = pool
+            .select("m", &[first], &RequestFacts::default())
+            .unwrap();
         assert_ne!(first, second);
-        assert_eq!(rr.select("m", &[0, 1]).map(|(id, _)| id), None);
+        assert!(
+            pool.select("m", &[0, 1], &RequestFacts::default())
+                .is_none()
+        );
     }
 
     #[test]
-    fn recently_failed_backend_is_passed_over_until_the_penalty_ends() {
-        let rr = RoundRobin::new(
-            vec![backend("a", &["m"]), backend("b", &["m"])],
-            RoundRobin::DEFAULT_PENALTY,
-        );
-        rr.connect_failed(0);
+    fn a_lease_counts_the_request_in_flight_until_dropped() {
+        let pool = pool(vec![backend("a", &["m"], 4)]);
+        let (id, _, lease) = pool.select("m", &[], &RequestFacts::default()).unwrap();
+        assert_eq!(pool.in_flight(id), 1);
+        drop(lease);
+        assert_eq!(pool.in_flight(id), 0);
+    }
+
+    #[test]
+    fn a_failed_backend_is_passed_over_while_its_breaker_is_open() {
+        let pool = pool(vec![backend("a", &["m"], 1), backend("b", &["m"], 1)]);
+        pool.report(0, Outcome::Failed);
+        assert_eq!(pool.breaker_state(0), Some(BreakerState::Open));
         for _ in 0..4 {
-            assert_eq!(pick(&rr, "m", &[]).as_deref(), Some("b"));
+            assert_eq!(pick(&pool, "m", &[]).as_deref(), Some("b"));
         }
-        let expired = RoundRobin::new(
-            vec![backend("a", &["m"]), backend("b", &["m"])],
-            Duration::ZERO,
-        );
-        expired.connect_failed(0);
-        let picks: Vec<_> = (0..2).filter_map(|_| pick(&expired, "m", &[])).collect();
-        assert_eq!(picks, ["a", "b"]);
+        pool.report(1, Outcome::Failed);
+        assert_eq!(pick(&pool, "m", &[]), None, "every backend known down");
+        assert_eq!(pool.candidates("m"), 2);
     }
 
     #[test]
-    fn alternating_models_rotate_independently() {
-        // Regression: one shared counter pinned model m to "a" and n to "b".
-        let rr = RoundRobin::new(
-            vec![backend("a", &["m", "n"]), backend("b", &["m", "n"])],
-            RoundRobin::DEFAULT_PENALTY,
+    fn least_outstanding_sends_new_requests_to_the_idle_backend() {
+        let pool = BackendPool::new(
+            vec![backend("a", &["m"], 4), backend("b", &["m"], 4)],
+            Box::new(LeastOutstanding::with_seed(7)),
+            BackendPool::DEFAULT_BREAKER,
         );
-        let picks: Vec<_> = (0..4)
-            .flat_map(|_| [pick(&rr, "m", &[]), pick(&rr, "n", &[])])
-            .flatten()
-            .collect();
-        assert_eq!(picks, ["a", "a", "b", "b", "a", "a", "b", "b"]);
-    }
-
-    #[test]
-    fn nothing_is_picked_while_every_backend_is_known_down() {
-        let rr = RoundRobin::new(vec![backend("a", &["m"])], RoundRobin::DEFAULT_PENALTY);
-        rr.connect_failed(0);
-        assert_eq!(pick(&rr, "m", &[]), None);
-        assert_eq!(rr.candidates("m"), 1);
+        let (first, _, _held) = pool.select("m", &[], &RequestFacts::default()).unwrap();
+        for _ in 0..10 {
+            let (next, _, _) = pool.select("m", &[], &RequestFacts::default()).unwrap();
+            assert_ne!(next, first);
+        }
     }
 
     #[test]
     fn credential_is_not_printed() {
-        let mut b = backend("a", &["m"]);
+        let mut b = backend("a", &["m"], 1);
         b.credential = Some("sk-secret".into());
         assert!(!format!("{b:?}").contains("sk-secret"));
     }

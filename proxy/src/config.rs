@@ -74,6 +74,8 @@ pub struct RawConfig {
     #[serde(default)]
     admission: RawAdmission,
     #[serde(default)]
+    routing: RawRouting,
+    #[serde(default)]
     tiers: Vec<RawTier>,
     #[serde(default)]
     backends: Vec<RawBackend>,
@@ -154,6 +156,15 @@ struct RawAdmission {
     reconcile_interval: Option<String>,
 }
 
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    policy: Option<String>,
+    session_header: Option<String>,
+    breaker_failures: Option<u32>,
+    breaker_open: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
@@ -205,6 +216,7 @@ pub struct Config {
     pub keys: KeyCacheConfig,
     pub metering: MeteringConfig,
     pub admission: AdmissionConfig,
+    pub routing: RoutingConfig,
     /// In config order.
     pub tiers: Vec<TierConfig>,
     pub backends: Vec<BackendConfig>,
@@ -304,6 +316,27 @@ pub struct MeteringConfig {
     pub minute_rollup_retention: Duration,
 }
 
+/// `[routing]`: how a backend is chosen among those serving a model.
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    pub policy: RoutingPolicy,
+    /// The request header whose value keeps a session on one backend
+    /// (`session_affinity` only).
+    pub session_header: String,
+    /// Consecutive failures (5xx, resets, timeouts) that open a backend's
+    /// circuit breaker; a refused connection opens it at once.
+    pub breaker_failures: u32,
+    /// How long an open breaker passes the backend over before one probe.
+    pub breaker_open: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingPolicy {
+    LeastOutstanding,
+    RoundRobin,
+    SessionAffinity,
+}
+
 /// A tier: its place in the queue, its limits and its quota. `None` is unlimited.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TierConfig {
@@ -397,6 +430,14 @@ pub mod defaults {
     pub const KEY_CACHE_CAPACITY: usize = 100_000;
     pub const BACKEND_MAX_CONCURRENCY: u32 = 64;
     pub const REDIS_KEY_PREFIX: &str = "tollgate";
+    pub const ROUTING_POLICY: &str = "least_outstanding";
+    pub const SESSION_HEADER: &str = "x-session-id";
+    /// One refused connection is retried elsewhere; three in a row mean the
+    /// backend is down, not unlucky.
+    pub const BREAKER_FAILURES: u32 = 3;
+    /// Short enough to notice a restarted backend soon, long enough to spare
+    /// clients the retries against a dead one.
+    pub const BREAKER_OPEN: &str = "5s";
     /// Loopback Redis answers in well under a millisecond; a call this slow
     /// means Redis is in trouble, and the request must not hang on it.
     pub const REDIS_TIMEOUT: &str = "100ms";
@@ -611,6 +652,7 @@ impl Config {
             keys,
             metering: validate_metering(raw.metering, env)?,
             admission: validate_admission(raw.admission)?,
+            routing: validate_routing(raw.routing)?,
             tiers: validate_tiers(raw.tiers)?,
             backends: validate_backends(raw.backends)?,
         }
@@ -783,6 +825,46 @@ fn validate_admission(a: RawAdmission) -> Result<AdmissionConfig, ConfigError> {
         ));
     }
     Ok(config)
+}
+
+fn validate_routing(r: RawRouting) -> Result<RoutingConfig, ConfigError> {
+    let policy = match r.policy.as_deref().unwrap_or(defaults::ROUTING_POLICY) {
+        "least_outstanding" => RoutingPolicy::LeastOutstanding,
+        "round_robin" => RoutingPolicy::RoundRobin,
+        "session_affinity" => RoutingPolicy::SessionAffinity,
+        other => {
+            return Err(invalid(
+                "routing.policy",
+                format!(
+                    "`{other}` is not one of \"least_outstanding\", \"round_robin\", \"session_affinity\""
+                ),
+            ));
+        }
+    };
+    let session_header = r
+        .session_header
+        .unwrap_or_else(|| defaults::SESSION_HEADER.to_owned())
+        .to_ascii_lowercase();
+    if http::HeaderName::from_bytes(session_header.as_bytes()).is_err() {
+        return Err(invalid(
+            "routing.session_header",
+            "is not a valid header name",
+        ));
+    }
+    let breaker_failures = r.breaker_failures.unwrap_or(defaults::BREAKER_FAILURES);
+    if breaker_failures == 0 {
+        return Err(invalid("routing.breaker_failures", "must be at least 1"));
+    }
+    Ok(RoutingConfig {
+        policy,
+        session_header,
+        breaker_failures,
+        breaker_open: duration(
+            "routing.breaker_open",
+            r.breaker_open.as_deref(),
+            defaults::BREAKER_OPEN,
+        )?,
+    })
 }
 
 fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {

@@ -13,7 +13,12 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
-use tollgate_backends::routing::{Backend, RoundRobin};
+use tollgate_backends::balance::Policy;
+use tollgate_backends::balance::breaker::BreakerConfig;
+use tollgate_backends::balance::least_outstanding::LeastOutstanding;
+use tollgate_backends::balance::round_robin::RoundRobin;
+use tollgate_backends::balance::session_affinity::SessionAffinity;
+use tollgate_backends::routing::{Backend, BackendPool};
 use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, UsageSink, WriterStats};
 
@@ -21,7 +26,7 @@ use crate::admin::{AdminApi, MetricsApp};
 use crate::admission::Admission;
 use crate::admission::limits::redis::RedisLimits;
 use crate::admission::reconcile::PeriodReconciler;
-use crate::config::Config;
+use crate::config::{Config, RoutingConfig, RoutingPolicy};
 use crate::db::{self, PoolJanitor};
 use crate::gateway::Gateway;
 use crate::gateway::context::InFlight;
@@ -103,7 +108,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
     let gateway = Gateway {
         keys: cache.clone(),
-        selector: Arc::new(RoundRobin::new(backends, RoundRobin::DEFAULT_PENALTY)),
+        selector: Arc::new(backend_pool(backends, &config.routing)),
+        session_header: config.routing.session_header.clone(),
         pool: pool.clone(),
         in_flight: Arc::clone(&in_flight),
         max_body_bytes: config.server.max_body_bytes,
@@ -194,6 +200,22 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         "tollgate starting"
     );
     server.run_forever()
+}
+
+/// The backends behind the configured policy and breakers.
+fn backend_pool(backends: Vec<Backend>, routing: &RoutingConfig) -> BackendPool {
+    let policy: Box<dyn Policy> = match routing.policy {
+        RoutingPolicy::LeastOutstanding => Box::new(LeastOutstanding::default()),
+        RoutingPolicy::RoundRobin => Box::new(RoundRobin::default()),
+        RoutingPolicy::SessionAffinity => Box::new(SessionAffinity {
+            fallback: Box::new(LeastOutstanding::default()),
+        }),
+    };
+    let breaker = BreakerConfig {
+        failure_threshold: routing.breaker_failures,
+        open_for: routing.breaker_open,
+    };
+    BackendPool::new(backends, policy, breaker)
 }
 
 /// The Redis client the limiter shares; it reconnects on its own (the

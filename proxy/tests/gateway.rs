@@ -208,6 +208,8 @@ struct Options {
     tiers: Option<String>,
     /// Extra `[admission]` lines.
     admission: &'static str,
+    /// Extra `[routing]` lines.
+    routing: &'static str,
 }
 
 /// A migrated database and a running `tollgate serve`.
@@ -235,12 +237,13 @@ impl Gateway {
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
              metrics_listen = \"127.0.0.1:{metrics_port}\"\ndrain_timeout = \"20s\"\n{}\n\
              [keys]\n{}\n[metering]\nspool_dir = \"{}\"\nflush_interval = \"50ms\"\n{}\n\
-             [admission]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}",
+             [admission]\n{}\n[routing]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}",
             options.server,
             options.keys,
             spool_dir.display(),
             options.metering,
             options.admission,
+            options.routing,
             redis_prefix,
             options.tiers.as_deref().unwrap_or(DEFAULT_TIERS),
         );
@@ -501,6 +504,8 @@ fn cl100k(text: &str) -> usize {
 mod admission;
 #[path = "gateway/metering.rs"]
 mod metering;
+#[path = "gateway/routing.rs"]
+mod routing;
 
 // ------------------------------------------------------------------ the tests
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
-use tollgate_backends::routing::BackendId;
+use tollgate_backends::routing::{BackendId, Lease};
 
 use super::request::InferenceRequest;
 use super::usage::RequestUsage;
@@ -32,6 +32,12 @@ pub struct RequestContext {
     pub queue_wait: Option<Duration>,
     /// Backends tried so far, in order; the last is the current one.
     pub tried: Vec<BackendId>,
+    /// Counts the request in flight on the current backend.
+    pub lease: Option<Lease>,
+    /// The current backend's failure was reported to its breaker already.
+    pub failure_reported: bool,
+    /// The status the backend answered with.
+    pub upstream_status: Option<u16>,
     /// The answer is a server-sent-event stream.
     pub streaming_response: bool,
     /// The last bytes of the stream sent so far.
@@ -52,6 +58,9 @@ impl RequestContext {
             slot: None,
             queue_wait: None,
             tried: Vec::new(),
+            lease: None,
+            failure_reported: false,
+            upstream_status: None,
             streaming_response: false,
             stream_tail: StreamTail::default(),
             _in_flight: in_flight,

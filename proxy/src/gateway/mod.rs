@@ -12,9 +12,11 @@
 //! - `request_body_filter`: send the body read in `request_filter`.
 //! - `response_filter`: add `x-request-id`, the `x-ratelimit-*` headers and
 //!   the queue wait; note whether the answer streams.
-//! - `fail_to_connect` / `fail_to_proxy`: one retry on another backend when a
-//!   connection fails; otherwise an OpenAI error, or an SSE error event when
-//!   a stream was already under way.
+//! - `fail_to_connect` / `error_while_proxy` / `fail_to_proxy`: one retry on
+//!   another backend when a connection fails, or the backend fails before its
+//!   answer began (not on a timeout); the backend's breaker hears of it;
+//!   otherwise an OpenAI error, or an SSE error event when a stream was
+//!   already under way.
 //! - `response_body_filter`: watch the answer for usage and generated text
 //!   (see [`usage`]); drop the usage chunk we asked for on the client's behalf.
 //! - `logging`: release the GPU slot, one usage event per metered request
@@ -38,7 +40,8 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 use serde_json::json;
-use tollgate_backends::routing::UpstreamSelector;
+use tollgate_backends::balance::RequestFacts;
+use tollgate_backends::routing::{Outcome, UpstreamSelector};
 
 use self::context::{InFlight, RequestContext};
 use self::request::{BodyError, Endpoint, Route, read_body};
@@ -71,6 +74,8 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub struct Gateway {
     pub keys: KeyCache,
     pub selector: Arc<dyn UpstreamSelector>,
+    /// The header whose value keeps a session on one backend.
+    pub session_header: String,
     pub pool: Pool,
     pub in_flight: Arc<InFlight>,
     pub max_body_bytes: usize,
@@ -340,6 +345,18 @@ async fn discard_upload(session: &mut Session) {
     }
 }
 
+/// What a request's backend did, for its breaker: a 5xx, or an error on
+/// the backend's side (reset, timeout) is a failure; a client that left
+/// first gives no verdict.
+fn backend_outcome(status: Option<u16>, error: Option<&Error>) -> Outcome {
+    match (status, error) {
+        (Some(500..), _) => Outcome::Failed,
+        (Some(_), _) => Outcome::Answered,
+        (None, Some(e)) if !matches!(e.esource(), ErrorSource::Downstream) => Outcome::Failed,
+        (None, _) => Outcome::Abandoned,
+    }
+}
+
 /// The OpenAI error for a proxying failure; `None` when the client is gone.
 fn classify(error: &Error, ctx: &RequestContext) -> Option<ApiError> {
     if matches!(error.esource(), ErrorSource::Downstream) {
@@ -414,17 +431,30 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestContext,
     ) -> pingora::Result<Box<HttpPeer>> {
         let model = ctx.request.as_ref().map_or("", |r| r.model.as_str());
-        let (id, backend) = self.selector.select(model, &ctx.tried).ok_or_else(|| {
-            Error::explain(
-                ErrorType::Custom(NO_BACKEND),
-                format!("no backend for model {model}"),
-            )
-        })?;
+        let facts = RequestFacts {
+            session: session
+                .req_header()
+                .headers
+                .get(self.session_header.as_str())
+                .and_then(|v| v.to_str().ok()),
+        };
+        let (id, backend, lease) =
+            self.selector
+                .select(model, &ctx.tried, &facts)
+                .ok_or_else(|| {
+                    Error::explain(
+                        ErrorType::Custom(NO_BACKEND),
+                        format!("no backend for model {model}"),
+                    )
+                })?;
         ctx.tried.push(id);
+        ctx.lease = Some(lease);
+        ctx.failure_reported = false;
+        ctx.upstream_status = None;
         let mut peer = HttpPeer::new(backend.address.as_str(), backend.tls, backend.host.clone());
         peer.options.connection_timeout = Some(self.timeouts.connect);
         peer.options.total_connection_timeout = Some(self.timeouts.connect);
@@ -442,13 +472,47 @@ impl ProxyHttp for Gateway {
         mut error: Box<Error>,
     ) -> Box<Error> {
         if let Some(backend) = ctx.backend() {
-            self.selector.connect_failed(backend);
+            self.selector.report(backend, Outcome::Unreachable);
+            ctx.failure_reported = true;
         }
         // Nothing reached the backend yet: one more try, on another backend.
         let model = ctx.request.as_ref().map_or("", |r| r.model.as_str());
         if ctx.tried.len() < MAX_ATTEMPTS && self.selector.candidates(model) > ctx.tried.len() {
             error.set_retry(true);
         }
+        error
+    }
+
+    /// The backend failed after the connection was made (reset, timeout).
+    /// Its breaker hears of it; a request whose answer has not begun is
+    /// tried once more on another backend, unless the backend was merely
+    /// slow (a timeout: another would likely be too, at twice the GPU cost).
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        error: Box<Error>,
+        ctx: &mut RequestContext,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut error = error.more_context(format!("Peer: {peer}"));
+        let backend_fault = !matches!(error.esource(), ErrorSource::Downstream);
+        if backend_fault && let Some(backend) = ctx.backend() {
+            self.selector.report(backend, Outcome::Failed);
+            ctx.failure_reported = true;
+        }
+        let timed_out = matches!(
+            error.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        let model = ctx.request.as_ref().map_or("", |r| r.model.as_str());
+        let retry = backend_fault
+            && !timed_out
+            && ctx.upstream_status.is_none()
+            && final_status(session).is_none()
+            && ctx.tried.len() < MAX_ATTEMPTS
+            && self.selector.candidates(model) > ctx.tried.len();
+        error.set_retry(retry);
         error
     }
 
@@ -513,6 +577,7 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestContext,
     ) -> pingora::Result<()> {
+        ctx.upstream_status = Some(response.status.as_u16());
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in rate_limit_headers(&ctx.rate_windows) {
             response.insert_header(name, value)?;
@@ -609,6 +674,13 @@ impl ProxyHttp for Gateway {
     ) {
         // The next queued request need not wait for our bookkeeping.
         drop(ctx.slot.take());
+        drop(ctx.lease.take());
+        if let Some(backend) = ctx.backend()
+            && !ctx.failure_reported
+        {
+            self.selector
+                .report(backend, backend_outcome(ctx.upstream_status, error));
+        }
         let status = final_status(session).unwrap_or(0);
         let backend = ctx
             .backend()

@@ -1,0 +1,148 @@
+//! Routing end to end: a backend that dies under load is passed over with
+//! no failed requests, and one that comes back is found again through its
+//! breaker's half-open probe.
+
+use std::sync::Arc;
+
+use super::*;
+
+/// A gpu-sim on a port the test chooses (to restart it in the same place).
+fn sim_on(port: u16) -> Proc {
+    let child = Command::new(bin("gpu-sim"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--model",
+            "sim-model",
+        ])
+        .args(["--ttft-ms", "20", "--tokens-per-sec", "0"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+async fn wait_listening(port: u16) {
+    eventually("gpu-sim listens", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+/// Which backend served each stored usage event.
+async fn served_by(gateway: &Gateway) -> Vec<String> {
+    let (client, connection) = tokio_postgres::connect(&gateway.db.url, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .query(
+            "SELECT coalesce(backend, '-') FROM usage_events ORDER BY created_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut sim_a = Some(sim_on(port_a));
+    let _sim_b = sim_on(port_b);
+    wait_listening(port_a).await;
+    wait_listening(port_b).await;
+    let backends = [
+        BackendSpec::new(&format!("http://127.0.0.1:{port_a}")),
+        BackendSpec::new(&format!("http://127.0.0.1:{port_b}")),
+    ];
+    let gateway = Gateway::start(&backends, Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    // 16 clients, 20 requests each; backend a dies once 80 have been answered.
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let request = gateway
+            .client
+            .post(format!("{}/v1/chat/completions", gateway.url))
+            .bearer_auth(&key)
+            .json(&chat("hi", 4));
+        let answered = Arc::clone(&answered);
+        clients.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..20 {
+                let response = request.try_clone().unwrap().send().await.unwrap();
+                statuses.push(response.status().as_u16());
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+            statuses
+        }));
+    }
+    eventually("80 answers", || async {
+        answered.load(Ordering::Relaxed) >= 80
+    })
+    .await;
+    sim_a.take();
+    let mut statuses = Vec::new();
+    for client in clients {
+        statuses.extend(client.await.unwrap());
+    }
+    assert_eq!(statuses.len(), 320);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // Both served before the kill; only b at the end.
+    eventually("every request recorded", || async {
+        served_by(&gateway).await.len() == 320
+    })
+    .await;
+    let backends = served_by(&gateway).await;
+    assert!(backends[..40].iter().any(|b| b == "b0"));
+    assert!(backends[..40].iter().any(|b| b == "b1"));
+    assert!(backends[300..].iter().all(|b| b == "b1"), "{backends:?}");
+}
+
+#[tokio::test]
+async fn a_backend_that_returns_is_found_again_through_a_half_open_probe() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut sim_a = Some(sim_on(port_a));
+    let _sim_b = sim_on(port_b);
+    wait_listening(port_a).await;
+    wait_listening(port_b).await;
+    let backends = [
+        BackendSpec::new(&format!("http://127.0.0.1:{port_a}")),
+        BackendSpec::new(&format!("http://127.0.0.1:{port_b}")),
+    ];
+    let gateway = Gateway::start(
+        &backends,
+        Options {
+            routing: "policy = \"round_robin\"\nbreaker_failures = 1\nbreaker_open = \"500ms\"",
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    sim_a.take();
+    // Refused by a: retried on b, and a's breaker opens.
+    for _ in 0..4 {
+        let (status, _) = gateway
+            .post_json(&key, "/v1/chat/completions", &chat("hi", 2))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let _sim_a = sim_on(port_a);
+    wait_listening(port_a).await;
+    // After breaker_open one probe goes to a; it answers, the breaker
+    // closes, and round-robin reaches a again.
+    eventually("backend a serves again", || async {
+        let (status, _) = gateway
+            .post_json(&key, "/v1/chat/completions", &chat("hi", 2))
+            .await;
+        assert_eq!(status, 200);
+        let backends = served_by(&gateway).await;
+        backends.len() > 4 && backends[4..].iter().any(|b| b == "b0")
+    })
+    .await;
+}
