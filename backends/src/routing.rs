@@ -87,6 +87,22 @@ pub trait UpstreamSelector: Send + Sync {
     fn candidates(&self, model: &str) -> usize;
 
     fn backends(&self) -> &[Backend];
+
+    /// Every backend's state, in config order.
+    fn statuses(&self) -> Vec<BackendStatus>;
+}
+
+/// One backend as operators see it (`GET /admin/backends`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendStatus {
+    pub name: String,
+    pub address: String,
+    pub models: Vec<String>,
+    /// Routable: its breaker lets requests through (or one probe).
+    pub routable: bool,
+    pub breaker: &'static str,
+    pub in_flight: u32,
+    pub max_concurrency: u32,
 }
 
 /// Counts one request in flight on a backend until dropped.
@@ -217,6 +233,30 @@ impl UpstreamSelector for BackendPool {
 
     fn backends(&self) -> &[Backend] {
         &self.backends
+    }
+
+    fn statuses(&self) -> Vec<BackendStatus> {
+        let now = Instant::now();
+        self.backends
+            .iter()
+            .zip(&self.states)
+            .map(|(backend, state)| {
+                let breaker = state.breaker.state(now);
+                BackendStatus {
+                    name: backend.name.clone(),
+                    address: backend.address.clone(),
+                    models: backend.models.clone(),
+                    routable: breaker != BreakerState::Open,
+                    breaker: match breaker {
+                        BreakerState::Closed => "closed",
+                        BreakerState::Open => "open",
+                        BreakerState::HalfOpen => "half_open",
+                    },
+                    in_flight: state.in_flight.load(Ordering::Acquire),
+                    max_concurrency: backend.max_concurrency,
+                }
+            })
+            .collect()
     }
 }
 

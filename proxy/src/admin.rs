@@ -10,7 +10,9 @@
 //!   tokens in the last minute, units this month; `DELETE /admin/usage?before=<unix ts>`:
 //!   drop usage events older than that (see [`crate::usage_api`]);
 //! - `GET /admin/queues`: per backend pool, its slots and, per tier, queue
-//!   depth, oldest and expected wait, admitted and shed counts.
+//!   depth, oldest and expected wait, admitted and shed counts;
+//! - `GET /admin/backends`: each backend's breaker, whether it is routable,
+//!   requests in flight and slots, and the routing policy.
 //!
 //! Every request needs `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`; with no
 //! token configured the admin API refuses everything.
@@ -28,6 +30,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use tollgate_backends::routing::UpstreamSelector;
+
 use crate::admission::AdmissionQueues;
 use crate::config::{Secret, parse_duration};
 use crate::error::ApiError;
@@ -43,6 +47,7 @@ pub struct AdminApi {
     pub keys: Arc<KeyAdmin>,
     pub pool: Pool,
     pub queues: Arc<AdmissionQueues>,
+    pub selector: Arc<dyn UpstreamSelector>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +185,7 @@ impl AdminApi {
                 Ok((StatusCode::OK, usage_api::events(&self.pool, &query).await?))
             }
             (&Method::GET, "/admin/queues") => Ok((StatusCode::OK, self.queues.signals_json())),
+            (&Method::GET, "/admin/backends") => Ok((StatusCode::OK, self.backends_json())),
             (&Method::GET, "/admin/stats") => {
                 Ok((StatusCode::OK, usage_api::stats(&self.pool).await?))
             }
@@ -250,6 +256,28 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {
         .header(header::CONTENT_LENGTH, body.len())
         .body(body)
         .unwrap_or_default()
+}
+
+impl AdminApi {
+    fn backends_json(&self) -> Value {
+        let data: Vec<Value> = self
+            .selector
+            .statuses()
+            .into_iter()
+            .map(|b| {
+                json!({
+                    "name": b.name,
+                    "address": b.address,
+                    "models": b.models,
+                    "routable": b.routable,
+                    "breaker": b.breaker,
+                    "in_flight": b.in_flight,
+                    "max_concurrency": b.max_concurrency,
+                })
+            })
+            .collect();
+        json!({"object": "list", "data": data})
+    }
 }
 
 #[async_trait]

@@ -33,6 +33,17 @@ pub enum Command {
     /// Usage reports and retention of the usage log.
     #[command(subcommand)]
     Usage(UsageCommand),
+    /// The backends of the running gateway.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// One line per backend: routable or not, its breaker, requests in flight
+    /// and slots, as the running gateway sees them (GET /admin/backends on
+    /// server.admin_listen, with the admin token).
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,15 +2,18 @@
 //! this file reads the command line and dispatches.
 
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use clap::Parser;
-use tollgate::cli::{Cli, Command, KeysCommand, UsageCommand};
+use tollgate::cli::{Cli, Command, FleetCommand, KeysCommand, UsageCommand};
 use tollgate::config::{Config, ProcessEnv, parse_duration};
 use tollgate::keys::store::{KeyListing, KeyStore};
 use tollgate::keys::{KeyAdmin, NewKeyRequest};
 use tollgate::usage_api::{self, UsageQuery};
 use tollgate::{db, server};
+
+/// How long `fleet status` waits for the gateway's admin API.
+const FLEET_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -45,6 +48,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => block_on(migrate(&config)),
         Command::Keys(command) => block_on(keys(&config, command)),
         Command::Usage(command) => block_on(usage(&config, command)),
+        Command::Fleet(FleetCommand::Status) => block_on(fleet_status(&config)),
     }
 }
 
@@ -76,6 +80,61 @@ async fn check_account_tiers(config: &Config) -> anyhow::Result<()> {
             unknown.join(", ")
         )
     }
+}
+
+/// `tollgate fleet status`: asks the running gateway's admin API.
+async fn fleet_status(config: &Config) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let token = config.admin_token.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("admin.token (env TOLLGATE_ADMIN_TOKEN) is needed to ask the gateway")
+    })?;
+    let url = format!("http://{}/admin/backends", config.server.admin_listen);
+    let request = http::Request::get(&url)
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.expose()),
+        )
+        .body(Empty::<bytes::Bytes>::new())?;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = tokio::time::timeout(FLEET_STATUS_TIMEOUT, client.request(request))
+        .await
+        .map_err(|_| anyhow::anyhow!("{url} did not answer"))?
+        .map_err(|e| anyhow::anyhow!("{url}: {e} (is `tollgate serve` running?)"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        anyhow::bail!(
+            "{url} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let listing: serde_json::Value = serde_json::from_slice(&body)?;
+    println!(
+        "{:<16} {:<24} {:<9} {:<10} {:>9} {:>6}  MODELS",
+        "NAME", "ADDRESS", "ROUTABLE", "BREAKER", "IN_FLIGHT", "SLOTS"
+    );
+    for b in listing["data"].as_array().into_iter().flatten() {
+        let models: Vec<&str> = b["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.as_str())
+            .collect();
+        println!(
+            "{:<16} {:<24} {:<9} {:<10} {:>9} {:>6}  {}",
+            b["name"].as_str().unwrap_or("-"),
+            b["address"].as_str().unwrap_or("-"),
+            if b["routable"] == true { "yes" } else { "no" },
+            b["breaker"].as_str().unwrap_or("-"),
+            b["in_flight"],
+            b["max_concurrency"],
+            models.join(",")
+        );
+    }
+    Ok(())
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {

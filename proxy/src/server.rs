@@ -18,7 +18,7 @@ use tollgate_backends::balance::breaker::BreakerConfig;
 use tollgate_backends::balance::least_outstanding::LeastOutstanding;
 use tollgate_backends::balance::round_robin::RoundRobin;
 use tollgate_backends::balance::session_affinity::SessionAffinity;
-use tollgate_backends::routing::{Backend, BackendPool};
+use tollgate_backends::routing::{Backend, BackendPool, UpstreamSelector};
 use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, UsageSink, WriterStats};
 
@@ -100,6 +100,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }),
         prometheus::default_registry(),
     )?);
+    let selector: Arc<dyn UpstreamSelector> = Arc::new(backend_pool(backends, &config.routing));
     let in_flight = Arc::new(InFlight::default());
     let revocation_fanout = config
         .redis_url
@@ -108,7 +109,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
     let gateway = Gateway {
         keys: cache.clone(),
-        selector: Arc::new(backend_pool(backends, &config.routing)),
+        selector: Arc::clone(&selector),
         session_header: config.routing.session_header.clone(),
         pool: pool.clone(),
         in_flight: Arc::clone(&in_flight),
@@ -131,6 +132,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         keys: Arc::new(KeyAdmin::new(store, &config, Some(cache.clone()))),
         pool: pool.clone(),
         queues: admission.queues(),
+        selector,
     };
     let mut admin = Service::new("admin API".to_owned(), HttpServer::new_app(admin_api));
     admin.add_tcp(&config.server.admin_listen.to_string());

@@ -60,7 +60,12 @@ async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
         BackendSpec::new(&format!("http://127.0.0.1:{port_a}")),
         BackendSpec::new(&format!("http://127.0.0.1:{port_b}")),
     ];
-    let gateway = Gateway::start(&backends, Options::default()).await;
+    // A long open period, so the breaker is still open when the test looks.
+    let options = Options {
+        routing: "breaker_open = \"60s\"",
+        ..Options::default()
+    };
+    let gateway = Gateway::start(&backends, options).await;
     let key = gateway.create_key("acme", &[]);
     // 16 clients, 20 requests each; backend a dies once 80 have been answered.
     let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -102,6 +107,53 @@ async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
     assert!(backends[..40].iter().any(|b| b == "b0"));
     assert!(backends[..40].iter().any(|b| b == "b1"));
     assert!(backends[300..].iter().all(|b| b == "b1"), "{backends:?}");
+
+    // Operators see it: the dead backend's breaker is open.
+    let (status, listing) = gateway
+        .admin(
+            reqwest::Method::GET,
+            "/admin/backends",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let states: Vec<_> = listing["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].clone(),
+                b["breaker"].clone(),
+                b["in_flight"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (json!("b0"), json!("open"), json!(0)),
+            (json!("b1"), json!("closed"), json!(0))
+        ]
+    );
+    let output = gateway.cli(&["fleet", "status"]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8(output.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0][..4], ["NAME", "ADDRESS", "ROUTABLE", "BREAKER"]);
+    assert_eq!((rows[1][0], rows[1][2], rows[1][3]), ("b0", "no", "open"));
+    assert_eq!(
+        (rows[2][0], rows[2][2], rows[2][3]),
+        ("b1", "yes", "closed")
+    );
 }
 
 #[tokio::test]
