@@ -3,6 +3,8 @@
 //! - [`balance`]: pure, I/O-free routing building blocks: load-balancing
 //!   policies behind the [`balance::Policy`] trait and the per-backend
 //!   [`balance::breaker::CircuitBreaker`].
+//! - [`health`]: active health checks: HTTP probes and the hysteresis that
+//!   turns their results into a per-backend healthy/unhealthy verdict.
 //! - [`routing`]: the backends Tollgate forwards to and how one is chosen
 //!   for a request (round-robin today, behind the [`routing::UpstreamSelector`]
 //!   interface the health-checked pool will implement).
@@ -10,5 +12,6 @@
 //!   binary, which every test, demo and benchmark runs against.
 
 pub mod balance;
+pub mod health;
 pub mod routing;
 pub mod sim;
