@@ -2,7 +2,8 @@
 //!
 //! [`UpstreamSelector`] is the one interface the proxy routes through.
 //! [`BackendPool`] implements it: the backends serving the request's model,
-//! less those already tried and those whose circuit breaker is open, handed
+//! less those already tried, those its active probes found unhealthy
+//! ([`BackendPool::probe_all`]) and those whose circuit breaker is open, handed
 //! to the configured [`Policy`](crate::balance::Policy) (least outstanding
 //! requests by default). A request holds a [`Lease`] on its backend while it
 //! runs, which is the in-flight count policies balance on, and reports how
@@ -15,8 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
+
 use crate::balance::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::balance::{Candidate, Policy, RequestFacts};
+use crate::health::{Health, Probe, ProbeClient, ProbeConfig, probe};
 
 /// An inference server Tollgate forwards to.
 #[derive(Clone)]
@@ -98,8 +102,10 @@ pub struct BackendStatus {
     pub name: String,
     pub address: String,
     pub models: Vec<String>,
-    /// Routable: its breaker lets requests through (or one probe).
+    /// Routable: healthy, and its breaker lets requests through (or one probe).
     pub routable: bool,
+    /// The active probes' verdict.
+    pub healthy: bool,
     pub breaker: &'static str,
     pub in_flight: u32,
     pub max_concurrency: u32,
@@ -119,6 +125,13 @@ impl Drop for Lease {
 struct BackendState {
     in_flight: AtomicU32,
     breaker: CircuitBreaker,
+    health: Health,
+}
+
+impl BackendState {
+    fn routable(&self, now: Instant) -> bool {
+        self.health.is_healthy() && self.breaker.state(now) != BreakerState::Open
+    }
 }
 
 /// The configured backends, their in-flight counts and breakers, and the
@@ -154,6 +167,7 @@ impl BackendPool {
                     Arc::new(BackendState {
                         in_flight: AtomicU32::new(0),
                         breaker: CircuitBreaker::new(breaker),
+                        health: Health::new(Instant::now()),
                     })
                 })
                 .collect(),
@@ -172,6 +186,30 @@ impl BackendPool {
         self.states
             .get(backend)
             .map_or(0, |s| s.in_flight.load(Ordering::Acquire))
+    }
+
+    /// Probes every plain-http backend once (`GET /health`), concurrently,
+    /// and records the results. Returns the backends whose verdict flipped,
+    /// with the new one. TLS backends are not probed (the prober speaks plain
+    /// http); their breakers still watch them.
+    pub async fn probe_all(
+        &self,
+        client: &ProbeClient,
+        config: &ProbeConfig,
+    ) -> Vec<(&Backend, bool)> {
+        let probes = self
+            .backends
+            .iter()
+            .zip(&self.states)
+            .filter(|(backend, _)| !backend.tls)
+            .map(|(backend, state)| async move {
+                let ok = probe(client, &backend.address, &Probe::OpenAi, config.timeout).await;
+                state
+                    .health
+                    .record(ok, Instant::now(), config)
+                    .map(|healthy| (backend, healthy))
+            });
+        join_all(probes).await.into_iter().flatten().collect()
     }
 
     pub fn breaker_state(&self, backend: BackendId) -> Option<BreakerState> {
@@ -194,7 +232,7 @@ impl UpstreamSelector for BackendPool {
             .get(model)?
             .iter()
             .filter(|id| !tried.contains(id))
-            .filter(|id| self.states[**id].breaker.state(now) != BreakerState::Open)
+            .filter(|id| self.states[**id].routable(now))
             .map(|&id| Candidate {
                 id,
                 in_flight: self.states[id].in_flight.load(Ordering::Acquire),
@@ -246,7 +284,8 @@ impl UpstreamSelector for BackendPool {
                     name: backend.name.clone(),
                     address: backend.address.clone(),
                     models: backend.models.clone(),
-                    routable: breaker != BreakerState::Open,
+                    routable: state.routable(now),
+                    healthy: state.health.is_healthy(),
                     breaker: match breaker {
                         BreakerState::Closed => "closed",
                         BreakerState::Open => "open",

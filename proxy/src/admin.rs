@@ -11,8 +11,8 @@
 //!   drop usage events older than that (see [`crate::usage_api`]);
 //! - `GET /admin/queues`: per backend pool, its slots and, per tier, queue
 //!   depth, oldest and expected wait, admitted and shed counts;
-//! - `GET /admin/backends`: each backend's breaker, whether it is routable,
-//!   requests in flight and slots, and the routing policy.
+//! - `GET /admin/backends`: each backend's health verdict, breaker, whether
+//!   it is routable, requests in flight and slots.
 //!
 //! Every request needs `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`; with no
 //! token configured the admin API refuses everything.
@@ -270,6 +270,7 @@ impl AdminApi {
                     "address": b.address,
                     "models": b.models,
                     "routable": b.routable,
+                    "healthy": b.healthy,
                     "breaker": b.breaker,
                     "in_flight": b.in_flight,
                     "max_concurrency": b.max_concurrency,

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tollgate_backends::health::ProbeConfig;
 use tollgate_metering::tokens::Encoding;
 use tollgate_metering::writer::WriterConfig;
 
@@ -75,6 +76,8 @@ pub struct RawConfig {
     admission: RawAdmission,
     #[serde(default)]
     routing: RawRouting,
+    #[serde(default)]
+    health: RawHealth,
     #[serde(default)]
     tiers: Vec<RawTier>,
     #[serde(default)]
@@ -165,6 +168,16 @@ struct RawRouting {
     breaker_open: Option<String>,
 }
 
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval: Option<String>,
+    timeout: Option<String>,
+    healthy_after: Option<u32>,
+    unhealthy_after: Option<u32>,
+    grace: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
@@ -217,6 +230,8 @@ pub struct Config {
     pub metering: MeteringConfig,
     pub admission: AdmissionConfig,
     pub routing: RoutingConfig,
+    /// `[health]`: active probes of every plain-http backend.
+    pub health: ProbeConfig,
     /// In config order.
     pub tiers: Vec<TierConfig>,
     pub backends: Vec<BackendConfig>,
@@ -653,6 +668,7 @@ impl Config {
             metering: validate_metering(raw.metering, env)?,
             admission: validate_admission(raw.admission)?,
             routing: validate_routing(raw.routing)?,
+            health: validate_health(raw.health)?,
             tiers: validate_tiers(raw.tiers)?,
             backends: validate_backends(raw.backends)?,
         }
@@ -865,6 +881,34 @@ fn validate_routing(r: RawRouting) -> Result<RoutingConfig, ConfigError> {
             defaults::BREAKER_OPEN,
         )?,
     })
+}
+
+fn validate_health(h: RawHealth) -> Result<ProbeConfig, ConfigError> {
+    let default = ProbeConfig::DEFAULT;
+    let or_default = |key: &str, value: Option<&str>, default: Duration| match value {
+        None => Ok(default),
+        Some(text) => duration(key, Some(text), ""),
+    };
+    let config = ProbeConfig {
+        interval: or_default("health.interval", h.interval.as_deref(), default.interval)?,
+        timeout: or_default("health.timeout", h.timeout.as_deref(), default.timeout)?,
+        healthy_after: h.healthy_after.unwrap_or(default.healthy_after),
+        unhealthy_after: h.unhealthy_after.unwrap_or(default.unhealthy_after),
+        grace: or_default("health.grace", h.grace.as_deref(), default.grace)?,
+    };
+    if config.interval.is_zero() || config.timeout.is_zero() {
+        return Err(invalid(
+            "health.interval / health.timeout",
+            "must be longer than zero",
+        ));
+    }
+    if config.healthy_after == 0 || config.unhealthy_after == 0 {
+        return Err(invalid(
+            "health.healthy_after / health.unhealthy_after",
+            "must be at least 1",
+        ));
+    }
+    Ok(config)
 }
 
 fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {

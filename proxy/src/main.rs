@@ -113,8 +113,8 @@ async fn fleet_status(config: &Config) -> anyhow::Result<()> {
     }
     let listing: serde_json::Value = serde_json::from_slice(&body)?;
     println!(
-        "{:<16} {:<24} {:<9} {:<10} {:>9} {:>6}  MODELS",
-        "NAME", "ADDRESS", "ROUTABLE", "BREAKER", "IN_FLIGHT", "SLOTS"
+        "{:<16} {:<24} {:<9} {:<8} {:<10} {:>9} {:>6}  MODELS",
+        "NAME", "ADDRESS", "ROUTABLE", "HEALTHY", "BREAKER", "IN_FLIGHT", "SLOTS"
     );
     for b in listing["data"].as_array().into_iter().flatten() {
         let models: Vec<&str> = b["models"]
@@ -123,11 +123,13 @@ async fn fleet_status(config: &Config) -> anyhow::Result<()> {
             .flatten()
             .filter_map(|m| m.as_str())
             .collect();
+        let yes_no = |v: &serde_json::Value| if *v == true { "yes" } else { "no" };
         println!(
-            "{:<16} {:<24} {:<9} {:<10} {:>9} {:>6}  {}",
+            "{:<16} {:<24} {:<9} {:<8} {:<10} {:>9} {:>6}  {}",
             b["name"].as_str().unwrap_or("-"),
             b["address"].as_str().unwrap_or("-"),
-            if b["routable"] == true { "yes" } else { "no" },
+            yes_no(&b["routable"]),
+            yes_no(&b["healthy"]),
             b["breaker"].as_str().unwrap_or("-"),
             b["in_flight"],
             b["max_concurrency"],

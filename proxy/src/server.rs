@@ -18,6 +18,7 @@ use tollgate_backends::balance::breaker::BreakerConfig;
 use tollgate_backends::balance::least_outstanding::LeastOutstanding;
 use tollgate_backends::balance::round_robin::RoundRobin;
 use tollgate_backends::balance::session_affinity::SessionAffinity;
+use tollgate_backends::health::{ProbeClient, ProbeConfig};
 use tollgate_backends::routing::{Backend, BackendPool, UpstreamSelector};
 use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, UsageSink, WriterStats};
@@ -100,7 +101,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }),
         prometheus::default_registry(),
     )?);
-    let selector: Arc<dyn UpstreamSelector> = Arc::new(backend_pool(backends, &config.routing));
+    let pool_of_backends = Arc::new(backend_pool(backends, &config.routing));
+    let selector: Arc<dyn UpstreamSelector> = pool_of_backends.clone();
     let in_flight = Arc::new(InFlight::default());
     let revocation_fanout = config
         .redis_url
@@ -168,6 +170,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         ));
     }
     server.add_service(background_service(
+        "backend health probes",
+        HealthProber {
+            backends: pool_of_backends,
+            config: config.health,
+        },
+    ));
+    server.add_service(background_service(
         "period counter reconciler",
         PeriodReconciler {
             pool: pool.clone(),
@@ -218,6 +227,37 @@ fn backend_pool(backends: Vec<Backend>, routing: &RoutingConfig) -> BackendPool 
         open_for: routing.breaker_open,
     };
     BackendPool::new(backends, policy, breaker)
+}
+
+/// Probes every backend each `interval` and logs verdicts that flip; the
+/// pool passes unhealthy backends over.
+struct HealthProber {
+    backends: Arc<BackendPool>,
+    config: ProbeConfig,
+}
+
+#[async_trait]
+impl BackgroundService for HealthProber {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let client = ProbeClient::new();
+        // Backends start presumed healthy: the first probe is one interval in.
+        let first = tokio::time::Instant::now() + self.config.interval;
+        let mut ticks = tokio::time::interval_at(first, self.config.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            for (backend, healthy) in self.backends.probe_all(&client, &self.config).await {
+                if healthy {
+                    tracing::warn!(backend = %backend.name, "backend healthy again: routable");
+                } else {
+                    tracing::error!(backend = %backend.name, "backend failed its health checks: passed over");
+                }
+            }
+        }
+    }
 }
 
 /// The Redis client the limiter shares; it reconnects on its own (the

@@ -210,6 +210,8 @@ struct Options {
     admission: &'static str,
     /// Extra `[routing]` lines.
     routing: &'static str,
+    /// Extra `[health]` lines.
+    health: &'static str,
 }
 
 /// A migrated database and a running `tollgate serve`.
@@ -237,13 +239,14 @@ impl Gateway {
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
              metrics_listen = \"127.0.0.1:{metrics_port}\"\ndrain_timeout = \"20s\"\n{}\n\
              [keys]\n{}\n[metering]\nspool_dir = \"{}\"\nflush_interval = \"50ms\"\n{}\n\
-             [admission]\n{}\n[routing]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}",
+             [admission]\n{}\n[routing]\n{}\n[health]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}",
             options.server,
             options.keys,
             spool_dir.display(),
             options.metering,
             options.admission,
             options.routing,
+            options.health,
             redis_prefix,
             options.tiers.as_deref().unwrap_or(DEFAULT_TIERS),
         );
@@ -672,7 +675,12 @@ async fn client_key_never_reaches_the_backend_and_credential_does() {
     let recorder = TcpListener::bind("127.0.0.1:0").unwrap();
     let recorder_url = format!("http://{}", recorder.local_addr().unwrap());
     let head = std::thread::spawn(move || record_one_request(&recorder));
-    let plain = Gateway::start(&[BackendSpec::new(&recorder_url)], Options::default()).await;
+    // It takes one connection: no health probe may have it.
+    let no_probes = Options {
+        health: "interval = \"1h\"",
+        ..Options::default()
+    };
+    let plain = Gateway::start(&[BackendSpec::new(&recorder_url)], no_probes).await;
     let key = plain.create_key("acme", &[]);
     let (status, _) = plain
         .post_json(&key, "/v1/chat/completions", &chat("hi", 1))

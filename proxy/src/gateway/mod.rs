@@ -211,7 +211,7 @@ impl Gateway {
         json!({"object": "list", "data": data})
     }
 
-    /// `/readyz`: Postgres reachable and at least one backend configured;
+    /// `/readyz`: Postgres reachable and at least one backend routable;
     /// also reports whether revocations fan out through Redis (informative:
     /// without it revocations still land within the key cache TTL).
     async fn readiness(&self) -> Stop {
@@ -223,7 +223,7 @@ impl Gateway {
         .ok()
         .flatten()
         .is_some();
-        let backends = !self.selector.backends().is_empty();
+        let backends = self.selector.statuses().iter().any(|b| b.routable);
         let status = if postgres && backends { 200 } else { 503 };
         let fanout = match &self.revocation_fanout {
             None => "off",

@@ -148,10 +148,13 @@ async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
         .lines()
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows[0][..4], ["NAME", "ADDRESS", "ROUTABLE", "BREAKER"]);
-    assert_eq!((rows[1][0], rows[1][2], rows[1][3]), ("b0", "no", "open"));
     assert_eq!(
-        (rows[2][0], rows[2][2], rows[2][3]),
+        rows[0][..5],
+        ["NAME", "ADDRESS", "ROUTABLE", "HEALTHY", "BREAKER"]
+    );
+    assert_eq!((rows[1][0], rows[1][2], rows[1][4]), ("b0", "no", "open"));
+    assert_eq!(
+        (rows[2][0], rows[2][2], rows[2][4]),
         ("b1", "yes", "closed")
     );
 }
@@ -197,4 +200,74 @@ async fn a_backend_that_returns_is_found_again_through_a_half_open_probe() {
         backends.len() > 4 && backends[4..].iter().any(|b| b == "b0")
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_backend_failing_its_health_checks_is_passed_over_until_it_recovers() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let _sim_a = sim_on(port_a);
+    let _sim_b = sim_on(port_b);
+    wait_listening(port_a).await;
+    wait_listening(port_b).await;
+    let backends = [
+        BackendSpec::new(&format!("http://127.0.0.1:{port_a}")),
+        BackendSpec::new(&format!("http://127.0.0.1:{port_b}")),
+    ];
+    let gateway = Gateway::start(
+        &backends,
+        Options {
+            health: "interval = \"50ms\"\ngrace = \"0s\"\nunhealthy_after = 2\nhealthy_after = 2",
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let healthy = |name: &'static str| {
+        let gateway = &gateway;
+        async move {
+            let (_, listing) = gateway
+                .admin(
+                    reqwest::Method::GET,
+                    "/admin/backends",
+                    None,
+                    Some(ADMIN_TOKEN),
+                )
+                .await;
+            listing["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["name"] == name)
+                .map(|b| b["healthy"] == true)
+                .unwrap()
+        }
+    };
+    assert!(healthy("b0").await);
+    // The engine fails: its /health answers 503 (no request need fail first).
+    let sim_a = format!("http://127.0.0.1:{port_a}");
+    gateway
+        .client
+        .post(format!("{sim_a}/sim/fail"))
+        .send()
+        .await
+        .unwrap();
+    eventually("b0 found unhealthy", || async { !healthy("b0").await }).await;
+    for _ in 0..6 {
+        let (status, _) = gateway
+            .post_json(&key, "/v1/chat/completions", &chat("hi", 2))
+            .await;
+        assert_eq!(status, 200);
+    }
+    eventually("six requests recorded", || async {
+        served_by(&gateway).await.len() == 6
+    })
+    .await;
+    assert!(served_by(&gateway).await.iter().all(|b| b == "b1"));
+    gateway
+        .client
+        .post(format!("{sim_a}/sim/recover"))
+        .send()
+        .await
+        .unwrap();
+    eventually("b0 healthy again", || async { healthy("b0").await }).await;
 }
