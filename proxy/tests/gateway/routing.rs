@@ -31,6 +31,33 @@ async fn wait_listening(port: u16) {
     .await;
 }
 
+/// Two gpu-sims on ports of their own: b0 (`a`, which tests kill) and b1.
+struct TwoSims {
+    a: Option<Proc>,
+    _b: Proc,
+    port_a: u16,
+    port_b: u16,
+}
+
+impl TwoSims {
+    async fn start() -> Self {
+        let (port_a, port_b) = (free_port(), free_port());
+        let sims = Self {
+            a: Some(sim_on(port_a)),
+            _b: sim_on(port_b),
+            port_a,
+            port_b,
+        };
+        wait_listening(port_a).await;
+        wait_listening(port_b).await;
+        sims
+    }
+
+    fn backends(&self) -> [BackendSpec; 2] {
+        [self.port_a, self.port_b].map(|port| BackendSpec::new(&format!("http://127.0.0.1:{port}")))
+    }
+}
+
 /// Which backend served each stored usage event.
 async fn served_by(gateway: &Gateway) -> Vec<String> {
     let (client, connection) = tokio_postgres::connect(&gateway.db.url, NoTls)
@@ -51,21 +78,13 @@ async fn served_by(gateway: &Gateway) -> Vec<String> {
 
 #[tokio::test]
 async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
-    let (port_a, port_b) = (free_port(), free_port());
-    let mut sim_a = Some(sim_on(port_a));
-    let _sim_b = sim_on(port_b);
-    wait_listening(port_a).await;
-    wait_listening(port_b).await;
-    let backends = [
-        BackendSpec::new(&format!("http://127.0.0.1:{port_a}")),
-        BackendSpec::new(&format!("http://127.0.0.1:{port_b}")),
-    ];
+    let mut sims = TwoSims::start().await;
     // A long open period, so the breaker is still open when the test looks.
     let options = Options {
         routing: "breaker_open = \"60s\"",
         ..Options::default()
     };
-    let gateway = Gateway::start(&backends, options).await;
+    let gateway = Gateway::start(&sims.backends(), options).await;
     let key = gateway.create_key("acme", &[]);
     // 16 clients, 20 requests each; backend a dies once 80 have been answered.
     let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -91,7 +110,7 @@ async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
         answered.load(Ordering::Relaxed) >= 80
     })
     .await;
-    sim_a.take();
+    sims.a.take();
     let mut statuses = Vec::new();
     for client in clients {
         statuses.extend(client.await.unwrap());
@@ -161,17 +180,9 @@ async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
 
 #[tokio::test]
 async fn a_backend_that_returns_is_found_again_through_a_half_open_probe() {
-    let (port_a, port_b) = (free_port(), free_port());
-    let mut sim_a = Some(sim_on(port_a));
-    let _sim_b = sim_on(port_b);
-    wait_listening(port_a).await;
-    wait_listening(port_b).await;
-    let backends = [
-        BackendSpec::new(&format!("http://127.0.0.1:{port_a}")),
-        BackendSpec::new(&format!("http://127.0.0.1:{port_b}")),
-    ];
+    let mut sims = TwoSims::start().await;
     let gateway = Gateway::start(
-        &backends,
+        &sims.backends(),
         Options {
             routing: "policy = \"round_robin\"\nbreaker_failures = 1\nbreaker_open = \"500ms\"",
             ..Options::default()
@@ -179,7 +190,7 @@ async fn a_backend_that_returns_is_found_again_through_a_half_open_probe() {
     )
     .await;
     let key = gateway.create_key("acme", &[]);
-    sim_a.take();
+    sims.a.take();
     // Refused by a: retried on b, and a's breaker opens.
     for _ in 0..4 {
         let (status, _) = gateway
@@ -187,8 +198,8 @@ async fn a_backend_that_returns_is_found_again_through_a_half_open_probe() {
             .await;
         assert_eq!(status, 200);
     }
-    let _sim_a = sim_on(port_a);
-    wait_listening(port_a).await;
+    let _sim_a = sim_on(sims.port_a);
+    wait_listening(sims.port_a).await;
     // After breaker_open one probe goes to a; it answers, the breaker
     // closes, and round-robin reaches a again.
     eventually("backend a serves again", || async {
@@ -204,17 +215,9 @@ async fn a_backend_that_returns_is_found_again_through_a_half_open_probe() {
 
 #[tokio::test]
 async fn a_backend_failing_its_health_checks_is_passed_over_until_it_recovers() {
-    let (port_a, port_b) = (free_port(), free_port());
-    let _sim_a = sim_on(port_a);
-    let _sim_b = sim_on(port_b);
-    wait_listening(port_a).await;
-    wait_listening(port_b).await;
-    let backends = [
-        BackendSpec::new(&format!("http://127.0.0.1:{port_a}")),
-        BackendSpec::new(&format!("http://127.0.0.1:{port_b}")),
-    ];
+    let sims = TwoSims::start().await;
     let gateway = Gateway::start(
-        &backends,
+        &sims.backends(),
         Options {
             health: "interval = \"50ms\"\ngrace = \"0s\"\nunhealthy_after = 2\nhealthy_after = 2",
             ..Options::default()
@@ -244,7 +247,7 @@ async fn a_backend_failing_its_health_checks_is_passed_over_until_it_recovers() 
     };
     assert!(healthy("b0").await);
     // The engine fails: its /health answers 503 (no request need fail first).
-    let sim_a = format!("http://127.0.0.1:{port_a}");
+    let sim_a = format!("http://127.0.0.1:{}", sims.port_a);
     gateway
         .client
         .post(format!("{sim_a}/sim/fail"))
