@@ -242,7 +242,13 @@ impl UpstreamSelector for BackendPool {
         // A half-open breaker lets one probe through: the policy's pick may
         // lose that race to another request, and then the next is tried.
         while !candidates.is_empty() {
-            let picked = candidates.swap_remove(self.policy.pick(&candidates, facts));
+            // A policy answers an index into `candidates`; clamped so a buggy
+            // one cannot panic the request path.
+            let index = self
+                .policy
+                .pick(&candidates, facts)
+                .min(candidates.len() - 1);
+            let picked = candidates.swap_remove(index);
             let state = &self.states[picked.id];
             if state.breaker.allow(now) {
                 state.in_flight.fetch_add(1, Ordering::AcqRel);
