@@ -177,17 +177,6 @@ impl BackendPool {
         }
     }
 
-    pub fn policy_name(&self) -> &'static str {
-        self.policy.name()
-    }
-
-    /// Requests in flight on `backend`.
-    pub fn in_flight(&self, backend: BackendId) -> u32 {
-        self.states
-            .get(backend)
-            .map_or(0, |s| s.in_flight.load(Ordering::Acquire))
-    }
-
     /// Probes every plain-http backend once (`GET /health`), concurrently,
     /// and records the results. Returns the backends whose verdict flipped,
     /// with the new one. TLS backends are not probed (the prober speaks plain
@@ -210,12 +199,6 @@ impl BackendPool {
                     .map(|healthy| (backend, healthy))
             });
         join_all(probes).await.into_iter().flatten().collect()
-    }
-
-    pub fn breaker_state(&self, backend: BackendId) -> Option<BreakerState> {
-        self.states
-            .get(backend)
-            .map(|s| s.breaker.state(Instant::now()))
     }
 }
 
@@ -372,16 +355,16 @@ mod tests {
     fn a_lease_counts_the_request_in_flight_until_dropped() {
         let pool = pool(vec![backend("a", &["m"], 4)]);
         let (id, _, lease) = pool.select("m", &[], &RequestFacts::default()).unwrap();
-        assert_eq!(pool.in_flight(id), 1);
+        assert_eq!(pool.statuses()[id].in_flight, 1);
         drop(lease);
-        assert_eq!(pool.in_flight(id), 0);
+        assert_eq!(pool.statuses()[id].in_flight, 0);
     }
 
     #[test]
     fn a_failed_backend_is_passed_over_while_its_breaker_is_open() {
         let pool = pool(vec![backend("a", &["m"], 1), backend("b", &["m"], 1)]);
         pool.report(0, Outcome::Failed);
-        assert_eq!(pool.breaker_state(0), Some(BreakerState::Open));
+        assert_eq!(pool.statuses()[0].breaker, "open");
         for _ in 0..4 {
             assert_eq!(pick(&pool, "m", &[]).as_deref(), Some("b"));
         }

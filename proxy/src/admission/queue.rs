@@ -529,21 +529,6 @@ impl Shed {
     }
 }
 
-impl fmt::Display for Shed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Busy { expected_wait } => write!(
-                f,
-                "pool is busy: expected wait {} ms is over the limit",
-                expected_wait.as_millis()
-            ),
-            Self::TimedOut { waited, .. } => {
-                write!(f, "no slot within {} ms", waited.as_millis())
-            }
-        }
-    }
-}
-
 /// A pool's admission state at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSnapshot {

@@ -36,8 +36,6 @@ pub struct RequestContext {
     pub lease: Option<Lease>,
     /// The current backend's failure was reported to its breaker already.
     pub failure_reported: bool,
-    /// The status the backend answered with.
-    pub upstream_status: Option<u16>,
     /// The answer is a server-sent-event stream.
     pub streaming_response: bool,
     /// The last bytes of the stream sent so far.
@@ -60,7 +58,6 @@ impl RequestContext {
             tried: Vec::new(),
             lease: None,
             failure_reported: false,
-            upstream_status: None,
             streaming_response: false,
             stream_tail: StreamTail::default(),
             _in_flight: in_flight,
@@ -69,6 +66,11 @@ impl RequestContext {
 
     pub fn backend(&self) -> Option<BackendId> {
         self.tried.last().copied()
+    }
+
+    /// The status the backend answered with (metering notes it).
+    pub fn upstream_status(&self) -> Option<u16> {
+        self.usage.as_ref().and_then(RequestUsage::upstream_status)
     }
 }
 

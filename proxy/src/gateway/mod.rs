@@ -454,7 +454,6 @@ impl ProxyHttp for Gateway {
         ctx.tried.push(id);
         ctx.lease = Some(lease);
         ctx.failure_reported = false;
-        ctx.upstream_status = None;
         let mut peer = HttpPeer::new(backend.address.as_str(), backend.tls, backend.host.clone());
         peer.options.connection_timeout = Some(self.timeouts.connect);
         peer.options.total_connection_timeout = Some(self.timeouts.connect);
@@ -508,7 +507,7 @@ impl ProxyHttp for Gateway {
         let model = ctx.request.as_ref().map_or("", |r| r.model.as_str());
         let retry = backend_fault
             && !timed_out
-            && ctx.upstream_status.is_none()
+            && ctx.upstream_status().is_none()
             && final_status(session).is_none()
             && ctx.tried.len() < MAX_ATTEMPTS
             && self.selector.candidates(model) > ctx.tried.len();
@@ -577,7 +576,6 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestContext,
     ) -> pingora::Result<()> {
-        ctx.upstream_status = Some(response.status.as_u16());
         response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         for (name, value) in rate_limit_headers(&ctx.rate_windows) {
             response.insert_header(name, value)?;
@@ -679,7 +677,7 @@ impl ProxyHttp for Gateway {
             && !ctx.failure_reported
         {
             self.selector
-                .report(backend, backend_outcome(ctx.upstream_status, error));
+                .report(backend, backend_outcome(ctx.upstream_status(), error));
         }
         let status = final_status(session).unwrap_or(0);
         let backend = ctx

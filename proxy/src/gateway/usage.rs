@@ -281,6 +281,10 @@ impl RequestUsage {
         self.counted_prompt
     }
 
+    pub fn upstream_status(&self) -> Option<u16> {
+        self.upstream_status
+    }
+
     pub fn reject(&mut self) {
         self.rejected = true;
     }
