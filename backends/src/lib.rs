@@ -13,5 +13,7 @@
 
 pub mod balance;
 pub mod health;
+pub mod protocol;
 pub mod routing;
+pub mod signals;
 pub mod sim;

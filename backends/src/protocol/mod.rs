@@ -1,0 +1,89 @@
+//! The wire protocols Tollgate speaks to a backend.
+//!
+//! Clients always speak OpenAI's API to Tollgate. What reaches the backend
+//! depends on its configured [`Protocol`]:
+//!
+//! - [`Protocol::OpenAi`] (the default): the request and the answer pass
+//!   through unchanged, apart from the gateway's header and body rewrites.
+//!   This is for servers with an OpenAI-compatible frontend: trtllm-serve,
+//!   vLLM, SGLang and Triton's own OpenAI frontend. They count usage and
+//!   format answers themselves.
+//! - [`Protocol::Triton`]: Triton Inference Server's `generate` /
+//!   `generate_stream` extension, as TensorRT-LLM's ensemble model serves
+//!   it. Triton knows nothing of OpenAI's shapes, so [`triton`] translates
+//!   both ways: the request into a text prompt and generate body, the answer
+//!   (whole or streamed) into OpenAI's objects and events, counting the
+//!   completion tokens locally because Triton reports none.
+//!
+//! Everything here is pure: no I/O, no clock, no awaits. The gateway calls it
+//! from its request and response phases and keeps the per-request state.
+
+use std::fmt;
+use std::str::FromStr;
+
+pub mod triton;
+
+/// How Tollgate talks to one backend; see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// OpenAI's API, passed through.
+    #[default]
+    OpenAi,
+    /// Triton's generate extension, translated by [`triton`].
+    Triton,
+}
+
+impl Protocol {
+    /// The name used in config and metric labels: "openai" or "triton".
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::Triton => "triton",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A protocol name that is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown backend protocol `{0}` (expected openai or triton)")]
+pub struct UnknownProtocol(pub String);
+
+impl FromStr for Protocol {
+    type Err = UnknownProtocol;
+
+    /// Exactly the names [`Protocol::name`] gives: config typos should fail
+    /// loudly rather than pick a protocol.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "openai" => Ok(Self::OpenAi),
+            "triton" => Ok(Self::Triton),
+            other => Err(UnknownProtocol(other.to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_nothing_else_parses() {
+        for protocol in [Protocol::OpenAi, Protocol::Triton] {
+            assert_eq!(protocol.name().parse::<Protocol>().unwrap(), protocol);
+            assert_eq!(protocol.to_string(), protocol.name());
+        }
+        assert_eq!(Protocol::default(), Protocol::OpenAi);
+        for wrong in ["OpenAI", "open_ai", "Triton", "", " triton", "vllm"] {
+            let error = wrong.parse::<Protocol>().unwrap_err();
+            assert_eq!(error, UnknownProtocol(wrong.to_owned()));
+        }
+    }
+}
