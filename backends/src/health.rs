@@ -43,6 +43,19 @@ pub enum Probe {
     Triton { model: String },
 }
 
+impl Probe {
+    /// The probe of a backend speaking `protocol` and serving `models`: a
+    /// Triton server must also have the first of them loaded.
+    pub fn for_protocol(protocol: crate::protocol::Protocol, models: &[String]) -> Self {
+        match (protocol, models.first()) {
+            (crate::protocol::Protocol::Triton, Some(model)) => Probe::Triton {
+                model: model.clone(),
+            },
+            _ => Probe::OpenAi,
+        }
+    }
+}
+
 /// How often and how strictly backends are probed.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeConfig {
@@ -166,6 +179,15 @@ impl Health {
         counters.started = now;
         counters.failures = 0;
         counters.successes = 0;
+    }
+
+    /// Declares the backend healthy now, with counts forgotten: the fleet
+    /// controller has just seen a woken instance pass its probe.
+    pub fn mark_healthy(&self) {
+        let mut counters = self.lock();
+        counters.failures = 0;
+        counters.successes = 0;
+        self.healthy.store(true, Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {

@@ -12,6 +12,7 @@
 //!   binary, which every test, demo and benchmark runs against.
 
 pub mod balance;
+pub mod fleet;
 pub mod health;
 pub mod protocol;
 pub mod routing;

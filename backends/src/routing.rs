@@ -13,20 +13,26 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures_util::future::join_all;
 
 use crate::balance::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::balance::{Candidate, Policy, RequestFacts};
+use crate::fleet::state::InstanceState;
 use crate::health::{Health, Probe, ProbeClient, ProbeConfig, probe};
+use crate::protocol::Protocol;
+use crate::signals::{LoadSignals, SignalsClient, scrape};
 
 /// An inference server Tollgate forwards to.
 #[derive(Clone)]
 pub struct Backend {
     pub name: String,
-    /// `host:port` to connect to.
+    /// `host:port` to connect to. A rented instance gets its address when
+    /// it starts ([`BackendPool::set_address`]).
     pub address: String,
     /// Host header and TLS server name.
     pub host: String,
@@ -35,6 +41,10 @@ pub struct Backend {
     pub max_concurrency: u32,
     /// Sent upstream as `Authorization: Bearer …` in place of the client's key.
     pub credential: Option<String>,
+    /// How its health is asked, per its protocol.
+    pub probe: Probe,
+    /// What it speaks: OpenAI passed through, or Triton translated.
+    pub protocol: Protocol,
 }
 
 impl fmt::Debug for Backend {
@@ -69,15 +79,15 @@ pub enum Outcome {
 }
 
 pub trait UpstreamSelector: Send + Sync {
-    /// A backend serving `model`, other than those in `tried`, with a lease
-    /// counting the request as in flight there until dropped; `None` when
-    /// none is left or every one left is known to be down.
+    /// A hot backend serving `model`, other than those in `tried`, with a
+    /// lease counting the request as in flight there until dropped; `None`
+    /// when none is left or every one left is known to be down.
     fn select(
         &self,
         model: &str,
         tried: &[BackendId],
         facts: &RequestFacts<'_>,
-    ) -> Option<(BackendId, &Backend, Lease)>;
+    ) -> Option<(BackendId, Arc<Backend>, Lease)>;
 
     /// How a request to `backend` ended.
     fn report(&self, backend: BackendId, outcome: Outcome);
@@ -90,25 +100,32 @@ pub trait UpstreamSelector: Send + Sync {
     /// How many backends serve `model`.
     fn candidates(&self, model: &str) -> usize;
 
-    fn backends(&self) -> &[Backend];
+    /// The backend as it is now (its address changes when a rented
+    /// instance is replaced).
+    fn backend(&self, id: BackendId) -> Option<Arc<Backend>>;
 
     /// Every backend's state, in config order.
     fn statuses(&self) -> Vec<BackendStatus>;
 }
 
 /// One backend as operators see it (`GET /admin/backends`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BackendStatus {
     pub name: String,
     pub address: String,
     pub models: Vec<String>,
-    /// Routable: healthy, and its breaker lets requests through (or one probe).
+    /// Lifecycle state (`hot` for a static backend unless drained).
+    pub state: InstanceState,
+    /// Routable: hot, healthy, and its breaker lets requests through (or one probe).
     pub routable: bool,
     /// The active probes' verdict.
     pub healthy: bool,
     pub breaker: &'static str,
     pub in_flight: u32,
     pub max_concurrency: u32,
+    /// The backend's own view, from its Prometheus endpoint; `None` before
+    /// the first scrape or when it exports none of the known metrics.
+    pub signals: Option<LoadSignals>,
 }
 
 /// Counts one request in flight on a backend until dropped.
@@ -118,26 +135,45 @@ pub struct Lease(Arc<BackendState>);
 impl Drop for Lease {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
     }
 }
 
 #[derive(Debug)]
 struct BackendState {
+    backend: ArcSwap<Backend>,
     in_flight: AtomicU32,
     breaker: CircuitBreaker,
     health: Health,
+    /// An [`InstanceState`]; only the fleet controller writes it.
+    lifecycle: AtomicU8,
+    /// Milliseconds after `epoch` at which a request last started or ended.
+    last_active_ms: AtomicU64,
+    /// On tokio's clock, so the simulation's paused time applies.
+    epoch: tokio::time::Instant,
+    signals: Mutex<Option<LoadSignals>>,
 }
 
 impl BackendState {
     fn routable(&self, now: Instant) -> bool {
-        self.health.is_healthy() && self.breaker.state(now) != BreakerState::Open
+        self.lifecycle() == InstanceState::Hot
+            && self.health.is_healthy()
+            && self.breaker.state(now) != BreakerState::Open
+    }
+
+    fn lifecycle(&self) -> InstanceState {
+        InstanceState::from_u8(self.lifecycle.load(Ordering::Acquire))
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active_ms.fetch_max(ms, Ordering::AcqRel);
     }
 }
 
 /// The configured backends, their in-flight counts and breakers, and the
 /// policy that picks among them.
 pub struct BackendPool {
-    backends: Vec<Backend>,
     states: Vec<Arc<BackendState>>,
     /// Per model: the backends serving it, in config order.
     by_model: HashMap<String, Vec<BackendId>>,
@@ -153,6 +189,8 @@ impl BackendPool {
         open_for: Duration::from_secs(5),
     };
 
+    /// Every backend starts hot; the fleet controller sets the lifecycle of
+    /// those it manages before serving ([`Self::set_lifecycle`]).
     pub fn new(backends: Vec<Backend>, policy: Box<dyn Policy>, breaker: BreakerConfig) -> Self {
         let mut by_model: HashMap<String, Vec<BackendId>> = HashMap::new();
         for (id, backend) in backends.iter().enumerate() {
@@ -160,45 +198,120 @@ impl BackendPool {
                 by_model.entry(model.clone()).or_default().push(id);
             }
         }
+        let epoch = tokio::time::Instant::now();
         Self {
             states: backends
-                .iter()
-                .map(|_| {
+                .into_iter()
+                .map(|backend| {
                     Arc::new(BackendState {
+                        backend: ArcSwap::from_pointee(backend),
                         in_flight: AtomicU32::new(0),
                         breaker: CircuitBreaker::new(breaker),
                         health: Health::new(Instant::now()),
+                        lifecycle: AtomicU8::new(InstanceState::Hot.to_u8()),
+                        last_active_ms: AtomicU64::new(0),
+                        epoch,
+                        signals: Mutex::new(None),
                     })
                 })
                 .collect(),
-            backends,
             by_model,
             policy,
         }
     }
 
-    /// Probes every plain-http backend once (`GET /health`), concurrently,
-    /// and records the results. Returns the backends whose verdict flipped,
-    /// with the new one. TLS backends are not probed (the prober speaks plain
-    /// http); their breakers still watch them.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    pub fn lifecycle(&self, id: BackendId) -> Option<InstanceState> {
+        self.states.get(id).map(|s| s.lifecycle())
+    }
+
+    /// Sets a backend's lifecycle state. Becoming hot starts it healthy with
+    /// a closed breaker: the controller has just seen its probe pass.
+    pub fn set_lifecycle(&self, id: BackendId, state: InstanceState) {
+        let Some(s) = self.states.get(id) else {
+            return;
+        };
+        if state == InstanceState::Hot {
+            s.health.mark_healthy();
+            s.breaker.on_success();
+            s.touch();
+        }
+        s.lifecycle.store(state.to_u8(), Ordering::Release);
+    }
+
+    /// Points a backend at a new address (a rented instance was started or
+    /// replaced).
+    pub fn set_address(&self, id: BackendId, address: &str) {
+        if let Some(s) = self.states.get(id) {
+            let mut backend = Backend::clone(&s.backend.load());
+            backend.address = address.to_owned();
+            s.backend.store(Arc::new(backend));
+        }
+    }
+
+    /// Requests in flight on the backend now.
+    pub fn in_flight(&self, id: BackendId) -> u32 {
+        self.states
+            .get(id)
+            .map_or(0, |s| s.in_flight.load(Ordering::Acquire))
+    }
+
+    /// When a request last started or ended on the backend (its creation if
+    /// none has).
+    pub fn last_active(&self, id: BackendId) -> Option<tokio::time::Instant> {
+        let s = self.states.get(id)?;
+        let ms = s.last_active_ms.load(Ordering::Acquire);
+        Some(s.epoch + Duration::from_millis(ms))
+    }
+
+    /// The active probes' verdict.
+    pub fn healthy(&self, id: BackendId) -> bool {
+        self.states.get(id).is_some_and(|s| s.health.is_healthy())
+    }
+
+    /// Whether the backend takes requests now (see [`BackendStatus::routable`]).
+    pub fn routable(&self, id: BackendId) -> bool {
+        self.states
+            .get(id)
+            .is_some_and(|s| s.routable(Instant::now()))
+    }
+
+    /// Probes every hot plain-http backend once, concurrently, per its
+    /// protocol, records the results and scrapes its load signals. Returns
+    /// the backends whose verdict flipped, with the new one. TLS backends
+    /// are not probed (the prober speaks plain http); their breakers still
+    /// watch them. Instances that are not hot are the fleet controller's
+    /// to watch.
     pub async fn probe_all(
         &self,
-        client: &ProbeClient,
+        probes: &ProbeClient,
+        scrapes: &SignalsClient,
         config: &ProbeConfig,
-    ) -> Vec<(&Backend, bool)> {
-        let probes = self
-            .backends
+    ) -> Vec<(Arc<Backend>, bool)> {
+        let checks = self
+            .states
             .iter()
-            .zip(&self.states)
-            .filter(|(backend, _)| !backend.tls)
+            .map(|state| (state.backend.load_full(), state))
+            .filter(|(backend, state)| !backend.tls && state.lifecycle() == InstanceState::Hot)
             .map(|(backend, state)| async move {
-                let ok = probe(client, &backend.address, &Probe::OpenAi, config.timeout).await;
+                let (ok, signals) = tokio::join!(
+                    probe(probes, &backend.address, &backend.probe, config.timeout),
+                    scrape(scrapes, &backend.address, config.timeout)
+                );
+                *state.signals.lock().unwrap_or_else(PoisonError::into_inner) = signals;
                 state
                     .health
                     .record(ok, Instant::now(), config)
                     .map(|healthy| (backend, healthy))
             });
-        join_all(probes).await.into_iter().flatten().collect()
+        join_all(checks).await.into_iter().flatten().collect()
     }
 }
 
@@ -208,7 +321,7 @@ impl UpstreamSelector for BackendPool {
         model: &str,
         tried: &[BackendId],
         facts: &RequestFacts<'_>,
-    ) -> Option<(BackendId, &Backend, Lease)> {
+    ) -> Option<(BackendId, Arc<Backend>, Lease)> {
         let now = Instant::now();
         let mut candidates: Vec<Candidate> = self
             .by_model
@@ -219,7 +332,7 @@ impl UpstreamSelector for BackendPool {
             .map(|&id| Candidate {
                 id,
                 in_flight: self.states[id].in_flight.load(Ordering::Acquire),
-                capacity: self.backends[id].max_concurrency,
+                capacity: self.states[id].backend.load().max_concurrency,
             })
             .collect();
         // A half-open breaker lets one probe through: the policy's pick may
@@ -235,8 +348,9 @@ impl UpstreamSelector for BackendPool {
             let state = &self.states[picked.id];
             if state.breaker.allow(now) {
                 state.in_flight.fetch_add(1, Ordering::AcqRel);
+                state.touch();
                 let lease = Lease(Arc::clone(state));
-                return Some((picked.id, &self.backends[picked.id], lease));
+                return Some((picked.id, state.backend.load_full(), lease));
             }
         }
         None
@@ -258,21 +372,22 @@ impl UpstreamSelector for BackendPool {
         self.by_model.get(model).map_or(0, Vec::len)
     }
 
-    fn backends(&self) -> &[Backend] {
-        &self.backends
+    fn backend(&self, id: BackendId) -> Option<Arc<Backend>> {
+        self.states.get(id).map(|s| s.backend.load_full())
     }
 
     fn statuses(&self) -> Vec<BackendStatus> {
         let now = Instant::now();
-        self.backends
+        self.states
             .iter()
-            .zip(&self.states)
-            .map(|(backend, state)| {
+            .map(|state| {
+                let backend = state.backend.load();
                 let breaker = state.breaker.state(now);
                 BackendStatus {
                     name: backend.name.clone(),
                     address: backend.address.clone(),
                     models: backend.models.clone(),
+                    state: state.lifecycle(),
                     routable: state.routable(now),
                     healthy: state.health.is_healthy(),
                     breaker: match breaker {
@@ -282,6 +397,11 @@ impl UpstreamSelector for BackendPool {
                     },
                     in_flight: state.in_flight.load(Ordering::Acquire),
                     max_concurrency: backend.max_concurrency,
+                    signals: state
+                        .signals
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone(),
                 }
             })
             .collect()
@@ -304,6 +424,8 @@ mod tests {
             models: models.iter().map(|m| (*m).to_owned()).collect(),
             max_concurrency: slots,
             credential: None,
+            probe: Probe::OpenAi,
+            protocol: Protocol::OpenAi,
         }
     }
 

@@ -11,8 +11,13 @@
 //!   drop usage events older than that (see [`crate::usage_api`]);
 //! - `GET /admin/queues`: per backend pool, its slots and, per tier, queue
 //!   depth, oldest and expected wait, admitted and shed counts;
-//! - `GET /admin/backends`: each backend's health verdict, breaker, whether
-//!   it is routable, requests in flight and slots.
+//! - `GET /admin/backends`: each backend's lifecycle state, provider and
+//!   instance, health verdict, breaker, whether it is routable, requests in
+//!   flight and slots, load signals scraped from it, and its cost so far;
+//! - `POST /admin/backends/{name}/drain|wake|sleep`: take a backend out of
+//!   rotation (pinned until woken), put it back or wake it, or stop it
+//!   (→ warm) once its requests are done. 202 with the state now; the
+//!   transition continues in the background.
 //!
 //! Every request needs `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`; with no
 //! token configured the admin API refuses everything.
@@ -30,6 +35,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use tollgate_backends::fleet::controller::{Command, CommandError, FleetController};
 use tollgate_backends::routing::UpstreamSelector;
 
 use crate::admission::AdmissionQueues;
@@ -48,6 +54,7 @@ pub struct AdminApi {
     pub pool: Pool,
     pub queues: Arc<AdmissionQueues>,
     pub selector: Arc<dyn UpstreamSelector>,
+    pub fleet: Arc<FleetController>,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +193,30 @@ impl AdminApi {
             }
             (&Method::GET, "/admin/queues") => Ok((StatusCode::OK, self.queues.signals_json())),
             (&Method::GET, "/admin/backends") => Ok((StatusCode::OK, self.backends_json())),
+            (&Method::POST, path) if path.starts_with("/admin/backends/") => {
+                let (name, verb) = path["/admin/backends/".len()..]
+                    .split_once('/')
+                    .ok_or_else(|| ApiError::NotFound(format!("no admin route {path}")))?;
+                let command = match verb {
+                    "drain" => Command::Drain,
+                    "wake" => Command::Wake,
+                    "sleep" => Command::Sleep,
+                    other => {
+                        return Err(ApiError::NotFound(format!(
+                            "unknown backend command `{other}` (drain, wake, sleep)"
+                        )));
+                    }
+                };
+                let state = self.fleet.command(name, command).map_err(|e| match e {
+                    CommandError::UnknownBackend(_) => ApiError::NotFound(e.to_string()),
+                    CommandError::Static(_) => ApiError::bad_request(e.to_string(), None),
+                    CommandError::Busy(_) => ApiError::Conflict(e.to_string()),
+                })?;
+                Ok((
+                    StatusCode::ACCEPTED,
+                    json!({"name": name, "command": verb, "state": state.as_str()}),
+                ))
+            }
             (&Method::GET, "/admin/stats") => {
                 Ok((StatusCode::OK, usage_api::stats(&self.pool).await?))
             }
@@ -260,20 +291,29 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {
 
 impl AdminApi {
     fn backends_json(&self) -> Value {
+        let lifecycles = self.fleet.statuses();
         let data: Vec<Value> = self
             .selector
             .statuses()
             .into_iter()
-            .map(|b| {
+            .zip(lifecycles)
+            .map(|(b, life)| {
                 json!({
                     "name": b.name,
                     "address": b.address,
                     "models": b.models,
+                    "provider": life.provider,
+                    "instance_id": life.instance_id,
+                    "state": life.state.as_str(),
+                    "state_secs": life.in_state_for.as_secs_f64(),
+                    "pinned": life.pinned,
+                    "cost_so_far": life.cost_so_far,
                     "routable": b.routable,
                     "healthy": b.healthy,
                     "breaker": b.breaker,
                     "in_flight": b.in_flight,
                     "max_concurrency": b.max_concurrency,
+                    "signals": b.signals,
                 })
             })
             .collect();

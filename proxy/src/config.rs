@@ -10,7 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tollgate_backends::fleet::controller::ControllerTiming;
+use tollgate_backends::fleet::policy::FleetPolicy;
+use tollgate_backends::fleet::providers::HourlyCost;
+use tollgate_backends::fleet::providers::runpod::RunPodConfig;
 use tollgate_backends::health::ProbeConfig;
+pub use tollgate_backends::protocol::Protocol;
 use tollgate_metering::tokens::Encoding;
 use tollgate_metering::writer::WriterConfig;
 
@@ -78,6 +83,8 @@ pub struct RawConfig {
     routing: RawRouting,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    fleet: RawFleet,
     #[serde(default)]
     tiers: Vec<RawTier>,
     #[serde(default)]
@@ -178,6 +185,25 @@ struct RawHealth {
     grace: Option<String>,
 }
 
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    min_hot: Option<u32>,
+    max_hot: Option<u32>,
+    idle_stop_secs: Option<u64>,
+    warm_release_secs: Option<u64>,
+    resume_queue_depth: Option<usize>,
+    create_queue_depth: Option<usize>,
+    scale_in_queue_depth: Option<usize>,
+    scale_in_after_secs: Option<u64>,
+    wake_standby_wait_secs: Option<BTreeMap<String, u64>>,
+    rent_overflow_wait_secs: Option<BTreeMap<String, u64>>,
+    failed_retry_secs: Option<u64>,
+    start_timeout_secs: Option<u64>,
+    interval: Option<String>,
+    drain_timeout_secs: Option<u64>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
@@ -202,13 +228,18 @@ struct RawTier {
 #[serde(deny_unknown_fields)]
 struct RawBackend {
     name: String,
-    url: String,
+    url: Option<String>,
     #[serde(default = "default_protocol")]
     protocol: String,
     models: Vec<String>,
     max_concurrency: Option<u32>,
     pool: Option<String>,
     credential: Option<String>,
+    provider: Option<String>,
+    command: Option<Vec<String>>,
+    hourly_cost: Option<f64>,
+    stopped_hourly_cost: Option<f64>,
+    runpod: Option<toml::Value>,
 }
 
 fn default_protocol() -> String {
@@ -232,6 +263,7 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// `[health]`: active probes of every plain-http backend.
     pub health: ProbeConfig,
+    pub fleet: FleetConfig,
     /// In config order.
     pub tiers: Vec<TierConfig>,
     pub backends: Vec<BackendConfig>,
@@ -399,10 +431,23 @@ pub enum RedisDownPolicy {
     Reject,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// The OpenAI HTTP API, as trtllm-serve, vLLM and SGLang serve it.
-    OpenAi,
+/// Where a backend's instance comes from.
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    /// An always-on server at `url`: no lifecycle.
+    Static,
+    /// A local process Tollgate starts and stops; argv with `{port}` for
+    /// the port Tollgate picks at start-up.
+    Process { command: Vec<String> },
+    /// A RunPod pod, rented, stopped and resumed through RunPod's API.
+    RunPod(Box<RunPodConfig>),
+}
+
+/// `[fleet]`: the lifecycle controller's thresholds and timing.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub policy: FleetPolicy,
+    pub timing: ControllerTiming,
 }
 
 #[derive(Debug, Clone)]
@@ -414,6 +459,9 @@ pub struct BackendConfig {
     pub host: String,
     pub tls: bool,
     pub protocol: Protocol,
+    pub provider: ProviderConfig,
+    /// Hourly prices, running and stopped, for cost accounting.
+    pub cost: HourlyCost,
     pub models: Vec<String>,
     pub max_concurrency: u32,
     /// The admission queue this backend's slots belong to: backends serving
@@ -444,6 +492,10 @@ pub mod defaults {
     pub const NEGATIVE_CACHE_TTL: &str = "2s";
     pub const KEY_CACHE_CAPACITY: usize = 100_000;
     pub const BACKEND_MAX_CONCURRENCY: u32 = 64;
+    /// How often the fleet controller reads the queues.
+    pub const FLEET_INTERVAL: &str = "1s";
+    /// A sleeping instance's requests get this long to finish before it stops.
+    pub const FLEET_DRAIN_TIMEOUT_SECS: u64 = 300;
     pub const REDIS_KEY_PREFIX: &str = "tollgate";
     pub const ROUTING_POLICY: &str = "least_outstanding";
     pub const SESSION_HEADER: &str = "x-session-id";
@@ -658,6 +710,7 @@ impl Config {
                     .unwrap_or(defaults::KEY_CACHE_CAPACITY),
             )?,
         };
+        let tiers = validate_tiers(raw.tiers)?;
         Self {
             server,
             database,
@@ -669,7 +722,8 @@ impl Config {
             admission: validate_admission(raw.admission)?,
             routing: validate_routing(raw.routing)?,
             health: validate_health(raw.health)?,
-            tiers: validate_tiers(raw.tiers)?,
+            fleet: validate_fleet(raw.fleet, &tiers)?,
+            tiers,
             backends: validate_backends(raw.backends)?,
         }
         .check_reservation_ttl()
@@ -883,6 +937,95 @@ fn validate_routing(r: RawRouting) -> Result<RoutingConfig, ConfigError> {
     })
 }
 
+fn validate_fleet(f: RawFleet, tiers: &[TierConfig]) -> Result<FleetConfig, ConfigError> {
+    let default = FleetPolicy::default();
+    let secs = |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_secs);
+    let configured = |tier: &str| tiers.iter().any(|t| t.name == tier);
+    // A table given must name configured tiers; the defaults apply to the
+    // tiers of those names that exist.
+    let waits = |field: &str,
+                 value: Option<BTreeMap<String, u64>>,
+                 default: &HashMap<String, Duration>|
+     -> Result<HashMap<String, Duration>, ConfigError> {
+        match value {
+            None => Ok(default
+                .iter()
+                .filter(|(tier, _)| configured(tier))
+                .map(|(tier, wait)| (tier.clone(), *wait))
+                .collect()),
+            Some(table) => table
+                .into_iter()
+                .map(|(tier, s)| {
+                    if configured(&tier) {
+                        Ok((tier, Duration::from_secs(s)))
+                    } else {
+                        Err(invalid(
+                            field,
+                            format!("names tier `{tier}`, which is not configured"),
+                        ))
+                    }
+                })
+                .collect(),
+        }
+    };
+    let policy = FleetPolicy {
+        min_hot: f.min_hot.unwrap_or(default.min_hot),
+        max_hot: f.max_hot.unwrap_or(default.max_hot),
+        idle_stop: secs(f.idle_stop_secs, default.idle_stop),
+        warm_release: secs(f.warm_release_secs, default.warm_release),
+        resume_queue_depth: f.resume_queue_depth.unwrap_or(default.resume_queue_depth),
+        create_queue_depth: f.create_queue_depth.unwrap_or(default.create_queue_depth),
+        scale_in_queue_depth: f
+            .scale_in_queue_depth
+            .unwrap_or(default.scale_in_queue_depth),
+        scale_in_after: secs(f.scale_in_after_secs, default.scale_in_after),
+        wake_standby_wait: waits(
+            "fleet.wake_standby_wait_secs",
+            f.wake_standby_wait_secs,
+            &default.wake_standby_wait,
+        )?,
+        rent_overflow_wait: waits(
+            "fleet.rent_overflow_wait_secs",
+            f.rent_overflow_wait_secs,
+            &default.rent_overflow_wait,
+        )?,
+        failed_retry: secs(f.failed_retry_secs, default.failed_retry),
+        start_timeout: secs(f.start_timeout_secs, default.start_timeout),
+    };
+    if policy.max_hot == 0 || policy.min_hot > policy.max_hot {
+        return Err(invalid(
+            "fleet.max_hot",
+            "must be at least 1 and at least min_hot",
+        ));
+    }
+    if policy.create_queue_depth < policy.resume_queue_depth
+        || policy.scale_in_queue_depth > policy.resume_queue_depth
+    {
+        return Err(invalid(
+            "fleet.scale_in_queue_depth",
+            "needs scale_in_queue_depth <= resume_queue_depth <= create_queue_depth, or the fleet would flap",
+        ));
+    }
+    let timing = ControllerTiming {
+        interval: duration(
+            "fleet.interval",
+            f.interval.as_deref(),
+            defaults::FLEET_INTERVAL,
+        )?,
+        // A woken instance is probed this often: the cold-start wait is its
+        // start-up time plus at most this.
+        poll: Duration::from_millis(250),
+        drain_timeout: secs(
+            f.drain_timeout_secs,
+            Duration::from_secs(defaults::FLEET_DRAIN_TIMEOUT_SECS),
+        ),
+    };
+    if timing.interval.is_zero() {
+        return Err(invalid("fleet.interval", "must be more than zero"));
+    }
+    Ok(FleetConfig { policy, timing })
+}
+
 fn validate_health(h: RawHealth) -> Result<ProbeConfig, ConfigError> {
     let default = ProbeConfig::DEFAULT;
     let or_default = |key: &str, value: Option<&str>, default: Duration| match value {
@@ -1043,17 +1186,87 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
                 format!("backend `{}` is defined twice", b.name),
             ));
         }
-        let protocol = match b.protocol.as_str() {
-            "openai" => Protocol::OpenAi,
-            other => {
+        let protocol: Protocol = b.protocol.parse().map_err(|_| {
+            invalid(
+                key("protocol"),
+                format!(
+                    "unsupported protocol `{}` (supported: \"openai\", \"triton\")",
+                    b.protocol
+                ),
+            )
+        })?;
+        if protocol == Protocol::Triton {
+            return Err(invalid(
+                key("protocol"),
+                "the gateway does not translate to Triton yet (supported: \"openai\")",
+            ));
+        }
+        let provider = match (
+            b.provider.as_deref().unwrap_or("static"),
+            b.command,
+            b.runpod,
+        ) {
+            ("static", None, None) => ProviderConfig::Static,
+            ("process", Some(command), None) if !command.is_empty() => {
+                ProviderConfig::Process { command }
+            }
+            ("process", _, _) => {
                 return Err(invalid(
-                    key("protocol"),
-                    format!("unsupported protocol `{other}` (supported: \"openai\")"),
+                    key("command"),
+                    "a process backend needs `command`, an argv list (use {port} for the port), and no [runpod]",
+                ));
+            }
+            ("runpod", None, Some(runpod)) => {
+                ProviderConfig::RunPod(Box::new(runpod.try_into().map_err(
+                    |e: toml::de::Error| invalid(key("runpod"), e.message().to_owned()),
+                )?))
+            }
+            ("runpod", _, _) => {
+                return Err(invalid(
+                    key("runpod"),
+                    "a runpod backend needs a [backends.runpod] table, and no `command`",
+                ));
+            }
+            ("static", _, _) => {
+                return Err(invalid(
+                    key("provider"),
+                    "`command` and [runpod] need provider = \"process\" or \"runpod\"",
+                ));
+            }
+            (other, _, _) => {
+                return Err(invalid(
+                    key("provider"),
+                    format!("unknown provider `{other}` (known: static, process, runpod)"),
                 ));
             }
         };
-        let (tls, host, address) =
-            parse_backend_url(&b.url).map_err(|problem| invalid(key("url"), problem))?;
+        let (tls, host, address) = match (&provider, b.url.as_deref()) {
+            (ProviderConfig::Static, Some(url)) => {
+                parse_backend_url(url).map_err(|problem| invalid(key("url"), problem))?
+            }
+            (ProviderConfig::Static, None) => {
+                return Err(invalid(key("url"), "a static backend needs its `url`"));
+            }
+            // The address is learnt when the instance starts.
+            (_, None) => (false, "127.0.0.1".to_owned(), String::new()),
+            (_, Some(_)) => {
+                return Err(invalid(
+                    key("url"),
+                    "only static backends have a `url`; a process or pod gets its address when it starts",
+                ));
+            }
+        };
+        let cost = HourlyCost {
+            running: b.hourly_cost.unwrap_or(0.0),
+            stopped: b.stopped_hourly_cost.unwrap_or(0.0),
+        };
+        if !(cost.running.is_finite()
+            && cost.running >= 0.0
+            && cost.stopped.is_finite()
+            && cost.stopped >= 0.0)
+        {
+            return Err(invalid(key("hourly_cost"), "prices must be zero or more"));
+        }
         if let Some(credential) = &b.credential
             && (credential.is_empty() || !credential.bytes().all(|c| c.is_ascii_graphic()))
         {
@@ -1094,6 +1307,8 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
             host,
             tls,
             protocol,
+            provider,
+            cost,
             models: b.models,
             max_concurrency,
             pool,
@@ -1422,6 +1637,70 @@ mod tests {
         let shared = format!("{text}pool = \"sim-model\"\n");
         let config = parse(&shared, &no_env()).unwrap();
         assert_eq!(config.backends[1].pool, config.backends[0].pool);
+    }
+
+    #[test]
+    fn managed_backend_and_fleet_mistakes_name_the_key() {
+        let backend = "[[backends]]\nname = \"gpu\"\nmodels = [\"sim-model\"]\n";
+        let cases = [
+            (
+                format!("{backend}provider = \"process\"\n"),
+                "backends[1].command",
+            ),
+            (
+                format!(
+                    "{backend}provider = \"process\"\ncommand = [\"sim\"]\nurl = \"http://h:1\"\n"
+                ),
+                "backends[1].url",
+            ),
+            (
+                format!("{backend}provider = \"gcp\"\n"),
+                "backends[1].provider",
+            ),
+            (
+                format!("{backend}provider = \"runpod\"\n"),
+                "backends[1].runpod",
+            ),
+            (
+                format!("{backend}url = \"http://h:1\"\nhourly_cost = -1.0\n"),
+                "backends[1].hourly_cost",
+            ),
+            (
+                "[fleet]\nmin_hot = 3\nmax_hot = 2\n".to_owned(),
+                "fleet.max_hot",
+            ),
+            (
+                "[fleet]\nresume_queue_depth = 40\n".to_owned(),
+                "fleet.scale_in_queue_depth",
+            ),
+            (
+                "[fleet]\nrent_overflow_wait_secs = { gold = 30 }\n".to_owned(),
+                "fleet.rent_overflow_wait_secs",
+            ),
+        ];
+        for (extra, key) in cases {
+            let text = format!("{MINIMAL}\n{extra}");
+            let err = parse(&text, &no_env()).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra:?} → {err}");
+        }
+        let process = format!(
+            "{MINIMAL}\n{backend}provider = \"process\"\ncommand = [\"gpu-sim\", \"--listen\", \"127.0.0.1:{{port}}\"]\n\
+             [fleet]\nmin_hot = 0\n"
+        );
+        let config = parse(&process, &no_env()).unwrap();
+        assert!(
+            matches!(&config.backends[1].provider, ProviderConfig::Process { command } if command.len() == 3)
+        );
+        assert_eq!(config.fleet.policy.min_hot, 0);
+        // Default tier triggers apply only to tiers that exist.
+        assert!(
+            config
+                .fleet
+                .policy
+                .rent_overflow_wait
+                .keys()
+                .all(|t| config.tiers.iter().any(|c| &c.name == t))
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod fleet;
 pub mod gateway;
 pub mod keys;
 pub mod metering;

@@ -18,8 +18,10 @@ use tollgate_backends::balance::breaker::BreakerConfig;
 use tollgate_backends::balance::least_outstanding::LeastOutstanding;
 use tollgate_backends::balance::round_robin::RoundRobin;
 use tollgate_backends::balance::session_affinity::SessionAffinity;
-use tollgate_backends::health::{ProbeClient, ProbeConfig};
+use tollgate_backends::fleet::controller::{FleetController, Managed};
+use tollgate_backends::health::{Probe, ProbeClient, ProbeConfig};
 use tollgate_backends::routing::{Backend, BackendPool, UpstreamSelector};
+use tollgate_backends::signals::SignalsClient;
 use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, UsageSink, WriterStats};
 
@@ -29,6 +31,7 @@ use crate::admission::limits::redis::RedisLimits;
 use crate::admission::reconcile::PeriodReconciler;
 use crate::config::{Config, RoutingConfig, RoutingPolicy};
 use crate::db::{self, PoolJanitor};
+use crate::fleet::{self, EventLog, FleetService};
 use crate::gateway::Gateway;
 use crate::gateway::context::InFlight;
 use crate::gateway::usage::Metering;
@@ -73,19 +76,29 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     );
     let store = KeyStore::new(pool.clone());
     let cache = KeyCache::new(store.clone(), config.keys);
-    let backends: Vec<Backend> = config
-        .backends
-        .iter()
-        .map(|b| Backend {
+    let mut backends: Vec<Backend> = Vec::new();
+    let mut managed: Vec<Managed> = Vec::new();
+    for (id, b) in config.backends.iter().enumerate() {
+        let mut address = b.address.clone();
+        if let Some(m) = fleet::provider(&b.name, &b.provider, b.cost)? {
+            address = m.address.unwrap_or_default();
+            managed.push(Managed {
+                id,
+                provider: m.provider,
+            });
+        }
+        backends.push(Backend {
             name: b.name.clone(),
-            address: b.address.clone(),
+            address,
             host: b.host.clone(),
             tls: b.tls,
             models: b.models.clone(),
             max_concurrency: b.max_concurrency,
             credential: b.credential.as_ref().map(|c| c.expose().to_owned()),
-        })
-        .collect();
+            probe: Probe::for_protocol(b.protocol, &b.models),
+            protocol: b.protocol,
+        });
+    }
     let redis = match &config.redis_url {
         Some(url) => Some(redis_client(url.expose())?),
         None => None,
@@ -103,6 +116,14 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     )?);
     let pool_of_backends = Arc::new(backend_pool(backends, &config.routing));
     let selector: Arc<dyn UpstreamSelector> = pool_of_backends.clone();
+    let (event_log, event_writer) = EventLog::new();
+    let fleet_controller = fleet::controller(
+        &config,
+        Arc::clone(&pool_of_backends),
+        managed,
+        admission.queues(),
+        event_log,
+    );
     let in_flight = Arc::new(InFlight::default());
     let revocation_fanout = config
         .redis_url
@@ -135,6 +156,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         pool: pool.clone(),
         queues: admission.queues(),
         selector,
+        fleet: Arc::clone(&fleet_controller),
     };
     let mut admin = Service::new("admin API".to_owned(), HttpServer::new_app(admin_api));
     admin.add_tcp(&config.server.admin_listen.to_string());
@@ -177,6 +199,14 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         },
     ));
     server.add_service(background_service(
+        "fleet controller",
+        FleetService {
+            controller: Arc::clone(&fleet_controller),
+            events: event_writer,
+            pool: pool.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "period counter reconciler",
         PeriodReconciler {
             pool: pool.clone(),
@@ -202,6 +232,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             in_flight,
             timeout: config.server.drain_timeout,
             usage: sink,
+            fleet: fleet_controller,
         },
     ));
     tracing::info!(
@@ -240,6 +271,7 @@ struct HealthProber {
 impl BackgroundService for HealthProber {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let client = ProbeClient::new();
+        let scrapes = SignalsClient::new();
         // Backends start presumed healthy: the first probe is one interval in.
         let first = tokio::time::Instant::now() + self.config.interval;
         let mut ticks = tokio::time::interval_at(first, self.config.interval);
@@ -249,7 +281,11 @@ impl BackgroundService for HealthProber {
                 _ = ticks.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            for (backend, healthy) in self.backends.probe_all(&client, &self.config).await {
+            for (backend, healthy) in self
+                .backends
+                .probe_all(&client, &scrapes, &self.config)
+                .await
+            {
                 if healthy {
                     tracing::warn!(backend = %backend.name, "backend healthy again: routable");
                 } else {
@@ -294,6 +330,8 @@ struct Drainer {
     in_flight: Arc<InFlight>,
     timeout: Duration,
     usage: UsageSink,
+    /// Local instances (child processes) end with the gateway.
+    fleet: Arc<FleetController>,
 }
 
 #[async_trait]
@@ -315,6 +353,7 @@ impl BackgroundService for Drainer {
             Ok(()) => tracing::info!("usage events flushed"),
             Err(_) => tracing::error!("usage flush timed out; unwritten events are lost"),
         }
+        self.fleet.terminate_local().await;
         process::exit(0);
     }
 }

@@ -212,6 +212,8 @@ struct Options {
     routing: &'static str,
     /// Extra `[health]` lines.
     health: &'static str,
+    /// Appended to the config: `[fleet]`, managed `[[backends]]`.
+    tail: String,
 }
 
 /// A migrated database and a running `tollgate serve`.
@@ -262,6 +264,7 @@ impl Gateway {
                 config.push_str(&format!("max_concurrency = {slots}\n"));
             }
         }
+        config.push_str(&options.tail);
         let path = std::env::temp_dir().join(format!("{}.toml", unique("tollgate")));
         std::fs::write(&path, config).unwrap();
         let mut gateway = Self {
@@ -505,6 +508,8 @@ fn cl100k(text: &str) -> usize {
 
 #[path = "gateway/admission.rs"]
 mod admission;
+#[path = "gateway/fleet.rs"]
+mod fleet;
 #[path = "gateway/metering.rs"]
 mod metering;
 #[path = "gateway/routing.rs"]

@@ -44,6 +44,7 @@ async fn run(options: SimOptions) -> anyhow::Result<()> {
     let listener = TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     let models = options.models.join(",");
+    let exit_with_parent = options.exit_with_parent;
     let engine = Arc::new(Engine::new(options)?);
     // The one line scripts and tests wait for: the server accepts connections now.
     println!("gpu-sim listening on http://{address} models={models}");
@@ -56,6 +57,7 @@ async fn run(options: SimOptions) -> anyhow::Result<()> {
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        () = parent_gone(exit_with_parent) => {}
     }
     let _ = stop_tx.send(());
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
@@ -65,4 +67,17 @@ async fn run(options: SimOptions) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Resolves once the process that started this one has exited (we were
+/// re-parented); never, unless `watch` is set.
+async fn parent_gone(watch: bool) {
+    if !watch {
+        return std::future::pending().await;
+    }
+    let parent = nix::unistd::getppid();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    while nix::unistd::getppid() == parent {
+        tick.tick().await;
+    }
 }

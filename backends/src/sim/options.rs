@@ -84,6 +84,11 @@ pub struct SimOptions {
     /// Worker threads of the async runtime; 0 means one per core.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
+
+    /// Exit when the parent process does (it was started by Tollgate's
+    /// `process` provider, which may be killed without a chance to stop it).
+    #[arg(long)]
+    pub exit_with_parent: bool,
 }
 
 fn probability(s: &str) -> Result<f64, String> {

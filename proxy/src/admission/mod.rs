@@ -42,6 +42,9 @@ use self::limits::{
     AdmitRequest, QuotaRule, RateKind, RateRule, Reservation, Scope, Settlement, Verdict, Windows,
 };
 use self::queue::{AdmissionQueue, PoolSnapshot, Shed, Slot};
+use tollgate_backends::fleet::controller::Demand;
+use tollgate_backends::fleet::policy::TierWait;
+
 use crate::config::{AdmissionConfig, Config, TierConfig};
 use crate::error::ApiError;
 use crate::keys::store::KeyRecord;
@@ -464,6 +467,31 @@ impl AdmissionQueues {
             queue.set_capacity(slots);
         }
         queue.is_some()
+    }
+}
+
+/// What the fleet controller reads and sets.
+impl Demand for AdmissionQueues {
+    fn demand(&self) -> Vec<(String, Vec<TierWait>)> {
+        self.signals()
+            .into_iter()
+            .map(|pool| {
+                let tiers = pool
+                    .tiers
+                    .into_iter()
+                    .map(|t| TierWait {
+                        tier: t.tier,
+                        depth: t.depth,
+                        oldest_wait: t.oldest_wait,
+                    })
+                    .collect();
+                (pool.pool, tiers)
+            })
+            .collect()
+    }
+
+    fn set_capacity(&self, pool: &str, slots: u32) {
+        AdmissionQueues::set_capacity(self, pool, slots);
     }
 }
 

@@ -204,13 +204,13 @@ impl AdmissionQueue {
     ) -> Result<Slot, Shed> {
         let rank = rank.min(self.tiers.len().saturating_sub(1));
         let arrived = Instant::now();
-        let (seq, grant) = {
+        let (seq, grant, cold_start) = {
             let mut state = self.lock();
             if state.in_use < state.capacity && state.depth() == 0 {
                 state.in_use += 1;
                 drop(state);
                 self.counters[rank].admitted.fetch_add(1, Ordering::Relaxed);
-                return Ok(Slot::new(self, Duration::ZERO));
+                return Ok(Slot::new(self, Duration::ZERO, false));
             }
             if let Some(expected_wait) = state.expected_wait(rank)
                 && expected_wait > max_expected_wait
@@ -231,7 +231,7 @@ impl AdmissionQueue {
                     grant: sender,
                 },
             );
-            (seq, receiver)
+            (seq, receiver, state.capacity == 0)
         };
         // Created before the first `.await`, so from here on dropping the
         // future always runs `Waiting::drop` and nothing is left queued.
@@ -241,12 +241,13 @@ impl AdmissionQueue {
             seq,
             arrived,
             grant,
+            cold_start,
             settled: false,
         };
         if let Ok(Ok(())) = timeout(max_wait, &mut waiting.grant).await {
             waiting.settled = true;
             self.counters[rank].admitted.fetch_add(1, Ordering::Relaxed);
-            return Ok(Slot::new(self, arrived.elapsed()));
+            return Ok(Slot::new(self, arrived.elapsed(), cold_start));
         }
         waiting.give_up()
     }
@@ -403,6 +404,8 @@ struct Waiting<'a> {
     seq: u64,
     arrived: Instant,
     grant: oneshot::Receiver<()>,
+    /// The pool had no slots at all when it arrived.
+    cold_start: bool,
     /// The outcome has been decided and counted; nothing left to undo.
     settled: bool,
 }
@@ -422,7 +425,7 @@ impl Waiting<'_> {
             queue.counters[self.rank]
                 .admitted
                 .fetch_add(1, Ordering::Relaxed);
-            return Ok(Slot::new(queue, waited));
+            return Ok(Slot::new(queue, waited, self.cold_start));
         }
         let expected_wait = state.expected_wait(self.rank);
         drop(state);
@@ -465,20 +468,28 @@ pub struct Slot {
     queue: Arc<AdmissionQueue>,
     acquired: Instant,
     waited: Duration,
+    cold_start: bool,
 }
 
 impl Slot {
-    fn new(queue: &Arc<AdmissionQueue>, waited: Duration) -> Self {
+    fn new(queue: &Arc<AdmissionQueue>, waited: Duration, cold_start: bool) -> Self {
         Self {
             queue: Arc::clone(queue),
             acquired: Instant::now(),
             waited,
+            cold_start,
         }
     }
 
     /// How long the request queued for this slot (zero if admitted at once).
     pub fn waited(&self) -> Duration {
         self.waited
+    }
+
+    /// The pool had no capacity when the request arrived: it was held while
+    /// an instance woke (`x-tollgate-cold-start`).
+    pub fn cold_start(&self) -> bool {
+        self.cold_start
     }
 }
 

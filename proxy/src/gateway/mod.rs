@@ -47,6 +47,7 @@ use self::context::{InFlight, RequestContext};
 use self::request::{BodyError, Endpoint, Route, read_body};
 use self::usage::{FinishedRequest, Metering};
 use crate::admission::headers::{rate_limit_headers, retry_after};
+use crate::admission::queue::Slot;
 use crate::admission::{Admission, Estimate, Refusal};
 use crate::config::UpstreamTimeouts;
 use crate::error::ApiError;
@@ -57,6 +58,8 @@ use crate::usage_api::{self, UsageQuery};
 pub const REQUEST_ID: &str = "x-request-id";
 /// How long the request waited for a GPU slot, in milliseconds.
 pub const QUEUE_WAIT: &str = "x-tollgate-queue-wait-ms";
+/// On answers to requests held while the fleet woke from zero.
+pub const COLD_START: &str = "x-tollgate-cold-start";
 /// Attempts per request: the first backend, and one other after a failed connection.
 const MAX_ATTEMPTS: usize = 2;
 /// Pingora error type for "no backend serves this model".
@@ -522,9 +525,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestContext,
     ) -> pingora::Result<()> {
         upstream.remove_header(&header::AUTHORIZATION);
-        let backend = ctx
-            .backend()
-            .and_then(|id| self.selector.backends().get(id));
+        let backend = ctx.backend().and_then(|id| self.selector.backend(id));
         if let Some(backend) = backend {
             upstream.insert_header(header::HOST, backend.address.as_str())?;
             if let Some(credential) = &backend.credential {
@@ -582,6 +583,9 @@ impl ProxyHttp for Gateway {
         }
         if let Some(wait) = ctx.queue_wait {
             response.insert_header(QUEUE_WAIT, wait.as_millis().to_string())?;
+        }
+        if ctx.slot.as_ref().is_some_and(Slot::cold_start) {
+            response.insert_header(COLD_START, "true")?;
         }
         ctx.streaming_response = response
             .headers
@@ -680,10 +684,8 @@ impl ProxyHttp for Gateway {
                 .report(backend, backend_outcome(ctx.upstream_status(), error));
         }
         let status = final_status(session).unwrap_or(0);
-        let backend = ctx
-            .backend()
-            .and_then(|id| self.selector.backends().get(id))
-            .map_or("-", |b| b.name.as_str());
+        let backend = ctx.backend().and_then(|id| self.selector.backend(id));
+        let backend = backend.as_deref().map_or("-", |b| b.name.as_str());
         let account = ctx.key.as_ref().map_or("-", |k| k.account_name.as_str());
         if let (Some(usage), Some(request), Some(key)) = (&mut ctx.usage, &ctx.request, &ctx.key) {
             let used = self

@@ -1,0 +1,723 @@
+//! The fleet controller: a background loop that reads the admission queues'
+//! demand, asks the [`Scaler`] what to do, and carries it out through each
+//! backend's [`Provider`], one transition at a time.
+//!
+//! Every transition is logged, handed to the [`EventSink`] (Postgres's
+//! `instance_events` in the gateway) and reflected at once in the
+//! [`BackendPool`] (only hot instances are routable) and in the admission
+//! queues' capacity (the slots of routable backends). A pool whose capacity
+//! is zero holds its requests rather than failing them, which is what makes
+//! scale from zero work: the queue holds, the controller wakes an instance,
+//! and its slots release the held requests the moment its probe passes.
+//!
+//! Provider calls are slow (minutes for a real cloud), so each runs in its
+//! own task; the instance is marked busy meanwhile and the scaler leaves it
+//! alone. Static backends have no provider: they count as hot capacity while
+//! routable and are never touched, except by an operator's drain.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::{Instant, sleep};
+
+use super::policy::{ActionKind, InstanceView, PoolView, Scaler, TierWait};
+use super::providers::{HourlyCost, Instance, InstanceStatus, Provider, ProviderError};
+use super::state::InstanceState;
+use crate::health::{ProbeClient, probe};
+use crate::routing::{Backend, BackendId, BackendPool, UpstreamSelector};
+
+/// One lifecycle transition, as recorded in `instance_events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceEvent {
+    pub backend: String,
+    /// The provider's id of the instance concerned, when there is one.
+    pub instance_id: Option<String>,
+    pub from: InstanceState,
+    pub to: InstanceState,
+    pub reason: String,
+    /// What the instance costs per hour in `to`.
+    pub hourly_cost: f64,
+}
+
+/// Where transitions go. Must not block: the gateway queues them for a
+/// background writer.
+pub trait EventSink: Send + Sync {
+    fn record(&self, event: InstanceEvent);
+}
+
+/// The admission side: what waits, and how many slots each pool has.
+pub trait Demand: Send + Sync {
+    /// Per backend pool: its tiers' queues.
+    fn demand(&self) -> Vec<(String, Vec<TierWait>)>;
+    fn set_capacity(&self, pool: &str, slots: u32);
+}
+
+/// Whether a started instance serves yet.
+#[async_trait]
+pub trait Readiness: Send + Sync {
+    async fn ready(&self, backend: &Backend) -> bool;
+}
+
+/// Readiness by the backend's own health probe over plain http.
+pub struct ProbeReadiness {
+    pub client: ProbeClient,
+    pub timeout: Duration,
+}
+
+#[async_trait]
+impl Readiness for ProbeReadiness {
+    async fn ready(&self, backend: &Backend) -> bool {
+        probe(&self.client, &backend.address, &backend.probe, self.timeout).await
+    }
+}
+
+/// A backend with a provider.
+pub struct Managed {
+    pub id: BackendId,
+    pub provider: Arc<dyn Provider>,
+}
+
+/// An operator's command (`POST /admin/backends/{name}/…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Take no new requests; stays rented and pinned until `wake`.
+    Drain,
+    /// Drain, then stop (→ warm). The scaler may wake it again on demand.
+    Sleep,
+    /// Back to hot: undrain, resume or rent.
+    Wake,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommandError {
+    #[error("no backend named {0}")]
+    UnknownBackend(String),
+    #[error("backend {0} is static: it can be drained and woken, not put to sleep")]
+    Static(String),
+    #[error("backend {0} is busy with a transition; try again when it is done")]
+    Busy(String),
+}
+
+/// One backend's lifecycle, for `GET /admin/backends`.
+#[derive(Debug, Clone)]
+pub struct LifecycleStatus {
+    pub id: BackendId,
+    /// `static`, `process`, `runpod`.
+    pub provider: &'static str,
+    pub instance_id: Option<String>,
+    pub state: InstanceState,
+    pub in_state_for: Duration,
+    pub pinned: bool,
+    /// Accrued since this Tollgate started (or recovered the instance).
+    pub cost_so_far: f64,
+}
+
+/// What the controller reads from and reports to.
+pub struct Connections {
+    pub demand: Arc<dyn Demand>,
+    pub events: Arc<dyn EventSink>,
+    pub readiness: Arc<dyn Readiness>,
+}
+
+/// Timing of the loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ControllerTiming {
+    /// How often demand is read and capacity synchronised.
+    pub interval: Duration,
+    /// How often a waking instance is probed, and a draining one checked.
+    pub poll: Duration,
+    /// Longest a sleep waits for requests in flight before stopping anyway.
+    pub drain_timeout: Duration,
+}
+
+pub struct FleetController {
+    backends: Arc<BackendPool>,
+    /// Admission pool of each backend, by id.
+    pool_of: Vec<String>,
+    /// By id; `None` for static backends.
+    slots: Vec<Option<Slot>>,
+    scaler: Mutex<Scaler>,
+    demand: Arc<dyn Demand>,
+    events: Arc<dyn EventSink>,
+    readiness: Arc<dyn Readiness>,
+    timing: ControllerTiming,
+}
+
+struct Slot {
+    provider: Arc<dyn Provider>,
+    record: Mutex<Record>,
+}
+
+struct Record {
+    state: InstanceState,
+    since: Instant,
+    instance: Option<Instance>,
+    /// Recovered at start-up, not yet checked with the provider.
+    unverified: bool,
+    pinned: bool,
+    /// A provider call is under way.
+    busy: bool,
+    /// Cost accrued in earlier states.
+    cost: f64,
+}
+
+impl Record {
+    fn cost_so_far(&self, now: Instant, prices: HourlyCost) -> f64 {
+        self.cost
+            + hourly(self.state, prices) * now.duration_since(self.since).as_secs_f64() / 3600.0
+    }
+}
+
+fn hourly(state: InstanceState, prices: HourlyCost) -> f64 {
+    if state.bills_running() {
+        prices.running
+    } else if state.bills_stopped() {
+        prices.stopped
+    } else {
+        0.0
+    }
+}
+
+impl FleetController {
+    /// `pool_of[id]` is each backend's admission pool. Managed backends start
+    /// cold (or as recovered); the rest are static.
+    pub fn new(
+        backends: Arc<BackendPool>,
+        pool_of: Vec<String>,
+        managed: Vec<Managed>,
+        scaler: Scaler,
+        timing: ControllerTiming,
+        connections: Connections,
+    ) -> Arc<Self> {
+        let now = Instant::now();
+        let mut slots: Vec<Option<Slot>> = (0..backends.len()).map(|_| None).collect();
+        for m in managed {
+            backends.set_lifecycle(m.id, InstanceState::Cold);
+            if let Some(slot) = slots.get_mut(m.id) {
+                *slot = Some(Slot {
+                    provider: m.provider,
+                    record: Mutex::new(Record {
+                        state: InstanceState::Cold,
+                        since: now,
+                        instance: None,
+                        unverified: false,
+                        pinned: false,
+                        busy: false,
+                        cost: 0.0,
+                    }),
+                });
+            }
+        }
+        let controller = Arc::new(Self {
+            backends,
+            pool_of,
+            slots,
+            scaler: Mutex::new(scaler),
+            demand: connections.demand,
+            events: connections.events,
+            readiness: connections.readiness,
+            timing,
+        });
+        controller.sync_capacity();
+        controller
+    }
+
+    /// Takes back an instance the event log says this backend held when
+    /// Tollgate last stopped. Until its provider confirms what it is, it
+    /// counts as starting: not routable, and not woken a second time.
+    /// Instances that end with Tollgate are not adopted.
+    pub fn adopt(&self, id: BackendId, instance: Instance) {
+        let Some(Some(slot)) = self.slots.get(id) else {
+            return;
+        };
+        if slot.provider.ends_with_gateway() {
+            return;
+        }
+        let mut record = lock(&slot.record);
+        record.state = InstanceState::Starting;
+        record.instance = Some(instance);
+        record.unverified = true;
+        drop(record);
+        self.backends.set_lifecycle(id, InstanceState::Starting);
+    }
+
+    /// Runs until `shutdown` resolves; then terminates instances that cannot
+    /// outlive Tollgate.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        self.recover();
+        let mut tick = tokio::time::interval(self.timing.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.tick(),
+                () = &mut shutdown => break,
+            }
+        }
+        self.terminate_local().await;
+    }
+
+    /// One round: capacity, then the scaler's actions per pool.
+    pub fn tick(self: &Arc<Self>) {
+        let now = Instant::now();
+        self.fail_unhealthy();
+        self.sync_capacity();
+        for (pool, tiers) in self.demand.demand() {
+            let instances = (0..self.slots.len())
+                .filter(|&id| self.pool_of.get(id) == Some(&pool))
+                .map(|id| self.view(id, now))
+                .collect();
+            let view = PoolView {
+                pool,
+                tiers,
+                instances,
+            };
+            let actions = self.scaler().decide(now, &view);
+            for action in actions {
+                self.begin(action.id, action.kind, action.reason);
+            }
+        }
+    }
+
+    /// An operator's command; the transition runs in the background.
+    pub fn command(
+        self: &Arc<Self>,
+        name: &str,
+        command: Command,
+    ) -> Result<InstanceState, CommandError> {
+        let id = self
+            .backend_id(name)
+            .ok_or_else(|| CommandError::UnknownBackend(name.to_owned()))?;
+        let state = self.state(id);
+        let Some(slot) = &self.slots[id] else {
+            match command {
+                Command::Drain if state == InstanceState::Hot => {
+                    self.transition(id, InstanceState::Draining, "operator_drain")
+                }
+                Command::Wake if state == InstanceState::Draining => {
+                    self.transition(id, InstanceState::Hot, "operator_wake")
+                }
+                Command::Sleep => return Err(CommandError::Static(name.to_owned())),
+                _ => {}
+            }
+            return Ok(self.state(id));
+        };
+        {
+            let mut record = lock(&slot.record);
+            if record.busy {
+                return Err(CommandError::Busy(name.to_owned()));
+            }
+            record.pinned = command == Command::Drain;
+        }
+        match command {
+            Command::Drain if state == InstanceState::Hot => {
+                self.transition(id, InstanceState::Draining, "operator_drain");
+            }
+            Command::Sleep if matches!(state, InstanceState::Hot | InstanceState::Draining) => {
+                self.begin(id, ActionKind::Sleep, "operator_sleep".into());
+            }
+            Command::Wake => self.begin(id, ActionKind::Wake, "operator_wake".into()),
+            _ => {}
+        }
+        Ok(self.state(id))
+    }
+
+    pub fn backend_id(&self, name: &str) -> Option<BackendId> {
+        (0..self.backends.len())
+            .find(|&id| self.backends.backend(id).is_some_and(|b| b.name == name))
+    }
+
+    /// Every backend's lifecycle, in config order.
+    pub fn statuses(&self) -> Vec<LifecycleStatus> {
+        let now = Instant::now();
+        (0..self.slots.len())
+            .map(|id| match &self.slots[id] {
+                None => LifecycleStatus {
+                    id,
+                    provider: "static",
+                    instance_id: None,
+                    state: self.state(id),
+                    in_state_for: Duration::ZERO,
+                    pinned: false,
+                    cost_so_far: 0.0,
+                },
+                Some(slot) => {
+                    let record = lock(&slot.record);
+                    LifecycleStatus {
+                        id,
+                        provider: slot.provider.kind(),
+                        instance_id: record.instance.as_ref().map(|i| i.id.clone()),
+                        state: record.state,
+                        in_state_for: now.duration_since(record.since),
+                        pinned: record.pinned,
+                        cost_so_far: record.cost_so_far(now, slot.provider.cost()),
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Sets each admission pool's slots to those of its routable backends.
+    pub fn sync_capacity(&self) {
+        let mut pools: Vec<(&str, u32)> = Vec::new();
+        for (id, pool) in self.pool_of.iter().enumerate() {
+            let slots = if self.backends.routable(id) {
+                self.backends.backend(id).map_or(0, |b| b.max_concurrency)
+            } else {
+                0
+            };
+            match pools.iter_mut().find(|(name, _)| name == pool) {
+                Some((_, total)) => *total = total.saturating_add(slots),
+                None => pools.push((pool, slots)),
+            }
+        }
+        for (pool, slots) in pools {
+            self.demand.set_capacity(pool, slots);
+        }
+    }
+
+    fn scaler(&self) -> MutexGuard<'_, Scaler> {
+        lock(&self.scaler)
+    }
+
+    fn state(&self, id: BackendId) -> InstanceState {
+        match &self.slots[id] {
+            Some(slot) => lock(&slot.record).state,
+            None => self.backends.lifecycle(id).unwrap_or(InstanceState::Failed),
+        }
+    }
+
+    fn view(&self, id: BackendId, now: Instant) -> InstanceView {
+        let last_active = self.backends.last_active(id).unwrap_or(now);
+        let in_flight = self.backends.in_flight(id);
+        match &self.slots[id] {
+            Some(slot) => {
+                let record = lock(&slot.record);
+                InstanceView {
+                    id,
+                    state: record.state,
+                    since: record.since,
+                    last_active,
+                    in_flight,
+                    managed: true,
+                    pinned: record.pinned || record.busy || record.unverified,
+                }
+            }
+            None => InstanceView {
+                id,
+                // A static backend counts as hot capacity only while it serves.
+                state: if self.backends.routable(id) {
+                    InstanceState::Hot
+                } else {
+                    InstanceState::Failed
+                },
+                since: now,
+                last_active,
+                in_flight,
+                managed: false,
+                pinned: true,
+            },
+        }
+    }
+
+    /// A hot instance whose probes have failed (it crashed, or its host went
+    /// away) is failed: the scaler releases it and wakes another if needed.
+    fn fail_unhealthy(&self) {
+        for id in 0..self.slots.len() {
+            let Some(slot) = &self.slots[id] else {
+                continue;
+            };
+            let hot_but_down = {
+                let record = lock(&slot.record);
+                record.state == InstanceState::Hot && !record.busy && !self.backends.healthy(id)
+            };
+            if hot_but_down {
+                self.transition(id, InstanceState::Failed, "unhealthy");
+            }
+        }
+    }
+
+    /// Marks the slot busy and runs the action in its own task.
+    fn begin(self: &Arc<Self>, id: BackendId, kind: ActionKind, reason: String) {
+        let Some(slot) = &self.slots[id] else {
+            return;
+        };
+        {
+            let mut record = lock(&slot.record);
+            if record.busy {
+                return;
+            }
+            record.busy = true;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            match kind {
+                ActionKind::Wake => this.wake(id, &reason).await,
+                ActionKind::Sleep => this.sleep(id, &reason).await,
+                ActionKind::Release => this.release(id, &reason).await,
+            }
+            if let Some(slot) = &this.slots[id] {
+                lock(&slot.record).busy = false;
+            }
+        });
+    }
+
+    fn recover(self: &Arc<Self>) {
+        for id in 0..self.slots.len() {
+            let Some(slot) = &self.slots[id] else {
+                continue;
+            };
+            let unverified = {
+                let mut record = lock(&slot.record);
+                let unverified = record.unverified && !record.busy;
+                record.busy |= unverified;
+                unverified
+            };
+            if !unverified {
+                continue;
+            }
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                this.verify(id).await;
+                if let Some(slot) = &this.slots[id] {
+                    let mut record = lock(&slot.record);
+                    record.busy = false;
+                    record.unverified = false;
+                }
+            });
+        }
+    }
+
+    /// Asks the provider about an instance recovered from the event log.
+    async fn verify(&self, id: BackendId) {
+        let Some((provider, Some(instance))) = self.provider_and_instance(id) else {
+            return;
+        };
+        match provider.status(&instance).await {
+            Ok((InstanceStatus::Running | InstanceStatus::Pending, current)) => {
+                self.set_instance(id, Some(current));
+                self.await_ready(id, &provider, "recovered").await;
+            }
+            Ok((InstanceStatus::Stopped, current)) => {
+                self.set_instance(id, Some(current));
+                self.transition(id, InstanceState::Warm, "recovered");
+            }
+            Ok((InstanceStatus::Terminated, _)) | Err(ProviderError::NotFound(_)) => {
+                self.set_instance(id, None);
+                self.transition(id, InstanceState::Cold, "recovered");
+            }
+            Err(e) => self.fail(id, "recover", &e),
+        }
+    }
+
+    async fn wake(&self, id: BackendId, reason: &str) {
+        let Some((provider, instance)) = self.provider_and_instance(id) else {
+            return;
+        };
+        let instance = match (self.state(id), instance) {
+            (InstanceState::Draining, Some(_)) => {
+                return self.transition(id, InstanceState::Hot, reason);
+            }
+            (InstanceState::Warm, Some(stopped)) => {
+                self.transition(id, InstanceState::Starting, reason);
+                match provider.start(&stopped).await {
+                    Ok(started) => started,
+                    Err(ProviderError::NoCapacity(why)) => {
+                        // The host's GPUs were rented meanwhile: give up the
+                        // stopped instance and rent a new one.
+                        tracing::warn!(backend = self.name(id), %why, "resume failed for lack of capacity; renting a new instance");
+                        if let Err(e) = provider.terminate(&stopped).await {
+                            tracing::warn!(backend = self.name(id), error = %e, "could not release the stopped instance");
+                        }
+                        self.set_instance(id, None);
+                        self.transition(id, InstanceState::Provisioning, "resume_no_capacity");
+                        match provider.create().await {
+                            Ok(created) => created,
+                            Err(e) => return self.fail(id, "create", &e),
+                        }
+                    }
+                    Err(e) => return self.fail(id, "resume", &e),
+                }
+            }
+            (InstanceState::Cold | InstanceState::Failed, leftover) => {
+                if let Some(leftover) = leftover {
+                    let _ = provider.terminate(&leftover).await;
+                    self.set_instance(id, None);
+                }
+                self.transition(id, InstanceState::Provisioning, reason);
+                match provider.create().await {
+                    Ok(created) => created,
+                    Err(e) => return self.fail(id, "create", &e),
+                }
+            }
+            _ => return,
+        };
+        self.set_instance(id, Some(instance));
+        self.await_ready(id, &provider, "started").await;
+    }
+
+    /// Starting until the instance has an address and passes its probe,
+    /// then hot; failed after `start_timeout`.
+    async fn await_ready(&self, id: BackendId, provider: &Arc<dyn Provider>, reason: &str) {
+        self.transition(id, InstanceState::Starting, reason);
+        let deadline = Instant::now() + self.scaler().policy().start_timeout;
+        loop {
+            let known = self
+                .provider_and_instance(id)
+                .and_then(|(_, instance)| instance)
+                .and_then(|instance| instance.address);
+            let address = match known {
+                Some(address) => Some(address),
+                None => match self.provider_and_instance(id).and_then(|(_, i)| i) {
+                    Some(instance) => match provider.status(&instance).await {
+                        Ok((_, current)) => {
+                            let address = current.address.clone();
+                            self.set_instance(id, Some(current));
+                            address
+                        }
+                        Err(_) => None,
+                    },
+                    None => None,
+                },
+            };
+            if let Some(address) = address {
+                self.backends.set_address(id, &address);
+                if let Some(backend) = self.backends.backend(id)
+                    && self.readiness.ready(&backend).await
+                {
+                    return self.transition(id, InstanceState::Hot, "ready");
+                }
+            }
+            if self.state(id) != InstanceState::Starting {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let error = ProviderError::Other(anyhow::anyhow!("not ready within start_timeout"));
+                return self.fail(id, "start", &error);
+            }
+            sleep(self.timing.poll).await;
+        }
+    }
+
+    async fn sleep(&self, id: BackendId, reason: &str) {
+        let Some((provider, instance)) = self.provider_and_instance(id) else {
+            return;
+        };
+        if !matches!(self.state(id), InstanceState::Hot | InstanceState::Draining) {
+            return;
+        }
+        self.transition(id, InstanceState::Draining, reason);
+        let deadline = Instant::now() + self.timing.drain_timeout;
+        while self.backends.in_flight(id) > 0 && Instant::now() < deadline {
+            sleep(self.timing.poll).await;
+            if self.state(id) != InstanceState::Draining {
+                return; // woken meanwhile
+            }
+        }
+        let Some(instance) = instance else {
+            return self.transition(id, InstanceState::Cold, reason);
+        };
+        match provider.stop(&instance).await {
+            Ok(()) => self.transition(id, InstanceState::Warm, "stopped"),
+            Err(e) => self.fail(id, "stop", &e),
+        }
+    }
+
+    async fn release(&self, id: BackendId, reason: &str) {
+        let Some((provider, instance)) = self.provider_and_instance(id) else {
+            return;
+        };
+        if let Some(instance) = instance {
+            match provider.terminate(&instance).await {
+                Ok(()) | Err(ProviderError::NotFound(_)) => {}
+                Err(e) => return self.fail(id, "terminate", &e),
+            }
+        }
+        self.transition(id, InstanceState::Cold, reason);
+        self.set_instance(id, None);
+    }
+
+    fn fail(&self, id: BackendId, operation: &str, error: &ProviderError) {
+        tracing::warn!(backend = self.name(id), operation, %error, "instance failed");
+        self.transition(id, InstanceState::Failed, &format!("{operation}_failed"));
+    }
+
+    /// Terminates the instances that cannot outlive Tollgate (local
+    /// processes), before the process exits.
+    pub async fn terminate_local(&self) {
+        for id in 0..self.slots.len() {
+            if let Some((provider, Some(instance))) = self.provider_and_instance(id)
+                && provider.ends_with_gateway()
+            {
+                let _ = provider.terminate(&instance).await;
+                self.transition(id, InstanceState::Cold, "shutdown");
+            }
+        }
+    }
+
+    fn provider_and_instance(
+        &self,
+        id: BackendId,
+    ) -> Option<(Arc<dyn Provider>, Option<Instance>)> {
+        let slot = self.slots.get(id)?.as_ref()?;
+        let instance = lock(&slot.record).instance.clone();
+        Some((Arc::clone(&slot.provider), instance))
+    }
+
+    fn set_instance(&self, id: BackendId, instance: Option<Instance>) {
+        if let Some(Some(slot)) = self.slots.get(id) {
+            lock(&slot.record).instance = instance;
+        }
+    }
+
+    fn name(&self, id: BackendId) -> String {
+        self.backends
+            .backend(id)
+            .map(|b| b.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records a transition everywhere it matters: the record, the pool
+    /// (routing), the event sink, the log, and the admission capacity.
+    fn transition(&self, id: BackendId, to: InstanceState, reason: &str) {
+        let now = Instant::now();
+        let (from, instance_id, hourly_cost) = match &self.slots[id] {
+            Some(slot) => {
+                let prices = slot.provider.cost();
+                let mut record = lock(&slot.record);
+                let from = record.state;
+                if from == to {
+                    return;
+                }
+                record.cost = record.cost_so_far(now, prices);
+                record.state = to;
+                record.since = now;
+                let instance_id = record.instance.as_ref().map(|i| i.id.clone());
+                (from, instance_id, hourly(to, prices))
+            }
+            None => (self.state(id), None, 0.0),
+        };
+        if from == to {
+            return;
+        }
+        self.backends.set_lifecycle(id, to);
+        let backend = self.name(id);
+        tracing::info!(backend, %from, %to, reason, "instance");
+        self.events.record(InstanceEvent {
+            backend,
+            instance_id,
+            from,
+            to,
+            reason: reason.to_owned(),
+            hourly_cost,
+        });
+        self.sync_capacity();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Records are plain values updated in single steps: a panic while holding
+    // the lock cannot leave them half-written.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

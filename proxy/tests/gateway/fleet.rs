@@ -1,0 +1,246 @@
+//! The GPU fleet end to end: instances woken from zero by a held request,
+//! put back to sleep when idle, and operated by hand; every transition
+//! recorded in `instance_events`.
+
+use super::*;
+
+/// A `process` backend running gpu-sim with a start-up delay, and a
+/// `[fleet]` that scales it to zero after `idle_stop_secs`.
+fn process_fleet(startup_delay_secs: u32, idle_stop_secs: u32) -> String {
+    let sim = bin("gpu-sim");
+    format!(
+        "[[backends]]\nname = \"gpu\"\nprovider = \"process\"\nmodels = [\"sim-model\"]\n\
+         max_concurrency = 4\nhourly_cost = 2.0\nstopped_hourly_cost = 0.1\n\
+         command = [\"{}\", \"--listen\", \"127.0.0.1:{{port}}\", \"--model\", \"sim-model\", \
+         \"--startup-delay\", \"{startup_delay_secs}\", \"--ttft-ms\", \"0\", \"--tokens-per-sec\", \"0\", \
+         \"--exit-with-parent\"]\n\
+         [fleet]\nmin_hot = 0\nidle_stop_secs = {idle_stop_secs}\ninterval = \"100ms\"\n",
+        sim.display()
+    )
+}
+
+impl Gateway {
+    async fn backend_state(&self, name: &str) -> String {
+        let (status, body) = self
+            .admin(
+                reqwest::Method::GET,
+                "/admin/backends",
+                None,
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .map(|b| b["state"].as_str().unwrap().to_owned())
+            .unwrap()
+    }
+
+    async fn wait_state(&self, name: &str, state: &str) {
+        eventually(&format!("backend {name} is {state}"), || async {
+            self.backend_state(name).await == state
+        })
+        .await;
+    }
+
+    async fn command(&self, name: &str, verb: &str) -> (u16, Value) {
+        self.admin(
+            reqwest::Method::POST,
+            &format!("/admin/backends/{name}/{verb}"),
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await
+    }
+
+    /// `(from, to, reason)` of every recorded transition of `backend`, in order.
+    async fn transitions(&self, backend: &str) -> Vec<(String, String, String)> {
+        let (client, connection) = tokio_postgres::connect(&self.db.url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .query(
+                "SELECT from_state, to_state, reason FROM instance_events \
+                 WHERE backend = $1 ORDER BY at, id",
+                &[&backend],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect()
+    }
+}
+
+fn hops(transitions: &[(String, String, String)]) -> Vec<String> {
+    transitions
+        .iter()
+        .map(|(from, to, reason)| format!("{from}->{to}:{reason}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_request_to_a_model_scaled_to_zero_wakes_an_instance_and_waits_for_it() {
+    let gateway = Gateway::start(
+        &[],
+        Options {
+            tail: process_fleet(3, 2),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    assert_eq!(gateway.backend_state("gpu").await, "cold");
+
+    // Held in the queue while the process starts and loads (3 s), not failed.
+    let response = gateway
+        .post(&key, "/v1/chat/completions", &chat("wake up", 4))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-cold-start"], "true");
+    let waited: u64 = response.headers()["x-tollgate-queue-wait-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        waited >= 3000,
+        "held for the start-up delay, waited {waited} ms"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+
+    // A hot instance answers at once, without the header.
+    let response = gateway
+        .post(&key, "/v1/chat/completions", &chat("again", 2))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("x-tollgate-cold-start").is_none());
+
+    // Idle for idle_stop_secs: back to warm (stopped, resumable).
+    gateway.wait_state("gpu", "warm").await;
+
+    // From warm, a request resumes it: a start, not a new rental.
+    let response = gateway
+        .post(&key, "/v1/chat/completions", &chat("and again", 3))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-cold-start"], "true");
+
+    let (_, backends) = gateway
+        .admin(
+            reqwest::Method::GET,
+            "/admin/backends",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    let gpu = &backends["data"][0];
+    assert_eq!(gpu["provider"], "process");
+    assert!(gpu["cost_so_far"].as_f64().unwrap() > 0.0, "{gpu}");
+
+    eventually("the resume is recorded", || async {
+        gateway.transitions("gpu").await.len() >= 7
+    })
+    .await;
+    let recorded = hops(&gateway.transitions("gpu").await);
+    assert_eq!(
+        recorded[..7],
+        [
+            "cold->provisioning:scale_from_zero",
+            "provisioning->starting:started",
+            "starting->hot:ready",
+            "hot->draining:idle",
+            "draining->warm:stopped",
+            "warm->starting:scale_from_zero",
+            "starting->hot:ready",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn operators_drain_wake_and_sleep_backends() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            tail: process_fleet(0, 3600),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    // b0 is static and hot; the process backend stays cold with min_hot = 0
+    // and nothing waiting.
+    assert_eq!(gateway.backend_state("b0").await, "hot");
+    assert_eq!(gateway.backend_state("gpu").await, "cold");
+
+    let (status, body) = gateway.command("gpu", "wake").await;
+    assert_eq!(status, 202, "{body}");
+    gateway.wait_state("gpu", "hot").await;
+
+    // A drained static backend takes no new requests: they go to the other.
+    let (status, body) = gateway.command("b0", "drain").await;
+    assert_eq!((status, body["state"].as_str()), (202, Some("draining")));
+    for _ in 0..5 {
+        let (status, body) = gateway
+            .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let usage_events = || async {
+        gateway
+            .admin(
+                reqwest::Method::GET,
+                "/admin/usage/events?account=acme",
+                None,
+                Some(ADMIN_TOKEN),
+            )
+            .await
+            .1
+    };
+    eventually("five usage events", || async {
+        usage_events().await["data"].as_array().unwrap().len() == 5
+    })
+    .await;
+    let events = usage_events().await;
+    let served_by: Vec<_> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["backend"].as_str().unwrap_or("-").to_owned())
+        .collect();
+    assert_eq!(served_by, ["gpu"; 5], "{events}");
+
+    // Static backends cannot be put to sleep; unknown ones are 404.
+    let (status, body) = gateway.command("b0", "sleep").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(gateway.command("nope", "wake").await.0, 404);
+    assert_eq!(gateway.command("gpu", "reboot").await.0, 404);
+
+    gateway.command("b0", "wake").await;
+    gateway.wait_state("b0", "hot").await;
+
+    // Sleep stops the instance once idle; it stays warm (nothing waits).
+    let (status, _) = gateway.command("gpu", "sleep").await;
+    assert_eq!(status, 202);
+    gateway.wait_state("gpu", "warm").await;
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
+        .await;
+    assert_eq!(status, 200, "served by b0: {body}");
+
+    let recorded = hops(&gateway.transitions("gpu").await);
+    assert!(
+        recorded.contains(&"warm->starting:operator_wake".to_owned())
+            || recorded.contains(&"cold->provisioning:operator_wake".to_owned()),
+        "{recorded:?}"
+    );
+    assert!(
+        recorded.contains(&"hot->draining:operator_sleep".to_owned()),
+        "{recorded:?}"
+    );
+    assert_eq!(recorded.last().unwrap(), "draining->warm:stopped");
+}
