@@ -726,7 +726,24 @@ impl Config {
             tiers,
             backends: validate_backends(raw.backends)?,
         }
-        .check_reservation_ttl()
+        .check_reservation_ttl()?
+        .check_triton_counting()
+    }
+
+    /// Triton reports no usage: the gateway's own prompt count is the bill.
+    fn check_triton_counting(self) -> Result<Self, ConfigError> {
+        if !self.metering.count_tokens
+            && let Some(i) = self
+                .backends
+                .iter()
+                .position(|b| b.protocol == Protocol::Triton)
+        {
+            return Err(invalid(
+                format!("backends[{i}].protocol"),
+                "a triton backend reports no token usage: it needs metering.count_tokens = true",
+            ));
+        }
+        Ok(self)
     }
 
     /// A reservation must outlive its request, queue wait included: one that
@@ -1195,12 +1212,6 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
                 ),
             )
         })?;
-        if protocol == Protocol::Triton {
-            return Err(invalid(
-                key("protocol"),
-                "the gateway does not translate to Triton yet (supported: \"openai\")",
-            ));
-        }
         let provider = match (
             b.provider.as_deref().unwrap_or("static"),
             b.command,

@@ -174,6 +174,8 @@ struct BackendSpec {
     models: &'static str,
     credential: Option<&'static str>,
     max_concurrency: Option<u32>,
+    /// `protocol`, when not the default ("openai").
+    protocol: Option<&'static str>,
 }
 
 impl BackendSpec {
@@ -183,6 +185,7 @@ impl BackendSpec {
             models: r#"["sim-model"]"#,
             credential: None,
             max_concurrency: None,
+            protocol: None,
         }
     }
 }
@@ -262,6 +265,9 @@ impl Gateway {
             }
             if let Some(slots) = backend.max_concurrency {
                 config.push_str(&format!("max_concurrency = {slots}\n"));
+            }
+            if let Some(protocol) = backend.protocol {
+                config.push_str(&format!("protocol = \"{protocol}\"\n"));
             }
         }
         config.push_str(&options.tail);
@@ -514,6 +520,8 @@ mod fleet;
 mod metering;
 #[path = "gateway/routing.rs"]
 mod routing;
+#[path = "gateway/triton.rs"]
+mod triton;
 
 // ------------------------------------------------------------------ the tests
 

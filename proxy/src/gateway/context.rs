@@ -8,10 +8,12 @@ use tokio::sync::Notify;
 use tollgate_backends::routing::{BackendId, Lease};
 
 use super::request::InferenceRequest;
+use super::triton::TritonCall;
 use super::usage::RequestUsage;
 use crate::admission::Ticket;
 use crate::admission::limits::Windows;
 use crate::admission::queue::Slot;
+use crate::error::ApiError;
 use crate::keys::store::KeyRecord;
 
 pub struct RequestContext {
@@ -36,6 +38,10 @@ pub struct RequestContext {
     pub lease: Option<Lease>,
     /// The current backend's failure was reported to its breaker already.
     pub failure_reported: bool,
+    /// Set when the current backend speaks Triton: the translation both ways.
+    pub triton: Option<TritonCall>,
+    /// Why the request could not be put in the backend's protocol (400).
+    pub untranslatable: Option<ApiError>,
     /// The answer is a server-sent-event stream.
     pub streaming_response: bool,
     /// The last bytes of the stream sent so far.
@@ -58,6 +64,8 @@ impl RequestContext {
             tried: Vec::new(),
             lease: None,
             failure_reported: false,
+            triton: None,
+            untranslatable: None,
             streaming_response: false,
             stream_tail: StreamTail::default(),
             _in_flight: in_flight,

@@ -25,6 +25,7 @@
 
 pub mod context;
 pub mod request;
+pub mod triton;
 pub mod usage;
 
 use std::sync::Arc;
@@ -41,10 +42,12 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 use serde_json::json;
 use tollgate_backends::balance::RequestFacts;
+use tollgate_backends::protocol::Protocol;
 use tollgate_backends::routing::{Outcome, UpstreamSelector};
 
 use self::context::{InFlight, RequestContext};
 use self::request::{BodyError, Endpoint, Route, read_body};
+use self::triton::TritonCall;
 use self::usage::{FinishedRequest, Metering};
 use crate::admission::headers::{rate_limit_headers, retry_after};
 use crate::admission::queue::Slot;
@@ -64,6 +67,8 @@ pub const COLD_START: &str = "x-tollgate-cold-start";
 const MAX_ATTEMPTS: usize = 2;
 /// Pingora error type for "no backend serves this model".
 const NO_BACKEND: &str = "no_backend";
+/// The request cannot be put in the chosen backend's protocol.
+const UNTRANSLATABLE: &str = "untranslatable";
 /// How long a refused upload is read and dropped before the connection closes
 /// (nginx's `lingering_time` plays this role there).
 const UPLOAD_DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -185,6 +190,21 @@ impl Gateway {
         ctx.queue_wait = Some(slot.waited());
         ctx.slot = Some(slot);
         Ok(())
+    }
+
+    /// The request in Triton's generate protocol, for this attempt.
+    fn triton_call(&self, ctx: &RequestContext) -> Result<TritonCall, ApiError> {
+        let (Some(request), Some(usage)) = (&ctx.request, &ctx.usage) else {
+            return Err(ApiError::BadGateway);
+        };
+        TritonCall::new(
+            request,
+            &ctx.request_id,
+            // Config requires counting for Triton backends; 0 only if the
+            // counter failed, and then the event says so by its mismatch.
+            usage.counted_prompt().unwrap_or(0),
+            self.metering.encoding_for(&request.model),
+        )
     }
 
     /// `/v1/usage`: usage totals of the key's own account.
@@ -366,6 +386,7 @@ fn classify(error: &Error, ctx: &RequestContext) -> Option<ApiError> {
         return None;
     }
     Some(match error.etype() {
+        ErrorType::Custom(UNTRANSLATABLE) => ctx.untranslatable.clone()?,
         ErrorType::Custom(NO_BACKEND) => ApiError::NoBackend(
             ctx.request
                 .as_ref()
@@ -454,6 +475,19 @@ impl ProxyHttp for Gateway {
                         format!("no backend for model {model}"),
                     )
                 })?;
+        ctx.triton = match backend.protocol {
+            Protocol::OpenAi => None,
+            Protocol::Triton => match self.triton_call(ctx) {
+                Ok(call) => Some(call),
+                Err(refusal) => {
+                    ctx.untranslatable = Some(refusal);
+                    return Err(Error::explain(
+                        ErrorType::Custom(UNTRANSLATABLE),
+                        "request not expressible in the triton protocol",
+                    ));
+                }
+            },
+        };
         ctx.tried.push(id);
         ctx.lease = Some(lease);
         ctx.failure_reported = false;
@@ -533,7 +567,17 @@ impl ProxyHttp for Gateway {
             }
         }
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
-        if let Some(request) = &ctx.request {
+        if let Some(call) = &ctx.triton {
+            upstream.set_uri(
+                call.path
+                    .parse()
+                    .map_err(|_| Error::new(ErrorType::InternalError))?,
+            );
+            upstream.remove_header(&header::TRANSFER_ENCODING);
+            upstream.remove_header(&header::EXPECT);
+            upstream.insert_header(header::CONTENT_TYPE, "application/json")?;
+            upstream.insert_header(header::CONTENT_LENGTH, call.body.len().to_string())?;
+        } else if let Some(request) = &ctx.request {
             // The canonical path (a client's trailing slash would earn a redirect).
             if upstream.uri.path() != request.endpoint.path() {
                 let uri = match upstream.uri.query() {
@@ -565,7 +609,9 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<()> {
         // Pingora replays the tail of the body it buffered (see `read_body`);
         // what goes upstream is the whole body, once per attempt.
-        if let Some(request) = &ctx.request {
+        if let Some(call) = &ctx.triton {
+            *body = end_of_stream.then(|| call.body.clone());
+        } else if let Some(request) = &ctx.request {
             *body = end_of_stream.then(|| request.upstream_body.clone());
         }
         Ok(())
@@ -586,6 +632,9 @@ impl ProxyHttp for Gateway {
         }
         if ctx.slot.as_ref().is_some_and(Slot::cold_start) {
             response.insert_header(COLD_START, "true")?;
+        }
+        if let Some(call) = ctx.triton.as_mut() {
+            call.response_started(response)?;
         }
         ctx.streaming_response = response
             .headers
@@ -613,6 +662,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestContext,
     ) -> pingora::Result<Option<Duration>> {
+        if let Some(call) = ctx.triton.as_mut() {
+            call.response_chunk(body, end_of_stream);
+        }
         if let Some(usage) = ctx.usage.as_mut() {
             Metering::response_chunk(usage, body, end_of_stream);
         }

@@ -9,7 +9,7 @@ use prometheus::{IntCounter, Registry};
 use serde_json::Value;
 use tollgate_metering::capture::ResponseCapture;
 use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
-use tollgate_metering::tokens::{EncodingMap, PromptCounter};
+use tollgate_metering::tokens::{Encoding, EncodingMap, PromptCounter};
 use tollgate_metering::writer::UsageSink;
 use uuid::Uuid;
 
@@ -61,6 +61,15 @@ impl Metering {
             max_buffered_response_bytes: config.max_buffered_response_bytes,
             mismatches,
         })
+    }
+
+    /// The encoding tokens of `model` are counted with (OpenAI's for the
+    /// model, else cl100k, when counting is off).
+    pub fn encoding_for(&self, model: &str) -> Encoding {
+        match &self.counting {
+            Some(c) => c.encodings.for_model(model),
+            None => Encoding::for_model(model).unwrap_or(Encoding::Cl100k),
+        }
     }
 
     fn counter(&self, model: &str) -> Option<PromptCounter> {

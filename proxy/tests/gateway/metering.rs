@@ -64,7 +64,7 @@ impl Gateway {
     }
 
     /// The one event of `request_id`, once it is stored.
-    async fn event_of(&self, request_id: &str) -> StoredEvent {
+    pub(super) async fn event_of(&self, request_id: &str) -> StoredEvent {
         let of_request = || async {
             let mut events = self.usage_events().await;
             events.retain(|e| e.request_id == request_id);
@@ -84,7 +84,7 @@ impl Gateway {
         scrape(&self.metrics_url, name).await
     }
 
-    async fn post_with_id(
+    pub(super) async fn post_with_id(
         &self,
         key: &str,
         path: &str,
@@ -122,7 +122,7 @@ pub(super) async fn scrape(url: &str, name: &str) -> f64 {
 
 /// OpenAI's chat prompt recipe, counted with tiktoken-rs (independently of
 /// Tollgate's counter): 3 per message + role + content, 3 to prime the reply.
-fn chat_prompt_tokens(messages: &[(&str, &str)]) -> i64 {
+pub(super) fn chat_prompt_tokens(messages: &[(&str, &str)]) -> i64 {
     3 + messages
         .iter()
         .map(|(role, content)| 3 + cl100k(role) + cl100k(content))
