@@ -42,6 +42,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 use serde_json::json;
 use tollgate_backends::balance::RequestFacts;
+use tollgate_backends::fleet::state::InstanceState;
 use tollgate_backends::protocol::Protocol;
 use tollgate_backends::routing::{Outcome, UpstreamSelector};
 
@@ -234,7 +235,8 @@ impl Gateway {
         json!({"object": "list", "data": data})
     }
 
-    /// `/readyz`: Postgres reachable and at least one backend routable;
+    /// `/readyz`: Postgres reachable and at least one backend routable or
+    /// on its way (a scaled-to-zero fleet serves by waking an instance);
     /// also reports whether revocations fan out through Redis (informative:
     /// without it revocations still land within the key cache TTL).
     async fn readiness(&self) -> Stop {
@@ -246,7 +248,16 @@ impl Gateway {
         .ok()
         .flatten()
         .is_some();
-        let backends = self.selector.statuses().iter().any(|b| b.routable);
+        let backends = self.selector.statuses().iter().any(|b| {
+            b.routable
+                || matches!(
+                    b.state,
+                    InstanceState::Cold
+                        | InstanceState::Warm
+                        | InstanceState::Provisioning
+                        | InstanceState::Starting
+                )
+        });
         let status = if postgres && backends { 200 } else { 503 };
         let fanout = match &self.revocation_fanout {
             None => "off",

@@ -2,6 +2,8 @@
 //! put back to sleep when idle, and operated by hand; every transition
 //! recorded in `instance_events`.
 
+use tollgate_backends::fleet::providers::runpod::fake::{FakeOptions, FakeRunPod};
+
 use super::*;
 
 /// A `process` backend running gpu-sim with a start-up delay, and a
@@ -93,6 +95,11 @@ async fn a_request_to_a_model_scaled_to_zero_wakes_an_instance_and_waits_for_it(
     .await;
     let key = gateway.create_key("acme", &[]);
     assert_eq!(gateway.backend_state("gpu").await, "cold");
+    assert_eq!(
+        gateway.readiness().await["backends"],
+        true,
+        "a fleet scaled to zero is ready: it serves by waking"
+    );
 
     // Held in the queue while the process starts and loads (3 s), not failed.
     let response = gateway
@@ -243,4 +250,109 @@ async fn operators_drain_wake_and_sleep_backends() {
         "{recorded:?}"
     );
     assert_eq!(recorded.last().unwrap(), "draining->warm:stopped");
+}
+
+/// A `runpod` backend against a fake of RunPod's API whose pods are all
+/// reached at `sim`.
+fn runpod_fleet(fake: &FakeRunPod) -> String {
+    format!(
+        "[[backends]]\nname = \"pod\"\nprovider = \"runpod\"\nmodels = [\"sim-model\"]\n\
+         max_concurrency = 4\nhourly_cost = 0.69\nstopped_hourly_cost = 0.03\n\
+         [backends.runpod]\napi_url = \"{}\"\napi_key = \"{}\"\ninference_port = 8000\n\
+         [backends.runpod.pod]\nimage_name = \"vllm/vllm-openai:v0.9.1\"\n\
+         gpu_type_ids = [\"NVIDIA RTX A6000\"]\nports = [\"8000/tcp\"]\n\
+         [fleet]\nmin_hot = 0\nidle_stop_secs = 3600\ninterval = \"100ms\"\n",
+        fake.url(),
+        fake.api_key()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_cannot_resume_is_replaced_by_a_new_one_and_adopted_after_a_restart() {
+    let sim = Sim::fast();
+    let sim_port: u16 = sim.url.rsplit(':').next().unwrap().parse().unwrap();
+    let fake = FakeRunPod::start(FakeOptions::default().map_port(8000, sim_port))
+        .await
+        .unwrap();
+    let mut gateway = Gateway::start(
+        &[],
+        Options {
+            tail: runpod_fleet(&fake),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+
+    // Scale from zero rents a pod.
+    let response = gateway
+        .post(&key, "/v1/chat/completions", &chat("hi", 2))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-tollgate-cold-start"], "true");
+    let first = fake.pods()[0].id.clone();
+
+    gateway.command("pod", "sleep").await;
+    gateway.wait_state("pod", "warm").await;
+
+    // The host's GPU was rented meanwhile: the resume fails, a new pod is
+    // rented and the stopped one released. The request is still served.
+    fake.set_resume_capacity(false);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 2))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let pods = fake.pods();
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    assert_eq!(
+        (pods[0].id.as_str(), pods[0].desired_status),
+        (first.as_str(), "TERMINATED")
+    );
+    assert_eq!(pods[1].desired_status, "RUNNING");
+    let calls: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method != reqwest::Method::GET)
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "POST /pods".to_owned(),
+            format!("POST /pods/{first}/stop"),
+            format!("POST /pods/{first}/start"),
+            format!("DELETE /pods/{first}"),
+            "POST /pods".to_owned(),
+        ]
+    );
+    let recorded = hops(&gateway.transitions("pod").await);
+    assert_eq!(
+        recorded[recorded.len() - 4..],
+        [
+            "warm->starting:scale_from_zero",
+            "starting->provisioning:resume_no_capacity",
+            "provisioning->starting:started",
+            "starting->hot:ready",
+        ]
+    );
+
+    // A restarted gateway adopts the rented pod instead of renting another.
+    gateway.sigterm();
+    gateway.wait_exit();
+    gateway.serve().await;
+    gateway.wait_state("pod", "hot").await;
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 2))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.pods().len(), 2, "no third pod");
+    let (_, backends) = gateway
+        .admin(
+            reqwest::Method::GET,
+            "/admin/backends",
+            None,
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(backends["data"][0]["instance_id"], pods[1].id.as_str());
 }
