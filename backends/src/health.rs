@@ -34,8 +34,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 /// What a probe asks, per protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
-    /// trtllm-serve, vLLM, SGLang: `GET /health` answers 200 when ready.
-    OpenAi,
+    /// An OpenAI-style server: `GET {path}` answers 200 when ready —
+    /// `/health` for trtllm-serve, vLLM and SGLang, `/health/ready` for
+    /// Triton's OpenAI frontend.
+    OpenAi { path: String },
     /// Triton: `GET /v2/health/ready` and `GET /v2/models/{model}/ready` both 200.
     ///
     /// The server being ready is not enough: Triton answers ready while one
@@ -43,15 +45,32 @@ pub enum Probe {
     Triton { model: String },
 }
 
+/// Where OpenAI-style servers answer their health check by default.
+pub const DEFAULT_HEALTH_PATH: &str = "/health";
+
 impl Probe {
     /// The probe of a backend speaking `protocol` and serving `models`: a
-    /// Triton server must also have the first of them loaded.
-    pub fn for_protocol(protocol: crate::protocol::Protocol, models: &[String]) -> Self {
+    /// Triton server must also have the first of them loaded; an OpenAI-style
+    /// one answers at `health_path`.
+    pub fn for_protocol(
+        protocol: crate::protocol::Protocol,
+        models: &[String],
+        health_path: &str,
+    ) -> Self {
         match (protocol, models.first()) {
             (crate::protocol::Protocol::Triton, Some(model)) => Probe::Triton {
                 model: model.clone(),
             },
-            _ => Probe::OpenAi,
+            _ => Probe::OpenAi {
+                path: health_path.to_owned(),
+            },
+        }
+    }
+
+    /// `GET /health`: trtllm-serve, vLLM, SGLang.
+    pub fn openai() -> Self {
+        Probe::OpenAi {
+            path: DEFAULT_HEALTH_PATH.to_owned(),
         }
     }
 }
@@ -252,7 +271,7 @@ impl Default for ProbeClient {
 pub async fn probe(client: &ProbeClient, address: &str, probe: &Probe, timeout: Duration) -> bool {
     let asks = async {
         match probe {
-            Probe::OpenAi => client.succeeds(Method::GET, address, "/health").await,
+            Probe::OpenAi { path } => client.succeeds(Method::GET, address, path).await,
             Probe::Triton { model } => {
                 client
                     .succeeds(Method::GET, address, "/v2/health/ready")
@@ -426,17 +445,22 @@ mod tests {
             model: model.to_owned(),
         };
 
-        assert!(probe(&client, addr, &Probe::OpenAi, TIMEOUT).await);
+        assert!(probe(&client, addr, &Probe::openai(), TIMEOUT).await);
         assert!(probe(&client, addr, &triton("sim-model"), TIMEOUT).await);
         assert!(!probe(&client, addr, &triton("nope"), TIMEOUT).await);
+        // Another health path is asked as configured (gpu-sim has none there).
+        let elsewhere = Probe::OpenAi {
+            path: "/health/ready".to_owned(),
+        };
+        assert!(!probe(&client, addr, &elsewhere, TIMEOUT).await);
 
         // An injected engine failure makes every readiness endpoint answer 503.
         assert!(client.succeeds(Method::POST, addr, "/sim/fail").await);
-        assert!(!probe(&client, addr, &Probe::OpenAi, TIMEOUT).await);
+        assert!(!probe(&client, addr, &Probe::openai(), TIMEOUT).await);
         assert!(!probe(&client, addr, &triton("sim-model"), TIMEOUT).await);
 
         assert!(client.succeeds(Method::POST, addr, "/sim/recover").await);
-        assert!(probe(&client, addr, &Probe::OpenAi, TIMEOUT).await);
+        assert!(probe(&client, addr, &Probe::openai(), TIMEOUT).await);
         assert!(probe(&client, addr, &triton("sim-model"), TIMEOUT).await);
     }
 
@@ -449,7 +473,7 @@ mod tests {
             .unwrap()
             .to_string();
         let client = ProbeClient::new();
-        assert!(!probe(&client, &address, &Probe::OpenAi, TIMEOUT).await);
+        assert!(!probe(&client, &address, &Probe::openai(), TIMEOUT).await);
     }
 
     #[tokio::test]
@@ -460,7 +484,7 @@ mod tests {
         let address = listener.local_addr().unwrap().to_string();
         let client = ProbeClient::new();
         let timeout = Duration::from_millis(100);
-        assert!(!probe(&client, &address, &Probe::OpenAi, timeout).await);
+        assert!(!probe(&client, &address, &Probe::openai(), timeout).await);
         drop(listener);
     }
 }

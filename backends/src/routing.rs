@@ -424,7 +424,7 @@ mod tests {
             models: models.iter().map(|m| (*m).to_owned()).collect(),
             max_concurrency: slots,
             credential: None,
-            probe: Probe::OpenAi,
+            probe: Probe::openai(),
             protocol: Protocol::OpenAi,
         }
     }

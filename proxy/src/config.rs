@@ -14,7 +14,7 @@ use tollgate_backends::fleet::controller::ControllerTiming;
 use tollgate_backends::fleet::policy::FleetPolicy;
 use tollgate_backends::fleet::providers::HourlyCost;
 use tollgate_backends::fleet::providers::runpod::RunPodConfig;
-use tollgate_backends::health::ProbeConfig;
+use tollgate_backends::health::{DEFAULT_HEALTH_PATH, ProbeConfig};
 pub use tollgate_backends::protocol::Protocol;
 use tollgate_metering::tokens::Encoding;
 use tollgate_metering::writer::WriterConfig;
@@ -235,6 +235,7 @@ struct RawBackend {
     max_concurrency: Option<u32>,
     pool: Option<String>,
     credential: Option<String>,
+    health_path: Option<String>,
     provider: Option<String>,
     command: Option<Vec<String>>,
     hourly_cost: Option<f64>,
@@ -459,6 +460,8 @@ pub struct BackendConfig {
     pub host: String,
     pub tls: bool,
     pub protocol: Protocol,
+    /// `GET` path of an OpenAI-style backend's health check.
+    pub health_path: String,
     pub provider: ProviderConfig,
     /// Hourly prices, running and stopped, for cost accounting.
     pub cost: HourlyCost,
@@ -1267,6 +1270,15 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
                 ));
             }
         };
+        let health_path = b
+            .health_path
+            .unwrap_or_else(|| DEFAULT_HEALTH_PATH.to_owned());
+        if !health_path.starts_with('/') || health_path.contains(char::is_whitespace) {
+            return Err(invalid(
+                key("health_path"),
+                "must be a path starting with '/'",
+            ));
+        }
         let cost = HourlyCost {
             running: b.hourly_cost.unwrap_or(0.0),
             stopped: b.stopped_hourly_cost.unwrap_or(0.0),
@@ -1318,6 +1330,7 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
             host,
             tls,
             protocol,
+            health_path,
             provider,
             cost,
             models: b.models,
@@ -1667,6 +1680,10 @@ mod tests {
             (
                 format!("{backend}provider = \"gcp\"\n"),
                 "backends[1].provider",
+            ),
+            (
+                format!("{backend}url = \"http://h:1\"\nhealth_path = \"health\"\n"),
+                "backends[1].health_path",
             ),
             (
                 format!("{backend}provider = \"runpod\"\n"),

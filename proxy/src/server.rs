@@ -95,7 +95,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             models: b.models.clone(),
             max_concurrency: b.max_concurrency,
             credential: b.credential.as_ref().map(|c| c.expose().to_owned()),
-            probe: Probe::for_protocol(b.protocol, &b.models),
+            probe: Probe::for_protocol(b.protocol, &b.models, &b.health_path),
             protocol: b.protocol,
         });
     }
