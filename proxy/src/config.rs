@@ -1270,6 +1270,20 @@ fn validate_backends(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigE
                 ));
             }
         };
+        if protocol == Protocol::Triton && b.health_path.is_some() {
+            return Err(invalid(
+                key("health_path"),
+                "a triton backend is probed at /v2/health/ready and /v2/models/{model}/ready",
+            ));
+        }
+        if matches!(provider, ProviderConfig::Static)
+            && (b.hourly_cost.is_some() || b.stopped_hourly_cost.is_some())
+        {
+            return Err(invalid(
+                key("hourly_cost"),
+                "prices are accounted for process and runpod backends only",
+            ));
+        }
         let health_path = b
             .health_path
             .unwrap_or_else(|| DEFAULT_HEALTH_PATH.to_owned());
@@ -1690,8 +1704,20 @@ mod tests {
                 "backends[1].runpod",
             ),
             (
-                format!("{backend}url = \"http://h:1\"\nhourly_cost = -1.0\n"),
+                format!(
+                    "{backend}provider = \"process\"\ncommand = [\"sim\"]\nhourly_cost = -1.0\n"
+                ),
                 "backends[1].hourly_cost",
+            ),
+            (
+                format!("{backend}url = \"http://h:1\"\nhourly_cost = 1.0\n"),
+                "backends[1].hourly_cost",
+            ),
+            (
+                format!(
+                    "{backend}url = \"http://h:1\"\nprotocol = \"triton\"\nhealth_path = \"/h\"\n"
+                ),
+                "backends[1].health_path",
             ),
             (
                 "[fleet]\nmin_hot = 3\nmax_hot = 2\n".to_owned(),

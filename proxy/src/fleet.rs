@@ -16,7 +16,7 @@ use tollgate_backends::fleet::controller::{
     Connections, EventSink, FleetController, InstanceEvent, Managed, ProbeReadiness,
 };
 use tollgate_backends::fleet::policy::Scaler;
-use tollgate_backends::fleet::providers::process::{ProcessProvider, free_port};
+use tollgate_backends::fleet::providers::process::ProcessProvider;
 use tollgate_backends::fleet::providers::runpod::RunPod;
 use tollgate_backends::fleet::providers::{HourlyCost, Instance, Provider};
 use tollgate_backends::health::ProbeClient;
@@ -25,36 +25,24 @@ use tollgate_backends::routing::BackendPool;
 use crate::admission::AdmissionQueues;
 use crate::config::{Config, ProviderConfig};
 
-/// How long the event writer waits before retrying after Postgres failed.
-const WRITE_RETRY: Duration = Duration::from_secs(1);
+/// How long the fleet waits before asking Postgres again after it failed.
+const POSTGRES_RETRY: Duration = Duration::from_secs(1);
 
-/// A managed backend's provider and the address it starts at.
-pub struct ManagedBackend {
-    pub provider: Arc<dyn Provider>,
-    /// A process listens on a port picked now; a pod's address is learnt
-    /// when it runs.
-    pub address: Option<String>,
-}
-
-/// The provider of a backend, `None` for a static one.
+/// The provider of a backend, `None` for a static one. A managed backend's
+/// address is learnt when its instance starts.
 pub fn provider(
     name: &str,
     config: &ProviderConfig,
     cost: HourlyCost,
-) -> anyhow::Result<Option<ManagedBackend>> {
+) -> anyhow::Result<Option<Arc<dyn Provider>>> {
     Ok(match config {
         ProviderConfig::Static => None,
         ProviderConfig::Process { command } => {
-            let provider = ProcessProvider::new(name, command, free_port()?, cost)?;
-            Some(ManagedBackend {
-                address: Some(provider.address().to_owned()),
-                provider: Arc::new(provider),
-            })
+            Some(Arc::new(ProcessProvider::new(name, command, cost)?))
         }
-        ProviderConfig::RunPod(runpod) => Some(ManagedBackend {
-            provider: Arc::new(RunPod::new(runpod.as_ref().clone(), cost)?),
-            address: None,
-        }),
+        ProviderConfig::RunPod(runpod) => {
+            Some(Arc::new(RunPod::new(runpod.as_ref().clone(), cost)?))
+        }
     })
 }
 
@@ -130,7 +118,7 @@ impl EventWriter {
             while let Some((at, event)) = pending.front() {
                 if let Err(e) = insert(pool, *at, event).await {
                     tracing::warn!(error = %e, pending = pending.len(), "instance events not written yet; retrying");
-                    tokio::time::sleep(WRITE_RETRY).await;
+                    tokio::time::sleep(POSTGRES_RETRY).await;
                     break;
                 }
                 pending.pop_front();
@@ -197,28 +185,45 @@ pub struct FleetService {
 
 #[async_trait]
 impl BackgroundService for FleetService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        match last_instances(&self.pool).await {
-            Ok(instances) => {
-                for (name, instance) in instances {
-                    if let Some(id) = self.controller.backend_id(&name) {
-                        tracing::info!(
-                            backend = name,
-                            instance = instance.id,
-                            "adopting the instance recorded as rented"
-                        );
-                        self.controller.adopt(id, instance);
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read instance_events; every managed backend starts cold")
-            }
+    /// Runs for the life of the process, through the SIGTERM drain: requests
+    /// held for a wake still need capacity then. The drainer terminates local
+    /// instances last, just before exit.
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        if self.controller.adopts_instances() {
+            self.adopt_rented().await;
         }
         let controller = Arc::clone(&self.controller);
-        let stop = async move {
-            let _ = shutdown.changed().await;
+        tokio::join!(
+            controller.run(std::future::pending()),
+            self.events.run(&self.pool)
+        );
+    }
+}
+
+impl FleetService {
+    /// Adopts the instances the event log says are rented. Until the log
+    /// has been read no decision is made (requests for scaled-to-zero pools
+    /// wait meanwhile): deciding without it would rent again what is
+    /// already rented and forget the rest.
+    async fn adopt_rented(&self) {
+        let instances = loop {
+            match last_instances(&self.pool).await {
+                Ok(instances) => break instances,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read instance_events yet; the fleet waits for it");
+                    tokio::time::sleep(POSTGRES_RETRY).await;
+                }
+            }
         };
-        tokio::join!(controller.run(stop), self.events.run(&self.pool));
+        for (name, instance) in instances {
+            if let Some(id) = self.controller.backend_id(&name) {
+                tracing::info!(
+                    backend = name,
+                    instance = instance.id,
+                    "adopting the instance recorded as rented"
+                );
+                self.controller.adopt(id, instance);
+            }
+        }
     }
 }

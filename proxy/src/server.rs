@@ -79,17 +79,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut backends: Vec<Backend> = Vec::new();
     let mut managed: Vec<Managed> = Vec::new();
     for (id, b) in config.backends.iter().enumerate() {
-        let mut address = b.address.clone();
-        if let Some(m) = fleet::provider(&b.name, &b.provider, b.cost)? {
-            address = m.address.unwrap_or_default();
-            managed.push(Managed {
-                id,
-                provider: m.provider,
-            });
+        if let Some(provider) = fleet::provider(&b.name, &b.provider, b.cost)? {
+            managed.push(Managed { id, provider });
         }
         backends.push(Backend {
             name: b.name.clone(),
-            address,
+            address: b.address.clone(),
             host: b.host.clone(),
             tls: b.tls,
             models: b.models.clone(),

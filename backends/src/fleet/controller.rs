@@ -27,6 +27,11 @@ use super::state::InstanceState;
 use crate::health::{ProbeClient, probe};
 use crate::routing::{Backend, BackendId, BackendPool, UpstreamSelector};
 
+/// How often a starting instance that fails its probe is checked with its
+/// provider: often enough that one that died is noticed in seconds, rarely
+/// enough for a cloud API's rate limits.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
 /// One lifecycle transition, as recorded in `instance_events`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceEvent {
@@ -142,6 +147,8 @@ pub struct FleetController {
     events: Arc<dyn EventSink>,
     readiness: Arc<dyn Readiness>,
     timing: ControllerTiming,
+    /// One capacity sync at a time, so an older reading never lands last.
+    syncing: Mutex<()>,
 }
 
 struct Slot {
@@ -158,24 +165,28 @@ struct Record {
     pinned: bool,
     /// A provider call is under way.
     busy: bool,
+    /// Hot but failing its probes since then.
+    unhealthy_since: Option<Instant>,
     /// Cost accrued in earlier states.
     cost: f64,
 }
 
 impl Record {
     fn cost_so_far(&self, now: Instant, prices: HourlyCost) -> f64 {
-        self.cost
-            + hourly(self.state, prices) * now.duration_since(self.since).as_secs_f64() / 3600.0
+        self.cost + self.hourly(prices) * now.duration_since(self.since).as_secs_f64() / 3600.0
     }
-}
 
-fn hourly(state: InstanceState, prices: HourlyCost) -> f64 {
-    if state.bills_running() {
-        prices.running
-    } else if state.bills_stopped() {
-        prices.stopped
-    } else {
-        0.0
+    /// The price per hour now. A failed instance still rented is billed as
+    /// running until it is released.
+    fn hourly(&self, prices: HourlyCost) -> f64 {
+        let state = self.state;
+        if state.bills_running() || (state == InstanceState::Failed && self.instance.is_some()) {
+            prices.running
+        } else if state.bills_stopped() {
+            prices.stopped
+        } else {
+            0.0
+        }
     }
 }
 
@@ -204,6 +215,7 @@ impl FleetController {
                         unverified: false,
                         pinned: false,
                         busy: false,
+                        unhealthy_since: None,
                         cost: 0.0,
                     }),
                 });
@@ -218,6 +230,7 @@ impl FleetController {
             events: connections.events,
             readiness: connections.readiness,
             timing,
+            syncing: Mutex::new(()),
         });
         controller.sync_capacity();
         controller
@@ -242,8 +255,9 @@ impl FleetController {
         self.backends.set_lifecycle(id, InstanceState::Starting);
     }
 
-    /// Runs until `shutdown` resolves; then terminates instances that cannot
-    /// outlive Tollgate.
+    /// Runs until `shutdown` resolves. The gateway keeps it running through
+    /// its drain (requests held for a wake still need capacity) and calls
+    /// [`Self::terminate_local`] last.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         self.recover();
         let mut tick = tokio::time::interval(self.timing.interval);
@@ -255,13 +269,21 @@ impl FleetController {
                 () = &mut shutdown => break,
             }
         }
-        self.terminate_local().await;
+    }
+
+    /// Whether any backend's instances outlive Tollgate (rented ones), so
+    /// the event log must be read before the first decision.
+    pub fn adopts_instances(&self) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|slot| !slot.provider.ends_with_gateway())
     }
 
     /// One round: capacity, then the scaler's actions per pool.
     pub fn tick(self: &Arc<Self>) {
         let now = Instant::now();
-        self.fail_unhealthy();
+        self.fail_unhealthy(now);
         self.sync_capacity();
         for (pool, tiers) in self.demand.demand() {
             let instances = (0..self.slots.len())
@@ -305,10 +327,20 @@ impl FleetController {
         };
         {
             let mut record = lock(&slot.record);
-            if record.busy {
+            // A wake interrupts a sleep still draining: its task sees the
+            // state change and stops short of stopping the instance.
+            let cancels_drain = command == Command::Wake && state == InstanceState::Draining;
+            if record.busy && !cancels_drain {
                 return Err(CommandError::Busy(name.to_owned()));
             }
-            record.pinned = command == Command::Drain;
+            // Only a drain that happens pins; a sleep or wake hands the
+            // instance back to the scaler.
+            record.pinned = command == Command::Drain && state == InstanceState::Hot;
+            if cancels_drain && record.busy {
+                drop(record);
+                self.transition(id, InstanceState::Hot, "operator_wake");
+                return Ok(self.state(id));
+            }
         }
         match command {
             Command::Drain if state == InstanceState::Hot => {
@@ -360,6 +392,7 @@ impl FleetController {
 
     /// Sets each admission pool's slots to those of its routable backends.
     pub fn sync_capacity(&self) {
+        let _one_at_a_time = lock(&self.syncing);
         let mut pools: Vec<(&str, u32)> = Vec::new();
         for (id, pool) in self.pool_of.iter().enumerate() {
             let slots = if self.backends.routable(id) {
@@ -421,18 +454,27 @@ impl FleetController {
         }
     }
 
-    /// A hot instance whose probes have failed (it crashed, or its host went
-    /// away) is failed: the scaler releases it and wakes another if needed.
-    fn fail_unhealthy(&self) {
+    /// A hot instance whose probes have failed for `failed_retry` (it
+    /// crashed, or its host went away) is failed: the scaler releases it and
+    /// wakes another if needed. Shorter blips only take it out of rotation
+    /// until its probes pass again.
+    fn fail_unhealthy(&self, now: Instant) {
+        let tolerance = self.scaler().policy().failed_retry;
         for id in 0..self.slots.len() {
             let Some(slot) = &self.slots[id] else {
                 continue;
             };
-            let hot_but_down = {
-                let record = lock(&slot.record);
-                record.state == InstanceState::Hot && !record.busy && !self.backends.healthy(id)
+            let down_too_long = {
+                let mut record = lock(&slot.record);
+                if record.state != InstanceState::Hot || record.busy || self.backends.healthy(id) {
+                    record.unhealthy_since = None;
+                    false
+                } else {
+                    let since = *record.unhealthy_since.get_or_insert(now);
+                    now.duration_since(since) >= tolerance
+                }
             };
-            if hot_but_down {
+            if down_too_long {
                 self.transition(id, InstanceState::Failed, "unhealthy");
             }
         }
@@ -527,8 +569,12 @@ impl FleetController {
                         // The host's GPUs were rented meanwhile: give up the
                         // stopped instance and rent a new one.
                         tracing::warn!(backend = self.name(id), %why, "resume failed for lack of capacity; renting a new instance");
-                        if let Err(e) = provider.terminate(&stopped).await {
-                            tracing::warn!(backend = self.name(id), error = %e, "could not release the stopped instance");
+                        // Never rent a second one while the first may still
+                        // bill: failed, it is released before the slot is
+                        // tried again.
+                        match provider.terminate(&stopped).await {
+                            Ok(()) | Err(ProviderError::NotFound(_)) => {}
+                            Err(e) => return self.fail(id, "release_stopped", &e),
                         }
                         self.set_instance(id, None);
                         self.transition(id, InstanceState::Provisioning, "resume_no_capacity");
@@ -542,7 +588,10 @@ impl FleetController {
             }
             (InstanceState::Cold | InstanceState::Failed, leftover) => {
                 if let Some(leftover) = leftover {
-                    let _ = provider.terminate(&leftover).await;
+                    match provider.terminate(&leftover).await {
+                        Ok(()) | Err(ProviderError::NotFound(_)) => {}
+                        Err(e) => return self.fail(id, "release_leftover", &e),
+                    }
                     self.set_instance(id, None);
                 }
                 self.transition(id, InstanceState::Provisioning, reason);
@@ -558,35 +607,40 @@ impl FleetController {
     }
 
     /// Starting until the instance has an address and passes its probe,
-    /// then hot; failed after `start_timeout`.
+    /// then hot. Failed after `start_timeout`, or as soon as the provider
+    /// reports it stopped or gone (asked every [`STATUS_EVERY`] while the
+    /// probe fails, and on every poll until the address is known).
     async fn await_ready(&self, id: BackendId, provider: &Arc<dyn Provider>, reason: &str) {
         self.transition(id, InstanceState::Starting, reason);
         let deadline = Instant::now() + self.scaler().policy().start_timeout;
+        let mut next_status = Instant::now();
         loop {
-            let known = self
-                .provider_and_instance(id)
-                .and_then(|(_, instance)| instance)
-                .and_then(|instance| instance.address);
-            let address = match known {
-                Some(address) => Some(address),
-                None => match self.provider_and_instance(id).and_then(|(_, i)| i) {
-                    Some(instance) => match provider.status(&instance).await {
-                        Ok((_, current)) => {
-                            let address = current.address.clone();
-                            self.set_instance(id, Some(current));
-                            address
-                        }
-                        Err(_) => None,
-                    },
-                    None => None,
-                },
+            let Some((_, Some(instance))) = self.provider_and_instance(id) else {
+                return;
             };
-            if let Some(address) = address {
-                self.backends.set_address(id, &address);
+            if let Some(address) = &instance.address {
+                self.backends.set_address(id, address);
                 if let Some(backend) = self.backends.backend(id)
                     && self.readiness.ready(&backend).await
                 {
                     return self.transition(id, InstanceState::Hot, "ready");
+                }
+            }
+            if instance.address.is_none() || Instant::now() >= next_status {
+                next_status = Instant::now() + STATUS_EVERY;
+                match provider.status(&instance).await {
+                    Ok((InstanceStatus::Running | InstanceStatus::Pending, current)) => {
+                        self.set_instance(id, Some(current));
+                    }
+                    Ok((InstanceStatus::Stopped | InstanceStatus::Terminated, _))
+                    | Err(ProviderError::NotFound(_)) => {
+                        let error = ProviderError::Other(anyhow::anyhow!(
+                            "the instance stopped or went away while starting"
+                        ));
+                        return self.fail(id, "start", &error);
+                    }
+                    // The provider's API may be having a moment: the deadline bounds it.
+                    Err(_) => {}
                 }
             }
             if self.state(id) != InstanceState::Starting {
@@ -615,6 +669,9 @@ impl FleetController {
                 return; // woken meanwhile
             }
         }
+        if self.state(id) != InstanceState::Draining {
+            return;
+        }
         let Some(instance) = instance else {
             return self.transition(id, InstanceState::Cold, reason);
         };
@@ -640,6 +697,16 @@ impl FleetController {
 
     fn fail(&self, id: BackendId, operation: &str, error: &ProviderError) {
         tracing::warn!(backend = self.name(id), operation, %error, "instance failed");
+        if let Some(Some(slot)) = self.slots.get(id) {
+            let mut record = lock(&slot.record);
+            if record.state == InstanceState::Failed {
+                // A retry failed again: the next waits a whole `failed_retry`.
+                let now = Instant::now();
+                record.cost = record.cost_so_far(now, slot.provider.cost());
+                record.since = now;
+                return;
+            }
+        }
         self.transition(id, InstanceState::Failed, &format!("{operation}_failed"));
     }
 
@@ -694,7 +761,7 @@ impl FleetController {
                 record.state = to;
                 record.since = now;
                 let instance_id = record.instance.as_ref().map(|i| i.id.clone());
-                (from, instance_id, hourly(to, prices))
+                (from, instance_id, record.hourly(prices))
             }
             None => (self.state(id), None, 0.0),
         };
@@ -721,3 +788,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // the lock cannot leave them half-written.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;

@@ -22,9 +22,9 @@
 //! - **Failed**: after `failed_retry_secs`, what is left is released.
 //!
 //! Hysteresis: scale-out needs a backlog (deeper than 10 or 30, or a long
-//! wait); scale-in needs the queue nearly empty for half an hour, and the
-//! window restarts after every stop, so capacity leaves one instance at a
-//! time. While an instance is waking no other is woken for the same backlog,
+//! wait); scale-in needs the queue nearly empty for half an hour, with no
+//! wake in that window, and the window restarts after every stop, so
+//! capacity leaves one instance at a time and never right after it came. While an instance is waking no other is woken for the same backlog,
 //! except by the floor. At most `max_hot` instances are hot or waking.
 
 use std::collections::HashMap;
@@ -217,14 +217,16 @@ impl Scaler {
             });
         }
 
-        // Scale in, never in the same call as a wake.
-        let quiet_since = if depth < p.scale_in_queue_depth {
+        // Scale in, never in the same call as a wake nor while one is under
+        // way; a wake restarts the quiet window, so what was just woken is
+        // not stopped on the strength of the quiet before it.
+        let quiet_since = if depth < p.scale_in_queue_depth && actions.is_empty() && waking == 0 {
             *self.quiet_since.entry(view.pool.clone()).or_insert(now)
         } else {
             self.quiet_since.remove(&view.pool);
             now
         };
-        if actions.is_empty() {
+        if actions.is_empty() && waking == 0 {
             // Newest first, so the longest-running instances (and the
             // primary) stay.
             let mut stoppable: Vec<&InstanceView> = view
@@ -447,6 +449,36 @@ mod tests {
         assert!(f.at(50 * MIN).is_empty(), "quiet only since minute 21");
         assert_eq!(
             f.at(51 * MIN),
+            [(ActionKind::Sleep, 1, "queue_quiet".into())]
+        );
+    }
+
+    #[test]
+    fn a_wake_restarts_the_quiet_window() {
+        let mut f = fixture(FleetPolicy::default(), &[Hot, Cold]);
+        for i in &mut f.view.instances {
+            i.in_flight = 1;
+        }
+        assert!(f.at(Duration::ZERO).is_empty(), "the quiet window starts");
+        f.queue("pro", 1, Duration::from_secs(31));
+        assert_eq!(
+            f.at(40 * MIN),
+            [(ActionKind::Wake, 1, "tier_wait:pro".into())]
+        );
+        f.view.instances[1].state = Starting;
+        assert!(
+            f.at(44 * MIN).is_empty(),
+            "nothing stops while a wake is under way"
+        );
+        f.view.instances[1].state = Hot;
+        f.view.instances[1].since = f.start + 45 * MIN;
+        f.queue("pro", 0, Duration::ZERO);
+        assert!(
+            f.at(45 * MIN + Duration::from_secs(1)).is_empty(),
+            "the instance just woken is not stopped for the quiet before it"
+        );
+        assert_eq!(
+            f.at(76 * MIN),
             [(ActionKind::Sleep, 1, "queue_quiet".into())]
         );
     }

@@ -477,28 +477,35 @@ impl ProxyHttp for Gateway {
                 .get(self.session_header.as_str())
                 .and_then(|v| v.to_str().ok()),
         };
-        let (id, backend, lease) =
-            self.selector
-                .select(model, &ctx.tried, &facts)
-                .ok_or_else(|| {
-                    Error::explain(
-                        ErrorType::Custom(NO_BACKEND),
-                        format!("no backend for model {model}"),
-                    )
-                })?;
-        ctx.triton = match backend.protocol {
-            Protocol::OpenAi => None,
-            Protocol::Triton => match self.triton_call(ctx) {
-                Ok(call) => Some(call),
-                Err(refusal) => {
-                    ctx.untranslatable = Some(refusal);
+        // Backends that cannot carry this request (a Triton one for `n > 1`,
+        // tools, embeddings) are passed over for others of the model.
+        let mut excluded = ctx.tried.clone();
+        ctx.untranslatable = None;
+        let (id, backend, lease, triton) = loop {
+            let Some((id, backend, lease)) = self.selector.select(model, &excluded, &facts) else {
+                if ctx.untranslatable.is_some() {
                     return Err(Error::explain(
                         ErrorType::Custom(UNTRANSLATABLE),
-                        "request not expressible in the triton protocol",
+                        "request not expressible in the protocol of any backend",
                     ));
                 }
-            },
+                return Err(Error::explain(
+                    ErrorType::Custom(NO_BACKEND),
+                    format!("no backend for model {model}"),
+                ));
+            };
+            match backend.protocol {
+                Protocol::OpenAi => break (id, backend, lease, None),
+                Protocol::Triton => match self.triton_call(ctx) {
+                    Ok(call) => break (id, backend, lease, Some(call)),
+                    Err(refusal) => {
+                        ctx.untranslatable = Some(refusal);
+                        excluded.push(id);
+                    }
+                },
+            }
         };
+        ctx.triton = triton;
         ctx.tried.push(id);
         ctx.lease = Some(lease);
         ctx.failure_reported = false;

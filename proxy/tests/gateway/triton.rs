@@ -177,3 +177,20 @@ async fn an_error_mid_stream_under_http_200_ends_the_stream_with_an_openai_error
         "an aborted answer is not billed as complete"
     );
 }
+
+#[tokio::test]
+async fn a_request_triton_cannot_carry_goes_to_an_openai_backend_of_the_model() {
+    let (triton_sim, openai_sim) = (Sim::fast(), Sim::fast());
+    let gateway = Gateway::start(
+        &[triton(&triton_sim), BackendSpec::new(&openai_sim.url)],
+        Options::default(),
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let mut tools = chat("Hi", 5);
+    tools["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    for _ in 0..6 {
+        let (status, body) = gateway.post_json(&key, "/v1/chat/completions", &tools).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
