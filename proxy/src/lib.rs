@@ -7,6 +7,7 @@
 //! - [`admin`]: the admin API and the metrics endpoint.
 //! - [`db`]: the Postgres pool and migrations (`sql/`).
 //! - [`server`]: assembling and running the Pingora server, draining on SIGTERM.
+//! - [`simulate`]: `tollgate simulate`, the fleet's economics in simulated time.
 //! - [`cli`]: the command line; `main.rs` dispatches it.
 
 pub mod admin;
@@ -20,4 +21,5 @@ pub mod gateway;
 pub mod keys;
 pub mod metering;
 pub mod server;
+pub mod simulate;
 pub mod usage_api;

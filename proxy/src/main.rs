@@ -10,7 +10,7 @@ use tollgate::config::{Config, ProcessEnv, parse_duration};
 use tollgate::keys::store::{KeyListing, KeyStore};
 use tollgate::keys::{KeyAdmin, NewKeyRequest};
 use tollgate::usage_api::{self, UsageQuery};
-use tollgate::{db, server};
+use tollgate::{db, server, simulate};
 
 /// How long `fleet status` waits for the gateway's admin API.
 const FLEET_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -19,6 +19,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve => "info",
+        // A month of simulated fleet transitions would drown the report.
+        Command::Simulate(_) => "error",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -49,6 +51,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(command) => block_on(keys(&config, command)),
         Command::Usage(command) => block_on(usage(&config, command)),
         Command::Fleet(FleetCommand::Status) => block_on(fleet_status(&config)),
+        // Runs its own runtimes, on a paused clock.
+        Command::Simulate(args) => simulate::run(&config, &args),
     }
 }
 
