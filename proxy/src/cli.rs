@@ -137,10 +137,18 @@ fn duration(value: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum FleetCommand {
-    /// One line per backend: routable or not, its breaker, requests in flight
-    /// and slots, as the running gateway sees them (GET /admin/backends on
-    /// server.admin_listen, with the admin token).
+    /// One line per backend: its provider, lifecycle state, whether it is
+    /// routable, its breaker, requests in flight, slots and cost so far, as the
+    /// running gateway sees them (GET /admin/backends on server.admin_listen,
+    /// with the admin token).
     Status,
+    /// Take a hot backend out of rotation; it stays rented (and the fleet
+    /// controller leaves it alone) until `wake`.
+    Drain { name: String },
+    /// Drain a backend, then stop it (warm) once its requests are done.
+    Sleep { name: String },
+    /// Put a drained backend back, resume a warm one, or rent a cold one.
+    Wake { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -51,6 +51,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(command) => block_on(keys(&config, command)),
         Command::Usage(command) => block_on(usage(&config, command)),
         Command::Fleet(FleetCommand::Status) => block_on(fleet_status(&config)),
+        Command::Fleet(FleetCommand::Drain { name }) => {
+            block_on(fleet_command(&config, &name, "drain"))
+        }
+        Command::Fleet(FleetCommand::Sleep { name }) => {
+            block_on(fleet_command(&config, &name, "sleep"))
+        }
+        Command::Fleet(FleetCommand::Wake { name }) => {
+            block_on(fleet_command(&config, &name, "wake"))
+        }
         // Runs its own runtimes, on a paused clock.
         Command::Simulate(args) => simulate::run(&config, &args),
     }
@@ -86,8 +95,13 @@ async fn check_account_tiers(config: &Config) -> anyhow::Result<()> {
     }
 }
 
-/// `tollgate fleet status`: asks the running gateway's admin API.
-async fn fleet_status(config: &Config) -> anyhow::Result<()> {
+/// Calls the running gateway's admin API (`method path`, no body) and
+/// returns its JSON answer.
+async fn admin_call(
+    config: &Config,
+    method: http::Method,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
     use http_body_util::{BodyExt, Empty};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
@@ -95,8 +109,10 @@ async fn fleet_status(config: &Config) -> anyhow::Result<()> {
     let token = config.admin_token.as_ref().ok_or_else(|| {
         anyhow::anyhow!("admin.token (env TOLLGATE_ADMIN_TOKEN) is needed to ask the gateway")
     })?;
-    let url = format!("http://{}/admin/backends", config.server.admin_listen);
-    let request = http::Request::get(&url)
+    let url = format!("http://{}{path}", config.server.admin_listen);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(&url)
         .header(
             http::header::AUTHORIZATION,
             format!("Bearer {}", token.expose()),
@@ -115,10 +131,24 @@ async fn fleet_status(config: &Config) -> anyhow::Result<()> {
             String::from_utf8_lossy(&body)
         );
     }
-    let listing: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// `tollgate fleet status`: asks the running gateway's admin API.
+async fn fleet_status(config: &Config) -> anyhow::Result<()> {
+    let listing = admin_call(config, http::Method::GET, "/admin/backends").await?;
     println!(
-        "{:<16} {:<24} {:<9} {:<8} {:<10} {:>9} {:>6}  MODELS",
-        "NAME", "ADDRESS", "ROUTABLE", "HEALTHY", "BREAKER", "IN_FLIGHT", "SLOTS"
+        "{:<16} {:<8} {:<12} {:<24} {:<9} {:<8} {:<10} {:>9} {:>6} {:>9}  MODELS",
+        "NAME",
+        "PROVIDER",
+        "STATE",
+        "ADDRESS",
+        "ROUTABLE",
+        "HEALTHY",
+        "BREAKER",
+        "IN_FLIGHT",
+        "SLOTS",
+        "COST"
     );
     for b in listing["data"].as_array().into_iter().flatten() {
         let models: Vec<&str> = b["models"]
@@ -128,18 +158,40 @@ async fn fleet_status(config: &Config) -> anyhow::Result<()> {
             .filter_map(|m| m.as_str())
             .collect();
         let yes_no = |v: &serde_json::Value| if *v == true { "yes" } else { "no" };
+        let address = b["address"]
+            .as_str()
+            .filter(|a| !a.is_empty())
+            .unwrap_or("-");
         println!(
-            "{:<16} {:<24} {:<9} {:<8} {:<10} {:>9} {:>6}  {}",
+            "{:<16} {:<8} {:<12} {:<24} {:<9} {:<8} {:<10} {:>9} {:>6} {:>9.2}  {}",
             b["name"].as_str().unwrap_or("-"),
-            b["address"].as_str().unwrap_or("-"),
+            b["provider"].as_str().unwrap_or("-"),
+            b["state"].as_str().unwrap_or("-"),
+            address,
             yes_no(&b["routable"]),
             yes_no(&b["healthy"]),
             b["breaker"].as_str().unwrap_or("-"),
             b["in_flight"],
             b["max_concurrency"],
+            b["cost_so_far"].as_f64().unwrap_or(0.0),
             models.join(",")
         );
     }
+    Ok(())
+}
+
+/// `tollgate fleet drain|sleep|wake NAME`.
+async fn fleet_command(config: &Config, name: &str, verb: &str) -> anyhow::Result<()> {
+    let answer = admin_call(
+        config,
+        http::Method::POST,
+        &format!("/admin/backends/{name}/{verb}"),
+    )
+    .await?;
+    println!(
+        "{name}: {verb} accepted; state now {}",
+        answer["state"].as_str().unwrap_or("-")
+    );
     Ok(())
 }
 

@@ -189,8 +189,26 @@ async fn operators_drain_wake_and_sleep_backends() {
     gateway.wait_state("gpu", "hot").await;
 
     // A drained static backend takes no new requests: they go to the other.
-    let (status, body) = gateway.command("b0", "drain").await;
-    assert_eq!((status, body["state"].as_str()), (202, Some("draining")));
+    // (By the CLI here; the admin API below.)
+    let drained = gateway.cli(&["fleet", "drain", "b0"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&drained.stdout).contains("state now draining"),
+        "{drained:?}"
+    );
+    let listing = gateway.cli(&["fleet", "status"]).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let row = |name: &str| {
+        listing
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        row("b0"),
+        Some(vec!["b0", "static", "draining"]),
+        "{listing}"
+    );
+    assert_eq!(row("gpu"), Some(vec!["gpu", "process", "hot"]), "{listing}");
     for _ in 0..5 {
         let (status, body) = gateway
             .post_json(&key, "/v1/chat/completions", &chat("hi", 1))
