@@ -25,8 +25,9 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::{Method, Request, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::ACCEPT;
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -217,9 +218,9 @@ impl Health {
     }
 }
 
-/// A small reusable HTTP/1 client for probes. Plain `http://` only (no TLS);
-/// connections are pooled, so a probe every few seconds does not open a new
-/// connection each time.
+/// A small reusable HTTP/1 client for probes and metric scrapes. Plain
+/// `http://` only (no TLS); connections are pooled, so a probe every few
+/// seconds does not open a new connection each time.
 #[derive(Debug, Clone)]
 pub struct ProbeClient {
     client: Client<HttpConnector, Empty<Bytes>>,
@@ -254,6 +255,35 @@ impl ProbeClient {
         };
         let success = response.status().is_success();
         success && response.into_body().collect().await.is_ok()
+    }
+
+    /// `GET http://{address}{path}` with `accept`; the body when it answered
+    /// 200 within `limit` bytes. Read whole, so the connection can go back to
+    /// the pool.
+    pub async fn get_text(
+        &self,
+        address: &str,
+        path: &str,
+        accept: &str,
+        limit: usize,
+    ) -> Option<String> {
+        let uri = format!("http://{address}{path}").parse::<Uri>().ok()?;
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .header(ACCEPT, accept)
+            .body(Empty::new())
+            .ok()?;
+        let response = self.client.request(request).await.ok()?;
+        if response.status() != StatusCode::OK {
+            return None;
+        }
+        let body = Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        Some(String::from_utf8_lossy(&body).into_owned())
     }
 }
 

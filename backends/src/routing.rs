@@ -25,7 +25,7 @@ use crate::balance::{Candidate, Policy, RequestFacts};
 use crate::fleet::state::InstanceState;
 use crate::health::{Health, Probe, ProbeClient, ProbeConfig, probe};
 use crate::protocol::Protocol;
-use crate::signals::{LoadSignals, SignalsClient, scrape};
+use crate::signals::{LoadSignals, scrape};
 
 /// An inference server Tollgate forwards to.
 #[derive(Clone)]
@@ -291,8 +291,7 @@ impl BackendPool {
     /// to watch.
     pub async fn probe_all(
         &self,
-        probes: &ProbeClient,
-        scrapes: &SignalsClient,
+        client: &ProbeClient,
         config: &ProbeConfig,
     ) -> Vec<(Arc<Backend>, bool)> {
         let checks = self
@@ -302,8 +301,8 @@ impl BackendPool {
             .filter(|(backend, state)| !backend.tls && state.lifecycle() == InstanceState::Hot)
             .map(|(backend, state)| async move {
                 let (ok, signals) = tokio::join!(
-                    probe(probes, &backend.address, &backend.probe, config.timeout),
-                    scrape(scrapes, &backend.address, config.timeout)
+                    probe(client, &backend.address, &backend.probe, config.timeout),
+                    scrape(client, &backend.address, config.timeout)
                 );
                 *state.signals.lock().unwrap_or_else(PoisonError::into_inner) = signals;
                 state

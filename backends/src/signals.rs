@@ -28,19 +28,14 @@
 //!
 //! [`LoadSignals::parse`] is pure and never fails: lines it cannot read are
 //! skipped. [`scrape`] fetches and parses, through a reusable
-//! [`SignalsClient`]. Nothing here logs or keeps state; the caller decides
+//! [`ProbeClient`]. Nothing here logs or keeps state; the caller decides
 //! how often to scrape and what a missing answer means.
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::header::ACCEPT;
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
+
+use crate::health::ProbeClient;
 
 /// Largest `/metrics` body read. vLLM's exposition is tens of KiB (mostly
 /// histogram buckets) and Triton's grows with its model count; 4 MiB leaves
@@ -254,69 +249,17 @@ fn parse_float(text: &str) -> Option<f64> {
     text.parse().ok()
 }
 
-/// A small reusable HTTP/1 client for scrapes, built like
-/// [`crate::health::ProbeClient`]: plain `http://` only (no TLS), pooled
-/// connections so a scrape every few seconds reuses one.
-#[derive(Debug, Clone)]
-pub struct SignalsClient {
-    client: Client<HttpConnector, Empty<Bytes>>,
-}
-
-impl SignalsClient {
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            // Without a timer the pool never expires idle connections.
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        Self { client }
-    }
-
-    /// `GET http://{address}{path}`; the body when it answered 200 within
-    /// [`MAX_BODY_BYTES`]. The body is read whole so the connection can go
-    /// back to the pool.
-    async fn get_text(&self, address: &str, path: &str) -> Option<String> {
-        let uri = format!("http://{address}{path}").parse::<Uri>().ok()?;
-        let request = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
-            // Servers that can also speak OpenMetrics (prometheus_client,
-            // behind vLLM) pick it from Accept; ask for the 0.0.4 text.
-            .header(ACCEPT, "text/plain; version=0.0.4")
-            .body(Empty::new())
-            .ok()?;
-        let response = self.client.request(request).await.ok()?;
-        if response.status() != StatusCode::OK {
-            return None;
-        }
-        let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
-            .ok()?
-            .to_bytes();
-        Some(String::from_utf8_lossy(&body).into_owned())
-    }
-}
-
-impl Default for SignalsClient {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// Servers that can also speak OpenMetrics (prometheus_client, behind vLLM)
+/// pick the format from `Accept`: ask for the 0.0.4 text.
+const METRICS_ACCEPT: &str = "text/plain; version=0.0.4";
 
 /// Scrapes `http://{address}/metrics` (`address` is `host:port`) once,
 /// bounded by `timeout`. `None` when the request fails, times out, answers
 /// other than 200 or sends more than [`MAX_BODY_BYTES`]; an answer without
 /// any known metric is `Some` of an empty [`LoadSignals`].
-pub async fn scrape(
-    client: &SignalsClient,
-    address: &str,
-    timeout: Duration,
-) -> Option<LoadSignals> {
-    let text = tokio::time::timeout(timeout, client.get_text(address, "/metrics"))
-        .await
-        .ok()??;
+pub async fn scrape(client: &ProbeClient, address: &str, timeout: Duration) -> Option<LoadSignals> {
+    let scraped = client.get_text(address, "/metrics", METRICS_ACCEPT, MAX_BODY_BYTES);
+    let text = tokio::time::timeout(timeout, scraped).await.ok()??;
     Some(LoadSignals::parse(&text))
 }
 
@@ -607,14 +550,14 @@ nv_cpu_utilization 0.081
     #[tokio::test]
     async fn scrapes_a_200_answer() {
         let address = serve_once(http_response("200 OK", TRITON.as_bytes())).await;
-        let signals = scrape(&SignalsClient::new(), &address, TIMEOUT).await;
+        let signals = scrape(&ProbeClient::new(), &address, TIMEOUT).await;
         assert_eq!(signals, Some(LoadSignals::parse(TRITON)));
     }
 
     #[tokio::test]
     async fn an_answer_without_known_metrics_is_empty_not_none() {
         let address = serve_once(http_response("200 OK", b"up 1\n")).await;
-        let signals = scrape(&SignalsClient::new(), &address, TIMEOUT).await;
+        let signals = scrape(&ProbeClient::new(), &address, TIMEOUT).await;
         assert!(signals.unwrap().is_empty());
     }
 
@@ -625,7 +568,7 @@ nv_cpu_utilization 0.081
             b"vllm:num_requests_waiting 1\n",
         ))
         .await;
-        assert_eq!(scrape(&SignalsClient::new(), &address, TIMEOUT).await, None);
+        assert_eq!(scrape(&ProbeClient::new(), &address, TIMEOUT).await, None);
     }
 
     #[tokio::test]
@@ -633,7 +576,7 @@ nv_cpu_utilization 0.081
         let line = b"vllm:num_requests_waiting 1\n";
         let body = line.repeat(MAX_BODY_BYTES / line.len() + 1);
         let address = serve_once(http_response("200 OK", &body)).await;
-        assert_eq!(scrape(&SignalsClient::new(), &address, TIMEOUT).await, None);
+        assert_eq!(scrape(&ProbeClient::new(), &address, TIMEOUT).await, None);
     }
 
     #[tokio::test]
@@ -642,14 +585,14 @@ nv_cpu_utilization 0.081
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let timeout = Duration::from_millis(100);
-        assert_eq!(scrape(&SignalsClient::new(), &address, timeout).await, None);
+        assert_eq!(scrape(&ProbeClient::new(), &address, timeout).await, None);
         drop(listener);
     }
 
     #[tokio::test]
     async fn an_address_that_is_not_host_port_is_none() {
         assert_eq!(
-            scrape(&SignalsClient::new(), "not an address", TIMEOUT).await,
+            scrape(&ProbeClient::new(), "not an address", TIMEOUT).await,
             None
         );
     }

@@ -5,9 +5,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
+mod support;
+
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
+use support::Sim;
 
 use base64::Engine as _;
 use nix::sys::signal::{Signal, kill};
@@ -19,46 +21,7 @@ use serde_json::{Value, json};
 const POLL_DEADLINE: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
-/// A running gpu-sim process, killed when dropped.
-struct Sim {
-    child: Child,
-    url: String,
-}
-
 impl Sim {
-    /// Starts gpu-sim with `args` (plus a free port) and waits for its
-    /// "listening" line, which it prints once it accepts connections.
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gpu-sim"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn gpu-sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_owned();
-        Self { child, url }
-    }
-
-    /// Unpaced: every answer at once.
-    fn fast(extra: &[&str]) -> Self {
-        let mut args = vec!["--ttft-ms", "0", "--tokens-per-sec", "0"];
-        args.extend_from_slice(extra);
-        Self::start(&args)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
     async fn post(&self, path: &str, body: Value) -> reqwest::Response {
         reqwest::Client::new()
             .post(self.url(path))
@@ -94,13 +57,6 @@ impl Sim {
     fn terminate(mut self) -> ExitStatus {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
         self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

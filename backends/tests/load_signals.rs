@@ -2,58 +2,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::time::Duration;
+use support::Sim;
 
 use serde_json::json;
-use tollgate_backends::signals::{LoadSignals, SignalsClient, scrape};
+use tollgate_backends::health::ProbeClient;
+use tollgate_backends::signals::{LoadSignals, scrape};
 
 /// Upper bound for the state the test polls for: far above what it takes, so
 /// only a real failure reaches it.
 const POLL_DEADLINE: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A running gpu-sim process, killed when dropped.
-struct Sim {
-    child: Child,
-    /// `host:port`, as [`scrape`] takes it.
-    address: String,
-}
-
-impl Sim {
-    /// Starts gpu-sim with `args` (plus a free port) and waits for its
-    /// "listening" line, which it prints once it accepts connections.
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gpu-sim"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn gpu-sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "gpu-sim listening on http://ADDR"
-        let address = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .trim_end_matches('/')
-            .to_owned();
-        Self { child, address }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn scrape_sees_gpu_sim_running_one_and_queueing_two() {
@@ -64,21 +26,19 @@ async fn scrape_sees_gpu_sim_running_one_and_queueing_two() {
     let http = reqwest::Client::new();
     let requests: Vec<_> = (0..3)
         .map(|_| {
-            let request = http
-                .post(format!("http://{}/v1/chat/completions", sim.address))
-                .json(&json!({
-                    "model": "sim-model",
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 4,
-                }));
+            let request = http.post(sim.url("/v1/chat/completions")).json(&json!({
+                "model": "sim-model",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            }));
             tokio::spawn(request.send())
         })
         .collect();
 
-    let client = SignalsClient::new();
+    let client = ProbeClient::new();
     let deadline = tokio::time::Instant::now() + POLL_DEADLINE;
     let signals = loop {
-        let signals = scrape(&client, &sim.address, SCRAPE_TIMEOUT).await;
+        let signals = scrape(&client, sim.address(), SCRAPE_TIMEOUT).await;
         if let Some(signals) = &signals
             && signals.running == Some(1.0)
             && signals.waiting == Some(2.0)
@@ -113,7 +73,7 @@ async fn scrape_sees_gpu_sim_running_one_and_queueing_two() {
 #[tokio::test]
 async fn an_idle_gpu_sim_reports_zeros_not_absence() {
     let sim = Sim::start(&[]);
-    let signals = scrape(&SignalsClient::new(), &sim.address, SCRAPE_TIMEOUT)
+    let signals = scrape(&ProbeClient::new(), sim.address(), SCRAPE_TIMEOUT)
         .await
         .unwrap();
     assert_eq!(
@@ -137,7 +97,7 @@ async fn an_unreachable_address_is_none() {
         .unwrap()
         .to_string();
     assert_eq!(
-        scrape(&SignalsClient::new(), &address, SCRAPE_TIMEOUT).await,
+        scrape(&ProbeClient::new(), &address, SCRAPE_TIMEOUT).await,
         None
     );
 }

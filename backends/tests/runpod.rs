@@ -6,10 +6,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use support::Sim;
 
 use serde_json::{Value, json};
 use tollgate_backends::fleet::providers::runpod::fake::{FakeOptions, FakeRunPod, RecordedRequest};
@@ -334,46 +335,10 @@ async fn address_is_public_ip_and_mapped_port_only_while_running() {
     assert_eq!(running.address.as_deref(), Some("127.0.0.1:41999"));
 }
 
-/// A gpu-sim process, killed when dropped.
-struct Sim {
-    child: Child,
-    port: u16,
-}
-
-impl Sim {
-    fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gpu-sim"))
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn gpu-sim");
-        // Printed once it accepts connections: "gpu-sim listening on http://ADDR …".
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("http://"))
-            .and_then(|address| address.rsplit(':').next())
-            .and_then(|port| port.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Self { child, port }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn the_reported_address_reaches_the_inference_server() {
-    let sim = Sim::start();
-    let fake = FakeRunPod::start(FakeOptions::default().map_port(INFERENCE_PORT, sim.port))
+    let sim = Sim::start(&[]);
+    let fake = FakeRunPod::start(FakeOptions::default().map_port(INFERENCE_PORT, sim.port()))
         .await
         .unwrap();
     let runpod = RunPod::new(config(&fake), COST).unwrap();

@@ -7,8 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use support::Sim;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -18,57 +19,15 @@ use tollgate_backends::protocol::triton::{
 };
 use tollgate_metering::tokens::Encoding;
 
-/// A running gpu-sim process, killed when dropped.
-struct Sim {
-    child: Child,
-    url: String,
-}
-
 impl Sim {
-    /// Starts gpu-sim with `args` on a free port and waits for the
-    /// "listening" line it prints once it accepts connections.
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gpu-sim"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn gpu-sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_owned();
-        Self { child, url }
-    }
-
-    /// Unpaced: every answer in one write.
-    fn fast(extra: &[&str]) -> Self {
-        let mut args = vec!["--ttft-ms", "0", "--tokens-per-sec", "0"];
-        args.extend_from_slice(extra);
-        Self::start(&args)
-    }
-
     async fn send(&self, request: &TritonRequest) -> reqwest::Response {
         reqwest::Client::new()
-            .post(format!("{}{}", self.url, request.path))
+            .post(self.url(&request.path))
             .header("content-type", "application/json")
             .body(request.body.clone())
             .send()
             .await
             .unwrap()
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -21,7 +21,6 @@ use tollgate_backends::balance::session_affinity::SessionAffinity;
 use tollgate_backends::fleet::controller::{FleetController, Managed};
 use tollgate_backends::health::{Probe, ProbeClient, ProbeConfig};
 use tollgate_backends::routing::{Backend, BackendPool, UpstreamSelector};
-use tollgate_backends::signals::SignalsClient;
 use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, UsageSink, WriterStats};
 
@@ -266,7 +265,6 @@ struct HealthProber {
 impl BackgroundService for HealthProber {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let client = ProbeClient::new();
-        let scrapes = SignalsClient::new();
         // Backends start presumed healthy: the first probe is one interval in.
         let first = tokio::time::Instant::now() + self.config.interval;
         let mut ticks = tokio::time::interval_at(first, self.config.interval);
@@ -276,11 +274,7 @@ impl BackgroundService for HealthProber {
                 _ = ticks.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            for (backend, healthy) in self
-                .backends
-                .probe_all(&client, &scrapes, &self.config)
-                .await
-            {
+            for (backend, healthy) in self.backends.probe_all(&client, &self.config).await {
                 if healthy {
                     tracing::warn!(backend = %backend.name, "backend healthy again: routable");
                 } else {

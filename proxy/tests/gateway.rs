@@ -402,6 +402,26 @@ impl Gateway {
         (status, response.json().await.unwrap())
     }
 
+    /// Backend `name` as `GET /admin/backends` lists it.
+    async fn backend(&self, name: &str) -> Value {
+        let (status, listing) = self
+            .admin(
+                reqwest::Method::GET,
+                "/admin/backends",
+                None,
+                Some(ADMIN_TOKEN),
+            )
+            .await;
+        assert_eq!(status, 200, "{listing}");
+        listing["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no backend {name} in {listing}"))
+    }
+
     /// Whether a chat request with `key` gets 401 with `reason` in its message.
     async fn refused(&self, key: &str, reason: &str) -> bool {
         let (status, body) = self

@@ -23,22 +23,10 @@ fn process_fleet(startup_delay_secs: u32, idle_stop_secs: u32) -> String {
 
 impl Gateway {
     async fn backend_state(&self, name: &str) -> String {
-        let (status, body) = self
-            .admin(
-                reqwest::Method::GET,
-                "/admin/backends",
-                None,
-                Some(ADMIN_TOKEN),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body["data"]
-            .as_array()
+        self.backend(name).await["state"]
+            .as_str()
             .unwrap()
-            .iter()
-            .find(|b| b["name"] == name)
-            .map(|b| b["state"].as_str().unwrap().to_owned())
-            .unwrap()
+            .to_owned()
     }
 
     async fn wait_state(&self, name: &str, state: &str) {
@@ -136,15 +124,7 @@ async fn a_request_to_a_model_scaled_to_zero_wakes_an_instance_and_waits_for_it(
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-tollgate-cold-start"], "true");
 
-    let (_, backends) = gateway
-        .admin(
-            reqwest::Method::GET,
-            "/admin/backends",
-            None,
-            Some(ADMIN_TOKEN),
-        )
-        .await;
-    let gpu = &backends["data"][0];
+    let gpu = gateway.backend("gpu").await;
     assert_eq!(gpu["provider"], "process");
     assert!(gpu["cost_so_far"].as_f64().unwrap() > 0.0, "{gpu}");
 
@@ -364,13 +344,8 @@ async fn a_pod_that_cannot_resume_is_replaced_by_a_new_one_and_adopted_after_a_r
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(fake.pods().len(), 2, "no third pod");
-    let (_, backends) = gateway
-        .admin(
-            reqwest::Method::GET,
-            "/admin/backends",
-            None,
-            Some(ADMIN_TOKEN),
-        )
-        .await;
-    assert_eq!(backends["data"][0]["instance_id"], pods[1].id.as_str());
+    assert_eq!(
+        gateway.backend("pod").await["instance_id"],
+        pods[1].id.as_str()
+    );
 }

@@ -168,13 +168,18 @@ async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
         .map(|l| l.split_whitespace().collect())
         .collect();
     assert_eq!(
-        rows[0][..5],
-        ["NAME", "ADDRESS", "ROUTABLE", "HEALTHY", "BREAKER"]
+        rows[0][..7],
+        [
+            "NAME", "PROVIDER", "STATE", "ADDRESS", "ROUTABLE", "HEALTHY", "BREAKER"
+        ]
     );
-    assert_eq!((rows[1][0], rows[1][2], rows[1][4]), ("b0", "no", "open"));
     assert_eq!(
-        (rows[2][0], rows[2][2], rows[2][4]),
-        ("b1", "yes", "closed")
+        (rows[1][0], rows[1][2], rows[1][4], rows[1][6]),
+        ("b0", "hot", "no", "open")
+    );
+    assert_eq!(
+        (rows[2][0], rows[2][2], rows[2][4], rows[2][6]),
+        ("b1", "hot", "yes", "closed")
     );
 }
 
@@ -227,23 +232,7 @@ async fn a_backend_failing_its_health_checks_is_passed_over_until_it_recovers() 
     let key = gateway.create_key("acme", &[]);
     let healthy = |name: &'static str| {
         let gateway = &gateway;
-        async move {
-            let (_, listing) = gateway
-                .admin(
-                    reqwest::Method::GET,
-                    "/admin/backends",
-                    None,
-                    Some(ADMIN_TOKEN),
-                )
-                .await;
-            listing["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|b| b["name"] == name)
-                .map(|b| b["healthy"] == true)
-                .unwrap()
-        }
+        async move { gateway.backend(name).await["healthy"] == true }
     };
     assert!(healthy("b0").await);
     // The engine fails: its /health answers 503 (no request need fail first).

@@ -190,7 +190,9 @@ async fn a_request_triton_cannot_carry_goes_to_an_openai_backend_of_the_model() 
     let mut tools = chat("Hi", 5);
     tools["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
     for _ in 0..6 {
-        let (status, body) = gateway.post_json(&key, "/v1/chat/completions", &tools).await;
+        let (status, body) = gateway
+            .post_json(&key, "/v1/chat/completions", &tools)
+            .await;
         assert_eq!(status, 200, "{body}");
     }
 }
