@@ -319,10 +319,6 @@ pub async fn probe(client: &ProbeClient, address: &str, probe: &Probe, timeout: 
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-    use std::io::{BufRead, BufReader};
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
-
     use super::*;
 
     const CONFIG: ProbeConfig = ProbeConfig::DEFAULT;
@@ -422,77 +418,7 @@ mod tests {
         assert_eq!(health.record(true, at(t0, 71), &CONFIG), Some(true));
     }
 
-    /// A gpu-sim process, killed when dropped.
-    struct Sim {
-        child: Child,
-        address: String,
-    }
-
-    impl Sim {
-        fn start() -> Self {
-            let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/gpu-sim");
-            assert!(
-                bin.exists(),
-                "{} is missing: run `cargo build --workspace --bins` first",
-                bin.display()
-            );
-            let mut child = Command::new(&bin)
-                .args(["--listen", "127.0.0.1:0", "--model", "sim-model"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            // "gpu-sim listening on http://ADDR"
-            let address = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("http://"))
-                .unwrap_or_else(|| panic!("unexpected first line from gpu-sim: {line:?}"))
-                .trim_end_matches('/')
-                .to_owned();
-            Self { child, address }
-        }
-    }
-
-    impl Drop for Sim {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
     const TIMEOUT: Duration = Duration::from_secs(1);
-
-    #[tokio::test]
-    async fn probes_a_real_gpu_sim() {
-        let sim = Sim::start();
-        let client = ProbeClient::new();
-        let addr = sim.address.as_str();
-        let triton = |model: &str| Probe::Triton {
-            model: model.to_owned(),
-        };
-
-        assert!(probe(&client, addr, &Probe::openai(), TIMEOUT).await);
-        assert!(probe(&client, addr, &triton("sim-model"), TIMEOUT).await);
-        assert!(!probe(&client, addr, &triton("nope"), TIMEOUT).await);
-        // Another health path is asked as configured (gpu-sim has none there).
-        let elsewhere = Probe::OpenAi {
-            path: "/health/ready".to_owned(),
-        };
-        assert!(!probe(&client, addr, &elsewhere, TIMEOUT).await);
-
-        // An injected engine failure makes every readiness endpoint answer 503.
-        assert!(client.succeeds(Method::POST, addr, "/sim/fail").await);
-        assert!(!probe(&client, addr, &Probe::openai(), TIMEOUT).await);
-        assert!(!probe(&client, addr, &triton("sim-model"), TIMEOUT).await);
-
-        assert!(client.succeeds(Method::POST, addr, "/sim/recover").await);
-        assert!(probe(&client, addr, &Probe::openai(), TIMEOUT).await);
-        assert!(probe(&client, addr, &triton("sim-model"), TIMEOUT).await);
-    }
 
     #[tokio::test]
     async fn a_closed_port_fails() {
