@@ -37,6 +37,9 @@ pub enum Command {
     /// The backends of the running gateway.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Stripe billing (needs STRIPE_SECRET_KEY).
+    #[command(subcommand)]
+    Billing(BillingCommand),
     /// Fleet economics: replay a request trace (or a synthetic month) through
     /// the real admission queue and fleet controller in simulated time, with
     /// simulated GPU instances priced from the config's backends. Reports
@@ -149,6 +152,14 @@ pub enum FleetCommand {
     Sleep { name: String },
     /// Put a drained backend back, resume a warm one, or rent a cold one.
     Wake { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BillingCommand {
+    /// Send every closed bucket's usage to Stripe now, as meter events, and
+    /// exit (`serve` does the same every billing.export_interval). Safe to run
+    /// beside running gateways: nothing is sent twice.
+    Export,
 }
 
 #[derive(Debug, Subcommand)]

@@ -86,6 +86,8 @@ pub struct RawConfig {
     #[serde(default)]
     fleet: RawFleet,
     #[serde(default)]
+    billing: RawBilling,
+    #[serde(default)]
     tiers: Vec<RawTier>,
     #[serde(default)]
     backends: Vec<RawBackend>,
@@ -187,6 +189,15 @@ struct RawHealth {
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawBilling {
+    meter_event_name: Option<String>,
+    bucket_secs: Option<u64>,
+    grace_days: Option<u64>,
+    export_interval: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawFleet {
     min_hot: Option<u32>,
     max_hot: Option<u32>,
@@ -222,6 +233,8 @@ struct RawTier {
     overage_price: Option<f64>,
     monthly_price: Option<f64>,
     on_redis_down: Option<String>,
+    stripe_price_lookup_key: Option<String>,
+    stripe_overage_lookup_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +278,7 @@ pub struct Config {
     /// `[health]`: active probes of every plain-http backend.
     pub health: ProbeConfig,
     pub fleet: FleetConfig,
+    pub billing: BillingConfig,
     /// In config order.
     pub tiers: Vec<TierConfig>,
     pub backends: Vec<BackendConfig>,
@@ -414,6 +428,10 @@ pub struct TierConfig {
     /// USD per month (0 for a free tier).
     pub monthly_price: f64,
     pub on_redis_down: RedisDownPolicy,
+    /// Lookup key of the tier's flat monthly Stripe price.
+    pub stripe_price_lookup_key: Option<String>,
+    /// Lookup key of its metered overage price.
+    pub stripe_overage_lookup_key: Option<String>,
 }
 
 impl TierConfig {
@@ -442,6 +460,34 @@ pub enum ProviderConfig {
     Process { command: Vec<String> },
     /// A RunPod pod, rented, stopped and resumed through RunPod's API.
     RunPod(Box<RunPodConfig>),
+}
+
+/// `[billing]` and the Stripe environment.
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    /// The Billing Meter's `event_name` usage is sent under.
+    pub meter_event_name: String,
+    /// Usage is exported per account and bucket of this length.
+    pub bucket: Duration,
+    /// A subscription past due this long is downgraded to the free tier.
+    pub grace: Duration,
+    /// How often the exporter runs.
+    pub export_interval: Duration,
+    /// `None` without `STRIPE_SECRET_KEY`: billing is off.
+    pub stripe: Option<StripeConfig>,
+}
+
+/// How Stripe is reached (environment only: secrets stay out of files).
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    /// `STRIPE_SECRET_KEY`.
+    pub secret_key: Secret,
+    /// `STRIPE_WEBHOOK_SECRET`: one secret, or several comma-separated while
+    /// one is rotated out.
+    pub webhook_secrets: Option<Secret>,
+    /// `STRIPE_API_BASE`: scheme, host and port of another Stripe (a fake in
+    /// tests); Stripe's own when unset.
+    pub api_base: Option<String>,
 }
 
 /// `[fleet]`: the lifecycle controller's thresholds and timing.
@@ -495,6 +541,14 @@ pub mod defaults {
     pub const NEGATIVE_CACHE_TTL: &str = "2s";
     pub const KEY_CACHE_CAPACITY: usize = 100_000;
     pub const BACKEND_MAX_CONCURRENCY: u32 = 64;
+    /// The Billing Meter's event name.
+    pub const METER_EVENT_NAME: &str = "tollgate_units";
+    /// Usage is exported per hour.
+    pub const BILLING_BUCKET_SECS: u64 = 3600;
+    /// A past-due subscription keeps its tier this many days.
+    pub const BILLING_GRACE_DAYS: u64 = 3;
+    /// How often the exporter looks for closed buckets.
+    pub const BILLING_EXPORT_INTERVAL: &str = "60s";
     /// How often the fleet controller reads the queues.
     pub const FLEET_INTERVAL: &str = "1s";
     /// A sleeping instance's requests get this long to finish before it stops.
@@ -726,6 +780,7 @@ impl Config {
             routing: validate_routing(raw.routing)?,
             health: validate_health(raw.health)?,
             fleet: validate_fleet(raw.fleet, &tiers)?,
+            billing: validate_billing(raw.billing, env)?,
             tiers,
             backends: validate_backends(raw.backends)?,
         }
@@ -957,6 +1012,55 @@ fn validate_routing(r: RawRouting) -> Result<RoutingConfig, ConfigError> {
     })
 }
 
+fn validate_billing(b: RawBilling, env: &dyn Env) -> Result<BillingConfig, ConfigError> {
+    let meter_event_name = b
+        .meter_event_name
+        .unwrap_or_else(|| defaults::METER_EVENT_NAME.to_owned());
+    if !is_identifier(&meter_event_name) {
+        return Err(invalid(
+            "billing.meter_event_name",
+            "must be 1-64 characters of a-z, 0-9, '-' or '_'",
+        ));
+    }
+    let bucket_secs = b.bucket_secs.unwrap_or(defaults::BILLING_BUCKET_SECS);
+    if !(60..=86_400).contains(&bucket_secs) || 86_400 % bucket_secs != 0 {
+        return Err(invalid(
+            "billing.bucket_secs",
+            "must divide a day into whole buckets of at least 60 seconds (3600 by default)",
+        ));
+    }
+    let api_base = env.var("STRIPE_API_BASE");
+    if let Some(base) = &api_base {
+        let uri: Option<http::Uri> = base.parse().ok();
+        let plain = uri.as_ref().is_some_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https"))
+                && u.host().is_some()
+                && matches!(u.path(), "" | "/")
+        });
+        if !plain {
+            return Err(invalid(
+                "STRIPE_API_BASE",
+                "must be a scheme, host and port only, like http://127.0.0.1:12111",
+            ));
+        }
+    }
+    Ok(BillingConfig {
+        meter_event_name,
+        bucket: Duration::from_secs(bucket_secs),
+        grace: Duration::from_secs(b.grace_days.unwrap_or(defaults::BILLING_GRACE_DAYS) * 86_400),
+        export_interval: duration(
+            "billing.export_interval",
+            b.export_interval.as_deref(),
+            defaults::BILLING_EXPORT_INTERVAL,
+        )?,
+        stripe: env.var("STRIPE_SECRET_KEY").map(|key| StripeConfig {
+            secret_key: Secret::new(key),
+            webhook_secrets: env.var("STRIPE_WEBHOOK_SECRET").map(Secret::new),
+            api_base: api_base.map(|b| b.trim_end_matches('/').to_owned()),
+        }),
+    })
+}
+
 fn validate_fleet(f: RawFleet, tiers: &[TierConfig]) -> Result<FleetConfig, ConfigError> {
     let default = FleetPolicy::default();
     let secs = |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_secs);
@@ -1153,7 +1257,15 @@ fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {
             overage_price: tier.overage_price,
             monthly_price: tier.monthly_price.unwrap_or(0.0),
             on_redis_down: RedisDownPolicy::Local,
+            stripe_price_lookup_key: tier.stripe_price_lookup_key,
+            stripe_overage_lookup_key: tier.stripe_overage_lookup_key,
         };
+        if config.stripe_overage_lookup_key.is_some() && config.hard_cap {
+            return Err(invalid(
+                key("stripe_overage_lookup_key"),
+                "a tier with a metered overage price needs hard_cap = false and an overage_price",
+            ));
+        }
         config.on_redis_down = match tier.on_redis_down.as_deref() {
             None if config.is_paid() => RedisDownPolicy::Local,
             None => RedisDownPolicy::Reject,

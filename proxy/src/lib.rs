@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -5,12 +5,12 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
-use tollgate::cli::{Cli, Command, FleetCommand, KeysCommand, UsageCommand};
+use tollgate::cli::{BillingCommand, Cli, Command, FleetCommand, KeysCommand, UsageCommand};
 use tollgate::config::{Config, ProcessEnv, parse_duration};
 use tollgate::keys::store::{KeyListing, KeyStore};
 use tollgate::keys::{KeyAdmin, NewKeyRequest};
 use tollgate::usage_api::{self, UsageQuery};
-use tollgate::{db, server, simulate};
+use tollgate::{billing, db, server, simulate};
 
 /// How long `fleet status` waits for the gateway's admin API.
 const FLEET_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => block_on(migrate(&config)),
         Command::Keys(command) => block_on(keys(&config, command)),
         Command::Usage(command) => block_on(usage(&config, command)),
+        Command::Billing(BillingCommand::Export) => block_on(billing_export(&config)),
         Command::Fleet(FleetCommand::Status) => block_on(fleet_status(&config)),
         Command::Fleet(FleetCommand::Drain { name }) => {
             block_on(fleet_command(&config, &name, "drain"))
@@ -191,6 +192,25 @@ async fn fleet_command(config: &Config, name: &str, verb: &str) -> anyhow::Resul
     println!(
         "{name}: {verb} accepted; state now {}",
         answer["state"].as_str().unwrap_or("-")
+    );
+    Ok(())
+}
+
+/// `tollgate billing export`.
+async fn billing_export(config: &Config) -> anyhow::Result<()> {
+    let stripe = config.billing.stripe.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("STRIPE_SECRET_KEY is not set: there is no Stripe to export to")
+    })?;
+    let pool = db::pool(&config.database)?;
+    let report = billing::export_now(&pool, &config.billing, stripe).await?;
+    println!(
+        "planned {} meter events; sent {}, already at Stripe {}, left for a retry {}, rejected {}, expired {}",
+        report.planned,
+        report.sent,
+        report.duplicates,
+        report.retry_later,
+        report.rejected,
+        report.expired
     );
     Ok(())
 }

@@ -28,6 +28,7 @@ use crate::admin::{AdminApi, MetricsApp};
 use crate::admission::Admission;
 use crate::admission::limits::redis::RedisLimits;
 use crate::admission::reconcile::PeriodReconciler;
+use crate::billing::{StripeWebhooks, UsageExporter};
 use crate::config::{Config, RoutingConfig, RoutingPolicy};
 use crate::db::{self, PoolJanitor};
 use crate::fleet::{self, EventLog, FleetService};
@@ -140,6 +141,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             prometheus::default_registry(),
         )?,
         admission: Arc::clone(&admission),
+        stripe_webhooks: StripeWebhooks::from_config(&config, prometheus::default_registry())?,
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());
@@ -208,6 +210,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             interval: config.admission.reconcile_interval,
         },
     ));
+    if let Some(stripe) = &config.billing.stripe {
+        server.add_service(background_service(
+            "stripe usage exporter",
+            UsageExporter {
+                pool: pool.clone(),
+                billing: config.billing.clone(),
+                stripe: stripe.clone(),
+            },
+        ));
+    }
     server.add_service(background_service(
         "usage writer",
         UsageWriterService(Mutex::new(Some(usage_writer))),

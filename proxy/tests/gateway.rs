@@ -217,6 +217,8 @@ struct Options {
     health: &'static str,
     /// Appended to the config: `[fleet]`, managed `[[backends]]`.
     tail: String,
+    /// Extra environment of `serve` (e.g. STRIPE_*).
+    env: Vec<(&'static str, String)>,
 }
 
 /// A migrated database and a running `tollgate serve`.
@@ -300,6 +302,9 @@ impl Gateway {
         let mut serve = self.cli(&["serve"]);
         if let Some(url) = &self.options.redis {
             serve.env("REDIS_URL", url);
+        }
+        for (name, value) in &self.options.env {
+            serve.env(name, value);
         }
         if let Some(port) = self.options.postgres_port {
             let url = format!("postgres://postgres@127.0.0.1:{port}/{}", self.db.name);
@@ -534,6 +539,8 @@ fn cl100k(text: &str) -> usize {
 
 #[path = "gateway/admission.rs"]
 mod admission;
+#[path = "gateway/billing.rs"]
+mod billing;
 #[path = "gateway/fleet.rs"]
 mod fleet;
 #[path = "gateway/metering.rs"]

@@ -53,6 +53,7 @@ use self::usage::{FinishedRequest, Metering};
 use crate::admission::headers::{rate_limit_headers, retry_after};
 use crate::admission::queue::Slot;
 use crate::admission::{Admission, Estimate, Refusal};
+use crate::billing::StripeWebhooks;
 use crate::config::UpstreamTimeouts;
 use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
@@ -95,6 +96,8 @@ pub struct Gateway {
     pub revocation_fanout: Option<Arc<AtomicBool>>,
     pub metering: Metering,
     pub admission: Arc<Admission>,
+    /// `None` without billing's webhook secret: the route answers 404.
+    pub stripe_webhooks: Option<StripeWebhooks>,
 }
 
 /// How `request_filter` ends when it does not forward.
@@ -135,6 +138,7 @@ impl Gateway {
         let route = request::route(&header.method, header.uri.path())?;
         let endpoint = match route {
             Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
+            Route::StripeWebhook => return Err(self.stripe_webhook(session).await),
             Route::Readyz => return Err(self.readiness().await),
             Route::Models | Route::Usage => None,
             Route::Inference(endpoint) => Some(endpoint),
@@ -191,6 +195,31 @@ impl Gateway {
         ctx.queue_wait = Some(slot.waited());
         ctx.slot = Some(slot);
         Ok(())
+    }
+
+    /// `POST /stripe/webhook`; 404 when billing has no webhook secret.
+    async fn stripe_webhook(&self, session: &mut Session) -> Stop {
+        let Some(webhooks) = &self.stripe_webhooks else {
+            let header = session.req_header();
+            return Stop::Refuse(ApiError::UnknownRoute {
+                method: header.method.to_string(),
+                path: header.uri.path().to_owned(),
+            });
+        };
+        let signature = session
+            .req_header()
+            .headers
+            .get("stripe-signature")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = match read_body(session, self.max_body_bytes).await {
+            Ok(body) => body,
+            Err(e) => return e.into(),
+        };
+        let (status, answer) = webhooks
+            .handle(&self.pool, &self.keys, signature.as_deref(), &body)
+            .await;
+        Stop::Answer(status, answer)
     }
 
     /// The request in Triton's generate protocol, for this attempt.

@@ -43,6 +43,8 @@ pub enum Route {
     Usage,
     Healthz,
     Readyz,
+    /// `POST /stripe/webhook`: Stripe's event deliveries.
+    StripeWebhook,
 }
 
 /// The route for `method` and `path`, or the 404/405 to answer.
@@ -55,6 +57,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         "/v1/usage" => (Route::Usage, Method::GET),
         "/healthz" => (Route::Healthz, Method::GET),
         "/readyz" => (Route::Readyz, Method::GET),
+        "/stripe/webhook" => (Route::StripeWebhook, Method::POST),
         _ => {
             return Err(ApiError::UnknownRoute {
                 method: method.to_string(),

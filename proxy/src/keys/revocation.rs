@@ -22,6 +22,9 @@ use super::cache::KeyCache;
 use super::secret::KeyHash;
 
 pub const CHANNEL: &str = "tollgate:keys:revoked";
+/// Published instead of a key hash when an account changed (its tier, by a
+/// Stripe webhook): every instance drops every cached key.
+const EVERY_KEY: &str = "*";
 
 /// Bound on a publish: the revocation is already in Postgres, so a slow Redis
 /// only delays the fan-out (the cache TTL still applies).
@@ -32,10 +35,19 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 /// Tells every instance that `hash` was revoked. Failure is logged, not
 /// fatal: Postgres has the revocation and caches expire within their TTL.
 pub async fn publish(redis_url: &str, hash: &KeyHash) {
+    publish_message(redis_url, hex::encode(hash.0)).await;
+}
+
+/// Tells every instance to drop every cached key: an account's tier changed.
+pub async fn publish_account_change(redis_url: &str) {
+    publish_message(redis_url, EVERY_KEY.to_owned()).await;
+}
+
+async fn publish_message(redis_url: &str, message: String) {
     let result = tokio::time::timeout(PUBLISH_TIMEOUT, async {
         let client = Builder::from_config(RedisConfig::from_url(redis_url)?).build()?;
         client.init().await?;
-        let _: i64 = client.publish(CHANNEL, hex::encode(hash.0)).await?;
+        let _: i64 = client.publish(CHANNEL, message).await?;
         client.quit().await?;
         Ok::<_, fred::error::Error>(())
     })
@@ -74,6 +86,9 @@ impl RevocationListener {
         loop {
             tokio::select! {
                 message = messages.recv() => match message {
+                    Ok(message) if message.value.as_str().is_some_and(|m| m == EVERY_KEY) => {
+                        self.cache.invalidate_all();
+                    }
                     Ok(message) => {
                         let hash = message
                             .value

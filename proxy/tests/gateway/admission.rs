@@ -121,7 +121,7 @@ impl Gateway {
         peer
     }
 
-    async fn account_id(&self, name: &str) -> Uuid {
+    pub(super) async fn account_id(&self, name: &str) -> Uuid {
         let (client, connection) = tokio_postgres::connect(&self.db.url, NoTls).await.unwrap();
         tokio::spawn(connection);
         client
