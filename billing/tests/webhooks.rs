@@ -6,18 +6,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
+mod support;
+
+use support::db::TestDb;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::{Value, json};
-use tokio_postgres::NoTls;
 use tollgate_billing::webhook::{
     Applied, ApplyError, Event, PeriodChange, Plans, TierChange, apply, downgrade_past_due,
 };
 use uuid::Uuid;
-
-refinery::embed_migrations!("../sql");
 
 /// 2025-05-02, when the subscriptions here start.
 const T0: i64 = 1_746_144_010;
@@ -31,76 +30,7 @@ const STUDIO: &str = "tollgate_studio_monthly";
 const BASIL: &str = "2025-03-31.basil";
 const ACACIA: &str = "2024-06-20";
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// A migrated database of its own, dropped with the test.
-struct TestDb {
-    name: String,
-    pool: Pool,
-}
-
 impl TestDb {
-    async fn create() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "tollgate_webhooks_{}_{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-        );
-        let admin = admin_url();
-        let (client, connection) = tokio_postgres::connect(&admin, NoTls).await.unwrap();
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-        let url = format!("{base}/{name}");
-        let (mut migrator, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-        tokio::spawn(connection);
-        migrations::runner().run_async(&mut migrator).await.unwrap();
-        let manager = Manager::from_config(
-            url.parse().unwrap(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager).max_size(8).build().unwrap();
-        Self { name, pool }
-    }
-
-    async fn execute(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) {
-        self.pool
-            .get()
-            .await
-            .unwrap()
-            .execute(sql, params)
-            .await
-            .unwrap();
-    }
-
-    async fn query_one(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> tokio_postgres::Row {
-        self.pool
-            .get()
-            .await
-            .unwrap()
-            .query_one(sql, params)
-            .await
-            .unwrap()
-    }
-
     async fn account(&self) -> Uuid {
         let id = Uuid::now_v7();
         self.execute(
@@ -147,28 +77,6 @@ impl TestDb {
         self.query_one("SELECT count(*) FROM billing_webhook_events", &[])
             .await
             .get(0)
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await
-                {
-                    tokio::spawn(connection);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
     }
 }
 

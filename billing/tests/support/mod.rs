@@ -3,4 +3,5 @@
 
 #![allow(dead_code)]
 
+pub mod db;
 pub mod fake_stripe;
