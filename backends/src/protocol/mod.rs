@@ -87,3 +87,21 @@ mod tests {
         }
     }
 }
+
+/// Why an answer ended, in OpenAI's `finish_reason` vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended the answer (or hit a stop sequence).
+    Stop,
+    /// The answer reached `max_tokens`.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}

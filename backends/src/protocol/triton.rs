@@ -78,6 +78,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tollgate_metering::tokens::Encoding;
 
+pub use super::FinishReason;
+
 /// `max_tokens` for a chat request that sets none. TensorRT-LLM's ensemble
 /// requires a limit and the gateway does not know the engine's sequence
 /// length; 4096 leaves room for long answers on the usual 8k-context
@@ -596,23 +598,7 @@ impl UsageCounts {
     }
 }
 
-/// Why the answer ended, as OpenAI's `finish_reason` says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// The model ended the answer (or hit a stop sequence).
-    Stop,
-    /// The answer reached `max_tokens`.
-    Length,
-}
-
 impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-        }
-    }
-
     /// Triton does not say why it stopped: an answer as long as the limit
     /// was cut by it.
     fn for_count(completion_tokens: u64, max_tokens: u32) -> Self {

@@ -112,23 +112,7 @@ pub fn unit_interval(x: u64) -> f64 {
 const MIN_NATURAL_TOKENS: u64 = 16;
 const MAX_NATURAL_TOKENS: u64 = 128;
 
-/// Why generation stopped, in OpenAI's vocabulary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// The answer ended by itself.
-    Stop,
-    /// `max_tokens` cut it off.
-    Length,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-        }
-    }
-}
+pub use crate::protocol::FinishReason;
 
 /// The planned answer to one request: its tokens, in order.
 #[derive(Debug, Clone)]
