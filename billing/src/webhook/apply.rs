@@ -74,6 +74,17 @@ const SUBSCRIPTION_TRIAL_WILL_END: &str = "customer.subscription.trial_will_end"
 const INVOICE_PAID: &str = "invoice.paid";
 const INVOICE_PAYMENT_FAILED: &str = "invoice.payment_failed";
 
+/// Every event type [`apply`] acts on; others are recorded and ignored.
+pub const HANDLED_EVENT_TYPES: [&str; 7] = [
+    CHECKOUT_SESSION_COMPLETED,
+    SUBSCRIPTION_CREATED,
+    SUBSCRIPTION_UPDATED,
+    SUBSCRIPTION_DELETED,
+    SUBSCRIPTION_TRIAL_WILL_END,
+    INVOICE_PAID,
+    INVOICE_PAYMENT_FAILED,
+];
+
 /// Subscription statuses Tollgate acts on (Stripe's `status` values).
 const ACTIVE: &str = "active";
 const TRIALING: &str = "trialing";
@@ -84,7 +95,7 @@ const INCOMPLETE_EXPIRED: &str = "incomplete_expired";
 
 /// The metadata key naming the account, on subscriptions Tollgate creates
 /// (Checkout's `subscription_data[metadata][account_id]`).
-const ACCOUNT_METADATA_KEY: &str = "account_id";
+pub const ACCOUNT_METADATA_KEY: &str = "account_id";
 
 /// Which tier each Stripe price grants, and what an account without a paying
 /// subscription gets. Built from `[[tiers]] stripe_price_lookup_key`.

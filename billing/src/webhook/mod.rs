@@ -20,7 +20,8 @@ mod signature;
 use serde::Deserialize;
 
 pub use apply::{
-    Applied, ApplyError, DEFAULT_GRACE, PeriodChange, Plans, TierChange, apply, downgrade_past_due,
+    ACCOUNT_METADATA_KEY, Applied, ApplyError, DEFAULT_GRACE, HANDLED_EVENT_TYPES, PeriodChange,
+    Plans, TierChange, apply, downgrade_past_due,
 };
 pub use signature::{
     DEFAULT_TOLERANCE, SIGNATURE_HEADER, SecretsError, SignatureError, VerifiedPayload,

@@ -7,8 +7,9 @@
 //!
 //! Shapes follow Stripe's API reference (docs.stripe.com/api):
 //! `billing/meter` (object, create, list, retrieve), `billing/meter-event`
-//! (create), `billing/meter-event-summary` (list), `products`, `prices`
-//! (object, create, list by `lookup_keys`, `transfer_lookup_key`),
+//! (create), `billing/meter-event-summary` (list), `products` (update:
+//! name, active, metadata), `prices` (object, create, list by
+//! `lookup_keys`, `transfer_lookup_key`, update: active, lookup key),
 //! `customers`, `checkout/sessions`, `customer_portal/sessions`,
 //! `subscriptions`, `errors`, `idempotent_requests` and `pagination`; the
 //! fields each object always carries are the ones `async-stripe` 1.0 requires
@@ -817,6 +818,7 @@ impl Store {
             ["billing", "meter_events"] if post => self.create_meter_event(p, now),
             ["products"] if post => self.create_product(p, now),
             ["products"] if get => self.list_products(p),
+            ["products", id] if post => self.update_product(id, p, now),
             ["products", id] if get => {
                 p.allow(&[])?;
                 find(&self.products, id)
@@ -826,6 +828,7 @@ impl Store {
             ["prices"] if post => self.create_price(p, now),
             ["prices"] if get => self.list_prices(p),
             ["prices", id] if get => self.retrieve_price(id, p),
+            ["prices", id] if post => self.update_price(id, p),
             ["customers"] if post => self.create_customer(p, now),
             ["customers", id] if get => {
                 p.allow(&[])?;
@@ -1195,6 +1198,89 @@ impl Store {
             .cloned()
             .collect();
         list_page(products, &p, "/v1/products")
+    }
+
+    /// Changes the fields given; metadata keys merge (an empty value unsets
+    /// one), as on Stripe's update endpoints.
+    fn update_product(&mut self, id: &str, p: Params, now: i64) -> Result<Value, ApiError> {
+        p.allow(&[
+            "active",
+            "description",
+            "metadata",
+            "name",
+            "unit_label",
+            "url",
+        ])?;
+        let active = p.boolean("active")?;
+        let product = self
+            .products
+            .iter_mut()
+            .find(|product| product["id"] == id)
+            .ok_or_else(|| ApiError::no_such("product", id, "id", StatusCode::NOT_FOUND))?;
+        if let Some(name) = p.str("name").filter(|name| !name.is_empty()) {
+            product["name"] = name.into();
+        }
+        for field in ["description", "unit_label", "url"] {
+            if let Some(value) = p.str(field) {
+                product[field] = Some(value).filter(|v| !v.is_empty()).into();
+            }
+        }
+        if let Some(active) = active {
+            product["active"] = active.into();
+        }
+        merge_metadata(&mut product["metadata"], &p);
+        product["updated"] = now.into();
+        Ok(product.clone())
+    }
+
+    /// A price's amounts cannot change; its `active` flag, nickname,
+    /// metadata and lookup key can (the key taken from another price only
+    /// with `transfer_lookup_key`, as on create).
+    fn update_price(&mut self, id: &str, p: Params) -> Result<Value, ApiError> {
+        p.allow(&[
+            "active",
+            "lookup_key",
+            "metadata",
+            "nickname",
+            "transfer_lookup_key",
+        ])?;
+        let index = self
+            .prices
+            .iter()
+            .position(|price| price["id"] == id)
+            .ok_or_else(|| ApiError::no_such("price", id, "price", StatusCode::NOT_FOUND))?;
+        let active = p.boolean("active")?;
+        let transfer = p.boolean("transfer_lookup_key")?.unwrap_or(false);
+        let lookup_key = p.str("lookup_key");
+        let holder = lookup_key.filter(|key| !key.is_empty()).and_then(|key| {
+            self.prices
+                .iter()
+                .position(|price| price["lookup_key"] == key)
+                .filter(|&holder| holder != index)
+        });
+        if let Some(holder) = holder {
+            if !transfer {
+                let holder_id = self.prices[holder]["id"].as_str().unwrap_or_default();
+                return Err(ApiError::invalid(format!(
+                    "A price (`{holder_id}`) already uses that lookup key."
+                ))
+                .param("lookup_key"));
+            }
+            self.prices[holder]["lookup_key"] = Value::Null;
+        }
+        let price = &mut self.prices[index];
+        if let Some(key) = lookup_key {
+            price["lookup_key"] = Some(key).filter(|k| !k.is_empty()).into();
+        }
+        if let Some(nickname) = p.str("nickname") {
+            price["nickname"] = Some(nickname).filter(|n| !n.is_empty()).into();
+        }
+        if let Some(active) = active {
+            price["active"] = active.into();
+        }
+        merge_metadata(&mut price["metadata"], &p);
+        let price = price.clone();
+        Ok(self.render_price(&price, false, false))
     }
 
     fn create_price(&mut self, p: Params, now: i64) -> Result<Value, ApiError> {
@@ -1987,6 +2073,26 @@ fn amount(
                 Value::Null
             };
             Ok((integer, decimal.into()))
+        }
+    }
+}
+
+/// `metadata[key]=value` merged into an object's metadata: an empty value
+/// unsets the key.
+fn merge_metadata(metadata: &mut Value, p: &Params) {
+    let (Some(fields), Some(Value::Object(updates))) =
+        (metadata.as_object_mut(), p.get("metadata"))
+    else {
+        return;
+    };
+    for (key, value) in updates {
+        match value.as_str().filter(|v| !v.is_empty()) {
+            Some(value) => {
+                fields.insert(key.clone(), value.into());
+            }
+            None => {
+                fields.remove(key);
+            }
         }
     }
 }
