@@ -9,6 +9,10 @@
 //!   one account's events, newest first; `GET /admin/stats`: requests and
 //!   tokens in the last minute, units this month; `DELETE /admin/usage?before=<unix ts>`:
 //!   drop usage events older than that (see [`crate::usage_api`]);
+//! - `POST /admin/accounts/{name}/billing/checkout` `{"tier", "success_url"?, "cancel_url"?}`
+//!   and `POST /admin/accounts/{name}/billing/portal` `{"return_url"?}`: a
+//!   Stripe Checkout or Customer Portal URL for that account (as
+//!   `/v1/billing/*` gives a key's own; 404 with billing off);
 //! - `GET /admin/queues`: per backend pool, its slots and, per tier, queue
 //!   depth, oldest and expected wait, admitted and shed counts;
 //! - `GET /admin/backends`: each backend's lifecycle state, provider and
@@ -39,6 +43,7 @@ use tollgate_backends::fleet::controller::{Command, CommandError, FleetControlle
 use tollgate_backends::routing::UpstreamSelector;
 
 use crate::admission::AdmissionQueues;
+use crate::billing::BillingSessions;
 use crate::config::{Secret, parse_duration};
 use crate::error::ApiError;
 use crate::keys::store::StoreError;
@@ -55,6 +60,8 @@ pub struct AdminApi {
     pub queues: Arc<AdmissionQueues>,
     pub selector: Arc<dyn UpstreamSelector>,
     pub fleet: Arc<FleetController>,
+    /// `None` with billing off: the billing routes answer 404.
+    pub billing: Option<Arc<BillingSessions>>,
 }
 
 #[derive(Deserialize)]
@@ -176,6 +183,9 @@ impl AdminApi {
                     serde_json::to_value(account).unwrap_or_default(),
                 ))
             }
+            (&Method::POST, path) if path.starts_with("/admin/accounts/") => {
+                Ok((StatusCode::OK, self.billing_session(session, path).await?))
+            }
             (&Method::GET, "/admin/accounts") => {
                 let accounts = self.keys.list_accounts().await?;
                 Ok((StatusCode::OK, json!({"object": "list", "data": accounts})))
@@ -259,9 +269,40 @@ impl AdminApi {
     }
 }
 
+impl AdminApi {
+    /// `POST /admin/accounts/{name}/billing/checkout|portal`: the same
+    /// sessions as `/v1/billing/*`, for any account.
+    async fn billing_session(
+        &self,
+        session: &mut ServerSession,
+        path: &str,
+    ) -> Result<Value, ApiError> {
+        let unknown = || ApiError::NotFound(format!("no admin route {path}"));
+        let (name, verb) = path["/admin/accounts/".len()..]
+            .split_once("/billing/")
+            .ok_or_else(unknown)?;
+        let billing = self.billing.as_ref().ok_or_else(|| {
+            ApiError::NotFound("billing is off: STRIPE_SECRET_KEY is not set".to_owned())
+        })?;
+        let account_id = billing.account_id(name).await?;
+        let body = read_body(session).await?;
+        match verb {
+            "checkout" => billing.checkout_json(account_id, &body).await,
+            "portal" => billing.portal_json(account_id, &body).await,
+            _ => Err(unknown()),
+        }
+    }
+}
+
 async fn read_json<T: serde::de::DeserializeOwned>(
     session: &mut ServerSession,
 ) -> Result<T, ApiError> {
+    let body = read_body(session).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}."), None))
+}
+
+async fn read_body(session: &mut ServerSession) -> Result<BytesMut, ApiError> {
     let mut body = BytesMut::new();
     while let Some(chunk) = session
         .read_request_body()
@@ -275,8 +316,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
         }
         body.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("Invalid request body: {e}."), None))
+    Ok(body)
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Vec<u8>> {

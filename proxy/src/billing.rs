@@ -2,19 +2,32 @@
 //! `serve` (and once by `tollgate billing export`), and Stripe's webhook
 //! deliveries. Nothing here is on the inference request path.
 
-use std::time::SystemTime;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use prometheus::{IntCounterVec, Opts, Registry};
+use serde::Deserialize;
 use serde_json::{Value, json};
+use tollgate_billing::StripeClient;
+use tollgate_billing::catalog::{Catalog, CatalogTier, Overage, SyncReport, sync_catalog};
+use tollgate_billing::checkout::{
+    CheckoutUrls, SessionError, TierPrices, checkout_session, portal_session,
+};
 use tollgate_billing::export::{ExportConfig, ExportReport, export_once};
-use tollgate_billing::stripe_api::{StripeMeterEvents, client};
-use tollgate_billing::webhook::{Event, Plans, WebhookSecrets, apply};
+use tollgate_billing::reconcile::{Day, MeterSummaries, Reconciliation, reconcile};
+use tollgate_billing::stripe_api::{StripeMeterEvents, StripeMeterSummaries, client};
+use tollgate_billing::webhook::{
+    Event, HANDLED_EVENT_TYPES, Plans, TierChange, WebhookSecrets, apply, downgrade_past_due,
+};
+
+use uuid::Uuid;
 
 use crate::config::{BillingConfig, Config, StripeConfig};
+use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
 use crate::keys::revocation;
 
@@ -23,12 +36,73 @@ pub fn export_config(billing: &BillingConfig) -> ExportConfig {
     ExportConfig::new(billing.meter_event_name.clone(), billing.bucket)
 }
 
+/// A client of the configured Stripe (`STRIPE_SECRET_KEY`, `STRIPE_API_BASE`).
+fn stripe_client(stripe: &StripeConfig) -> anyhow::Result<StripeClient> {
+    client(stripe.secret_key.expose(), stripe.api_base.as_deref())
+}
+
 /// Meter events through the configured Stripe.
 pub fn meter_events(stripe: &StripeConfig) -> anyhow::Result<StripeMeterEvents> {
-    Ok(StripeMeterEvents::new(client(
-        stripe.secret_key.expose(),
-        stripe.api_base.as_deref(),
-    )?))
+    Ok(StripeMeterEvents::new(stripe_client(stripe)?))
+}
+
+/// What `[[tiers]]` sell in Stripe: the paid tiers' prices and the meter.
+pub fn catalog(config: &Config) -> Catalog {
+    Catalog {
+        meter_event_name: config.billing.meter_event_name.clone(),
+        currency: "usd".to_owned(),
+        tiers: config
+            .tiers
+            .iter()
+            .filter_map(|t| {
+                Some(CatalogTier {
+                    name: t.name.clone(),
+                    price_lookup_key: t.stripe_price_lookup_key.clone()?,
+                    monthly_price_cents: (t.monthly_price * 100.0).round() as i64,
+                    included_units: t.included_units.unwrap_or(0),
+                    overage: t
+                        .stripe_overage_lookup_key
+                        .clone()
+                        .map(|lookup_key| Overage {
+                            lookup_key,
+                            // Config requires overage_price with this lookup key.
+                            usd_per_unit: t.overage_price.unwrap_or(0.0),
+                        }),
+                })
+            })
+            .collect(),
+    }
+}
+
+/// `tollgate billing sync-catalog`: the catalog created or updated in Stripe.
+pub async fn sync_catalog_now(
+    config: &Config,
+    stripe: &StripeConfig,
+) -> anyhow::Result<SyncReport> {
+    sync_catalog(&stripe_client(stripe)?, &catalog(config)).await
+}
+
+/// `tollgate billing reconcile`: the usage log against the exports and, with
+/// `STRIPE_SECRET_KEY` set, Stripe's meter event summaries.
+pub async fn reconcile_now(
+    pool: &Pool,
+    config: &Config,
+    from: Day,
+    to: Day,
+) -> anyhow::Result<Reconciliation> {
+    let summaries = match &config.billing.stripe {
+        Some(stripe) => Some(StripeMeterSummaries::new(stripe_client(stripe)?)),
+        None => None,
+    };
+    reconcile(
+        pool,
+        &export_config(&config.billing),
+        from,
+        to,
+        SystemTime::now(),
+        summaries.as_ref().map(|s| s as &dyn MeterSummaries),
+    )
+    .await
 }
 
 /// One export pass now: plans every closed bucket and sends what is pending.
@@ -108,9 +182,11 @@ impl StripeWebhooks {
         let deliveries = IntCounterVec::new(
             Opts::new(
                 "tollgate_stripe_webhooks_total",
-                "Stripe webhook deliveries, by outcome (applied, duplicate, ignored, refused, failed).",
+                "Stripe webhook deliveries, by event type (those Tollgate handles, else `other`; \
+                 `unverified` when refused before reading) and outcome (applied, duplicate, \
+                 ignored, refused, failed).",
             ),
-            &["outcome"],
+            &["type", "outcome"],
         )?;
         registry.register(Box::new(deliveries.clone()))?;
         Ok(Some(Self {
@@ -131,7 +207,9 @@ impl StripeWebhooks {
         body: &[u8],
     ) -> (u16, Value) {
         let refused = |outcome: &str, message: String| {
-            self.deliveries.with_label_values(&[outcome]).inc();
+            self.deliveries
+                .with_label_values(&["unverified", outcome])
+                .inc();
             (
                 400,
                 json!({"error": {"message": message, "type": "invalid_request_error"}}),
@@ -145,6 +223,11 @@ impl StripeWebhooks {
             Ok(event) => event,
             Err(e) => return refused("refused", e.to_string()),
         };
+        let event_type = if HANDLED_EVENT_TYPES.contains(&event.event_type.as_str()) {
+            event.event_type.as_str()
+        } else {
+            "other"
+        };
         match apply(pool, &event, &self.plans, SystemTime::now()).await {
             Ok(applied) => {
                 let outcome = if applied.duplicate {
@@ -154,20 +237,21 @@ impl StripeWebhooks {
                 } else {
                     "applied"
                 };
-                self.deliveries.with_label_values(&[outcome]).inc();
-                for change in &applied.tier_changes {
-                    tracing::info!(account = %change.account_id, from = change.from, to = change.to, event = event.id, "tier changed by Stripe");
-                }
-                if !applied.tier_changes.is_empty() {
-                    keys.invalidate_all();
-                    if let Some(url) = &self.redis_url {
-                        revocation::publish_account_change(url).await;
-                    }
+                self.deliveries
+                    .with_label_values(&[event_type, outcome])
+                    .inc();
+                log_tier_changes(&applied.tier_changes, &event.id);
+                // A new tier, or a new billing period (its quota counters),
+                // must reach every instance's cached keys.
+                if !applied.tier_changes.is_empty() || !applied.period_changes.is_empty() {
+                    announce_account_change(keys, self.redis_url.as_deref()).await;
                 }
                 (200, json!({"received": true}))
             }
             Err(e) => {
-                self.deliveries.with_label_values(&["failed"]).inc();
+                self.deliveries
+                    .with_label_values(&[event_type, "failed"])
+                    .inc();
                 tracing::warn!(event = event.id, error = %e, "stripe event not applied");
                 let status = if e.is_retryable() { 500 } else { 200 };
                 (
@@ -176,6 +260,226 @@ impl StripeWebhooks {
                 )
             }
         }
+    }
+}
+
+fn log_tier_changes(changes: &[TierChange], cause: &str) {
+    for change in changes {
+        tracing::info!(account = %change.account_id, from = change.from, to = change.to, cause, "tier changed by billing");
+    }
+}
+
+/// Drops this instance's cached keys and, through Redis, every other
+/// instance's, so an account's new tier or billing period applies within
+/// seconds.
+async fn announce_account_change(keys: &KeyCache, redis_url: Option<&str>) {
+    keys.invalidate_all();
+    if let Some(url) = redis_url {
+        revocation::publish_account_change(url).await;
+    }
+}
+
+/// How often subscriptions unpaid past the grace are looked for: every
+/// minute, or a tenth of a grace shorter than ten minutes.
+fn past_due_sweep_interval(grace: Duration) -> Duration {
+    (grace / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Downgrades accounts whose subscription stayed unpaid past
+/// `[billing] grace_days`: webhooks apply the grace only to accounts an
+/// event touches, and after a failed payment Stripe may send nothing more.
+/// Runs wherever webhooks are received; sweeps on several instances at once
+/// are safe (the accounts are locked and the change is idempotent).
+pub struct PastDueSweep {
+    pub pool: Pool,
+    pub plans: Plans,
+    pub keys: KeyCache,
+    pub redis_url: Option<String>,
+}
+
+#[async_trait]
+impl BackgroundService for PastDueSweep {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut ticks = tokio::time::interval(past_due_sweep_interval(self.plans.grace()));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            match downgrade_past_due(&self.pool, &self.plans, SystemTime::now()).await {
+                Ok(changes) if changes.is_empty() => {}
+                Ok(changes) => {
+                    log_tier_changes(&changes, "payment overdue past the grace");
+                    announce_account_change(&self.keys, self.redis_url.as_deref()).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "past-due sweep failed; the next one retries"),
+            }
+        }
+    }
+}
+
+/// Checkout and Customer Portal sessions: `POST /v1/billing/checkout|portal`
+/// for the caller's account, the admin API and `tollgate billing checkout`
+/// for any. Each call asks Stripe; none changes a tier (webhooks do).
+pub struct BillingSessions {
+    pool: Pool,
+    stripe: StripeClient,
+    /// The tiers that can be bought, by name.
+    tiers: HashMap<String, TierPrices>,
+    success_url: Option<String>,
+    cancel_url: Option<String>,
+    portal_return_url: Option<String>,
+}
+
+/// `{"tier", "success_url"?, "cancel_url"?}`: the URLs default to `[billing]`'s.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    pub tier: String,
+    pub success_url: Option<String>,
+    pub cancel_url: Option<String>,
+}
+
+/// `{"return_url"?}`, defaulting to `[billing] portal_return_url`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalRequest {
+    pub return_url: Option<String>,
+}
+
+impl BillingSessions {
+    /// `None` when billing is off (no `STRIPE_SECRET_KEY`).
+    pub fn from_config(config: &Config, pool: Pool) -> anyhow::Result<Option<Self>> {
+        let Some(stripe) = &config.billing.stripe else {
+            return Ok(None);
+        };
+        let tiers = config
+            .tiers
+            .iter()
+            .filter_map(|t| {
+                Some((
+                    t.name.clone(),
+                    TierPrices {
+                        tier: t.name.clone(),
+                        price_lookup_key: t.stripe_price_lookup_key.clone()?,
+                        overage_lookup_key: t.stripe_overage_lookup_key.clone(),
+                    },
+                ))
+            })
+            .collect();
+        Ok(Some(Self {
+            pool,
+            stripe: stripe_client(stripe)?,
+            tiers,
+            success_url: config.billing.success_url.clone(),
+            cancel_url: config.billing.cancel_url.clone(),
+            portal_return_url: config.billing.portal_return_url.clone(),
+        }))
+    }
+
+    /// The account named `name`, for the admin API and the CLI.
+    pub async fn account_id(&self, name: &str) -> Result<Uuid, ApiError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|_| ApiError::DatabaseUnavailable)?;
+        client
+            .query_opt("SELECT id FROM accounts WHERE name = $1", &[&name])
+            .await
+            .map_err(|_| ApiError::DatabaseUnavailable)?
+            .map(|row| row.get(0))
+            .ok_or_else(|| ApiError::NotFound(format!("no account `{name}`")))
+    }
+
+    /// A Checkout Session from a JSON [`CheckoutRequest`].
+    pub async fn checkout_json(&self, account_id: Uuid, body: &[u8]) -> Result<Value, ApiError> {
+        self.checkout(account_id, parse_body(body)?).await
+    }
+
+    /// A Customer Portal session from a JSON [`PortalRequest`] (or an empty body).
+    pub async fn portal_json(&self, account_id: Uuid, body: &[u8]) -> Result<Value, ApiError> {
+        let request = if body.iter().all(u8::is_ascii_whitespace) {
+            PortalRequest::default()
+        } else {
+            parse_body(body)?
+        };
+        self.portal(account_id, request).await
+    }
+
+    /// A Checkout Session subscribing the account to `body.tier`.
+    pub async fn checkout(
+        &self,
+        account_id: Uuid,
+        body: CheckoutRequest,
+    ) -> Result<Value, ApiError> {
+        let prices = self.tiers.get(&body.tier).ok_or_else(|| {
+            let mut buyable: Vec<&str> = self.tiers.keys().map(String::as_str).collect();
+            buyable.sort_unstable();
+            ApiError::bad_request(
+                format!(
+                    "Tier `{}` cannot be bought; tiers with a Stripe price: {}.",
+                    body.tier,
+                    buyable.join(", ")
+                ),
+                Some("tier"),
+            )
+        })?;
+        let url = |given: Option<String>, default: &Option<String>, param: &'static str| {
+            given.or_else(|| default.clone()).ok_or_else(|| {
+                ApiError::bad_request(
+                    format!(
+                        "`{param}` is required: the server sets no default ([billing] {param})."
+                    ),
+                    Some(param),
+                )
+            })
+        };
+        let urls = CheckoutUrls {
+            success_url: url(body.success_url, &self.success_url, "success_url")?,
+            cancel_url: url(body.cancel_url, &self.cancel_url, "cancel_url")?,
+        };
+        let session = checkout_session(&self.pool, &self.stripe, account_id, prices, &urls)
+            .await
+            .map_err(session_error)?;
+        Ok(json!({
+            "object": "billing.checkout_session",
+            "id": session.id,
+            "url": session.url,
+            "tier": prices.tier,
+        }))
+    }
+
+    /// A Customer Portal session for the account's Stripe customer.
+    pub async fn portal(&self, account_id: Uuid, body: PortalRequest) -> Result<Value, ApiError> {
+        let return_url = body.return_url.or_else(|| self.portal_return_url.clone());
+        let session = portal_session(&self.pool, &self.stripe, account_id, return_url.as_deref())
+            .await
+            .map_err(session_error)?;
+        Ok(json!({
+            "object": "billing.portal_session",
+            "id": session.id,
+            "url": session.url,
+        }))
+    }
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}"), None))
+}
+
+fn session_error(error: SessionError) -> ApiError {
+    match error {
+        SessionError::AlreadySubscribed { .. } | SessionError::NoCustomer => {
+            ApiError::Conflict(error.to_string())
+        }
+        SessionError::PriceMissing(_) | SessionError::Stripe(_) => {
+            tracing::warn!(error = %error, "billing session not created");
+            ApiError::BillingUnavailable(error.to_string())
+        }
+        SessionError::Database(_) | SessionError::Pool(_) => ApiError::DatabaseUnavailable,
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tollgate_billing::reconcile::Day;
 
 /// Tollgate: an OpenAI-compatible gateway and billing sidecar for self-hosted
 /// GPU inference. Every subcommand reads the same config file (--config);
@@ -160,6 +161,44 @@ pub enum BillingCommand {
     /// exit (`serve` does the same every billing.export_interval). Safe to run
     /// beside running gateways: nothing is sent twice.
     Export,
+    /// Create or update the tiers' Stripe products, prices and the Billing
+    /// Meter, found by lookup key and event name: running it again changes
+    /// nothing. Prints what it did.
+    SyncCatalog,
+    /// Compare, per customer and UTC day, the units in the usage log with the
+    /// units exported to Stripe and with Stripe's own meter event summaries
+    /// (when Stripe answers). Prints the differences, and the exports that
+    /// expired unsent; exits non-zero when there is any.
+    Reconcile {
+        /// First day, YYYY-MM-DD (UTC).
+        #[arg(long, value_name = "DAY")]
+        from: Day,
+        /// Last day, included.
+        #[arg(long, value_name = "DAY")]
+        to: Day,
+    },
+    /// Print a Stripe Checkout URL subscribing an account to a paid tier.
+    /// The tier changes only when Stripe's webhooks confirm the payment.
+    Checkout {
+        #[arg(long, value_name = "NAME")]
+        account: String,
+        #[arg(long, value_name = "TIER")]
+        tier: String,
+        /// Where Checkout sends the customer after paying; [billing] success_url by default.
+        #[arg(long, value_name = "URL")]
+        success_url: Option<String>,
+        /// Where Checkout sends the customer who gives up; [billing] cancel_url by default.
+        #[arg(long, value_name = "URL")]
+        cancel_url: Option<String>,
+    },
+    /// Print a Stripe Customer Portal URL for an account that has subscribed.
+    Portal {
+        #[arg(long, value_name = "NAME")]
+        account: String,
+        /// The portal's return link; [billing] portal_return_url by default.
+        #[arg(long, value_name = "URL")]
+        return_url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -192,8 +192,11 @@ struct RawHealth {
 struct RawBilling {
     meter_event_name: Option<String>,
     bucket_secs: Option<u64>,
-    grace_days: Option<u64>,
+    grace_days: Option<f64>,
     export_interval: Option<String>,
+    success_url: Option<String>,
+    cancel_url: Option<String>,
+    portal_return_url: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -473,6 +476,12 @@ pub struct BillingConfig {
     pub grace: Duration,
     /// How often the exporter runs.
     pub export_interval: Duration,
+    /// Where Checkout sends the customer after paying, and after giving
+    /// up; a checkout request may name its own.
+    pub success_url: Option<String>,
+    pub cancel_url: Option<String>,
+    /// Where the Customer Portal's "return" link leads.
+    pub portal_return_url: Option<String>,
     /// `None` without `STRIPE_SECRET_KEY`: billing is off.
     pub stripe: Option<StripeConfig>,
 }
@@ -546,7 +555,7 @@ pub mod defaults {
     /// Usage is exported per hour.
     pub const BILLING_BUCKET_SECS: u64 = 3600;
     /// A past-due subscription keeps its tier this many days.
-    pub const BILLING_GRACE_DAYS: u64 = 3;
+    pub const BILLING_GRACE_DAYS: f64 = 3.0;
     /// How often the exporter looks for closed buckets.
     pub const BILLING_EXPORT_INTERVAL: &str = "60s";
     /// How often the fleet controller reads the queues.
@@ -1047,18 +1056,33 @@ fn validate_billing(b: RawBilling, env: &dyn Env) -> Result<BillingConfig, Confi
     Ok(BillingConfig {
         meter_event_name,
         bucket: Duration::from_secs(bucket_secs),
-        grace: Duration::from_secs(b.grace_days.unwrap_or(defaults::BILLING_GRACE_DAYS) * 86_400),
+        grace: grace_days(b.grace_days)?,
         export_interval: duration(
             "billing.export_interval",
             b.export_interval.as_deref(),
             defaults::BILLING_EXPORT_INTERVAL,
         )?,
+        success_url: b.success_url,
+        cancel_url: b.cancel_url,
+        portal_return_url: b.portal_return_url,
         stripe: env.var("STRIPE_SECRET_KEY").map(|key| StripeConfig {
             secret_key: Secret::new(key),
             webhook_secrets: env.var("STRIPE_WEBHOOK_SECRET").map(Secret::new),
             api_base: api_base.map(|b| b.trim_end_matches('/').to_owned()),
         }),
     })
+}
+
+/// `billing.grace_days`: whole or fractional days (0.5 is twelve hours).
+fn grace_days(days: Option<f64>) -> Result<Duration, ConfigError> {
+    let days = days.unwrap_or(defaults::BILLING_GRACE_DAYS);
+    if !(0.0..=90.0).contains(&days) {
+        return Err(invalid(
+            "billing.grace_days",
+            "must be between 0 and 90 days (fractions allowed)",
+        ));
+    }
+    Ok(Duration::from_secs_f64(days * 86_400.0))
 }
 
 fn validate_fleet(f: RawFleet, tiers: &[TierConfig]) -> Result<FleetConfig, ConfigError> {
@@ -1260,7 +1284,9 @@ fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {
             stripe_price_lookup_key: tier.stripe_price_lookup_key,
             stripe_overage_lookup_key: tier.stripe_overage_lookup_key,
         };
-        if config.stripe_overage_lookup_key.is_some() && config.hard_cap {
+        if config.stripe_overage_lookup_key.is_some()
+            && (config.hard_cap || config.overage_price.is_none())
+        {
             return Err(invalid(
                 key("stripe_overage_lookup_key"),
                 "a tier with a metered overage price needs hard_cap = false and an overage_price",
@@ -1758,6 +1784,26 @@ mod tests {
     }
 
     #[test]
+    fn grace_days_take_fractions_within_bounds() {
+        let grace = |value: &str| {
+            parse(
+                &format!("{MINIMAL}\n[billing]\ngrace_days = {value}\n"),
+                &no_env(),
+            )
+            .map(|c| c.billing.grace)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(grace("3"), Ok(Duration::from_secs(3 * 86_400)));
+        assert_eq!(grace("0.5"), Ok(Duration::from_secs(43_200)));
+        for bad in ["-1", "91", "nan"] {
+            assert!(
+                grace(bad).unwrap_err().contains("billing.grace_days"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn tier_mistakes_name_the_key() {
         let cases = [
             ("requests_per_minute = 0", "tiers[1].requests_per_minute"),
@@ -1768,6 +1814,10 @@ mod tests {
             ("on_redis_down = \"maybe\"", "tiers[1].on_redis_down"),
             ("max_queue_wait_secs = -1", "tiers[1].max_queue_wait_secs"),
             ("priority = 0", "tiers[1].priority"),
+            (
+                "hard_cap = false\nstripe_overage_lookup_key = \"pro_overage\"",
+                "tiers[1].stripe_overage_lookup_key",
+            ),
         ];
         for (line, key) in cases {
             let text = format!("{MINIMAL}\n[[tiers]]\nname = \"pro\"\n{line}\n");

@@ -92,6 +92,9 @@ pub enum ApiError {
     /// existing accounts; this catches one created under another config).
     #[error("This account's tier `{0}` is not configured on this server.")]
     UnknownTier(String),
+    /// Stripe did not answer as needed (or its catalog is not synced).
+    #[error("Billing is temporarily unavailable: {0}")]
+    BillingUnavailable(String),
 }
 
 fn kind_name(kind: RateKind) -> &'static str {
@@ -150,7 +153,8 @@ impl ApiError {
             | Self::AuthUnavailable
             | Self::DatabaseUnavailable
             | Self::ServerBusy { .. }
-            | Self::LimiterUnavailable => 503,
+            | Self::LimiterUnavailable
+            | Self::BillingUnavailable(_) => 503,
             Self::GatewayTimeout { .. } => 504,
         }
     }
@@ -182,7 +186,8 @@ impl ApiError {
             | Self::DatabaseUnavailable
             | Self::ServerBusy { .. }
             | Self::LimiterUnavailable
-            | Self::UnknownTier(_) => "server_error",
+            | Self::UnknownTier(_)
+            | Self::BillingUnavailable(_) => "server_error",
         }
     }
 
@@ -210,6 +215,7 @@ impl ApiError {
             Self::ServerBusy { .. } => Some("server_busy"),
             Self::LimiterUnavailable => Some("rate_limiter_unavailable"),
             Self::UnknownTier(_) => Some("unknown_tier"),
+            Self::BillingUnavailable(_) => Some("billing_unavailable"),
             Self::BadRequest { .. } | Self::Conflict(_) | Self::NotFound(_) => None,
         }
     }
@@ -238,7 +244,8 @@ impl ApiError {
             | Self::InsufficientQuota { .. }
             | Self::ServerBusy { .. }
             | Self::LimiterUnavailable
-            | Self::UnknownTier(_) => None,
+            | Self::UnknownTier(_)
+            | Self::BillingUnavailable(_) => None,
         }
     }
 
@@ -270,7 +277,8 @@ impl ApiError {
             | Self::AdminUnauthorized
             | Self::Conflict(_)
             | Self::NotFound(_)
-            | Self::UnknownTier(_) => None,
+            | Self::UnknownTier(_)
+            | Self::BillingUnavailable(_) => None,
         }
     }
 

@@ -5,12 +5,14 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
+use tollgate::billing::{CheckoutRequest, PortalRequest};
 use tollgate::cli::{BillingCommand, Cli, Command, FleetCommand, KeysCommand, UsageCommand};
 use tollgate::config::{Config, ProcessEnv, parse_duration};
 use tollgate::keys::store::{KeyListing, KeyStore};
 use tollgate::keys::{KeyAdmin, NewKeyRequest};
 use tollgate::usage_api::{self, UsageQuery};
 use tollgate::{billing, db, server, simulate};
+use tollgate_billing::reconcile::Day;
 
 /// How long `fleet status` waits for the gateway's admin API.
 const FLEET_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +53,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(command) => block_on(keys(&config, command)),
         Command::Usage(command) => block_on(usage(&config, command)),
         Command::Billing(BillingCommand::Export) => block_on(billing_export(&config)),
+        Command::Billing(BillingCommand::SyncCatalog) => block_on(billing_sync_catalog(&config)),
+        Command::Billing(BillingCommand::Reconcile { from, to }) => {
+            block_on(billing_reconcile(&config, from, to))
+        }
+        Command::Billing(BillingCommand::Checkout {
+            account,
+            tier,
+            success_url,
+            cancel_url,
+        }) => block_on(billing_session(
+            &config,
+            &account,
+            BillingSession::Checkout(CheckoutRequest {
+                tier,
+                success_url,
+                cancel_url,
+            }),
+        )),
+        Command::Billing(BillingCommand::Portal {
+            account,
+            return_url,
+        }) => block_on(billing_session(
+            &config,
+            &account,
+            BillingSession::Portal(PortalRequest { return_url }),
+        )),
         Command::Fleet(FleetCommand::Status) => block_on(fleet_status(&config)),
         Command::Fleet(FleetCommand::Drain { name }) => {
             block_on(fleet_command(&config, &name, "drain"))
@@ -212,6 +240,52 @@ async fn billing_export(config: &Config) -> anyhow::Result<()> {
         report.rejected,
         report.expired
     );
+    Ok(())
+}
+
+/// `tollgate billing sync-catalog`.
+async fn billing_sync_catalog(config: &Config) -> anyhow::Result<()> {
+    let stripe = config.billing.stripe.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("STRIPE_SECRET_KEY is not set: there is no Stripe to sync to")
+    })?;
+    let report = billing::sync_catalog_now(config, stripe).await?;
+    print!("{report}");
+    Ok(())
+}
+
+/// `tollgate billing reconcile`.
+async fn billing_reconcile(config: &Config, from: Day, to: Day) -> anyhow::Result<()> {
+    let pool = db::pool(&config.database)?;
+    let report = billing::reconcile_now(&pool, config, from, to).await?;
+    print!("{report}");
+    let differences = report.differences().count();
+    anyhow::ensure!(
+        differences == 0,
+        "{differences} customer-days differ between the usage log, the exports and Stripe"
+    );
+    Ok(())
+}
+
+enum BillingSession {
+    Checkout(CheckoutRequest),
+    Portal(PortalRequest),
+}
+
+/// `tollgate billing checkout|portal`: prints the session's URL.
+async fn billing_session(
+    config: &Config,
+    account: &str,
+    request: BillingSession,
+) -> anyhow::Result<()> {
+    let pool = db::pool(&config.database)?;
+    let sessions = billing::BillingSessions::from_config(config, pool)?
+        .ok_or_else(|| anyhow::anyhow!("STRIPE_SECRET_KEY is not set: billing is off"))?;
+    let account_id = sessions.account_id(account).await?;
+    let session = match request {
+        BillingSession::Checkout(request) => sessions.checkout(account_id, request).await?,
+        BillingSession::Portal(request) => sessions.portal(account_id, request).await?,
+    };
+    println!("{}", session["url"].as_str().unwrap_or_default());
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use crate::admin::{AdminApi, MetricsApp};
 use crate::admission::Admission;
 use crate::admission::limits::redis::RedisLimits;
 use crate::admission::reconcile::PeriodReconciler;
-use crate::billing::{StripeWebhooks, UsageExporter};
+use crate::billing::{BillingSessions, PastDueSweep, StripeWebhooks, UsageExporter};
 use crate::config::{Config, RoutingConfig, RoutingPolicy};
 use crate::db::{self, PoolJanitor};
 use crate::fleet::{self, EventLog, FleetService};
@@ -125,6 +125,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .as_ref()
         .map(|_| Arc::new(AtomicBool::new(false)));
 
+    let billing_sessions = BillingSessions::from_config(&config, pool.clone())?.map(Arc::new);
+    let stripe_webhooks = StripeWebhooks::from_config(&config, prometheus::default_registry())?;
+    // Subscriptions come from webhooks: where they are received, their grace
+    // is enforced.
+    let past_due_sweep = stripe_webhooks.as_ref().map(|webhooks| PastDueSweep {
+        pool: pool.clone(),
+        plans: webhooks.plans.clone(),
+        keys: cache.clone(),
+        redis_url: webhooks.redis_url.clone(),
+    });
     let gateway = Gateway {
         keys: cache.clone(),
         selector: Arc::clone(&selector),
@@ -141,7 +151,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             prometheus::default_registry(),
         )?,
         admission: Arc::clone(&admission),
-        stripe_webhooks: StripeWebhooks::from_config(&config, prometheus::default_registry())?,
+        stripe_webhooks,
+        billing_sessions: billing_sessions.clone(),
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());
@@ -153,6 +164,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         queues: admission.queues(),
         selector,
         fleet: Arc::clone(&fleet_controller),
+        billing: billing_sessions,
     };
     let mut admin = Service::new("admin API".to_owned(), HttpServer::new_app(admin_api));
     admin.add_tcp(&config.server.admin_listen.to_string());
@@ -219,6 +231,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 stripe: stripe.clone(),
             },
         ));
+    }
+    if let Some(sweep) = past_due_sweep {
+        server.add_service(background_service("past-due sweep", sweep));
     }
     server.add_service(background_service(
         "usage writer",

@@ -541,6 +541,9 @@ fn cl100k(text: &str) -> usize {
 mod admission;
 #[path = "gateway/billing.rs"]
 mod billing;
+#[path = "../../billing/tests/support/fake_stripe.rs"]
+#[allow(dead_code)]
+mod fake_stripe;
 #[path = "gateway/fleet.rs"]
 mod fleet;
 #[path = "gateway/metering.rs"]

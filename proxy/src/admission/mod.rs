@@ -260,7 +260,7 @@ impl Admission {
             // The prompt and a token per choice: a capped quota with less room
             // refuses; with more, the answer is shortened to fit.
             min_units: estimate.prompt_tokens.saturating_add(least),
-            periods: periods::periods(now),
+            periods: periods::periods(now, key.billing_period),
             reservation_ttl: self.config.reservation_ttl,
         };
         let (verdict, store) = self
@@ -320,7 +320,7 @@ impl Admission {
                     limits::Period::Month => "quota_month",
                     limits::Period::Day => "quota_day",
                 };
-                let retry_after = periods::until_end(period, now);
+                let retry_after = periods::until_end(period, now, key.billing_period);
                 Err(self.refuse(
                     plan,
                     reason,

@@ -1,12 +1,14 @@
 //! Period counters from the usage log: at start-up and every
-//! `admission.reconcile_interval`, each account's `used` units this month and
-//! today are raised to what the usage log's day rollups hold. A Redis flush,
+//! `admission.reconcile_interval`, each account's `used` units this billing
+//! period (its subscription's, else the calendar month) and today are raised
+//! to what the usage log's rollups hold. A Redis flush,
 //! a restart of a single instance, or a settlement lost while Redis was down
 //! therefore never grants free usage for longer than one interval.
 //!
 //! Counters are only raised, never lowered: events settle in the limiter
 //! before the writer stores them, so the log may briefly trail the limiter.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,41 +19,104 @@ use pingora::services::background::BackgroundService;
 use uuid::Uuid;
 
 use super::limiter::Limiter;
-use super::periods;
+use super::periods::{self, BillingPeriod};
 
-/// Bound on one reconciliation's query.
+/// Bound on one reconciliation's queries.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-const PERIOD_UNITS: &str = "\
+/// Units this calendar month and today, per account.
+const CALENDAR_UNITS: &str = "\
     SELECT account_id, \
            SUM(units)::bigint, \
            COALESCE(SUM(units) FILTER (WHERE bucket >= $2), 0)::bigint \
     FROM usage_rollup_day WHERE bucket >= $1 GROUP BY account_id";
 
+/// The current period of each subscription that grants its account's tier
+/// (as in the key lookup, `keys::store`).
+const BILLING_PERIODS: &str = "\
+    SELECT DISTINCT ON (s.account_id) s.account_id, s.current_period_start, s.current_period_end \
+    FROM billing_subscriptions s JOIN accounts a ON a.id = s.account_id AND a.tier = s.tier \
+    WHERE s.status IN ('active', 'trialing', 'past_due') AND s.current_period_start IS NOT NULL \
+    ORDER BY s.account_id, s.subscription_created DESC NULLS LAST";
+
+/// Units since each given start: minute rollups up to the first midnight,
+/// day rollups after it (a billing period starts at any time of day).
+const UNITS_SINCE: &str = "\
+    SELECT p.account_id, \
+           (COALESCE((SELECT SUM(units) FROM usage_rollup_minute m \
+                      WHERE m.account_id = p.account_id AND m.bucket >= p.start \
+                        AND m.bucket < p.midnight), 0) \
+          + COALESCE((SELECT SUM(units) FROM usage_rollup_day d \
+                      WHERE d.account_id = p.account_id AND d.bucket >= p.midnight), 0))::bigint \
+    FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS p(account_id, start, midnight)";
+
 /// Raises every account's period counters to the usage log's totals;
 /// returns how many accounts it set.
 pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<usize> {
     let now = SystemTime::now();
-    let (month_start, day_start) = periods::starts(now);
-    let period = periods::periods(now);
-    let rows = tokio::time::timeout(QUERY_TIMEOUT, async {
+    let (month_start, day_start) = periods::starts(now, None);
+    let (calendar, billing) = tokio::time::timeout(QUERY_TIMEOUT, async {
         let client = pool.get().await?;
-        anyhow::Ok(
-            client
-                .query(PERIOD_UNITS, &[&month_start, &day_start])
-                .await?,
-        )
+        let calendar = client
+            .query(CALENDAR_UNITS, &[&month_start, &day_start])
+            .await?;
+        let mut billing = HashMap::new();
+        for row in client.query(BILLING_PERIODS, &[]).await? {
+            let period = BillingPeriod {
+                start: row.get(1),
+                end: row.get(2),
+            };
+            billing.insert(row.get::<_, Uuid>(0), (period, 0_i64));
+        }
+        let (accounts, starts, midnights): (Vec<Uuid>, Vec<SystemTime>, Vec<SystemTime>) = billing
+            .iter()
+            .map(|(account, (period, _))| {
+                let start = periods::starts(now, Some(*period)).0;
+                (*account, start, periods::next_midnight(start))
+            })
+            .collect();
+        for row in client
+            .query(UNITS_SINCE, &[&accounts, &starts, &midnights])
+            .await?
+        {
+            if let Some((_, units)) = billing.get_mut(&row.get::<_, Uuid>(0)) {
+                *units = row.get(1);
+            }
+        }
+        anyhow::Ok((calendar, billing))
     })
     .await
     .map_err(|_| anyhow::anyhow!("usage query timed out"))??;
-    for row in &rows {
+    let units = |n: i64| u64::try_from(n).unwrap_or(0);
+    let mut reconciled = billing.len();
+    let mut day_units: HashMap<Uuid, u64> = HashMap::new();
+    for row in &calendar {
         let account: Uuid = row.get(0);
-        let units = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        day_units.insert(account, units(row.get(2)));
+        if !billing.contains_key(&account) {
+            limiter
+                .reconcile(
+                    account,
+                    &periods::periods(now, None),
+                    units(row.get(1)),
+                    units(row.get(2)),
+                )
+                .await?;
+            reconciled += 1;
+        }
+    }
+    for (account, (period, period_units)) in &billing {
+        let today = day_units.get(account).copied().unwrap_or(0);
         limiter
-            .reconcile(account, &period, units(1), units(2))
+            .reconcile(
+                *account,
+                &periods::periods(now, Some(*period)),
+                units(*period_units),
+                today,
+            )
             .await?;
     }
-    Ok(rows.len())
+    Ok(reconciled)
 }
 
 /// Background service: [`reconcile_once`] at start-up and on an interval.

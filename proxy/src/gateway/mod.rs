@@ -53,7 +53,7 @@ use self::usage::{FinishedRequest, Metering};
 use crate::admission::headers::{rate_limit_headers, retry_after};
 use crate::admission::queue::Slot;
 use crate::admission::{Admission, Estimate, Refusal};
-use crate::billing::StripeWebhooks;
+use crate::billing::{BillingSessions, StripeWebhooks};
 use crate::config::UpstreamTimeouts;
 use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
@@ -98,6 +98,8 @@ pub struct Gateway {
     pub admission: Arc<Admission>,
     /// `None` without billing's webhook secret: the route answers 404.
     pub stripe_webhooks: Option<StripeWebhooks>,
+    /// `None` with billing off: the `/v1/billing/*` routes answer 404.
+    pub billing_sessions: Option<Arc<BillingSessions>>,
 }
 
 /// How `request_filter` ends when it does not forward.
@@ -140,13 +142,16 @@ impl Gateway {
             Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
             Route::StripeWebhook => return Err(self.stripe_webhook(session).await),
             Route::Readyz => return Err(self.readiness().await),
-            Route::Models | Route::Usage => None,
+            Route::Models | Route::Usage | Route::BillingCheckout | Route::BillingPortal => None,
             Route::Inference(endpoint) => Some(endpoint),
         };
         let key = self.keys.authenticate(bearer_token(header)?).await?;
         let Some(endpoint) = endpoint else {
             return Err(match route {
                 Route::Usage => Stop::Answer(200, self.own_usage(header, &key).await?),
+                Route::BillingCheckout | Route::BillingPortal => {
+                    Stop::Answer(200, self.billing_session(route, session, &key).await?)
+                }
                 _ => Stop::Answer(200, self.model_list(&key)),
             });
         };
@@ -200,11 +205,7 @@ impl Gateway {
     /// `POST /stripe/webhook`; 404 when billing has no webhook secret.
     async fn stripe_webhook(&self, session: &mut Session) -> Stop {
         let Some(webhooks) = &self.stripe_webhooks else {
-            let header = session.req_header();
-            return Stop::Refuse(ApiError::UnknownRoute {
-                method: header.method.to_string(),
-                path: header.uri.path().to_owned(),
-            });
+            return unknown_route(session.req_header()).into();
         };
         let signature = session
             .req_header()
@@ -220,6 +221,24 @@ impl Gateway {
             .handle(&self.pool, &self.keys, signature.as_deref(), &body)
             .await;
         Stop::Answer(status, answer)
+    }
+
+    /// `POST /v1/billing/checkout|portal` for the key's own account.
+    async fn billing_session(
+        &self,
+        route: Route,
+        session: &mut Session,
+        key: &KeyRecord,
+    ) -> Result<serde_json::Value, Stop> {
+        let Some(sessions) = &self.billing_sessions else {
+            return Err(unknown_route(session.req_header()).into());
+        };
+        let body = read_body(session, self.max_body_bytes).await?;
+        Ok(if route == Route::BillingCheckout {
+            sessions.checkout_json(key.account_id, &body).await?
+        } else {
+            sessions.portal_json(key.account_id, &body).await?
+        })
     }
 
     /// The request in Triton's generate protocol, for this attempt.
@@ -301,6 +320,13 @@ impl Gateway {
 }
 
 /// The key from `Authorization: Bearer …`.
+fn unknown_route(header: &RequestHeader) -> ApiError {
+    ApiError::UnknownRoute {
+        method: header.method.to_string(),
+        path: header.uri.path().to_owned(),
+    }
+}
+
 fn bearer_token(header: &RequestHeader) -> Result<&str, ApiError> {
     let value = header
         .headers

@@ -45,6 +45,10 @@ pub enum Route {
     Readyz,
     /// `POST /stripe/webhook`: Stripe's event deliveries.
     StripeWebhook,
+    /// `POST /v1/billing/checkout`: a Checkout Session for the caller's account.
+    BillingCheckout,
+    /// `POST /v1/billing/portal`: a Customer Portal session for it.
+    BillingPortal,
 }
 
 /// The route for `method` and `path`, or the 404/405 to answer.
@@ -58,6 +62,8 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         "/healthz" => (Route::Healthz, Method::GET),
         "/readyz" => (Route::Readyz, Method::GET),
         "/stripe/webhook" => (Route::StripeWebhook, Method::POST),
+        "/v1/billing/checkout" => (Route::BillingCheckout, Method::POST),
+        "/v1/billing/portal" => (Route::BillingPortal, Method::POST),
         _ => {
             return Err(ApiError::UnknownRoute {
                 method: method.to_string(),

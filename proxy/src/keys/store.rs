@@ -8,6 +8,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::secret::{KeyHash, NewKey, is_key_shaped};
+use crate::admission::periods::BillingPeriod;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,6 +36,9 @@ pub struct KeyRecord {
     pub allowed_models: Option<Vec<String>>,
     pub expires_at: Option<SystemTime>,
     pub revoked: bool,
+    /// The current period of the subscription that grants the account its
+    /// tier; `None` (no subscription): quotas run by calendar month.
+    pub billing_period: Option<BillingPeriod>,
 }
 
 impl KeyRecord {
@@ -137,8 +141,15 @@ impl KeyStore {
         let statement = client
             .prepare_cached(
                 "SELECT k.id, k.account_id, a.name, a.tier, a.status, k.allowed_models, \
-                        k.expires_at, k.revoked_at IS NOT NULL, k.hash \
+                        k.expires_at, k.revoked_at IS NOT NULL, k.hash, \
+                        p.current_period_start, p.current_period_end \
                  FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+                 LEFT JOIN LATERAL (\
+                     SELECT current_period_start, current_period_end FROM billing_subscriptions s \
+                     WHERE s.account_id = a.id AND s.tier = a.tier \
+                       AND s.status IN ('active', 'trialing', 'past_due') \
+                       AND s.current_period_start IS NOT NULL \
+                     ORDER BY s.subscription_created DESC NULLS LAST LIMIT 1) p ON true \
                  WHERE k.hash = $1",
             )
             .await?;
@@ -154,6 +165,10 @@ impl KeyStore {
                 allowed_models: row.get(5),
                 expires_at: row.get(6),
                 revoked: row.get(7),
+                billing_period: row
+                    .get::<_, Option<SystemTime>>(9)
+                    .zip(row.get::<_, Option<SystemTime>>(10))
+                    .map(|(start, end)| BillingPeriod { start, end }),
             }))
     }
 

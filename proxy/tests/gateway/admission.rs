@@ -144,7 +144,7 @@ impl Gateway {
             Duration::from_secs(5),
         );
         let state = limits
-            .quota_state(account, &periods(SystemTime::now()))
+            .quota_state(account, &periods(SystemTime::now(), None))
             .await
             .unwrap();
         let _ = client.quit().await;

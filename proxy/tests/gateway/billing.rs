@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tollgate_billing::webhook::sign;
 
+use super::fake_stripe::FakeStripe;
 use super::*;
 
 const WEBHOOK_SECRET: &str = "whsec_gateway_test";
@@ -21,8 +22,13 @@ fn now() -> i64 {
 }
 
 fn event(id: &str, event_type: &str, object: Value) -> String {
+    event_at(id, event_type, object, now())
+}
+
+/// An event created at `created` (unix seconds).
+fn event_at(id: &str, event_type: &str, object: Value, created: i64) -> String {
     json!({
-        "id": id, "object": "event", "type": event_type, "created": now(),
+        "id": id, "object": "event", "type": event_type, "created": created,
         "livemode": false, "api_version": "2025-03-31.basil", "pending_webhooks": 1,
         "request": {"id": null, "idempotency_key": null},
         "data": {"object": object},
@@ -126,4 +132,310 @@ async fn a_paid_subscription_by_webhook_lifts_the_free_limits_at_once() {
         )
         .await;
     assert!(accounts.to_string().contains("\"pro\""), "{accounts}");
+}
+
+/// A grace of 0.0001 days: 8.64 s.
+const SHORT_GRACE_DAYS: &str = "0.0001";
+
+fn paid_tiers_with_overage() -> String {
+    "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 1\n\
+     [[tiers]]\nname = \"pro\"\npriority = 10\nmonthly_price = 49.0\nincluded_units = 100000\n\
+     overage_price = 0.00002\nhard_cap = false\n\
+     stripe_price_lookup_key = \"tollgate_pro_monthly\"\n\
+     stripe_overage_lookup_key = \"tollgate_pro_overage\"\n"
+        .to_owned()
+}
+
+impl Gateway {
+    /// `tollgate billing ARGS` against the fake, off the test's runtime
+    /// thread: the fake answers on it.
+    async fn billing_cli(&self, fake: &FakeStripe, args: &[&str]) -> String {
+        let mut command = self.cli(args);
+        command
+            .env("STRIPE_SECRET_KEY", fake.secret_key())
+            .env("STRIPE_API_BASE", fake.base_url());
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{args:?}: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    async fn deliver_signed(&self, body: &str) -> u16 {
+        let signature = sign(WEBHOOK_SECRET, body.as_bytes(), now() as u64);
+        self.deliver(body, &signature).await
+    }
+
+    async fn tier_of(&self, account: &str) -> String {
+        let (client, connection) = tokio_postgres::connect(&self.db.url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .query_one("SELECT tier FROM accounts WHERE name = $1", &[&account])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// An invoice of `subscription` in the API version the events above use
+/// (its subscription under `parent`).
+fn invoice(id: &str, subscription: &Value, status: &str) -> Value {
+    json!({
+        "id": id, "object": "invoice", "customer": subscription["customer"],
+        "status": status, "livemode": false, "created": now(),
+        "parent": {"type": "subscription_details", "subscription_details": {
+            "subscription": subscription["id"], "metadata": subscription["metadata"],
+        }},
+        "lines": {"object": "list", "data": []},
+    })
+}
+
+#[tokio::test]
+async fn checkout_to_paid_tier_and_unpaid_invoice_downgrades_after_the_grace() {
+    let fake = FakeStripe::start().await.unwrap();
+    let sim = Sim::fast();
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            tiers: Some(paid_tiers_with_overage()),
+            env: vec![
+                ("STRIPE_SECRET_KEY", fake.secret_key().to_owned()),
+                ("STRIPE_API_BASE", fake.base_url().to_owned()),
+                ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ],
+            tail: format!(
+                "[billing]\ngrace_days = {SHORT_GRACE_DAYS}\n\
+                 success_url = \"https://example.test/welcome\"\n\
+                 cancel_url = \"https://example.test/pricing\"\n"
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
+    let first = gateway
+        .billing_cli(&fake, &["billing", "sync-catalog"])
+        .await;
+    assert!(first.contains("created"), "{first}");
+    let second = gateway
+        .billing_cli(&fake, &["billing", "sync-catalog"])
+        .await;
+    assert!(
+        !second.contains("created") && !second.contains("updated"),
+        "{second}"
+    );
+
+    let key = gateway.create_key_on("acme", "free", &[]);
+    let request = chat("hi", 1);
+    let ask = || gateway.post_json(&key, "/v1/chat/completions", &request);
+    assert_eq!(ask().await.0, 200);
+    assert_eq!(ask().await.0, 429, "free: one request a minute");
+
+    // No customer yet: nothing to manage.
+    let (status, body) = gateway
+        .post_json(&key, "/v1/billing/portal", &json!({}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = gateway
+        .post_json(&key, "/v1/billing/checkout", &json!({"tier": "free"}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("tier")),
+        "{body}"
+    );
+    let (status, session) = gateway
+        .post_json(&key, "/v1/billing/checkout", &json!({"tier": "pro"}))
+        .await;
+    assert_eq!(status, 200, "{session}");
+    assert!(
+        session["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://checkout.stripe.com/")
+    );
+
+    // The redirect changes nothing: only Stripe's webhooks do.
+    let completed = fake
+        .complete_checkout(session["id"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(gateway.tier_of("acme").await, "free");
+    let subscription: Value = gateway
+        .client
+        .get(format!(
+            "{}/v1/subscriptions/{}",
+            fake.base_url(),
+            completed["subscription"].as_str().unwrap()
+        ))
+        .bearer_auth(fake.secret_key())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Stripe's usual order: the subscription, its first invoice, the checkout
+    // (a minute ago, so that the failure below is the newer payment signal).
+    let paid_at = now() - 60;
+    let deliveries = [
+        event_at(
+            "evt_e2e_sub",
+            "customer.subscription.created",
+            subscription.clone(),
+            paid_at,
+        ),
+        event_at(
+            "evt_e2e_paid",
+            "invoice.paid",
+            invoice("in_1", &subscription, "paid"),
+            paid_at,
+        ),
+        event_at(
+            "evt_e2e_checkout",
+            "checkout.session.completed",
+            completed,
+            paid_at,
+        ),
+    ];
+    for body in &deliveries {
+        assert_eq!(gateway.deliver_signed(body).await, 200, "{body}");
+    }
+    assert_eq!(gateway.tier_of("acme").await, "pro");
+    for _ in 0..3 {
+        let (status, body) = ask().await;
+        assert_eq!(status, 200, "pro's limits are live: {body}");
+    }
+    // Subscribed: a second checkout would bill twice; the portal is the way.
+    let (status, body) = gateway
+        .post_json(&key, "/v1/billing/checkout", &json!({"tier": "pro"}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, portal) = gateway
+        .post_json(&key, "/v1/billing/portal", &json!({}))
+        .await;
+    assert_eq!(status, 200, "{portal}");
+    assert!(
+        portal["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://billing.stripe.com/")
+    );
+
+    // Exported (today's buckets are still open, unless an hour closed while
+    // the test ran) and reconciled: the log, the exports and the fake agree.
+    let today = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    let day = tollgate_billing::reconcile::Day::from_days_since_epoch(today as i64).to_string();
+    gateway.billing_cli(&fake, &["billing", "export"]).await;
+    let report = gateway
+        .billing_cli(
+            &fake,
+            &["billing", "reconcile", "--from", &day, "--to", &day],
+        )
+        .await;
+    assert!(report.contains("no differences"), "{report}");
+
+    // The renewal fails: pro is kept through the grace, then the sweep
+    // moves the account to the free tier, with no further event.
+    let failed = event(
+        "evt_e2e_failed",
+        "invoice.payment_failed",
+        invoice("in_2", &subscription, "open"),
+    );
+    assert_eq!(gateway.deliver_signed(&failed).await, 200);
+    assert_eq!(gateway.tier_of("acme").await, "pro", "within the grace");
+    eventually("the past-due sweep downgrades acme", || async {
+        gateway.tier_of("acme").await == "free"
+    })
+    .await;
+    eventually("free's limit is live again", || async {
+        ask().await.0 == 429
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_renewed_billing_period_starts_its_quota_afresh() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            tiers: Some(
+                "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 1\n\
+                 [[tiers]]\nname = \"starter\"\npriority = 10\nmonthly_price = 9.0\n\
+                 included_units = 40\nhard_cap = true\n\
+                 stripe_price_lookup_key = \"tollgate_starter_monthly\"\n"
+                    .to_owned(),
+            ),
+            env: vec![
+                ("STRIPE_SECRET_KEY", "sk_test_gateway".to_owned()),
+                ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key_on("acme", "free", &[]);
+    let account = gateway.account_id("acme").await.to_string();
+    let day = 86_400;
+    // Subscribed 29 days ago: the period ends tomorrow.
+    let subscription = json!({
+        "id": "sub_starter", "object": "subscription", "customer": "cus_starter",
+        "status": "active", "created": now() - 29 * day, "cancel_at_period_end": false,
+        "metadata": {"account_id": account}, "livemode": false,
+        "items": {"object": "list", "data": [{
+            "id": "si_starter", "object": "subscription_item", "quantity": 1,
+            "current_period_start": now() - 29 * day, "current_period_end": now() + day,
+            "price": {"id": "price_starter", "object": "price",
+                      "lookup_key": "tollgate_starter_monthly",
+                      "recurring": {"interval": "month", "usage_type": "licensed"}},
+        }]},
+    });
+    let created = event(
+        "evt_starter_created",
+        "customer.subscription.created",
+        subscription,
+    );
+    assert_eq!(gateway.deliver_signed(&created).await, 200);
+
+    let request = chat("hi", 4);
+    let ask = || gateway.post_json(&key, "/v1/chat/completions", &request);
+    let mut answered = 0;
+    let refusal = loop {
+        let (status, body) = ask().await;
+        if status != 200 {
+            break body;
+        }
+        answered += 1;
+        assert!(answered < 40, "the 40 included units never ran out");
+    };
+    assert_eq!(error_code(&refusal), "insufficient_quota", "{refusal}");
+
+    // Renewed (early: a new billing anchor): the paid invoice carries the
+    // new period, and the quota counts from its start.
+    let renewed = json!({
+        "id": "in_renewal", "object": "invoice", "customer": "cus_starter",
+        "status": "paid", "livemode": false, "created": now(),
+        "parent": {"type": "subscription_details", "subscription_details": {
+            "subscription": "sub_starter", "metadata": {"account_id": account},
+        }},
+        "lines": {"object": "list", "data": [{
+            "id": "il_1", "object": "line_item",
+            "period": {"start": now(), "end": now() + 30 * day},
+            "parent": {"type": "subscription_item_details",
+                       "subscription_item_details": {"subscription": "sub_starter"}},
+        }]},
+    });
+    let paid = event("evt_starter_paid", "invoice.paid", renewed);
+    assert_eq!(gateway.deliver_signed(&paid).await, 200);
+    let (status, body) = ask().await;
+    assert_eq!(status, 200, "a new period, a new quota: {body}");
 }

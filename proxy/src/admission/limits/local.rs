@@ -51,7 +51,6 @@ impl LocalLimits {
                 accounts: HashMap::new(),
                 sweep_tats_at: SWEEP_MIN_LEN,
                 sweep_accounts_at: SWEEP_MIN_LEN,
-                current: None,
             }),
         }
     }
@@ -91,8 +90,6 @@ struct State {
     accounts: HashMap<Uuid, Account>,
     sweep_tats_at: usize,
     sweep_accounts_at: usize,
-    /// The periods of the latest admission: what sweeps keep.
-    current: Option<Periods>,
 }
 
 /// Whose rule state this is: the key's (`Some`) or the account's, per
@@ -119,6 +116,9 @@ impl RateKey {
 
 #[derive(Default)]
 struct Account {
+    /// The periods of the account's latest admission: what sweeps keep.
+    /// Per account, as each may have its own billing period.
+    current: Option<Periods>,
     months: HashMap<String, Counter>,
     days: HashMap<String, Counter>,
     /// Reservations not yet settled, by id.
@@ -205,26 +205,27 @@ impl State {
             self.sweep_tats_at = (self.tats.len() * 2).max(SWEEP_MIN_LEN);
         }
         if self.accounts.len() > self.sweep_accounts_at {
-            if let Some(current) = &self.current {
-                self.accounts.retain(|_, account| {
-                    account.purge(now);
-                    account.keep_only(current);
-                    !account.is_empty()
-                });
-            }
+            self.accounts.retain(|_, account| {
+                account.purge(now);
+                if let Some(current) = account.current.take() {
+                    account.keep_only(&current);
+                    account.current = Some(current);
+                }
+                !account.is_empty()
+            });
             self.sweep_accounts_at = (self.accounts.len() * 2).max(SWEEP_MIN_LEN);
         }
     }
 
     fn admit(&mut self, now: u64, request: &AdmitRequest) -> Verdict {
         self.sweep(now);
-        if self.current.as_ref() != Some(&request.periods) {
-            self.current = Some(request.periods.clone());
-        }
         let Self { tats, accounts, .. } = self;
         let account = accounts.entry(request.account).or_default();
         account.purge(now);
         account.keep_only(&request.periods);
+        if account.current.as_ref() != Some(&request.periods) {
+            account.current = Some(request.periods.clone());
+        }
 
         // Quota: month, then day, then concurrency. A capped quota grants
         // the room left under it, refused below `min_units`.
