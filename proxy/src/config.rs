@@ -145,6 +145,8 @@ struct RawMetering {
     default_encoding: Option<String>,
     #[serde(default)]
     encodings: BTreeMap<String, String>,
+    #[serde(default)]
+    tokens_per_unit: BTreeMap<String, u64>,
     image_tokens: Option<usize>,
     request_stream_usage: Option<bool>,
     usage_mismatch_tolerance: Option<f64>,
@@ -238,6 +240,7 @@ struct RawTier {
     on_redis_down: Option<String>,
     stripe_price_lookup_key: Option<String>,
     stripe_overage_lookup_key: Option<String>,
+    tokens_per_unit: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -362,6 +365,8 @@ pub struct MeteringConfig {
     pub default_encoding: Encoding,
     /// Per-model encodings (self-hosted models whose names tiktoken does not know).
     pub encodings: HashMap<String, Encoding>,
+    /// Per-model unit size in tokens, ahead of the tier's `tokens_per_unit`.
+    pub tokens_per_unit: HashMap<String, u64>,
     /// Prompt tokens charged per image part.
     pub image_tokens: usize,
     /// Ask streaming backends for a final usage chunk (`stream_options.include_usage`).
@@ -420,7 +425,7 @@ pub struct TierConfig {
     pub max_queue_wait: Duration,
     /// A request whose expected wait is longer is refused at once ("server busy").
     pub max_expected_wait: Duration,
-    /// Units included per billing period (UTC month).
+    /// Units included per billing period (the subscription's, else the UTC month).
     pub included_units: Option<u64>,
     /// Units per UTC day, always a hard limit.
     pub daily_cap: Option<u64>,
@@ -435,6 +440,9 @@ pub struct TierConfig {
     pub stripe_price_lookup_key: Option<String>,
     /// Lookup key of its metered overage price.
     pub stripe_overage_lookup_key: Option<String>,
+    /// Tokens (prompt plus completion) in one unit; each request's units are
+    /// rounded up. 1 unless set (here, or per model in `[metering]`).
+    pub tokens_per_unit: u64,
 }
 
 impl TierConfig {
@@ -878,6 +886,16 @@ fn validate_metering(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, Co
             encoding(&format!("metering.encodings.\"{model}\""), name)?,
         );
     }
+    let mut tokens_per_unit = HashMap::new();
+    for (model, &tokens) in &m.tokens_per_unit {
+        if tokens == 0 {
+            return Err(invalid(
+                format!("metering.tokens_per_unit.\"{model}\""),
+                "must be at least 1 (tokens in one billed unit)",
+            ));
+        }
+        tokens_per_unit.insert(model.clone(), tokens);
+    }
     let tolerance = m
         .usage_mismatch_tolerance
         .unwrap_or(defaults::USAGE_MISMATCH_TOLERANCE);
@@ -891,6 +909,7 @@ fn validate_metering(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, Co
         count_tokens,
         default_encoding,
         encodings,
+        tokens_per_unit,
         image_tokens: m.image_tokens.unwrap_or(defaults::IMAGE_TOKENS),
         request_stream_usage: m.request_stream_usage.unwrap_or(true),
         usage_mismatch_tolerance: tolerance,
@@ -1283,6 +1302,16 @@ fn validate_tiers(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {
             on_redis_down: RedisDownPolicy::Local,
             stripe_price_lookup_key: tier.stripe_price_lookup_key,
             stripe_overage_lookup_key: tier.stripe_overage_lookup_key,
+            tokens_per_unit: match tier.tokens_per_unit {
+                None => 1,
+                Some(0) => {
+                    return Err(invalid(
+                        key("tokens_per_unit"),
+                        "must be at least 1 (tokens in one billed unit)",
+                    ));
+                }
+                Some(tokens) => tokens,
+            },
         };
         if config.stripe_overage_lookup_key.is_some()
             && (config.hard_cap || config.overage_price.is_none())
@@ -1775,6 +1804,7 @@ mod tests {
         assert!(!starter.hard_cap && starter.is_paid());
         assert_eq!(starter.on_redis_down, RedisDownPolicy::Local);
         assert_eq!(starter.max_expected_wait, starter.max_queue_wait);
+        assert_eq!(starter.tokens_per_unit, 1000);
 
         let hybrid = plan("hybrid");
         let names: Vec<_> = hybrid.tiers.iter().map(|t| t.name.as_str()).collect();
@@ -1814,6 +1844,7 @@ mod tests {
             ("on_redis_down = \"maybe\"", "tiers[1].on_redis_down"),
             ("max_queue_wait_secs = -1", "tiers[1].max_queue_wait_secs"),
             ("priority = 0", "tiers[1].priority"),
+            ("tokens_per_unit = 0", "tiers[1].tokens_per_unit"),
             (
                 "hard_cap = false\nstripe_overage_lookup_key = \"pro_overage\"",
                 "tiers[1].stripe_overage_lookup_key",

@@ -34,7 +34,7 @@ use crate::db::{self, PoolJanitor};
 use crate::fleet::{self, EventLog, FleetService};
 use crate::gateway::Gateway;
 use crate::gateway::context::InFlight;
-use crate::gateway::usage::Metering;
+use crate::gateway::usage::{Metering, UnitSizes};
 use crate::keys::KeyAdmin;
 use crate::keys::cache::KeyCache;
 use crate::keys::revocation::RevocationListener;
@@ -147,6 +147,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         revocation_fanout: revocation_fanout.clone(),
         metering: Metering::new(
             &config.metering,
+            UnitSizes::from_config(&config),
             sink.clone(),
             prometheus::default_registry(),
         )?,

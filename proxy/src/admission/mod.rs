@@ -114,6 +114,13 @@ pub struct Estimate {
     pub choices: u64,
     /// False for embeddings, which generate nothing.
     pub generates: bool,
+    /// Tokens in one unit of quota ([`crate::gateway::usage::UnitSizes`]).
+    pub tokens_per_unit: u64,
+}
+
+/// The units `tokens` are billed and counted as: every started unit counts.
+pub fn units(tokens: u64, tokens_per_unit: u64) -> u64 {
+    tokens.div_ceil(tokens_per_unit.max(1))
 }
 
 /// An admitted request's claim on its tier's limits; settled in `logging`.
@@ -233,6 +240,7 @@ impl Admission {
             (0, 0)
         };
         let tokens = estimate.prompt_tokens.saturating_add(completion);
+        let per_unit = estimate.tokens_per_unit.max(1);
         // A request no minute can hold: refuse without a round trip.
         if let Some(rule) = plan
             .rates
@@ -256,10 +264,10 @@ impl Admission {
             rates: plan.rates.clone(),
             quota: plan.quota,
             estimate_tokens: tokens,
-            estimate_units: tokens,
+            estimate_units: units(tokens, per_unit),
             // The prompt and a token per choice: a capped quota with less room
             // refuses; with more, the answer is shortened to fit.
-            min_units: estimate.prompt_tokens.saturating_add(least),
+            min_units: units(estimate.prompt_tokens.saturating_add(least), per_unit),
             periods: periods::periods(now, key.billing_period),
             reservation_ttl: self.config.reservation_ttl,
         };
@@ -273,10 +281,12 @@ impl Admission {
                 reservation,
                 windows,
             } => {
-                let room = reservation.units.saturating_sub(estimate.prompt_tokens);
+                // The tokens the reserved units pay for.
+                let granted = reservation.units.saturating_mul(per_unit);
+                let room = granted.saturating_sub(estimate.prompt_tokens);
                 let send_max_tokens = if !estimate.generates {
                     None
-                } else if reservation.units < tokens {
+                } else if granted < tokens {
                     Some(room / choices)
                 } else if plan.caps_output() && estimate.max_tokens.is_none() {
                     Some(self.config.default_max_tokens)

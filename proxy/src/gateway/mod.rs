@@ -170,6 +170,7 @@ impl Gateway {
             max_tokens: request.max_tokens,
             choices: request.choices,
             generates: request.endpoint != Endpoint::Embeddings,
+            tokens_per_unit: self.metering.tokens_per_unit(&key.tier, &request.model),
         };
         let event_id = usage.event_id;
         ctx.usage = Some(usage);

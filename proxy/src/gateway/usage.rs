@@ -2,6 +2,7 @@
 //! backends for their usage, watch the answer go by, and hand one usage event
 //! to the writer in `logging`. Nothing here waits on Postgres.
 
+use std::collections::HashMap;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -15,7 +16,8 @@ use uuid::Uuid;
 
 use super::request::{Endpoint, InferenceRequest};
 use crate::admission::limits::Settlement;
-use crate::config::MeteringConfig;
+use crate::admission::units;
+use crate::config::{Config, MeteringConfig};
 use crate::keys::store::KeyRecord;
 
 /// The gateway's metering settings and the writer's sink.
@@ -30,6 +32,36 @@ pub struct Metering {
     /// Requests whose backend-reported prompt tokens differ from our count
     /// by more than the tolerance.
     mismatches: IntCounter,
+    unit_sizes: UnitSizes,
+}
+
+/// How many tokens make one billed unit: a model's own size
+/// (`[metering] tokens_per_unit`), else its tier's (`tokens_per_unit`), else
+/// one token.
+pub struct UnitSizes {
+    by_model: HashMap<String, u64>,
+    by_tier: HashMap<String, u64>,
+}
+
+impl UnitSizes {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            by_model: config.metering.tokens_per_unit.clone(),
+            by_tier: config
+                .tiers
+                .iter()
+                .map(|t| (t.name.clone(), t.tokens_per_unit))
+                .collect(),
+        }
+    }
+
+    pub fn tokens_per_unit(&self, tier: &str, model: &str) -> u64 {
+        self.by_model
+            .get(model)
+            .or_else(|| self.by_tier.get(tier))
+            .copied()
+            .unwrap_or(1)
+    }
 }
 
 struct Counting {
@@ -40,6 +72,7 @@ struct Counting {
 impl Metering {
     pub fn new(
         config: &MeteringConfig,
+        unit_sizes: UnitSizes,
         sink: UsageSink,
         registry: &Registry,
     ) -> prometheus::Result<Self> {
@@ -60,7 +93,13 @@ impl Metering {
             blocking_count_bytes: config.blocking_count_bytes,
             max_buffered_response_bytes: config.max_buffered_response_bytes,
             mismatches,
+            unit_sizes,
         })
+    }
+
+    /// Tokens per billed unit for a request of `tier` to `model`.
+    pub fn tokens_per_unit(&self, tier: &str, model: &str) -> u64 {
+        self.unit_sizes.tokens_per_unit(tier, model)
     }
 
     /// The encoding tokens of `model` are counted with (OpenAI's for the
@@ -222,7 +261,14 @@ impl Metering {
         let ttft_ms = usage.first_byte.map(|at| {
             u32::try_from(at.duration_since(done.started).as_millis()).unwrap_or(u32::MAX)
         });
-        let units = if billable { tokens.total() } else { 0 };
+        let units = if billable {
+            units(
+                tokens.total(),
+                self.tokens_per_unit(&done.key.tier, &done.request.model),
+            )
+        } else {
+            0
+        };
         self.sink.record(UsageEvent {
             event_id: usage.event_id,
             created_at: usage.admitted_at,

@@ -399,6 +399,61 @@ async fn a_capped_request_is_shortened_to_the_balance_left() {
 }
 
 #[tokio::test]
+async fn a_tier_of_ten_token_units_caps_and_bills_in_units() {
+    let sim = instant_sim("1000");
+    let gateway = on_shared_redis(
+        &sim,
+        "[[tiers]]\nname = \"free\"\npriority = 0\nincluded_units = 3\nhard_cap = true\n\
+         tokens_per_unit = 10\n",
+    )
+    .await;
+    let key = gateway.create_key_on("acme", "free", &[]);
+    // Three units of ten tokens: the answer is cut to 30 - 8 = 22 tokens.
+    let request = json!({"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &request)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 22);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &request)
+        .await;
+    assert_eq!((status, error_code(&body)), (429, "insufficient_quota"));
+    eventually("both requests recorded", || async {
+        gateway.usage_events().await.len() == 2
+    })
+    .await;
+    let billed: i64 = gateway.usage_events().await.iter().map(|e| e.units).sum();
+    assert_eq!(billed, 3);
+}
+
+#[tokio::test]
+async fn a_models_unit_size_wins_over_its_tiers_and_started_units_count() {
+    let sim = instant_sim("4");
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            tiers: tiers("[[tiers]]\nname = \"pro\"\npriority = 1\ntokens_per_unit = 1000\n"),
+            metering: "tokens_per_unit = { \"sim-model\" = 5 }",
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 4))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let tokens = body["usage"]["total_tokens"].as_i64().unwrap();
+    eventually("the request recorded", || async {
+        gateway.usage_events().await.len() == 1
+    })
+    .await;
+    // Units of 5 tokens (not the tier's 1000), every started one billed.
+    assert_eq!(gateway.usage_events().await[0].units, (tokens + 4) / 5);
+}
+
+#[tokio::test]
 async fn overage_tiers_continue_past_their_included_units() {
     let sim = instant_sim("4");
     let gateway = on_shared_redis(
