@@ -24,12 +24,15 @@ use super::periods::{self, BillingPeriod};
 /// Bound on one reconciliation's queries.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Units this calendar month and today, per account.
+/// Units this calendar month and today, per account, under its current
+/// tier: a paid period that ended this month is not charged to the free
+/// tier's month (its units were counted in the period's own counter).
 const CALENDAR_UNITS: &str = "\
-    SELECT account_id, \
-           SUM(units)::bigint, \
-           COALESCE(SUM(units) FILTER (WHERE bucket >= $2), 0)::bigint \
-    FROM usage_rollup_day WHERE bucket >= $1 GROUP BY account_id";
+    SELECT r.account_id, \
+           SUM(r.units)::bigint, \
+           COALESCE(SUM(r.units) FILTER (WHERE r.bucket >= $2), 0)::bigint \
+    FROM usage_rollup_day r JOIN accounts a ON a.id = r.account_id AND a.tier = r.tier \
+    WHERE r.bucket >= $1 GROUP BY r.account_id";
 
 /// The current period of each subscription that grants its account's tier
 /// (as in the key lookup, `keys::store`).
@@ -88,7 +91,7 @@ pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<us
     .await
     .map_err(|_| anyhow::anyhow!("usage query timed out"))??;
     let units = |n: i64| u64::try_from(n).unwrap_or(0);
-    let mut reconciled = billing.len();
+    let mut reconciled = 0;
     let mut day_units: HashMap<Uuid, u64> = HashMap::new();
     for row in &calendar {
         let account: Uuid = row.get(0);
@@ -107,6 +110,10 @@ pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<us
     }
     for (account, (period, period_units)) in &billing {
         let today = day_units.get(account).copied().unwrap_or(0);
+        if *period_units == 0 && today == 0 {
+            // Nothing to raise: an idle subscriber gets no counters.
+            continue;
+        }
         limiter
             .reconcile(
                 *account,
@@ -115,6 +122,7 @@ pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<us
                 today,
             )
             .await?;
+        reconciled += 1;
     }
     Ok(reconciled)
 }

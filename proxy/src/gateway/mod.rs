@@ -320,7 +320,6 @@ impl Gateway {
     }
 }
 
-/// The key from `Authorization: Bearer …`.
 fn unknown_route(header: &RequestHeader) -> ApiError {
     ApiError::UnknownRoute {
         method: header.method.to_string(),
@@ -328,6 +327,7 @@ fn unknown_route(header: &RequestHeader) -> ApiError {
     }
 }
 
+/// The key from `Authorization: Bearer …`.
 fn bearer_token(header: &RequestHeader) -> Result<&str, ApiError> {
     let value = header
         .headers

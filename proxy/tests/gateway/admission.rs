@@ -10,7 +10,7 @@ use fred::prelude::{Builder, ClientLike, Config as RedisConfig};
 use futures_util::future::join_all;
 use tollgate::admission::limits::redis::RedisLimits;
 use tollgate::admission::limits::{LimitStore, QuotaState};
-use tollgate::admission::periods::periods;
+use tollgate::admission::periods::{BillingPeriod, periods};
 use uuid::Uuid;
 
 use super::metering::scrape;
@@ -133,6 +133,15 @@ impl Gateway {
 
     /// The account's counters in this gateway's Redis.
     async fn quota_state(&self, account: Uuid) -> QuotaState {
+        self.quota_state_in(account, None).await
+    }
+
+    /// The same, for an account with a subscription's billing period.
+    pub(super) async fn quota_state_in(
+        &self,
+        account: Uuid,
+        billing: Option<BillingPeriod>,
+    ) -> QuotaState {
         let url = self.options.redis.as_deref().unwrap();
         let client = Builder::from_config(RedisConfig::from_url(url).unwrap())
             .build()
@@ -144,7 +153,7 @@ impl Gateway {
             Duration::from_secs(5),
         );
         let state = limits
-            .quota_state(account, &periods(SystemTime::now(), None))
+            .quota_state(account, &periods(SystemTime::now(), billing))
             .await
             .unwrap();
         let _ = client.quit().await;

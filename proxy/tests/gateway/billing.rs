@@ -439,3 +439,92 @@ async fn a_renewed_billing_period_starts_its_quota_afresh() {
     let (status, body) = ask().await;
     assert_eq!(status, 200, "a new period, a new quota: {body}");
 }
+
+#[tokio::test]
+async fn a_redis_flush_restores_a_billing_periods_counter_from_the_usage_log() {
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "0",
+        "--output-tokens",
+        "4",
+    ]);
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            redis: Some(redis_url()),
+            tiers: Some(
+                "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 1\n\
+                 [[tiers]]\nname = \"starter\"\npriority = 10\nmonthly_price = 9.0\n\
+                 included_units = 30\nhard_cap = true\n\
+                 stripe_price_lookup_key = \"tollgate_starter_monthly\"\n"
+                    .to_owned(),
+            ),
+            admission: "reconcile_interval = \"200ms\"",
+            env: vec![
+                ("STRIPE_SECRET_KEY", "sk_test_gateway".to_owned()),
+                ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key_on("acme", "free", &[]);
+    let account = gateway.account_id("acme").await;
+    let (start, end) = (now() - 120, now() + 30 * 86_400);
+    let subscription = json!({
+        "id": "sub_flush", "object": "subscription", "customer": "cus_flush",
+        "status": "active", "created": start, "cancel_at_period_end": false,
+        "metadata": {"account_id": account.to_string()}, "livemode": false,
+        "items": {"object": "list", "data": [{
+            "id": "si_flush", "object": "subscription_item", "quantity": 1,
+            "current_period_start": start, "current_period_end": end,
+            "price": {"id": "price_starter", "object": "price",
+                      "lookup_key": "tollgate_starter_monthly",
+                      "recurring": {"interval": "month", "usage_type": "licensed"}},
+        }]},
+    });
+    let created = event(
+        "evt_flush_created",
+        "customer.subscription.created",
+        subscription,
+    );
+    assert_eq!(gateway.deliver_signed(&created).await, 200);
+    // 12 units a request: two fit in the period's 30, the third does not.
+    for expected in [200, 200, 429] {
+        let (status, body) = gateway
+            .post_json(&key, "/v1/chat/completions", &chat("hi", 4))
+            .await;
+        assert_eq!(status, expected, "{body}");
+    }
+    eventually("the usage log holds the 24 units", || async {
+        gateway
+            .usage_events()
+            .await
+            .iter()
+            .map(|e| e.units)
+            .sum::<i64>()
+            == 24
+    })
+    .await;
+    let period = Some(tollgate::admission::periods::BillingPeriod {
+        start: UNIX_EPOCH + std::time::Duration::from_secs(start as u64),
+        end: UNIX_EPOCH + std::time::Duration::from_secs(end as u64),
+    });
+    delete_redis_keys(&redis_url(), &gateway.redis_prefix);
+    // Restored under the period's name, which only the subscription gives.
+    eventually(
+        "the period's counter is restored from the usage log",
+        || async { gateway.quota_state_in(account, period).await.month_used == 24 },
+    )
+    .await;
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 4))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (429, "insufficient_quota"),
+        "{body}"
+    );
+}

@@ -362,6 +362,8 @@ impl State {
             let counter = map.entry(period.clone()).or_default();
             counter.used = counter.used.max(total);
         }
+        // These are the account's periods now: what a sweep keeps.
+        account.current = Some(periods.clone());
     }
 
     fn quota_state(&mut self, now: u64, account: Uuid, periods: &Periods) -> QuotaState {
