@@ -475,11 +475,24 @@ fn session_error(error: SessionError) -> ApiError {
         SessionError::AlreadySubscribed { .. } | SessionError::NoCustomer => {
             ApiError::Conflict(error.to_string())
         }
+        SessionError::Refused { message, param } => {
+            let param = ["success_url", "cancel_url", "return_url"]
+                .into_iter()
+                .find(|p| param.as_deref() == Some(*p));
+            ApiError::bad_request(format!("Stripe refused it: {message}"), param)
+        }
+        // Stripe's own error text names keys and request logs: the
+        // operator's log has it; the caller learns only that it failed.
         SessionError::PriceMissing(_) | SessionError::Stripe(_) => {
             tracing::warn!(error = %error, "billing session not created");
-            ApiError::BillingUnavailable(error.to_string())
+            ApiError::BillingUnavailable(
+                "Stripe could not create the session; try again shortly.".to_owned(),
+            )
         }
-        SessionError::Database(_) | SessionError::Pool(_) => ApiError::DatabaseUnavailable,
+        SessionError::Database(_) | SessionError::Pool(_) => {
+            tracing::warn!(error = %error, "billing session not created");
+            ApiError::DatabaseUnavailable
+        }
     }
 }
 

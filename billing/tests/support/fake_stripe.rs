@@ -837,6 +837,8 @@ impl Store {
                     .ok_or_else(|| ApiError::no_such("customer", id, "id", StatusCode::NOT_FOUND))
             }
             ["checkout", "sessions"] if post => self.create_checkout_session(p, now),
+            ["checkout", "sessions"] if get => self.list_checkout_sessions(p),
+            ["checkout", "sessions", id, "expire"] if post => self.expire_checkout_session(id, p),
             ["checkout", "sessions", id] if get => {
                 p.allow(&[])?;
                 find(&self.checkout_sessions, id).cloned().ok_or_else(|| {
@@ -1681,6 +1683,50 @@ impl Store {
         );
         self.checkout_sessions.push(session.clone());
         Ok(session)
+    }
+
+    fn list_checkout_sessions(&self, p: Params) -> Result<Value, ApiError> {
+        p.allow(&[
+            "customer",
+            "ending_before",
+            "limit",
+            "starting_after",
+            "status",
+            "subscription",
+        ])?;
+        let customer = p.str("customer");
+        let status = p.str("status");
+        if let Some(status) = status {
+            one_of(status, &["complete", "expired", "open"], "status")?;
+        }
+        let sessions = newest_first(&self.checkout_sessions)
+            .filter(|s| customer.is_none_or(|c| s["customer"] == c))
+            .filter(|s| status.is_none_or(|wanted| s["status"] == wanted))
+            .cloned()
+            .collect();
+        list_page(sessions, &p, "/v1/checkout/sessions")
+    }
+
+    /// Stripe: "A Checkout Session can be expired when it is in one of these
+    /// statuses: open"; otherwise 400.
+    fn expire_checkout_session(&mut self, id: &str, p: Params) -> Result<Value, ApiError> {
+        p.allow(&["expand"])?;
+        let session = self
+            .checkout_sessions
+            .iter_mut()
+            .find(|s| s["id"] == id)
+            .ok_or_else(|| {
+                ApiError::no_such("checkout.session", id, "session", StatusCode::NOT_FOUND)
+            })?;
+        if session["status"] != "open" {
+            return Err(ApiError::invalid(format!(
+                "Only Checkout Sessions with a status in [\"open\"] can be expired. This Checkout Session has a status of \"{}\".",
+                session["status"].as_str().unwrap_or_default()
+            )));
+        }
+        session["status"] = "expired".into();
+        session["url"] = Value::Null;
+        Ok(session.clone())
     }
 
     fn complete_checkout(&mut self, id: &str) -> anyhow::Result<Value> {

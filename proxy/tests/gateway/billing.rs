@@ -249,9 +249,26 @@ async fn checkout_to_paid_tier_and_unpaid_invoice_downgrades_after_the_grace() {
         (400, Some("tier")),
         "{body}"
     );
-    let (status, session) = gateway
+    // Stripe down: 503, and nothing of Stripe's error text (keys, request
+    // logs) reaches the caller.
+    fake.set_reachable(false);
+    let (status, body) = gateway
         .post_json(&key, "/v1/billing/checkout", &json!({"tier": "pro"}))
         .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (503, "billing_unavailable"),
+        "{body}"
+    );
+    assert!(!body.to_string().contains("sk_"), "{body}");
+    fake.set_reachable(true);
+
+    // Two tabs: only the newer link can be paid.
+    let pro = json!({"tier": "pro"});
+    let checkout = || gateway.post_json(&key, "/v1/billing/checkout", &pro);
+    let (status, abandoned) = checkout().await;
+    assert_eq!(status, 200, "{abandoned}");
+    let (status, session) = checkout().await;
     assert_eq!(status, 200, "{session}");
     assert!(
         session["url"]
@@ -259,12 +276,20 @@ async fn checkout_to_paid_tier_and_unpaid_invoice_downgrades_after_the_grace() {
             .unwrap()
             .starts_with("https://checkout.stripe.com/")
     );
+    assert!(
+        fake.complete_checkout(abandoned["id"].as_str().unwrap())
+            .is_err(),
+        "the older session was expired"
+    );
 
     // The redirect changes nothing: only Stripe's webhooks do.
     let completed = fake
         .complete_checkout(session["id"].as_str().unwrap())
         .unwrap();
     assert_eq!(gateway.tier_of("acme").await, "free");
+    // Stripe has the subscription before any webhook arrives: no second one.
+    let (status, body) = checkout().await;
+    assert_eq!(status, 409, "{body}");
     let subscription: Value = gateway
         .client
         .get(format!(
@@ -310,11 +335,7 @@ async fn checkout_to_paid_tier_and_unpaid_invoice_downgrades_after_the_grace() {
         let (status, body) = ask().await;
         assert_eq!(status, 200, "pro's limits are live: {body}");
     }
-    // Subscribed: a second checkout would bill twice; the portal is the way.
-    let (status, body) = gateway
-        .post_json(&key, "/v1/billing/checkout", &json!({"tier": "pro"}))
-        .await;
-    assert_eq!(status, 409, "{body}");
+    // Subscribed: the portal is the way to change plans.
     let (status, portal) = gateway
         .post_json(&key, "/v1/billing/portal", &json!({}))
         .await;
