@@ -754,12 +754,13 @@ impl SubscriptionRow {
     }
 }
 
-/// The tier an account's subscriptions entitle it to at `now`.
-fn effective_tier<'a>(
+/// The subscription that grants an account its tier at `now`: the newest
+/// that grants one at all.
+fn granting_subscription<'a>(
     subscriptions: &'a [SubscriptionRow],
-    plans: &'a Plans,
+    plans: &Plans,
     now: SystemTime,
-) -> &'a str {
+) -> Option<&'a SubscriptionRow> {
     let cutoff = now.checked_sub(plans.grace);
     subscriptions
         .iter()
@@ -768,6 +769,15 @@ fn effective_tier<'a>(
             (a.subscription_created, &a.subscription_id)
                 .cmp(&(b.subscription_created, &b.subscription_id))
         })
+}
+
+/// The tier an account's subscriptions entitle it to at `now`.
+fn effective_tier<'a>(
+    subscriptions: &'a [SubscriptionRow],
+    plans: &'a Plans,
+    now: SystemTime,
+) -> &'a str {
+    granting_subscription(subscriptions, plans, now)
         .and_then(|subscription| subscription.tier.as_deref())
         .unwrap_or(&plans.free_tier)
 }
@@ -1040,6 +1050,16 @@ async fn settle_tier(
         .map(SubscriptionRow::from_row)
         .collect::<Result<Vec<_>, _>>()?;
     let tier = effective_tier(&subscriptions, plans, now);
+    // Which subscription grants it is kept beside the tier: its billing
+    // period is the account's quota period (the gateway's key lookup).
+    let granting = granting_subscription(&subscriptions, plans, now)
+        .map(|subscription| subscription.subscription_id.as_str());
+    tx.execute(
+        "UPDATE accounts SET billing_subscription_id = $2
+         WHERE id = $1 AND billing_subscription_id IS DISTINCT FROM $2",
+        &[&account_id, &granting],
+    )
+    .await?;
     if tier == current {
         return Ok(None);
     }

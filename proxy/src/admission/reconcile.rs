@@ -34,13 +34,13 @@ const CALENDAR_UNITS: &str = "\
     FROM usage_rollup_day r JOIN accounts a ON a.id = r.account_id AND a.tier = r.tier \
     WHERE r.bucket >= $1 GROUP BY r.account_id";
 
-/// The current period of each subscription that grants its account's tier
-/// (as in the key lookup, `keys::store`).
+/// The current period of the subscription that grants each account its tier
+/// (`accounts.billing_subscription_id`, as in the key lookup).
 const BILLING_PERIODS: &str = "\
-    SELECT DISTINCT ON (s.account_id) s.account_id, s.current_period_start, s.current_period_end \
-    FROM billing_subscriptions s JOIN accounts a ON a.id = s.account_id AND a.tier = s.tier \
-    WHERE s.status IN ('active', 'trialing', 'past_due') AND s.current_period_start IS NOT NULL \
-    ORDER BY s.account_id, s.subscription_created DESC NULLS LAST";
+    SELECT a.id, s.current_period_start, s.current_period_end \
+    FROM accounts a JOIN billing_subscriptions s \
+      ON s.subscription_id = a.billing_subscription_id AND s.tier = a.tier \
+    WHERE s.current_period_start IS NOT NULL";
 
 /// Units since each given start: minute rollups up to the first midnight,
 /// day rollups after it (a billing period starts at any time of day).

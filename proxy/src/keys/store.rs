@@ -144,12 +144,8 @@ impl KeyStore {
                         k.expires_at, k.revoked_at IS NOT NULL, k.hash, \
                         p.current_period_start, p.current_period_end \
                  FROM api_keys k JOIN accounts a ON a.id = k.account_id \
-                 LEFT JOIN LATERAL (\
-                     SELECT current_period_start, current_period_end FROM billing_subscriptions s \
-                     WHERE s.account_id = a.id AND s.tier = a.tier \
-                       AND s.status IN ('active', 'trialing', 'past_due') \
-                       AND s.current_period_start IS NOT NULL \
-                     ORDER BY s.subscription_created DESC NULLS LAST LIMIT 1) p ON true \
+                 LEFT JOIN billing_subscriptions p \
+                   ON p.subscription_id = a.billing_subscription_id AND p.tier = a.tier \
                  WHERE k.hash = $1",
             )
             .await?;
