@@ -209,7 +209,7 @@ fn tiers(text: &str) -> Option<String> {
 }
 
 /// gpu-sim answering at once, with `tokens` completion tokens.
-fn instant_sim(tokens: &str) -> Sim {
+pub(super) fn instant_sim(tokens: &str) -> Sim {
     Sim::start(&[
         "--ttft-ms",
         "0",

@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tollgate_billing::webhook::sign;
 
+use super::admission::instant_sim;
 use super::fake_stripe::FakeStripe;
 use super::*;
 
@@ -34,6 +35,34 @@ fn event_at(id: &str, event_type: &str, object: Value, created: i64) -> String {
         "data": {"object": object},
     })
     .to_string()
+}
+
+/// An active subscription `id` of `customer` to the price with `lookup_key`,
+/// created at the start of its current `period` (unix seconds); `account`
+/// goes into its metadata, as Checkout puts it there.
+fn subscription(
+    id: &str,
+    customer: &str,
+    account: Option<&str>,
+    lookup_key: &str,
+    (start, end): (i64, i64),
+) -> Value {
+    let metadata = match account {
+        Some(account) => json!({"account_id": account}),
+        None => json!({}),
+    };
+    json!({
+        "id": id, "object": "subscription", "customer": customer,
+        "status": "active", "created": start, "cancel_at_period_end": false,
+        "metadata": metadata, "livemode": false,
+        "items": {"object": "list", "data": [{
+            "id": format!("si_{id}"), "object": "subscription_item", "quantity": 1,
+            "current_period_start": start, "current_period_end": end,
+            "price": {"id": format!("price_{lookup_key}"), "object": "price",
+                      "lookup_key": lookup_key,
+                      "recurring": {"interval": "month", "usage_type": "licensed"}},
+        }]},
+    })
 }
 
 impl Gateway {
@@ -89,17 +118,13 @@ async fn a_paid_subscription_by_webhook_lifts_the_free_limits_at_once() {
     let subscription = event(
         "evt_sub_created",
         "customer.subscription.created",
-        json!({
-            "id": "sub_acme", "object": "subscription", "customer": "cus_acme",
-            "status": "active", "created": now(), "cancel_at_period_end": false,
-            "metadata": {}, "livemode": false,
-            "items": {"object": "list", "data": [{
-                "id": "si_1", "object": "subscription_item", "quantity": 1,
-                "current_period_start": now(), "current_period_end": now() + 30 * 86_400,
-                "price": {"id": "price_pro", "object": "price", "lookup_key": "tollgate_pro_monthly",
-                          "recurring": {"interval": "month", "usage_type": "licensed"}},
-            }]},
-        }),
+        subscription(
+            "sub_acme",
+            "cus_acme",
+            None,
+            "tollgate_pro_monthly",
+            (now(), now() + 30 * 86_400),
+        ),
     );
 
     // Refused without a valid signature, and nothing changes.
@@ -408,18 +433,13 @@ async fn a_renewed_billing_period_starts_its_quota_afresh() {
     let account = gateway.account_id("acme").await.to_string();
     let day = 86_400;
     // Subscribed 29 days ago: the period ends tomorrow.
-    let subscription = json!({
-        "id": "sub_starter", "object": "subscription", "customer": "cus_starter",
-        "status": "active", "created": now() - 29 * day, "cancel_at_period_end": false,
-        "metadata": {"account_id": account}, "livemode": false,
-        "items": {"object": "list", "data": [{
-            "id": "si_starter", "object": "subscription_item", "quantity": 1,
-            "current_period_start": now() - 29 * day, "current_period_end": now() + day,
-            "price": {"id": "price_starter", "object": "price",
-                      "lookup_key": "tollgate_starter_monthly",
-                      "recurring": {"interval": "month", "usage_type": "licensed"}},
-        }]},
-    });
+    let subscription = subscription(
+        "sub_starter",
+        "cus_starter",
+        Some(&account),
+        "tollgate_starter_monthly",
+        (now() - 29 * day, now() + day),
+    );
     let created = event(
         "evt_starter_created",
         "customer.subscription.created",
@@ -463,14 +483,7 @@ async fn a_renewed_billing_period_starts_its_quota_afresh() {
 
 #[tokio::test]
 async fn a_redis_flush_restores_a_billing_periods_counter_from_the_usage_log() {
-    let sim = Sim::start(&[
-        "--ttft-ms",
-        "0",
-        "--tokens-per-sec",
-        "0",
-        "--output-tokens",
-        "4",
-    ]);
+    let sim = instant_sim("4");
     let gateway = Gateway::start(
         &[BackendSpec::new(&sim.url)],
         Options {
@@ -494,18 +507,13 @@ async fn a_redis_flush_restores_a_billing_periods_counter_from_the_usage_log() {
     let key = gateway.create_key_on("acme", "free", &[]);
     let account = gateway.account_id("acme").await;
     let (start, end) = (now() - 120, now() + 30 * 86_400);
-    let subscription = json!({
-        "id": "sub_flush", "object": "subscription", "customer": "cus_flush",
-        "status": "active", "created": start, "cancel_at_period_end": false,
-        "metadata": {"account_id": account.to_string()}, "livemode": false,
-        "items": {"object": "list", "data": [{
-            "id": "si_flush", "object": "subscription_item", "quantity": 1,
-            "current_period_start": start, "current_period_end": end,
-            "price": {"id": "price_starter", "object": "price",
-                      "lookup_key": "tollgate_starter_monthly",
-                      "recurring": {"interval": "month", "usage_type": "licensed"}},
-        }]},
-    });
+    let subscription = subscription(
+        "sub_flush",
+        "cus_flush",
+        Some(&account.to_string()),
+        "tollgate_starter_monthly",
+        (start, end),
+    );
     let created = event(
         "evt_flush_created",
         "customer.subscription.created",
