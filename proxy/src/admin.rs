@@ -32,6 +32,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use deadpool_postgres::Pool;
 use http::{Method, Response, StatusCode, header};
+use percent_encoding::percent_decode_str;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde::Deserialize;
@@ -281,10 +282,14 @@ impl AdminApi {
         let (name, verb) = path["/admin/accounts/".len()..]
             .split_once("/billing/")
             .ok_or_else(unknown)?;
+        // Account names may hold spaces or slashes, sent percent-encoded.
+        let name = percent_decode_str(name)
+            .decode_utf8()
+            .map_err(|_| ApiError::bad_request("The account name is not UTF-8.", None))?;
         let billing = self.billing.as_ref().ok_or_else(|| {
             ApiError::NotFound("billing is off: STRIPE_SECRET_KEY is not set".to_owned())
         })?;
-        let account_id = billing.account_id(name).await?;
+        let account_id = billing.account_id(&name).await?;
         let body = read_body(session).await?;
         match verb {
             "checkout" => billing.checkout_json(account_id, &body).await,

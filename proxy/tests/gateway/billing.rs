@@ -192,6 +192,12 @@ impl Gateway {
         stdout
     }
 
+    async fn admin_portal(&self, account: &str) -> (u16, Value) {
+        let path = format!("/admin/accounts/{account}/billing/portal");
+        self.admin(reqwest::Method::POST, &path, None, Some(ADMIN_TOKEN))
+            .await
+    }
+
     async fn deliver_signed(&self, body: &str) -> u16 {
         let signature = sign(WEBHOOK_SECRET, body.as_bytes(), now() as u64);
         self.deliver(body, &signature).await
@@ -371,6 +377,13 @@ async fn checkout_to_paid_tier_and_unpaid_invoice_downgrades_after_the_grace() {
             .unwrap()
             .starts_with("https://billing.stripe.com/")
     );
+    // The same for any account on the admin API, by (percent-encoded) name.
+    let (status, body) = gateway.admin_portal("acme").await;
+    assert_eq!(status, 200, "{body}");
+    gateway.create_key_on("acme corp", "free", &[]);
+    let (status, body) = gateway.admin_portal("acme%20corp").await;
+    assert_eq!(status, 409, "found, with no customer yet: {body}");
+    assert_eq!(gateway.admin_portal("nobody").await.0, 404);
 
     // Exported (today's buckets are still open, unless an hour closed while
     // the test ran) and reconciled: the log, the exports and the fake agree.
