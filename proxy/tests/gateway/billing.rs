@@ -570,3 +570,120 @@ async fn a_redis_flush_restores_a_billing_periods_counter_from_the_usage_log() {
         "{body}"
     );
 }
+
+/// A second `tollgate serve` on this gateway's database and Redis, on ports
+/// of its own: another instance of the same deployment.
+struct Instance {
+    _proc: Proc,
+    url: String,
+}
+
+impl Gateway {
+    async fn another_instance(&self) -> Instance {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let mut ours = config.clone();
+        for listener in ["listen", "admin_listen", "metrics_listen"] {
+            let line = config
+                .lines()
+                .find(|l| l.starts_with(&format!("{listener} = ")))
+                .unwrap();
+            ours = ours.replace(line, &format!("{listener} = \"127.0.0.1:{}\"", free_port()));
+        }
+        let path = std::env::temp_dir().join(format!("{}.toml", unique("tollgate_b")));
+        std::fs::write(&path, &ours).unwrap();
+        let url = format!(
+            "http://{}",
+            ours.lines()
+                .find(|l| l.starts_with("listen = "))
+                .unwrap()
+                .trim_start_matches("listen = ")
+                .trim_matches('"')
+        );
+        let mut serve = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        serve
+            .arg("--config")
+            .arg(&path)
+            .arg("serve")
+            .env("DATABASE_URL", &self.db.url)
+            .env("LOG_LEVEL", "warn");
+        if let Some(redis) = &self.options.redis {
+            serve.env("REDIS_URL", redis);
+        }
+        for (name, value) in &self.options.env {
+            serve.env(name, value);
+        }
+        let instance = Instance {
+            _proc: Proc(serve.spawn().unwrap()),
+            url,
+        };
+        let client = &self.client;
+        let readyz = format!("{}/readyz", instance.url);
+        eventually("the second instance listens for fan-out", || async {
+            match client.get(&readyz).send().await {
+                Ok(answer) => answer
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|r| r["revocation_fanout"] == "subscribed"),
+                Err(_) => false,
+            }
+        })
+        .await;
+        instance
+    }
+}
+
+#[tokio::test]
+async fn a_tier_change_reaches_every_instance_through_redis() {
+    let sim = Sim::fast();
+    // A ten-minute key cache: only the Redis fan-out can make the change land.
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            redis: Some(redis_url()),
+            keys: "cache_ttl = \"10m\"",
+            tiers: Some(PAID_TIERS.to_owned()),
+            env: vec![
+                ("STRIPE_SECRET_KEY", "sk_test_gateway".to_owned()),
+                ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    let other = gateway.another_instance().await;
+    let key = gateway.create_key_on("acme", "free", &[]);
+    let account = gateway.account_id("acme").await.to_string();
+    let request = chat("hi", 1);
+    let ask_other = || async {
+        gateway
+            .client
+            .post(format!("{}/v1/chat/completions", other.url))
+            .bearer_auth(&key)
+            .json(&request)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ask_other().await, 200);
+    assert_eq!(ask_other().await, 429, "free, cached on the other instance");
+
+    // Stripe reaches this instance only.
+    let created = event(
+        "evt_fanout_created",
+        "customer.subscription.created",
+        subscription(
+            "sub_fanout",
+            "cus_fanout",
+            Some(&account),
+            "tollgate_pro_monthly",
+            (now(), now() + 30 * 86_400),
+        ),
+    );
+    assert_eq!(gateway.deliver_signed(&created).await, 200);
+    eventually("the other instance serves acme as pro", || async {
+        ask_other().await == 200
+    })
+    .await;
+}
