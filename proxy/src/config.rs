@@ -802,7 +802,23 @@ impl Config {
             backends: validate_backends(raw.backends)?,
         }
         .check_reservation_ttl()?
-        .check_triton_counting()
+        .check_triton_counting()?
+        .check_unit_models()
+    }
+
+    /// A unit size for a model nothing serves is a typo that would bill a
+    /// token per unit.
+    fn check_unit_models(self) -> Result<Self, ConfigError> {
+        let served = self.models();
+        let mut sized: Vec<&String> = self.metering.tokens_per_unit.keys().collect();
+        sized.sort();
+        if let Some(model) = sized.into_iter().find(|m| !served.contains(&m.as_str())) {
+            return Err(invalid(
+                format!("metering.tokens_per_unit.\"{model}\""),
+                "no backend serves this model",
+            ));
+        }
+        Ok(self)
     }
 
     /// Triton reports no usage: the gateway's own prompt count is the bill.
@@ -1811,6 +1827,29 @@ mod tests {
         assert_eq!(names, ["free", "premium", "pro", "enterprise"]);
         assert_eq!(hybrid.tiers[0].daily_cap, Some(20));
         assert_eq!(hybrid.tiers[2].max_queue_wait, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn unit_sizes_name_served_models_and_are_at_least_one() {
+        let metering = |table: &str| {
+            parse(
+                &format!("[metering]\ntokens_per_unit = {table}\n{MINIMAL}"),
+                &no_env(),
+            )
+            .map(|c| c.metering.tokens_per_unit)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            metering("{ \"sim-model\" = 500 }").unwrap()["sim-model"],
+            500
+        );
+        let typo = metering("{ \"sim-modle\" = 500 }").unwrap_err();
+        assert!(
+            typo.contains("metering.tokens_per_unit.\"sim-modle\""),
+            "{typo}"
+        );
+        let zero = metering("{ \"sim-model\" = 0 }").unwrap_err();
+        assert!(zero.contains("at least 1"), "{zero}");
     }
 
     #[test]
