@@ -198,6 +198,8 @@ const DEFAULT_TIERS: &str =
 struct Options {
     /// Redis for the revocation fan-out.
     redis: Option<String>,
+    /// Extra `[redis]` lines, e.g. `timeout = "2s"`.
+    redis_extra: &'static str,
     /// Extra `[server]` lines, e.g. `read_timeout = "1s"`.
     server: &'static str,
     /// Extra `[keys]` lines.
@@ -246,7 +248,7 @@ impl Gateway {
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
              metrics_listen = \"127.0.0.1:{metrics_port}\"\ndrain_timeout = \"20s\"\n{}\n\
              [keys]\n{}\n[metering]\nspool_dir = \"{}\"\nflush_interval = \"50ms\"\n{}\n\
-             [admission]\n{}\n[routing]\n{}\n[health]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}",
+             [admission]\n{}\n[routing]\n{}\n[health]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}\n{}",
             options.server,
             options.keys,
             spool_dir.display(),
@@ -255,6 +257,7 @@ impl Gateway {
             options.routing,
             options.health,
             redis_prefix,
+            options.redis_extra,
             options.tiers.as_deref().unwrap_or(DEFAULT_TIERS),
         );
         for (i, backend) in backends.iter().enumerate() {
