@@ -447,6 +447,19 @@ fn backend_outcome(status: Option<u16>, error: Option<&Error>) -> Outcome {
     }
 }
 
+/// A backend's `host:port` as a socket address. A name (a compose service,
+/// a DNS name) is looked up without blocking the event loop; Pingora's own
+/// `HttpPeer::new` would look it up blocking, and panic when it fails.
+async fn resolve(address: &str) -> std::io::Result<std::net::SocketAddr> {
+    if let Ok(address) = address.parse() {
+        return Ok(address);
+    }
+    tokio::net::lookup_host(address)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("the name has no address"))
+}
+
 /// The OpenAI error for a proxying failure; `None` when the client is gone.
 fn classify(error: &Error, ctx: &RequestContext) -> Option<ApiError> {
     if matches!(error.esource(), ErrorSource::Downstream) {
@@ -565,7 +578,13 @@ impl ProxyHttp for Gateway {
         ctx.tried.push(id);
         ctx.lease = Some(lease);
         ctx.failure_reported = false;
-        let mut peer = HttpPeer::new(backend.address.as_str(), backend.tls, backend.host.clone());
+        let address = resolve(&backend.address).await.map_err(|e| {
+            Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("backend {} ({}): {e}", backend.name, backend.address),
+            )
+        })?;
+        let mut peer = HttpPeer::new(address, backend.tls, backend.host.clone());
         peer.options.connection_timeout = Some(self.timeouts.connect);
         peer.options.total_connection_timeout = Some(self.timeouts.connect);
         peer.options.read_timeout = Some(self.timeouts.read);

@@ -263,3 +263,15 @@ async fn a_backend_failing_its_health_checks_is_passed_over_until_it_recovers() 
         .unwrap();
     eventually("b0 healthy again", || async { healthy("b0").await }).await;
 }
+
+#[tokio::test]
+async fn a_backend_given_by_host_name_serves() {
+    let sim = Sim::fast();
+    let by_name = sim.url.replace("127.0.0.1", "localhost");
+    let gateway = Gateway::start(&[BackendSpec::new(&by_name)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 2))
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
