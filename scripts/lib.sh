@@ -136,9 +136,17 @@ ensure_sdks() {
     export TOLLGATE_TEST_PYTHON="$venv/bin/python"
 }
 
+# promtool, for the alert rules' tests (proxy/tests/alert_rules.rs runs
+# `promtool check rules` and `promtool test rules` when it is on PATH).
+# Debian ships it in the `prometheus` package.
+ensure_promtool() {
+    command -v promtool >/dev/null || apt_install prometheus
+}
+
 # Everything the stack and its tests need on this machine.
 provision() {
     ensure_build_tools
+    ensure_promtool
     ensure_postgres
     ensure_redis
 }

@@ -1,16 +1,20 @@
 //! The gateway's side of the GPU fleet: providers built from the config, the
 //! controller run as a background service, its transitions written to
-//! Postgres (`instance_events`) off the request path, and the instances the
-//! log says were rented adopted again at start-up.
+//! Postgres (`instance_events`) off the request path, the instances the
+//! log says were rented adopted again at start-up, and the fleet's
+//! Prometheus metrics (state, health, GPU utilisation and cost per backend).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{CounterVec, GaugeVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::mpsc;
 use tollgate_backends::fleet::controller::{
     Connections, EventSink, FleetController, InstanceEvent, Managed, ProbeReadiness,
@@ -19,8 +23,9 @@ use tollgate_backends::fleet::policy::Scaler;
 use tollgate_backends::fleet::providers::process::ProcessProvider;
 use tollgate_backends::fleet::providers::runpod::RunPod;
 use tollgate_backends::fleet::providers::{HourlyCost, Instance, Provider};
+use tollgate_backends::fleet::state::InstanceState;
 use tollgate_backends::health::ProbeClient;
-use tollgate_backends::routing::BackendPool;
+use tollgate_backends::routing::{BackendPool, UpstreamSelector};
 
 use crate::admission::AdmissionQueues;
 use crate::config::{Config, ProviderConfig};
@@ -46,7 +51,8 @@ pub fn provider(
     })
 }
 
-/// The controller for `backends`, whose managed members are `managed`.
+/// The controller for `backends`, whose managed members are `managed`. Its
+/// metrics ([`FleetCollector`]) are registered on the default registry.
 pub fn controller(
     config: &Config,
     backends: Arc<BackendPool>,
@@ -54,8 +60,8 @@ pub fn controller(
     queues: Arc<AdmissionQueues>,
     events: Arc<EventLog>,
 ) -> Arc<FleetController> {
-    FleetController::new(
-        backends,
+    let controller = FleetController::new(
+        Arc::clone(&backends),
         config.backends.iter().map(|b| b.pool.clone()).collect(),
         managed,
         Scaler::new(config.fleet.policy.clone()),
@@ -68,7 +74,130 @@ pub fn controller(
                 timeout: config.health.timeout,
             }),
         },
-    )
+    );
+    if let Err(e) = register_metrics(
+        backends,
+        Arc::clone(&controller),
+        prometheus::default_registry(),
+    ) {
+        // Only a second registration can fail; the fleet runs without metrics.
+        tracing::error!(error = %e, "fleet metrics not registered");
+    }
+    controller
+}
+
+/// Publishes each backend's lifecycle state, probe verdict, GPU utilisation
+/// and cost at scrape time, as the admission queues' collector does: the
+/// controller and the prober update nothing for metrics.
+pub struct FleetCollector {
+    backends: Arc<BackendPool>,
+    controller: Arc<FleetController>,
+    /// One scrape at a time: the cost counters catch up by difference.
+    scraping: Mutex<()>,
+    state: IntGaugeVec,
+    up: IntGaugeVec,
+    gpu_utilization: GaugeVec,
+    cost: CounterVec,
+}
+
+impl FleetCollector {
+    pub fn new(
+        backends: Arc<BackendPool>,
+        controller: Arc<FleetController>,
+    ) -> prometheus::Result<Self> {
+        Ok(Self {
+            backends,
+            controller,
+            scraping: Mutex::new(()),
+            state: IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_backend_state",
+                    "Lifecycle state of the backend's instance: 1 for the current state, 0 for the others.",
+                ),
+                &["backend", "state"],
+            )?,
+            up: IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_backend_up",
+                    "Whether the backend passes its active health probes (1) or not (0).",
+                ),
+                &["backend"],
+            )?,
+            gpu_utilization: GaugeVec::new(
+                Opts::new(
+                    "tollgate_backend_gpu_utilization",
+                    "GPU utilisation (0-1) the backend reports (`nv_gpu_utilization`, averaged over its GPUs); \
+                     absent for backends that do not export it.",
+                ),
+                &["backend"],
+            )?,
+            cost: CounterVec::new(
+                Opts::new(
+                    "tollgate_gpu_cost_dollars_total",
+                    "What the backend's instance has cost (USD at its configured hourly prices) since this Tollgate started.",
+                ),
+                &["backend"],
+            )?,
+        })
+    }
+
+    fn parts(&self) -> [&dyn Collector; 4] {
+        [&self.state, &self.up, &self.gpu_utilization, &self.cost]
+    }
+}
+
+impl Collector for FleetCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.parts().into_iter().flat_map(|c| c.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let _one_at_a_time = self.scraping.lock().unwrap_or_else(PoisonError::into_inner);
+        // Both lists are in config order, one entry per backend.
+        for (backend, life) in self
+            .backends
+            .statuses()
+            .into_iter()
+            .zip(self.controller.statuses())
+        {
+            let name = backend.name.as_str();
+            for state in InstanceState::ALL {
+                self.state
+                    .with_label_values(&[name, state.as_str()])
+                    .set(i64::from(state == life.state));
+            }
+            self.up
+                .with_label_values(&[name])
+                .set(i64::from(backend.healthy));
+            match backend.signals.and_then(|s| s.gpu_utilization) {
+                Some(utilization) => self
+                    .gpu_utilization
+                    .with_label_values(&[name])
+                    .set(utilization),
+                None => {
+                    // No reading (yet, or any more): no series, not a stale one.
+                    let _ = self.gpu_utilization.remove_label_values(&[name]);
+                }
+            }
+            // `cost_so_far` only grows; created at 0 so that `increase`
+            // sees the first dollar.
+            let cost = self.cost.with_label_values(&[name]);
+            let behind = life.cost_so_far - cost.get();
+            if behind > 0.0 {
+                cost.inc_by(behind);
+            }
+        }
+        self.parts().into_iter().flat_map(|c| c.collect()).collect()
+    }
+}
+
+/// Registers a [`FleetCollector`] on `registry`.
+pub fn register_metrics(
+    backends: Arc<BackendPool>,
+    controller: Arc<FleetController>,
+    registry: &Registry,
+) -> prometheus::Result<()> {
+    registry.register(Box::new(FleetCollector::new(backends, controller)?))
 }
 
 /// Transitions on their way to Postgres: `record` never blocks.
@@ -225,5 +354,198 @@ impl FleetService {
                 self.controller.adopt(id, instance);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use prometheus::proto::MetricType;
+    use tollgate_backends::balance::breaker::BreakerConfig;
+    use tollgate_backends::balance::round_robin::RoundRobin;
+    use tollgate_backends::fleet::controller::{
+        ControllerTiming, Demand, InstanceEvent, Readiness,
+    };
+    use tollgate_backends::fleet::policy::{FleetPolicy, TierWait};
+    use tollgate_backends::fleet::providers::{InstanceStatus, ProviderError};
+    use tollgate_backends::health::Probe;
+    use tollgate_backends::protocol::Protocol;
+    use tollgate_backends::routing::Backend;
+
+    use super::*;
+
+    /// A cloud at $3.60 an hour running, 36 cents stopped; never called here.
+    struct Priced;
+
+    #[async_trait]
+    impl Provider for Priced {
+        fn kind(&self) -> &'static str {
+            "priced"
+        }
+        async fn create(&self) -> Result<Instance, ProviderError> {
+            Err(ProviderError::NoCapacity("test".into()))
+        }
+        async fn start(&self, _: &Instance) -> Result<Instance, ProviderError> {
+            Err(ProviderError::NoCapacity("test".into()))
+        }
+        async fn stop(&self, _: &Instance) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn terminate(&self, _: &Instance) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn status(
+            &self,
+            instance: &Instance,
+        ) -> Result<(InstanceStatus, Instance), ProviderError> {
+            Ok((InstanceStatus::Running, instance.clone()))
+        }
+        fn cost(&self) -> HourlyCost {
+            HourlyCost {
+                running: 3.6,
+                stopped: 0.36,
+            }
+        }
+    }
+
+    struct NoDemand;
+
+    impl Demand for NoDemand {
+        fn demand(&self) -> Vec<(String, Vec<TierWait>)> {
+            Vec::new()
+        }
+        fn set_capacity(&self, _: &str, _: u32) {}
+    }
+
+    struct Discard;
+
+    impl EventSink for Discard {
+        fn record(&self, _: InstanceEvent) {}
+    }
+
+    struct NeverReady;
+
+    #[async_trait]
+    impl Readiness for NeverReady {
+        async fn ready(&self, _: &Backend) -> bool {
+            false
+        }
+    }
+
+    fn backend(name: &str) -> Backend {
+        Backend {
+            name: name.into(),
+            address: "127.0.0.1:9".into(),
+            host: name.into(),
+            tls: false,
+            models: vec!["m".into()],
+            max_concurrency: 4,
+            credential: None,
+            probe: Probe::openai(),
+            protocol: Protocol::OpenAi,
+        }
+    }
+
+    /// The value of `name`'s series whose labels include all of `labels`.
+    fn value(families: &[MetricFamily], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let family = families.iter().find(|f| f.name() == name)?;
+        let metric = family.get_metric().iter().find(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })?;
+        Some(match family.get_field_type() {
+            MetricType::COUNTER => metric.get_counter().get_value(),
+            _ => metric.get_gauge().get_value(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publishes_state_health_and_cost_per_backend() {
+        let backends = Arc::new(BackendPool::new(
+            vec![backend("static-1"), backend("gpu-1")],
+            Box::new(RoundRobin::default()),
+            BreakerConfig {
+                failure_threshold: 5,
+                open_for: Duration::from_secs(5),
+            },
+        ));
+        let controller = FleetController::new(
+            Arc::clone(&backends),
+            vec!["p".into(), "p".into()],
+            vec![Managed {
+                id: 1,
+                provider: Arc::new(Priced),
+            }],
+            Scaler::new(FleetPolicy::default()),
+            ControllerTiming {
+                interval: Duration::from_secs(1),
+                poll: Duration::from_secs(1),
+                drain_timeout: Duration::from_secs(1),
+            },
+            Connections {
+                demand: Arc::new(NoDemand),
+                events: Arc::new(Discard),
+                readiness: Arc::new(NeverReady),
+            },
+        );
+        let registry = Registry::new();
+        register_metrics(backends, Arc::clone(&controller), &registry).unwrap();
+
+        // Cold: every series exists, the cost counter at 0.
+        let families = registry.gather();
+        let state = |families: &[MetricFamily], backend: &str, state: &str| {
+            value(
+                families,
+                "tollgate_backend_state",
+                &[("backend", backend), ("state", state)],
+            )
+        };
+        assert_eq!(state(&families, "static-1", "hot"), Some(1.0));
+        assert_eq!(state(&families, "static-1", "cold"), Some(0.0));
+        assert_eq!(state(&families, "gpu-1", "cold"), Some(1.0));
+        assert_eq!(state(&families, "gpu-1", "hot"), Some(0.0));
+        let cost = |families: &[MetricFamily]| {
+            value(
+                families,
+                "tollgate_gpu_cost_dollars_total",
+                &[("backend", "gpu-1")],
+            )
+        };
+        assert_eq!(cost(&families), Some(0.0));
+        assert_eq!(
+            value(&families, "tollgate_backend_up", &[("backend", "static-1")]),
+            Some(1.0)
+        );
+        // No load signals scraped: no utilisation series rather than a 0.
+        assert_eq!(
+            value(
+                &families,
+                "tollgate_backend_gpu_utilization",
+                &[("backend", "static-1")]
+            ),
+            None
+        );
+
+        // An adopted instance bills at the running price while it starts.
+        controller.adopt(
+            1,
+            Instance {
+                id: "i-1".into(),
+                address: None,
+            },
+        );
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let families = registry.gather();
+        assert_eq!(state(&families, "gpu-1", "starting"), Some(1.0));
+        assert_eq!(state(&families, "gpu-1", "cold"), Some(0.0));
+        let dollars = cost(&families).unwrap();
+        assert!((dollars - 3.6).abs() < 1e-6, "{dollars}");
+        // Scraped again, the counter does not count the same hour twice.
+        let again = cost(&registry.gather()).unwrap();
+        assert!((again - 3.6).abs() < 1e-6, "{again}");
     }
 }

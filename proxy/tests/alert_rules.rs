@@ -1,0 +1,230 @@
+//! The Prometheus alert rules in `deploy/prometheus/`: valid and passing
+//! their unit tests under `promtool` (when it is on PATH; `scripts/lib.sh`
+//! installs it), and, always, naming only metrics Tollgate registers, so a
+//! renamed metric cannot leave an alert silently watching nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The crates whose sources register metrics on the gateway's registry.
+const METRIC_SOURCES: [&str; 4] = ["proxy/src", "backends/src", "metering/src", "billing/src"];
+
+/// Constructors whose first argument is a metric's name (the `*Vec` types
+/// take an `Opts` / `HistogramOpts`).
+const CONSTRUCTORS: [&str; 8] = [
+    "Opts",
+    "HistogramOpts",
+    "IntCounter",
+    "IntGauge",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "GenericCounter",
+];
+
+/// Series a histogram `name` exposes besides its own name.
+const HISTOGRAM_SUFFIXES: [&str; 3] = ["_bucket", "_sum", "_count"];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the proxy crate sits in the workspace")
+        .to_owned()
+}
+
+fn rules_dir() -> PathBuf {
+    workspace().join("deploy/prometheus")
+}
+
+fn promtool_available() -> bool {
+    Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+fn promtool(args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(rules_dir())
+        .output()
+        .expect("promtool runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "promtool {args:?} failed:\n{stdout}\n{stderr}"
+    );
+}
+
+#[test]
+fn promtool_checks_and_tests_the_rules() {
+    if !promtool_available() {
+        eprintln!("promtool not on PATH: rules not checked (scripts/lib.sh installs it)");
+        return;
+    }
+    promtool(&["check", "rules", "alerts.yml"]);
+    promtool(&["test", "rules", "tests/alerts.test.yml"]);
+}
+
+/// Every `tollgate_*` name in the `expr:` of a rule, block scalars included.
+fn expr_metric_names(rules: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    // Indentation of the `expr:` key whose block scalar is being read.
+    let mut block: Option<usize> = None;
+    for line in rules.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let text = line.trim_start();
+        if let Some(key_indent) = block {
+            if text.is_empty() || indent > key_indent {
+                names.extend(metric_names(text));
+                continue;
+            }
+            block = None;
+        }
+        if let Some(expr) = text
+            .strip_prefix("expr:")
+            .or_else(|| text.strip_prefix("- expr:"))
+        {
+            let expr = expr.trim();
+            if expr.starts_with('>') || expr.starts_with('|') {
+                block = Some(indent);
+            } else {
+                names.extend(metric_names(expr));
+            }
+        }
+    }
+    names
+}
+
+/// `tollgate_[a-z_]+` words in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("tollgate_") {
+        let preceded_by_word = rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        if !preceded_by_word {
+            names.push(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+fn rust_files(dir: &Path, files: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("source directory readable") {
+        let path = entry.expect("directory entry").path();
+        if path.is_dir() {
+            rust_files(&path, files);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+}
+
+/// Names passed as the first argument of a metric constructor
+/// (`Opts::new("tollgate_…"`, `IntGauge::new(\n "tollgate_…"`, …).
+fn registered_metric_names() -> BTreeSet<String> {
+    let mut files = Vec::new();
+    for dir in METRIC_SOURCES {
+        rust_files(&workspace().join(dir), &mut files);
+    }
+    let mut names = BTreeSet::new();
+    for file in files {
+        let source = std::fs::read_to_string(&file).expect("source readable");
+        let mut rest = source.as_str();
+        while let Some(at) = rest.find("::new(") {
+            let before = &rest[..at];
+            let ty_start = before
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(0, |i| i + 1);
+            let ty = &before[ty_start..];
+            let args = rest[at + "::new(".len()..].trim_start();
+            if CONSTRUCTORS.contains(&ty)
+                && let Some(quoted) = args.strip_prefix('"')
+                && let Some(end) = quoted.find('"')
+                && quoted[..end].starts_with("tollgate_")
+            {
+                names.insert(quoted[..end].to_owned());
+            }
+            rest = &rest[at + "::new(".len()..];
+        }
+    }
+    names
+}
+
+fn is_registered(name: &str, registered: &BTreeSet<String>) -> bool {
+    registered.contains(name)
+        || HISTOGRAM_SUFFIXES.iter().any(|suffix| {
+            name.strip_suffix(suffix)
+                .is_some_and(|base| registered.contains(base))
+        })
+}
+
+#[test]
+fn alert_rules_name_only_registered_metrics() {
+    let rules = std::fs::read_to_string(rules_dir().join("alerts.yml")).expect("alerts.yml");
+    let used = expr_metric_names(&rules);
+    let registered = registered_metric_names();
+    // The scan itself: metrics of each area are found.
+    for known in [
+        "tollgate_queue_depth",
+        "tollgate_usage_spool_events",
+        "tollgate_backend_state",
+        "tollgate_stripe_export_events_total",
+    ] {
+        assert!(
+            registered.contains(known),
+            "{known} not found by the source scan: {registered:?}"
+        );
+    }
+    assert!(
+        used.len() >= 10,
+        "too few metrics found in the rules: {used:?}"
+    );
+    let unknown: Vec<&String> = used
+        .iter()
+        .filter(|name| !is_registered(name, &registered))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "alerts.yml uses metrics Tollgate does not register: {unknown:?}\nregistered: {registered:?}"
+    );
+}
+
+#[test]
+fn expr_scan_reads_block_scalars_and_skips_annotations() {
+    let rules = "\
+      - alert: A
+        expr: sum(tollgate_a_total) > 1
+        annotations:
+          summary: see tollgate_not_an_expr
+      - alert: B
+        expr: >-
+          rate(tollgate_b_seconds_bucket[5m])
+          and tollgate_c
+        for: 5m
+";
+    let names: Vec<String> = expr_metric_names(rules).into_iter().collect();
+    assert_eq!(
+        names,
+        [
+            "tollgate_a_total",
+            "tollgate_b_seconds_bucket",
+            "tollgate_c"
+        ]
+    );
+    let registered = BTreeSet::from(["tollgate_b_seconds".to_owned()]);
+    assert!(is_registered("tollgate_b_seconds_bucket", &registered));
+    assert!(!is_registered("tollgate_b_seconds_total", &registered));
+}
