@@ -204,9 +204,8 @@ impl Gateway {
     }
 
     async fn tier_of(&self, account: &str) -> String {
-        let (client, connection) = tokio_postgres::connect(&self.db.url, NoTls).await.unwrap();
-        tokio::spawn(connection);
-        client
+        self.db_client()
+            .await
             .query_one("SELECT tier FROM accounts WHERE name = $1", &[&account])
             .await
             .unwrap()
@@ -541,13 +540,7 @@ async fn a_redis_flush_restores_a_billing_periods_counter_from_the_usage_log() {
         assert_eq!(status, expected, "{body}");
     }
     eventually("the usage log holds the 24 units", || async {
-        gateway
-            .usage_events()
-            .await
-            .iter()
-            .map(|e| e.units)
-            .sum::<i64>()
-            == 24
+        gateway.units_logged().await == 24
     })
     .await;
     let period = Some(tollgate::admission::periods::BillingPeriod {

@@ -28,10 +28,15 @@ pub(super) struct StoredEvent {
 }
 
 impl Gateway {
-    async fn db_client(&self) -> tokio_postgres::Client {
+    pub(super) async fn db_client(&self) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(&self.db.url, NoTls).await.unwrap();
         tokio::spawn(connection);
         client
+    }
+
+    /// The units of every stored usage event.
+    pub(super) async fn units_logged(&self) -> i64 {
+        self.usage_events().await.iter().map(|e| e.units).sum()
     }
 
     /// Every stored usage event.
