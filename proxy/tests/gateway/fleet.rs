@@ -237,6 +237,13 @@ async fn operators_drain_wake_and_sleep_backends() {
         .await;
     assert_eq!(status, 200, "served by b0: {body}");
 
+    // Transitions are written off the request path: wait for the last one.
+    eventually("the stop is recorded", || async {
+        hops(&gateway.transitions("gpu").await)
+            .last()
+            .is_some_and(|hop| hop == "draining->warm:stopped")
+    })
+    .await;
     let recorded = hops(&gateway.transitions("gpu").await);
     assert!(
         recorded.contains(&"warm->starting:operator_wake".to_owned())
@@ -323,16 +330,17 @@ async fn a_pod_that_cannot_resume_is_replaced_by_a_new_one_and_adopted_after_a_r
             "POST /pods".to_owned(),
         ]
     );
-    let recorded = hops(&gateway.transitions("pod").await);
-    assert_eq!(
-        recorded[recorded.len() - 4..],
-        [
-            "warm->starting:scale_from_zero",
-            "starting->provisioning:resume_no_capacity",
-            "provisioning->starting:started",
-            "starting->hot:ready",
-        ]
-    );
+    // Transitions are written off the request path: wait for the last one.
+    let replaced = [
+        "warm->starting:scale_from_zero",
+        "starting->provisioning:resume_no_capacity",
+        "provisioning->starting:started",
+        "starting->hot:ready",
+    ];
+    eventually("the replacement is recorded", || async {
+        hops(&gateway.transitions("pod").await).ends_with(&replaced.map(str::to_owned))
+    })
+    .await;
 
     // A restarted gateway adopts the rented pod instead of renting another.
     gateway.sigterm();
