@@ -34,6 +34,7 @@ use crate::db::{self, PoolJanitor};
 use crate::fleet::{self, EventLog, FleetService};
 use crate::gateway::Gateway;
 use crate::gateway::context::InFlight;
+use crate::gateway::metrics::RequestMetrics;
 use crate::gateway::usage::{Metering, UnitSizes};
 use crate::keys::KeyAdmin;
 use crate::keys::cache::KeyCache;
@@ -135,6 +136,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         keys: cache.clone(),
         redis_url: webhooks.redis_url.clone(),
     });
+    let models: Vec<String> = config.models().into_iter().map(str::to_owned).collect();
+    let metrics = RequestMetrics::new(
+        prometheus::default_registry(),
+        models.clone(),
+        config.tiers.iter().map(|t| t.name.clone()).collect(),
+    )?;
     let gateway = Gateway {
         keys: cache.clone(),
         selector: Arc::clone(&selector),
@@ -143,7 +150,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         in_flight: Arc::clone(&in_flight),
         max_body_bytes: config.server.max_body_bytes,
         timeouts: config.server.timeouts,
-        models: config.models().into_iter().map(str::to_owned).collect(),
+        models,
         revocation_fanout: revocation_fanout.clone(),
         metering: Metering::new(
             &config.metering,
@@ -151,6 +158,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             sink.clone(),
             prometheus::default_registry(),
         )?,
+        metrics,
         admission: Arc::clone(&admission),
         stripe_webhooks,
         billing_sessions: billing_sessions.clone(),

@@ -551,6 +551,8 @@ mod fake_stripe;
 mod fleet;
 #[path = "gateway/metering.rs"]
 mod metering;
+#[path = "gateway/observability.rs"]
+mod observability;
 #[path = "gateway/routing.rs"]
 mod routing;
 #[path = "gateway/triton.rs"]

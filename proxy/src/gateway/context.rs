@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tollgate_backends::routing::{BackendId, Lease};
 
-use super::request::InferenceRequest;
+use super::metrics::ModelLabel;
+use super::request::{Endpoint, InferenceRequest};
 use super::triton::TritonCall;
 use super::usage::RequestUsage;
 use crate::admission::Ticket;
@@ -32,6 +33,15 @@ pub struct RequestContext {
     pub slot: Option<Slot>,
     /// How long the request waited for its slot.
     pub queue_wait: Option<Duration>,
+    /// The inference endpoint asked for; `None` for the other routes, which
+    /// the request metrics leave out.
+    pub endpoint: Option<Endpoint>,
+    /// The requested model as a metric label, once the body is parsed.
+    pub model_label: ModelLabel,
+    /// When the first attempt's request header went to a backend.
+    pub upstream_sent: Option<Instant>,
+    /// When the answer's last byte arrived from the backend.
+    pub upstream_done: Option<Instant>,
     /// Backends tried so far, in order; the last is the current one.
     pub tried: Vec<BackendId>,
     /// Counts the request in flight on the current backend.
@@ -61,6 +71,10 @@ impl RequestContext {
             rate_windows: Windows::default(),
             slot: None,
             queue_wait: None,
+            endpoint: None,
+            model_label: ModelLabel::default(),
+            upstream_sent: None,
+            upstream_done: None,
             tried: Vec::new(),
             lease: None,
             failure_reported: false,
@@ -74,6 +88,16 @@ impl RequestContext {
 
     pub fn backend(&self) -> Option<BackendId> {
         self.tried.last().copied()
+    }
+
+    /// From the request sent upstream to the answer's last byte (or to now,
+    /// when the answer did not end); zero when nothing went upstream.
+    pub fn upstream_time(&self) -> Duration {
+        self.upstream_sent.map_or(Duration::ZERO, |sent| {
+            self.upstream_done
+                .unwrap_or_else(Instant::now)
+                .saturating_duration_since(sent)
+        })
     }
 
     /// The status the backend answered with (metering notes it).

@@ -21,16 +21,17 @@
 //!   (see [`usage`]); drop the usage chunk we asked for on the client's behalf.
 //! - `logging`: release the GPU slot, one usage event per metered request
 //!   handed to the writer without waiting, settle the quota reservation;
-//!   one log line per request.
+//!   the request metrics (see [`metrics`]) and one log line per request.
 
 pub mod context;
+pub mod metrics;
 pub mod request;
 pub mod triton;
 pub mod usage;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -47,6 +48,7 @@ use tollgate_backends::protocol::Protocol;
 use tollgate_backends::routing::{Outcome, UpstreamSelector};
 
 use self::context::{InFlight, RequestContext};
+use self::metrics::{Observation, RequestMetrics};
 use self::request::{BodyError, Endpoint, Route, read_body};
 use self::triton::TritonCall;
 use self::usage::{FinishedRequest, Metering};
@@ -95,6 +97,7 @@ pub struct Gateway {
     /// Whether revocations arrive through Redis right now (`None`: no Redis).
     pub revocation_fanout: Option<Arc<AtomicBool>>,
     pub metering: Metering,
+    pub metrics: RequestMetrics,
     pub admission: Arc<Admission>,
     /// `None` without billing's webhook secret: the route answers 404.
     pub stripe_webhooks: Option<StripeWebhooks>,
@@ -145,6 +148,7 @@ impl Gateway {
             Route::Models | Route::Usage | Route::BillingCheckout | Route::BillingPortal => None,
             Route::Inference(endpoint) => Some(endpoint),
         };
+        ctx.endpoint = endpoint;
         let key = self.keys.authenticate(bearer_token(header)?).await?;
         let Some(endpoint) = endpoint else {
             return Err(match route {
@@ -158,6 +162,7 @@ impl Gateway {
         ctx.key = Some(Arc::clone(&key));
         let body = read_body(session, self.max_body_bytes).await?;
         let mut request = request::parse(endpoint, body)?;
+        ctx.model_label = self.metrics.model_label(&request.model);
         if !key.allows_model(&request.model) || !self.selector.serves(&request.model) {
             return Err(ApiError::ModelNotFound(request.model).into());
         }
@@ -660,6 +665,9 @@ impl ProxyHttp for Gateway {
             }
         }
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        // Pingora sends the header right after this filter; a retry's
+        // attempt counts as time spent on the upstream.
+        ctx.upstream_sent.get_or_insert_with(Instant::now);
         if let Some(call) = &ctx.triton {
             upstream.set_uri(
                 call.path
@@ -755,6 +763,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestContext,
     ) -> pingora::Result<Option<Duration>> {
+        if end_of_stream {
+            ctx.upstream_done = Some(Instant::now());
+        }
         if let Some(call) = ctx.triton.as_mut() {
             call.response_chunk(body, end_of_stream);
         }
@@ -832,6 +843,7 @@ impl ProxyHttp for Gateway {
         let backend = ctx.backend().and_then(|id| self.selector.backend(id));
         let backend = backend.as_deref().map_or("-", |b| b.name.as_str());
         let account = ctx.key.as_ref().map_or("-", |k| k.account_name.as_str());
+        let mut metered = None;
         if let (Some(usage), Some(request), Some(key)) = (&mut ctx.usage, &ctx.request, &ctx.key) {
             let used = self
                 .metering
@@ -845,8 +857,26 @@ impl ProxyHttp for Gateway {
                 })
                 .await;
             if let Some(ticket) = ctx.ticket.take() {
-                self.admission.settle(ticket, used).await;
+                self.admission.settle(ticket, used.settlement).await;
             }
+            metered = Some(used);
+        }
+        if let Some(endpoint) = ctx.endpoint {
+            self.metrics.observe(&Observation {
+                endpoint,
+                tier: ctx.key.as_ref().map(|k| k.tier.as_str()),
+                model: ctx.model_label,
+                status: final_status(session),
+                total: ctx.started.elapsed(),
+                upstream: ctx.upstream_time(),
+                queue_wait: ctx.queue_wait.unwrap_or_default(),
+                // Only an answer that streamed has a first token to time.
+                ttft: metered
+                    .as_ref()
+                    .and_then(|m| m.ttft)
+                    .filter(|_| ctx.streaming_response),
+                tokens: metered.as_ref().map(|m| m.tokens),
+            });
         }
         tracing::info!(
             request_id = %ctx.request_id,

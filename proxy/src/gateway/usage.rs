@@ -3,7 +3,7 @@
 //! to the writer in `logging`. Nothing here waits on Postgres.
 
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use prometheus::{IntCounter, Registry};
@@ -199,8 +199,9 @@ impl Metering {
     }
 
     /// In `logging`: builds the request's one usage event, hands it over,
-    /// and returns what the request used (for its quota settlement).
-    pub async fn finish(&self, done: FinishedRequest<'_>) -> Settlement {
+    /// and returns what the request used (for its quota settlement and the
+    /// request metrics).
+    pub async fn finish(&self, done: FinishedRequest<'_>) -> Metered {
         let usage = done.usage;
         // A JSON answer cut short of its end (the client left while it was
         // written) is parsed from what arrived; a finished one is not re-read.
@@ -258,9 +259,11 @@ impl Metering {
         let billable = matches!(status, Status::Ok | Status::Partial);
         let elapsed =
             |since: Instant| u32::try_from(since.elapsed().as_millis()).unwrap_or(u32::MAX);
-        let ttft_ms = usage.first_byte.map(|at| {
-            u32::try_from(at.duration_since(done.started).as_millis()).unwrap_or(u32::MAX)
-        });
+        let ttft = usage
+            .first_byte
+            .filter(|_| done.request.stream)
+            .map(|at| at.duration_since(done.started));
+        let ttft_ms = ttft.map(|ttft| u32::try_from(ttft.as_millis()).unwrap_or(u32::MAX));
         let units = if billable {
             units(
                 tokens.total(),
@@ -286,12 +289,16 @@ impl Metering {
             usage_source: source,
             units,
             latency_ms: elapsed(done.started),
-            ttft_ms: if done.request.stream { ttft_ms } else { None },
+            ttft_ms,
         });
-        Settlement {
-            units,
-            tokens: tokens.total(),
-            forwarded: usage.upstream_status.is_some(),
+        Metered {
+            settlement: Settlement {
+                units,
+                tokens: tokens.total(),
+                forwarded: usage.upstream_status.is_some(),
+            },
+            tokens,
+            ttft,
         }
     }
 
@@ -315,6 +322,14 @@ pub struct FinishedRequest<'a> {
     pub request_id: &'a str,
     pub backend: Option<&'a str>,
     pub started: Instant,
+}
+
+/// What a finished request used, as its usage event records it.
+pub struct Metered {
+    pub settlement: Settlement,
+    pub tokens: Tokens,
+    /// To the first byte of the answer, for a request that asked to stream.
+    pub ttft: Option<Duration>,
 }
 
 /// Per-request metering state, carried in the request context.
