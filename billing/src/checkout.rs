@@ -129,9 +129,7 @@ pub async fn checkout_session(
     )
     .await?;
     let customer = ensure_customer(pool, stripe, account_id).await?;
-    if let Some(live) = live_subscription(stripe, &customer).await? {
-        return Err(live);
-    }
+    refuse_if_subscribed(stripe, &customer).await?;
     expire_open_sessions(stripe, &customer).await?;
     let mut line_items = vec![line_item(
         price_id(stripe, &prices.price_lookup_key).await?,
@@ -232,30 +230,27 @@ async fn ensure_customer(
     Ok(customer.id.to_string())
 }
 
-/// The customer's subscription that still bills or may yet (anything but
-/// canceled and expired-before-paying), as Stripe knows it now.
-async fn live_subscription(
-    stripe: &Client,
-    customer: &str,
-) -> Result<Option<SessionError>, SessionError> {
+/// [`SessionError::AlreadySubscribed`] when the customer has a subscription
+/// that still bills or may yet (anything but canceled and
+/// expired-before-paying), as Stripe knows it now.
+async fn refuse_if_subscribed(stripe: &Client, customer: &str) -> Result<(), SessionError> {
     let subscriptions = ListSubscription::new()
         .customer(customer)
         .status(ListSubscriptionStatus::All)
         .send(stripe)
         .await?;
-    Ok(subscriptions
-        .data
-        .into_iter()
-        .find(|s| {
-            !matches!(
-                s.status,
-                SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired
-            )
-        })
-        .map(|s| SessionError::AlreadySubscribed {
-            subscription: s.id.to_string(),
-            status: s.status.as_str().to_owned(),
-        }))
+    match subscriptions.data.into_iter().find(|s| {
+        !matches!(
+            s.status,
+            SubscriptionStatus::Canceled | SubscriptionStatus::IncompleteExpired
+        )
+    }) {
+        Some(live) => Err(SessionError::AlreadySubscribed {
+            subscription: live.id.to_string(),
+            status: live.status.as_str().to_owned(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Expires the customer's open Checkout Sessions: only the newest link can

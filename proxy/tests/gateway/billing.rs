@@ -162,6 +162,25 @@ async fn a_paid_subscription_by_webhook_lifts_the_free_limits_at_once() {
 /// A grace of 0.0001 days: 8.64 s.
 const SHORT_GRACE_DAYS: &str = "0.0001";
 
+/// `serve`'s environment with billing on (a Stripe that is never called)
+/// and webhooks verified with [`WEBHOOK_SECRET`].
+fn stripe_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("STRIPE_SECRET_KEY", "sk_test_gateway".to_owned()),
+        ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+    ]
+}
+
+/// Free (a request a minute) and a hard-capped `starter` of `included_units`.
+fn starter_tiers(included_units: u64) -> String {
+    format!(
+        "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 1\n\
+         [[tiers]]\nname = \"starter\"\npriority = 10\nmonthly_price = 9.0\n\
+         included_units = {included_units}\nhard_cap = true\n\
+         stripe_price_lookup_key = \"tollgate_starter_monthly\"\n"
+    )
+}
+
 fn paid_tiers_with_overage() -> String {
     "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 1\n\
      [[tiers]]\nname = \"pro\"\npriority = 10\nmonthly_price = 49.0\nincluded_units = 100000\n\
@@ -426,17 +445,8 @@ async fn a_renewed_billing_period_starts_its_quota_afresh() {
     let gateway = Gateway::start(
         &[BackendSpec::new(&sim.url)],
         Options {
-            tiers: Some(
-                "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 1\n\
-                 [[tiers]]\nname = \"starter\"\npriority = 10\nmonthly_price = 9.0\n\
-                 included_units = 40\nhard_cap = true\n\
-                 stripe_price_lookup_key = \"tollgate_starter_monthly\"\n"
-                    .to_owned(),
-            ),
-            env: vec![
-                ("STRIPE_SECRET_KEY", "sk_test_gateway".to_owned()),
-                ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
-            ],
+            tiers: Some(starter_tiers(40)),
+            env: stripe_env(),
             ..Options::default()
         },
     )
@@ -500,18 +510,9 @@ async fn a_redis_flush_restores_a_billing_periods_counter_from_the_usage_log() {
         &[BackendSpec::new(&sim.url)],
         Options {
             redis: Some(redis_url()),
-            tiers: Some(
-                "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 1\n\
-                 [[tiers]]\nname = \"starter\"\npriority = 10\nmonthly_price = 9.0\n\
-                 included_units = 30\nhard_cap = true\n\
-                 stripe_price_lookup_key = \"tollgate_starter_monthly\"\n"
-                    .to_owned(),
-            ),
+            tiers: Some(starter_tiers(30)),
             admission: "reconcile_interval = \"200ms\"",
-            env: vec![
-                ("STRIPE_SECRET_KEY", "sk_test_gateway".to_owned()),
-                ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
-            ],
+            env: stripe_env(),
             ..Options::default()
         },
     )
@@ -635,10 +636,7 @@ async fn a_tier_change_reaches_every_instance_through_redis() {
             redis: Some(redis_url()),
             keys: "cache_ttl = \"10m\"",
             tiers: Some(PAID_TIERS.to_owned()),
-            env: vec![
-                ("STRIPE_SECRET_KEY", "sk_test_gateway".to_owned()),
-                ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
-            ],
+            env: stripe_env(),
             ..Options::default()
         },
     )
