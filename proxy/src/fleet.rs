@@ -2,7 +2,8 @@
 //! controller run as a background service, its transitions written to
 //! Postgres (`instance_events`) off the request path, the instances the
 //! log says were rented adopted again at start-up, and the fleet's
-//! Prometheus metrics (state, health, GPU utilisation and cost per backend).
+//! Prometheus metrics (state, health, breaker, load, GPU utilisation,
+//! instance time and cost per backend).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,7 +15,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{CounterVec, GaugeVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Counter, CounterVec, GaugeVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::mpsc;
 use tollgate_backends::fleet::controller::{
     Connections, EventSink, FleetController, InstanceEvent, Managed, ProbeReadiness,
@@ -29,6 +30,7 @@ use tollgate_backends::routing::{BackendPool, UpstreamSelector};
 
 use crate::admission::AdmissionQueues;
 use crate::config::{Config, ProviderConfig};
+use crate::store_errors::{self, PostgresOperation};
 
 /// How long the fleet waits before asking Postgres again after it failed.
 const POSTGRES_RETRY: Duration = Duration::from_secs(1);
@@ -86,25 +88,34 @@ pub fn controller(
     controller
 }
 
-/// Publishes each backend's lifecycle state, probe verdict, GPU utilisation
-/// and cost at scrape time, as the admission queues' collector does: the
-/// controller and the prober update nothing for metrics.
+/// Publishes each backend's lifecycle state, probe verdict, breaker, load,
+/// GPU utilisation, instance time and cost at scrape time, as the admission
+/// queues' collector does: the controller and the prober update nothing for
+/// metrics.
 pub struct FleetCollector {
     backends: Arc<BackendPool>,
     controller: Arc<FleetController>,
-    /// One scrape at a time: the cost counters catch up by difference.
+    /// One scrape at a time: the time and cost counters catch up by difference.
     scraping: Mutex<()>,
     state: IntGaugeVec,
     up: IntGaugeVec,
+    breaker: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    load: GaugeVec,
     gpu_utilization: GaugeVec,
+    instance_seconds: CounterVec,
     cost: CounterVec,
 }
+
+/// The breaker's states, as `BackendStatus::breaker` names them.
+const BREAKER_STATES: [&str; 3] = ["closed", "open", "half_open"];
 
 impl FleetCollector {
     pub fn new(
         backends: Arc<BackendPool>,
         controller: Arc<FleetController>,
     ) -> prometheus::Result<Self> {
+        let backend_state = &["backend", "state"];
         Ok(Self {
             backends,
             controller,
@@ -114,7 +125,7 @@ impl FleetCollector {
                     "tollgate_backend_state",
                     "Lifecycle state of the backend's instance: 1 for the current state, 0 for the others.",
                 ),
-                &["backend", "state"],
+                backend_state,
             )?,
             up: IntGaugeVec::new(
                 Opts::new(
@@ -122,6 +133,28 @@ impl FleetCollector {
                     "Whether the backend passes its active health probes (1) or not (0).",
                 ),
                 &["backend"],
+            )?,
+            breaker: IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_backend_breaker_state",
+                    "The backend's circuit breaker: 1 for its current state (closed, open, half_open), 0 for the others.",
+                ),
+                backend_state,
+            )?,
+            in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "tollgate_backend_in_flight",
+                    "Requests Tollgate has outstanding on the backend.",
+                ),
+                &["backend"],
+            )?,
+            load: GaugeVec::new(
+                Opts::new(
+                    "tollgate_backend_load",
+                    "The backend's own load signals from its metrics endpoint: waiting and running \
+                     requests, kv_cache_usage (0-1), pending (Triton); only those it reports.",
+                ),
+                &["backend", "signal"],
             )?,
             gpu_utilization: GaugeVec::new(
                 Opts::new(
@@ -131,18 +164,54 @@ impl FleetCollector {
                 ),
                 &["backend"],
             )?,
+            instance_seconds: CounterVec::new(
+                Opts::new(
+                    "tollgate_gpu_instance_seconds_total",
+                    "Time the backend's managed instance has spent in each lifecycle state since this Tollgate started.",
+                ),
+                backend_state,
+            )?,
             cost: CounterVec::new(
                 Opts::new(
                     "tollgate_gpu_cost_dollars_total",
-                    "What the backend's instance has cost (USD at its configured hourly prices) since this Tollgate started.",
+                    "What the backend's managed instance has cost in each lifecycle state (USD at its configured \
+                     hourly prices) since this Tollgate started.",
                 ),
-                &["backend"],
+                backend_state,
             )?,
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 4] {
-        [&self.state, &self.up, &self.gpu_utilization, &self.cost]
+    fn parts(&self) -> [&dyn Collector; 8] {
+        [
+            &self.state,
+            &self.up,
+            &self.breaker,
+            &self.in_flight,
+            &self.load,
+            &self.gpu_utilization,
+            &self.instance_seconds,
+            &self.cost,
+        ]
+    }
+}
+
+/// Sets `gauge` to `reading`, or removes its series when there is none: no
+/// reading (yet, or any more) is no series, not a stale one.
+fn set_or_remove(gauge: &GaugeVec, labels: &[&str], reading: Option<f64>) {
+    match reading {
+        Some(value) => gauge.with_label_values(labels).set(value),
+        None => {
+            let _ = gauge.remove_label_values(labels);
+        }
+    }
+}
+
+/// Brings a counter up to `total`, a figure that only grows.
+fn catch_up(counter: &Counter, total: f64) {
+    let behind = total - counter.get();
+    if behind > 0.0 {
+        counter.inc_by(behind);
     }
 }
 
@@ -162,30 +231,39 @@ impl Collector for FleetCollector {
         {
             let name = backend.name.as_str();
             for state in InstanceState::ALL {
+                let labels = [name, state.as_str()];
                 self.state
-                    .with_label_values(&[name, state.as_str()])
+                    .with_label_values(&labels)
                     .set(i64::from(state == life.state));
+                // Created at 0 so that `increase` sees the first second and dollar.
+                let accrued = life.accrued[state.index()];
+                catch_up(
+                    &self.instance_seconds.with_label_values(&labels),
+                    accrued.seconds,
+                );
+                catch_up(&self.cost.with_label_values(&labels), accrued.dollars);
             }
             self.up
                 .with_label_values(&[name])
                 .set(i64::from(backend.healthy));
-            match backend.signals.and_then(|s| s.gpu_utilization) {
-                Some(utilization) => self
-                    .gpu_utilization
-                    .with_label_values(&[name])
-                    .set(utilization),
-                None => {
-                    // No reading (yet, or any more): no series, not a stale one.
-                    let _ = self.gpu_utilization.remove_label_values(&[name]);
-                }
+            for state in BREAKER_STATES {
+                self.breaker
+                    .with_label_values(&[name, state])
+                    .set(i64::from(state == backend.breaker));
             }
-            // `cost_so_far` only grows; created at 0 so that `increase`
-            // sees the first dollar.
-            let cost = self.cost.with_label_values(&[name]);
-            let behind = life.cost_so_far - cost.get();
-            if behind > 0.0 {
-                cost.inc_by(behind);
+            self.in_flight
+                .with_label_values(&[name])
+                .set(i64::from(backend.in_flight));
+            let signals = backend.signals.unwrap_or_default();
+            for (signal, reading) in [
+                ("waiting", signals.waiting),
+                ("running", signals.running),
+                ("kv_cache_usage", signals.kv_cache_usage),
+                ("pending", signals.pending),
+            ] {
+                set_or_remove(&self.load, &[name, signal], reading);
             }
+            set_or_remove(&self.gpu_utilization, &[name], signals.gpu_utilization);
         }
         self.parts().into_iter().flat_map(|c| c.collect()).collect()
     }
@@ -246,6 +324,7 @@ impl EventWriter {
             }
             while let Some((at, event)) = pending.front() {
                 if let Err(e) = insert(pool, *at, event).await {
+                    store_errors::postgres(PostgresOperation::InstanceEvents);
                     tracing::warn!(error = %e, pending = pending.len(), "instance events not written yet; retrying");
                     tokio::time::sleep(POSTGRES_RETRY).await;
                     break;
@@ -339,6 +418,7 @@ impl FleetService {
             match last_instances(&self.pool).await {
                 Ok(instances) => break instances,
                 Err(e) => {
+                    store_errors::postgres(PostgresOperation::FleetRecovery);
                     tracing::warn!(error = %e, "cannot read instance_events yet; the fleet waits for it");
                     tokio::time::sleep(POSTGRES_RETRY).await;
                 }
@@ -512,7 +592,7 @@ mod tests {
             value(
                 families,
                 "tollgate_gpu_cost_dollars_total",
-                &[("backend", "gpu-1")],
+                &[("backend", "gpu-1"), ("state", "starting")],
             )
         };
         assert_eq!(cost(&families), Some(0.0));
@@ -547,5 +627,37 @@ mod tests {
         // Scraped again, the counter does not count the same hour twice.
         let again = cost(&registry.gather()).unwrap();
         assert!((again - 3.6).abs() < 1e-6, "{again}");
+        let seconds = value(
+            &families,
+            "tollgate_gpu_instance_seconds_total",
+            &[("backend", "gpu-1"), ("state", "starting")],
+        )
+        .unwrap();
+        assert!((seconds - 3600.0).abs() < 1e-3, "{seconds}");
+        assert_eq!(
+            value(
+                &families,
+                "tollgate_gpu_cost_dollars_total",
+                &[("backend", "gpu-1"), ("state", "cold")]
+            ),
+            Some(0.0),
+            "a cold slot costs nothing"
+        );
+        let breaker = |state| {
+            value(
+                &families,
+                "tollgate_backend_breaker_state",
+                &[("backend", "static-1"), ("state", state)],
+            )
+        };
+        assert_eq!((breaker("closed"), breaker("open")), (Some(1.0), Some(0.0)));
+        assert_eq!(
+            value(
+                &families,
+                "tollgate_backend_in_flight",
+                &[("backend", "static-1")]
+            ),
+            Some(0.0)
+        );
     }
 }

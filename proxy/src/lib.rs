@@ -6,6 +6,7 @@
 //! - [`keys`]: API keys: hashing, Postgres store, cache, revocation fan-out.
 //! - [`admin`]: the admin API and the metrics endpoint.
 //! - [`db`]: the Postgres pool and migrations (`sql/`).
+//! - [`store_errors`]: failed Postgres and Redis calls, counted by operation.
 //! - [`server`]: assembling and running the Pingora server, draining on SIGTERM.
 //! - [`simulate`]: `tollgate simulate`, the fleet's economics in simulated time.
 //! - [`cli`]: the command line; `main.rs` dispatches it.
@@ -23,4 +24,5 @@ pub mod keys;
 pub mod metering;
 pub mod server;
 pub mod simulate;
+pub mod store_errors;
 pub mod usage_api;

@@ -10,6 +10,8 @@ use pingora::services::background::BackgroundService;
 use tollgate_metering::partitions;
 use tollgate_metering::writer::UsageWriter;
 
+use crate::store_errors::{self, PostgresOperation};
+
 /// Runs the [`UsageWriter`]. It ignores Pingora's shutdown signal on purpose:
 /// requests still draining produce events, so the writer lives until the
 /// drainer has flushed it and ends the process.
@@ -41,9 +43,15 @@ impl UsageUpkeep {
         match self.pool.get().await {
             Ok(client) => match partitions::ensure_ahead(&client).await {
                 Ok(names) => tracing::debug!(?names, "usage partitions ensured"),
-                Err(error) => tracing::warn!("could not create usage partitions ahead: {error}"),
+                Err(error) => {
+                    store_errors::postgres(PostgresOperation::UsageUpkeep);
+                    tracing::warn!("could not create usage partitions ahead: {error}");
+                }
             },
-            Err(error) => tracing::warn!("usage upkeep: no Postgres connection: {error}"),
+            Err(error) => {
+                store_errors::postgres(PostgresOperation::UsageUpkeep);
+                tracing::warn!("usage upkeep: no Postgres connection: {error}");
+            }
         }
         match partitions::purge_rollups(
             &self.pool,
@@ -54,7 +62,10 @@ impl UsageUpkeep {
         {
             Ok(0) => {}
             Ok(rows) => tracing::info!(rows, "old usage rollups deleted"),
-            Err(error) => tracing::warn!("could not delete old usage rollups: {error}"),
+            Err(error) => {
+                store_errors::postgres(PostgresOperation::UsageUpkeep);
+                tracing::warn!("could not delete old usage rollups: {error}");
+            }
         }
     }
 }

@@ -41,6 +41,7 @@ use crate::keys::cache::KeyCache;
 use crate::keys::revocation::RevocationListener;
 use crate::keys::store::KeyStore;
 use crate::metering::{UsageUpkeep, UsageWriterService};
+use crate::store_errors;
 
 /// After the drain ends, Pingora gets this long to stop its runtimes.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
@@ -76,7 +77,8 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         usage_stats,
     );
     let store = KeyStore::new(pool.clone());
-    let cache = KeyCache::new(store.clone(), config.keys);
+    let cache = KeyCache::new(store.clone(), config.keys, prometheus::default_registry())?;
+    store_errors::register(prometheus::default_registry())?;
     let mut backends: Vec<Backend> = Vec::new();
     let mut managed: Vec<Managed> = Vec::new();
     for (id, b) in config.backends.iter().enumerate() {

@@ -116,6 +116,15 @@ pub struct LifecycleStatus {
     pub pinned: bool,
     /// Accrued since this Tollgate started (or recovered the instance).
     pub cost_so_far: f64,
+    /// The same span, split by state: indexed like [`InstanceState::ALL`].
+    pub accrued: [Accrued; InstanceState::ALL.len()],
+}
+
+/// Instance time and cost spent in one lifecycle state.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Accrued {
+    pub seconds: f64,
+    pub dollars: f64,
 }
 
 /// What the controller reads from and reports to.
@@ -167,13 +176,30 @@ struct Record {
     busy: bool,
     /// Hot but failing its probes since then.
     unhealthy_since: Option<Instant>,
-    /// Cost accrued in earlier states.
-    cost: f64,
+    /// Time and cost of earlier spells, by state (indexed like `ALL`).
+    accrued: [Accrued; InstanceState::ALL.len()],
 }
 
 impl Record {
+    /// What was accrued, the current spell included up to `now`.
+    fn accrued(&self, now: Instant, prices: HourlyCost) -> [Accrued; InstanceState::ALL.len()] {
+        let mut accrued = self.accrued;
+        let seconds = now.duration_since(self.since).as_secs_f64();
+        let current = &mut accrued[self.state.index()];
+        current.seconds += seconds;
+        current.dollars += self.hourly(prices) * seconds / 3600.0;
+        accrued
+    }
+
     fn cost_so_far(&self, now: Instant, prices: HourlyCost) -> f64 {
-        self.cost + self.hourly(prices) * now.duration_since(self.since).as_secs_f64() / 3600.0
+        self.accrued(now, prices).iter().map(|a| a.dollars).sum()
+    }
+
+    /// Closes the current spell at `now` (before a transition or a restart
+    /// of the same state).
+    fn close_spell(&mut self, now: Instant, prices: HourlyCost) {
+        self.accrued = self.accrued(now, prices);
+        self.since = now;
     }
 
     /// The price per hour now. A failed instance still rented is billed as
@@ -216,7 +242,7 @@ impl FleetController {
                         pinned: false,
                         busy: false,
                         unhealthy_since: None,
-                        cost: 0.0,
+                        accrued: Default::default(),
                     }),
                 });
             }
@@ -373,9 +399,11 @@ impl FleetController {
                     in_state_for: Duration::ZERO,
                     pinned: false,
                     cost_so_far: 0.0,
+                    accrued: Default::default(),
                 },
                 Some(slot) => {
                     let record = lock(&slot.record);
+                    let prices = slot.provider.cost();
                     LifecycleStatus {
                         id,
                         provider: slot.provider.kind(),
@@ -383,7 +411,8 @@ impl FleetController {
                         state: record.state,
                         in_state_for: now.duration_since(record.since),
                         pinned: record.pinned,
-                        cost_so_far: record.cost_so_far(now, slot.provider.cost()),
+                        cost_so_far: record.cost_so_far(now, prices),
+                        accrued: record.accrued(now, prices),
                     }
                 }
             })
@@ -701,9 +730,7 @@ impl FleetController {
             let mut record = lock(&slot.record);
             if record.state == InstanceState::Failed {
                 // A retry failed again: the next waits a whole `failed_retry`.
-                let now = Instant::now();
-                record.cost = record.cost_so_far(now, slot.provider.cost());
-                record.since = now;
+                record.close_spell(Instant::now(), slot.provider.cost());
                 return;
             }
         }
@@ -757,9 +784,8 @@ impl FleetController {
                 if from == to {
                     return;
                 }
-                record.cost = record.cost_so_far(now, prices);
+                record.close_spell(now, prices);
                 record.state = to;
-                record.since = now;
                 let instance_id = record.instance.as_ref().map(|i| i.id.clone());
                 (from, instance_id, record.hourly(prices))
             }

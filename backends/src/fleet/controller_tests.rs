@@ -263,3 +263,40 @@ async fn a_stopped_instance_that_cannot_be_released_is_never_rented_twice() {
     f.reach(InstanceState::Hot).await;
     assert_eq!(*f.cloud.alive.lock().unwrap(), ["i1"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn time_and_cost_accrue_to_the_state_they_were_spent_in() {
+    // Nothing but the commands moves it: no instance kept hot, none idle long enough.
+    let f = start(
+        FleetPolicy {
+            min_hot: 0,
+            idle_stop: Duration::from_secs(7200),
+            ..FleetPolicy::default()
+        },
+        true,
+    );
+    let started = Instant::now();
+    f.controller.command("gpu", Command::Wake).unwrap();
+    f.reach(InstanceState::Hot).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    f.controller.command("gpu", Command::Sleep).unwrap();
+    f.reach(InstanceState::Warm).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+
+    let status = &f.controller.statuses()[0];
+    let spent = |state: InstanceState| status.accrued[state.index()];
+    let hot = spent(InstanceState::Hot);
+    let warm = spent(InstanceState::Warm);
+    // The scripted cloud: $1/h running, $0.10/h stopped; polls add seconds.
+    assert!((3600.0..3610.0).contains(&hot.seconds), "{hot:?}");
+    assert!((hot.dollars - hot.seconds / 3600.0).abs() < 1e-9, "{hot:?}");
+    assert!((3600.0..3610.0).contains(&warm.seconds), "{warm:?}");
+    assert!(
+        (warm.dollars - 0.1 * warm.seconds / 3600.0).abs() < 1e-9,
+        "{warm:?}"
+    );
+    let seconds: f64 = status.accrued.iter().map(|a| a.seconds).sum();
+    let dollars: f64 = status.accrued.iter().map(|a| a.dollars).sum();
+    assert!((seconds - started.elapsed().as_secs_f64()).abs() < 1e-6);
+    assert!((dollars - status.cost_so_far).abs() < 1e-9);
+}

@@ -42,6 +42,11 @@ impl InstanceState {
         Self::Failed,
     ];
 
+    /// The state's position in [`Self::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Cold => "cold",
@@ -100,6 +105,13 @@ mod tests {
     fn round_trips_through_its_byte() {
         for state in InstanceState::ALL {
             assert_eq!(InstanceState::from_u8(state.to_u8()), state);
+        }
+    }
+
+    #[test]
+    fn index_is_the_position_in_all() {
+        for (position, state) in InstanceState::ALL.into_iter().enumerate() {
+            assert_eq!(state.index(), position);
         }
     }
 }

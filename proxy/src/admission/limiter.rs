@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Opts, Registry};
 use uuid::Uuid;
 
 use super::limits::local::LocalLimits;
@@ -20,6 +20,7 @@ use super::limits::{
     AdmitRequest, LimitStore, Periods, Reservation, Settlement, StoreError, Verdict,
 };
 use crate::config::RedisDownPolicy;
+use crate::store_errors::{self, RedisOperation};
 
 /// How long Redis is passed over after a failed call.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -48,7 +49,6 @@ pub struct Limiter {
     local: LocalLimits,
     timeout: Duration,
     health: Arc<RedisHealth>,
-    errors: IntCounter,
     fallbacks: IntCounterVec,
 }
 
@@ -93,10 +93,6 @@ impl Limiter {
         timeout: Duration,
         registry: &Registry,
     ) -> prometheus::Result<Self> {
-        let errors = IntCounter::new(
-            "tollgate_admission_redis_errors_total",
-            "Limiter calls to Redis that failed or timed out.",
-        )?;
         let fallbacks = IntCounterVec::new(
             Opts::new(
                 "tollgate_admission_redis_fallback_total",
@@ -104,7 +100,6 @@ impl Limiter {
             ),
             &["tier", "policy"],
         )?;
-        registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(fallbacks.clone()))?;
         Ok(Self {
             redis,
@@ -115,7 +110,6 @@ impl Limiter {
                 down: AtomicBool::new(false),
                 retry_at_ms: AtomicU64::new(0),
             }),
-            errors,
             fallbacks,
         })
     }
@@ -135,7 +129,7 @@ impl Limiter {
                         return Ok((verdict, StoreKind::Redis));
                     }
                     Err(error) => {
-                        self.errors.inc();
+                        store_errors::redis(RedisOperation::Admit);
                         self.health.failed(&error.to_string());
                     }
                 }
@@ -164,7 +158,9 @@ impl Limiter {
         if let Err(error) = result {
             // Admissions notice an outage themselves; this reservation lapses
             // after its TTL, and reconciliation restores `used` from the log.
-            self.errors.inc();
+            if store == StoreKind::Redis {
+                store_errors::redis(RedisOperation::Settle);
+            }
             tracing::warn!(reservation = %reservation.id, "settlement failed: {error}");
         }
     }

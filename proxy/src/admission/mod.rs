@@ -160,6 +160,19 @@ pub struct Admission {
     queue_wait: HistogramVec,
 }
 
+/// The `reason` label of `tollgate_admission_rejected_total`.
+const REFUSAL_REASONS: [&str; 9] = [
+    "too_many_tokens",
+    "limiter_unavailable",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "max_concurrent",
+    "quota_month",
+    "quota_day",
+    "busy",
+    "queue_timeout",
+];
+
 impl Admission {
     pub fn new(
         config: &Config,
@@ -174,7 +187,7 @@ impl Admission {
             .map(|(rank, tier)| (tier.name.clone(), Plan::new(tier, rank)))
             .collect();
         let tier_names: Vec<String> = by_priority.iter().map(|t| t.name.clone()).collect();
-        let queues = Arc::new(AdmissionQueues::new(config, tier_names, registry)?);
+        let queues = Arc::new(AdmissionQueues::new(config, tier_names.clone(), registry)?);
         let rejected = IntCounterVec::new(
             Opts::new(
                 "tollgate_admission_rejected_total",
@@ -192,6 +205,12 @@ impl Admission {
             ]),
             &["pool", "tier"],
         )?;
+        // Every series from the start, so that `increase` sees the first refusal.
+        for tier in &tier_names {
+            for reason in REFUSAL_REASONS {
+                rejected.with_label_values(&[tier.as_str(), reason]);
+            }
+        }
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(queue_wait.clone()))?;
         Ok(Self {
@@ -384,6 +403,7 @@ impl Admission {
     }
 
     fn refuse(&self, plan: &Plan, reason: &str, error: ApiError) -> Refusal {
+        debug_assert!(REFUSAL_REASONS.contains(&reason), "{reason} not listed");
         self.rejected
             .with_label_values(&[plan.tier.name.as_str(), reason])
             .inc();

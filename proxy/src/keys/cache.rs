@@ -5,7 +5,7 @@
 //! configured), an unknown key is remembered as unknown for
 //! `negative_cache_ttl` so a flood of bad keys cannot hammer Postgres, and
 //! concurrent misses for the same key wait on one Postgres query
-//! (`try_get_with` coalesces them), bounded by [`LOOKUP_TIMEOUT`]. With Redis,
+//! (`or_try_insert_with` coalesces them), bounded by [`LOOKUP_TIMEOUT`]. With Redis,
 //! revocations also arrive at once through [`super::revocation`].
 //!
 //! A revocation leaves a tombstone for one cache lifetime: a lookup that read
@@ -17,11 +17,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use moka::Expiry;
 use moka::future::Cache;
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
 use super::secret::{KeyHash, is_key_shaped};
 use super::store::{KeyRecord, KeyStore, StoreError};
 use crate::config::KeyCacheConfig;
 use crate::error::ApiError;
+use crate::store_errors::{self, PostgresOperation};
 
 #[derive(Clone)]
 enum Lookup {
@@ -58,10 +60,20 @@ pub struct KeyCache {
     cache: Cache<KeyHash, Lookup>,
     /// Keys revoked within the last cache lifetime.
     tombstones: Cache<KeyHash, ()>,
+    /// Lookups answered from the cache.
+    hits: IntCounter,
+    /// Lookups that read Postgres (concurrent ones share one read and
+    /// count once).
+    misses: IntCounter,
 }
 
 impl KeyCache {
-    pub fn new(store: KeyStore, config: KeyCacheConfig) -> Self {
+    /// A cache whose hits and misses are counted on `registry`.
+    pub fn new(
+        store: KeyStore,
+        config: KeyCacheConfig,
+        registry: &Registry,
+    ) -> prometheus::Result<Self> {
         let cache = Cache::builder()
             .max_capacity(config.capacity as u64)
             .expire_after(LookupExpiry {
@@ -73,11 +85,21 @@ impl KeyCache {
             .max_capacity(config.capacity as u64)
             .time_to_live(config.ttl + LOOKUP_TIMEOUT)
             .build();
-        Self {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "tollgate_key_cache_lookups_total",
+                "API key lookups: hit (answered from the cache) or miss (read from Postgres).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(lookups.clone()))?;
+        Ok(Self {
             store,
             cache,
             tombstones,
-        }
+            hits: lookups.with_label_values(&["hit"]),
+            misses: lookups.with_label_values(&["miss"]),
+        })
     }
 
     /// The usable key for `secret`, or why it is refused.
@@ -91,9 +113,10 @@ impl KeyCache {
             return Err(ApiError::RevokedKey);
         }
         let store = &self.store;
-        let lookup = self
+        let entry = self
             .cache
-            .try_get_with(hash, async move {
+            .entry(hash)
+            .or_try_insert_with(async move {
                 let found = tokio::time::timeout(LOOKUP_TIMEOUT, store.lookup(&hash))
                     .await
                     .map_err(|_| StoreError::Timeout)??;
@@ -101,10 +124,18 @@ impl KeyCache {
             })
             .await
             .map_err(|e| {
+                store_errors::postgres(PostgresOperation::KeyLookup);
                 tracing::warn!("key lookup failed: {e}");
                 ApiError::AuthUnavailable
             })?;
-        match lookup {
+        // Fresh: this call ran the Postgres read.
+        let counter = if entry.is_fresh() {
+            &self.misses
+        } else {
+            &self.hits
+        };
+        counter.inc();
+        match entry.into_value() {
             Lookup::Unknown => Err(ApiError::InvalidKey),
             Lookup::Found(record) if record.revoked => Err(ApiError::RevokedKey),
             Lookup::Found(record) if !record.account_active => Err(ApiError::InvalidKey),

@@ -20,6 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::cache::KeyCache;
 use super::secret::KeyHash;
+use crate::store_errors::{self, RedisOperation};
 
 pub const CHANNEL: &str = "tollgate:keys:revoked";
 /// Published instead of a key hash when an account changed (its tier, by a
@@ -52,11 +53,13 @@ async fn publish_message(redis_url: &str, message: String) {
         Ok::<_, fred::error::Error>(())
     })
     .await;
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("revocation not published to Redis: {e}"),
-        Err(_) => tracing::warn!("revocation not published to Redis: timed out"),
-    }
+    let error = match result {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_owned(),
+    };
+    store_errors::redis(RedisOperation::Publish);
+    tracing::warn!("revocation not published to Redis: {error}");
 }
 
 /// Background service: drops revoked keys from this instance's cache.
@@ -123,6 +126,7 @@ impl BackgroundService for RevocationListener {
                 result = self.listen() => {
                     self.subscribed.store(false, Ordering::Relaxed);
                     if let Err(e) = result {
+                        store_errors::redis(RedisOperation::Subscribe);
                         tracing::error!("revocation listener stopped: {e}; restarting");
                     }
                 }

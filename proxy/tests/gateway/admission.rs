@@ -567,7 +567,7 @@ async fn redis_outage_fails_free_closed_and_paid_open_then_recovers() {
     ];
     assert_eq!(pro_statuses, [200, 200, 200, 429]);
     let metrics = &gateway.metrics_url;
-    assert!(scrape(metrics, "tollgate_admission_redis_errors_total").await >= 1.0);
+    assert!(scrape(metrics, "tollgate_redis_errors_total").await >= 1.0);
     assert!(scrape(metrics, "tollgate_admission_redis_fallback_total").await >= 5.0);
 
     redis.restart().await;

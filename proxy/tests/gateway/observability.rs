@@ -1,8 +1,9 @@
 //! The per-request metrics as Prometheus scrapes them: the families, their
 //! label names and bounded values, and counts that match the requests sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use super::fake_stripe::FakeStripe;
 use super::metering::scrape;
 use super::*;
 
@@ -136,4 +137,188 @@ async fn request_metrics_have_bounded_labels_and_match_the_requests() {
             (tokens("completion"), completion as f64),
         ])
     );
+}
+
+/// Every family a scrape exposes, by name, with the label-name sets of its
+/// series. Histograms are folded into their family (`le` dropped).
+async fn families(url: &str) -> BTreeMap<String, BTreeSet<Vec<String>>> {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    let histograms: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" histogram"))
+        .collect();
+    let mut families: BTreeMap<String, BTreeSet<Vec<String>>> = BTreeMap::new();
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let series = line.rsplit_once(' ').unwrap().0;
+        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix)
+                    .filter(|base| histograms.contains(base))
+            })
+            .unwrap_or(name);
+        let names = labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter_map(|pair| Some(pair.split_once('=')?.0.to_owned()))
+            .filter(|label| label != "le")
+            .collect();
+        families.entry(family.to_owned()).or_default().insert(names);
+    }
+    families
+}
+
+/// What the issue asks `/metrics` to expose: each family and the label names
+/// of its series (all series of a family carry the same ones).
+const EXPECTED_FAMILIES: &[(&str, &[&str])] = &[
+    // Requests.
+    (
+        "tollgate_requests_total",
+        &["endpoint", "model", "status", "tier"],
+    ),
+    (
+        "tollgate_request_duration_seconds",
+        &["endpoint", "model", "tier"],
+    ),
+    ("tollgate_overhead_seconds", &["endpoint"]),
+    ("tollgate_time_to_first_token_seconds", &["model", "tier"]),
+    ("tollgate_tokens_total", &["direction", "model", "tier"]),
+    // Queues, shedding and limits.
+    ("tollgate_queue_depth", &["pool", "tier"]),
+    ("tollgate_queue_oldest_wait_seconds", &["pool", "tier"]),
+    ("tollgate_queue_expected_wait_seconds", &["pool", "tier"]),
+    ("tollgate_queue_wait_seconds", &["pool", "tier"]),
+    ("tollgate_queue_shed_total", &["pool", "reason", "tier"]),
+    ("tollgate_admission_rejected_total", &["reason", "tier"]),
+    ("tollgate_pool_slots", &["pool"]),
+    ("tollgate_pool_slots_in_use", &["pool"]),
+    // Backends and the fleet.
+    ("tollgate_backend_state", &["backend", "state"]),
+    ("tollgate_backend_up", &["backend"]),
+    ("tollgate_backend_breaker_state", &["backend", "state"]),
+    ("tollgate_backend_in_flight", &["backend"]),
+    ("tollgate_backend_load", &["backend", "signal"]),
+    ("tollgate_backend_gpu_utilization", &["backend"]),
+    ("tollgate_gpu_instance_seconds_total", &["backend", "state"]),
+    ("tollgate_gpu_cost_dollars_total", &["backend", "state"]),
+    // Usage writer.
+    ("tollgate_usage_writer_batches_total", &[]),
+    ("tollgate_usage_events_written_total", &[]),
+    ("tollgate_usage_events_duplicate_total", &[]),
+    ("tollgate_usage_events_spooled_total", &[]),
+    ("tollgate_usage_events_replayed_total", &[]),
+    ("tollgate_usage_events_lost_total", &[]),
+    ("tollgate_usage_write_errors_total", &[]),
+    ("tollgate_usage_spool_events", &[]),
+    // Stripe.
+    ("tollgate_stripe_export_events_total", &["outcome"]),
+    ("tollgate_stripe_export_pass_errors_total", &[]),
+    ("tollgate_stripe_export_pending_events", &[]),
+    ("tollgate_stripe_export_oldest_pending_seconds", &[]),
+    ("tollgate_stripe_webhooks_total", &["outcome", "type"]),
+    // Keys and stores.
+    ("tollgate_key_cache_lookups_total", &["result"]),
+    ("tollgate_postgres_errors_total", &["operation"]),
+    ("tollgate_redis_errors_total", &["operation"]),
+];
+
+#[tokio::test]
+async fn every_metric_family_is_exported_with_bounded_labels() {
+    let fake = FakeStripe::start().await.unwrap();
+    let sim = Sim::fast();
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            env: vec![
+                ("STRIPE_SECRET_KEY", fake.secret_key().to_owned()),
+                ("STRIPE_API_BASE", fake.base_url().to_owned()),
+                ("STRIPE_WEBHOOK_SECRET", "whsec_observability".to_owned()),
+            ],
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    for stream in [false, true] {
+        let mut body = chat("Hello", 3);
+        if stream {
+            body = streamed(body);
+        }
+        let response = gateway.post(&key, "/v1/chat/completions", &body).await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    // A delivery that is not Stripe's: counted as refused.
+    let forged = gateway
+        .client
+        .post(format!("{}/stripe/webhook", gateway.url))
+        .header("stripe-signature", "t=1,v1=00")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 400);
+
+    let metrics = gateway.metrics_url.as_str();
+    // Usage is written, and load signals scraped, off the request path.
+    eventually("usage written and backend load scraped", || async {
+        let found = families(metrics).await;
+        scrape(metrics, "tollgate_usage_events_written_total").await == 2.0
+            && found.contains_key("tollgate_backend_load")
+            && found.contains_key("tollgate_backend_gpu_utilization")
+    })
+    .await;
+
+    let found = families(metrics).await;
+    let missing: Vec<&str> = EXPECTED_FAMILIES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !found.contains_key(*name))
+        .collect();
+    assert!(missing.is_empty(), "families not exported: {missing:?}");
+    for (name, labels) in EXPECTED_FAMILIES {
+        let expected: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
+        assert_eq!(
+            found[*name],
+            BTreeSet::from([expected]),
+            "label names of {name}"
+        );
+    }
+    // Nothing identifies a customer or a request.
+    for (name, label_sets) in &found {
+        for label in label_sets.iter().flatten() {
+            assert!(
+                !["key", "account", "account_id", "request_id", "user"].contains(&label.as_str()),
+                "{name} is labelled by {label}"
+            );
+        }
+    }
+
+    // One key, two requests: Postgres was read once.
+    assert_eq!(
+        sorted(samples(metrics, "tollgate_key_cache_lookups_total").await),
+        sorted(vec![
+            (labels(&[("result", "hit")]), 1.0),
+            (labels(&[("result", "miss")]), 1.0),
+        ])
+    );
+    assert_eq!(
+        samples(metrics, "tollgate_stripe_webhooks_total").await,
+        vec![(
+            labels(&[("type", "unverified"), ("outcome", "refused")]),
+            1.0
+        )]
+    );
+    // Bounded values: one series per backend and state, all at 0 but one.
+    let states = samples(metrics, "tollgate_backend_state").await;
+    assert_eq!(states.len(), 7, "{states:?}");
+    assert_eq!(states.iter().map(|(_, v)| v).sum::<f64>(), 1.0);
+    let breaker = samples(metrics, "tollgate_backend_breaker_state").await;
+    assert!(
+        breaker.contains(&(labels(&[("backend", "b0"), ("state", "closed")]), 1.0)),
+        "{breaker:?}"
+    );
+    assert_eq!(scrape(metrics, "tollgate_postgres_errors_total").await, 0.0);
+    assert_eq!(scrape(metrics, "tollgate_redis_errors_total").await, 0.0);
 }

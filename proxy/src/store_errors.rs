@@ -1,0 +1,118 @@
+//! Failed calls to Postgres and Redis, counted by operation: one family per
+//! store, so an operator sees a store in trouble in one place whichever part
+//! of Tollgate met it.
+//!
+//! Process-wide, like the stores themselves: the places that fail are many
+//! and deep (the key cache, background writers, a pub/sub listener), and a
+//! handle threaded through each would carry nothing but these two counters.
+//! Usage writes keep their own `tollgate_usage_write_errors_total`: the
+//! writer lives in the metering crate and also reports what it spooled.
+
+use std::sync::LazyLock;
+
+use prometheus::{IntCounterVec, Opts, Registry};
+
+/// What Tollgate was doing with Postgres when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostgresOperation {
+    /// A key-cache miss reading the key and its account.
+    KeyLookup,
+    /// Writing lifecycle transitions to `instance_events`.
+    InstanceEvents,
+    /// Reading `instance_events` at start-up to adopt rented instances.
+    FleetRecovery,
+    /// Creating usage partitions ahead and purging old rollups.
+    UsageUpkeep,
+}
+
+impl PostgresOperation {
+    const ALL: [Self; 4] = [
+        Self::KeyLookup,
+        Self::InstanceEvents,
+        Self::FleetRecovery,
+        Self::UsageUpkeep,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::KeyLookup => "key_lookup",
+            Self::InstanceEvents => "instance_events",
+            Self::FleetRecovery => "fleet_recovery",
+            Self::UsageUpkeep => "usage_upkeep",
+        }
+    }
+}
+
+/// What Tollgate was doing with Redis when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisOperation {
+    /// Checking and reserving limits at admission.
+    Admit,
+    /// Replacing a reservation by what the request used.
+    Settle,
+    /// Publishing a revoked key or an account change to other instances.
+    Publish,
+    /// The subscription that receives those messages.
+    Subscribe,
+}
+
+impl RedisOperation {
+    const ALL: [Self; 4] = [Self::Admit, Self::Settle, Self::Publish, Self::Subscribe];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Admit => "admit",
+            Self::Settle => "settle",
+            Self::Publish => "publish",
+            Self::Subscribe => "subscribe",
+        }
+    }
+}
+
+struct Counters {
+    postgres: IntCounterVec,
+    redis: IntCounterVec,
+}
+
+static COUNTERS: LazyLock<Counters> = LazyLock::new(|| Counters {
+    postgres: counter(
+        "tollgate_postgres_errors_total",
+        "Postgres calls that failed or timed out, by operation (usage writes: tollgate_usage_write_errors_total).",
+    ),
+    redis: counter(
+        "tollgate_redis_errors_total",
+        "Redis calls that failed or timed out, by operation.",
+    ),
+});
+
+#[allow(clippy::expect_used)] // Fixed, valid names: only a typo here could fail.
+fn counter(name: &str, help: &str) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), &["operation"]).expect("valid metric options")
+}
+
+pub fn postgres(operation: PostgresOperation) {
+    COUNTERS
+        .postgres
+        .with_label_values(&[operation.as_str()])
+        .inc();
+}
+
+pub fn redis(operation: RedisOperation) {
+    COUNTERS
+        .redis
+        .with_label_values(&[operation.as_str()])
+        .inc();
+}
+
+/// Registers both families with every operation at 0, so that `increase`
+/// sees the first error and a dashboard shows a flat line, not no data.
+pub fn register(registry: &Registry) -> prometheus::Result<()> {
+    for operation in PostgresOperation::ALL {
+        COUNTERS.postgres.with_label_values(&[operation.as_str()]);
+    }
+    for operation in RedisOperation::ALL {
+        COUNTERS.redis.with_label_values(&[operation.as_str()]);
+    }
+    registry.register(Box::new(COUNTERS.postgres.clone()))?;
+    registry.register(Box::new(COUNTERS.redis.clone()))
+}
