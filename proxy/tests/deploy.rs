@@ -20,6 +20,7 @@ const DOCKERFILE: &str = "Dockerfile";
 const COMPOSE_CONFIG: &str = "config/compose.toml";
 const PROMETHEUS_CONFIG: &str = "deploy/prometheus/prometheus.yml";
 const GRAFANA_DATASOURCES: &str = "grafana/provisioning/datasources/datasources.yml";
+const GRAFANA_DASHBOARD_PROVIDERS: &str = "grafana/provisioning/dashboards/dashboards.yml";
 
 /// The services the deployment is made of (the list).
 const REQUIRED_SERVICES: &[&str] = &[
@@ -739,6 +740,58 @@ fn grafana_datasources_reach_prometheus_and_postgres_from_the_environment() {
         }
     }
     assert_no_problems("Grafana datasources", &problems);
+}
+
+#[test]
+fn grafana_dashboard_provider_reads_the_mounted_dashboards_folder() {
+    let compose = Compose::load();
+    let providers = yaml(GRAFANA_DASHBOARD_PROVIDERS);
+    let mut problems = Vec::new();
+    let mounted = compose.mount_target("grafana", "./grafana/dashboards");
+    if mounted.is_none() {
+        problems.push(format!(
+            "{COMPOSE}: the grafana service must mount ./grafana/dashboards (where {GRAFANA_DASHBOARD_PROVIDERS} reads them)"
+        ));
+    }
+    let list = providers
+        .get("providers")
+        .and_then(Value::as_sequence)
+        .cloned()
+        .unwrap_or_default();
+    let files: Vec<Value> = list
+        .into_iter()
+        .filter(|p| p.get("type").and_then(scalar).as_deref() == Some("file"))
+        .collect();
+    if files.is_empty() {
+        problems.push(format!(
+            "{GRAFANA_DASHBOARD_PROVIDERS} has no provider of type `file`"
+        ));
+    }
+    for provider in &files {
+        let path = provider
+            .get("options")
+            .and_then(|o| o.get("path"))
+            .and_then(scalar)
+            .unwrap_or_default();
+        if let Some(target) = &mounted
+            && normalize(&path) != normalize(target)
+        {
+            problems.push(format!(
+                "{GRAFANA_DASHBOARD_PROVIDERS}: options.path is `{path}`, but {COMPOSE} mounts ./grafana/dashboards at `{target}`"
+            ));
+        }
+    }
+    let dashboards = std::fs::read_dir(root().join("grafana/dashboards"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0);
+    if dashboards == 0 {
+        problems.push("grafana/dashboards holds no dashboard (*.json)".to_owned());
+    }
+    assert_no_problems("Grafana dashboard provisioning", &problems);
 }
 
 /// The variable a Grafana provisioning value reads: `$__env{VAR}`, `${VAR}` or `$VAR`.

@@ -547,6 +547,8 @@ mod billing;
 #[path = "../../billing/tests/support/fake_stripe.rs"]
 #[allow(dead_code)]
 mod fake_stripe;
+#[path = "gateway/dashboards.rs"]
+mod dashboards;
 #[path = "gateway/fleet.rs"]
 mod fleet;
 #[path = "gateway/metering.rs"]
