@@ -235,6 +235,11 @@ impl Collector for FleetCollector {
                 self.state
                     .with_label_values(&labels)
                     .set(i64::from(state == life.state));
+                // A static backend is not rented: it has no instance time
+                // or cost to count (an always-on baseline would count it twice).
+                if life.provider == "static" {
+                    continue;
+                }
                 // Created at 0 so that `increase` sees the first second and dollar.
                 let accrued = life.accrued[state.index()];
                 catch_up(
@@ -597,6 +602,15 @@ mod tests {
         };
         assert_eq!(cost(&families), Some(0.0));
         assert_eq!(
+            value(
+                &families,
+                "tollgate_gpu_cost_dollars_total",
+                &[("backend", "static-1"), ("state", "hot")]
+            ),
+            None,
+            "a static backend is not rented"
+        );
+        assert_eq!(
             value(&families, "tollgate_backend_up", &[("backend", "static-1")]),
             Some(1.0)
         );
@@ -610,6 +624,9 @@ mod tests {
             None
         );
 
+        // Ten minutes cold, scraped: that time stays cold after the adoption.
+        tokio::time::advance(Duration::from_secs(600)).await;
+        registry.gather();
         // An adopted instance bills at the running price while it starts.
         controller.adopt(
             1,
@@ -634,6 +651,13 @@ mod tests {
         )
         .unwrap();
         assert!((seconds - 3600.0).abs() < 1e-3, "{seconds}");
+        let cold = value(
+            &families,
+            "tollgate_gpu_instance_seconds_total",
+            &[("backend", "gpu-1"), ("state", "cold")],
+        )
+        .unwrap();
+        assert!((cold - 600.0).abs() < 1e-3, "{cold}");
         assert_eq!(
             value(
                 &families,

@@ -274,6 +274,8 @@ impl FleetController {
             return;
         }
         let mut record = lock(&slot.record);
+        // The time until now was spent cold, at no cost.
+        record.close_spell(Instant::now(), slot.provider.cost());
         record.state = InstanceState::Starting;
         record.instance = Some(instance);
         record.unverified = true;
@@ -761,7 +763,11 @@ impl FleetController {
 
     fn set_instance(&self, id: BackendId, instance: Option<Instance>) {
         if let Some(Some(slot)) = self.slots.get(id) {
-            lock(&slot.record).instance = instance;
+            let mut record = lock(&slot.record);
+            // A failed state's price depends on whether an instance is held:
+            // the spell so far is priced as it was.
+            record.close_spell(Instant::now(), slot.provider.cost());
+            record.instance = instance;
         }
     }
 

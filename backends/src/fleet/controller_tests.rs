@@ -300,3 +300,31 @@ async fn time_and_cost_accrue_to_the_state_they_were_spent_in() {
     assert!((seconds - started.elapsed().as_secs_f64()).abs() < 1e-6);
     assert!((dollars - status.cost_so_far).abs() < 1e-9);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_instance_still_rented_is_billed_until_it_is_let_go() {
+    let f = start(
+        FleetPolicy {
+            start_timeout: Duration::ZERO,
+            failed_retry: Duration::from_secs(36_000),
+            ..FleetPolicy::default()
+        },
+        false,
+    );
+    f.cloud.terminate_fails.store(true, Ordering::SeqCst);
+    f.reach(InstanceState::Failed).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    // A wake lets the leftover instance go before renting anew.
+    f.cloud.terminate_fails.store(false, Ordering::SeqCst);
+    f.controller.command("gpu", Command::Wake).unwrap();
+    while f.controller.statuses()[0].instance_id.as_deref() == Some("i0") {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let failed = f.controller.statuses()[0].accrued[InstanceState::Failed.index()];
+    assert!(failed.seconds >= 3600.0, "{failed:?}");
+    assert!(
+        (failed.dollars - failed.seconds / 3600.0).abs() < 1e-9,
+        "held the whole time, so billed at the running $1/h: {failed:?}"
+    );
+}

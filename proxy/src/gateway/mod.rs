@@ -198,13 +198,19 @@ impl Gateway {
         }
         ctx.ticket = ticket;
         // Waiting costs no thread; a client that leaves stops waiting at once.
-        let slot = tokio::select! {
+        let queued_at = Instant::now();
+        let waited = tokio::select! {
             biased;
-            slot = self.admission.wait_for_slot(&key.tier, &model) => slot?,
-            gone = client_gone(session) => return Err(Stop::ClientGone(gone)),
+            slot = self.admission.wait_for_slot(&key.tier, &model) => slot.map_err(Stop::from),
+            gone = client_gone(session) => Err(Stop::ClientGone(gone)),
         };
-        ctx.queue_wait = Some(slot.waited());
-        ctx.slot = Some(slot);
+        // Queue time is not Tollgate's overhead, whether a slot came or not.
+        ctx.queue_wait = Some(
+            waited
+                .as_ref()
+                .map_or_else(|_| queued_at.elapsed(), Slot::waited),
+        );
+        ctx.slot = Some(waited?);
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 //! configured), an unknown key is remembered as unknown for
 //! `negative_cache_ttl` so a flood of bad keys cannot hammer Postgres, and
 //! concurrent misses for the same key wait on one Postgres query
-//! (`or_try_insert_with` coalesces them), bounded by [`LOOKUP_TIMEOUT`]. With Redis,
+//! (`try_get_with` coalesces them), bounded by [`LOOKUP_TIMEOUT`]. With Redis,
 //! revocations also arrive at once through [`super::revocation`].
 //!
 //! A revocation leaves a tombstone for one cache lifetime: a lookup that read
@@ -62,8 +62,8 @@ pub struct KeyCache {
     tombstones: Cache<KeyHash, ()>,
     /// Lookups answered from the cache.
     hits: IntCounter,
-    /// Lookups that read Postgres (concurrent ones share one read and
-    /// count once).
+    /// Reads from Postgres (concurrent misses for one key share one read,
+    /// counted once).
     misses: IntCounter,
 }
 
@@ -112,30 +112,14 @@ impl KeyCache {
         if self.tombstones.contains_key(&hash) {
             return Err(ApiError::RevokedKey);
         }
-        let store = &self.store;
-        let entry = self
-            .cache
-            .entry(hash)
-            .or_try_insert_with(async move {
-                let found = tokio::time::timeout(LOOKUP_TIMEOUT, store.lookup(&hash))
-                    .await
-                    .map_err(|_| StoreError::Timeout)??;
-                Ok::<_, StoreError>(found.map_or(Lookup::Unknown, |r| Lookup::Found(Arc::new(r))))
-            })
-            .await
-            .map_err(|e| {
-                store_errors::postgres(PostgresOperation::KeyLookup);
-                tracing::warn!("key lookup failed: {e}");
-                ApiError::AuthUnavailable
-            })?;
-        // Fresh: this call ran the Postgres read.
-        let counter = if entry.is_fresh() {
-            &self.misses
-        } else {
-            &self.hits
+        let lookup = match self.cache.get(&hash).await {
+            Some(lookup) => {
+                self.hits.inc();
+                lookup
+            }
+            None => self.read_through(hash).await?,
         };
-        counter.inc();
-        match entry.into_value() {
+        match lookup {
             Lookup::Unknown => Err(ApiError::InvalidKey),
             Lookup::Found(record) if record.revoked => Err(ApiError::RevokedKey),
             Lookup::Found(record) if !record.account_active => Err(ApiError::InvalidKey),
@@ -144,6 +128,28 @@ impl KeyCache {
             }
             Lookup::Found(record) => Ok(record),
         }
+    }
+
+    /// Reads the key from Postgres and caches the answer. Concurrent misses
+    /// for one key share one read, counted once (a miss, or an error).
+    async fn read_through(&self, hash: KeyHash) -> Result<Lookup, ApiError> {
+        let store = &self.store;
+        let misses = &self.misses;
+        self.cache
+            .try_get_with(hash, async move {
+                misses.inc();
+                let found = tokio::time::timeout(LOOKUP_TIMEOUT, store.lookup(&hash))
+                    .await
+                    .map_err(|_| StoreError::Timeout)
+                    .and_then(|found| found)
+                    .inspect_err(|_| store_errors::postgres(PostgresOperation::KeyLookup))?;
+                Ok::<_, StoreError>(found.map_or(Lookup::Unknown, |r| Lookup::Found(Arc::new(r))))
+            })
+            .await
+            .map_err(|e| {
+                tracing::warn!("key lookup failed: {e}");
+                ApiError::AuthUnavailable
+            })
     }
 
     /// Refuses a revoked key from now on, whatever is cached for it.
