@@ -22,6 +22,9 @@
 //!   rotation (pinned until woken), put it back or wake it, or stop it
 //!   (→ warm) once its requests are done. 202 with the state now; the
 //!   transition continues in the background.
+//! - `GET /api/metrics`: a JSON summary for people and uptime checkers
+//!   (requests, estimated latency percentiles, queues, fleet, today's GPU
+//!   spend, `status` ok or degraded; see [`crate::summary`]).
 //!
 //! Every request needs `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN`; with no
 //! token configured the admin API refuses everything.
@@ -49,6 +52,7 @@ use crate::config::{Secret, parse_duration};
 use crate::error::ApiError;
 use crate::keys::store::StoreError;
 use crate::keys::{KeyAdmin, KeyAdminError, NewKeyRequest};
+use crate::summary::Summary;
 use crate::usage_api::{self, UsageQuery};
 
 /// Admin request bodies are small JSON objects.
@@ -63,6 +67,8 @@ pub struct AdminApi {
     pub fleet: Arc<FleetController>,
     /// `None` with billing off: the billing routes answer 404.
     pub billing: Option<Arc<BillingSessions>>,
+    /// `GET /api/metrics`.
+    pub summary: Summary,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +234,7 @@ impl AdminApi {
                     json!({"name": name, "command": verb, "state": state.as_str()}),
                 ))
             }
+            (&Method::GET, "/api/metrics") => Ok((StatusCode::OK, self.summary.json().await)),
             (&Method::GET, "/admin/stats") => {
                 Ok((StatusCode::OK, usage_api::stats(&self.pool).await?))
             }
@@ -252,6 +259,11 @@ impl AdminApi {
                     serde_json::to_value(purged).unwrap_or_default(),
                 ))
             }
+            (_, "/api/metrics") => Err(ApiError::MethodNotAllowed {
+                allow: "GET",
+                method: method.to_string(),
+                path: path.to_owned(),
+            }),
             (_, "/admin/usage") => Err(ApiError::MethodNotAllowed {
                 allow: "GET, DELETE",
                 method: method.to_string(),

@@ -5,6 +5,7 @@
 //! - [`gateway`]: the `ProxyHttp` request path (auth, body, routing, errors).
 //! - [`keys`]: API keys: hashing, Postgres store, cache, revocation fan-out.
 //! - [`admin`]: the admin API and the metrics endpoint.
+//! - [`summary`]: `GET /api/metrics`, the admin listener's JSON summary.
 //! - [`db`]: the Postgres pool and migrations (`sql/`).
 //! - [`store_errors`]: failed Postgres and Redis calls, counted by operation.
 //! - [`server`]: assembling and running the Pingora server, draining on SIGTERM.
@@ -25,4 +26,5 @@ pub mod metering;
 pub mod server;
 pub mod simulate;
 pub mod store_errors;
+pub mod summary;
 pub mod usage_api;

@@ -42,6 +42,7 @@ use crate::keys::revocation::RevocationListener;
 use crate::keys::store::KeyStore;
 use crate::metering::{UsageUpkeep, UsageWriterService};
 use crate::store_errors;
+use crate::summary::Summary;
 
 /// After the drain ends, Pingora gets this long to stop its runtimes.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
@@ -168,6 +169,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());
 
+    let summary = Summary::new(
+        &config,
+        pool.clone(),
+        admission.queues(),
+        Arc::clone(&selector),
+        Arc::clone(&fleet_controller),
+    );
     let admin_api = AdminApi {
         token: config.admin_token.clone(),
         keys: Arc::new(KeyAdmin::new(store, &config, Some(cache.clone()))),
@@ -176,6 +184,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         selector,
         fleet: Arc::clone(&fleet_controller),
         billing: billing_sessions,
+        summary,
     };
     let mut admin = Service::new("admin API".to_owned(), HttpServer::new_app(admin_api));
     admin.add_tcp(&config.server.admin_listen.to_string());

@@ -542,13 +542,15 @@ fn cl100k(text: &str) -> usize {
 
 #[path = "gateway/admission.rs"]
 mod admission;
+#[path = "gateway/api_metrics.rs"]
+mod api_metrics;
 #[path = "gateway/billing.rs"]
 mod billing;
+#[path = "gateway/dashboards.rs"]
+mod dashboards;
 #[path = "../../billing/tests/support/fake_stripe.rs"]
 #[allow(dead_code)]
 mod fake_stripe;
-#[path = "gateway/dashboards.rs"]
-mod dashboards;
 #[path = "gateway/fleet.rs"]
 mod fleet;
 #[path = "gateway/metering.rs"]

@@ -542,6 +542,8 @@ async fn gateway_with_traffic() -> (Sim, Gateway) {
         redis: Some(format!("redis://127.0.0.1:{}", free_port())),
         tiers: Some(tiers.to_owned()),
         health: "interval = \"200ms\"",
+        // A managed backend: instance time and cost are only counted for one.
+        tail: super::api_metrics::priced_process_backend(),
         ..Options::default()
     };
     let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], options).await;

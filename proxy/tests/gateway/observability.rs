@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::api_metrics::priced_process_backend;
 use super::fake_stripe::FakeStripe;
 use super::metering::scrape;
 use super::*;
@@ -235,6 +236,8 @@ async fn every_metric_family_is_exported_with_bounded_labels() {
                 ("STRIPE_API_BASE", fake.base_url().to_owned()),
                 ("STRIPE_WEBHOOK_SECRET", "whsec_observability".to_owned()),
             ],
+            // A managed backend besides b0: instance time and cost are its.
+            tail: priced_process_backend(),
             ..Options::default()
         },
     )
@@ -312,8 +315,15 @@ async fn every_metric_family_is_exported_with_bounded_labels() {
     );
     // Bounded values: one series per backend and state, all at 0 but one.
     let states = samples(metrics, "tollgate_backend_state").await;
-    assert_eq!(states.len(), 7, "{states:?}");
-    assert_eq!(states.iter().map(|(_, v)| v).sum::<f64>(), 1.0);
+    assert_eq!(states.len(), 2 * 7, "{states:?}");
+    assert_eq!(states.iter().map(|(_, v)| v).sum::<f64>(), 2.0);
+    // Instance time and cost: the managed backend's only.
+    let cost = samples(metrics, "tollgate_gpu_cost_dollars_total").await;
+    assert_eq!(cost.len(), 7, "{cost:?}");
+    assert!(
+        cost.iter().all(|(labels, _)| labels["backend"] == "gpu"),
+        "{cost:?}"
+    );
     let breaker = samples(metrics, "tollgate_backend_breaker_state").await;
     assert!(
         breaker.contains(&(labels(&[("backend", "b0"), ("state", "closed")]), 1.0)),
