@@ -169,7 +169,7 @@ impl Gateway {
         .await;
     }
 
-    async fn queues(&self) -> Value {
+    pub(super) async fn queues(&self) -> Value {
         let (status, body) = self
             .admin(
                 reqwest::Method::GET,
@@ -204,7 +204,7 @@ fn number(response: &reqwest::Response, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing or not a number"))
 }
 
-fn tiers(text: &str) -> Option<String> {
+pub(super) fn tiers(text: &str) -> Option<String> {
     Some(text.to_owned())
 }
 
@@ -582,7 +582,7 @@ async fn redis_outage_fails_free_closed_and_paid_open_then_recovers() {
 /// `chat("hi", 2)` for a tenth of a second.
 const HOLD: u32 = 100;
 
-fn slow_sim() -> Sim {
+pub(super) fn slow_sim() -> Sim {
     Sim::start(&[
         "--ttft-ms",
         "0",
@@ -596,7 +596,7 @@ fn slow_sim() -> Sim {
 }
 
 /// Sends a chat request in the background.
-fn spawn_chat(
+pub(super) fn spawn_chat(
     gateway: &Gateway,
     key: &str,
     max_tokens: u32,
@@ -612,7 +612,7 @@ fn spawn_chat(
 const QUEUE_TIERS: &str = "[[tiers]]\nname = \"free\"\npriority = 0\n\
     [[tiers]]\nname = \"pro\"\npriority = 10\nmonthly_price = 49.0\n";
 
-fn one_slot(sim: &Sim) -> BackendSpec {
+pub(super) fn one_slot(sim: &Sim) -> BackendSpec {
     BackendSpec {
         max_concurrency: Some(1),
         ..BackendSpec::new(&sim.url)
