@@ -5,7 +5,7 @@
 //! configured), an unknown key is remembered as unknown for
 //! `negative_cache_ttl` so a flood of bad keys cannot hammer Postgres, and
 //! concurrent misses for the same key wait on one Postgres query
-//! (`try_get_with` coalesces them), bounded by [`LOOKUP_TIMEOUT`]. With Redis,
+//! (`or_try_insert_with` coalesces them), bounded by [`LOOKUP_TIMEOUT`]. With Redis,
 //! revocations also arrive at once through [`super::revocation`].
 //!
 //! A revocation leaves a tombstone for one cache lifetime: a lookup that read
@@ -60,10 +60,9 @@ pub struct KeyCache {
     cache: Cache<KeyHash, Lookup>,
     /// Keys revoked within the last cache lifetime.
     tombstones: Cache<KeyHash, ()>,
-    /// Lookups answered from the cache.
+    /// Lookups answered from the cache, or by another lookup's read.
     hits: IntCounter,
-    /// Reads from Postgres (concurrent misses for one key share one read,
-    /// counted once).
+    /// Reads from Postgres.
     misses: IntCounter,
 }
 
@@ -131,12 +130,14 @@ impl KeyCache {
     }
 
     /// Reads the key from Postgres and caches the answer. Concurrent misses
-    /// for one key share one read, counted once (a miss, or an error).
+    /// for one key share one read: the lookup that makes it counts a miss,
+    /// the others a hit (or all an error, counted once).
     async fn read_through(&self, hash: KeyHash) -> Result<Lookup, ApiError> {
         let store = &self.store;
         let misses = &self.misses;
         self.cache
-            .try_get_with(hash, async move {
+            .entry(hash)
+            .or_try_insert_with(async move {
                 misses.inc();
                 let found = tokio::time::timeout(LOOKUP_TIMEOUT, store.lookup(&hash))
                     .await
@@ -146,6 +147,12 @@ impl KeyCache {
                 Ok::<_, StoreError>(found.map_or(Lookup::Unknown, |r| Lookup::Found(Arc::new(r))))
             })
             .await
+            .map(|entry| {
+                if !entry.is_fresh() {
+                    self.hits.inc();
+                }
+                entry.into_value()
+            })
             .map_err(|e| {
                 tracing::warn!("key lookup failed: {e}");
                 ApiError::AuthUnavailable

@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures_util::future::join_all;
+
 use super::api_metrics::priced_process_backend;
 use super::fake_stripe::FakeStripe;
 use super::metering::scrape;
@@ -137,6 +139,30 @@ async fn request_metrics_have_bounded_labels_and_match_the_requests() {
             (tokens("prompt"), prompt as f64),
             (tokens("completion"), completion as f64),
         ])
+    );
+}
+
+/// Every key lookup counts once: fifty requests racing on a key nobody has
+/// looked up yet share one Postgres read (one miss); the rest are hits.
+#[tokio::test]
+async fn racing_first_lookups_of_a_key_count_one_miss_and_the_rest_hits() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let responses = join_all((0..50).map(|_| gateway.get(&key, "/v1/models"))).await;
+    assert!(responses.iter().all(|r| r.status() == 200));
+    assert_eq!(
+        sorted(
+            samples(
+                gateway.metrics_url.as_str(),
+                "tollgate_key_cache_lookups_total"
+            )
+            .await
+        ),
+        vec![
+            (labels(&[("result", "hit")]), 49.0),
+            (labels(&[("result", "miss")]), 1.0),
+        ]
     );
 }
 
