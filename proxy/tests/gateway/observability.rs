@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures_util::future::join_all;
 
+use super::admission::{one_slot, slow_sim, spawn_chat, tiers};
 use super::api_metrics::priced_process_backend;
 use super::fake_stripe::FakeStripe;
 use super::metering::scrape;
@@ -164,6 +165,43 @@ async fn racing_first_lookups_of_a_key_count_one_miss_and_the_rest_hits() {
             (labels(&[("result", "miss")]), 1.0),
         ]
     );
+}
+
+/// Time spent queued is the queue's, not Tollgate's, even when no slot comes:
+/// a request that gives up in the queue after a second adds no overhead.
+#[tokio::test]
+async fn a_request_that_times_out_in_the_queue_adds_no_overhead() {
+    let sim = slow_sim();
+    let gateway = Gateway::start(
+        &[one_slot(&sim)],
+        Options {
+            tiers: tiers("[[tiers]]\nname = \"free\"\npriority = 0\nmax_queue_wait_secs = 1\n"),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key_on("free-co", "free", &[]);
+    // Holds the one slot for fifty seconds: longer than the test.
+    let _blocker = spawn_chat(&gateway, &key, 1000);
+    eventually("the blocker holds the slot", || async {
+        gateway.queues().await["data"][0]["in_use"] == 1
+    })
+    .await;
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 2))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(error_code(&body), "server_busy");
+
+    let metrics = gateway.metrics_url.as_str();
+    eventually("the timed-out request is counted", || async {
+        scrape(metrics, "tollgate_overhead_seconds_count").await == 1.0
+    })
+    .await;
+    let waited = scrape(metrics, "tollgate_request_duration_seconds_sum").await;
+    let overhead = scrape(metrics, "tollgate_overhead_seconds_sum").await;
+    assert!(waited >= 1.0, "it waited out its second: {waited}");
+    assert!(overhead < 0.25, "overhead {overhead}s of {waited}s");
 }
 
 /// Every family a scrape exposes, by name, with the label-name sets of its
