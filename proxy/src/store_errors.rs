@@ -23,14 +23,17 @@ pub enum PostgresOperation {
     FleetRecovery,
     /// Creating usage partitions ahead and purging old rollups.
     UsageUpkeep,
+    /// Reading the usage log to raise quota counters to it.
+    QuotaReconcile,
 }
 
 impl PostgresOperation {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::KeyLookup,
         Self::InstanceEvents,
         Self::FleetRecovery,
         Self::UsageUpkeep,
+        Self::QuotaReconcile,
     ];
 
     fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl PostgresOperation {
             Self::InstanceEvents => "instance_events",
             Self::FleetRecovery => "fleet_recovery",
             Self::UsageUpkeep => "usage_upkeep",
+            Self::QuotaReconcile => "quota_reconcile",
         }
     }
 }
@@ -54,10 +58,18 @@ pub enum RedisOperation {
     Publish,
     /// The subscription that receives those messages.
     Subscribe,
+    /// Raising quota counters to the usage log's totals.
+    QuotaReconcile,
 }
 
 impl RedisOperation {
-    const ALL: [Self; 4] = [Self::Admit, Self::Settle, Self::Publish, Self::Subscribe];
+    const ALL: [Self; 5] = [
+        Self::Admit,
+        Self::Settle,
+        Self::Publish,
+        Self::Subscribe,
+        Self::QuotaReconcile,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -65,6 +77,7 @@ impl RedisOperation {
             Self::Settle => "settle",
             Self::Publish => "publish",
             Self::Subscribe => "subscribe",
+            Self::QuotaReconcile => "quota_reconcile",
         }
     }
 }

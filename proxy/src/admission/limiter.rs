@@ -181,7 +181,8 @@ impl Limiter {
                 self.timeout,
                 redis.reconcile(account, periods, month_units, day_units),
             )
-            .await?;
+            .await
+            .inspect_err(|_| store_errors::redis(RedisOperation::QuotaReconcile))?;
         }
         Ok(())
     }

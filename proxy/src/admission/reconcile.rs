@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::limiter::Limiter;
 use super::periods::{self, BillingPeriod};
+use crate::store_errors::{self, PostgresOperation};
 
 /// Bound on one reconciliation's queries.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,7 +90,9 @@ pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<us
         anyhow::Ok((calendar, billing))
     })
     .await
-    .map_err(|_| anyhow::anyhow!("usage query timed out"))??;
+    .map_err(|_| anyhow::anyhow!("usage query timed out"))
+    .and_then(|read| read)
+    .inspect_err(|_| store_errors::postgres(PostgresOperation::QuotaReconcile))?;
     let units = |n: i64| u64::try_from(n).unwrap_or(0);
     let mut reconciled = 0;
     let mut day_units: HashMap<Uuid, u64> = HashMap::new();
