@@ -56,15 +56,33 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-/// A port nobody listens on right now. The listener is released before the
-/// port is used, so a clash is possible in principle but vanishingly rare:
-/// Pingora binds its own listeners and cannot be handed ours.
+/// Ports [`free_port`] hands out: below Linux's ephemeral range (32768 up), so
+/// no port-0 listener (gpu-sim, fakes) or outgoing connection takes one
+/// between the pick and the bind.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port for a listener of a process under test, nobody's but this test's.
+/// Pingora binds its own listeners and cannot be handed ours, so the port is
+/// held instead by a lock file until this test process exits: nextest runs
+/// tests as parallel processes, and two of them must never pick one port.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use nix::fcntl::{Flock, FlockArg};
+    use std::hash::{BuildHasher, RandomState};
+    static HELD: std::sync::Mutex<Vec<Flock<std::fs::File>>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("tollgate-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    loop {
+        let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+        let port = TEST_PORTS.start + (RandomState::new().hash_one(unique("port")) % span) as u16;
+        let lock = std::fs::File::create(dir.join(port.to_string())).unwrap();
+        // Locks are per open file: a second pick of the port in this process fails too.
+        if let Ok(lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            HELD.lock().unwrap().push(lock);
+            return port;
+        }
+    }
 }
 
 /// A database of its own, dropped with the test.
