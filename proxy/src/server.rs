@@ -145,6 +145,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         models.clone(),
         config.tiers.iter().map(|t| t.name.clone()).collect(),
     )?;
+    let metering = Metering::new(
+        &config.metering,
+        &models,
+        UnitSizes::from_config(&config),
+        sink.clone(),
+        prometheus::default_registry(),
+    )?;
     let gateway = Gateway {
         keys: cache.clone(),
         selector: Arc::clone(&selector),
@@ -155,12 +162,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         timeouts: config.server.timeouts,
         models,
         revocation_fanout: revocation_fanout.clone(),
-        metering: Metering::new(
-            &config.metering,
-            UnitSizes::from_config(&config),
-            sink.clone(),
-            prometheus::default_registry(),
-        )?,
+        metering,
         metrics,
         admission: Arc::clone(&admission),
         stripe_webhooks,

@@ -2,7 +2,7 @@
 //! backends for their usage, watch the answer go by, and hand one usage event
 //! to the writer in `logging`. Nothing here waits on Postgres.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -70,8 +70,11 @@ struct Counting {
 }
 
 impl Metering {
+    /// Counting metering loads the tokenizers of `models` (the configured
+    /// ones) and of the default encoding before the first request.
     pub fn new(
         config: &MeteringConfig,
+        models: &[String],
         unit_sizes: UnitSizes,
         sink: UsageSink,
         registry: &Registry,
@@ -82,12 +85,20 @@ impl Metering {
              by more than metering.usage_mismatch_tolerance.",
         )?;
         registry.register(Box::new(mismatches.clone()))?;
+        let counting = config.count_tokens.then(|| Counting {
+            encodings: EncodingMap::new(config.default_encoding, config.encodings.clone()),
+            image_tokens: config.image_tokens,
+        });
+        if let Some(counting) = &counting {
+            let used = models.iter().map(|m| counting.encodings.for_model(m));
+            let used: HashSet<Encoding> = used
+                .chain([counting.encodings.default_encoding()])
+                .collect();
+            used.into_iter().for_each(Encoding::preload);
+        }
         Ok(Self {
             sink,
-            counting: config.count_tokens.then(|| Counting {
-                encodings: EncodingMap::new(config.default_encoding, config.encodings.clone()),
-                image_tokens: config.image_tokens,
-            }),
+            counting,
             request_stream_usage: config.request_stream_usage,
             mismatch_tolerance: config.usage_mismatch_tolerance,
             blocking_count_bytes: config.blocking_count_bytes,
