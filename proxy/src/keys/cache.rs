@@ -87,7 +87,7 @@ impl KeyCache {
         let lookups = IntCounterVec::new(
             Opts::new(
                 "tollgate_key_cache_lookups_total",
-                "API key lookups: hit (answered from the cache) or miss (read from Postgres).",
+                "API key lookups the cache answered: hit (from the cache, or by a concurrent lookup's read) or miss (read from Postgres).",
             ),
             &["result"],
         )?;
