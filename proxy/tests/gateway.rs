@@ -58,31 +58,43 @@ fn unique(prefix: &str) -> String {
 
 /// Ports [`free_port`] hands out: below Linux's ephemeral range (32768 up), so
 /// no port-0 listener (gpu-sim, fakes) or outgoing connection takes one
-/// between the pick and the bind.
-const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+/// between the pick and the bind, and below Kubernetes' NodePorts (30000 up).
+const TEST_PORTS: std::ops::Range<u16> = 20_000..30_000;
 
 /// A port for a listener of a process under test, nobody's but this test's.
 /// Pingora binds its own listeners and cannot be handed ours, so the port is
 /// held instead by a lock file until this test process exits: nextest runs
 /// tests as parallel processes, and two of them must never pick one port.
 fn free_port() -> u16 {
+    use nix::errno::Errno;
     use nix::fcntl::{Flock, FlockArg};
     use std::hash::{BuildHasher, RandomState};
+    use std::os::unix::fs::MetadataExt;
     static HELD: std::sync::Mutex<Vec<Flock<std::fs::File>>> = std::sync::Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join("tollgate-test-ports");
+    // Per user: another user's directory would not be writable.
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    let dir = std::env::temp_dir().join(format!("tollgate-test-ports-{uid}"));
     std::fs::create_dir_all(&dir).unwrap();
-    loop {
-        let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+    for _ in 0..1000 {
         let port = TEST_PORTS.start + (RandomState::new().hash_one(unique("port")) % span) as u16;
-        let lock = std::fs::File::create(dir.join(port.to_string())).unwrap();
+        let file = std::fs::File::create(dir.join(port.to_string())).unwrap();
         // Locks are per open file: a second pick of the port in this process fails too.
-        if let Ok(lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
-            && TcpListener::bind(("127.0.0.1", port)).is_ok()
-        {
-            HELD.lock().unwrap().push(lock);
-            return port;
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, Errno::EWOULDBLOCK)) => continue,
+            Err((_, e)) => panic!("cannot lock a port file in {}: {e}", dir.display()),
+        };
+        match TcpListener::bind(("127.0.0.1", port)) {
+            Ok(_) => {
+                HELD.lock().unwrap().push(lock);
+                return port;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => panic!("cannot bind 127.0.0.1:{port}: {e}"),
         }
     }
+    panic!("no free port in {TEST_PORTS:?} after 1000 tries");
 }
 
 /// A database of its own, dropped with the test.
