@@ -4,35 +4,52 @@
 # Each proxy runs under `valgrind --tool=callgrind` (one worker thread) in front of
 # gpu-sim while wrk sends non-streamed chat completions for DURATION seconds; the
 # figure is the inclusive count of Pingora's `process_request` (the whole request
-# path) divided by the requests wrk completed.
+# path) divided by the requests wrk completed. A second of warm-up load runs first
+# and the counters are zeroed after it, so one-time costs (connections, caches)
+# are left out. With BASE_REV, Tollgate built from that revision is measured too.
 #
 #   scripts/bench-instructions.sh            # prints a Markdown table
 #   DURATION=5 scripts/bench-instructions.sh
+#   BASE_REV=ed618e2 scripts/bench-instructions.sh
 
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/bench-lib.sh"
 provision
 cd "$ROOT"
 DURATION="${DURATION:-10}"
+BASE_REV="${BASE_REV:-}"
 apt_install valgrind wrk
+[ -n "$BASE_REV" ] && bench_baseline "$BASE_REV"
 cargo build --release --locked --bins --example passthrough >&2
-SIM_PORT=18501 PASS_PORT=18502 TG_PORT=18503
+SIM_PORT=18501 PASS_PORT=18502 TG_PORT=18503 BASE_PORT=18506
 bench_sim $SIM_PORT
+if [ -n "$BASE_REV" ]; then
+    bench_gateway $BASE_PORT $SIM_PORT
+    BASE_TG=("$BASELINE" --config "$OUT/tollgate-$BASE_PORT.toml") BASE_KEY=$KEY
+fi
 bench_gateway $TG_PORT $SIM_PORT
 
-# measure NAME PORT COMMAND... : prints instructions per request for one proxy.
+# load PORT KEY SECONDS : non-streamed chat completions with wrk; prints the
+# number of requests completed.
+load() {
+    STREAM=0 wrk -t1 -c4 -d"$3s" -H "Authorization: Bearer $2" \
+        -s load-tests/wrk/chat.lua "http://127.0.0.1:$1/v1/chat/completions" |
+        awk '/requests in/ {print $1}'
+}
+
+# measure NAME PORT KEY COMMAND... : prints instructions per request for one proxy.
 measure() {
-    local name=$1 port=$2; shift 2
+    local name=$1 port=$2 key=$3; shift 3
     local profile="$OUT/callgrind-$name.out"
     rm -f "$profile"
     "${TG_ENV[@]}" valgrind --tool=callgrind --callgrind-out-file="$profile" "$@" 2>/dev/null &
     local pid=$!
     # Under valgrind start-up takes seconds: wait for the listener, not a fixed time.
     wait_listening 127.0.0.1 "$port" 120 || die "$name did not start under valgrind"
+    load "$port" "$key" 1 >/dev/null
+    timeout 60 callgrind_control --zero "$pid" >/dev/null || die "could not zero $name's counters"
     local requests
-    requests=$(STREAM=0 wrk -t1 -c4 -d"${DURATION}s" -H "Authorization: Bearer $KEY" \
-        -s load-tests/wrk/chat.lua "http://127.0.0.1:$port/v1/chat/completions" |
-        awk '/requests in/ {print $1}')
+    requests=$(load "$port" "$key" "$DURATION")
     kill -INT "$pid"
     wait "$pid" 2>/dev/null
     local total
@@ -41,10 +58,15 @@ measure() {
     awk -v t="$total" -v r="$requests" 'BEGIN {printf "%.1f", t / r / 1000}'
 }
 
-pass=$(measure passthrough $PASS_PORT "$BIN/examples/passthrough" "127.0.0.1:$PASS_PORT" "127.0.0.1:$SIM_PORT" 1)
-tollgate=$(measure tollgate $TG_PORT "${TG[@]}" serve)
+pass=$(measure passthrough $PASS_PORT "$KEY" "$BIN/examples/passthrough" "127.0.0.1:$PASS_PORT" "127.0.0.1:$SIM_PORT" 1)
+tollgate=$(measure tollgate $TG_PORT "$KEY" "${TG[@]}" serve)
 
+ratio() { awk -v a="$1" -v b="$pass" 'BEGIN {printf "%.2f", a / b}'; }
 echo "| target | instructions / request | relative to passthrough |"
 echo "|---|---|---|"
 echo "| bare passthrough | ${pass}k | 1.00 |"
-echo "| Tollgate | ${tollgate}k | $(awk -v a="$tollgate" -v b="$pass" 'BEGIN {printf "%.2f", a / b}') |"
+if [ -n "$BASE_REV" ]; then
+    base=$(measure "tollgate-$BASE_REV" $BASE_PORT "$BASE_KEY" "${BASE_TG[@]}" serve)
+    echo "| Tollgate at $BASE_REV | ${base}k | $(ratio "$base") |"
+fi
+echo "| Tollgate | ${tollgate}k | $(ratio "$tollgate") |"
