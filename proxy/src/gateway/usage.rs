@@ -90,10 +90,11 @@ impl Metering {
             image_tokens: config.image_tokens,
         });
         if let Some(counting) = &counting {
-            let used = models.iter().map(|m| counting.encodings.for_model(m));
-            let used: HashSet<Encoding> = used
-                .chain([counting.encodings.default_encoding()])
+            let mut used: HashSet<Encoding> = models
+                .iter()
+                .map(|m| counting.encodings.for_model(m))
                 .collect();
+            used.insert(counting.encodings.default_encoding());
             used.into_iter().for_each(Encoding::preload);
         }
         Ok(Self {
