@@ -111,14 +111,33 @@ impl KeyCache {
         if self.tombstones.contains_key(&hash) {
             return Err(ApiError::RevokedKey);
         }
-        let lookup = match self.cache.get(&hash).await {
-            Some(lookup) => {
-                self.hits.inc();
-                lookup
-            }
-            None => self.read_through(hash).await?,
+        let store = &self.store;
+        let entry = self
+            .cache
+            .entry(hash)
+            .or_try_insert_with(async move {
+                let found = tokio::time::timeout(LOOKUP_TIMEOUT, store.lookup(&hash))
+                    .await
+                    .map_err(|_| StoreError::Timeout)
+                    .and_then(|found| found)
+                    // Inside the read: lookups sharing a failed read count it once.
+                    .inspect_err(|_| store_errors::postgres(PostgresOperation::KeyLookup))?;
+                Ok::<_, StoreError>(found.map_or(Lookup::Unknown, |r| Lookup::Found(Arc::new(r))))
+            })
+            .await
+            .map_err(|e| {
+                tracing::warn!("key lookup failed: {e}");
+                ApiError::AuthUnavailable
+            })?;
+        // Fresh: this lookup made the Postgres read. Concurrent misses for the
+        // key waited on it and, like cached answers, count as hits.
+        let counter = if entry.is_fresh() {
+            &self.misses
+        } else {
+            &self.hits
         };
-        match lookup {
+        counter.inc();
+        match entry.into_value() {
             Lookup::Unknown => Err(ApiError::InvalidKey),
             Lookup::Found(record) if record.revoked => Err(ApiError::RevokedKey),
             Lookup::Found(record) if !record.account_active => Err(ApiError::InvalidKey),
@@ -127,36 +146,6 @@ impl KeyCache {
             }
             Lookup::Found(record) => Ok(record),
         }
-    }
-
-    /// Reads the key from Postgres and caches the answer. Concurrent misses
-    /// for one key share one read: the lookup that makes it counts a miss,
-    /// the others a hit (or all an error, counted once).
-    async fn read_through(&self, hash: KeyHash) -> Result<Lookup, ApiError> {
-        let store = &self.store;
-        let misses = &self.misses;
-        self.cache
-            .entry(hash)
-            .or_try_insert_with(async move {
-                misses.inc();
-                let found = tokio::time::timeout(LOOKUP_TIMEOUT, store.lookup(&hash))
-                    .await
-                    .map_err(|_| StoreError::Timeout)
-                    .and_then(|found| found)
-                    .inspect_err(|_| store_errors::postgres(PostgresOperation::KeyLookup))?;
-                Ok::<_, StoreError>(found.map_or(Lookup::Unknown, |r| Lookup::Found(Arc::new(r))))
-            })
-            .await
-            .map(|entry| {
-                if !entry.is_fresh() {
-                    self.hits.inc();
-                }
-                entry.into_value()
-            })
-            .map_err(|e| {
-                tracing::warn!("key lookup failed: {e}");
-                ApiError::AuthUnavailable
-            })
     }
 
     /// Refuses a revoked key from now on, whatever is cached for it.
