@@ -1,37 +1,41 @@
 //! Reads a backend's answer as it passes through the gateway and keeps what
-//! metering needs: the backend-reported `usage`, the generated text (to count
-//! tokens when no usage arrives), whether the answer completed and whether the
-//! backend reported an error.
+//! metering needs: the backend-reported `usage`, the generated text of each
+//! choice (to count tokens when no usage arrives, or when the answer is cut
+//! short), whether the answer completed and whether the backend reported an
+//! error.
 //!
 //! [`ResponseCapture`] is fed every chunk from the proxy's synchronous
 //! `response_body_filter`, so it does no I/O and never panics on any bytes.
-//! It is built to be cheap per chunk: `EventSplitter` carries its state across
-//! chunks, so finding where SSE events end looks at each byte once; each
-//! complete event is then parsed once, in place when it lies inside one chunk;
-//! only the start of an event cut by a chunk boundary is copied and held (at
-//! most [`MAX_EVENT_BYTES`]).
-//!
 //! Two kinds of answer are understood, both in OpenAI's shapes, which vLLM,
 //! TensorRT-LLM and SGLang follow:
 //! - a `text/event-stream` of chat or completions chunks ending in
-//!   `data: [DONE]`;
-//! - a JSON body (chat completion, completion, embeddings), buffered up to a
-//!   cap and parsed once at the end, by serde structs that name only the
-//!   fields needed so that, for example, embedding vectors are skipped.
+//!   `data: [DONE]`: [`sse`] finds where each event ends, looking at each
+//!   byte once; each complete event is read once, in place when it lies
+//!   inside one chunk; only the start of an event cut by a chunk boundary is
+//!   copied and held (at most [`MAX_EVENT_BYTES`]);
+//! - a JSON body (chat completion, completion, embeddings), read as it
+//!   passes by [`json`]'s incremental reader, which keeps only the fields
+//!   metering needs: an answer of any size is read in constant memory, its
+//!   top-level `usage` is found wherever it sits, and a body cut short still
+//!   yields the text that was delivered.
 //!
 //! When the gateway itself asked the backend for `stream_options.include_usage`
 //! and the client did not, the usage-only event that this adds must not reach
 //! the client. The capture can then strip that one event; every other byte
 //! reaches the client unchanged and in order.
 
+mod json;
+mod sse;
+
 use std::borrow::Cow;
-use std::fmt;
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use serde::Deserialize;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-/// Largest single SSE event the capture will hold and parse. A chat chunk
+use self::json::AnswerScanner;
+use self::sse::{EventSplitter, event_data};
+
+/// Largest single SSE event the capture will hold and read. A chat chunk
 /// carries one token's delta, a few hundred bytes, and a usage event about
 /// 200; a megabyte is far beyond any real event yet bounds what one answer can
 /// make the gateway hold.
@@ -41,6 +45,11 @@ pub const MAX_EVENT_BYTES: usize = 1 << 20;
 /// English: beyond any model's output limit, so reaching it means a broken or
 /// hostile backend, not a long answer.
 pub const MAX_TEXT_BYTES: usize = 16 << 20;
+
+/// Most choices whose text is kept apart. OpenAI allows `n` up to 128 and
+/// vLLM a few thousand prompts per request; text of choices beyond this is
+/// kept together in one last bucket, so it is still counted.
+const MAX_CHOICES: usize = 4096;
 
 /// Token counts the backend reported in its `usage` object.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -52,6 +61,59 @@ pub struct ReportedUsage {
     pub total_tokens: u64,
 }
 
+/// The generated text of an answer, by choice: content, reasoning, refusals,
+/// tool-call names and arguments, completions text, each choice's pieces in
+/// the order they arrived. Counted per choice, since tokens never span two.
+#[derive(Debug, Default)]
+pub struct Texts {
+    by_choice: BTreeMap<u32, Vec<u8>>,
+    bytes: usize,
+    /// [`MAX_TEXT_BYTES`] was reached: later pieces were not kept, so each
+    /// choice's text stays a prefix of what it generated.
+    full: bool,
+}
+
+impl Texts {
+    fn push(&mut self, choice: u32, bytes: &[u8]) {
+        if self.full || bytes.is_empty() {
+            return;
+        }
+        let room = MAX_TEXT_BYTES - self.bytes;
+        let bytes = if bytes.len() > room {
+            // A character cut here is replaced when the text is read.
+            self.full = true;
+            bytes.get(..room).unwrap_or_default()
+        } else {
+            bytes
+        };
+        let choice = if self.by_choice.len() >= MAX_CHOICES && !self.by_choice.contains_key(&choice)
+        {
+            u32::MAX
+        } else {
+            choice
+        };
+        self.by_choice
+            .entry(choice)
+            .or_default()
+            .extend_from_slice(bytes);
+        self.bytes += bytes.len();
+    }
+
+    /// Each choice's text, in choice order (invalid UTF-8 replaced).
+    pub fn iter(&self) -> impl Iterator<Item = Cow<'_, str>> {
+        self.by_choice.values().map(|t| String::from_utf8_lossy(t))
+    }
+
+    /// Bytes of text kept, over all choices.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+}
+
 /// Per-request reader of a backend's answer; see the module docs.
 ///
 /// Call [`feed`](Self::feed) with each body chunk in order, then
@@ -61,10 +123,8 @@ pub struct ReportedUsage {
 pub struct ResponseCapture {
     streaming: bool,
     strip_usage_event: bool,
-    max_buffered: usize,
-    /// Stream: the start of an event a chunk boundary cut, kept until the
-    /// event ends. While stripping, these bytes have not been sent yet.
-    /// JSON: the body so far.
+    /// The start of an event a chunk boundary cut, kept until the event ends.
+    /// While stripping, these bytes have not been sent yet.
     held: Vec<u8>,
     splitter: EventSplitter,
     /// The last event ended in a CR that was the last byte of its chunk; an LF
@@ -72,13 +132,15 @@ pub struct ResponseCapture {
     /// (so is dropped with it if it was stripped).
     owed_lf: Option<OwedLf>,
     /// The current event outgrew [`MAX_EVENT_BYTES`]: its bytes pass through
-    /// unparsed and unheld until it ends.
+    /// unread and unheld until it ends.
     skipping_event: bool,
-    /// `data: [DONE]` arrived: later bytes pass through unparsed.
+    /// `data: [DONE]` arrived: later bytes pass through unread.
     stream_over: bool,
     finished: bool,
     /// Where the data lines of one event are joined when there are several.
     scratch: Vec<u8>,
+    /// Reads the JSON body, or one event's data at a time.
+    reader: AnswerScanner,
     findings: Findings,
 }
 
@@ -92,13 +154,11 @@ enum OwedLf {
 #[derive(Debug, Default)]
 struct Findings {
     usage: Option<ReportedUsage>,
-    text: String,
+    texts: Texts,
     completed: bool,
     backend_error: bool,
-    overflowed: bool,
-    /// `text` reached [`MAX_TEXT_BYTES`]; later pieces are not added, so the
-    /// text stays a prefix of the answer's.
-    text_full: bool,
+    /// An SSE event over [`MAX_EVENT_BYTES`] passed through unread.
+    oversize_event: bool,
 }
 
 impl ResponseCapture {
@@ -106,14 +166,11 @@ impl ResponseCapture {
     /// one JSON body. `strip_usage_event`: the gateway added
     /// `stream_options.include_usage` and the client did not ask for it, so
     /// the usage-only event is removed from what the client receives (ignored
-    /// for JSON answers, which are never altered). `max_buffered`: most bytes
-    /// of a JSON answer kept for parsing; a longer answer reports no usage and
-    /// sets [`overflowed`](Self::overflowed).
-    pub fn new(streaming: bool, strip_usage_event: bool, max_buffered: usize) -> Self {
+    /// for JSON answers, which are never altered).
+    pub fn new(streaming: bool, strip_usage_event: bool) -> Self {
         Self {
             streaming,
             strip_usage_event: streaming && strip_usage_event,
-            max_buffered,
             held: Vec::new(),
             splitter: EventSplitter::default(),
             owed_lf: None,
@@ -121,6 +178,7 @@ impl ResponseCapture {
             stream_over: false,
             finished: false,
             scratch: Vec::new(),
+            reader: AnswerScanner::default(),
             findings: Findings::default(),
         }
     }
@@ -141,7 +199,7 @@ impl ResponseCapture {
             return None;
         }
         if !self.streaming {
-            self.buffer_json(chunk);
+            self.reader.feed(chunk, &mut self.findings.texts);
             return None;
         }
         if self.stream_over {
@@ -150,23 +208,25 @@ impl ResponseCapture {
         self.feed_stream(chunk)
     }
 
-    /// The body ended. For a JSON answer, parses it now. Returns bytes still
-    /// held back that the client must get after the last chunk's, if any:
-    /// only while stripping, when the stream ended inside an event.
+    /// The body ended, or was cut short. Returns bytes still held back that
+    /// the client must get after the last chunk's, if any: only while
+    /// stripping, when the stream ended inside an event.
     ///
-    /// An event the stream ended inside is not parsed: an SSE client discards
-    /// it too. Calling `finish` again does nothing.
+    /// An event the stream ended inside is not read: an SSE client discards
+    /// it too. A JSON body cut short keeps the text read so far. Calling
+    /// `finish` again does nothing.
     pub fn finish(&mut self) -> Option<Bytes> {
         if std::mem::replace(&mut self.finished, true) {
             return None;
         }
-        let held = std::mem::take(&mut self.held);
         if !self.streaming {
-            if !self.findings.overflowed {
-                self.findings.take_json_body(&held);
-            }
+            let facts = self.reader.finish(&mut self.findings.texts);
+            self.findings.usage = facts.usage;
+            self.findings.backend_error = facts.error;
+            self.findings.completed = facts.complete;
             return None;
         }
+        let held = std::mem::take(&mut self.held);
         (self.strip_usage_event && !held.is_empty()).then(|| Bytes::from(held))
     }
 
@@ -176,15 +236,14 @@ impl ResponseCapture {
         self.findings.usage
     }
 
-    /// The generated text of all choices, in the order it arrived: content,
-    /// reasoning, refusals, tool-call names and arguments, completions text.
-    /// With several choices streamed at once their pieces interleave.
-    pub fn completion_text(&self) -> &str {
-        &self.findings.text
+    /// The generated text, by choice.
+    pub fn completion_texts(&self) -> &Texts {
+        &self.findings.texts
     }
 
     /// Stream: a `finish_reason` or `data: [DONE]` arrived. JSON: the body
-    /// parsed (an error body too; see [`backend_error`](Self::backend_error)).
+    /// was read to its end (an error body too; see
+    /// [`backend_error`](Self::backend_error)).
     pub fn completed(&self) -> bool {
         self.findings.completed
     }
@@ -195,27 +254,11 @@ impl ResponseCapture {
         self.findings.backend_error
     }
 
-    /// Part of the answer was passed through without being read: a JSON body
-    /// over `max_buffered`, an SSE event over [`MAX_EVENT_BYTES`], or text
-    /// beyond [`MAX_TEXT_BYTES`]. Usage and text may then be missing or short.
+    /// Part of the answer was passed through without being read: an SSE
+    /// event over [`MAX_EVENT_BYTES`], or text beyond [`MAX_TEXT_BYTES`].
+    /// Usage and text may then be missing or short.
     pub fn overflowed(&self) -> bool {
-        self.findings.overflowed
-    }
-
-    fn buffer_json(&mut self, chunk: &[u8]) {
-        if self.findings.overflowed {
-            return;
-        }
-        if self.held.len().saturating_add(chunk.len()) > self.max_buffered {
-            tracing::debug!(
-                max_buffered = self.max_buffered,
-                "JSON answer too large to read for usage"
-            );
-            self.findings.overflowed = true;
-            self.held = Vec::new();
-            return;
-        }
-        self.held.extend_from_slice(chunk);
+        self.findings.oversize_event || self.findings.texts.full
     }
 
     fn feed_stream(&mut self, chunk: &[u8]) -> Option<Bytes> {
@@ -256,10 +299,12 @@ impl ResponseCapture {
                 self.note_oversize_event();
                 EventKind::Other
             } else if held_len == 0 {
-                self.findings.take_event(part, &mut self.scratch)
+                self.findings
+                    .take_event(part, &mut self.scratch, &mut self.reader)
             } else {
                 self.held.extend_from_slice(part);
-                self.findings.take_event(&self.held, &mut self.scratch)
+                self.findings
+                    .take_event(&self.held, &mut self.scratch, &mut self.reader)
             };
             let stripped = strip && kind == EventKind::UsageOnly;
             if strip {
@@ -315,60 +360,13 @@ impl ResponseCapture {
     }
 
     fn note_oversize_event(&mut self) {
-        if !self.findings.overflowed {
+        if !self.findings.oversize_event {
             tracing::debug!(
                 max_event_bytes = MAX_EVENT_BYTES,
                 "SSE event too large to read for usage"
             );
         }
-        self.findings.overflowed = true;
-    }
-}
-
-/// Finds where SSE events end: at a blank line, with lines ending in LF, CRLF
-/// or a lone CR as the event-stream format allows. Its state carries across
-/// chunks, so every byte is looked at once.
-#[derive(Debug, Default)]
-struct EventSplitter {
-    /// The current line has bytes, so the next line end is not a blank line.
-    in_line: bool,
-    /// The last byte seen was a CR ending a line; an LF next completes a CRLF.
-    after_cr: bool,
-}
-
-impl EventSplitter {
-    /// Length of the prefix of `bytes` that completes the current event,
-    /// including the blank line's line end, or `None` when `bytes` does not
-    /// complete it. After a CR that ends `bytes`, `after_cr` is left set.
-    fn next_event_len(&mut self, bytes: &[u8]) -> Option<usize> {
-        let mut at = 0;
-        if self.after_cr && !bytes.is_empty() {
-            self.after_cr = false;
-            if bytes.first() == Some(&b'\n') {
-                at = 1;
-            }
-        }
-        loop {
-            let rest = bytes.get(at..)?;
-            let Some(offset) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
-                self.in_line |= !rest.is_empty();
-                return None;
-            };
-            let blank = !self.in_line && offset == 0;
-            self.in_line = false;
-            let line_end = at + offset;
-            at = line_end + 1;
-            if bytes.get(line_end) == Some(&b'\r') {
-                match bytes.get(at) {
-                    Some(b'\n') => at += 1,
-                    Some(_) => {}
-                    None => self.after_cr = true,
-                }
-            }
-            if blank {
-                return Some(at);
-            }
-        }
+        self.findings.oversize_event = true;
     }
 }
 
@@ -383,7 +381,12 @@ enum EventKind {
 
 impl Findings {
     /// Reads one complete SSE event (its raw bytes, blank line included).
-    fn take_event(&mut self, event: &[u8], scratch: &mut Vec<u8>) -> EventKind {
+    fn take_event(
+        &mut self,
+        event: &[u8],
+        scratch: &mut Vec<u8>,
+        reader: &mut AnswerScanner,
+    ) -> EventKind {
         let Some(data) = event_data(event, scratch) else {
             return EventKind::Other;
         };
@@ -391,277 +394,21 @@ impl Findings {
             self.completed = true;
             return EventKind::Done;
         }
-        // Not JSON, or not shaped like a chunk: nothing to meter in it.
-        let Ok(chunk) = serde_json::from_slice::<Answer<'_>>(data) else {
-            return EventKind::Other;
-        };
-        let has_choices = chunk.choices.as_ref().is_some_and(|c| !c.is_empty());
-        let has_usage = chunk.usage.is_some();
-        for choice in chunk.choices.iter().flatten() {
-            if choice.finish_reason.is_some() {
-                self.completed = true;
-            }
+        reader.reset();
+        reader.feed(data, &mut self.texts);
+        let facts = reader.finish(&mut self.texts);
+        // Not JSON, or not shaped like a chunk: whatever was read before the
+        // fault counts, and nothing in it is a usage report.
+        self.completed |= facts.finish_reason;
+        self.backend_error |= facts.error;
+        if facts.usage.is_some() {
+            self.usage = facts.usage;
         }
-        self.take_answer(chunk);
-        if has_usage && !has_choices {
+        if facts.usage.is_some() && !facts.choices && facts.complete {
             EventKind::UsageOnly
         } else {
             EventKind::Other
         }
-    }
-
-    fn take_json_body(&mut self, body: &[u8]) {
-        // An answer that is not JSON, or not shaped like one, leaves `completed` false.
-        if let Ok(answer) = serde_json::from_slice::<Answer<'_>>(body) {
-            self.completed = true;
-            self.take_answer(answer);
-        }
-    }
-
-    fn take_answer(&mut self, answer: Answer<'_>) {
-        if answer.error.is_some() || answer.object.as_str() == Some("error") {
-            self.backend_error = true;
-        }
-        if let Some(usage) = answer.usage {
-            self.usage = Some(usage.into());
-        }
-        for choice in answer.choices.into_iter().flatten() {
-            self.push_text(&choice.text);
-            for message in [choice.delta, choice.message].into_iter().flatten() {
-                self.push_message(message);
-            }
-        }
-    }
-
-    fn push_message(&mut self, message: Message<'_>) {
-        // vLLM renamed `reasoning_content` to `reasoning` and some versions send
-        // both with the same text: count it once.
-        let reasoning = if message.reasoning_content.is_empty() {
-            &message.reasoning
-        } else {
-            &message.reasoning_content
-        };
-        self.push_text(reasoning);
-        self.push_text(&message.content);
-        self.push_text(&message.refusal);
-        let calls = message.tool_calls.into_iter().flatten();
-        for function in calls
-            .filter_map(|c| c.function)
-            .chain(message.function_call)
-        {
-            self.push_text(&function.name);
-            self.push_text(&function.arguments);
-        }
-    }
-
-    fn push_text(&mut self, text: &Text<'_>) {
-        let Some(text) = text.as_str() else { return };
-        if self.text_full {
-            return;
-        }
-        if self.text.len() + text.len() > MAX_TEXT_BYTES {
-            self.text_full = true;
-            self.overflowed = true;
-            return;
-        }
-        self.text.push_str(text);
-    }
-}
-
-/// The `data` of an SSE event: its `data` field values joined with LF, as the
-/// event-stream format says, borrowed from `event` when there is one line.
-/// `None` when the event has no `data` field (a comment, a keep-alive).
-fn event_data<'a>(event: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<&'a [u8]> {
-    let mut first: Option<&'a [u8]> = None;
-    let mut joined = false;
-    let lines = event.split(|&b| b == b'\n' || b == b'\r');
-    for line in lines.filter(|l| !l.is_empty() && l.first() != Some(&b':')) {
-        let (field, value) = match line.iter().position(|&b| b == b':') {
-            Some(colon) => {
-                let value = line.get(colon + 1..).unwrap_or_default();
-                let value = value.strip_prefix(b" ").unwrap_or(value);
-                (line.get(..colon).unwrap_or_default(), value)
-            }
-            None => (line, &b""[..]),
-        };
-        if field != b"data" {
-            continue;
-        }
-        match first {
-            None => first = Some(value),
-            Some(first_value) => {
-                if !joined {
-                    scratch.clear();
-                    scratch.extend_from_slice(first_value);
-                    joined = true;
-                }
-                scratch.push(b'\n');
-                scratch.extend_from_slice(value);
-            }
-        }
-    }
-    if joined { Some(scratch) } else { first }
-}
-
-/// A stream chunk or a whole JSON answer; only the fields metering reads.
-#[derive(Deserialize)]
-struct Answer<'a> {
-    #[serde(default, borrow)]
-    choices: Option<Vec<Choice<'a>>>,
-    #[serde(default)]
-    usage: Option<WireUsage>,
-    #[serde(default)]
-    error: Option<IgnoredAny>,
-    #[serde(default, borrow)]
-    object: Text<'a>,
-}
-
-#[derive(Deserialize)]
-struct Choice<'a> {
-    /// Chat stream chunks.
-    #[serde(default, borrow)]
-    delta: Option<Message<'a>>,
-    /// Whole chat answers.
-    #[serde(default, borrow)]
-    message: Option<Message<'a>>,
-    /// Completions, streamed or whole.
-    #[serde(default, borrow)]
-    text: Text<'a>,
-    #[serde(default)]
-    finish_reason: Option<IgnoredAny>,
-}
-
-#[derive(Deserialize)]
-struct Message<'a> {
-    #[serde(default, borrow)]
-    content: Text<'a>,
-    #[serde(default, borrow)]
-    reasoning_content: Text<'a>,
-    #[serde(default, borrow)]
-    reasoning: Text<'a>,
-    #[serde(default, borrow)]
-    refusal: Text<'a>,
-    #[serde(default, borrow)]
-    tool_calls: Option<Vec<ToolCall<'a>>>,
-    /// The deprecated single function call.
-    #[serde(default, borrow)]
-    function_call: Option<FunctionCall<'a>>,
-}
-
-#[derive(Deserialize)]
-struct ToolCall<'a> {
-    #[serde(default, borrow)]
-    function: Option<FunctionCall<'a>>,
-}
-
-#[derive(Deserialize)]
-struct FunctionCall<'a> {
-    #[serde(default, borrow)]
-    name: Text<'a>,
-    #[serde(default, borrow)]
-    arguments: Text<'a>,
-}
-
-#[derive(Deserialize)]
-struct WireUsage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    total_tokens: Option<u64>,
-}
-
-impl From<WireUsage> for ReportedUsage {
-    fn from(usage: WireUsage) -> Self {
-        let prompt_tokens = usage.prompt_tokens.unwrap_or(0);
-        let completion_tokens = usage.completion_tokens.unwrap_or(0);
-        Self {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: usage
-                .total_tokens
-                .unwrap_or(prompt_tokens.saturating_add(completion_tokens)),
-        }
-    }
-}
-
-/// A JSON value read as text when it is a string and ignored otherwise, so an
-/// unexpected shape (say, `content` as an array of parts) costs that text, not
-/// the whole chunk and its usage. Borrows from the input unless it has escapes.
-#[derive(Default)]
-struct Text<'a>(Option<Cow<'a, str>>);
-
-impl Text<'_> {
-    fn as_str(&self) -> Option<&str> {
-        self.0.as_deref()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.as_str().is_none_or(str::is_empty)
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(TextVisitor)
-    }
-}
-
-struct TextVisitor;
-
-impl<'de> Visitor<'de> for TextVisitor {
-    type Value = Text<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Text(Some(Cow::Borrowed(v))))
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Text(Some(Cow::Owned(v.to_owned()))))
-    }
-
-    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Text(Some(Cow::Owned(v))))
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Text(None))
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Text(None))
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Text(None))
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Text(None))
-    }
-
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Text(None))
-    }
-
-    fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(Text(None))
-    }
-
-    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Text(None))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Text(None))
     }
 }
 
@@ -720,7 +467,7 @@ mod tests {
         strip: bool,
         pieces: impl IntoIterator<Item = &'a [u8]>,
     ) -> Outcome {
-        let mut capture = ResponseCapture::new(streaming, strip, 1 << 20);
+        let mut capture = ResponseCapture::new(streaming, strip);
         let mut client = Vec::new();
         for piece in pieces {
             match capture.feed(piece) {
@@ -734,11 +481,19 @@ mod tests {
         Outcome {
             client,
             usage: capture.usage(),
-            text: capture.completion_text().to_owned(),
+            text: joined_text(&capture),
             completed: capture.completed(),
             backend_error: capture.backend_error(),
             overflowed: capture.overflowed(),
         }
+    }
+
+    fn joined_text(capture: &ResponseCapture) -> String {
+        capture
+            .completion_texts()
+            .iter()
+            .collect::<Vec<_>>()
+            .concat()
     }
 
     fn run_whole(streaming: bool, strip: bool, body: &str) -> Outcome {
@@ -822,7 +577,7 @@ mod tests {
 
     #[test]
     fn stripping_passes_event_aligned_chunks_without_copying() {
-        let mut capture = ResponseCapture::new(true, true, 0);
+        let mut capture = ResponseCapture::new(true, true);
         for event in CHAT_STREAM.split_inclusive("\n\n") {
             let out = capture.feed(event.as_bytes());
             if event == USAGE_EVENT {
@@ -836,7 +591,7 @@ mod tests {
 
     #[test]
     fn stripping_holds_a_cut_event_until_it_completes() {
-        let mut capture = ResponseCapture::new(true, true, 0);
+        let mut capture = ResponseCapture::new(true, true);
         let first = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"cho";
         let out = capture.feed(first.as_bytes()).unwrap();
         assert_eq!(
@@ -1057,7 +812,7 @@ mod tests {
         let stream = format!("{big}{USAGE_EVENT}data: [DONE]\n\n");
         let expected_client = format!("{big}data: [DONE]\n\n");
         for piece_len in [4096, 1 << 19, stream.len()] {
-            let mut capture = ResponseCapture::new(true, true, 0);
+            let mut capture = ResponseCapture::new(true, true);
             let mut client = Vec::new();
             for piece in stream.as_bytes().chunks(piece_len) {
                 match capture.feed(piece) {
@@ -1069,9 +824,8 @@ mod tests {
             assert!(capture.finish().is_none());
             assert_eq!(client, expected_client.as_bytes(), "pieces of {piece_len}");
             assert!(capture.overflowed());
-            assert_eq!(
-                capture.completion_text(),
-                "",
+            assert!(
+                capture.completion_texts().is_empty(),
                 "the oversize event is not read"
             );
             // Events after it are read again.
@@ -1081,16 +835,18 @@ mod tests {
     }
 
     #[test]
-    fn invalid_json_and_invalid_utf8_events_are_skipped() {
+    fn invalid_json_is_read_up_to_its_fault_and_invalid_utf8_is_replaced() {
         let mut stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n".to_vec();
         stream
             .extend_from_slice(b"data: {\"choices\":[{\"delta\":{\"content\":\"\xff\xfe\"}}]}\n\n");
         stream.extend_from_slice(b"data: {\"choices\":[\n\n");
         stream.extend_from_slice(b"data: not json at all\n\n");
+        stream.extend_from_slice(b"data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}] oops\n\n");
         stream.extend_from_slice(USAGE_EVENT.as_bytes());
         stream.extend_from_slice(b"data: [DONE]\n\n");
         let outcome = run(true, false, [&stream[..]]);
-        assert_eq!(outcome.text, "a");
+        // The bytes were delivered: they count, invalid UTF-8 as U+FFFD.
+        assert_eq!(outcome.text, "a\u{fffd}\u{fffd}b");
         assert_eq!(outcome.usage, Some(CHAT_USAGE));
         assert!(outcome.completed);
     }
@@ -1145,7 +901,8 @@ mod tests {
                 total_tokens: 12
             })
         );
-        assert_eq!(outcome.text, "hmm Hi theref{}");
+        // In the order the fields arrive.
+        assert_eq!(outcome.text, "Hi therehmm f{}");
         assert!(outcome.completed);
         assert!(!outcome.backend_error);
     }
@@ -1165,7 +922,7 @@ mod tests {
         let body = format!(
             r#"{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":[{vector}]}}],"model":"e5","usage":{{"prompt_tokens":8,"total_tokens":8}}}}"#
         );
-        let mut capture = ResponseCapture::new(false, false, 8 << 20);
+        let mut capture = ResponseCapture::new(false, false);
         for piece in body.as_bytes().chunks(16 * 1024) {
             assert_eq!(capture.feed(piece), None);
         }
@@ -1178,32 +935,130 @@ mod tests {
                 total_tokens: 8
             })
         );
-        assert_eq!(capture.completion_text(), "");
+        assert!(capture.completion_texts().is_empty());
         assert!(capture.completed());
-        assert!(capture.held.capacity() == 0, "the body is freed once read");
+        assert!(capture.held.capacity() == 0, "nothing of the body is held");
+    }
+
+    /// A JSON answer of any size is read as it passes: its usage is found
+    /// after 100 MiB of content, and nothing of the body is held.
+    #[test]
+    fn an_oversized_json_answer_is_billed_from_its_usage() {
+        let content = "word ".repeat(20 << 20);
+        let body = format!(
+            r#"{{"id":"c","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"length"}}],"usage":{{"prompt_tokens":5,"completion_tokens":20971520,"total_tokens":20971525}}}}"#
+        );
+        assert!(body.len() > 100 << 20);
+        let mut capture = ResponseCapture::new(false, false);
+        for piece in body.as_bytes().chunks(64 * 1024) {
+            assert_eq!(capture.feed(piece), None, "JSON answers are never altered");
+        }
+        assert_eq!(capture.finish(), None);
+        assert_eq!(
+            capture.usage(),
+            Some(ReportedUsage {
+                prompt_tokens: 5,
+                completion_tokens: 20_971_520,
+                total_tokens: 20_971_525
+            })
+        );
+        assert!(capture.completed());
+        assert!(capture.held.capacity() == 0);
+        // Text beyond the cap is not kept (the usage is what is billed).
+        assert_eq!(capture.completion_texts().len(), MAX_TEXT_BYTES);
+        assert!(capture.overflowed());
+    }
+
+    /// Without a usage report, the text of a huge answer is there to count.
+    #[test]
+    fn an_oversized_json_answer_without_usage_keeps_its_text_to_count() {
+        let content = "x".repeat(3 << 20);
+        let body = format!(r#"{{"choices":[{{"index":0,"text":"{content}"}}]}}"#);
+        let outcome = run(false, false, body.as_bytes().chunks(4096));
+        assert_eq!(outcome.usage, None);
+        assert_eq!(outcome.text, content);
+        assert!(outcome.completed);
+    }
+
+    /// A JSON answer cut short after bytes reached the client keeps the text
+    /// delivered, so it is billed for it rather than as zero.
+    #[test]
+    fn a_json_answer_cut_short_keeps_the_text_delivered() {
+        let body = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hel\"lo wörld and more"}}],"usage":{"prompt_tokens":1}}"#;
+        let cut = body.find(" and").unwrap();
+        let outcome = run_whole(false, false, &body[..cut]);
+        assert!(!outcome.completed);
+        assert_eq!(outcome.usage, None);
+        assert_eq!(outcome.text, "Hel\"lo wörld");
+    }
+
+    /// Escapes, surrogate pairs, brackets inside strings and skipped nested
+    /// values, with the body split at every byte: the same findings.
+    #[test]
+    fn json_answer_split_anywhere_reads_the_same() {
+        let body = r#"{"id":"c","choices":[{"index":0,"message":{"content":"a\"b\\c\u00e9\ud83d\ude00 é","reasoning":"r"},"finish_reason":"stop"},{"index":1,"message":{"content":"second","tool_calls":[{"id":"t","function":{"name":"f","arguments":"{\"x\":[1,{\"y\":\"}\"}]}"}}]}}],"extra":{"deep":[[[{"content":"not text"}]]],"s":"]}\""},"usage":{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+        let whole = run_whole(false, false, body);
+        let mut capture = ResponseCapture::new(false, false);
+        capture.feed(body.as_bytes());
+        capture.finish();
+        let texts: Vec<_> = capture.completion_texts().iter().collect();
+        assert_eq!(texts, ["a\"b\\cé😀 ér", "secondf{\"x\":[1,{\"y\":\"}\"}]}"]);
+        assert_eq!(
+            whole.usage,
+            Some(ReportedUsage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                total_tokens: 7
+            })
+        );
+        assert!(whole.completed);
+        assert!(!whole.backend_error);
+        let bytes = body.as_bytes();
+        assert_eq!(run(false, false, bytes.chunks(1)), whole, "byte by byte");
+        for at in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(at);
+            assert_eq!(run(false, false, [a, b]), whole, "split at {at}");
+        }
     }
 
     #[test]
-    fn json_over_max_buffered_reports_no_usage() {
-        let body = r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
-        let mut capture = ResponseCapture::new(false, false, body.len() - 1);
-        for piece in body.as_bytes().chunks(10) {
-            assert_eq!(capture.feed(piece), None);
-        }
-        assert_eq!(capture.finish(), None);
-        assert!(capture.overflowed());
-        assert_eq!(capture.usage(), None);
-        assert!(!capture.completed());
-        assert!(capture.held.capacity() == 0);
+    fn interleaved_choices_keep_their_own_text() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":1,\"text\":\" two\",\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"text\":\"one\",\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"index\":1,\"text\":\" three\",\"finish_reason\":\"length\"}]}\n\n",
+            "data: {\"choices\":[{\"text\":\" four\",\"index\":0}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let mut capture = ResponseCapture::new(true, false);
+        capture.feed(stream.as_bytes());
+        capture.finish();
+        let texts: Vec<_> = capture.completion_texts().iter().collect();
+        // An `index` after the text is too late: the text went to the
+        // choice's position (0), which is where it belongs here too.
+        assert_eq!(texts, ["one four", " two three"]);
+    }
 
-        // Exactly at the cap is still read.
-        let outcome = {
-            let mut capture = ResponseCapture::new(false, false, body.len());
-            capture.feed(body.as_bytes());
-            capture.finish();
-            capture.usage()
-        };
-        assert_eq!(outcome.map(|u| u.total_tokens), Some(2));
+    #[test]
+    fn reasoning_under_both_names_counts_once_and_alone_counts() {
+        let both = r#"{"choices":[{"message":{"reasoning":"think","reasoning_content":"think","content":"ok"}}]}"#;
+        assert_eq!(run_whole(false, false, both).text, "thinkok");
+        let newer = r#"{"choices":[{"message":{"reasoning":"think","content":"ok"}}]}"#;
+        assert_eq!(run_whole(false, false, newer).text, "okthink");
+    }
+
+    #[test]
+    fn deeply_nested_skipped_values_cost_no_memory() {
+        let depth = 1 << 20;
+        let body = format!(
+            r#"{{"junk":{}{},"choices":[{{"text":"x"}}],"usage":{{"prompt_tokens":1}}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let outcome = run(false, false, body.as_bytes().chunks(999));
+        assert_eq!(outcome.text, "x");
+        assert_eq!(outcome.usage.map(|u| u.prompt_tokens), Some(1));
+        assert!(outcome.completed);
     }
 
     #[test]
@@ -1229,13 +1084,14 @@ mod tests {
 
     #[test]
     fn text_stops_at_its_cap() {
-        let mut findings = Findings::default();
+        let mut texts = Texts::default();
         let big = "x".repeat(MAX_TEXT_BYTES - 1);
-        findings.push_text(&Text(Some(Cow::Borrowed(&big))));
-        findings.push_text(&Text(Some(Cow::Borrowed("yy"))));
-        findings.push_text(&Text(Some(Cow::Borrowed("z"))));
-        assert_eq!(findings.text.len(), MAX_TEXT_BYTES - 1);
-        assert!(findings.overflowed);
+        texts.push(0, big.as_bytes());
+        texts.push(1, b"yy");
+        texts.push(0, b"z");
+        assert_eq!(texts.len(), MAX_TEXT_BYTES);
+        assert!(texts.iter().collect::<String>().ends_with("xy"));
+        assert!(texts.full);
     }
 
     #[test]
@@ -1249,11 +1105,124 @@ mod tests {
 
     #[test]
     fn feed_after_finish_passes_through() {
-        let mut capture = ResponseCapture::new(true, true, 0);
+        let mut capture = ResponseCapture::new(true, true);
         assert_eq!(capture.feed(b"data: {\"cho").map(|b| b.len()), Some(0));
         assert_eq!(capture.finish().as_deref(), Some(&b"data: {\"cho"[..]));
         assert_eq!(capture.finish(), None);
         assert_eq!(capture.feed(USAGE_EVENT.as_bytes()), None);
         assert_eq!(capture.usage(), None);
+    }
+
+    /// Arbitrary answers: no panic, no changed byte, the same findings however
+    /// the bytes are cut into chunks.
+    mod properties {
+        #![allow(clippy::unwrap_used)]
+
+        use proptest::prelude::*;
+
+        /// Pieces an answer is made of: JSON and SSE syntax, the fields metering
+        /// reads, escapes and surrogates, and any byte at all.
+        fn fragment() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "{",
+                    "}",
+                    "[",
+                    "]",
+                    ":",
+                    ",",
+                    "\"",
+                    "\\",
+                    " ",
+                    "null",
+                    "7",
+                    "-1.5e3",
+                    "true",
+                    "\"choices\"",
+                    "\"usage\"",
+                    "\"message\"",
+                    "\"delta\"",
+                    "\"content\"",
+                    "\"text\"",
+                    "\"index\"",
+                    "\"reasoning\"",
+                    "\"reasoning_content\"",
+                    "\"tool_calls\"",
+                    "\"function\"",
+                    "\"arguments\"",
+                    "\"finish_reason\"",
+                    "\"error\"",
+                    "\"object\"",
+                    "\"prompt_tokens\"",
+                    "\"completion_tokens\"",
+                    "{\"prompt_tokens\":3,\"completion_tokens\":4}",
+                    "\\u00e9",
+                    "\\ud83d\\ude00",
+                    "\\ud800",
+                    "\\n",
+                    "data: ",
+                    "data:",
+                    "\n",
+                    "\r\n",
+                    "\r",
+                    "\n\n",
+                    "[DONE]",
+                    ": comment\n",
+                    "event: x\n",
+                    "é",
+                ])
+                .prop_map(|s: &str| s.as_bytes().to_vec()),
+                prop::collection::vec(any::<u8>(), 1..4),
+            ]
+        }
+
+        fn answer() -> impl Strategy<Value = Vec<u8>> {
+            prop::collection::vec(fragment(), 0..120).prop_map(|parts| parts.concat())
+        }
+
+        /// `bytes` cut at the given points (each taken modulo the length).
+        fn cut(bytes: &[u8], points: &[prop::sample::Index]) -> Vec<Vec<u8>> {
+            let mut at: Vec<usize> = points.iter().map(|p| p.index(bytes.len() + 1)).collect();
+            at.push(0);
+            at.push(bytes.len());
+            at.sort_unstable();
+            at.windows(2).map(|w| bytes[w[0]..w[1]].to_vec()).collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+
+            #[test]
+            fn any_answer_passes_unchanged_and_reads_the_same_however_cut(
+                bytes in answer(),
+                points in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+                streaming in any::<bool>(),
+            ) {
+                let whole = super::run(streaming, false, [&bytes[..]]);
+                prop_assert_eq!(&whole.client, &bytes);
+                let pieces = cut(&bytes, &points);
+                let split = super::run(streaming, false, pieces.iter().map(Vec::as_slice));
+                prop_assert_eq!(split, whole);
+            }
+
+            #[test]
+            fn stripping_only_ever_removes_bytes_and_only_usage_events(
+                bytes in answer(),
+                points in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+            ) {
+                let pieces = cut(&bytes, &points);
+                let out = super::run(true, true, pieces.iter().map(Vec::as_slice));
+                // What the client gets is the answer with some spans left out.
+                let mut rest = &bytes[..];
+                for &byte in &out.client {
+                    let at = rest.iter().position(|&b| b == byte);
+                    prop_assert!(at.is_some(), "a byte that was not in the answer");
+                    rest = &rest[at.unwrap() + 1..];
+                }
+                if !bytes.windows(5).any(|w| w == b"usage") {
+                    prop_assert_eq!(&out.client, &bytes);
+                }
+            }
+        }
     }
 }
