@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
+use tollgate_metering::journal::Journal;
 use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
 use tollgate_metering::spool::Spool;
@@ -99,9 +100,11 @@ async fn write(db: &TestDb, events: Vec<UsageEvent>) -> Duration {
         batch_size: setting("BATCH", 10_000) as usize,
         flush_interval: Duration::from_millis(200),
         write_timeout: Duration::from_secs(30),
+        journal_sync_interval: Duration::from_millis(200),
     };
     let stats = WriterStats::new().unwrap();
-    let (sink, task) = writer::channel(db.pool.clone(), spool, config, stats);
+    let (journal, _) = Journal::open(&dir.join("journal"), &spool).unwrap();
+    let (sink, task) = writer::channel(db.pool.clone(), spool, Arc::new(journal), config, stats);
     let running = tokio::spawn(task.run(std::future::pending()));
     let started = Instant::now();
     for event in events {

@@ -17,6 +17,7 @@
 
 pub mod capture;
 pub mod event;
+pub mod journal;
 pub mod partitions;
 pub mod report;
 pub mod spool;

@@ -63,8 +63,9 @@
 //! A drained spool (cursor at the end) is truncated to zero bytes, so the file
 //! does not grow forever while traffic keeps spilling into it.
 //!
-//! One process owns a spool directory; two processes appending to the same
-//! file would interleave records unsafely.
+//! One process owns a spool directory: two appending to the same file would
+//! interleave records unsafely, and each would replay the other's events.
+//! [`SpoolDirLock`] makes that a refusal at start-up rather than a hazard.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -75,6 +76,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Name of the spool file inside the spool directory.
 pub const SPOOL_FILE_NAME: &str = "usage.spool";
+
+/// The lock file that makes a spool directory one process's; it holds the
+/// owner's pid, for the message a second process gets.
+pub const LOCK_FILE_NAME: &str = "tollgate.lock";
 
 /// Largest payload [`Spool::append`] accepts. A usage event is a few hundred
 /// bytes of JSON; the cap exists so a damaged length field is recognised as
@@ -96,6 +101,7 @@ const OP_QUARANTINE: &str = "quarantine";
 const OP_APPEND: &str = "append";
 const OP_READ: &str = "read";
 const OP_SYNC: &str = "sync";
+const OP_LOCK: &str = "lock";
 
 /// Everything that can go wrong with the spool.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +121,61 @@ pub enum SpoolError {
     /// quarantines invalid records, so this means the file changed under us.
     #[error("usage spool record at byte {offset} is corrupt")]
     Corrupt { offset: u64 },
+    /// Another live process holds the spool directory.
+    #[error(
+        "the usage spool directory {} is in use by another process ({holder}); \
+         each Tollgate process needs a metering.spool_dir of its own",
+        dir.display()
+    )]
+    InUse { dir: PathBuf, holder: String },
+}
+
+/// Ownership of a spool directory for as long as this value lives: an
+/// exclusive `flock` on its lock file, which the kernel releases when the
+/// process ends however it ends (a SIGKILL leaves no stale lock behind).
+#[derive(Debug)]
+pub struct SpoolDirLock {
+    _file: File,
+}
+
+impl SpoolDirLock {
+    /// Takes the directory (creating it), or says who holds it.
+    pub fn acquire(dir: &Path) -> Result<Self, SpoolError> {
+        let path = dir.join(LOCK_FILE_NAME);
+        let io_err = |source| SpoolError::Io {
+            op: OP_LOCK,
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io_err)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path)
+                    .ok()
+                    .map(|pid| pid.trim().to_owned())
+                    .filter(|pid| !pid.is_empty())
+                    .map_or_else(|| "pid unknown".to_owned(), |pid| format!("pid {pid}"));
+                return Err(SpoolError::InUse {
+                    dir: dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err(fs::TryLockError::Error(source)) => return Err(io_err(source)),
+        }
+        file.set_len(0).map_err(io_err)?;
+        file.write_all_at(std::process::id().to_string().as_bytes(), 0)
+            .map_err(io_err)?;
+        let _ = file.flush();
+        Ok(Self { _file: file })
+    }
 }
 
 /// A durable FIFO of opaque usage-event payloads backed by one file.
@@ -165,6 +226,12 @@ impl Spool {
     /// corrupt tail as described in the module docs, and returns it with the
     /// read cursor at the first record.
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        Self::open_file(dir, SPOOL_FILE_NAME)
+    }
+
+    /// [`open`](Self::open) for the file `name` in `dir` (the journal keeps
+    /// its segments in this format).
+    pub fn open_file(dir: &Path, name: &str) -> Result<Spool, SpoolError> {
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| SpoolError::Io {
@@ -174,7 +241,7 @@ impl Spool {
             }
         };
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let path = dir.join(SPOOL_FILE_NAME);
+        let path = dir.join(name);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -362,6 +429,11 @@ impl Spool {
     /// Whether every appended record has been consumed.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The spool file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Bytes of records (framing included) appended and not consumed yet.
@@ -590,11 +662,11 @@ fn quarantine_tail(
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    let (quarantine_path, mut out) = create_unique(
-        dir,
-        &format!("{SPOOL_FILE_NAME}.{}-{millis}", invalid.tag()),
-    )
-    .map_err(io_err(dir))?;
+    let name = spool_path
+        .file_name()
+        .map_or_else(|| SPOOL_FILE_NAME.into(), |n| n.to_string_lossy());
+    let (quarantine_path, mut out) =
+        create_unique(dir, &format!("{name}.{}-{millis}", invalid.tag())).map_err(io_err(dir))?;
 
     let mut chunk = vec![0u8; READ_CHUNK];
     let mut pos = valid_end;

@@ -13,10 +13,13 @@
 //! writer replays it oldest-first, so events reach Postgres in the order they
 //! were spooled. A spool left by a previous process is replayed the same way.
 //!
-//! Durability: an event is in memory between `record` and its batch's write
-//! (at most `flush_interval` plus one write), and on disk from then on, in
-//! Postgres or in the spool. SIGTERM flushes the channel ([`UsageSink::flush_for_exit`]);
-//! a SIGKILL loses only the events still in memory. If even the spool cannot
+//! Durability: `record` first appends the event to the write-ahead
+//! [`Journal`] (the page cache, which outlives the process), so from the
+//! moment it returns a crash cannot lose the event: the next start replays
+//! the journal. The writer settles each event in the journal once it is in
+//! Postgres or the spool, and `fdatasync`s the journal every
+//! `journal_sync_interval` against power loss. SIGTERM flushes the channel
+//! ([`UsageSink::flush_for_exit`]). If neither the journal nor the spool can
 //! be written, the request path keeps serving: the event is counted in
 //! `lost` and logged at error level.
 
@@ -32,6 +35,7 @@ use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
 use crate::event::UsageEvent;
+use crate::journal::{Journal, JournalMark};
 use crate::partitions;
 use crate::spool::Spool;
 
@@ -46,6 +50,9 @@ pub struct WriterConfig {
     pub flush_interval: Duration,
     /// A write slower than this counts as failed: the batch is spooled.
     pub write_timeout: Duration,
+    /// How often the journal is synced to disk: the most a power loss can
+    /// take (a process crash takes nothing).
+    pub journal_sync_interval: Duration,
 }
 
 /// The writer's counters, exported as Prometheus metrics (register them with
@@ -66,6 +73,9 @@ pub struct WriterStats {
     pub lost: IntCounter,
     /// Failed Postgres writes.
     pub write_errors: IntCounter,
+    /// Failed journal appends or syncs (the event then lives in memory only
+    /// until it is written, as without a journal).
+    pub journal_errors: IntCounter,
     /// Events in the spool now, waiting for replay.
     pub spool_events: IntGauge,
 }
@@ -101,6 +111,10 @@ impl WriterStats {
                 "tollgate_usage_write_errors_total",
                 "Failed or timed-out usage writes to Postgres.",
             )?,
+            journal_errors: IntCounter::new(
+                "tollgate_usage_journal_errors_total",
+                "Failed appends to or syncs of the usage write-ahead journal.",
+            )?,
             spool_events: IntGauge::new(
                 "tollgate_usage_spool_events",
                 "Usage events in the spool awaiting replay.",
@@ -118,6 +132,7 @@ impl WriterStats {
             &self.replayed,
             &self.lost,
             &self.write_errors,
+            &self.journal_errors,
         ] {
             registry.register(Box::new(counter.clone()))?;
         }
@@ -131,20 +146,49 @@ enum Flush {
     ForExit,
 }
 
+/// An event on its way to Postgres, and where the journal holds it.
+struct Recorded {
+    event: UsageEvent,
+    /// `None` when the journal could not take it.
+    mark: Option<JournalMark>,
+}
+
+/// Events taken from the channel and not yet written.
+#[derive(Default)]
+struct Batch {
+    events: Vec<UsageEvent>,
+    marks: Vec<JournalMark>,
+}
+
+impl Batch {
+    fn extend(&mut self, received: &mut Vec<Recorded>) {
+        for recorded in received.drain(..) {
+            self.events.push(recorded.event);
+            self.marks.extend(recorded.mark);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+}
+
 /// The request path's handle: cheap to clone, never waits.
 #[derive(Clone)]
 pub struct UsageSink {
-    events: mpsc::Sender<UsageEvent>,
+    events: mpsc::Sender<Recorded>,
     flushes: mpsc::Sender<(Flush, oneshot::Sender<()>)>,
     spool: Arc<Spool>,
+    journal: Arc<Journal>,
     stats: Arc<WriterStats>,
 }
 
 /// The background task that owns the channel's receiving end.
 pub struct UsageWriter {
-    events: mpsc::Receiver<UsageEvent>,
+    events: mpsc::Receiver<Recorded>,
     flushes: mpsc::Receiver<(Flush, oneshot::Sender<()>)>,
     spool: Arc<Spool>,
+    journal: Arc<Journal>,
     pool: Pool,
     config: WriterConfig,
     stats: Arc<WriterStats>,
@@ -167,6 +211,7 @@ const SHUTDOWN_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn channel(
     pool: Pool,
     spool: Arc<Spool>,
+    journal: Arc<Journal>,
     config: WriterConfig,
     stats: WriterStats,
 ) -> (UsageSink, UsageWriter) {
@@ -178,12 +223,14 @@ pub fn channel(
         events: events_tx,
         flushes: flush_tx,
         spool: Arc::clone(&spool),
+        journal: Arc::clone(&journal),
         stats: Arc::clone(&stats),
     };
     let writer = UsageWriter {
         events: events_rx,
         flushes: flush_rx,
         spool,
+        journal,
         pool,
         config,
         stats: Arc::clone(&stats),
@@ -195,21 +242,33 @@ pub fn channel(
 }
 
 impl UsageSink {
-    /// Hands one event to the writer without waiting: into the channel, or
-    /// when it is full (or the writer is gone), into the spool.
+    /// Hands one event to the writer without waiting, once it is in the
+    /// journal: through the channel, or when it is full (or the writer is
+    /// gone) into the spool.
     pub fn record(&self, event: UsageEvent) {
-        let event = match self.events.try_send(event) {
+        let Some(payload) = serialize(&self.stats, &event) else {
+            return;
+        };
+        let mark = match self.journal.append(&payload) {
+            Ok(mark) => Some(mark),
+            Err(error) => {
+                self.stats.journal_errors.inc();
+                tracing::error!(
+                    "usage journal append failed; the event is in memory only: {error}"
+                );
+                None
+            }
+        };
+        let recorded = match self.events.try_send(Recorded { event, mark }) {
             Ok(()) => return,
             Err(
-                mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event),
-            ) => event,
+                mpsc::error::TrySendError::Full(recorded)
+                | mpsc::error::TrySendError::Closed(recorded),
+            ) => recorded,
         };
-        append_to_spool(
-            &self.spool,
-            &self.stats,
-            std::slice::from_ref(&event),
-            false,
-        );
+        if append_to_spool(&self.spool, &self.stats, vec![payload], false) {
+            self.journal.settle(recorded.mark);
+        }
     }
 
     /// Waits until every event recorded before this call is in Postgres or
@@ -238,22 +297,25 @@ impl UsageSink {
     }
 }
 
-/// Appends `events` to the spool; counts them as spooled or lost. The writer
-/// syncs (`fdatasync`) after each batch it spools; the request path only
-/// appends, so it never waits on the disk (its records survive a process
-/// crash at once, and power loss from the writer's next sync).
-fn append_to_spool(spool: &Spool, stats: &WriterStats, events: &[UsageEvent], sync: bool) {
-    let mut payloads = Vec::with_capacity(events.len());
-    for event in events {
-        match serde_json::to_vec(event) {
-            Ok(payload) => payloads.push(payload),
-            // Unreachable for these plain types; counted rather than ignored.
-            Err(error) => {
-                stats.lost.inc_by(1);
-                tracing::error!("USAGE EVENT LOST: not serialisable: {error}");
-            }
+/// The event as the spool and the journal store it; `None` (counted as
+/// lost) only if it cannot be serialised, which these plain types rule out.
+fn serialize(stats: &WriterStats, event: &UsageEvent) -> Option<Vec<u8>> {
+    match serde_json::to_vec(event) {
+        Ok(payload) => Some(payload),
+        Err(error) => {
+            stats.lost.inc();
+            tracing::error!("USAGE EVENT LOST: not serialisable: {error}");
+            None
         }
     }
+}
+
+/// Appends `payloads` to the spool; counts them as spooled or lost and says
+/// whether they were spooled. The writer syncs (`fdatasync`) after each
+/// batch it spools; the request path only appends, so it never waits on the
+/// disk (its records survive a process crash at once, and power loss from
+/// the writer's next sync).
+fn append_to_spool(spool: &Spool, stats: &WriterStats, payloads: Vec<Vec<u8>>, sync: bool) -> bool {
     let count = payloads.len() as u64;
     if let Err(error) = spool.append(payloads.iter().map(Vec::as_slice)) {
         stats.lost.inc_by(count);
@@ -261,7 +323,7 @@ fn append_to_spool(spool: &Spool, stats: &WriterStats, events: &[UsageEvent], sy
             events = count,
             "USAGE EVENTS LOST: neither Postgres nor the spool could take them: {error}"
         );
-        return;
+        return false;
     }
     stats.spooled.inc_by(count);
     stats.spool_events.set(spool.len() as i64);
@@ -269,6 +331,7 @@ fn append_to_spool(spool: &Spool, stats: &WriterStats, events: &[UsageEvent], sy
         // Written, so replayed after a crash; only a power loss could take them now.
         tracing::error!("usage spool sync failed: {error}");
     }
+    true
 }
 
 impl UsageWriter {
@@ -283,7 +346,10 @@ impl UsageWriter {
             );
         }
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut batch = Vec::with_capacity(self.config.batch_size);
+        let mut batch = Batch::default();
+        let mut received = Vec::with_capacity(self.config.batch_size);
+        let mut journal_sync = tokio::time::interval(self.config.journal_sync_interval);
+        journal_sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -305,10 +371,15 @@ impl UsageWriter {
                     let _ = done.send(());
                     continue;
                 }
-                received = self.events.recv_many(&mut batch, self.config.batch_size) => {
-                    if received == 0 {
+                _ = journal_sync.tick() => {
+                    self.sync_journal().await;
+                    continue;
+                }
+                count = self.events.recv_many(&mut received, self.config.batch_size) => {
+                    if count == 0 {
                         break;
                     }
+                    batch.extend(&mut received);
                 }
                 () = tokio::time::sleep_until(self.replay_after),
                     if !self.shutting_down && !self.spool.is_empty() => {
@@ -321,11 +392,11 @@ impl UsageWriter {
             let deadline = Instant::now() + self.config.flush_interval;
             while batch.len() < self.config.batch_size {
                 let room = self.config.batch_size - batch.len();
-                match tokio::time::timeout_at(deadline, self.events.recv_many(&mut batch, room))
+                match tokio::time::timeout_at(deadline, self.events.recv_many(&mut received, room))
                     .await
                 {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(_) => batch.extend(&mut received),
                 }
             }
             self.deliver(&mut batch).await;
@@ -333,6 +404,10 @@ impl UsageWriter {
         self.prepare_exit();
         self.drain_channel(&mut batch).await;
         self.deliver(&mut batch).await;
+        self.sync_journal().await;
+        // Everything is in Postgres or the spool: the journal has nothing the
+        // next start would need.
+        self.journal.close();
         while let Ok((_, done)) = self.flushes.try_recv() {
             let _ = done.send(());
         }
@@ -344,10 +419,21 @@ impl UsageWriter {
         self.config.write_timeout = self.config.write_timeout.min(SHUTDOWN_WRITE_TIMEOUT);
     }
 
+    /// `fdatasync` of the journal (and rotation), on the blocking pool.
+    async fn sync_journal(&self) {
+        let journal = Arc::clone(&self.journal);
+        let synced = tokio::task::spawn_blocking(move || journal.sync_and_rotate()).await;
+        if let Ok(Err(error)) = synced {
+            self.stats.journal_errors.inc();
+            tracing::error!("usage journal sync failed: {error}");
+        }
+    }
+
     /// Moves every event waiting in the channel into batches, writing full ones.
-    async fn drain_channel(&mut self, batch: &mut Vec<UsageEvent>) {
-        while let Ok(event) = self.events.try_recv() {
-            batch.push(event);
+    async fn drain_channel(&mut self, batch: &mut Batch) {
+        while let Ok(recorded) = self.events.try_recv() {
+            batch.events.push(recorded.event);
+            batch.marks.extend(recorded.mark);
             if batch.len() >= self.config.batch_size {
                 self.deliver(batch).await;
             }
@@ -355,26 +441,42 @@ impl UsageWriter {
     }
 
     /// Writes a batch: to Postgres when nothing is spooled ahead of it, to the
-    /// spool otherwise or when Postgres fails.
-    async fn deliver(&mut self, batch: &mut Vec<UsageEvent>) {
-        if batch.is_empty() {
+    /// spool otherwise or when Postgres fails; then the journal lets go of it.
+    async fn deliver(&mut self, batch: &mut Batch) {
+        if batch.events.is_empty() {
             return;
         }
         if self.spool.is_empty() {
-            match self.write(batch).await {
+            match self.write(&batch.events).await {
                 Ok(()) => {
-                    batch.clear();
+                    self.done_with(batch, true);
                     return;
                 }
                 Err(error) => self.postgres_failed(&error),
             }
         }
-        append_to_spool(&self.spool, &self.stats, batch, true);
-        batch.clear();
+        let payloads = batch
+            .events
+            .iter()
+            .filter_map(|event| serialize(&self.stats, event))
+            .collect();
+        let spooled = append_to_spool(&self.spool, &self.stats, payloads, true);
+        self.done_with(batch, spooled);
         // At shutdown the flush must end soon: what is spooled stays for the
         // next start instead of being retried now.
         if !self.shutting_down && Instant::now() >= self.replay_after {
             self.replay().await;
+        }
+    }
+
+    /// Empties a delivered batch. Events that were not `stored` (neither
+    /// written nor spooled) stay in the journal, so the next start replays them.
+    fn done_with(&self, batch: &mut Batch, stored: bool) {
+        batch.events.clear();
+        if stored {
+            self.journal.settle(batch.marks.drain(..));
+        } else {
+            batch.marks.clear();
         }
     }
 

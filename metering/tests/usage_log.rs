@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Pool;
 use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
+use tollgate_metering::journal::Journal;
 use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
 use tollgate_metering::spool::Spool;
@@ -25,6 +26,7 @@ fn config() -> WriterConfig {
         batch_size: 500,
         flush_interval: Duration::from_millis(20),
         write_timeout: Duration::from_secs(5),
+        journal_sync_interval: Duration::from_millis(100),
     }
 }
 
@@ -67,10 +69,20 @@ async fn count(pool: &Pool, sql: &str) -> i64 {
         .get(0)
 }
 
+/// A journal of its own next to `spool` (each writer in these tests starts
+/// afresh, with nothing of an earlier one's to replay).
+fn journal_beside(spool: &Spool) -> Arc<Journal> {
+    let dir = spool
+        .path()
+        .with_file_name(format!("journal-{}", Uuid::now_v7()));
+    Arc::new(Journal::open(&dir, spool).unwrap().0)
+}
+
 /// Runs a writer over `events` (sent through the sink, then flushed).
 async fn write_all(pool: &Pool, spool: Arc<Spool>, events: &[UsageEvent]) -> writer::UsageSink {
     let stats = writer::WriterStats::new().unwrap();
-    let (sink, writer) = writer::channel(pool.clone(), spool, config(), stats);
+    let journal = journal_beside(&spool);
+    let (sink, writer) = writer::channel(pool.clone(), spool, journal, config(), stats);
     tokio::spawn(writer.run(std::future::pending()));
     for event in events {
         sink.record(event.clone());
