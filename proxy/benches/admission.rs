@@ -120,6 +120,7 @@ impl Traffic {
                 day: "2026-11-23".to_owned(),
             },
             reservation_ttl: Duration::from_secs(300),
+            dry_run: false,
         }
     }
 

@@ -100,6 +100,9 @@ impl From<KeyAdminError> for ApiError {
             KeyAdminError::InvalidAccountName => {
                 ApiError::bad_request(error.to_string(), Some("account"))
             }
+            KeyAdminError::InvalidExpiry => {
+                ApiError::bad_request(error.to_string(), Some("expires_in"))
+            }
             KeyAdminError::Store(StoreError::NotFound(message)) => ApiError::NotFound(message),
             KeyAdminError::Store(StoreError::Conflict(message)) => ApiError::Conflict(message),
             KeyAdminError::Store(StoreError::Pool(_) | StoreError::Db(_) | StoreError::Timeout) => {

@@ -136,6 +136,7 @@ struct RawKeys {
     cache_ttl: Option<String>,
     negative_cache_ttl: Option<String>,
     cache_capacity: Option<usize>,
+    stale_while_unavailable: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -151,12 +152,12 @@ struct RawMetering {
     request_stream_usage: Option<bool>,
     usage_mismatch_tolerance: Option<f64>,
     blocking_count_bytes: Option<usize>,
-    max_buffered_response_bytes: Option<usize>,
     spool_dir: Option<String>,
     channel_capacity: Option<usize>,
     batch_size: Option<usize>,
     flush_interval: Option<String>,
     write_timeout: Option<String>,
+    journal_sync_interval: Option<String>,
     rollup_retention: Option<String>,
     minute_rollup_retention: Option<String>,
 }
@@ -354,6 +355,9 @@ pub struct KeyCacheConfig {
     /// How long an unknown key is remembered as unknown.
     pub negative_ttl: Duration,
     pub capacity: usize,
+    /// While Postgres cannot be reached, a key it verified within this long
+    /// keeps authenticating (0: none does; every lookup then gets 503).
+    pub stale_while_unavailable: Duration,
 }
 
 /// `[metering]`: token counting and the usage writer.
@@ -376,8 +380,6 @@ pub struct MeteringConfig {
     pub usage_mismatch_tolerance: f64,
     /// Inputs longer than this are counted on the blocking pool.
     pub blocking_count_bytes: usize,
-    /// Non-streamed answers are kept up to this size to read their `usage`.
-    pub max_buffered_response_bytes: usize,
     pub spool_dir: PathBuf,
     pub writer: WriterConfig,
     /// How long day rollups are kept.
@@ -556,6 +558,9 @@ pub mod defaults {
     /// Revocation must take effect within 5 s on every instance.
     pub const KEY_CACHE_TTL: &str = "5s";
     pub const NEGATIVE_CACHE_TTL: &str = "2s";
+    /// Long enough to ride out a Postgres restart or failover; short enough
+    /// that a key deleted in an outage with Redis down too stops soon after.
+    pub const STALE_WHILE_UNAVAILABLE: &str = "10m";
     pub const KEY_CACHE_CAPACITY: usize = 100_000;
     pub const BACKEND_MAX_CONCURRENCY: u32 = 64;
     /// The Billing Meter's event name.
@@ -596,13 +601,15 @@ pub mod defaults {
     pub const IMAGE_TOKENS: usize = tollgate_metering::tokens::DEFAULT_IMAGE_TOKENS;
     pub const USAGE_MISMATCH_TOLERANCE: f64 = 0.02;
     pub const BLOCKING_COUNT_BYTES: usize = tollgate_metering::tokens::BLOCKING_THRESHOLD_BYTES;
-    pub const MAX_BUFFERED_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
     pub const SPOOL_DIR: &str = "spool";
     /// About a few seconds of traffic at the rates one instance serves.
     pub const USAGE_CHANNEL_CAPACITY: usize = 65_536;
     pub const USAGE_BATCH_SIZE: usize = 10_000;
     pub const USAGE_FLUSH_INTERVAL: &str = "200ms";
     pub const USAGE_WRITE_TIMEOUT: &str = "5s";
+    /// As often as a batch is written: a power loss can take at most the
+    /// events of the last interval (a process crash takes none).
+    pub const JOURNAL_SYNC_INTERVAL: &str = "200ms";
     pub const ROLLUP_RETENTION: &str = "400d";
     /// Two billing months and change.
     pub const MINUTE_ROLLUP_RETENTION: &str = "70d";
@@ -783,6 +790,11 @@ impl Config {
                     .cache_capacity
                     .unwrap_or(defaults::KEY_CACHE_CAPACITY),
             )?,
+            stale_while_unavailable: duration(
+                "keys.stale_while_unavailable",
+                raw.keys.stale_while_unavailable.as_deref(),
+                defaults::STALE_WHILE_UNAVAILABLE,
+            )?,
         };
         let tiers = validate_tiers(raw.tiers)?;
         Self {
@@ -932,11 +944,6 @@ fn validate_metering(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, Co
         blocking_count_bytes: m
             .blocking_count_bytes
             .unwrap_or(defaults::BLOCKING_COUNT_BYTES),
-        max_buffered_response_bytes: positive(
-            "metering.max_buffered_response_bytes",
-            m.max_buffered_response_bytes
-                .unwrap_or(defaults::MAX_BUFFERED_RESPONSE_BYTES),
-        )?,
         spool_dir: PathBuf::from(m.spool_dir.as_deref().unwrap_or(defaults::SPOOL_DIR)),
         writer: WriterConfig {
             channel_capacity: positive(
@@ -957,6 +964,11 @@ fn validate_metering(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, Co
                 "metering.write_timeout",
                 m.write_timeout.as_deref(),
                 defaults::USAGE_WRITE_TIMEOUT,
+            )?,
+            journal_sync_interval: duration(
+                "metering.journal_sync_interval",
+                m.journal_sync_interval.as_deref(),
+                defaults::JOURNAL_SYNC_INTERVAL,
             )?,
         },
         rollup_retention: duration(

@@ -37,6 +37,8 @@ pub enum ApiError {
     },
     #[error("Request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
+    #[error("Request headers total more than the limit of {limit} bytes.")]
+    HeadersTooLarge { limit: usize },
     #[error("The backend refused or dropped the connection.")]
     BadGateway,
     #[error("No backend is available for model `{0}`.")]
@@ -143,6 +145,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => 405,
             Self::Conflict(_) => 409,
             Self::BodyTooLarge { .. } => 413,
+            Self::HeadersTooLarge { .. } => 431,
             Self::RateLimited { .. }
             | Self::TooManyTokens { .. }
             | Self::TooManyConcurrent { .. }
@@ -172,6 +175,7 @@ impl ApiError {
             | Self::UnknownRoute { .. }
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge { .. }
+            | Self::HeadersTooLarge { .. }
             | Self::Conflict(_)
             | Self::NotFound(_) => "invalid_request_error",
             // OpenAI's rate-limit errors name what ran out.
@@ -203,6 +207,7 @@ impl ApiError {
             Self::UnknownRoute { .. } => Some("unknown_url"),
             Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
             Self::BodyTooLarge { .. } => Some("request_too_large"),
+            Self::HeadersTooLarge { .. } => Some("request_header_fields_too_large"),
             Self::BadGateway => Some("bad_gateway"),
             Self::NoBackend(_) => Some("no_backend_available"),
             Self::GatewayTimeout { .. } => Some("gateway_timeout"),
@@ -231,6 +236,7 @@ impl ApiError {
             | Self::UnknownRoute { .. }
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge { .. }
+            | Self::HeadersTooLarge { .. }
             | Self::BadGateway
             | Self::GatewayTimeout { .. }
             | Self::AuthUnavailable
@@ -269,6 +275,7 @@ impl ApiError {
             | Self::UnknownRoute { .. }
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge { .. }
+            | Self::HeadersTooLarge { .. }
             | Self::BadGateway
             | Self::NoBackend(_)
             | Self::GatewayTimeout { .. }

@@ -7,6 +7,7 @@
 //! - [`admin`]: the admin API and the metrics endpoint.
 //! - [`summary`]: `GET /api/metrics`, the admin listener's JSON summary.
 //! - [`db`]: the Postgres pool and migrations (`sql/`).
+//! - [`readiness`]: `/readyz`'s Postgres check, kept fresh in the background.
 //! - [`store_errors`]: failed Postgres and Redis calls, counted by operation.
 //! - [`server`]: assembling and running the Pingora server, draining on SIGTERM.
 //! - [`simulate`]: `tollgate simulate`, the fleet's economics in simulated time.
@@ -23,6 +24,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod keys;
 pub mod metering;
+pub mod readiness;
 pub mod server;
 pub mod simulate;
 pub mod store_errors;

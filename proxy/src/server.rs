@@ -21,7 +21,8 @@ use tollgate_backends::balance::session_affinity::SessionAffinity;
 use tollgate_backends::fleet::controller::{FleetController, Managed};
 use tollgate_backends::health::{Probe, ProbeClient, ProbeConfig};
 use tollgate_backends::routing::{Backend, BackendPool, UpstreamSelector};
-use tollgate_metering::spool::Spool;
+use tollgate_metering::journal::{JOURNAL_DIR, Journal};
+use tollgate_metering::spool::{Spool, SpoolDirLock};
 use tollgate_metering::writer::{self, UsageSink, WriterStats};
 
 use crate::admin::{AdminApi, MetricsApp};
@@ -41,6 +42,7 @@ use crate::keys::cache::KeyCache;
 use crate::keys::revocation::RevocationListener;
 use crate::keys::store::KeyStore;
 use crate::metering::{UsageUpkeep, UsageWriterService};
+use crate::readiness::{PostgresReadiness, ReadinessProbe};
 use crate::store_errors;
 use crate::summary::Summary;
 
@@ -63,17 +65,25 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     server.bootstrap();
 
     let pool = db::pool(&config.database)?;
-    let spool = Spool::open(&config.metering.spool_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "metering.spool_dir {}: {e}",
-            config.metering.spool_dir.display()
-        )
-    })?;
+    let spool_dir = &config.metering.spool_dir;
+    let spool_error = |e| anyhow::anyhow!("metering.spool_dir {}: {e}", spool_dir.display());
+    // Held until the process exits: one process per spool directory.
+    let _spool_lock = SpoolDirLock::acquire(spool_dir).map_err(spool_error)?;
+    let spool = Spool::open(spool_dir).map_err(spool_error)?;
+    let (journal, replayed) =
+        Journal::open(&spool_dir.join(JOURNAL_DIR), &spool).map_err(spool_error)?;
+    if replayed > 0 {
+        tracing::info!(
+            events = replayed,
+            "usage events journaled by a previous run moved to the spool for replay"
+        );
+    }
     let usage_stats = WriterStats::new()?;
     usage_stats.register(prometheus::default_registry())?;
     let (sink, usage_writer) = writer::channel(
         pool.clone(),
         Arc::new(spool),
+        Arc::new(journal),
         config.metering.writer.clone(),
         usage_stats,
     );
@@ -152,11 +162,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         sink.clone(),
         prometheus::default_registry(),
     )?;
+    let readiness = Arc::new(PostgresReadiness::default());
     let gateway = Gateway {
         keys: cache.clone(),
         selector: Arc::clone(&selector),
         session_header: config.routing.session_header.clone(),
         pool: pool.clone(),
+        readiness: Arc::clone(&readiness),
         in_flight: Arc::clone(&in_flight),
         max_body_bytes: config.server.max_body_bytes,
         timeouts: config.server.timeouts,
@@ -196,6 +208,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(metrics);
+    server.add_service(background_service(
+        "readiness probe",
+        ReadinessProbe {
+            pool: pool.clone(),
+            readiness,
+        },
+    ));
     server.add_service(background_service(
         "postgres pool janitor",
         PoolJanitor {

@@ -88,11 +88,21 @@ impl UsageQuery {
     }
 }
 
-/// Unix seconds, `YYYY-MM-DD`, or an RFC 3339 time (UTC when no offset).
+/// The last second of year 9999: RFC 3339 times end there, and every time
+/// a query takes is bounded by it, so no number a caller sends can overflow
+/// time arithmetic or fall outside what Postgres stores.
+const LATEST_TIME_SECS: u64 = 253_402_300_799;
+
+/// Unix seconds, `YYYY-MM-DD`, or an RFC 3339 time (UTC when no offset), up
+/// to the end of year 9999.
 pub fn parse_time(value: &str, param: &'static str) -> Result<SystemTime, ApiError> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
-        return Ok(UNIX_EPOCH + Duration::from_secs(seconds));
+        return (seconds <= LATEST_TIME_SECS)
+            .then(|| UNIX_EPOCH + Duration::from_secs(seconds))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("`{param}` is past the year 9999."), Some(param))
+            });
     }
     let full = if value.len() == 10 {
         format!("{value}T00:00:00Z")

@@ -277,11 +277,17 @@ impl Gateway {
         let mut config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
              metrics_listen = \"127.0.0.1:{metrics_port}\"\ndrain_timeout = \"20s\"\n{}\n\
-             [keys]\n{}\n[metering]\nspool_dir = \"{}\"\nflush_interval = \"50ms\"\n{}\n\
+             [keys]\n{}\n[metering]\nspool_dir = \"{}\"\n{}\n{}\n\
              [admission]\n{}\n[routing]\n{}\n[health]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}\n{}",
             options.server,
             options.keys,
             spool_dir.display(),
+            // Quick writes, unless the test sets its own.
+            if options.metering.contains("flush_interval") {
+                ""
+            } else {
+                "flush_interval = \"50ms\""
+            },
             options.metering,
             options.admission,
             options.routing,
@@ -583,10 +589,16 @@ mod dashboards;
 mod fake_stripe;
 #[path = "gateway/fleet.rs"]
 mod fleet;
+#[path = "gateway/hostile.rs"]
+mod hostile;
 #[path = "gateway/metering.rs"]
 mod metering;
+#[path = "gateway/money_path.rs"]
+mod money_path;
 #[path = "gateway/observability.rs"]
 mod observability;
+#[path = "gateway/outages.rs"]
+mod outages;
 #[path = "gateway/routing.rs"]
 mod routing;
 #[path = "gateway/triton.rs"]

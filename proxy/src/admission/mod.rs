@@ -110,8 +110,9 @@ pub struct Estimate {
     pub prompt_tokens: u64,
     /// The request's `max_tokens` (`None`: the configured default).
     pub max_tokens: Option<u64>,
-    /// Sequences generated (`n`, `best_of`); each may reach `max_tokens`.
-    pub choices: u64,
+    /// Sequences generated (`n` or `best_of`, times the prompts of a
+    /// completions request); each may reach `max_tokens`.
+    pub sequences: u64,
     /// False for embeddings, which generate nothing.
     pub generates: bool,
     /// Tokens in one unit of quota ([`crate::gateway::usage::UnitSizes`]).
@@ -249,12 +250,12 @@ impl Admission {
         if plan.unlimited() {
             return Ok(None);
         }
-        let choices = estimate.choices.max(1);
+        let sequences = estimate.sequences.max(1);
         let (completion, least) = if estimate.generates {
             let max_tokens = estimate
                 .max_tokens
                 .unwrap_or(self.config.default_max_tokens);
-            (max_tokens.saturating_mul(choices), choices)
+            (max_tokens.saturating_mul(sequences), sequences)
         } else {
             (0, 0)
         };
@@ -289,6 +290,7 @@ impl Admission {
             min_units: units(estimate.prompt_tokens.saturating_add(least), per_unit),
             periods: periods::periods(now, key.billing_period),
             reservation_ttl: self.config.reservation_ttl,
+            dry_run: false,
         };
         let (verdict, store) = self
             .limiter
@@ -306,7 +308,7 @@ impl Admission {
                 let send_max_tokens = if !estimate.generates {
                     None
                 } else if granted < tokens {
-                    Some(room / choices)
+                    Some(room / sequences)
                 } else if plan.caps_output() && estimate.max_tokens.is_none() {
                     Some(self.config.default_max_tokens)
                 } else {
@@ -318,6 +320,52 @@ impl Admission {
                     windows,
                     send_max_tokens,
                 }))
+            }
+            refused => Err(self.refusal(plan, refused, now, key)),
+        }
+    }
+
+    /// Before the prompt is counted: refuses what no token count could let
+    /// through (a request-rate rule, concurrency, a used-up capped quota)
+    /// with a check that charges and reserves nothing, so a throttled key
+    /// cannot keep the CPU busy tokenizing. [`Self::check`] decides for
+    /// real once the count is known.
+    pub async fn precheck(&self, key: &KeyRecord) -> Result<(), Refusal> {
+        let plan = self.plan(&key.tier)?;
+        if plan.unlimited() {
+            return Ok(());
+        }
+        let now = SystemTime::now();
+        let request = AdmitRequest {
+            account: key.account_id,
+            key: key.key_id,
+            reservation_id: Uuid::nil(),
+            rates: plan.rates.clone(),
+            quota: plan.quota,
+            estimate_tokens: 0,
+            estimate_units: 0,
+            min_units: 1,
+            periods: periods::periods(now, key.billing_period),
+            reservation_ttl: self.config.reservation_ttl,
+            dry_run: true,
+        };
+        let (verdict, _) = self
+            .limiter
+            .admit(&plan.tier.name, plan.tier.on_redis_down, &request)
+            .await
+            .map_err(|_| self.refuse(plan, "limiter_unavailable", ApiError::LimiterUnavailable))?;
+        match verdict {
+            Verdict::Admitted { .. } => Ok(()),
+            refused => Err(self.refusal(plan, refused, now, key)),
+        }
+    }
+
+    /// The answer to a verdict that refused.
+    fn refusal(&self, plan: &Plan, verdict: Verdict, now: SystemTime, key: &KeyRecord) -> Refusal {
+        match verdict {
+            Verdict::Admitted { .. } => {
+                // Not a refusal: never passed here.
+                self.refuse(plan, "limiter_unavailable", ApiError::LimiterUnavailable)
             }
             Verdict::RateLimited {
                 rule,
@@ -334,30 +382,30 @@ impl Admission {
                     limit: rule.per_minute,
                     retry_after,
                 };
-                Err(Refusal {
+                Refusal {
                     windows,
                     ..self.refuse(plan, reason, error)
-                })
+                }
             }
-            Verdict::Concurrency { limit } => Err(self.refuse(
+            Verdict::Concurrency { limit } => self.refuse(
                 plan,
                 "max_concurrent",
                 ApiError::TooManyConcurrent { limit },
-            )),
+            ),
             Verdict::QuotaExhausted { period } => {
                 let reason = match period {
                     limits::Period::Month => "quota_month",
                     limits::Period::Day => "quota_day",
                 };
                 let retry_after = periods::until_end(period, now, key.billing_period);
-                Err(self.refuse(
+                self.refuse(
                     plan,
                     reason,
                     ApiError::InsufficientQuota {
                         period,
                         retry_after,
                     },
-                ))
+                )
             }
         }
     }

@@ -7,6 +7,10 @@
 //!
 //! Counters are only raised, never lowered: events settle in the limiter
 //! before the writer stores them, so the log may briefly trail the limiter.
+//!
+//! One account's failure (its Redis keys unreadable, a timeout) is counted
+//! and logged, and the others are still reconciled: a bad key must not leave
+//! every account behind it on free usage.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,9 +58,17 @@ const UNITS_SINCE: &str = "\
                       WHERE d.account_id = p.account_id AND d.bucket >= p.midnight), 0))::bigint \
     FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS p(account_id, start, midnight)";
 
-/// Raises every account's period counters to the usage log's totals;
-/// returns how many accounts it set.
-pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<usize> {
+/// What one reconciliation did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Accounts whose counters were set.
+    pub accounts: usize,
+    /// Accounts whose counters could not be set (each logged).
+    pub failed: usize,
+}
+
+/// Raises every account's period counters to the usage log's totals.
+pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<Reconciled> {
     let now = SystemTime::now();
     let (month_start, day_start) = periods::starts(now, None);
     let (calendar, billing) = tokio::time::timeout(QUERY_TIMEOUT, async {
@@ -94,21 +106,28 @@ pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<us
     .and_then(|read| read)
     .inspect_err(|_| store_errors::postgres(PostgresOperation::QuotaReconcile))?;
     let units = |n: i64| u64::try_from(n).unwrap_or(0);
-    let mut reconciled = 0;
+    let mut reconciled = Reconciled::default();
+    let mut tally = |account: Uuid, result: Result<(), _>| match result {
+        Ok(()) => reconciled.accounts += 1,
+        Err(error) => {
+            reconciled.failed += 1;
+            tracing::warn!(%account, "period counters of this account not reconciled: {error}");
+        }
+    };
     let mut day_units: HashMap<Uuid, u64> = HashMap::new();
     for row in &calendar {
         let account: Uuid = row.get(0);
         day_units.insert(account, units(row.get(2)));
         if !billing.contains_key(&account) {
-            limiter
+            let result = limiter
                 .reconcile(
                     account,
                     &periods::periods(now, None),
                     units(row.get(1)),
                     units(row.get(2)),
                 )
-                .await?;
-            reconciled += 1;
+                .await;
+            tally(account, result);
         }
     }
     for (account, (period, period_units)) in &billing {
@@ -117,15 +136,15 @@ pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<us
             // Nothing to raise: an idle subscriber gets no counters.
             continue;
         }
-        limiter
+        let result = limiter
             .reconcile(
                 *account,
                 &periods::periods(now, Some(*period)),
                 units(*period_units),
                 today,
             )
-            .await?;
-        reconciled += 1;
+            .await;
+        tally(*account, result);
     }
     Ok(reconciled)
 }
@@ -147,7 +166,9 @@ impl BackgroundService for PeriodReconciler {
                 _ = shutdown.changed() => return,
             }
             match reconcile_once(&self.pool, self.admission.limiter()).await {
-                Ok(accounts) => tracing::debug!(accounts, "period counters reconciled"),
+                Ok(Reconciled { accounts, failed }) => {
+                    tracing::debug!(accounts, failed, "period counters reconciled");
+                }
                 Err(e) => tracing::warn!("period counters not reconciled: {e}"),
             }
         }

@@ -51,7 +51,7 @@ use self::context::{InFlight, RequestContext};
 use self::metrics::{Observation, RequestMetrics};
 use self::request::{BodyError, Endpoint, Route, read_body};
 use self::triton::TritonCall;
-use self::usage::{FinishedRequest, Metering};
+use self::usage::{FinishedRequest, Metered, Metering};
 use crate::admission::headers::{rate_limit_headers, retry_after};
 use crate::admission::queue::Slot;
 use crate::admission::{Admission, Estimate, Refusal};
@@ -60,6 +60,7 @@ use crate::config::UpstreamTimeouts;
 use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
 use crate::keys::store::KeyRecord;
+use crate::readiness::PostgresReadiness;
 use crate::usage_api::{self, UsageQuery};
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -76,8 +77,10 @@ const UNTRANSLATABLE: &str = "untranslatable";
 /// How long a refused upload is read and dropped before the connection closes
 /// (nginx's `lingering_time` plays this role there).
 const UPLOAD_DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `/readyz` waits for Postgres before calling it unreachable.
-const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Stripe's event payloads are a few KiB, and far below this; a bigger body
+/// is refused before its signature is checked (HMAC over a body of any size
+/// is work anyone could make us do).
+const STRIPE_WEBHOOK_MAX_BYTES: usize = 256 * 1024;
 /// Pooled upstream connections idle longer than this are not reused: below
 /// uvicorn's 5 s keep-alive (vLLM, SGLang), so a POST never lands on a
 /// connection the backend is closing (Pingora does not retry POSTs).
@@ -89,6 +92,8 @@ pub struct Gateway {
     /// The header whose value keeps a session on one backend.
     pub session_header: String,
     pub pool: Pool,
+    /// Whether Postgres answered lately, for `/readyz`.
+    pub readiness: Arc<PostgresReadiness>,
     pub in_flight: Arc<InFlight>,
     pub max_body_bytes: usize,
     pub timeouts: UpstreamTimeouts,
@@ -140,11 +145,12 @@ impl Gateway {
     /// Everything `request_filter` decides; `Ok` means forward upstream.
     async fn admit(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<(), Stop> {
         let header = session.req_header();
+        request::check_header_size(header)?;
         let route = request::route(&header.method, header.uri.path())?;
         let endpoint = match route {
             Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
             Route::StripeWebhook => return Err(self.stripe_webhook(session).await),
-            Route::Readyz => return Err(self.readiness().await),
+            Route::Readyz => return Err(self.readiness()),
             Route::Models | Route::Usage | Route::BillingCheckout | Route::BillingPortal => None,
             Route::Inference(endpoint) => Some(endpoint),
         };
@@ -166,21 +172,28 @@ impl Gateway {
         if !key.allows_model(&request.model) || !self.selector.serves(&request.model) {
             return Err(ApiError::ModelNotFound(request.model).into());
         }
-        let usage = self.metering.admit(&mut request).await;
+        let usage = self.metering.start(&mut request);
+        let counting_is_costly = self.metering.counting_is_costly(&request);
+        let (usage, request) = (ctx.usage.insert(usage), ctx.request.insert(request));
+        // A key throttled by a rule that needs no token count is refused
+        // before its prompt keeps a CPU busy.
+        if counting_is_costly && let Err(refusal) = self.admission.precheck(&key).await {
+            ctx.rate_windows = refusal.windows;
+            return Err(refusal.into());
+        }
+        self.metering.count_prompt(usage, request).await;
         let estimate = Estimate {
             // Without local counting, a rough prompt size; settlement corrects it.
             prompt_tokens: usage
                 .counted_prompt()
                 .unwrap_or(request.upstream_body.len() as u64 / 4),
             max_tokens: request.max_tokens,
-            choices: request.choices,
+            sequences: request.sequences,
             generates: request.endpoint != Endpoint::Embeddings,
             tokens_per_unit: self.metering.tokens_per_unit(&key.tier, &request.model),
         };
         let event_id = usage.event_id;
-        ctx.usage = Some(usage);
         let model = request.model.clone();
-        ctx.request = Some(request);
         let ticket = match self.admission.check(&key, event_id, estimate).await {
             Ok(ticket) => ticket,
             Err(refusal) => {
@@ -214,6 +227,25 @@ impl Gateway {
         Ok(())
     }
 
+    /// Records the request's usage event, once (see [`Metering::record`]);
+    /// `None` for a request that never reached metering.
+    fn record_usage(&self, ctx: &mut RequestContext) -> Option<Metered> {
+        let backend = ctx.backend().and_then(|id| self.selector.backend(id));
+        let (usage, request, key) = (
+            ctx.usage.as_mut()?,
+            ctx.request.as_ref()?,
+            ctx.key.as_ref()?,
+        );
+        Some(self.metering.record(FinishedRequest {
+            usage,
+            request,
+            key,
+            request_id: &ctx.request_id,
+            backend: backend.as_deref().map(|b| b.name.as_str()),
+            started: ctx.started,
+        }))
+    }
+
     /// `POST /stripe/webhook`; 404 when billing has no webhook secret.
     async fn stripe_webhook(&self, session: &mut Session) -> Stop {
         let Some(webhooks) = &self.stripe_webhooks else {
@@ -225,7 +257,7 @@ impl Gateway {
             .get("stripe-signature")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = match read_body(session, self.max_body_bytes).await {
+        let body = match read_body(session, STRIPE_WEBHOOK_MAX_BYTES).await {
             Ok(body) => body,
             Err(e) => return e.into(),
         };
@@ -295,19 +327,14 @@ impl Gateway {
         json!({"object": "list", "data": data})
     }
 
-    /// `/readyz`: Postgres reachable and at least one backend routable or
-    /// on its way (a scaled-to-zero fleet serves by waking an instance);
-    /// also reports whether revocations fan out through Redis (informative:
-    /// without it revocations still land within the key cache TTL).
-    async fn readiness(&self) -> Stop {
-        let postgres = tokio::time::timeout(READY_CHECK_TIMEOUT, async {
-            let client = self.pool.get().await.ok()?;
-            client.simple_query("SELECT 1").await.ok()
-        })
-        .await
-        .ok()
-        .flatten()
-        .is_some();
+    /// `/readyz`: Postgres answered within the last second (a check made in
+    /// the background, see [`crate::readiness`]) and at least one backend
+    /// routable or on its way (a scaled-to-zero fleet serves by waking an
+    /// instance); also reports whether revocations fan out through Redis
+    /// (informative: without it revocations still land within the key cache
+    /// TTL).
+    fn readiness(&self) -> Stop {
+        let postgres = self.readiness.reachable();
         let backends = self.selector.statuses().iter().any(|b| {
             b.routable
                 || matches!(
@@ -585,6 +612,9 @@ impl ProxyHttp for Gateway {
                 },
             }
         };
+        if let Some(usage) = ctx.usage.as_mut() {
+            usage.set_usage_counted_here(triton.is_some());
+        }
         ctx.triton = triton;
         ctx.tried.push(id);
         ctx.lease = Some(lease);
@@ -671,6 +701,9 @@ impl ProxyHttp for Gateway {
             }
         }
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        // Metering reads every answer: a compressed one could not be read, so
+        // none is asked for (the client's own Accept-Encoding is not passed on).
+        upstream.insert_header(header::ACCEPT_ENCODING, "identity")?;
         // Pingora sends the header right after this filter; a retry's
         // attempt counts as time spent on the upstream.
         ctx.upstream_sent.get_or_insert_with(Instant::now);
@@ -783,6 +816,11 @@ impl ProxyHttp for Gateway {
         {
             ctx.stream_tail.record(chunk);
         }
+        if end_of_stream {
+            // The answer is whole: its event is journaled before the last
+            // chunk goes to the client, so a crash from here on bills it.
+            self.record_usage(ctx);
+        }
         Ok(None)
     }
 
@@ -845,28 +883,14 @@ impl ProxyHttp for Gateway {
             self.selector
                 .report(backend, backend_outcome(ctx.upstream_status(), error));
         }
+        let metered = self.record_usage(ctx);
+        if let (Some(ticket), Some(used)) = (ctx.ticket.take(), &metered) {
+            self.admission.settle(ticket, used.settlement).await;
+        }
         let status = final_status(session).unwrap_or(0);
         let backend = ctx.backend().and_then(|id| self.selector.backend(id));
         let backend = backend.as_deref().map_or("-", |b| b.name.as_str());
         let account = ctx.key.as_ref().map_or("-", |k| k.account_name.as_str());
-        let mut metered = None;
-        if let (Some(usage), Some(request), Some(key)) = (&mut ctx.usage, &ctx.request, &ctx.key) {
-            let used = self
-                .metering
-                .finish(FinishedRequest {
-                    usage,
-                    request,
-                    key,
-                    request_id: &ctx.request_id,
-                    backend: (backend != "-").then_some(backend),
-                    started: ctx.started,
-                })
-                .await;
-            if let Some(ticket) = ctx.ticket.take() {
-                self.admission.settle(ticket, used.settlement).await;
-            }
-            metered = Some(used);
-        }
         if let Some(endpoint) = ctx.endpoint {
             self.metrics.observe(&Observation {
                 endpoint,

@@ -86,16 +86,38 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     }
 }
 
+/// The most bytes of request headers (names, values and their separators)
+/// a request may carry: nginx's default for a request's headers is 32 KiB
+/// (4 buffers of 8k), and OpenAI's SDKs send under 1 KiB.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Refuses headers totalling more than [`MAX_HEADER_BYTES`] (431).
+pub fn check_header_size(header: &pingora::http::RequestHeader) -> Result<(), ApiError> {
+    let total: usize = header
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if total > MAX_HEADER_BYTES {
+        return Err(ApiError::HeadersTooLarge {
+            limit: MAX_HEADER_BYTES,
+        });
+    }
+    Ok(())
+}
+
 /// An inference request as later phases need it.
 #[derive(Debug)]
 pub struct InferenceRequest {
     pub endpoint: Endpoint,
     pub model: String,
     pub stream: bool,
-    /// `max_completion_tokens` or `max_tokens`.
+    /// The completion limit the backend honours (see [`completion_limit`]).
     pub max_tokens: Option<u64>,
-    /// Sequences generated per prompt: `n`, or `best_of` when larger (1 if unset).
-    pub choices: u64,
+    /// Sequences the backend generates, each up to `max_tokens`: per prompt
+    /// `n`, or `best_of` when larger (1 if unset), times the prompts of a
+    /// completions request.
+    pub sequences: u64,
     /// The parsed body, for token counting.
     pub json: Value,
     /// The body sent upstream: the client's bytes, unless the proxy had to change them.
@@ -103,25 +125,82 @@ pub struct InferenceRequest {
 }
 
 impl InferenceRequest {
-    /// Sets the completion limit in the body sent upstream, in the field the
-    /// client used (`max_tokens` if it used none).
+    /// Sets the completion limit in the body sent upstream: in every limit
+    /// field the client sent (both hold one value, see [`completion_limit`]),
+    /// or in `max_tokens`, which every backend honours, when it sent none.
     pub fn set_max_tokens(&mut self, max_tokens: u64) {
         let Some(fields) = self.json.as_object_mut() else {
             return;
         };
-        let name = if fields
-            .get("max_completion_tokens")
-            .is_some_and(|v| !v.is_null())
-        {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        };
-        fields.insert(name.to_owned(), Value::from(max_tokens));
+        let mut named = false;
+        for name in LIMIT_FIELDS {
+            if let Some(value) = fields.get_mut(name).filter(|v| !v.is_null()) {
+                *value = Value::from(max_tokens);
+                named = true;
+            }
+        }
+        if !named {
+            fields.insert("max_tokens".to_owned(), Value::from(max_tokens));
+        }
         if let Ok(body) = serde_json::to_vec(&self.json) {
             self.upstream_body = Bytes::from(body);
             self.max_tokens = Some(max_tokens);
         }
+    }
+}
+
+/// The two names of the completion limit.
+const LIMIT_FIELDS: [&str; 2] = ["max_completion_tokens", "max_tokens"];
+
+/// The completion limit the backend will honour. Chat backends read
+/// `max_completion_tokens` over the older `max_tokens`; legacy completions
+/// know only `max_tokens` (vLLM ignores the other there). A body that sets
+/// both to different values is refused: backends disagree on which wins,
+/// and whichever the reservation trusted, the other could let more through.
+fn completion_limit(
+    endpoint: Endpoint,
+    fields: &serde_json::Map<String, Value>,
+) -> Result<Option<u64>, ApiError> {
+    let mut limits = [None, None];
+    for (limit, name) in limits.iter_mut().zip(LIMIT_FIELDS) {
+        if let Some(value) = fields.get(name).filter(|v| !v.is_null()) {
+            *limit = Some(value.as_u64().ok_or_else(|| {
+                ApiError::bad_request(
+                    format!("`{name}` must be a non-negative integer."),
+                    Some(name),
+                )
+            })?);
+        }
+    }
+    let [completion, legacy] = limits;
+    if let (Some(a), Some(b)) = (completion, legacy)
+        && a != b
+    {
+        return Err(ApiError::bad_request(
+            format!(
+                "`max_completion_tokens` ({a}) and `max_tokens` ({b}) differ; send one of them."
+            ),
+            Some("max_completion_tokens"),
+        ));
+    }
+    Ok(match endpoint {
+        Endpoint::ChatCompletions => completion.or(legacy),
+        Endpoint::Completions => legacy,
+        Endpoint::Embeddings => None,
+    })
+}
+
+/// How many prompts a completions `prompt` holds: a string or a token array
+/// is one, an array of strings or of token arrays one per element.
+fn completion_prompts(prompt: Option<&Value>) -> Result<u64, ApiError> {
+    match prompt {
+        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::bad_request(
+            "`prompt` must not be an empty list.",
+            Some("prompt"),
+        )),
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => Ok(1),
+        Some(Value::Array(items)) => Ok(items.len() as u64),
+        _ => Ok(1),
     }
 }
 
@@ -271,19 +350,8 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
             Some("stream"),
         ));
     }
-    let max_tokens = ["max_completion_tokens", "max_tokens"]
-        .into_iter()
-        .find_map(|name| fields.get(name).filter(|v| !v.is_null()).map(|v| (name, v)))
-        .map(|(name, value)| {
-            value.as_u64().ok_or_else(|| {
-                ApiError::bad_request(
-                    format!("`{name}` must be a non-negative integer."),
-                    Some(max_tokens_param(name)),
-                )
-            })
-        })
-        .transpose()?;
-    let mut choices = 1;
+    let max_tokens = completion_limit(endpoint, fields)?;
+    let mut choices: u64 = 1;
     for name in ["n", "best_of"] {
         match fields.get(name) {
             None | Some(Value::Null) => {}
@@ -298,23 +366,26 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
             },
         }
     }
+    let prompts = match endpoint {
+        Endpoint::Completions => completion_prompts(fields.get("prompt"))?,
+        Endpoint::ChatCompletions | Endpoint::Embeddings => 1,
+    };
+    // Every prompt gets every choice: the reservation covers all of them.
+    let sequences = choices.checked_mul(prompts).ok_or_else(|| {
+        ApiError::bad_request(
+            "`n` (or `best_of`) times the number of prompts is too large.",
+            Some("n"),
+        )
+    })?;
     Ok(InferenceRequest {
         endpoint,
         model,
         stream,
         max_tokens,
-        choices,
+        sequences,
         json,
         upstream_body: body,
     })
-}
-
-fn max_tokens_param(name: &str) -> &'static str {
-    if name == "max_tokens" {
-        "max_tokens"
-    } else {
-        "max_completion_tokens"
-    }
 }
 
 #[cfg(test)]
@@ -363,6 +434,120 @@ mod tests {
     }
 
     #[test]
+    fn the_limit_is_read_where_the_backend_honours_it() {
+        let chat = |extra: &str| {
+            parse_str(
+                Endpoint::ChatCompletions,
+                &format!(r#"{{"model":"m","messages":[{{}}]{extra}}}"#),
+            )
+        };
+        let completions = |extra: &str| {
+            parse_str(
+                Endpoint::Completions,
+                &format!(r#"{{"model":"m","prompt":"p"{extra}}}"#),
+            )
+        };
+        assert_eq!(
+            chat(r#","max_completion_tokens":5"#).unwrap().max_tokens,
+            Some(5)
+        );
+        assert_eq!(chat(r#","max_tokens":7"#).unwrap().max_tokens, Some(7));
+        assert_eq!(
+            chat(r#","max_tokens":7,"max_completion_tokens":7"#)
+                .unwrap()
+                .max_tokens,
+            Some(7)
+        );
+        // Legacy completions know only `max_tokens`.
+        assert_eq!(
+            completions(r#","max_completion_tokens":5"#)
+                .unwrap()
+                .max_tokens,
+            None
+        );
+        assert_eq!(
+            completions(r#","max_tokens":9"#).unwrap().max_tokens,
+            Some(9)
+        );
+    }
+
+    /// Before: `max_completion_tokens` was trusted over `max_tokens` on every
+    /// endpoint, so a body with a small one and a large other reserved for
+    /// the small one while the backend generated up to the large one.
+    #[test]
+    fn a_body_with_two_different_limits_is_refused_naming_them() {
+        for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions] {
+            let input = if endpoint == Endpoint::Completions {
+                r#""prompt":"p""#
+            } else {
+                r#""messages":[{}]"#
+            };
+            let result = parse_str(
+                endpoint,
+                &format!(r#"{{"model":"m",{input},"max_completion_tokens":1,"max_tokens":500}}"#),
+            );
+            let Err(ApiError::BadRequest { message, param }) = result else {
+                panic!("expected a 400");
+            };
+            assert_eq!(param, Some("max_completion_tokens"));
+            assert!(message.contains("max_tokens"), "{message}");
+        }
+    }
+
+    #[test]
+    fn the_limit_is_written_into_every_field_the_client_used() {
+        let mut both = parse_str(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{}],"max_completion_tokens":50,"max_tokens":50}"#,
+        )
+        .unwrap();
+        both.set_max_tokens(3);
+        let sent: Value = serde_json::from_slice(&both.upstream_body).unwrap();
+        assert_eq!(
+            (
+                sent["max_completion_tokens"].as_u64(),
+                sent["max_tokens"].as_u64()
+            ),
+            (Some(3), Some(3))
+        );
+        let mut none = parse_str(Endpoint::Completions, r#"{"model":"m","prompt":"p"}"#).unwrap();
+        none.set_max_tokens(4);
+        let sent: Value = serde_json::from_slice(&none.upstream_body).unwrap();
+        assert_eq!(sent["max_tokens"], 4);
+    }
+
+    /// Before: a prompt array counted as one prompt, so `n` answers were
+    /// reserved where the backend generated `n` per prompt.
+    #[test]
+    fn every_prompt_of_a_completions_request_counts_its_choices() {
+        let sequences = |body: &str| parse_str(Endpoint::Completions, body).unwrap().sequences;
+        assert_eq!(sequences(r#"{"model":"m","prompt":"one"}"#), 1);
+        assert_eq!(sequences(r#"{"model":"m","prompt":[1,2,3],"n":2}"#), 2);
+        assert_eq!(
+            sequences(r#"{"model":"m","prompt":["a","b","c"],"n":2}"#),
+            6
+        );
+        assert_eq!(
+            sequences(r#"{"model":"m","prompt":[[1],[2]],"best_of":3,"n":2}"#),
+            6
+        );
+        assert_eq!(
+            param(parse_str(
+                Endpoint::Completions,
+                r#"{"model":"m","prompt":[]}"#
+            )),
+            Some("prompt")
+        );
+        assert_eq!(
+            param(parse_str(
+                Endpoint::Completions,
+                &format!(r#"{{"model":"m","prompt":["a","b"],"n":{}}}"#, u64::MAX)
+            )),
+            Some("n")
+        );
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let chat = Endpoint::ChatCompletions;
         assert_eq!(param(parse_str(chat, r#"{"messages":[]}"#)), Some("model"));
@@ -395,5 +580,110 @@ mod tests {
         );
         assert_eq!(param(parse_str(chat, "{not json")), None);
         assert_eq!(param(parse_str(chat, "[1,2]")), None);
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Any JSON value, nested a few levels, with the request fields
+        /// metering and admission read given every kind of value.
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(
+                    |f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                ),
+                ".{0,12}".prop_map(Value::from),
+            ];
+            let value = leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    prop::collection::btree_map(
+                        prop::sample::select(vec![
+                            "model",
+                            "messages",
+                            "prompt",
+                            "input",
+                            "stream",
+                            "max_tokens",
+                            "max_completion_tokens",
+                            "n",
+                            "best_of",
+                            "role",
+                            "content",
+                            "x",
+                        ]),
+                        inner,
+                        0..6,
+                    )
+                    .prop_map(|map| Value::Object(
+                        map.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                    )),
+                ]
+            });
+            value.prop_map(|value| match value {
+                Value::Object(mut map) => {
+                    map.entry("model").or_insert(Value::from("m"));
+                    Value::Object(map)
+                }
+                other => other,
+            })
+        }
+
+        fn endpoint() -> impl Strategy<Value = Endpoint> {
+            prop::sample::select(vec![
+                Endpoint::ChatCompletions,
+                Endpoint::Completions,
+                Endpoint::Embeddings,
+            ])
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn any_body_is_parsed_or_refused_with_a_400(
+                endpoint in endpoint(),
+                value in json(),
+                limit in any::<u64>(),
+            ) {
+                let body = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
+                match parse(endpoint, body.clone()) {
+                    Ok(mut request) => {
+                        prop_assert!(!request.model.is_empty());
+                        prop_assert!(request.sequences >= 1);
+                        // Rewriting the limit keeps the body JSON, same model.
+                        request.set_max_tokens(limit);
+                        let sent: Value = serde_json::from_slice(&request.upstream_body).unwrap();
+                        prop_assert_eq!(sent["model"].as_str(), Some(request.model.as_str()));
+                        prop_assert_eq!(request.max_tokens, Some(limit));
+                    }
+                    Err(error) => prop_assert_eq!(error.status(), 400),
+                }
+            }
+
+            #[test]
+            fn any_bytes_are_parsed_or_refused_with_a_400(
+                endpoint in endpoint(),
+                bytes in prop::collection::vec(any::<u8>(), 0..512),
+            ) {
+                if let Err(error) = parse(endpoint, Bytes::from(bytes)) {
+                    prop_assert_eq!(error.status(), 400);
+                }
+            }
+
+            #[test]
+            fn any_path_routes_or_gets_404_or_405(path in "/[a-z/_.%]{0,40}", post in any::<bool>()) {
+                let method = if post { Method::POST } else { Method::GET };
+                if let Err(error) = route(&method, &path) {
+                    prop_assert!(matches!(error.status(), 404 | 405));
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,10 @@
 //! Metering on the request path: count the prompt at admission, ask streaming
-//! backends for their usage, watch the answer go by, and hand one usage event
-//! to the writer in `logging`. Nothing here waits on Postgres.
+//! backends for their usage, watch the answer go by, and record one usage
+//! event per request. An answer that ends whole is recorded in
+//! `response_body_filter`, before its last byte is released to the client, so
+//! once a client has an answer its event is in the write-ahead journal (see
+//! [`tollgate_metering::journal`]); any other ending is recorded in `logging`.
+//! Nothing here waits on Postgres.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
@@ -8,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use prometheus::{IntCounter, Registry};
 use serde_json::Value;
-use tollgate_metering::capture::ResponseCapture;
+use tollgate_metering::capture::{ResponseCapture, Texts};
 use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::tokens::{Encoding, EncodingMap, PromptCounter};
 use tollgate_metering::writer::UsageSink;
@@ -23,16 +27,25 @@ use crate::keys::store::KeyRecord;
 /// The gateway's metering settings and the writer's sink.
 pub struct Metering {
     pub sink: UsageSink,
-    /// `None` when `count_tokens = false`: backends' usage is trusted alone.
-    counting: Option<Counting>,
+    counting: Counting,
+    /// `count_tokens`: count every prompt at admission. Off, backends' usage
+    /// is trusted and Tollgate counts only answers that report none.
+    count_prompts: bool,
     request_stream_usage: bool,
     mismatch_tolerance: f64,
     blocking_count_bytes: usize,
-    max_buffered_response_bytes: usize,
     /// Requests whose backend-reported prompt tokens differ from our count
     /// by more than the tolerance.
     mismatches: IntCounter,
     unit_sizes: UnitSizes,
+}
+
+/// The encodings tokens are counted with and the image charge: used at
+/// admission when `count_tokens` is on, and always when a billable answer
+/// carries no usage report of its own.
+struct Counting {
+    encodings: EncodingMap,
+    image_tokens: usize,
 }
 
 /// How many tokens make one billed unit: a model's own size
@@ -64,11 +77,6 @@ impl UnitSizes {
     }
 }
 
-struct Counting {
-    encodings: EncodingMap,
-    image_tokens: usize,
-}
-
 impl Metering {
     /// Counting metering loads the tokenizers of `models` (the configured
     /// ones) and of the default encoding before the first request.
@@ -85,11 +93,11 @@ impl Metering {
              by more than metering.usage_mismatch_tolerance.",
         )?;
         registry.register(Box::new(mismatches.clone()))?;
-        let counting = config.count_tokens.then(|| Counting {
+        let counting = Counting {
             encodings: EncodingMap::new(config.default_encoding, config.encodings.clone()),
             image_tokens: config.image_tokens,
-        });
-        if let Some(counting) = &counting {
+        };
+        if config.count_tokens {
             let mut used: HashSet<Encoding> = models
                 .iter()
                 .map(|m| counting.encodings.for_model(m))
@@ -100,10 +108,10 @@ impl Metering {
         Ok(Self {
             sink,
             counting,
+            count_prompts: config.count_tokens,
             request_stream_usage: config.request_stream_usage,
             mismatch_tolerance: config.usage_mismatch_tolerance,
             blocking_count_bytes: config.blocking_count_bytes,
-            max_buffered_response_bytes: config.max_buffered_response_bytes,
             mismatches,
             unit_sizes,
         })
@@ -114,66 +122,71 @@ impl Metering {
         self.unit_sizes.tokens_per_unit(tier, model)
     }
 
-    /// The encoding tokens of `model` are counted with (OpenAI's for the
-    /// model, else cl100k, when counting is off).
+    /// The encoding tokens of `model` are counted with.
     pub fn encoding_for(&self, model: &str) -> Encoding {
-        match &self.counting {
-            Some(c) => c.encodings.for_model(model),
-            None => Encoding::for_model(model).unwrap_or(Encoding::Cl100k),
+        self.counting.encodings.for_model(model)
+    }
+
+    fn counter(&self, model: &str) -> PromptCounter {
+        PromptCounter {
+            encoding: self.encoding_for(model),
+            image_tokens: self.counting.image_tokens,
         }
     }
 
-    fn counter(&self, model: &str) -> Option<PromptCounter> {
-        self.counting.as_ref().map(|c| PromptCounter {
-            encoding: c.encodings.for_model(model),
-            image_tokens: c.image_tokens,
-        })
-    }
-
-    /// At admission: mints the event id, counts the prompt (on the blocking
-    /// pool when it is long), and asks a streaming backend for its usage
-    /// chunk, rewriting the body sent upstream.
-    pub async fn admit(&self, request: &mut InferenceRequest) -> RequestUsage {
-        let event_id = Uuid::now_v7();
-        let admitted_at = SystemTime::now();
-        let counted_prompt = match self.counter(&request.model) {
-            None => None,
-            Some(counter) => {
-                let endpoint = request.endpoint;
-                if request.upstream_body.len() <= self.blocking_count_bytes {
-                    Some(count_prompt(&counter, endpoint, &request.json) as u64)
-                } else {
-                    let json = std::mem::take(&mut request.json);
-                    let counted = tokio::task::spawn_blocking(move || {
-                        let tokens = count_prompt(&counter, endpoint, &json) as u64;
-                        (json, tokens)
-                    })
-                    .await;
-                    match counted {
-                        Ok((json, tokens)) => {
-                            request.json = json;
-                            Some(tokens)
-                        }
-                        // Only a panic in the counter gets here: meter without a count.
-                        Err(error) => {
-                            tracing::error!("prompt counting failed: {error}");
-                            None
-                        }
-                    }
-                }
-            }
-        };
+    /// At admission, before anything else: mints the event id and asks a
+    /// streaming backend for its usage chunk, rewriting the body sent upstream.
+    pub fn start(&self, request: &mut InferenceRequest) -> RequestUsage {
         let strip_usage_event = self.request_stream_usage && request_stream_usage(request);
         RequestUsage {
-            event_id,
-            admitted_at,
-            counted_prompt,
+            event_id: Uuid::now_v7(),
+            admitted_at: SystemTime::now(),
+            counted_prompt: None,
             strip_usage_event,
             capture: None,
             upstream_status: None,
+            usage_counted_here: false,
             first_byte: None,
             rejected: false,
+            metered: None,
         }
+    }
+
+    /// Whether counting this request's prompt costs more than a round trip
+    /// to the limiter (see [`crate::admission::Admission::precheck`]).
+    pub fn counting_is_costly(&self, request: &InferenceRequest) -> bool {
+        self.count_prompts && request.upstream_body.len() > self.blocking_count_bytes
+    }
+
+    /// Counts the prompt (when `count_tokens` is on), on the blocking pool
+    /// when it is long.
+    pub async fn count_prompt(&self, usage: &mut RequestUsage, request: &mut InferenceRequest) {
+        if !self.count_prompts {
+            return;
+        }
+        let counter = self.counter(&request.model);
+        let endpoint = request.endpoint;
+        usage.counted_prompt = if request.upstream_body.len() <= self.blocking_count_bytes {
+            Some(count_prompt(&counter, endpoint, &request.json) as u64)
+        } else {
+            let json = std::mem::take(&mut request.json);
+            let counted = tokio::task::spawn_blocking(move || {
+                let tokens = count_prompt(&counter, endpoint, &json) as u64;
+                (json, tokens)
+            })
+            .await;
+            match counted {
+                Ok((json, tokens)) => {
+                    request.json = json;
+                    Some(tokens)
+                }
+                // Only a panic in the counter gets here: meter without a count.
+                Err(error) => {
+                    tracing::error!("prompt counting failed: {error}");
+                    None
+                }
+            }
+        };
     }
 
     /// The answer's header arrived: start watching its body. Returns whether
@@ -181,11 +194,7 @@ impl Metering {
     pub fn response_started(&self, usage: &mut RequestUsage, status: u16, streaming: bool) -> bool {
         usage.upstream_status = Some(status);
         let strip = usage.strip_usage_event && streaming;
-        usage.capture = Some(ResponseCapture::new(
-            streaming,
-            strip,
-            self.max_buffered_response_bytes,
-        ));
+        usage.capture = Some(ResponseCapture::new(streaming, strip));
         strip
     }
 
@@ -210,17 +219,21 @@ impl Metering {
         }
     }
 
-    /// In `logging`: builds the request's one usage event, hands it over,
-    /// and returns what the request used (for its quota settlement and the
-    /// request metrics).
-    pub async fn finish(&self, done: FinishedRequest<'_>) -> Metered {
+    /// Builds the request's one usage event and hands it to the sink (which
+    /// journals it before returning), once: at the end of an answer that
+    /// ended whole, before its last byte goes out, or else in `logging`.
+    /// Returns what the request used, for its quota settlement and the
+    /// request metrics.
+    pub fn record(&self, done: FinishedRequest<'_>) -> Metered {
         let usage = done.usage;
+        if let Some(metered) = usage.metered {
+            return metered;
+        }
         // A JSON answer cut short of its end (the client left while it was
-        // written) is parsed from what arrived; a finished one is not re-read.
+        // written) is read as far as it arrived; a finished one is not re-read.
         if let Some(capture) = usage.capture.as_mut() {
             capture.finish();
         }
-        let usage = &*usage;
         let capture = usage.capture.as_ref();
         let reported = capture.and_then(ResponseCapture::usage);
         let status = if usage.rejected {
@@ -228,33 +241,50 @@ impl Metering {
         } else {
             outcome(usage.upstream_status, capture, done.request.stream)
         };
-        // The generated text is counted when the backend reported no usage.
-        let counted_completion = match (&self.counting, reported, status) {
-            (Some(_), None, Status::Ok | Status::Partial) => {
-                let text = capture.map_or("", ResponseCapture::completion_text);
-                self.count_completion(done.request.model.as_str(), text)
-                    .await
-            }
-            _ => None,
-        };
-        let (tokens, source) = match reported {
-            Some(r) => (
+        let billable = matches!(status, Status::Ok | Status::Partial);
+        let counter = self.counter(&done.request.model);
+        // An answer that reports no usage (cut short, or from a backend that
+        // never does) is billed by counting what was delivered: never as zero.
+        let counted_completion = (billable && reported.is_none()).then(|| {
+            let texts = capture.map(ResponseCapture::completion_texts);
+            self.count_blocking(texts.map_or(0, Texts::len), || {
+                texts.map_or(0, |t| {
+                    t.iter().map(|text| counter.count_text(&text) as u64).sum()
+                })
+            })
+        });
+        let counted_prompt = usage.counted_prompt.or_else(|| {
+            (billable && reported.is_none()).then(|| {
+                let json = &done.request.json;
+                self.count_blocking(done.request.upstream_body.len(), || {
+                    count_prompt(&counter, done.request.endpoint, json) as u64
+                })
+            })
+        });
+        let (tokens, source) = match (reported, billable) {
+            (Some(r), _) => (
                 Tokens {
                     prompt: r.prompt_tokens,
                     completion: r.completion_tokens,
                 },
-                UsageSource::Backend,
+                // A Triton backend reports nothing: its usage is our count.
+                if usage.usage_counted_here {
+                    UsageSource::Counted
+                } else {
+                    UsageSource::Backend
+                },
             ),
-            None if matches!(status, Status::Ok | Status::Partial) && self.counting.is_some() => (
+            (None, true) => (
                 Tokens {
-                    prompt: usage.counted_prompt.unwrap_or(0),
+                    prompt: counted_prompt.unwrap_or(0),
                     completion: counted_completion.unwrap_or(0),
                 },
                 UsageSource::Counted,
             ),
-            None => (Tokens::default(), UsageSource::None),
+            (None, false) => (Tokens::default(), UsageSource::None),
         };
-        if let (Some(r), Some(counted)) = (reported, usage.counted_prompt)
+        if let (Some(r), Some(counted), false) =
+            (reported, usage.counted_prompt, usage.usage_counted_here)
             && mismatched(r.prompt_tokens, counted, self.mismatch_tolerance)
         {
             self.mismatches.inc();
@@ -268,7 +298,6 @@ impl Metering {
                 "backend's prompt tokens differ from Tollgate's count (tokenizer or encoding map?)"
             );
         }
-        let billable = matches!(status, Status::Ok | Status::Partial);
         let elapsed =
             |since: Instant| u32::try_from(since.elapsed().as_millis()).unwrap_or(u32::MAX);
         let ttft = usage
@@ -296,14 +325,14 @@ impl Metering {
             kind: kind(done.request.endpoint),
             status,
             tokens,
-            counted_prompt_tokens: usage.counted_prompt,
+            counted_prompt_tokens: counted_prompt,
             counted_completion_tokens: counted_completion,
             usage_source: source,
             units,
             latency_ms: elapsed(done.started),
             ttft_ms,
         });
-        Metered {
+        let metered = Metered {
             settlement: Settlement {
                 units,
                 tokens: tokens.total(),
@@ -311,18 +340,24 @@ impl Metering {
             },
             tokens,
             ttft,
-        }
+        };
+        usage.metered = Some(metered);
+        metered
     }
 
-    async fn count_completion(&self, model: &str, text: &str) -> Option<u64> {
-        let counter = self.counter(model)?;
-        if text.len() <= self.blocking_count_bytes {
-            return Some(counter.count_text(text) as u64);
+    /// Runs a count of `bytes` of input here, or for a large one (above
+    /// `blocking_count_bytes`) with the runtime told this worker blocks, so
+    /// its other tasks move to another worker meanwhile. Recording is
+    /// synchronous (it happens inside Pingora's body filter), hence not the
+    /// blocking pool.
+    fn count_blocking(&self, bytes: usize, count: impl FnOnce() -> u64) -> u64 {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if bytes > self.blocking_count_bytes && multi_thread {
+            tokio::task::block_in_place(count)
+        } else {
+            count()
         }
-        let text = text.to_owned();
-        tokio::task::spawn_blocking(move || counter.count_text(&text) as u64)
-            .await
-            .ok()
     }
 }
 
@@ -337,6 +372,7 @@ pub struct FinishedRequest<'a> {
 }
 
 /// What a finished request used, as its usage event records it.
+#[derive(Debug, Clone, Copy)]
 pub struct Metered {
     pub settlement: Settlement,
     pub tokens: Tokens,
@@ -353,9 +389,14 @@ pub struct RequestUsage {
     strip_usage_event: bool,
     capture: Option<ResponseCapture>,
     upstream_status: Option<u16>,
+    /// The backend's answer carries a usage Tollgate computed (a Triton
+    /// backend reports none): the event says `counted`.
+    usage_counted_here: bool,
     first_byte: Option<Instant>,
     /// Refused at admission: recorded as `rejected`, never forwarded.
     rejected: bool,
+    /// Recorded already: the event went to the sink.
+    metered: Option<Metered>,
 }
 
 impl RequestUsage {
@@ -369,6 +410,11 @@ impl RequestUsage {
 
     pub fn reject(&mut self) {
         self.rejected = true;
+    }
+
+    /// The answer comes from Tollgate's own translation, usage included.
+    pub fn set_usage_counted_here(&mut self, counted_here: bool) {
+        self.usage_counted_here = counted_here;
     }
 }
 
@@ -428,8 +474,7 @@ fn kind(endpoint: Endpoint) -> Kind {
 /// How an admitted request ended. A 2xx answer is `ok` when it arrived whole
 /// without an error; a stream cut short, or ended by an error event, bills
 /// the work done so far as `partial`; a JSON error under a 2xx status did no
-/// work. A JSON answer too large to read (`max_buffered_response_bytes`) is
-/// `ok`, billed from Tollgate's counts.
+/// work.
 fn outcome(
     upstream_status: Option<u16>,
     capture: Option<&ResponseCapture>,
@@ -441,7 +486,6 @@ fn outcome(
     match (status, capture) {
         (200..=299, Some(c)) if !streamed && c.backend_error() => Status::UpstreamError,
         (200..=299, Some(c)) if c.completed() && !c.backend_error() => Status::Ok,
-        (200..=299, Some(c)) if !streamed && c.overflowed() => Status::Ok,
         (200..=299, _) => Status::Partial,
         (400..=499, _) => Status::ClientError,
         _ => Status::UpstreamError,
@@ -510,18 +554,18 @@ mod tests {
     #[test]
     fn outcome_follows_the_status_and_how_the_answer_ended() {
         let whole = {
-            let mut capture = ResponseCapture::new(true, false, 1024);
+            let mut capture = ResponseCapture::new(true, false);
             capture.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
             capture.finish();
             capture
         };
         let cut = {
-            let mut capture = ResponseCapture::new(true, false, 1024);
+            let mut capture = ResponseCapture::new(true, false);
             capture.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
             capture
         };
         let json_error = {
-            let mut capture = ResponseCapture::new(false, false, 1024);
+            let mut capture = ResponseCapture::new(false, false);
             capture.feed(br#"{"error":{"message":"engine died"}}"#);
             capture.finish();
             capture

@@ -11,6 +11,14 @@
 //! A revocation leaves a tombstone for one cache lifetime: a lookup that read
 //! the key just before the revocation committed may still store it as valid,
 //! and the tombstone overrides that stale entry until it expires.
+//!
+//! Outages degrade, they do not stop the business: every key Postgres
+//! verified is also kept for `stale_while_unavailable` (10 minutes by
+//! default), and while Postgres cannot be reached such a key keeps
+//! authenticating from that copy. Revocations still apply (a revocation, or
+//! any message that drops the cache, drops the copy too), expiry is still
+//! checked, and a key not verified in that window gets 503: nothing is
+//! accepted that Postgres did not vouch for lately.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -60,6 +68,10 @@ pub struct KeyCache {
     cache: Cache<KeyHash, Lookup>,
     /// Keys revoked within the last cache lifetime.
     tombstones: Cache<KeyHash, ()>,
+    /// Usable keys as Postgres last confirmed them, for while it is down.
+    verified: Cache<KeyHash, Arc<KeyRecord>>,
+    /// Lookups answered from `verified` because Postgres failed.
+    stale: IntCounter,
     /// Lookups answered from the cache, or by another lookup's read.
     hits: IntCounter,
     /// Reads from Postgres.
@@ -87,17 +99,23 @@ impl KeyCache {
         let lookups = IntCounterVec::new(
             Opts::new(
                 "tollgate_key_cache_lookups_total",
-                "API key lookups the cache answered: hit (from the cache, or by a concurrent lookup's read) or miss (read from Postgres).",
+                "API key lookups the cache answered: hit (from the cache, or by a concurrent lookup's read), miss (read from Postgres) or stale (Postgres unreachable: a key it verified within keys.stale_while_unavailable).",
             ),
             &["result"],
         )?;
         registry.register(Box::new(lookups.clone()))?;
+        let verified = Cache::builder()
+            .max_capacity(config.capacity as u64)
+            .time_to_live(config.stale_while_unavailable)
+            .build();
         Ok(Self {
             store,
             cache,
             tombstones,
+            verified,
             hits: lookups.with_label_values(&["hit"]),
             misses: lookups.with_label_values(&["miss"]),
+            stale: lookups.with_label_values(&["stale"]),
         })
     }
 
@@ -112,7 +130,7 @@ impl KeyCache {
             return Err(ApiError::RevokedKey);
         }
         let store = &self.store;
-        let entry = self
+        let read = self
             .cache
             .entry(hash)
             .or_try_insert_with(async move {
@@ -124,27 +142,31 @@ impl KeyCache {
                     .inspect_err(|_| store_errors::postgres(PostgresOperation::KeyLookup))?;
                 Ok::<_, StoreError>(found.map_or(Lookup::Unknown, |r| Lookup::Found(Arc::new(r))))
             })
-            .await
-            .map_err(|e| {
-                tracing::warn!("key lookup failed: {e}");
-                ApiError::AuthUnavailable
-            })?;
+            .await;
+        let entry = match read {
+            Ok(entry) => entry,
+            Err(error) => {
+                let Some(record) = self.verified.get(&hash).await else {
+                    tracing::warn!("key lookup failed: {error}");
+                    return Err(ApiError::AuthUnavailable);
+                };
+                self.stale.inc();
+                return usable(record);
+            }
+        };
         // Fresh: this lookup made the Postgres read. Concurrent misses for the
         // key waited on it and, like cached answers, count as hits.
-        let counter = if entry.is_fresh() {
-            &self.misses
-        } else {
-            &self.hits
-        };
-        counter.inc();
+        let fresh = entry.is_fresh();
+        if fresh { &self.misses } else { &self.hits }.inc();
         match entry.into_value() {
             Lookup::Unknown => Err(ApiError::InvalidKey),
-            Lookup::Found(record) if record.revoked => Err(ApiError::RevokedKey),
-            Lookup::Found(record) if !record.account_active => Err(ApiError::InvalidKey),
-            Lookup::Found(record) if !record.is_usable(SystemTime::now()) => {
-                Err(ApiError::ExpiredKey)
+            Lookup::Found(record) => {
+                let checked = usable(record);
+                if fresh && let Ok(record) = &checked {
+                    self.verified.insert(hash, Arc::clone(record)).await;
+                }
+                checked
             }
-            Lookup::Found(record) => Ok(record),
         }
     }
 
@@ -152,10 +174,27 @@ impl KeyCache {
     pub async fn invalidate(&self, hash: &KeyHash) {
         self.tombstones.insert(*hash, ()).await;
         self.cache.invalidate(hash).await;
+        self.verified.invalidate(hash).await;
     }
 
-    /// Forgets every cached key (after missed revocation messages).
+    /// Forgets every cached key (after missed revocation messages, or an
+    /// account change that may have disabled keys): the copies kept for an
+    /// outage too, since any of them may be the one that changed.
     pub fn invalidate_all(&self) {
         self.cache.invalidate_all();
+        self.verified.invalidate_all();
+    }
+}
+
+/// The record, if the key may be used now.
+fn usable(record: Arc<KeyRecord>) -> Result<Arc<KeyRecord>, ApiError> {
+    if record.revoked {
+        Err(ApiError::RevokedKey)
+    } else if !record.account_active {
+        Err(ApiError::InvalidKey)
+    } else if !record.is_usable(SystemTime::now()) {
+        Err(ApiError::ExpiredKey)
+    } else {
+        Ok(record)
     }
 }

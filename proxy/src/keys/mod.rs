@@ -24,9 +24,15 @@ pub enum KeyAdminError {
     InvalidModels(String),
     #[error("account names are 1-128 characters with no control characters or surrounding spaces")]
     InvalidAccountName,
+    #[error("a key expires within {} days at most", MAX_KEY_LIFETIME.as_secs() / 86_400)]
+    InvalidExpiry,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// The longest `expires_in` a key may have: a century, far beyond any real
+/// key's life, yet a bound on the time arithmetic an admin body feeds.
+pub const MAX_KEY_LIFETIME: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// A key to create, as the CLI and the admin API receive it.
 pub struct NewKeyRequest {
@@ -87,13 +93,18 @@ impl KeyAdmin {
                 "name at least one model, none empty".into(),
             ));
         }
+        let expires_at = match request.expires_in {
+            None => None,
+            Some(after) if after <= MAX_KEY_LIFETIME => SystemTime::now().checked_add(after),
+            Some(_) => return Err(KeyAdminError::InvalidExpiry),
+        };
         let created = self
             .store
             .create_key(CreateKey {
                 account: &request.account,
                 tier: &request.tier,
                 name: request.name.as_deref(),
-                expires_at: request.expires_in.map(|d| SystemTime::now() + d),
+                expires_at,
                 models: request.models,
             })
             .await?;

@@ -132,7 +132,7 @@ impl Gateway {
     }
 
     /// The account's counters in this gateway's Redis.
-    async fn quota_state(&self, account: Uuid) -> QuotaState {
+    pub(super) async fn quota_state(&self, account: Uuid) -> QuotaState {
         self.quota_state_in(account, None).await
     }
 

@@ -583,6 +583,12 @@ impl Gateway {
                 .unwrap();
             ours = ours.replace(line, &format!("{listener} = \"127.0.0.1:{}\"", free_port()));
         }
+        // One process per spool directory.
+        let spool_dir = std::env::temp_dir().join(unique("tollgate_spool_b"));
+        ours = ours.replace(
+            &format!("spool_dir = \"{}\"", self.spool_dir.display()),
+            &format!("spool_dir = \"{}\"", spool_dir.display()),
+        );
         let path = std::env::temp_dir().join(format!("{}.toml", unique("tollgate_b")));
         std::fs::write(&path, &ours).unwrap();
         let url = format!(

@@ -379,15 +379,15 @@ async fn ten_thousand_mixed_requests_leave_one_event_each_with_the_backends_tota
 
 /// A TCP forwarder to Postgres that the test can cut, as an outage looks
 /// from Tollgate: connections reset, new ones refused.
-struct PostgresLink {
-    port: u16,
+pub(super) struct PostgresLink {
+    pub(super) port: u16,
     up: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
 
 impl PostgresLink {
-    async fn start() -> Self {
+    pub(super) async fn start() -> Self {
         let target = database_url()
             .split('@')
             .nth(1)
@@ -439,14 +439,14 @@ impl PostgresLink {
         }
     }
 
-    async fn cut(&self) {
+    pub(super) async fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         for connection in self.connections.lock().await.drain(..) {
             connection.abort();
         }
     }
 
-    fn restore(&self) {
+    pub(super) fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
 }
@@ -616,8 +616,10 @@ async fn sigkill_with_events_in_the_spool_replays_them_once_on_restart() {
 
 #[tokio::test]
 async fn client_hanging_up_mid_stream_is_billed_as_partial() {
-    // 50 tokens/s: the client reads a few and leaves long before the 200th.
-    let sim = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "50"]);
+    // 20 tokens/s: the client reads a few and leaves long before the 200th
+    // (Tollgate notices a hang-up at its next write, which under load can
+    // be a second or more later).
+    let sim = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "20"]);
     let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
     let key = gateway.create_key("acme", &[]);
     let mut response = gateway

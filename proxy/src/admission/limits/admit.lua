@@ -11,7 +11,8 @@
 -- ARGV[8] day hash ttl ms     ARGV[9] GCRA burst tolerance µs
 -- ARGV[10] GCRA level cap µs  ARGV[11] GCRA key ttl margin ms
 -- ARGV[12] least units a capped quota may grant
--- ARGV[13..] per rate rule, what this request costs it in µs
+-- ARGV[13] 1: a dry run, which checks and writes nothing
+-- ARGV[14..] per rate rule, what this request costs it in µs
 --
 -- Returns {status, failed rule (0-based) or units granted, retry after µs,
 -- levels...}: status 0 admitted (units granted, levels after charging),
@@ -57,7 +58,7 @@ for i = 1, rules do
   local stored = tonumber(redis.call('GET', key)) or now
   before[i] = math.max(stored - now, 0)
   local tat = math.max(pending[key] or stored, now)
-  local level = math.min(tat - now + tonumber(ARGV[12 + i]), level_cap)
+  local level = math.min(tat - now + tonumber(ARGV[13 + i]), level_cap)
   after[i] = level
   if level > burst then
     if failed < 0 then
@@ -69,6 +70,11 @@ for i = 1, rules do
 end
 if failed >= 0 then
   local reply = {1, failed, retry_after}
+  for i = 1, rules do reply[3 + i] = before[i] end
+  return reply
+end
+if ARGV[13] == '1' then
+  local reply = {0, 0, 0}
   for i = 1, rules do reply[3 + i] = before[i] end
   return reply
 end

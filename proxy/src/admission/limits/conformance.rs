@@ -64,6 +64,7 @@ on_both_stores!(
     a_request_never_forwarded_gets_its_request_charge_back,
     reconcile_raises_used_but_never_lowers_it,
     concurrent_admissions_never_pass_a_hard_cap,
+    a_dry_run_refuses_like_an_admission_and_changes_nothing,
 );
 
 async fn on_local<F, Fut>(scenario: F)
@@ -189,7 +190,18 @@ impl Account {
             min_units: units,
             periods: periods(),
             reservation_ttl: Duration::from_secs(60),
+            dry_run: false,
         }
+    }
+
+    /// A dry run of an admission with no tokens, as the gateway's precheck.
+    async fn dry_run(&self, key: Uuid, rates: &[RateRule], quota: QuotaRule) -> Verdict {
+        let request = AdmitRequest {
+            min_units: 1,
+            dry_run: true,
+            ..self.request(key, rates, quota, 0, 0)
+        };
+        self.store.admit(&request).await.unwrap()
     }
 
     async fn admit(
@@ -494,6 +506,43 @@ async fn max_concurrent_refuses_until_a_reservation_is_settled(store: Store) {
         (state.in_progress, state.month_used, state.month_reserved),
         (2, 0, 2)
     );
+}
+
+async fn a_dry_run_refuses_like_an_admission_and_changes_nothing(store: Store) {
+    let account = Account::new(&store);
+    let key = Uuid::now_v7();
+    let rpm = [rule(Scope::Key, RateKind::Requests, 2)];
+    let quota = QuotaRule {
+        included_units: Some(10),
+        hard_cap: true,
+        max_concurrent: Some(5),
+        ..QuotaRule::default()
+    };
+    // Dry runs, however many, charge nothing: both real requests pass after.
+    for _ in 0..10 {
+        assert!(matches!(
+            account.dry_run(key, &rpm, quota).await,
+            Verdict::Admitted { .. }
+        ));
+    }
+    let (first, _) = admitted(account.admit(key, &rpm, quota, 4, 0).await);
+    admitted(account.admit(key, &rpm, quota, 4, 0).await);
+    assert_eq!(account.state().await.in_progress, 2);
+    // The minute's requests are spent: the dry run says so too.
+    assert!(matches!(
+        account.dry_run(key, &rpm, quota).await,
+        Verdict::RateLimited { .. }
+    ));
+    // A used-up capped quota refuses a dry run on any key.
+    account.settle(&first, 10, 0).await;
+    assert!(matches!(
+        account.dry_run(Uuid::now_v7(), &[], quota).await,
+        Verdict::QuotaExhausted {
+            period: Period::Month
+        }
+    ));
+    let state = account.state().await;
+    assert_eq!((state.in_progress, state.month_used), (1, 10));
 }
 
 async fn refused_requests_change_nothing(store: Store) {

@@ -294,6 +294,12 @@ impl State {
                 windows: gcra::tightest(&request.rates, &before),
             };
         }
+        if request.dry_run {
+            return Verdict::Admitted {
+                reservation: reservation(request, 0),
+                windows: gcra::tightest(&request.rates, &before),
+            };
+        }
 
         // Everything conforms: charge and reserve.
         for (key, tat) in charged {
@@ -489,6 +495,7 @@ mod tests {
                 min_units: units,
                 periods: periods("2026-11-23"),
                 reservation_ttl: Duration::from_secs(60),
+                dry_run: false,
             }
         }
 

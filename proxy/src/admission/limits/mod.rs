@@ -34,6 +34,8 @@
 //! - **All or nothing**: a refused request changes no state.
 //! - Check order: quota (month, then day), concurrency, then the rate rules
 //!   in the order given; the first that fails is reported.
+//! - **Dry runs** (`dry_run`) check the same way and change nothing: the
+//!   gateway asks one with no tokens before counting a prompt.
 
 #[cfg(test)]
 mod conformance;
@@ -112,6 +114,8 @@ pub struct AdmitRequest {
     pub periods: Periods,
     /// How long an unsettled reservation holds.
     pub reservation_ttl: Duration,
+    /// Only check: whatever the verdict, charge no rule and reserve nothing.
+    pub dry_run: bool,
 }
 
 /// A rate window as OpenAI's `x-ratelimit-*` headers report it.

@@ -205,6 +205,7 @@ impl LimitStore for RedisLimits {
             int(gcra::MAX_LEVEL_US),
             millis(RATE_KEY_MARGIN),
             int(request.min_units),
+            int(u64::from(request.dry_run)),
         ];
         args.extend(request.rates.iter().map(|rule| {
             let cost = match rule.kind {
