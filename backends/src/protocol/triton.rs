@@ -1902,4 +1902,108 @@ mod tests {
             assert_eq!(error.error_type(), "server_error");
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn meta() -> AnswerMeta {
+            AnswerMeta {
+                id: "chatcmpl-prop".to_owned(),
+                created: 0,
+                model: "ensemble".to_owned(),
+                prompt_tokens: 3,
+                encoding: Encoding::Cl100k,
+            }
+        }
+
+        fn exchange() -> impl Strategy<Value = Exchange> {
+            (any::<bool>(), any::<bool>(), any::<bool>(), any::<u32>()).prop_map(
+                |(chat, stream, include_usage, max_tokens)| Exchange {
+                    endpoint: if chat {
+                        Endpoint::Chat
+                    } else {
+                        Endpoint::Completions
+                    },
+                    stream,
+                    include_usage: stream && include_usage,
+                    max_tokens,
+                },
+            )
+        }
+
+        /// Triton's answers are `data: {...}` events and JSON bodies; these
+        /// pieces make both, broken in every way, and any byte.
+        fn answer() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                prop::sample::select(vec![
+                    "data: ",
+                    "\n",
+                    "\n\n",
+                    "\r\n",
+                    "{",
+                    "}",
+                    "\"",
+                    ":",
+                    ",",
+                    "\"text_output\"",
+                    "\"error\"",
+                    "\"model_name\"",
+                    "\"x\"",
+                    "null",
+                    "\"\\u00e9\"",
+                    "\"hi there\"",
+                    "é",
+                    "[",
+                    "]",
+                    "42",
+                ])
+                .prop_map(|s: &str| s.as_bytes().to_vec()),
+                prop::collection::vec(any::<u8>(), 1..4),
+            ];
+            prop::collection::vec(piece, 0..80).prop_map(|parts| parts.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+
+            #[test]
+            fn any_triton_answer_is_translated_or_reported_without_a_panic(
+                exchange in exchange(),
+                bytes in answer(),
+                chunk in 1usize..64,
+                status in prop::sample::select(vec![200u16, 400, 500, 503]),
+            ) {
+                let mut transcoder = StreamTranscoder::new(exchange, &meta());
+                for piece in bytes.chunks(chunk) {
+                    transcoder.feed(piece);
+                }
+                transcoder.finish();
+                let _ = transcoder.usage();
+                let _ = translate_response(exchange, &meta(), &bytes);
+                let _ = translate_error(status, &bytes).openai_body();
+            }
+
+            #[test]
+            fn any_request_is_translated_or_refused_with_a_param(
+                chat in any::<bool>(),
+                max_tokens in any::<i64>(),
+                n in any::<i64>(),
+                stream in any::<bool>(),
+                text in ".{0,40}",
+            ) {
+                let endpoint = if chat { Endpoint::Chat } else { Endpoint::Completions };
+                let body = json!({
+                    "model": text.clone(),
+                    "messages": [{"role": "user", "content": text.clone()}],
+                    "prompt": text,
+                    "max_tokens": max_tokens,
+                    "n": n,
+                    "stream": stream,
+                });
+                let _ = translate_request(endpoint, &body);
+            }
+        }
+    }
 }

@@ -679,4 +679,39 @@ mod tests {
         assert!(stale.to_string().contains("301 s old"), "{stale}");
         assert_eq!(stale.reason(), "stale");
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            /// Any header and body: refused or verified, never a panic; a
+            /// forged delivery is never verified.
+            #[test]
+            fn any_delivery_is_verified_or_refused_without_a_panic(
+                header in "(t=[0-9]{0,22}|v1=[0-9a-f]{0,70}|v0=x|,| |=|[a-z0-9]{1,4}){0,8}",
+                body in prop::collection::vec(any::<u8>(), 0..256),
+                now in any::<u64>(),
+            ) {
+                let now = UNIX_EPOCH.checked_add(Duration::from_secs(now)).unwrap_or(UNIX_EPOCH);
+                let verified = secrets(SECRET).verify(Some(&header), &body, now);
+                prop_assert!(verified.is_err(), "a header made without the secret passed");
+                let _ = super::super::super::Event::parse(&body);
+            }
+
+            /// A real signature verifies whatever the body, at its own time.
+            #[test]
+            fn any_body_signed_with_the_secret_verifies(
+                body in prop::collection::vec(any::<u8>(), 0..256),
+                t in 0u64..4_000_000_000,
+            ) {
+                let header = sign(SECRET, &body, t);
+                let payload = secrets(SECRET).verify(Some(&header), &body, at(t));
+                prop_assert!(payload.is_ok());
+            }
+        }
+    }
 }
