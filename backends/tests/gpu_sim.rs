@@ -718,6 +718,7 @@ fn help_documents_every_flag() {
         "--api-key",
         "--seed",
         "--output-tokens",
+        "--max-request-tokens",
         "--encoding",
         "--threads",
     ] {
