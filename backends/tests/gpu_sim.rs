@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
+#[path = "gpu_sim/vllm.rs"]
+mod vllm;
 
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
