@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
+#[path = "gpu_sim/vllm.rs"]
+mod vllm;
 
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
@@ -718,6 +720,7 @@ fn help_documents_every_flag() {
         "--api-key",
         "--seed",
         "--output-tokens",
+        "--max-request-tokens",
         "--encoding",
         "--threads",
     ] {

@@ -34,10 +34,12 @@ pub struct Engine {
 /// What a front end asks the engine to generate.
 pub struct GenerationRequest<'a> {
     pub model: &'a str,
-    /// Canonical text of the prompt: the generated answer is derived from it.
-    pub prompt_key: &'a [u8],
+    /// Prompt tokens of every prompt of the request.
     pub prompt_tokens: usize,
-    pub max_tokens: Option<u32>,
+    /// Every sequence to generate, planned by the front end from
+    /// [`Engine::answer_key`]: one per choice, plus any `best_of` candidates
+    /// the answer leaves out. All are generated side by side, as one batch.
+    pub sequences: Vec<Completion>,
 }
 
 impl Engine {
@@ -87,6 +89,13 @@ impl Engine {
         total.saturating_sub(free) as f64 / total as f64
     }
 
+    /// The key every sequence answering `prompt_key` (the canonical text of
+    /// one prompt) on `model` is derived from: the same for any gpu-sim
+    /// started with the same seed.
+    pub fn answer_key(&self, model: &str, prompt_key: &[u8]) -> u64 {
+        stable_hash(self.options.seed, &[model.as_bytes(), prompt_key])
+    }
+
     /// Checks the model, draws this request's faults, waits for a batch slot
     /// and returns the planned generation, timed from now.
     pub async fn start(&self, request: GenerationRequest<'_>) -> Result<Generation, SimError> {
@@ -99,19 +108,21 @@ impl Engine {
         if unit_interval(draw ^ ERROR_DRAW) < self.options.error_rate {
             return Err(SimError::Injected);
         }
-        let key = stable_hash(
-            self.options.seed,
-            &[request.model.as_bytes(), request.prompt_key],
-        );
-        let completion = Completion::plan(key, self.options.output_tokens, request.max_tokens);
-        let abort_after = (completion.len() >= 2
+        let longest = request
+            .sequences
+            .iter()
+            .map(Completion::len)
+            .max()
+            .unwrap_or(0);
+        let abort_after = (longest >= 2
             && unit_interval(draw ^ ABORT_DRAW) < self.options.abort_mid_stream_rate)
-            .then(|| 1 + (mix(draw ^ ABORT_POINT_DRAW) as usize) % (completion.len() - 1));
+            .then(|| 1 + (mix(draw ^ ABORT_POINT_DRAW) as usize) % (longest - 1));
 
         let slot = self.admit(metrics).await?;
         metrics.prompt_tokens.inc_by(request.prompt_tokens as u64);
         Ok(Generation {
-            completion,
+            sequences: request.sequences,
+            longest,
             arrival,
             first_token_at: Instant::now() + self.options.ttft(),
             inter_token: self.options.inter_token_delay(),
@@ -177,13 +188,17 @@ pub async fn wait_until(deadline: Instant) {
     }
 }
 
-/// One admitted generation and its schedule.
+/// One admitted generation and its schedule. Its sequences are generated
+/// side by side: token `i` of every sequence is due at the same instant.
 pub struct Generation {
-    pub completion: Completion,
+    pub sequences: Vec<Completion>,
+    /// Tokens in the longest sequence: when the whole generation is done.
+    longest: usize,
     arrival: Instant,
     first_token_at: Instant,
     inter_token: Duration,
-    /// For streams: cut the answer off after this many tokens.
+    /// For streams: cut the answer off after this many tokens (of the
+    /// longest sequence).
     pub abort_after: Option<usize>,
     pub prompt_tokens: usize,
     slot: Slot,
@@ -196,9 +211,29 @@ impl Generation {
         self.first_token_at + self.inter_token.saturating_mul(index)
     }
 
-    /// When the whole answer is done.
+    /// Tokens in the longest sequence.
+    pub fn longest(&self) -> usize {
+        self.longest
+    }
+
+    /// When every sequence is done.
     pub fn finished_at(&self) -> Instant {
-        self.due(self.completion.len().saturating_sub(1))
+        self.due(self.longest.saturating_sub(1))
+    }
+
+    /// Tokens generated over all sequences: the answer's `completion_tokens`,
+    /// hidden `best_of` candidates included.
+    pub fn completion_tokens(&self) -> usize {
+        self.sequences.iter().map(Completion::len).sum()
+    }
+
+    /// Waits until every sequence is done, recording the metrics a finished
+    /// generation records.
+    pub async fn finish(&self) {
+        wait_until(self.due(0)).await;
+        self.observe_first_token();
+        wait_until(self.finished_at()).await;
+        self.observe_generated(self.completion_tokens());
     }
 
     /// Records time to first token; call when the first token goes out.

@@ -7,8 +7,10 @@
 //!
 //! - [`options`]: the command line (the timing and fault model).
 //! - [`engine`]: readiness, batch slots, fault draws, token schedule.
-//! - [`generate`]: deterministic answers whose token counts are exact.
-//! - [`openai`], [`triton`]: the two protocol front ends.
+//! - [`generate`]: deterministic answers, tool-call arguments and log
+//!   probabilities, whose token counts are exact.
+//! - [`openai`], [`triton`]: the two protocol front ends; `openai` behaves as
+//!   vLLM's server does (prompt lists, `n`, `best_of`, limits, tools).
 //! - [`stream`]: paced server-sent events shared by both.
 //! - [`metrics`]: `/metrics` under vLLM's and Triton's names.
 

@@ -72,9 +72,18 @@ pub struct SimOptions {
     pub seed: u64,
 
     /// Answer length in tokens before `max_tokens` applies; by default each
-    /// request gets a length of 16–128 tokens derived from the seed and prompt.
+    /// chat answer gets a length of 16–128 tokens derived from the seed and
+    /// prompt. /v1/completions without `max_tokens` stops at 16, as vLLM does.
     #[arg(long, value_name = "N")]
     pub output_tokens: Option<u32>,
+
+    /// Most tokens one request may ask for: prompts × choices (`n`, or
+    /// `best_of` when larger) × the token limit (`max_tokens`, or the default
+    /// length when unset). Larger requests get 400, as a model's context
+    /// length refuses them on vLLM; the bound keeps a hostile request from
+    /// making the simulator allocate without limit.
+    #[arg(long, default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_tokens: u64,
 
     /// Encoding used to count `usage` (cl100k_base or o200k_base); by default
     /// the model's own (gpt-4o → o200k), cl100k_base for models tiktoken does not know.

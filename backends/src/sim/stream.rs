@@ -2,9 +2,11 @@
 //!
 //! The pacing (first token after the TTFT, then one token per inter-token
 //! delay) is the same for every protocol; a [`StreamFormat`] says only how
-//! each event is written. Tokens that are due at the same instant go out in
-//! one write, so an unpaced simulator (`--ttft-ms 0 --tokens-per-sec 0`)
-//! answers a stream in a single chunk.
+//! each event is written. Sequences of one generation (`n` choices, several
+//! prompts) advance together, so their events interleave: token `i` of every
+//! sequence, in sequence order, then token `i + 1`. Tokens that are due at the
+//! same instant go out in one write, so an unpaced simulator (`--ttft-ms 0
+//! --tokens-per-sec 0`) answers a stream in a single chunk.
 
 use std::io;
 
@@ -16,15 +18,18 @@ use futures_util::stream;
 use tokio::time::Instant;
 
 use super::engine::{Generation, wait_until};
-use super::generate::FinishReason;
 
 /// How one protocol writes the events of a stream.
 pub trait StreamFormat: Send + 'static {
     /// Written once, just before the first token.
-    fn opening(&self, _out: &mut String) {}
-    fn token(&self, piece: &str, out: &mut String);
-    /// Written after the last token: finish reason, usage, terminator.
-    fn closing(&self, finish: FinishReason, generation: &Generation, out: &mut String);
+    fn opening(&mut self, _generation: &Generation, _out: &mut String) {}
+    /// Token `token` of sequence `sequence`.
+    fn token(&mut self, generation: &Generation, sequence: usize, token: usize, out: &mut String);
+    /// Written right after the last token of `sequence` (at once for an
+    /// empty one): its finish reason.
+    fn finished(&mut self, _generation: &Generation, _sequence: usize, _out: &mut String) {}
+    /// Written after every sequence has finished: usage, terminator.
+    fn closing(&mut self, generation: &Generation, out: &mut String);
     /// Written when the stream is cut off. `false` means the protocol has no
     /// such event and the connection is reset instead, without a terminator.
     fn aborted(&self, out: &mut String) -> bool;
@@ -84,33 +89,45 @@ impl<F: StreamFormat> StreamState<F> {
     /// Waits for token `next`, then writes every event due by now.
     async fn write_due_events(&mut self, mut next: usize) -> String {
         let generation = &self.generation;
-        let len = generation.completion.len();
+        let format = &mut self.format;
+        let longest = generation.longest();
         wait_until(generation.due(next)).await;
         let now = Instant::now();
         let mut out = String::new();
+        let mut generated = 0;
         if next == 0 {
             generation.observe_first_token();
-            self.format.opening(&mut out);
+            format.opening(generation, &mut out);
+            for (sequence, completion) in generation.sequences.iter().enumerate() {
+                if completion.is_empty() {
+                    format.finished(generation, sequence, &mut out);
+                }
+            }
         }
-        let first = next;
-        while next < len && generation.due(next) <= now {
+        while next < longest && generation.due(next) <= now {
             if generation.abort_after == Some(next) {
-                generation.observe_generated(next - first);
-                self.phase = if self.format.aborted(&mut out) {
+                generation.observe_generated(generated);
+                self.phase = if format.aborted(&mut out) {
                     Phase::Done
                 } else {
                     Phase::Reset
                 };
                 return out;
             }
-            self.format
-                .token(&generation.completion.piece(next), &mut out);
+            for (sequence, completion) in generation.sequences.iter().enumerate() {
+                if next < completion.len() {
+                    format.token(generation, sequence, next, &mut out);
+                    generated += 1;
+                    if next + 1 == completion.len() {
+                        format.finished(generation, sequence, &mut out);
+                    }
+                }
+            }
             next += 1;
         }
-        generation.observe_generated(next - first);
-        if next == len {
-            self.format
-                .closing(generation.completion.finish_reason, generation, &mut out);
+        generation.observe_generated(generated);
+        if next == longest {
+            format.closing(generation, &mut out);
             self.phase = Phase::Done;
         } else {
             self.phase = Phase::Generating { next };

@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::engine::{Engine, Generation, GenerationRequest, wait_until};
+use super::engine::{Engine, Generation, GenerationRequest};
 use super::error::{SimError, TritonError};
-use super::generate::FinishReason;
+use super::generate::Completion;
 use super::openai::{check_max_tokens, parse_body};
 use super::stream::{StreamFormat, sse_response};
 
@@ -64,14 +64,13 @@ pub async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, TritonError> {
     let generation = start(&engine, &model, &body?).await?;
-    wait_until(generation.due(0)).await;
-    generation.observe_first_token();
-    wait_until(generation.finished_at()).await;
-    generation.observe_generated(generation.completion.len());
+    generation.finish().await;
+    // A Triton request is one prompt and one sequence.
+    let text: String = generation.sequences.iter().map(Completion::text).collect();
     let body = json!({
         "model_name": model,
         "model_version": MODEL_VERSION,
-        "text_output": generation.completion.text(),
+        "text_output": text,
     });
     Ok(Json(body).into_response())
 }
@@ -109,12 +108,13 @@ async fn start(engine: &Engine, model: &str, body: &[u8]) -> Result<Generation, 
         };
     let max_tokens = check_max_tokens(max_tokens)?;
     let encoding = engine.encoding_for(model);
+    let key = engine.answer_key(model, request.text_input.as_bytes());
+    let completion = Completion::plan(key, engine.options.output_tokens, max_tokens.map(u64::from));
     engine
         .start(GenerationRequest {
             model,
-            prompt_key: request.text_input.as_bytes(),
             prompt_tokens: encoding.count(&request.text_input),
-            max_tokens,
+            sequences: vec![completion],
         })
         .await
 }
@@ -124,12 +124,15 @@ struct TritonEvents {
 }
 
 impl StreamFormat for TritonEvents {
-    fn token(&self, piece: &str, out: &mut String) {
-        let piece = serde_json::to_string(piece).unwrap_or_default();
+    fn token(&mut self, generation: &Generation, sequence: usize, token: usize, out: &mut String) {
+        let Some(completion) = generation.sequences.get(sequence) else {
+            return;
+        };
+        let piece = serde_json::to_string(&completion.piece(token)).unwrap_or_default();
         let _ = write!(out, "{}{piece}}}\n\n", self.prefix);
     }
 
-    fn closing(&self, _finish: FinishReason, _generation: &Generation, _out: &mut String) {
+    fn closing(&mut self, _generation: &Generation, _out: &mut String) {
         // Triton ends a stream by closing it; there is no terminator event.
     }
 
