@@ -421,11 +421,13 @@ async fn a_pod_whose_create_answer_was_lost_is_found_by_name_and_serves() {
     let fake = fake_runpod_at(&sim).await;
     fake.set_lose_create_answers(Some(LostAnswer::Reset));
     // A failed create is retried after a second, not a minute: without the
-    // lookup the second pod would be rented well within the request's wait.
+    // lookup more pods would be rented well within the request's wait, which
+    // is a minute rather than pro's default five.
     let gateway = Gateway::start(
         &[],
         Options {
             tail: runpod_fleet_with(&fake, "", "failed_retry_secs = 1\n"),
+            tiers: Some(format!("{DEFAULT_TIERS}max_queue_wait_secs = 60\n")),
             ..Options::default()
         },
     )
@@ -435,7 +437,12 @@ async fn a_pod_whose_create_answer_was_lost_is_found_by_name_and_serves() {
     let response = gateway
         .post(&key, "/v1/chat/completions", &chat("hi", 2))
         .await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.status(),
+        200,
+        "pods rented meanwhile: {}",
+        fake.pods().len()
+    );
     assert_eq!(response.headers()["x-tollgate-cold-start"], "true");
 
     let pods = fake.pods();
