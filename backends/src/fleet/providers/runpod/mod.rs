@@ -14,6 +14,11 @@
 //! `publicIp:port` mapping (`portMappings`) and its HTTP ports only an HTTPS
 //! proxy URL. Tollgate connects to the pod directly, so the inference port
 //! must be exposed as `PORT/tcp`; [`RunPodConfig::validate`] insists on it.
+//!
+//! Names: every pod is created under the name the controller gives
+//! (`{pod.name}-{backend}-{uuid v7}`), and [`Provider::find`] lists pods by
+//! it (`GET /pods?name=…`): that is how a create whose answer was lost is
+//! found again instead of rented twice.
 
 mod client;
 pub mod fake;
