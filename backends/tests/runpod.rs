@@ -1,8 +1,9 @@
 //! The RunPod provider against the fake RunPod API over loopback: the exact
 //! requests it sends (method, path, headers, body) and what it makes of the
-//! answers, through a whole create → stop → start → terminate lifecycle and
-//! RunPod's capacity and auth failures. One test reaches a real gpu-sim
-//! through the address the provider reports.
+//! answers, through a whole create → stop → start → terminate lifecycle,
+//! RunPod's capacity and auth failures, and creates whose answers are lost
+//! and are found again by name. One test reaches a real gpu-sim through the
+//! address the provider reports.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,7 +14,9 @@ use std::time::Duration;
 use support::Sim;
 
 use serde_json::{Value, json};
-use tollgate_backends::fleet::providers::runpod::fake::{FakeOptions, FakeRunPod, RecordedRequest};
+use tollgate_backends::fleet::providers::runpod::fake::{
+    FakeOptions, FakeRunPod, LostAnswer, RecordedRequest,
+};
 use tollgate_backends::fleet::providers::runpod::{
     ApiKey, CloudType, PodTemplate, RunPod, RunPodConfig,
 };
@@ -22,6 +25,8 @@ use tollgate_backends::fleet::providers::{
 };
 
 const INFERENCE_PORT: u16 = 8000;
+/// A name as the controller mints them: `{pod.name}-{backend}-{uuid v7}`.
+const NAME: &str = "tollgate-llama-gpu-1-01990c4e-8c1f-7b6e-9a51-3f0c2d7e4b10";
 /// Where the fake says the inference port is published.
 const PUBLIC_PORT: u16 = 41234;
 
@@ -103,7 +108,7 @@ fn status_of(fake: &FakeRunPod, id: &str) -> &'static str {
 async fn create_posts_the_pod_template_to_pods() {
     let (fake, runpod) = fake().await;
 
-    let instance = runpod.create().await.unwrap();
+    let instance = runpod.create(NAME).await.unwrap();
 
     let request = last(&fake);
     assert_call(&request, "POST", "/pods", &fake);
@@ -115,7 +120,7 @@ async fn create_posts_the_pod_template_to_pods() {
     assert_eq!(
         request.body,
         json!({
-            "name": "tollgate-llama",
+            "name": NAME,
             "imageName": "vllm/vllm-openai:v0.9.1",
             "computeType": "GPU",
             "cloudType": "SECURE",
@@ -142,7 +147,7 @@ async fn create_posts_the_pod_template_to_pods() {
 async fn lifecycle_create_stop_start_terminate() {
     let (fake, runpod) = fake().await;
 
-    let created = runpod.create().await.unwrap();
+    let created = runpod.create(NAME).await.unwrap();
     let id = created.id.clone();
     let (status, seen) = runpod.status(&created).await.unwrap();
     assert_call(&last(&fake), "GET", &format!("/pods/{id}"), &fake);
@@ -196,7 +201,7 @@ async fn lifecycle_create_stop_start_terminate() {
 #[tokio::test]
 async fn a_deleted_pod_is_not_found() {
     let (_fake, runpod) = fake().await;
-    let pod = runpod.create().await.unwrap();
+    let pod = runpod.create(NAME).await.unwrap();
     runpod.terminate(&pod).await.unwrap();
 
     let not_found =
@@ -210,7 +215,7 @@ async fn a_deleted_pod_is_not_found() {
 #[tokio::test]
 async fn resume_without_a_free_gpu_on_the_host_is_no_capacity() {
     let (fake, runpod) = fake().await;
-    let pod = runpod.create().await.unwrap();
+    let pod = runpod.create(NAME).await.unwrap();
     runpod.stop(&pod).await.unwrap();
     fake.set_resume_capacity(false);
 
@@ -250,7 +255,7 @@ async fn create_without_capacity_is_no_capacity() {
     })
     .await;
 
-    let error = runpod.create().await.unwrap_err();
+    let error = runpod.create(NAME).await.unwrap_err();
 
     assert!(
         matches!(&error, ProviderError::NoCapacity(m) if m.contains("no instances currently available")),
@@ -259,7 +264,7 @@ async fn create_without_capacity_is_no_capacity() {
     assert_eq!(fake.requests().len(), 1);
     assert!(fake.pods().is_empty());
     fake.set_create_capacity(true);
-    runpod.create().await.unwrap();
+    runpod.create(NAME).await.unwrap();
 }
 
 #[tokio::test]
@@ -274,7 +279,7 @@ async fn wrong_api_key_is_an_error_naming_401() {
     )
     .unwrap();
 
-    let error = runpod.create().await.unwrap_err();
+    let error = runpod.create(NAME).await.unwrap_err();
     let text = format!("{:#}", anyhow::Error::from(error));
     assert!(
         text.contains("401") && text.contains("Unauthorized"),
@@ -307,7 +312,7 @@ async fn address_is_public_ip_and_mapped_port_only_while_running() {
     })
     .await;
 
-    let created = runpod.create().await.unwrap();
+    let created = runpod.create(NAME).await.unwrap();
     assert_eq!(
         created.address, None,
         "no mapping while the container starts"
@@ -343,7 +348,7 @@ async fn the_reported_address_reaches_the_inference_server() {
         .unwrap();
     let runpod = RunPod::new(config(&fake), COST).unwrap();
 
-    let pod = runpod.create().await.unwrap();
+    let pod = runpod.create(NAME).await.unwrap();
     let address = pod.address.expect("a running pod has an address");
     let health = reqwest::get(format!("http://{address}/health"))
         .await
@@ -367,7 +372,7 @@ async fn a_silent_api_is_an_error_after_the_timeout() {
     )
     .unwrap();
 
-    let error = runpod.create().await.unwrap_err();
+    let error = runpod.create(NAME).await.unwrap_err();
 
     let text = format!("{:#}", anyhow::Error::from(error));
     assert!(
@@ -439,6 +444,97 @@ async fn the_fake_refuses_creates_runpod_would_refuse() {
     );
 }
 
+/// `find` is `GET /pods?name=…`, and only pods of exactly that name count.
+#[tokio::test]
+async fn find_lists_the_pods_of_a_name() {
+    let (fake, runpod) = fake().await;
+    let other = "tollgate-llama-gpu-2-01990c4e-8c1f-7b6e-9a51-000000000000";
+    let pod = runpod.create(NAME).await.unwrap();
+    runpod.create(other).await.unwrap();
+
+    let found = runpod.find(NAME).await.unwrap();
+
+    let request = last(&fake);
+    assert_call(&request, "GET", "/pods", &fake);
+    assert_eq!(request.query, [("name".to_owned(), NAME.to_owned())]);
+    assert_eq!(request.body, Value::Null);
+    assert_eq!(found, [pod], "with its address, as a create answers");
+    assert!(runpod.find("tollgate-llama").await.unwrap().is_empty());
+
+    runpod.terminate(&found[0]).await.unwrap();
+    assert!(
+        runpod.find(NAME).await.unwrap().is_empty(),
+        "a deleted pod is not listed"
+    );
+}
+
+/// The fault the controller's idempotent create is for: RunPod rented the
+/// pod, the connection broke before its answer arrived.
+#[tokio::test]
+async fn a_create_whose_answer_is_reset_fails_but_its_pod_is_found_by_name() {
+    let (fake, runpod) = fake().await;
+    fake.set_lose_create_answers(Some(LostAnswer::Reset));
+
+    let error = runpod.create(NAME).await.unwrap_err();
+
+    assert!(matches!(error, ProviderError::Other(_)), "{error:?}");
+    let text = format!("{:#}", anyhow::Error::from(error));
+    assert!(
+        text.contains("POST /pods:") && text.contains("connection closed"),
+        "{text}"
+    );
+    let pods = fake.pods();
+    assert_eq!(pods.len(), 1, "carried out all the same");
+    assert_eq!(
+        (pods[0].name.as_deref(), pods[0].desired_status),
+        (Some(NAME), "RUNNING")
+    );
+    let found = runpod.find(NAME).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, pods[0].id);
+    assert_eq!(found[0].address, Some(expected_address()));
+
+    // Only a create that was carried out loses its answer.
+    fake.set_create_capacity(false);
+    let refused = runpod.create(NAME).await.unwrap_err();
+    assert!(
+        matches!(refused, ProviderError::NoCapacity(_)),
+        "{refused:?}"
+    );
+    assert_eq!(fake.pods().len(), 1);
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_never_comes_times_out_and_its_pod_is_found_by_name() {
+    let fake = FakeRunPod::start(FakeOptions {
+        lose_create_answers: Some(LostAnswer::Silence),
+        ..FakeOptions::default().map_port(INFERENCE_PORT, PUBLIC_PORT)
+    })
+    .await
+    .unwrap();
+    let runpod = RunPod::new(
+        RunPodConfig {
+            timeout: Duration::from_millis(200),
+            ..config(&fake)
+        },
+        COST,
+    )
+    .unwrap();
+
+    let error = runpod.create(NAME).await.unwrap_err();
+
+    let text = format!("{:#}", anyhow::Error::from(error));
+    assert!(
+        text.contains("POST /pods: no answer within 200ms"),
+        "{text}"
+    );
+    let found = runpod.find(NAME).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, fake.pods()[0].id);
+    // The request left unanswered does not hold the fake's shutdown up.
+    fake.shutdown().await.unwrap();
+}
+
 const CONFIG_TOML: &str = r#"
 [backends.runpod]
 api_key = "rpa_0123456789"
@@ -508,6 +604,13 @@ fn config_mistakes_are_named() {
     let problem = RunPod::new(http_only, COST).err().unwrap().to_string();
     assert!(
         problem.contains("`pod.ports` must contain \"8000/tcp\""),
+        "{problem}"
+    );
+
+    let long_prefix = with("\"tollgate-llama\"", &format!("\"{}\"", "x".repeat(65))).unwrap();
+    let problem = long_prefix.validate().unwrap_err().to_string();
+    assert!(
+        problem.contains("`pod.name` must have 1 to 64"),
         "{problem}"
     );
 

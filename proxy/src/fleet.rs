@@ -1,9 +1,10 @@
 //! The gateway's side of the GPU fleet: providers built from the config, the
 //! controller run as a background service, its transitions written to
-//! Postgres (`instance_events`) off the request path, the instances the
-//! log says were rented adopted again at start-up, and the fleet's
-//! Prometheus metrics (state, health, breaker, load, GPU utilisation,
-//! instance time and cost per backend).
+//! Postgres (`instance_events`) off the request path (a create waits until
+//! the name it rents under is written), the instances the log says were
+//! rented, and the creates it shows without an answer, adopted again at
+//! start-up, and the fleet's Prometheus metrics (state, health, breaker,
+//! load, GPU utilisation, instance time and cost per backend).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,9 +17,9 @@ use pingora::services::background::BackgroundService;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Counter, CounterVec, GaugeVec, IntGaugeVec, Opts, Registry};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tollgate_backends::fleet::controller::{
-    Connections, EventSink, FleetController, InstanceEvent, Managed, ProbeReadiness,
+    Connections, EventLogClosed, EventSink, FleetController, InstanceEvent, Managed, ProbeReadiness,
 };
 use tollgate_backends::fleet::policy::Scaler;
 use tollgate_backends::fleet::providers::process::ProcessProvider;
@@ -283,8 +284,16 @@ pub fn register_metrics(
     registry.register(Box::new(FleetCollector::new(backends, controller)?))
 }
 
+/// What goes to the writer, in order.
+enum Entry {
+    /// A transition, stamped when it was recorded.
+    Event(SystemTime, InstanceEvent),
+    /// Answered once every entry before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
 /// Transitions on their way to Postgres: `record` never blocks.
-pub struct EventLog(mpsc::UnboundedSender<(SystemTime, InstanceEvent)>);
+pub struct EventLog(mpsc::UnboundedSender<Entry>);
 
 impl EventLog {
     pub fn new() -> (Arc<Self>, EventWriter) {
@@ -296,45 +305,59 @@ impl EventLog {
     }
 }
 
+#[async_trait]
 impl EventSink for EventLog {
     fn record(&self, event: InstanceEvent) {
         // Stamped here: the writer may be retrying a Postgres outage.
-        if self.0.send((SystemTime::now(), event)).is_err() {
+        if self.0.send(Entry::Event(SystemTime::now(), event)).is_err() {
             tracing::error!("instance event writer has stopped; transition not recorded");
         }
+    }
+
+    /// Waits as long as Postgres is out: a create must not go ahead
+    /// before its name is written.
+    async fn flushed(&self) -> Result<(), EventLogClosed> {
+        let (written, done) = oneshot::channel();
+        self.0
+            .send(Entry::Flush(written))
+            .map_err(|_| EventLogClosed)?;
+        done.await.map_err(|_| EventLogClosed)
     }
 }
 
 /// Writes transitions in order, holding them through a Postgres outage
 /// (there are a handful an hour, so memory is no concern).
-pub struct EventWriter(
-    tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<(SystemTime, InstanceEvent)>>>,
-);
+pub struct EventWriter(tokio::sync::Mutex<Option<mpsc::UnboundedReceiver<Entry>>>);
 
 impl EventWriter {
     pub async fn run(&self, pool: &Pool) {
         let Some(mut receiver) = self.0.lock().await.take() else {
             return;
         };
-        let mut pending: VecDeque<(SystemTime, InstanceEvent)> = VecDeque::new();
+        let mut pending: VecDeque<Entry> = VecDeque::new();
         loop {
             if pending.is_empty() {
                 match receiver.recv().await {
-                    Some(event) => pending.push_back(event),
+                    Some(entry) => pending.push_back(entry),
                     None => return,
                 }
             }
-            while let Ok(event) = receiver.try_recv() {
-                pending.push_back(event);
+            while let Ok(entry) = receiver.try_recv() {
+                pending.push_back(entry);
             }
-            while let Some((at, event)) = pending.front() {
-                if let Err(e) = insert(pool, *at, event).await {
+            while let Some(entry) = pending.front() {
+                if let Entry::Event(at, event) = entry
+                    && let Err(e) = insert(pool, *at, event).await
+                {
                     store_errors::postgres(PostgresOperation::InstanceEvents);
                     tracing::warn!(error = %e, pending = pending.len(), "instance events not written yet; retrying");
                     tokio::time::sleep(POSTGRES_RETRY).await;
                     break;
                 }
-                pending.pop_front();
+                if let Some(Entry::Flush(written)) = pending.pop_front() {
+                    // The waiter may have given up; nothing to tell then.
+                    let _ = written.send(());
+                }
             }
         }
     }
@@ -345,12 +368,13 @@ async fn insert(pool: &Pool, at: SystemTime, event: &InstanceEvent) -> anyhow::R
     client
         .execute(
             "INSERT INTO instance_events \
-             (at, backend, instance_id, from_state, to_state, reason, hourly_cost) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             (at, backend, instance_id, instance_name, from_state, to_state, reason, hourly_cost) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &at,
                 &event.backend,
                 &event.instance_id,
+                &event.instance_name,
                 &event.from.as_str(),
                 &event.to.as_str(),
                 &event.reason,
@@ -361,30 +385,39 @@ async fn insert(pool: &Pool, at: SystemTime, event: &InstanceEvent) -> anyhow::R
     Ok(())
 }
 
-/// The instance each backend held at its last recorded transition, if that
-/// left one rented (anything but cold).
-async fn last_instances(pool: &Pool) -> anyhow::Result<Vec<(String, Instance)>> {
+/// What a backend's last recorded transition says it held.
+struct Held {
+    backend: String,
+    /// The instance rented, when its id is known.
+    instance: Option<Instance>,
+    /// The name it was created under; with no instance, that of a create
+    /// whose answer was never recorded.
+    name: Option<String>,
+}
+
+/// What each backend held at its last recorded transition, if that left
+/// something rented, or maybe rented (anything but cold, with an instance
+/// id or a name).
+async fn last_held(pool: &Pool) -> anyhow::Result<Vec<Held>> {
     let client = pool.get().await?;
     let rows = client
         .query(
-            "SELECT DISTINCT ON (backend) backend, instance_id, to_state \
+            "SELECT DISTINCT ON (backend) backend, instance_id, instance_name, to_state \
              FROM instance_events ORDER BY backend, at DESC, id DESC",
             &[],
         )
         .await?;
     Ok(rows
         .iter()
-        .filter(|row| row.get::<_, &str>(2) != "cold")
-        .filter_map(|row| {
-            let id: Option<String> = row.get(1);
-            Some((
-                row.get(0),
-                Instance {
-                    id: id?,
-                    address: None,
-                },
-            ))
+        .filter(|row| row.get::<_, &str>(3) != "cold")
+        .map(|row| Held {
+            backend: row.get(0),
+            instance: row
+                .get::<_, Option<String>>(1)
+                .map(|id| Instance { id, address: None }),
+            name: row.get(2),
         })
+        .filter(|held| held.instance.is_some() || held.name.is_some())
         .collect())
 }
 
@@ -414,14 +447,15 @@ impl BackgroundService for FleetService {
 }
 
 impl FleetService {
-    /// Adopts the instances the event log says are rented. Until the log
-    /// has been read no decision is made (requests for scaled-to-zero pools
-    /// wait meanwhile): deciding without it would rent again what is
-    /// already rented and forget the rest.
+    /// Adopts the instances the event log says are rented, and the creates
+    /// it shows without an answer (the controller looks them up by name).
+    /// Until the log has been read no decision is made (requests for
+    /// scaled-to-zero pools wait meanwhile): deciding without it would rent
+    /// again what is already rented and forget the rest.
     async fn adopt_rented(&self) {
-        let instances = loop {
-            match last_instances(&self.pool).await {
-                Ok(instances) => break instances,
+        let held = loop {
+            match last_held(&self.pool).await {
+                Ok(held) => break held,
                 Err(e) => {
                     store_errors::postgres(PostgresOperation::FleetRecovery);
                     tracing::warn!(error = %e, "cannot read instance_events yet; the fleet waits for it");
@@ -429,14 +463,15 @@ impl FleetService {
                 }
             }
         };
-        for (name, instance) in instances {
-            if let Some(id) = self.controller.backend_id(&name) {
+        for held in held {
+            if let Some(id) = self.controller.backend_id(&held.backend) {
                 tracing::info!(
-                    backend = name,
-                    instance = instance.id,
-                    "adopting the instance recorded as rented"
+                    backend = held.backend,
+                    instance = held.instance.as_ref().map(|i| i.id.as_str()),
+                    name = held.name,
+                    "adopting the instance recorded as rented (or its create)"
                 );
-                self.controller.adopt(id, instance);
+                self.controller.adopt(id, held.instance, held.name);
             }
         }
     }
@@ -468,8 +503,11 @@ mod tests {
         fn kind(&self) -> &'static str {
             "priced"
         }
-        async fn create(&self) -> Result<Instance, ProviderError> {
+        async fn create(&self, _: &str) -> Result<Instance, ProviderError> {
             Err(ProviderError::NoCapacity("test".into()))
+        }
+        async fn find(&self, _: &str) -> Result<Vec<Instance>, ProviderError> {
+            Ok(Vec::new())
         }
         async fn start(&self, _: &Instance) -> Result<Instance, ProviderError> {
             Err(ProviderError::NoCapacity("test".into()))
@@ -630,10 +668,11 @@ mod tests {
         // An adopted instance bills at the running price while it starts.
         controller.adopt(
             1,
-            Instance {
+            Some(Instance {
                 id: "i-1".into(),
                 address: None,
-            },
+            }),
+            None,
         );
         tokio::time::advance(Duration::from_secs(3600)).await;
         let families = registry.gather();

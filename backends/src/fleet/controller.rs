@@ -14,12 +14,23 @@
 //! own task; the instance is marked busy meanwhile and the scaler leaves it
 //! alone. Static backends have no provider: they count as hot capacity while
 //! routable and are never touched, except by an operator's drain.
+//!
+//! A create is made idempotent by its name. An answer can be lost after the
+//! cloud rented the instance (a timeout, a reset connection, a crash of
+//! Tollgate), and renting again would leave the first instance running,
+//! billed and known to nobody. So each create gets a name of its own
+//! (`{prefix}-{backend}-{uuid v7}`), recorded durably ([`EventSink::flushed`])
+//! before the call; a create without an answer is looked up by that name
+//! ([`Provider::find`]) and adopted if it was carried out, and until a
+//! lookup has settled it nothing else is rented for the slot. A restart
+//! resolves a create the log shows pending the same way.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::{Instant, sleep};
+use uuid::Uuid;
 
 use super::policy::{ActionKind, InstanceView, PoolView, Scaler, TierWait};
 use super::providers::{HourlyCost, Instance, InstanceStatus, Provider, ProviderError};
@@ -32,12 +43,19 @@ use crate::routing::{Backend, BackendId, BackendPool, UpstreamSelector};
 /// enough for a cloud API's rate limits.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
+/// Longest prefix and backend name in an instance's name: with the 36
+/// characters of the uuid, 64 + 1 + 64 + 1 + 36 fits RunPod's limit of 191.
+const NAME_PART_MAX_CHARS: usize = 64;
+
 /// One lifecycle transition, as recorded in `instance_events`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceEvent {
     pub backend: String,
     /// The provider's id of the instance concerned, when there is one.
     pub instance_id: Option<String>,
+    /// The name the instance was created under; set from before the create
+    /// call, when its id is not known yet.
+    pub instance_name: Option<String>,
     pub from: InstanceState,
     pub to: InstanceState,
     pub reason: String,
@@ -45,11 +63,25 @@ pub struct InstanceEvent {
     pub hourly_cost: f64,
 }
 
-/// Where transitions go. Must not block: the gateway queues them for a
-/// background writer.
+/// Where transitions go. `record` must not block: the gateway queues them
+/// for a background writer.
+#[async_trait]
 pub trait EventSink: Send + Sync {
     fn record(&self, event: InstanceEvent);
+
+    /// Resolves once every event recorded so far is stored for good: the
+    /// controller waits for it before a create, so that no instance is
+    /// rented whose name a restart could not find in the log. A sink held
+    /// in memory is stored as soon as it records.
+    async fn flushed(&self) -> Result<(), EventLogClosed> {
+        Ok(())
+    }
 }
+
+/// The event log takes no more events (the gateway is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the instance event log has stopped")]
+pub struct EventLogClosed;
 
 /// The admission side: what waits, and how many slots each pool has.
 pub trait Demand: Send + Sync {
@@ -169,6 +201,10 @@ struct Record {
     state: InstanceState,
     since: Instant,
     instance: Option<Instance>,
+    /// The name `instance` was created under, or, while `instance` is
+    /// `None`, of a create whose outcome is not known yet: it is looked up
+    /// before anything else is rented for this slot.
+    name: Option<String>,
     /// Recovered at start-up, not yet checked with the provider.
     unverified: bool,
     pinned: bool,
@@ -238,6 +274,7 @@ impl FleetController {
                         state: InstanceState::Cold,
                         since: now,
                         instance: None,
+                        name: None,
                         unverified: false,
                         pinned: false,
                         busy: false,
@@ -262,25 +299,33 @@ impl FleetController {
         controller
     }
 
-    /// Takes back an instance the event log says this backend held when
-    /// Tollgate last stopped. Until its provider confirms what it is, it
-    /// counts as starting: not routable, and not woken a second time.
-    /// Instances that end with Tollgate are not adopted.
-    pub fn adopt(&self, id: BackendId, instance: Instance) {
+    /// Takes back what the event log says this backend held when Tollgate
+    /// last stopped: an `instance` (created under `name`), or, with no
+    /// instance, a create under `name` whose answer was never recorded.
+    /// Until its provider confirms what it is, an instance counts as
+    /// starting and a pending create as provisioning: not routable, and not
+    /// woken a second time. Instances that end with Tollgate are not adopted.
+    pub fn adopt(&self, id: BackendId, instance: Option<Instance>, name: Option<String>) {
         let Some(Some(slot)) = self.slots.get(id) else {
             return;
         };
-        if slot.provider.ends_with_gateway() {
+        if slot.provider.ends_with_gateway() || (instance.is_none() && name.is_none()) {
             return;
         }
+        let state = if instance.is_some() {
+            InstanceState::Starting
+        } else {
+            InstanceState::Provisioning
+        };
         let mut record = lock(&slot.record);
         // The time until now was spent cold, at no cost.
         record.close_spell(Instant::now(), slot.provider.cost());
-        record.state = InstanceState::Starting;
-        record.instance = Some(instance);
+        record.state = state;
+        record.instance = instance;
+        record.name = name;
         record.unverified = true;
         drop(record);
-        self.backends.set_lifecycle(id, InstanceState::Starting);
+        self.backends.set_lifecycle(id, state);
     }
 
     /// Runs until `shutdown` resolves. The gateway keeps it running through
@@ -562,10 +607,28 @@ impl FleetController {
         }
     }
 
-    /// Asks the provider about an instance recovered from the event log.
+    /// Asks the provider about an instance recovered from the event log;
+    /// a create recovered without its answer is looked up by its name first.
     async fn verify(&self, id: BackendId) {
-        let Some((provider, Some(instance))) = self.provider_and_instance(id) else {
+        let Some((provider, instance)) = self.provider_and_instance(id) else {
             return;
+        };
+        let instance = match instance {
+            Some(instance) => instance,
+            None => match self.find_created(id, &provider).await {
+                Ok(Some(found)) => {
+                    self.set_instance(id, Some(found.clone()));
+                    self.transition(id, InstanceState::Starting, "found_by_name");
+                    found
+                }
+                // Never carried out: nothing is rented.
+                Ok(None) => {
+                    self.transition(id, InstanceState::Cold, "create_not_found");
+                    self.set_instance(id, None);
+                    return;
+                }
+                Err(e) => return self.fail(id, "recover", &e),
+            },
         };
         match provider.status(&instance).await {
             Ok((InstanceStatus::Running | InstanceStatus::Pending, current)) => {
@@ -588,14 +651,14 @@ impl FleetController {
         let Some((provider, instance)) = self.provider_and_instance(id) else {
             return;
         };
-        let instance = match (self.state(id), instance) {
+        let (instance, started) = match (self.state(id), instance) {
             (InstanceState::Draining, Some(_)) => {
                 return self.transition(id, InstanceState::Hot, reason);
             }
             (InstanceState::Warm, Some(stopped)) => {
                 self.transition(id, InstanceState::Starting, reason);
                 match provider.start(&stopped).await {
-                    Ok(started) => started,
+                    Ok(started) => (started, "started"),
                     Err(ProviderError::NoCapacity(why)) => {
                         // The host's GPUs were rented meanwhile: give up the
                         // stopped instance and rent a new one.
@@ -608,10 +671,9 @@ impl FleetController {
                             Err(e) => return self.fail(id, "release_stopped", &e),
                         }
                         self.set_instance(id, None);
-                        self.transition(id, InstanceState::Provisioning, "resume_no_capacity");
-                        match provider.create().await {
-                            Ok(created) => created,
-                            Err(e) => return self.fail(id, "create", &e),
+                        match self.rent(id, &provider, "resume_no_capacity").await {
+                            Some(rented) => rented,
+                            None => return,
                         }
                     }
                     Err(e) => return self.fail(id, "resume", &e),
@@ -625,16 +687,133 @@ impl FleetController {
                     }
                     self.set_instance(id, None);
                 }
-                self.transition(id, InstanceState::Provisioning, reason);
-                match provider.create().await {
-                    Ok(created) => created,
-                    Err(e) => return self.fail(id, "create", &e),
+                match self.rent(id, &provider, reason).await {
+                    Some(rented) => rented,
+                    None => return,
                 }
             }
             _ => return,
         };
         self.set_instance(id, Some(instance));
-        self.await_ready(id, &provider, "started").await;
+        self.await_ready(id, &provider, started).await;
+    }
+
+    /// Rents an instance for the slot under a name recorded before the call.
+    /// A create still pending (its answer never came) is looked up first and
+    /// taken if it was carried out; if not, its name is used again. A create
+    /// that fails other than for lack of capacity may have been carried out
+    /// all the same (only its answer lost), so it is looked up as well.
+    /// Answers the instance and the reason its start is recorded with;
+    /// `None` once the slot has failed.
+    async fn rent(
+        &self,
+        id: BackendId,
+        provider: &Arc<dyn Provider>,
+        reason: &str,
+    ) -> Option<(Instance, &'static str)> {
+        match self.find_created(id, provider).await {
+            Ok(Some(found)) => return Some((found, "found_by_name")),
+            Ok(None) => {}
+            Err(e) => {
+                self.fail(id, "find_created", &e);
+                return None;
+            }
+        }
+        let name = match self.pending_name(id) {
+            Some(name) => name,
+            None => self.mint_name(id, provider),
+        };
+        self.transition(id, InstanceState::Provisioning, reason);
+        // The name must be in the log before the cloud can rent under it: a
+        // restart finds what was rented only by what the log says.
+        if let Err(closed) = self.events.flushed().await {
+            self.fail(id, "create", &ProviderError::Other(closed.into()));
+            return None;
+        }
+        let error = match provider.create(&name).await {
+            Ok(created) => return Some((created, "started")),
+            Err(e @ ProviderError::NoCapacity(_)) => e,
+            Err(e) => {
+                tracing::warn!(backend = self.name(id), name, error = %e, "create failed; looking its instance up by name in case only the answer was lost");
+                // Not found or not known: the name stays, to be looked up
+                // again before the next create.
+                match self.find_created(id, provider).await {
+                    Ok(Some(found)) => return Some((found, "found_by_name")),
+                    Ok(None) => e,
+                    Err(lookup) => {
+                        tracing::warn!(backend = self.name(id), name, error = %lookup, "looking the instance up failed too");
+                        e
+                    }
+                }
+            }
+        };
+        self.fail(id, "create", &error);
+        None
+    }
+
+    /// The instance the slot's pending create rented, looked up by its name:
+    /// `None` when there is no pending create or it was never carried out.
+    /// More than one (a create retried while an earlier one was still being
+    /// carried out) are cut down to the first; the others are terminated.
+    async fn find_created(
+        &self,
+        id: BackendId,
+        provider: &Arc<dyn Provider>,
+    ) -> Result<Option<Instance>, ProviderError> {
+        let Some(name) = self.pending_name(id) else {
+            return Ok(None);
+        };
+        let mut found = provider.find(&name).await?.into_iter();
+        let Some(kept) = found.next() else {
+            return Ok(None);
+        };
+        for extra in found {
+            tracing::warn!(
+                backend = self.name(id),
+                name,
+                instance = extra.id,
+                "a second instance under one name; terminating it"
+            );
+            match provider.terminate(&extra).await {
+                Ok(()) | Err(ProviderError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::info!(
+            backend = self.name(id),
+            name,
+            instance = kept.id,
+            "found the instance of a create without an answer"
+        );
+        Ok(Some(kept))
+    }
+
+    /// The name of a create whose outcome is not known: one under way, or
+    /// one that failed or was cut short without telling what it rented.
+    fn pending_name(&self, id: BackendId) -> Option<String> {
+        let slot = self.slots.get(id)?.as_ref()?;
+        let record = lock(&slot.record);
+        if record.instance.is_some() {
+            return None;
+        }
+        record.name.clone()
+    }
+
+    /// A name new to this create, `{prefix}-{backend}-{uuid v7}` (time
+    /// ordered, so names sort by when they were minted), kept in the record
+    /// so that the events from here on carry it.
+    fn mint_name(&self, id: BackendId, provider: &Arc<dyn Provider>) -> String {
+        let part = |text: &str| text.chars().take(NAME_PART_MAX_CHARS).collect::<String>();
+        let name = format!(
+            "{}-{}-{}",
+            part(provider.name_prefix()),
+            part(&self.name(id)),
+            Uuid::now_v7()
+        );
+        if let Some(Some(slot)) = self.slots.get(id) {
+            lock(&slot.record).name = Some(name.clone());
+        }
+        name
     }
 
     /// Starting until the instance has an address and passes its probe,
@@ -716,6 +895,19 @@ impl FleetController {
         let Some((provider, instance)) = self.provider_and_instance(id) else {
             return;
         };
+        // What a create without an answer rented is let go too.
+        let instance = match instance {
+            Some(instance) => Some(instance),
+            None => match self.find_created(id, &provider).await {
+                Ok(found) => {
+                    if found.is_some() {
+                        self.set_instance(id, found.clone());
+                    }
+                    found
+                }
+                Err(e) => return self.fail(id, "find_created", &e),
+            },
+        };
         if let Some(instance) = instance {
             match provider.terminate(&instance).await {
                 Ok(()) | Err(ProviderError::NotFound(_)) => {}
@@ -761,12 +953,16 @@ impl FleetController {
         Some((Arc::clone(&slot.provider), instance))
     }
 
+    /// `None` lets go of the name too: nothing is held or pending.
     fn set_instance(&self, id: BackendId, instance: Option<Instance>) {
         if let Some(Some(slot)) = self.slots.get(id) {
             let mut record = lock(&slot.record);
             // A failed state's price depends on whether an instance is held:
             // the spell so far is priced as it was.
             record.close_spell(Instant::now(), slot.provider.cost());
+            if instance.is_none() {
+                record.name = None;
+            }
             record.instance = instance;
         }
     }
@@ -782,7 +978,7 @@ impl FleetController {
     /// (routing), the event sink, the log, and the admission capacity.
     fn transition(&self, id: BackendId, to: InstanceState, reason: &str) {
         let now = Instant::now();
-        let (from, instance_id, hourly_cost) = match &self.slots[id] {
+        let (from, instance_id, instance_name, hourly_cost) = match &self.slots[id] {
             Some(slot) => {
                 let prices = slot.provider.cost();
                 let mut record = lock(&slot.record);
@@ -793,9 +989,14 @@ impl FleetController {
                 record.close_spell(now, prices);
                 record.state = to;
                 let instance_id = record.instance.as_ref().map(|i| i.id.clone());
-                (from, instance_id, record.hourly(prices))
+                (
+                    from,
+                    instance_id,
+                    record.name.clone(),
+                    record.hourly(prices),
+                )
             }
-            None => (self.state(id), None, 0.0),
+            None => (self.state(id), None, None, 0.0),
         };
         if from == to {
             return;
@@ -806,6 +1007,7 @@ impl FleetController {
         self.events.record(InstanceEvent {
             backend,
             instance_id,
+            instance_name,
             from,
             to,
             reason: reason.to_owned(),

@@ -1,5 +1,6 @@
 //! The controller against a scripted GPU cloud, on tokio's paused clock:
-//! failures of the provider's calls and of the instance itself.
+//! failures of the provider's calls and of the instance itself, and creates
+//! whose answers are lost.
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
@@ -18,15 +19,68 @@ use crate::health::Probe;
 use crate::protocol::Protocol;
 use crate::routing::BackendPool;
 
-/// A cloud whose calls fail on demand; `alive` is what it bills for.
+/// A cloud whose calls fail on demand; `alive` is what it bills for, by id
+/// and the name it was created under.
 #[derive(Default)]
 struct Cloud {
     terminates: AtomicU32,
     terminate_fails: AtomicBool,
     resume_no_capacity: AtomicBool,
     gone: AtomicBool,
-    alive: Mutex<Vec<String>>,
+    /// Creates are carried out but answer an error, as when the answer is lost.
+    lose_create_answers: AtomicBool,
+    /// Creates answer an error and rent nothing.
+    create_fails: AtomicBool,
+    finds: AtomicU32,
+    find_fails: AtomicBool,
+    alive: Mutex<Vec<(String, String)>>,
     next: AtomicU32,
+    journal: Arc<Journal>,
+}
+
+/// Events recorded, flushes and creates, in the order they happened.
+#[derive(Default)]
+struct Journal(Mutex<Vec<String>>);
+
+impl Journal {
+    fn write(&self, line: String) {
+        self.0.lock().unwrap().push(line);
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The names creates were called with, in order.
+    fn creates(&self) -> Vec<String> {
+        self.lines()
+            .iter()
+            .filter_map(|line| line.strip_prefix("create "))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Cloud {
+    fn alive_ids(&self) -> Vec<String> {
+        self.alive
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Rents one more instance under `name` behind the controller's back,
+    /// as a create still being carried out when it was retried would.
+    fn rent_behind(&self, name: &str) -> String {
+        let id = format!("i{}", self.next.fetch_add(1, Ordering::SeqCst));
+        self.alive
+            .lock()
+            .unwrap()
+            .push((id.clone(), name.to_owned()));
+        id
+    }
 }
 
 #[async_trait]
@@ -35,13 +89,37 @@ impl Provider for Cloud {
         "scripted"
     }
 
-    async fn create(&self) -> Result<Instance, ProviderError> {
-        let id = format!("i{}", self.next.fetch_add(1, Ordering::SeqCst));
-        self.alive.lock().unwrap().push(id.clone());
+    async fn create(&self, name: &str) -> Result<Instance, ProviderError> {
+        self.journal.write(format!("create {name}"));
+        if self.create_fails.load(Ordering::SeqCst) {
+            return Err(ProviderError::Other(anyhow::anyhow!("HTTP 502")));
+        }
+        let id = self.rent_behind(name);
+        if self.lose_create_answers.load(Ordering::SeqCst) {
+            return Err(ProviderError::Other(anyhow::anyhow!("connection reset")));
+        }
         Ok(Instance {
             id,
             address: Some("127.0.0.1:9".into()),
         })
+    }
+
+    async fn find(&self, name: &str) -> Result<Vec<Instance>, ProviderError> {
+        self.finds.fetch_add(1, Ordering::SeqCst);
+        if self.find_fails.load(Ordering::SeqCst) {
+            return Err(ProviderError::Other(anyhow::anyhow!("HTTP 503")));
+        }
+        Ok(self
+            .alive
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, n)| n == name)
+            .map(|(id, _)| Instance {
+                id: id.clone(),
+                address: Some("127.0.0.1:9".into()),
+            })
+            .collect())
     }
 
     async fn start(&self, instance: &Instance) -> Result<Instance, ProviderError> {
@@ -60,7 +138,10 @@ impl Provider for Cloud {
         if self.terminate_fails.load(Ordering::SeqCst) {
             return Err(ProviderError::Other(anyhow::anyhow!("HTTP 500")));
         }
-        self.alive.lock().unwrap().retain(|i| *i != instance.id);
+        self.alive
+            .lock()
+            .unwrap()
+            .retain(|(id, _)| *id != instance.id);
         Ok(())
     }
 
@@ -94,10 +175,26 @@ impl Demand for Idle {
     fn set_capacity(&self, _: &str, _: u32) {}
 }
 
-struct Discard;
+/// Writes each event as `from->to:reason id name` to the journal.
+struct Recorder(Arc<Journal>);
 
-impl EventSink for Discard {
-    fn record(&self, _: InstanceEvent) {}
+#[async_trait]
+impl EventSink for Recorder {
+    fn record(&self, event: InstanceEvent) {
+        self.0.write(format!(
+            "{}->{}:{} {} {}",
+            event.from,
+            event.to,
+            event.reason,
+            event.instance_id.as_deref().unwrap_or("-"),
+            event.instance_name.as_deref().unwrap_or("-"),
+        ));
+    }
+
+    async fn flushed(&self) -> Result<(), EventLogClosed> {
+        self.0.write("flushed".into());
+        Ok(())
+    }
 }
 
 struct Ready(AtomicBool);
@@ -116,6 +213,13 @@ struct Fixture {
 }
 
 fn start(policy: FleetPolicy, ready: bool) -> Fixture {
+    let f = build(policy, ready);
+    f.run();
+    f
+}
+
+/// The fixture with its controller not running yet.
+fn build(policy: FleetPolicy, ready: bool) -> Fixture {
     let pool = Arc::new(BackendPool::new(
         vec![Backend {
             name: "gpu".into(),
@@ -135,6 +239,7 @@ fn start(policy: FleetPolicy, ready: bool) -> Fixture {
         },
     ));
     let cloud = Arc::new(Cloud::default());
+    let journal = Arc::clone(&cloud.journal);
     let controller = FleetController::new(
         Arc::clone(&pool),
         vec!["pool".into()],
@@ -150,11 +255,10 @@ fn start(policy: FleetPolicy, ready: bool) -> Fixture {
         },
         Connections {
             demand: Arc::new(Idle),
-            events: Arc::new(Discard),
+            events: Arc::new(Recorder(journal)),
             readiness: Arc::new(Ready(AtomicBool::new(ready))),
         },
     );
-    tokio::spawn(Arc::clone(&controller).run(std::future::pending::<()>()));
     Fixture {
         pool,
         cloud,
@@ -163,6 +267,10 @@ fn start(policy: FleetPolicy, ready: bool) -> Fixture {
 }
 
 impl Fixture {
+    fn run(&self) {
+        tokio::spawn(Arc::clone(&self.controller).run(std::future::pending::<()>()));
+    }
+
     fn state(&self) -> InstanceState {
         self.controller.statuses()[0].state
     }
@@ -249,7 +357,7 @@ async fn a_stopped_instance_that_cannot_be_released_is_never_rented_twice() {
     f.cloud.terminate_fails.store(true, Ordering::SeqCst);
     f.controller.command("gpu", Command::Wake).unwrap();
     f.reach(InstanceState::Failed).await;
-    assert_eq!(*f.cloud.alive.lock().unwrap(), ["i0"], "no second rental");
+    assert_eq!(f.cloud.alive_ids(), ["i0"], "no second rental");
     assert_eq!(
         f.controller.statuses()[0].instance_id.as_deref(),
         Some("i0")
@@ -258,10 +366,10 @@ async fn a_stopped_instance_that_cannot_be_released_is_never_rented_twice() {
     // Once the cloud lets it go, the slot is released, then rented anew.
     f.cloud.terminate_fails.store(false, Ordering::SeqCst);
     f.reach(InstanceState::Cold).await;
-    assert!(f.cloud.alive.lock().unwrap().is_empty());
+    assert!(f.cloud.alive_ids().is_empty());
     f.controller.command("gpu", Command::Wake).unwrap();
     f.reach(InstanceState::Hot).await;
-    assert_eq!(*f.cloud.alive.lock().unwrap(), ["i1"]);
+    assert_eq!(f.cloud.alive_ids(), ["i1"]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -327,4 +435,173 @@ async fn a_failed_instance_still_rented_is_billed_until_it_is_let_go() {
         (failed.dollars - failed.seconds / 3600.0).abs() < 1e-9,
         "held the whole time, so billed at the running $1/h: {failed:?}"
     );
+}
+
+/// Issue 17, item 7: a create whose answer was lost (the cloud rented the
+/// instance, the answer never came) made the controller rent again, and the
+/// first instance ran, billed, forever.
+#[tokio::test(start_paused = true)]
+async fn a_create_whose_answer_is_lost_is_found_by_its_name_not_rented_again() {
+    let f = build(FleetPolicy::default(), true);
+    f.cloud.lose_create_answers.store(true, Ordering::SeqCst);
+    f.run();
+    f.reach(InstanceState::Hot).await;
+    // Several failed_retry periods: nothing more is rented.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+
+    assert_eq!(f.cloud.alive_ids(), ["i0"], "one instance, the first");
+    assert_eq!(f.state(), InstanceState::Hot);
+    assert_eq!(
+        f.controller.statuses()[0].instance_id.as_deref(),
+        Some("i0")
+    );
+    let creates = f.cloud.journal.creates();
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    let name = &creates[0];
+    assert!(name.starts_with("tollgate-gpu-"), "{name}");
+    // The name is recorded and flushed before the create is sent.
+    assert_eq!(
+        f.cloud.journal.lines()[..5],
+        [
+            format!("cold->provisioning:min_hot - {name}"),
+            "flushed".to_owned(),
+            format!("create {name}"),
+            format!("provisioning->starting:found_by_name i0 {name}"),
+            format!("starting->hot:ready i0 {name}"),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_rented_again_until_a_create_without_an_answer_is_looked_up() {
+    let f = build(
+        FleetPolicy {
+            failed_retry: Duration::from_secs(1),
+            ..FleetPolicy::default()
+        },
+        true,
+    );
+    f.cloud.lose_create_answers.store(true, Ordering::SeqCst);
+    f.cloud.find_fails.store(true, Ordering::SeqCst);
+    f.run();
+    f.reach(InstanceState::Failed).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(f.state(), InstanceState::Failed);
+    assert_eq!(f.cloud.journal.creates().len(), 1, "never a second create");
+    assert!(
+        f.cloud.finds.load(Ordering::SeqCst) >= 5,
+        "looked up again at each release"
+    );
+    assert_eq!(f.cloud.alive_ids(), ["i0"]);
+
+    // Once the lookup answers, what the create rented is released, and
+    // only then is a new one rented, under a new name.
+    f.cloud.find_fails.store(false, Ordering::SeqCst);
+    f.cloud.lose_create_answers.store(false, Ordering::SeqCst);
+    f.reach(InstanceState::Hot).await;
+    assert_eq!(f.cloud.alive_ids(), ["i1"]);
+    let creates = f.cloud.journal.creates();
+    assert_eq!(creates.len(), 2);
+    assert_ne!(creates[0], creates[1]);
+    let released = format!("failed->cold:failed i0 {}", creates[0]);
+    assert!(
+        f.cloud.journal.lines().contains(&released),
+        "{:?}",
+        f.cloud.journal.lines()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_that_rented_nothing_is_retried_under_the_same_name() {
+    let f = build(
+        FleetPolicy {
+            min_hot: 0,
+            failed_retry: Duration::from_secs(3600),
+            ..FleetPolicy::default()
+        },
+        true,
+    );
+    f.cloud.create_fails.store(true, Ordering::SeqCst);
+    f.run();
+    f.controller.command("gpu", Command::Wake).unwrap();
+    f.reach(InstanceState::Failed).await;
+    assert!(f.cloud.alive_ids().is_empty());
+
+    f.cloud.create_fails.store(false, Ordering::SeqCst);
+    f.controller.command("gpu", Command::Wake).unwrap();
+    f.reach(InstanceState::Hot).await;
+    let creates = f.cloud.journal.creates();
+    assert_eq!(creates.len(), 2);
+    assert_eq!(creates[0], creates[1], "looked up, not found, asked again");
+    assert_eq!(f.cloud.alive_ids(), ["i0"]);
+}
+
+/// A retried create can race one still being carried out: both rent under
+/// the same name, and the lookup keeps one.
+#[tokio::test(start_paused = true)]
+async fn a_second_instance_under_one_name_is_terminated() {
+    let f = build(
+        FleetPolicy {
+            min_hot: 0,
+            failed_retry: Duration::from_secs(3600),
+            ..FleetPolicy::default()
+        },
+        true,
+    );
+    f.cloud.create_fails.store(true, Ordering::SeqCst);
+    f.run();
+    f.controller.command("gpu", Command::Wake).unwrap();
+    f.reach(InstanceState::Failed).await;
+    let name = f.cloud.journal.creates()[0].clone();
+    let first = f.cloud.rent_behind(&name);
+    f.cloud.rent_behind(&name);
+
+    f.controller.command("gpu", Command::Wake).unwrap();
+    f.reach(InstanceState::Hot).await;
+    assert_eq!(f.cloud.alive_ids(), std::slice::from_ref(&first));
+    assert_eq!(
+        f.controller.statuses()[0].instance_id.as_deref(),
+        Some(first.as_str())
+    );
+    assert_eq!(f.cloud.journal.creates().len(), 1, "found, not created");
+}
+
+/// Tollgate stopped after the log had a create's name and before its
+/// answer: the restarted controller looks the name up.
+#[tokio::test(start_paused = true)]
+async fn a_restart_during_a_create_adopts_what_it_rented() {
+    let f = build(FleetPolicy::default(), true);
+    let rented = f.cloud.rent_behind("tollgate-gpu-before-the-restart");
+    f.controller
+        .adopt(0, None, Some("tollgate-gpu-before-the-restart".into()));
+    assert_eq!(f.state(), InstanceState::Provisioning);
+    f.run();
+    f.reach(InstanceState::Hot).await;
+
+    assert_eq!(f.cloud.alive_ids(), std::slice::from_ref(&rented));
+    assert!(f.cloud.journal.creates().is_empty(), "nothing rented again");
+    assert_eq!(
+        f.cloud.journal.lines()[0],
+        format!("provisioning->starting:found_by_name {rented} tollgate-gpu-before-the-restart")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_during_a_create_that_rented_nothing_gives_it_up() {
+    let f = build(FleetPolicy::default(), true);
+    f.controller
+        .adopt(0, None, Some("tollgate-gpu-never-rented".into()));
+    f.run();
+    f.reach(InstanceState::Hot).await;
+
+    let lines = f.cloud.journal.lines();
+    assert_eq!(
+        lines[0],
+        "provisioning->cold:create_not_found - tollgate-gpu-never-rented"
+    );
+    // Then min_hot rents anew, under a name of its own.
+    let creates = f.cloud.journal.creates();
+    assert_eq!(creates.len(), 1);
+    assert_ne!(creates[0], "tollgate-gpu-never-rented");
+    assert_eq!(f.cloud.alive_ids(), ["i0"]);
 }

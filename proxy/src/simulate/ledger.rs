@@ -225,6 +225,7 @@ mod tests {
         InstanceEvent {
             backend: backend.into(),
             instance_id: None,
+            instance_name: None,
             from,
             to,
             reason: "test".into(),

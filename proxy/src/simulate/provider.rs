@@ -85,11 +85,16 @@ impl Provider for SimProvider {
         "sim"
     }
 
-    async fn create(&self) -> Result<Instance, ProviderError> {
+    async fn create(&self, _name: &str) -> Result<Instance, ProviderError> {
         self.calls.creates.fetch_add(1, Ordering::Relaxed);
         let n = self.rented.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(self.timing.cold_start).await;
         Ok(self.running(&format!("{}-{n}", self.name)))
+    }
+
+    /// Never asked: a simulated create always answers.
+    async fn find(&self, _name: &str) -> Result<Vec<Instance>, ProviderError> {
+        Ok(Vec::new())
     }
 
     /// A refused resume answers at once, as a cloud's start call does when
@@ -158,7 +163,7 @@ mod tests {
     async fn create_takes_the_cold_start_and_resume_the_resume_time() {
         let (p, _) = provider(0.0, 1);
         let t0 = tokio::time::Instant::now();
-        let instance = p.create().await.unwrap();
+        let instance = p.create("gpu-1-test").await.unwrap();
         assert_eq!(t0.elapsed(), Duration::from_secs(45 * 60));
         assert!(instance.address.is_some());
         let t1 = tokio::time::Instant::now();

@@ -1,8 +1,9 @@
 //! The GPU fleet end to end: instances woken from zero by a held request,
 //! put back to sleep when idle, and operated by hand; every transition
-//! recorded in `instance_events`.
+//! recorded in `instance_events`; rented pods never orphaned by a create
+//! whose answer was lost, nor by a restart in the middle of one.
 
-use tollgate_backends::fleet::providers::runpod::fake::{FakeOptions, FakeRunPod};
+use tollgate_backends::fleet::providers::runpod::fake::{FakeOptions, FakeRunPod, LostAnswer};
 
 use super::*;
 
@@ -61,6 +62,48 @@ impl Gateway {
             .iter()
             .map(|row| (row.get(0), row.get(1), row.get(2)))
             .collect()
+    }
+}
+
+/// One row of `instance_events`.
+#[derive(Debug)]
+struct Recorded {
+    hop: String,
+    instance_id: Option<String>,
+    instance_name: Option<String>,
+}
+
+impl Gateway {
+    /// Every recorded transition of `backend`, in order, with the instance's
+    /// id and name.
+    async fn recorded(&self, backend: &str) -> Vec<Recorded> {
+        let (client, connection) = tokio_postgres::connect(&self.db.url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .query(
+                "SELECT from_state, to_state, reason, instance_id, instance_name \
+                 FROM instance_events WHERE backend = $1 ORDER BY at, id",
+                &[&backend],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| Recorded {
+                hop: format!(
+                    "{}->{}:{}",
+                    row.get::<_, &str>(0),
+                    row.get::<_, &str>(1),
+                    row.get::<_, &str>(2)
+                ),
+                instance_id: row.get(3),
+                instance_name: row.get(4),
+            })
+            .collect()
+    }
+
+    /// Kills `tollgate serve` at once, as a crash would: nothing is drained.
+    fn crash(&mut self) {
+        drop(self.proc.take());
     }
 }
 
@@ -260,25 +303,35 @@ async fn operators_drain_wake_and_sleep_backends() {
 /// A `runpod` backend against a fake of RunPod's API whose pods are all
 /// reached at `sim`.
 fn runpod_fleet(fake: &FakeRunPod) -> String {
+    runpod_fleet_with(fake, "", "")
+}
+
+/// [`runpod_fleet`] with extra `[backends.runpod]` and `[fleet]` lines.
+fn runpod_fleet_with(fake: &FakeRunPod, runpod: &str, fleet: &str) -> String {
     format!(
         "[[backends]]\nname = \"pod\"\nprovider = \"runpod\"\nmodels = [\"sim-model\"]\n\
          max_concurrency = 4\nhourly_cost = 0.69\nstopped_hourly_cost = 0.03\n\
-         [backends.runpod]\napi_url = \"{}\"\napi_key = \"{}\"\ninference_port = 8000\n\
+         [backends.runpod]\napi_url = \"{}\"\napi_key = \"{}\"\ninference_port = 8000\n{runpod}\
          [backends.runpod.pod]\nimage_name = \"vllm/vllm-openai:v0.9.1\"\n\
          gpu_type_ids = [\"NVIDIA RTX A6000\"]\nports = [\"8000/tcp\"]\n\
-         [fleet]\nmin_hot = 0\nidle_stop_secs = 3600\ninterval = \"100ms\"\n",
+         [fleet]\nmin_hot = 0\nidle_stop_secs = 3600\ninterval = \"100ms\"\n{fleet}",
         fake.url(),
         fake.api_key()
     )
 }
 
+/// A fake RunPod whose pods are reached at a fast gpu-sim.
+async fn fake_runpod_at(sim: &Sim) -> FakeRunPod {
+    let sim_port: u16 = sim.url.rsplit(':').next().unwrap().parse().unwrap();
+    FakeRunPod::start(FakeOptions::default().map_port(8000, sim_port))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_that_cannot_resume_is_replaced_by_a_new_one_and_adopted_after_a_restart() {
     let sim = Sim::fast();
-    let sim_port: u16 = sim.url.rsplit(':').next().unwrap().parse().unwrap();
-    let fake = FakeRunPod::start(FakeOptions::default().map_port(8000, sim_port))
-        .await
-        .unwrap();
+    let fake = fake_runpod_at(&sim).await;
     let mut gateway = Gateway::start(
         &[],
         Options {
@@ -356,4 +409,135 @@ async fn a_pod_that_cannot_resume_is_replaced_by_a_new_one_and_adopted_after_a_r
         gateway.backend("pod").await["instance_id"],
         pods[1].id.as_str()
     );
+}
+
+/// Issue 17, item 7: RunPod rented the pod but the answer to the create was
+/// lost (here: the connection reset), so the controller rented again, and
+/// the first pod ran, billed, forever. The create is looked up by its name
+/// instead, and the pod it rented is the one that serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_create_answer_was_lost_is_found_by_name_and_serves() {
+    let sim = Sim::fast();
+    let fake = fake_runpod_at(&sim).await;
+    fake.set_lose_create_answers(Some(LostAnswer::Reset));
+    // A failed create is retried after a second, not a minute: without the
+    // lookup more pods would be rented well within the request's wait, which
+    // is a minute rather than pro's default five.
+    let gateway = Gateway::start(
+        &[],
+        Options {
+            tail: runpod_fleet_with(&fake, "", "failed_retry_secs = 1\n"),
+            tiers: Some(format!("{DEFAULT_TIERS}max_queue_wait_secs = 60\n")),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+
+    let response = gateway
+        .post(&key, "/v1/chat/completions", &chat("hi", 2))
+        .await;
+    assert_eq!(
+        response.status(),
+        200,
+        "pods rented meanwhile: {}",
+        fake.pods().len()
+    );
+    assert_eq!(response.headers()["x-tollgate-cold-start"], "true");
+
+    let pods = fake.pods();
+    assert_eq!(pods.len(), 1, "one pod rented: {pods:?}");
+    let pod = &pods[0];
+    assert_eq!(pod.desired_status, "RUNNING");
+    let name = pod.name.clone().unwrap();
+    assert!(name.starts_with("tollgate-pod-"), "{name}");
+    assert_eq!(gateway.backend("pod").await["instance_id"], pod.id.as_str());
+    let creates = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == reqwest::Method::POST && r.path == "/pods")
+        .count();
+    assert_eq!(creates, 1);
+
+    eventually("the start is recorded", || async {
+        gateway.recorded("pod").await.len() >= 3
+    })
+    .await;
+    let recorded = gateway.recorded("pod").await;
+    let hops: Vec<_> = recorded.iter().map(|r| r.hop.as_str()).collect();
+    assert_eq!(
+        hops[..3],
+        [
+            "cold->provisioning:scale_from_zero",
+            "provisioning->starting:found_by_name",
+            "starting->hot:ready",
+        ]
+    );
+    assert_eq!(recorded[0].instance_id, None, "not known before the answer");
+    assert_eq!(recorded[0].instance_name.as_deref(), Some(name.as_str()));
+    assert_eq!(recorded[1].instance_id.as_deref(), Some(pod.id.as_str()));
+    assert_eq!(recorded[1].instance_name.as_deref(), Some(name.as_str()));
+}
+
+/// Tollgate dies after the create is sent and before its answer: the name
+/// is in the log already, and the restarted gateway adopts the pod by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_pending_create_adopts_the_pod_it_rented() {
+    let sim = Sim::fast();
+    let fake = fake_runpod_at(&sim).await;
+    // The create is carried out and never answered; an hour's timeout keeps
+    // Tollgate waiting for the answer until it is killed.
+    fake.set_lose_create_answers(Some(LostAnswer::Silence));
+    let mut gateway = Gateway::start(
+        &[],
+        Options {
+            tail: runpod_fleet_with(&fake, "timeout = \"1h\"\n", ""),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+
+    let (status, body) = gateway.command("pod", "wake").await;
+    assert_eq!(status, 202, "{body}");
+    eventually("RunPod has the pod", || async { fake.pods().len() == 1 }).await;
+    let pod = fake.pods().remove(0);
+    let name = pod.name.clone().unwrap();
+    // Written before the create was sent: no waiting for it here.
+    let recorded = gateway.recorded("pod").await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].hop, "cold->provisioning:operator_wake");
+    assert_eq!(recorded[0].instance_id, None);
+    assert_eq!(recorded[0].instance_name.as_deref(), Some(name.as_str()));
+
+    gateway.crash();
+    fake.set_lose_create_answers(None);
+    gateway.serve().await;
+    gateway.wait_state("pod", "hot").await;
+
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 2))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.pods().len(), 1, "no second pod");
+    assert_eq!(gateway.backend("pod").await["instance_id"], pod.id.as_str());
+    let creates = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == reqwest::Method::POST && r.path == "/pods")
+        .count();
+    assert_eq!(creates, 1);
+    let adoption = "provisioning->starting:found_by_name";
+    eventually("the adoption is recorded", || async {
+        gateway
+            .recorded("pod")
+            .await
+            .iter()
+            .any(|r| r.hop == adoption)
+    })
+    .await;
+    let recorded = gateway.recorded("pod").await;
+    let found = recorded.iter().find(|r| r.hop == adoption).unwrap();
+    assert_eq!(found.instance_id.as_deref(), Some(pod.id.as_str()));
+    assert_eq!(found.instance_name.as_deref(), Some(name.as_str()));
 }

@@ -66,8 +66,18 @@ pub trait Provider: Send + Sync {
     /// For logs and `/admin/backends`: `process`, `runpod`.
     fn kind(&self) -> &'static str;
 
-    /// Rents a new instance and starts it.
-    async fn create(&self) -> Result<Instance, ProviderError>;
+    /// Rents a new instance named `name` and starts it. The controller
+    /// mints `name` (unique to this create, see [`Self::name_prefix`]) and
+    /// records it before the call, so that a create whose answer is lost
+    /// (a timeout, a connection reset after the cloud rented the instance)
+    /// can be found again with [`Self::find`] instead of rented twice.
+    async fn create(&self, name: &str) -> Result<Instance, ProviderError>;
+
+    /// The instances named `name` that are not terminated, as the provider
+    /// lists them now: none when the create never took effect, normally
+    /// one, more only when a create was retried while an earlier one was
+    /// still being carried out.
+    async fn find(&self, name: &str) -> Result<Vec<Instance>, ProviderError>;
 
     /// Resumes a stopped instance. May fail with
     /// [`ProviderError::NoCapacity`] when its host's GPUs were taken
@@ -89,6 +99,13 @@ pub trait Provider: Send + Sync {
 
     /// Prices by state, for cost accounting.
     fn cost(&self) -> HourlyCost;
+
+    /// How the names of its instances begin (`tollgate-{backend}-{uuid}`
+    /// by default), so that an operator tells them apart in the cloud's
+    /// console.
+    fn name_prefix(&self) -> &str {
+        "tollgate"
+    }
 
     /// Whether its instances end with Tollgate (local child processes): the
     /// controller then terminates them on shutdown. Rented instances outlive

@@ -2,7 +2,8 @@
 //! machine, with `gpu-sim --startup-delay` standing in for a model loading.
 //!
 //! - `create` picks a free port and spawns `command` with `{port}` replaced,
-//!   in a process group of its own;
+//!   in a process group of its own; `find` knows it by the name it was
+//!   created under;
 //! - `stop` suspends the group (SIGSTOP): like a stopped pod that keeps its
 //!   volume, it holds its memory but serves nothing;
 //! - `start` resumes it (SIGCONT), much faster than a create, as resuming a
@@ -36,6 +37,8 @@ pub struct ProcessProvider {
 
 #[derive(Debug)]
 struct Running {
+    /// The name the controller created it under.
+    name: String,
     child: Child,
     address: String,
     suspended: bool,
@@ -101,7 +104,7 @@ impl Provider for ProcessProvider {
         "process"
     }
 
-    async fn create(&self) -> Result<Instance, ProviderError> {
+    async fn create(&self, name: &str) -> Result<Instance, ProviderError> {
         let mut running = self.lock();
         if let Some(old) = running.take()
             && let Some(group) = process_group(&old.child)
@@ -128,6 +131,7 @@ impl Provider for ProcessProvider {
             .spawn()
             .with_context(|| format!("backend {}: spawning {program}", self.name))?;
         let process = Running {
+            name: name.to_owned(),
             child,
             address: format!("127.0.0.1:{port}"),
             suspended: false,
@@ -135,6 +139,15 @@ impl Provider for ProcessProvider {
         let instance = self.instance(&process);
         *running = Some(process);
         Ok(instance)
+    }
+
+    async fn find(&self, name: &str) -> Result<Vec<Instance>, ProviderError> {
+        let running = self.lock();
+        Ok(running
+            .iter()
+            .filter(|process| process.name == name)
+            .map(|process| self.instance(process))
+            .collect())
     }
 
     async fn start(&self, _instance: &Instance) -> Result<Instance, ProviderError> {

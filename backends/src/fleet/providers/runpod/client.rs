@@ -3,6 +3,8 @@
 //! Shapes follow RunPod's OpenAPI document for REST v1 (docs.runpod.io,
 //! "API reference", `openapi.json`, server `https://rest.runpod.io/v1`):
 //! `POST /pods` with a `PodCreateInput` answers 201 and a `Pod`;
+//! `GET /pods?name=…` answers the array of the account's pods of that name
+//! (`ListPods`; terminated pods are not listed);
 //! `GET /pods/{podId}` answers a `Pod` or 404; `POST /pods/{podId}/start` and
 //! `/stop` answer 200; `DELETE /pods/{podId}` answers 204. Auth is
 //! `Authorization: Bearer <api key>`.
@@ -54,6 +56,9 @@ pub struct PodCreateInput<'a> {
 #[serde(rename_all = "camelCase")]
 pub struct Pod {
     pub id: String,
+    /// The name it was created with.
+    #[serde(default)]
+    pub name: Option<String>,
     /// `RUNNING`, `EXITED` or `TERMINATED`.
     #[serde(default)]
     pub desired_status: Option<String>,
@@ -130,46 +135,76 @@ impl PodsClient {
 
     pub async fn create_pod(&self, input: &PodCreateInput<'_>) -> Result<Pod, ApiError> {
         let (method, path) = (Method::POST, "/pods".to_owned());
-        let body = self.send(method.clone(), &["pods"], Some(input)).await?;
+        let body = self
+            .send(method.clone(), &["pods"], &[], Some(input))
+            .await?;
         decode(&method, &path, &body)
     }
 
     pub async fn get_pod(&self, id: &str) -> Result<Pod, ApiError> {
-        let body = self.send::<()>(Method::GET, &["pods", id], None).await?;
+        let body = self
+            .send::<()>(Method::GET, &["pods", id], &[], None)
+            .await?;
         decode(&Method::GET, &format!("/pods/{id}"), &body)
+    }
+
+    /// The pods named `name`. RunPod filters by name; the answer is checked
+    /// again here, so a filter RunPod ignored or matched loosely cannot
+    /// make another pod look like this one.
+    pub async fn list_pods_named(&self, name: &str) -> Result<Vec<Pod>, ApiError> {
+        let body = self
+            .send::<()>(Method::GET, &["pods"], &[("name", name)], None)
+            .await?;
+        let pods: Vec<Pod> = serde_json::from_slice(&body).map_err(|e| ApiError::Decode {
+            method: Method::GET,
+            path: "/pods".to_owned(),
+            problem: format!(
+                "not a list of pods ({e}): {}",
+                truncate(&String::from_utf8_lossy(&body))
+            ),
+        })?;
+        Ok(pods
+            .into_iter()
+            .filter(|pod| pod.name.as_deref() == Some(name))
+            .collect())
     }
 
     /// RunPod's answer, when it is a pod.
     pub async fn start_pod(&self, id: &str) -> Result<Option<Pod>, ApiError> {
         let body = self
-            .send::<()>(Method::POST, &["pods", id, "start"], None)
+            .send::<()>(Method::POST, &["pods", id, "start"], &[], None)
             .await?;
         Ok(serde_json::from_slice(&body).ok())
     }
 
     pub async fn stop_pod(&self, id: &str) -> Result<(), ApiError> {
-        self.send::<()>(Method::POST, &["pods", id, "stop"], None)
+        self.send::<()>(Method::POST, &["pods", id, "stop"], &[], None)
             .await?;
         Ok(())
     }
 
     pub async fn delete_pod(&self, id: &str) -> Result<(), ApiError> {
-        self.send::<()>(Method::DELETE, &["pods", id], None).await?;
+        self.send::<()>(Method::DELETE, &["pods", id], &[], None)
+            .await?;
         Ok(())
     }
 
-    /// One request to `base/segments…` (each segment percent-encoded), its
-    /// body when the status is a success.
+    /// One request to `base/segments…?query` (each part percent-encoded),
+    /// its body when the status is a success.
     async fn send<B: Serialize + ?Sized>(
         &self,
         method: Method,
         segments: &[&str],
+        query: &[(&str, &str)],
         body: Option<&B>,
     ) -> Result<Bytes, ApiError> {
         let path = format!("/{}", segments.join("/"));
         let mut url = self.base.clone();
         if let Ok(mut parts) = url.path_segments_mut() {
             parts.pop_if_empty().extend(segments);
+        }
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
         }
         let mut request = self
             .http

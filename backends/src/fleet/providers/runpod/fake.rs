@@ -22,7 +22,15 @@
 //!   GPUs on the host machine" while [`FakeRunPod::set_resume_capacity`] is off;
 //! - answers 500 "no instances currently available" to creates while
 //!   [`FakeRunPod::set_create_capacity`] is off;
+//! - lists the pods not deleted, in creation order, at `GET /pods`, those of
+//!   one name with `?name=`; stricter than RunPod, it refuses the filters it
+//!   does not implement rather than ignore them;
 //! - forgets deleted pods: 404 for anything about them afterwards.
+//!
+//! One fault RunPod cannot be asked for but a network delivers: while
+//! [`FakeRunPod::set_lose_create_answers`] is on, a create is carried out
+//! (the pod exists, RUNNING, and bills) and its answer lost, the connection
+//! reset or the answer never sent ([`LostAnswer`]).
 //!
 //! Every request is recorded ([`FakeRunPod::requests`]), refused ones too.
 
@@ -30,14 +38,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// The answer to a resume whose host has no free GPU, as RunPod words it.
@@ -75,6 +83,18 @@ pub struct FakeOptions {
     pub boot_polls: u32,
     /// `costPerHr` of every pod.
     pub cost_per_hr: f64,
+    /// Carry out creates but lose their answers, this way.
+    pub lose_create_answers: Option<LostAnswer>,
+}
+
+/// How the answer to a create that was carried out gets lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostAnswer {
+    /// The connection is closed before the answer is complete: the client
+    /// sees a transport error at once.
+    Reset,
+    /// Nothing is ever sent back: the client's timeout ends the call.
+    Silence,
 }
 
 impl Default for FakeOptions {
@@ -87,6 +107,7 @@ impl Default for FakeOptions {
             resume_capacity: true,
             boot_polls: 0,
             cost_per_hr: 0.69,
+            lose_create_answers: None,
         }
     }
 }
@@ -107,6 +128,8 @@ pub struct RecordedRequest {
     /// Below the API prefix (`/pods/{id}/stop`); the full path when the
     /// request missed the prefix.
     pub path: String,
+    /// The query string's pairs, decoded.
+    pub query: Vec<(String, String)>,
     pub headers: HeaderMap,
     /// JSON; `Null` when empty, a string when not JSON.
     pub body: Value,
@@ -122,6 +145,8 @@ impl RecordedRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FakePod {
     pub id: String,
+    /// `name` of the create request, if it had one.
+    pub name: Option<String>,
     /// `RUNNING`, `EXITED` or `TERMINATED`.
     pub desired_status: &'static str,
     /// The create request's body.
@@ -135,6 +160,9 @@ pub struct FakeRunPod {
     api_key: String,
     state: Arc<Mutex<Fake>>,
     stop: Option<oneshot::Sender<()>>,
+    /// Set when the fake stops: releases the requests kept unanswered
+    /// ([`LostAnswer::Silence`]), which a graceful stop would wait for.
+    release_silenced: watch::Sender<bool>,
     server: Option<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -146,10 +174,12 @@ impl FakeRunPod {
             .context("binding the fake RunPod API")?;
         let address = listener.local_addr()?;
         let api_key = options.api_key.clone();
+        let (release_silenced, silenced) = watch::channel(false);
         let state = Arc::new(Mutex::new(Fake {
             options,
             pods: Vec::new(),
             requests: Vec::new(),
+            silenced,
         }));
         let router = Router::new()
             .fallback(handle)
@@ -167,6 +197,7 @@ impl FakeRunPod {
             api_key,
             state,
             stop: Some(stop),
+            release_silenced,
             server: Some(server),
         })
     }
@@ -192,6 +223,11 @@ impl FakeRunPod {
             .iter()
             .map(|pod| FakePod {
                 id: pod.id.clone(),
+                name: pod
+                    .body
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
                 desired_status: pod.status,
                 create_body: Value::Object(pod.body.clone()),
             })
@@ -208,6 +244,12 @@ impl FakeRunPod {
         self.lock().options.resume_capacity = available;
     }
 
+    /// `Some`: creates are carried out and their answers lost that way (a
+    /// create refused anyway, say for capacity, is answered as usual).
+    pub fn set_lose_create_answers(&self, lost: Option<LostAnswer>) {
+        self.lock().options.lose_create_answers = lost;
+    }
+
     /// Maps container port `container` to `public` from now on (a resumed
     /// pod may come back on another port).
     pub fn set_port_mapping(&self, container: u16, public: u16) {
@@ -216,6 +258,7 @@ impl FakeRunPod {
 
     /// Stops serving and waits for the server to finish.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.release_silenced.send_replace(true);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -234,6 +277,7 @@ impl FakeRunPod {
 
 impl Drop for FakeRunPod {
     fn drop(&mut self) {
+        self.release_silenced.send_replace(true);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -248,6 +292,14 @@ struct Fake {
     options: FakeOptions,
     pods: Vec<PodState>,
     requests: Vec<RecordedRequest>,
+    /// Turns true when the fake stops.
+    silenced: watch::Receiver<bool>,
+}
+
+/// What becomes of a request's answer.
+enum Reply {
+    Send(Response),
+    Lose(LostAnswer),
 }
 
 #[derive(Debug)]
@@ -269,8 +321,34 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut fake = state.lock().unwrap_or_else(PoisonError::into_inner);
-    fake.answer(method, uri.path(), headers, &body)
+    let (reply, mut silenced) = {
+        let mut fake = state.lock().unwrap_or_else(PoisonError::into_inner);
+        (
+            fake.answer(method, &uri, headers, &body),
+            fake.silenced.clone(),
+        )
+    };
+    match reply {
+        Reply::Send(response) => response,
+        Reply::Lose(LostAnswer::Reset) => closed_before_the_answer(),
+        Reply::Lose(LostAnswer::Silence) => {
+            // Until the fake stops; an error means it is gone already.
+            let _ = silenced.wait_for(|stopped| *stopped).await;
+            error(StatusCode::SERVICE_UNAVAILABLE, "the fake RunPod stopped")
+        }
+    }
+}
+
+/// A 201 whose body fails before its first byte: hyper drops the
+/// connection instead of answering, and the client has no answer.
+fn closed_before_the_answer() -> Response {
+    let lost = futures_util::stream::once(async {
+        Err::<Bytes, _>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "the create's answer is lost (fake RunPod fault)",
+        ))
+    });
+    (StatusCode::CREATED, Body::from_stream(lost)).into_response()
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -282,13 +360,21 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 impl Fake {
-    fn answer(
-        &mut self,
-        method: Method,
-        full_path: &str,
-        headers: HeaderMap,
-        body: &[u8],
-    ) -> Response {
+    fn answer(&mut self, method: Method, uri: &Uri, headers: HeaderMap, body: &[u8]) -> Reply {
+        let response = self.respond(method, uri, headers, body);
+        let created = response.status() == StatusCode::CREATED;
+        match self.options.lose_create_answers {
+            // Only a create answers 201.
+            Some(lost) if created => Reply::Lose(lost),
+            _ => Reply::Send(response),
+        }
+    }
+
+    fn respond(&mut self, method: Method, uri: &Uri, headers: HeaderMap, body: &[u8]) -> Response {
+        let full_path = uri.path();
+        let query = Query::<Vec<(String, String)>>::try_from_uri(uri)
+            .map(|Query(pairs)| pairs)
+            .unwrap_or_default();
         let json_body = if body.is_empty() {
             Value::Null
         } else {
@@ -311,6 +397,7 @@ impl Fake {
         self.requests.push(RecordedRequest {
             method: method.clone(),
             path: api_path.clone().unwrap_or_else(|| full_path.to_owned()),
+            query: query.clone(),
             headers,
             body: json_body.clone(),
         });
@@ -328,6 +415,7 @@ impl Fake {
                 "request body must be application/json",
             ),
             ("POST", ["pods"]) => self.create(&json_body),
+            ("GET", ["pods"]) => self.list(&query),
             ("GET", ["pods", id]) => self.get(id),
             ("DELETE", ["pods", id]) => self.delete(id),
             ("POST", ["pods", id, "start"]) => self.start(id),
@@ -356,6 +444,32 @@ impl Fake {
         let answer = self.pod_json(&pod);
         self.pods.push(pod);
         (StatusCode::CREATED, Json(answer)).into_response()
+    }
+
+    /// `ListPods` with the one filter Tollgate uses, `name`.
+    fn list(&self, query: &[(String, String)]) -> Response {
+        let mut name = None;
+        for (key, value) in query {
+            match key.as_str() {
+                "name" => name = Some(value.as_str()),
+                other => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("the fake implements no ListPods filter `{other}`"),
+                    );
+                }
+            }
+        }
+        let pods: Vec<Value> = self
+            .pods
+            .iter()
+            .filter(|pod| pod.status != TERMINATED)
+            .filter(|pod| {
+                name.is_none_or(|name| pod.body.get("name").and_then(Value::as_str) == Some(name))
+            })
+            .map(|pod| self.pod_json(pod))
+            .collect();
+        Json(pods).into_response()
     }
 
     fn get(&mut self, id: &str) -> Response {

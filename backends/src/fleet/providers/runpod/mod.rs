@@ -14,6 +14,11 @@
 //! `publicIp:port` mapping (`portMappings`) and its HTTP ports only an HTTPS
 //! proxy URL. Tollgate connects to the pod directly, so the inference port
 //! must be exposed as `PORT/tcp`; [`RunPodConfig::validate`] insists on it.
+//!
+//! Names: every pod is created under the name the controller gives
+//! (`{pod.name}-{backend}-{uuid v7}`), and [`Provider::find`] lists pods by
+//! it (`GET /pods?name=…`): that is how a create whose answer was lost is
+//! found again instead of rented twice.
 
 mod client;
 pub mod fake;
@@ -37,8 +42,11 @@ pub const DEFAULT_API_URL: &str = "https://rest.runpod.io/v1";
 /// once it runs, so it fits too.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// RunPod's limit on a pod's name (`maxLength` in its OpenAPI document).
-const MAX_NAME_LEN: usize = 191;
+/// Longest `pod.name`: the controller names each pod
+/// `{pod.name}-{backend}-{uuid}`, cutting the backend's name to 64 characters
+/// too, and 64 + 1 + 64 + 1 + 36 stays within RunPod's 191 (`maxLength` of
+/// a pod's name in its OpenAPI document).
+const MAX_PREFIX_LEN: usize = 64;
 
 /// RunPod's answers when no GPU can be had, lowercased. RunPod sends them
 /// with HTTP 500 (and in the GraphQL era with 200 and an `errors` list), so
@@ -120,6 +128,9 @@ pub struct RunPodConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PodTemplate {
+    /// How every pod's name begins: pods are named
+    /// `{name}-{backend}-{uuid v7}`, a name new to each create, so that a
+    /// create whose answer was lost is found again by its name.
     #[serde(default = "default_pod_name")]
     pub name: String,
     /// The container image, e.g. `vllm/vllm-openai:v0.9.1`.
@@ -220,8 +231,11 @@ impl RunPodConfig {
             bail!("`inference_port` must be a port number (1-65535)");
         }
         let pod = &self.pod;
-        if pod.name.is_empty() || pod.name.len() > MAX_NAME_LEN {
-            bail!("`pod.name` must have 1 to {MAX_NAME_LEN} characters");
+        if pod.name.trim().is_empty() || pod.name.chars().count() > MAX_PREFIX_LEN {
+            bail!(
+                "`pod.name` must have 1 to {MAX_PREFIX_LEN} characters: it begins the name \
+                 of every pod, `{{pod.name}}-{{backend}}-{{uuid}}`"
+            );
         }
         if pod.image_name.trim().is_empty() {
             bail!("`pod.image_name` is empty: name the container image to run");
@@ -277,10 +291,10 @@ impl RunPod {
         })
     }
 
-    fn create_input(&self) -> PodCreateInput<'_> {
+    fn create_input<'a>(&'a self, name: &'a str) -> PodCreateInput<'a> {
         let pod = &self.pod;
         PodCreateInput {
-            name: &pod.name,
+            name,
             image_name: &pod.image_name,
             compute_type: "GPU",
             cloud_type: pod.cloud_type.as_str(),
@@ -347,6 +361,7 @@ fn status(pod: &Pod, inference_port: u16) -> Result<InstanceStatus, ProviderErro
 #[derive(Debug, Clone, Copy)]
 enum Call<'a> {
     Create,
+    List,
     Start(&'a str),
     Stop(&'a str),
     Terminate(&'a str),
@@ -356,7 +371,7 @@ enum Call<'a> {
 impl<'a> Call<'a> {
     fn pod_id(self) -> Option<&'a str> {
         match self {
-            Call::Create => None,
+            Call::Create | Call::List => None,
             Call::Start(id) | Call::Stop(id) | Call::Terminate(id) | Call::Status(id) => Some(id),
         }
     }
@@ -365,7 +380,7 @@ impl<'a> Call<'a> {
     fn can_lack_capacity(self) -> bool {
         match self {
             Call::Create | Call::Start(_) => true,
-            Call::Stop(_) | Call::Terminate(_) | Call::Status(_) => false,
+            Call::List | Call::Stop(_) | Call::Terminate(_) | Call::Status(_) => false,
         }
     }
 }
@@ -398,14 +413,28 @@ impl Provider for RunPod {
         "runpod"
     }
 
-    async fn create(&self) -> Result<Instance, ProviderError> {
+    async fn create(&self, name: &str) -> Result<Instance, ProviderError> {
         let pod = self
             .client
-            .create_pod(&self.create_input())
+            .create_pod(&self.create_input(name))
             .await
             .map_err(|e| provider_error(Call::Create, e))?;
-        tracing::debug!(pod = %pod.id, status = ?pod.desired_status, "runpod: pod created");
+        tracing::debug!(pod = %pod.id, name, status = ?pod.desired_status, "runpod: pod created");
         Ok(self.instance(&pod))
+    }
+
+    /// `GET /pods?name=…`: RunPod lists no terminated pods.
+    async fn find(&self, name: &str) -> Result<Vec<Instance>, ProviderError> {
+        let pods = self
+            .client
+            .list_pods_named(name)
+            .await
+            .map_err(|e| provider_error(Call::List, e))?;
+        Ok(pods
+            .iter()
+            .filter(|pod| pod.desired_status.as_deref() != Some("TERMINATED"))
+            .map(|pod| self.instance(pod))
+            .collect())
     }
 
     async fn start(&self, instance: &Instance) -> Result<Instance, ProviderError> {
@@ -460,6 +489,10 @@ impl Provider for RunPod {
     fn cost(&self) -> HourlyCost {
         self.cost
     }
+
+    fn name_prefix(&self) -> &str {
+        &self.pod.name
+    }
 }
 
 #[cfg(test)]
@@ -471,6 +504,7 @@ mod tests {
     fn pod(status: &str, ip: Option<&str>, mappings: Option<&[(&str, u16)]>) -> Pod {
         Pod {
             id: "xedezhzb9la3ye".to_owned(),
+            name: Some("tollgate-gpu-1".to_owned()),
             desired_status: Some(status.to_owned()),
             public_ip: ip.map(str::to_owned),
             port_mappings: mappings.map(|m| m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()),
