@@ -367,6 +367,62 @@ mod tests {
     }
 
     #[test]
+    fn soak_subcommands_take_their_own_flags() {
+        let soak = [
+            "soak",
+            "--url",
+            "http://127.0.0.1:1",
+            "--keys-file",
+            "keys.txt",
+            "--ledger",
+            "ledger.jsonl",
+            "--rate",
+            "5",
+            "--duration",
+            "2",
+        ];
+        let cli = parse_cli(&soak).unwrap();
+        assert!(cli.run.is_none());
+        let Some(Command::Soak(args)) = cli.command else {
+            panic!("not parsed as soak");
+        };
+        assert_eq!(args.mix.to_string(), crate::soak::mix::DEFAULT_MIX);
+        assert_eq!((args.max_tokens, args.prompts, args.n), (32, 2, 2));
+        // A plain run's flag before the subcommand belongs to neither.
+        let mixed: Vec<&str> = ["--stream"].iter().chain(&soak).copied().collect();
+        assert!(parse_cli(&mixed).is_err());
+        let bad_id: Vec<&str> = soak.iter().copied().chain(["--run-id", "a b"]).collect();
+        assert_eq!(
+            parse_cli(&bad_id).unwrap_err().kind(),
+            ErrorKind::ValueValidation
+        );
+
+        let check = [
+            "soak-check",
+            "--ledger",
+            "l.jsonl",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/tollgate",
+            "--hard-cap",
+            "free=50",
+            "--hard-cap",
+            "starter=500",
+        ];
+        let Some(Command::SoakCheck(args)) = parse_cli(&check).unwrap().command else {
+            panic!("not parsed as soak-check");
+        };
+        assert_eq!(args.hard_cap.len(), 2);
+        assert_eq!(args.hard_cap[1].units, 500);
+        // The two RSS figures only make sense together.
+        let half: Vec<&str> = check
+            .iter()
+            .copied()
+            .chain(["--rss-warm-kib", "9"])
+            .collect();
+        assert!(parse_cli(&half).is_err());
+    }
+
+    #[test]
     fn minimal_single_target_uses_documented_defaults() {
         let cli = parse(&[
             "--url",

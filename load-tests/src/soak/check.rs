@@ -60,7 +60,7 @@ pub struct CheckArgs {
     pub ledger: PathBuf,
 
     /// Tollgate's Postgres database (the one holding usage_events)
-    #[arg(long, value_name = "URL", env = "SOAK_DATABASE_URL")]
+    #[arg(long, value_name = "URL")]
     pub database_url: String,
 
     /// A hard-capped tier and its included_units; repeat for each such tier
