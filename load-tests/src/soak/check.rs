@@ -4,8 +4,10 @@
 //! [`End`]) and per event (`usage_events`, matched on `request_id`, which Tollgate
 //! takes from the client's `x-request-id`):
 //!
-//! 1. **served**: at least half of the requests got a 2xx, so the other checks
-//!    are not passed by a gateway that served nothing.
+//! 1. **served**: at least a third of the requests got a 2xx, so the other checks
+//!    are not passed by a gateway that served nothing. (Not more: in the soak the
+//!    capped accounts are refused for most of the run, and gpu-sim refuses prompt
+//!    arrays, so a healthy run answers about 60 %.)
 //! 2. **answered, one event**: a 2xx read to its end has exactly one event, with
 //!    status `ok`.
 //! 3. **answered, billed = received**: that event's `completion_tokens` equal an
@@ -51,7 +53,7 @@ use crate::cli::FlagError;
 pub const EXAMPLES: usize = 5;
 
 /// Share of requests that must have been answered for the soak to count.
-const MIN_ANSWERED_SHARE: f64 = 0.5;
+const MIN_ANSWERED_SHARE: f64 = 1.0 / 3.0;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -341,18 +343,23 @@ impl Timeline<'_> {
     }
 }
 
-/// Collects the requests a rule found wrong, by problem, for the report.
+/// Collects the requests a rule found wrong, by problem, for the report; a note
+/// (the figures) goes with each request into its example line.
 #[derive(Default)]
 struct Problems<'a> {
-    by_problem: BTreeMap<String, Vec<&'a LedgerEntry>>,
+    by_problem: BTreeMap<String, Vec<(&'a LedgerEntry, String)>>,
 }
 
 impl<'a> Problems<'a> {
     fn add(&mut self, problem: impl Into<String>, entry: &'a LedgerEntry) {
+        self.add_noted(problem, entry, String::new());
+    }
+
+    fn add_noted(&mut self, problem: impl Into<String>, entry: &'a LedgerEntry, note: String) {
         self.by_problem
             .entry(problem.into())
             .or_default()
-            .push(entry);
+            .push((entry, note));
     }
 
     fn count(&self) -> usize {
@@ -374,21 +381,30 @@ impl<'a> Problems<'a> {
             for (problem, entries) in &self.by_problem {
                 details.push(format!(
                     "{problem}, by nearest fault: {}",
-                    context.by_fault(entries.iter().copied())
+                    context.by_fault(entries.iter().map(|(entry, _)| *entry))
                 ));
             }
         }
-        let mut examples: Vec<(&String, &LedgerEntry)> = self
+        let mut examples: Vec<(String, &LedgerEntry)> = self
             .by_problem
             .iter()
-            .flat_map(|(problem, entries)| entries.iter().map(move |e| (problem, *e)))
+            .flat_map(|(problem, entries)| {
+                entries.iter().map(move |(entry, note)| {
+                    let text = if note.is_empty() {
+                        problem.clone()
+                    } else {
+                        format!("{problem} ({note})")
+                    };
+                    (text, *entry)
+                })
+            })
             .collect();
         examples.sort_by_key(|(_, e)| e.sent_at_ms);
         details.extend(
             examples
                 .into_iter()
                 .take(EXAMPLES)
-                .map(|(problem, entry)| context.example(entry, problem)),
+                .map(|(problem, entry)| context.example(entry, &problem)),
         );
         details
     }
@@ -495,41 +511,21 @@ fn answered_billed_as_received(
         let received = recount.texts(&entry.texts);
         tokens += received;
         let billed = event.completion_tokens;
+        let note = format!("billed {billed}, received {received}");
         if billed > received {
-            problems.add(
-                format!("billed more than received ({billed} > {received})"),
-                entry,
-            );
+            problems.add_noted("billed more than received", entry, note);
         } else if billed < received {
-            problems.add(
-                format!("billed less than received ({billed} < {received})"),
-                entry,
-            );
+            problems.add_noted("billed less than received", entry, note);
         }
     }
-    let mut result = problems.result(
+    problems.result(
         "billed completion tokens equal the recount of what was received",
         format!(
             "{} of {compared} answers ({tokens} tokens recounted; {not_compared} without exactly one event not compared)",
             compared - problems.count()
         ),
         context,
-    );
-    // One line per distinct figure pair would drown the summary: count by direction.
-    if result.verdict == Verdict::Fail {
-        let more = problems
-            .by_problem
-            .iter()
-            .filter(|(p, _)| p.starts_with("billed more"))
-            .map(|(_, e)| e.len())
-            .sum::<usize>();
-        let less = problems.count() - more;
-        result.summary = format!(
-            "{} of {compared} answers; {more} billed more, {less} billed less than received",
-            compared - problems.count()
-        );
-    }
-    result
+    )
 }
 
 fn client_disconnects(
@@ -563,7 +559,8 @@ fn client_disconnects(
         }
         let read = recount.texts(&entry.texts);
         if event.completion_tokens < read {
-            problems.add("billed less than the client read", entry);
+            let note = format!("billed {}, read {read}", event.completion_tokens);
+            problems.add_noted("billed less than the client read", entry, note);
         }
     }
     problems.result(
@@ -594,13 +591,15 @@ fn server_cuts(
             [] => {}
             [event] => {
                 with_event += 1;
-                if event.completion_tokens < recount.texts(&entry.texts) {
-                    problems.add(
+                let read = recount.texts(&entry.texts);
+                if event.completion_tokens < read {
+                    problems.add_noted(
                         format!(
                             "with a {} event billing less than the client read",
                             event.status
                         ),
                         entry,
+                        format!("billed {}, read {read}", event.completion_tokens),
                     );
                 }
             }
@@ -1030,10 +1029,21 @@ mod tests {
             failed(&results),
             ["billed completion tokens equal the recount of what was received"]
         );
+        let billed = &results[2];
         assert!(
-            results[2].summary.contains("1 billed more, 1 billed less"),
+            billed
+                .summary
+                .contains("1 billed less than received, 1 billed more than received"),
             "{}",
-            results[2].summary
+            billed.summary
+        );
+        assert!(
+            billed
+                .details
+                .iter()
+                .any(|d| d.contains("billed more than received (billed 4, received 3)")),
+            "{:?}",
+            billed.details
         );
     }
 
@@ -1169,13 +1179,21 @@ mod tests {
 
     #[test]
     fn unserved_load_fails_instead_of_passing_vacuously() {
-        let ledger = [
+        let mut ledger = vec![
             request("a", 0, End::NoAnswer, ""),
-            request("b", 0, End::NoAnswer, ""),
+            request("b", 429, End::Refused, ""),
             request("c", 200, End::Complete, "one"),
         ];
-        let results = run(&ledger, &[event("1", "c", "ok", 1, 2)]);
+        let events = [event("1", "c", "ok", 1, 2)];
+        assert_eq!(failed(&run(&ledger, &events)), Vec::<&str>::new());
+        ledger.push(request("d", 0, End::NoAnswer, ""));
+        let results = run(&ledger, &events);
         assert_eq!(failed(&results), ["the gateway served the load"]);
+        assert!(
+            results[0].summary.starts_with("1 of 4 requests"),
+            "{}",
+            results[0].summary
+        );
     }
 
     #[test]

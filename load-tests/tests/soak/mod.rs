@@ -424,7 +424,7 @@ fn soak_check_fails_on_a_lost_event_a_wrong_bill_and_an_overspend() {
         "{stdout}"
     );
     assert!(
-        line_of(&stdout, "billed completion tokens").contains("1 billed more"),
+        line_of(&stdout, "billed completion tokens").contains("1 billed more than received"),
         "{stdout}"
     );
     assert!(line_of(&stdout, "hard cap").starts_with("FAIL"), "{stdout}");
