@@ -51,10 +51,14 @@
 #   - Tollgate's RSS at the end within 20 % of after warm-up.
 # docs/soak.md explains each rule and what a failure means.
 #
-# Binaries: the debug build by default (SOAK_PROFILE=release for release).
-# In CI, scripts/test.sh has just built the debug workspace, so the soak adds
-# no build; a release build of the three packages costs minutes more than the
-# whole 60 s run, and ~15 req/s is far below what a debug gateway sustains.
+# Binaries: by default the debug build scripts/test.sh makes (cargo build
+# --workspace --all-targets), so in CI, right after the tests, building is a
+# no-op. Building only the three binaries is not: without the tests' dev-
+# dependencies, tokio and hyper resolve other features (no test-util, no
+# server) and most of the tree is compiled again (6 min here). A release build
+# (SOAK_PROFILE=release: --release of the three binaries) took over 40 min of a
+# contended 2-core machine from scratch; ~15 req/s is far below what a debug
+# gateway sustains, and its RSS stays flat, so debug measures the same thing.
 #
 # Settings (environment): SOAK_SECS (600, at least 30), SOAK_RATE (15),
 # SOAK_MIX (loadgen soak --mix), SOAK_OUTAGE_SECS, SOAK_PROFILE (debug|release),
@@ -74,8 +78,9 @@ SOAK_KEEP="${SOAK_KEEP:-0}"
 OUTAGE="${SOAK_OUTAGE_SECS:-$((SOAK_SECS / 100 > 2 ? SOAK_SECS / 100 : 2))}"
 [[ "$OUTAGE" =~ ^[0-9]+$ ]] || die "SOAK_OUTAGE_SECS must be a whole number of seconds"
 case "$SOAK_PROFILE" in
-    debug) BUILD=() BIN="$ROOT/target/debug" ;;
-    release) BUILD=(--release) BIN="$ROOT/target/release" ;;
+    debug) BUILD=(--workspace --all-targets) BIN="$ROOT/target/debug" ;;
+    release) BUILD=(--release --bins -p tollgate -p tollgate-backends -p tollgate-loadgen)
+        BIN="$ROOT/target/release" ;;
     *) die "SOAK_PROFILE must be debug or release" ;;
 esac
 
@@ -99,15 +104,14 @@ AS_PG=()
 [ "$(id -u)" -eq 0 ] && AS_PG=(runuser -u postgres --)
 
 log "building ($SOAK_PROFILE)"
-cargo build --locked "${BUILD[@]}" --bins -p tollgate -p tollgate-backends -p tollgate-loadgen >&2
+cargo build --locked "${BUILD[@]}" >&2
 
-PG_PORT=$(free_port) || die "no free port"
-REDIS_PORT=$(free_port "$PG_PORT") || die "no free port"
-SIM_A_PORT=$(free_port "$PG_PORT" "$REDIS_PORT") || die "no free port"
-SIM_B_PORT=$(free_port "$PG_PORT" "$REDIS_PORT" "$SIM_A_PORT") || die "no free port"
-API_PORT=$(free_port "$PG_PORT" "$REDIS_PORT" "$SIM_A_PORT" "$SIM_B_PORT") || die "no free port"
-ADMIN_PORT=$(free_port "$PG_PORT" "$REDIS_PORT" "$SIM_A_PORT" "$SIM_B_PORT" "$API_PORT") || die "no free port"
-METRICS_PORT=$(free_port "$PG_PORT" "$REDIS_PORT" "$SIM_A_PORT" "$SIM_B_PORT" "$API_PORT" "$ADMIN_PORT") || die "no free port"
+PORTS=()
+for _ in 1 2 3 4 5 6 7; do
+    port=$(free_port "${PORTS[@]}") || die "no free port in 30000-32767"
+    PORTS+=("$port")
+done
+read -r PG_PORT REDIS_PORT SIM_A_PORT SIM_B_PORT API_PORT ADMIN_PORT METRICS_PORT <<<"${PORTS[*]}"
 DATABASE="postgres://postgres@127.0.0.1:$PG_PORT/tollgate"
 
 PG_STARTED=0 REDIS_PID="" SIM_A_PID="" SIM_B_PID="" TG_PID="" LOADGEN_PID=""
