@@ -37,7 +37,7 @@ use crate::arrival_clock::ArrivalClock;
 use crate::cli::{FlagError, rate, seconds};
 use crate::endpoint::BaseUrl;
 use crate::request::http_client;
-use crate::schedule::{scheduled_count, scheduled_offset};
+use crate::schedule::{scheduled_count, scheduled_offset, stop_requested};
 
 #[derive(Debug, Args)]
 pub struct SoakArgs {
@@ -151,12 +151,7 @@ impl SoakPlan {
         let authorizations = keys
             .keys()
             .iter()
-            .map(|k| {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", k.key.secret()))
-                    .with_context(|| format!("key {} is not a header value", k.key.redacted()))?;
-                value.set_sensitive(true);
-                Ok(value)
-            })
+            .map(|k| k.key.authorization())
             .collect::<anyhow::Result<_>>()?;
         let uris = RequestKind::ALL
             .into_iter()
@@ -232,13 +227,6 @@ impl SoakPlan {
             error: None,
         };
         Ok((request, entry))
-    }
-}
-
-/// Resolves once Ctrl-C was pressed; never, if the signal watcher is gone.
-async fn stop_requested(stop: &mut watch::Receiver<bool>) {
-    if stop.wait_for(|&stopped| stopped).await.is_err() {
-        std::future::pending::<()>().await;
     }
 }
 
