@@ -65,6 +65,28 @@ listening() {
     (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
 }
 
+# free_port [TAKEN...] : prints a port on 127.0.0.1 that nothing listens on and that
+# is not among TAKEN, from 30000-32767: above the tests' 20000-30000 and below the
+# kernel's ephemeral range (32768-60999), so no outgoing connection takes it later.
+free_port() {
+    local port tries
+    for ((tries = 0; tries < 200; tries++)); do
+        port=$((30000 + RANDOM % 2768))
+        case " $* " in *" $port "*) continue ;; esac
+        listening 127.0.0.1 "$port" || { echo "$port"; return 0; }
+    done
+    return 1
+}
+
+# wait_http URL SECONDS : polls URL until it answers 2xx; false after SECONDS.
+wait_http() {
+    local deadline=$((SECONDS + $2))
+    until curl -sf --max-time 1 -o /dev/null "$1"; do
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.1
+    done
+}
+
 # Waits up to $3 seconds for HOST PORT to accept connections.
 wait_listening() {
     local deadline=$((SECONDS + $3))

@@ -6,11 +6,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::endpoint::Endpoint;
 use crate::key_mix::{ApiKey, KeyMix};
+use crate::soak::SoakArgs;
+use crate::soak::check::CheckArgs;
 
 /// Why a flag value was rejected. Shown by clap after `invalid value '…' for '--flag'`.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -33,6 +35,19 @@ pub enum FlagError {
         "an API key must be non-empty visible ASCII without spaces (it goes into an HTTP header)"
     )]
     KeyCharacters,
+    #[error(
+        "entry {0:?} is not KIND=WEIGHT with a known kind (chat, chat_stream, completion, \
+         completion_multi, embedding, disconnect) named once and a weight up to 1000000"
+    )]
+    MixEntry(String),
+    #[error("every weight is 0: nothing would be sent")]
+    MixEmpty,
+    #[error("expected TIER=UNITS (e.g. free=5000), got {0:?}")]
+    HardCap(String),
+    #[error(
+        "a run id is 1 to 100 characters of A-Z a-z 0-9 - _ . : (it starts every x-request-id)"
+    )]
+    RunId,
 }
 
 /// Open-loop HTTP load generator for OpenAI-style chat completion endpoints.
@@ -48,14 +63,41 @@ pub enum FlagError {
         --concurrency requests already in flight is not sent and is counted as dropped: \
         the target could not keep up.\n\n\
         Single target:  loadgen --url URL --rate RPS --duration SECS [options]\n\
-        Comparison:     loadgen --compare URL_A URL_B --rate RPS --duration SECS [--rounds R] [options]\n\n\
+        Comparison:     loadgen --compare URL_A URL_B --rate RPS --duration SECS [--rounds R] [options]\n\
+        Soak:           loadgen soak --url URL --keys-file FILE --ledger FILE --rate RPS --duration SECS\n\
+        Soak check:     loadgen soak-check --ledger FILE --database-url URL [--hard-cap TIER=UNITS]\n\n\
         Latency percentiles cover successful responses only. Against Tollgate the report \
         also summarizes the x-tollgate-queue-wait-ms header (time waited in its admission \
         queue for a GPU slot) of the 2xx responses that carry it. The JSON written by \
         --json is described in the crate documentation (load-tests/src/report.rs and \
-        compare.rs)."
+        compare.rs).",
+    // The subcommands have flags of their own; the load flags belong to the plain run.
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The flags of a plain run or comparison; `None` with a subcommand.
+    #[command(flatten)]
+    pub run: Option<RunArgs>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Drive a mix of chat, streamed chat, completions (prompt arrays, n > 1),
+    /// embeddings and clients that hang up mid-stream through Tollgate, across several
+    /// keys, and write one ledger line per request (scripts/soak.sh)
+    Soak(SoakArgs),
+    /// Compare a soak's ledger with Tollgate's usage_events: one line per check,
+    /// then `N passed, M failed`; exit status 1 on any failure
+    SoakCheck(CheckArgs),
+}
+
+/// The flags of a plain run (`--url`) or a comparison (`--compare`).
+#[derive(Debug, Args)]
+pub struct RunArgs {
     /// Target base URL, e.g. http://127.0.0.1:8000; /v1/chat/completions is appended
     /// unless the URL already has a path, which is then used as-is
     #[arg(
@@ -198,7 +240,10 @@ impl Cli {
 
     /// Combinations clap's declarations cannot express.
     pub fn check(&self) -> Result<(), clap::Error> {
-        if self.rounds.is_some() && self.compare.is_none() {
+        if let Some(run) = &self.run
+            && run.rounds.is_some()
+            && run.compare.is_none()
+        {
             return Err(Self::command().error(
                 clap::error::ErrorKind::ArgumentConflict,
                 "--rounds only applies to --compare URL_A URL_B",
@@ -206,7 +251,9 @@ impl Cli {
         }
         Ok(())
     }
+}
 
+impl RunArgs {
     pub fn rounds(&self) -> u32 {
         self.rounds.unwrap_or(DEFAULT_ROUNDS)
     }
@@ -278,7 +325,7 @@ const MAX_RATE: f64 = 1e6;
 /// can never overflow a clock.
 const MAX_SECONDS: f64 = 1e6;
 
-fn rate(raw: &str) -> Result<f64, FlagError> {
+pub fn rate(raw: &str) -> Result<f64, FlagError> {
     let rate = positive_f64(raw)?;
     if rate > MAX_RATE {
         Err(FlagError::TooLarge(rate, MAX_RATE))
@@ -287,7 +334,7 @@ fn rate(raw: &str) -> Result<f64, FlagError> {
     }
 }
 
-fn seconds(raw: &str) -> Result<Duration, FlagError> {
+pub fn seconds(raw: &str) -> Result<Duration, FlagError> {
     let secs = positive_f64(raw)?;
     if secs > MAX_SECONDS {
         return Err(FlagError::TooLarge(secs, MAX_SECONDS));
@@ -303,14 +350,76 @@ mod tests {
 
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+    fn parse_cli(args: &[&str]) -> Result<Cli, clap::Error> {
         let cli = Cli::try_parse_from(std::iter::once("loadgen").chain(args.iter().copied()))?;
         cli.check().map(|()| cli)
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = parse_cli(args)?;
+        assert!(cli.command.is_none(), "{args:?} parsed as a subcommand");
+        Ok(cli.run.expect("a run without a subcommand has run flags"))
     }
 
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn soak_subcommands_take_their_own_flags() {
+        let soak = [
+            "soak",
+            "--url",
+            "http://127.0.0.1:1",
+            "--keys-file",
+            "keys.txt",
+            "--ledger",
+            "ledger.jsonl",
+            "--rate",
+            "5",
+            "--duration",
+            "2",
+        ];
+        let cli = parse_cli(&soak).unwrap();
+        assert!(cli.run.is_none());
+        let Some(Command::Soak(args)) = cli.command else {
+            panic!("not parsed as soak");
+        };
+        assert_eq!(args.mix.to_string(), crate::soak::mix::DEFAULT_MIX);
+        assert_eq!((args.max_tokens, args.prompts, args.n), (32, 2, 2));
+        // A plain run's flag before the subcommand belongs to neither.
+        let mixed: Vec<&str> = ["--stream"].iter().chain(&soak).copied().collect();
+        assert!(parse_cli(&mixed).is_err());
+        let bad_id: Vec<&str> = soak.iter().copied().chain(["--run-id", "a b"]).collect();
+        assert_eq!(
+            parse_cli(&bad_id).unwrap_err().kind(),
+            ErrorKind::ValueValidation
+        );
+
+        let check = [
+            "soak-check",
+            "--ledger",
+            "l.jsonl",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/tollgate",
+            "--hard-cap",
+            "free=50",
+            "--hard-cap",
+            "starter=500",
+        ];
+        let Some(Command::SoakCheck(args)) = parse_cli(&check).unwrap().command else {
+            panic!("not parsed as soak-check");
+        };
+        assert_eq!(args.hard_cap.len(), 2);
+        assert_eq!(args.hard_cap[1].units, 500);
+        // The two RSS figures only make sense together.
+        let half: Vec<&str> = check
+            .iter()
+            .copied()
+            .chain(["--rss-warm-kib", "9"])
+            .collect();
+        assert!(parse_cli(&half).is_err());
     }
 
     #[test]

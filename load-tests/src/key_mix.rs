@@ -7,6 +7,9 @@
 
 use std::fmt;
 
+use anyhow::Context;
+use hyper::header::HeaderValue;
+
 use crate::cli::FlagError;
 
 /// Weights above this buy nothing (a cycle of a million requests is already longer than
@@ -27,8 +30,12 @@ impl ApiKey {
         Ok(Self(raw.to_owned()))
     }
 
-    pub fn secret(&self) -> &str {
-        &self.0
+    /// `Authorization: Bearer KEY`, marked sensitive so it is never logged.
+    pub fn authorization(&self) -> anyhow::Result<HeaderValue> {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0))
+            .with_context(|| format!("key {} is not a valid header value", self.redacted()))?;
+        value.set_sensitive(true);
+        Ok(value)
     }
 
     /// First 6 and last 4 characters of keys longer than 12 (enough to tell tier test
@@ -174,9 +181,9 @@ mod tests {
     #[test]
     fn weight_is_after_the_last_colon() {
         let mix = KeyMix::parse("tg:live:abc:2, other:1").unwrap();
-        assert_eq!(mix.keys()[0].key.secret(), "tg:live:abc");
+        assert_eq!(mix.keys()[0].key, ApiKey::parse("tg:live:abc").unwrap());
         assert_eq!(mix.keys()[0].weight, 2);
-        assert_eq!(mix.keys()[1].key.secret(), "other");
+        assert_eq!(mix.keys()[1].key, ApiKey::parse("other").unwrap());
     }
 
     #[test]

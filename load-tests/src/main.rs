@@ -11,12 +11,15 @@
 //! Layout: [`cli`] (flags → [`cli::LoadPlan`]), [`endpoint`] and [`key_mix`] (what the
 //! flags name), [`arrival_clock`] and [`schedule`] (when requests go out and who
 //! collects the outcomes), [`request`] and [`sse`] (one exchange and how its body is
-//! judged), [`report`] and [`compare`] (the figures, printed and as JSON).
+//! judged), [`report`] and [`compare`] (the figures, printed and as JSON), and
+//! [`soak`] (`loadgen soak` and `loadgen soak-check`: the money path under faults,
+//! driven by `scripts/soak.sh`).
 //!
 //! ```text
 //! cargo run --release -p tollgate-loadgen -- --url http://127.0.0.1:8000 --rate 200 --duration 10 --stream
 //! cargo run --release -p tollgate-loadgen -- --compare http://127.0.0.1:9000 http://127.0.0.1:8080 \
 //!     --rate 500 --duration 10 --rounds 5 --json overhead.json
+//! SOAK_SECS=60 scripts/soak.sh
 //! ```
 
 mod arrival_clock;
@@ -27,6 +30,7 @@ mod key_mix;
 mod report;
 mod request;
 mod schedule;
+mod soak;
 mod sse;
 
 use std::path::Path;
@@ -36,7 +40,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::cli::{Cli, LoadPlan};
+use crate::cli::{Cli, Command, LoadPlan, RunArgs};
 use crate::compare::{ComparisonDocument, run_comparison};
 use crate::endpoint::Endpoint;
 use crate::report::{FORMAT, RunDocument};
@@ -44,7 +48,7 @@ use crate::schedule::{run_load, scheduled_count};
 
 /// Conventional exit status of a program stopped by SIGINT; tells scripts the figures
 /// cover an incomplete run.
-const EXIT_INTERRUPTED: u8 = 130;
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_and_check();
@@ -58,30 +62,49 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
-    let plan = cli.load_plan();
+    match (&cli.command, &cli.run) {
+        (Some(Command::Soak(args)), _) => {
+            let runtime = runtime(args.threads as usize)?;
+            runtime.block_on(async { soak::run_soak(args, &mut stop_on_ctrl_c()).await })
+        }
+        (Some(Command::SoakCheck(args)), _) => {
+            let runtime = runtime(1)?;
+            runtime.block_on(soak::check::run_check(args))
+        }
+        (None, Some(run)) => run_or_compare(run),
+        // clap requires the run flags when there is no subcommand.
+        (None, None) => anyhow::bail!("give --url URL, --compare URL_A URL_B or a subcommand"),
+    }
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     // One thread means the current-thread scheduler: the run stays on this thread,
     // with no work-stealing machinery and no extra idle worker competing for a core.
-    let runtime = if plan.threads == 1 {
+    if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(plan.threads)
+            .worker_threads(threads)
             .enable_all()
             .build()
     }
-    .context("starting the tokio runtime")?;
-    runtime.block_on(async {
+    .context("starting the tokio runtime")
+}
+
+fn run_or_compare(run: &RunArgs) -> anyhow::Result<ExitCode> {
+    let plan = run.load_plan();
+    runtime(plan.threads)?.block_on(async {
         let mut stop = stop_on_ctrl_c();
-        match (&cli.compare, &cli.url) {
+        match (&run.compare, &run.url) {
             (Some(targets), _) => {
                 let [a, b] = targets.as_slice() else {
                     anyhow::bail!("--compare takes exactly two URLs");
                 };
-                compare_targets(a, b, &plan, cli.rounds(), cli.json.as_deref(), &mut stop).await
+                compare_targets(a, b, &plan, run.rounds(), run.json.as_deref(), &mut stop).await
             }
-            (None, Some(url)) => single_target(url, &plan, cli.json.as_deref(), &mut stop).await,
+            (None, Some(url)) => single_target(url, &plan, run.json.as_deref(), &mut stop).await,
             (None, None) => anyhow::bail!("give --url URL or --compare URL_A URL_B"),
         }
     })

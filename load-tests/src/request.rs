@@ -54,14 +54,7 @@ impl RequestTemplate {
             .keys
             .iter()
             .flat_map(|mix| mix.keys())
-            .map(|k| {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", k.key.secret()))
-                    .with_context(|| {
-                        format!("key {} is not a valid header value", k.key.redacted())
-                    })?;
-                value.set_sensitive(true);
-                Ok(value)
-            })
+            .map(|k| k.key.authorization())
             .collect::<anyhow::Result<_>>()?;
         Ok(Self {
             uri: endpoint.uri().clone(),

@@ -51,7 +51,7 @@ struct Finished {
 }
 
 /// Resolves once Ctrl-C was pressed; never, if the signal watcher is gone.
-async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+pub async fn stop_requested(stop: &mut watch::Receiver<bool>) {
     if stop.wait_for(|&stopped| stopped).await.is_err() {
         std::future::pending::<()>().await;
     }

@@ -2,11 +2,14 @@
 //! chat completion, fed in whatever pieces the network delivers, and the JSON body of a
 //! non-streamed one.
 //!
-//! Only what the report needs is extracted: how many chunks carried content, the
+//! [`SseEvents`] splits a stream into events; [`SseScanner`] extracts only what the
+//! report needs from a chat stream: how many chunks carried content, the
 //! `usage.completion_tokens` when the server sent it, and whether the stream reached
-//! `data: [DONE]`.
+//! `data: [DONE]`. The soak reads streams with the same splitter
+//! (`soak::exchange`), keeping their text.
 
 use std::borrow::Cow;
+use std::ops::ControlFlow;
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -83,26 +86,33 @@ pub fn tally_completion_body(body: &[u8]) -> Result<BodyTally, BodyFault> {
 /// Splits an SSE byte stream into events as bytes arrive, per the WHATWG
 /// event-stream rules: lines end in LF, CRLF or CR (a CRLF may be split across two
 /// pieces), an empty line dispatches the event, `data` lines are joined with LF,
-/// comments and other fields are ignored.
+/// comments and other fields are ignored. What an event means is up to the caller:
+/// [`SseScanner`] tallies a chat stream, the soak's reader keeps its text.
 #[derive(Debug, Default)]
-pub struct SseScanner {
+pub struct SseEvents {
     line: Vec<u8>,
     /// The previous piece ended in CR, so a leading LF in the next one is the same line end.
     after_cr: bool,
     data: Vec<u8>,
     has_data: bool,
-    done: bool,
-    tally: BodyTally,
+    /// The caller asked for no more events (it saw `[DONE]`).
+    stopped: bool,
 }
 
-impl SseScanner {
+impl SseEvents {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Consumes the next piece of the body. Anything after `[DONE]` is ignored.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), BodyFault> {
-        while !bytes.is_empty() && !self.done {
+    /// Consumes the next piece of the body, calling `on_event` with the data of each
+    /// event it completes. Once `on_event` answers [`ControlFlow::Break`], the rest of
+    /// this piece and every later one is ignored.
+    pub fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        mut on_event: impl FnMut(&[u8]) -> Result<ControlFlow<()>, BodyFault>,
+    ) -> Result<(), BodyFault> {
+        while !bytes.is_empty() && !self.stopped {
             if self.after_cr {
                 self.after_cr = false;
                 if let Some(rest) = bytes.strip_prefix(b"\n") {
@@ -124,7 +134,7 @@ impl SseScanner {
                     bytes = rest.get(1..).unwrap_or_default();
                     self.line.extend_from_slice(content);
                     let line = std::mem::take(&mut self.line);
-                    let handled = self.handle_line(&line);
+                    let handled = self.handle_line(&line, &mut on_event);
                     // Give the buffer back so a long stream reuses one allocation.
                     self.line = line;
                     self.line.clear();
@@ -135,19 +145,13 @@ impl SseScanner {
         Ok(())
     }
 
-    /// Ends the stream. An event not closed by an empty line is discarded, as the SSE
-    /// rules say, so a body cut after `data: [DONE]\n` is still truncated.
-    pub fn finish(self) -> Result<BodyTally, BodyFault> {
-        if self.done {
-            Ok(self.tally)
-        } else {
-            Err(BodyFault::Truncated)
-        }
-    }
-
-    fn handle_line(&mut self, line: &[u8]) -> Result<(), BodyFault> {
+    fn handle_line(
+        &mut self,
+        line: &[u8],
+        on_event: &mut impl FnMut(&[u8]) -> Result<ControlFlow<()>, BodyFault>,
+    ) -> Result<(), BodyFault> {
         if line.is_empty() {
-            return self.dispatch();
+            return self.dispatch(on_event);
         }
         let (field, value) = match line.iter().position(|&b| b == b':') {
             Some(0) => return Ok(()), // comment, e.g. a keep-alive ping
@@ -168,41 +172,87 @@ impl SseScanner {
         Ok(())
     }
 
-    fn dispatch(&mut self) -> Result<(), BodyFault> {
+    fn dispatch(
+        &mut self,
+        on_event: &mut impl FnMut(&[u8]) -> Result<ControlFlow<()>, BodyFault>,
+    ) -> Result<(), BodyFault> {
         if !std::mem::take(&mut self.has_data) {
             return Ok(());
         }
         let data = std::mem::take(&mut self.data);
-        let result = self.tally_event(&data);
+        let result = on_event(&data);
         self.data = data;
         self.data.clear();
-        result
-    }
-
-    fn tally_event(&mut self, data: &[u8]) -> Result<(), BodyFault> {
-        if data == b"[DONE]" {
-            self.done = true;
-            return Ok(());
-        }
-        let chunk: StreamChunk<'_> =
-            serde_json::from_slice(data).map_err(|_| BodyFault::Malformed)?;
-        if chunk.error.is_some() {
-            return Err(BodyFault::Malformed);
-        }
-        let has_content = chunk
-            .choices
-            .first()
-            .and_then(|c| c.delta.as_ref())
-            .and_then(|d| d.content.as_deref())
-            .is_some_and(|text| !text.is_empty());
-        if has_content {
-            self.tally.content_chunks += 1;
-        }
-        if let Some(tokens) = chunk.usage.and_then(|u| u.completion_tokens) {
-            self.tally.completion_tokens = Some(tokens);
+        if result? == ControlFlow::Break(()) {
+            self.stopped = true;
         }
         Ok(())
     }
+}
+
+/// The data of the event that ends an OpenAI stream.
+pub const DONE: &[u8] = b"[DONE]";
+
+/// Tallies a streamed chat completion: content chunks, reported usage, and whether
+/// it reached `data: [DONE]`.
+#[derive(Debug, Default)]
+pub struct SseScanner {
+    events: SseEvents,
+    done: bool,
+    tally: BodyTally,
+}
+
+impl SseScanner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Consumes the next piece of the body. Anything after `[DONE]` is ignored.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), BodyFault> {
+        let Self {
+            events,
+            done,
+            tally,
+        } = self;
+        events.feed(bytes, |data| {
+            if data == DONE {
+                *done = true;
+                return Ok(ControlFlow::Break(()));
+            }
+            tally_event(tally, data)?;
+            Ok(ControlFlow::Continue(()))
+        })
+    }
+
+    /// Ends the stream. An event not closed by an empty line is discarded, as the SSE
+    /// rules say, so a body cut after `data: [DONE]\n` is still truncated.
+    pub fn finish(self) -> Result<BodyTally, BodyFault> {
+        if self.done {
+            Ok(self.tally)
+        } else {
+            Err(BodyFault::Truncated)
+        }
+    }
+}
+
+fn tally_event(tally: &mut BodyTally, data: &[u8]) -> Result<(), BodyFault> {
+    let chunk: StreamChunk<'_> = serde_json::from_slice(data).map_err(|_| BodyFault::Malformed)?;
+    if chunk.error.is_some() {
+        return Err(BodyFault::Malformed);
+    }
+    let has_content = chunk
+        .choices
+        .first()
+        .and_then(|c| c.delta.as_ref())
+        .and_then(|d| d.content.as_deref())
+        .is_some_and(|text| !text.is_empty());
+    if has_content {
+        tally.content_chunks += 1;
+    }
+    if let Some(tokens) = chunk.usage.and_then(|u| u.completion_tokens) {
+        tally.completion_tokens = Some(tokens);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

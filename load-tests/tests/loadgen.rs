@@ -1,4 +1,5 @@
-//! Runs the real `loadgen` binary against the real `gpu-sim` binary over loopback.
+//! Runs the real `loadgen` binary against the real `gpu-sim` binary over loopback,
+//! and `loadgen soak-check` against a real Postgres ([`soak`]).
 //!
 //! gpu-sim listens on port 0 and its one stdout line gives the address, so there are
 //! no fixed ports and no sleeps. Assertions are on the structure and counts of the
@@ -8,6 +9,8 @@
 //! `cargo build --workspace --bins`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod soak;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -29,10 +32,17 @@ struct GpuSim {
 }
 
 impl GpuSim {
+    /// Answers at once: no time to first token, unlimited tokens per second.
     fn start(extra_args: &[&str]) -> Self {
+        Self::start_paced(&["--ttft-ms", "0", "--tokens-per-sec", "0"], extra_args)
+    }
+
+    /// With its own timing flags (`--ttft-ms`, `--tokens-per-sec`).
+    fn start_paced(timing: &[&str], extra_args: &[&str]) -> Self {
         let mut child = Command::new(gpu_sim_path())
             .args(["--listen", "127.0.0.1:0", "--model", "sim-model"])
-            .args(["--ttft-ms", "0", "--tokens-per-sec", "0", "--threads", "1"])
+            .args(["--threads", "1"])
+            .args(timing)
             .args(extra_args)
             .env("LOG_LEVEL", "warn")
             .stdin(Stdio::null())
