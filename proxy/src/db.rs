@@ -31,6 +31,11 @@ const POOL_WAIT: Duration = Duration::from_secs(5);
 /// How often the janitor trims idle connections.
 const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The role Grafana's Postgres datasource logs in as. `sql/V7__grafana_reader.sql`
+/// creates it without login and lets it read what the dashboards query and
+/// nothing else; [`allow_grafana_login`] gives it a password.
+pub const GRAFANA_ROLE: &str = "tollgate_grafana";
+
 pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
     let target = PostgresTarget::parse(config.url.expose())?;
     let manager = Manager::from_config(
@@ -86,6 +91,25 @@ pub async fn account_tiers(config: &DatabaseConfig) -> anyhow::Result<Option<Vec
     drop(client);
     let _ = driver.await;
     Ok(Some(rows.iter().map(|row| row.get(0)).collect()))
+}
+
+/// Lets [`GRAFANA_ROLE`] log in with `password`. Only the SCRAM-SHA-256
+/// verifier is sent, computed here as libpq's `PQencryptPasswordConn` does, so
+/// the password never reaches the server's statement log. Running it again
+/// with the same password changes nothing that matters (a new salt).
+pub async fn allow_grafana_login(config: &DatabaseConfig, password: &str) -> anyhow::Result<()> {
+    let (client, driver) = connect(config).await?;
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+    // ALTER ROLE takes no bind parameters; a verifier is base64, `$` and `:`
+    // only, so it cannot end the quoted literal.
+    client
+        .batch_execute(&format!(
+            "ALTER ROLE {GRAFANA_ROLE} WITH LOGIN PASSWORD '{verifier}'"
+        ))
+        .await?;
+    drop(client);
+    let _ = driver.await;
+    Ok(())
 }
 
 /// One connection outside the pool, as `database.url` asks (TLS included),

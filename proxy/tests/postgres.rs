@@ -1,6 +1,7 @@
 //! Tollgate's own connections to Postgres, against the real server at
 //! `DATABASE_URL` (default 127.0.0.1:5432): TLS as `sslmode` asks, through
-//! the same code the pool, `migrate` and the start-up check use.
+//! the same code the pool, `migrate` and the start-up check use, and the
+//! read-only role that `sql/V7__grafana_reader.sql` makes for Grafana.
 //!
 //! The TLS tests read the server's own certificate (`ssl_cert_file`; on
 //! Debian the snakeoil certificate, self-signed, for the name it was made
@@ -18,6 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tollgate::config::{DatabaseConfig, Secret};
 use tollgate::db;
@@ -30,6 +32,9 @@ const UNRELATED_CA: &str = concat!(
 );
 /// A name no certificate of the test server carries.
 const WRONG_NAME: &str = "not-the-database.invalid";
+/// Upper bound for a condition the race test waits on.
+const POLL_DEADLINE: Duration = Duration::from_secs(30);
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 fn admin_url() -> String {
     std::env::var("DATABASE_URL")
@@ -355,9 +360,10 @@ async fn tollgate_migrate_connects_with_verify_full_and_refuses_the_wrong_ca() {
     );
 }
 
-/// A database of its own, dropped at the end.
+/// A database of its own, dropped (with its grants) at the end.
 struct TestDb {
     name: String,
+    url: String,
 }
 
 impl TestDb {
@@ -368,7 +374,18 @@ impl TestDb {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap();
-        Self { name }
+        let admin = admin_url();
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        Self {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    async fn migrated() -> Self {
+        let db = Self::create().await;
+        db::migrate(&database(&db.url)).await.unwrap();
+        db
     }
 }
 
@@ -395,4 +412,152 @@ fn admin_statement_on_drop(statement: String) {
         });
     })
     .join();
+}
+
+// ------------------------------------------------------------------ the Grafana role
+
+#[tokio::test]
+async fn grafana_role_reads_no_raw_usage_and_no_secrets_and_writes_nothing() {
+    let db = TestDb::migrated().await;
+    let client = connect_plain(&db.url).await;
+    let role = db::GRAFANA_ROLE;
+    let attributes = client
+        .query_one(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication, rolinherit
+             FROM pg_roles WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap();
+    for (i, attribute) in [
+        "superuser",
+        "createrole",
+        "createdb",
+        "bypassrls",
+        "replication",
+        "inherit",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(!attributes.get::<_, bool>(i), "{role} has {attribute}");
+    }
+    // Privileges are checked as if the role had logged in; no password needed.
+    client
+        .batch_execute(&format!("SET ROLE {role}"))
+        .await
+        .unwrap();
+    client
+        .query("SELECT id, name, tier, status FROM accounts", &[])
+        .await
+        .expect("the dashboards' columns of accounts are readable");
+    let refused = [
+        "SELECT * FROM usage_events",
+        "SELECT count(*) FROM usage_events",
+        "SELECT hash FROM api_keys",
+        "SELECT display_prefix FROM api_keys",
+        "SELECT * FROM api_keys",
+        "SELECT stripe_customer_id FROM billing_customers",
+        "SELECT stripe_customer_id FROM billing_subscriptions",
+        "SELECT identifier, last_error FROM billing_usage_exports",
+        "SELECT * FROM billing_webhook_events",
+        "SELECT * FROM usage_partitions",
+        "INSERT INTO usage_rollup_minute (bucket, account_id, key_id, model, tier)
+             VALUES (now(), gen_random_uuid(), gen_random_uuid(), 'm', 'free')",
+        "UPDATE accounts SET tier = 'enterprise'",
+        "DELETE FROM instance_events",
+        "TRUNCATE usage_rollup_day",
+        "CREATE TABLE grafana_scratch (x int)",
+        // Executable by everyone, but it creates a partition of usage_events,
+        // which only the table's owner may.
+        "SELECT usage_ensure_partition(now())",
+    ];
+    let mut allowed = Vec::new();
+    for statement in refused {
+        match client.batch_execute(statement).await {
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
+            other => allowed.push(format!("{statement}: {other:?}")),
+        }
+    }
+    assert!(
+        allowed.is_empty(),
+        "{role} was not refused:\n  {}",
+        allowed.join("\n  ")
+    );
+}
+
+/// Roles are shared by every database on a server, so two databases
+/// migrating at once both create the role: the second one's CREATE ROLE
+/// waits for the first to commit and then finds the name taken. V7 must
+/// treat that as done, not fail. Reproduced in a fixed order with a role of
+/// the test's own, so the real one's existence does not hide the race.
+#[tokio::test]
+async fn grafana_role_migration_survives_a_concurrent_creation_in_another_database() {
+    let role = unique("tollgate_grafana_race");
+    let cleanup = RoleCleanup(role.clone());
+    let (first, second) = (TestDb::migrated().await, TestDb::migrated().await);
+    let v7 = include_str!("../../sql/V7__grafana_reader.sql").replace("tollgate_grafana", &role);
+
+    let creator = connect_plain(&first.url).await;
+    creator.batch_execute("BEGIN").await.unwrap();
+    creator.batch_execute(&v7).await.unwrap();
+
+    let racer = connect_plain(&second.url).await;
+    let racer_pid: i32 = racer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let raced = tokio::spawn({
+        let v7 = v7.clone();
+        async move { racer.batch_execute(&v7).await.map(|()| racer) }
+    });
+    let admin = connect_plain(&admin_url()).await;
+    let deadline = tokio::time::Instant::now() + POLL_DEADLINE;
+    loop {
+        let waiting: Option<String> = admin
+            .query_opt(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1",
+                &[&racer_pid],
+            )
+            .await
+            .unwrap()
+            .and_then(|row| row.get(0));
+        if waiting.as_deref() == Some("Lock") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second migration never waited for the first's role"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    creator.batch_execute("COMMIT").await.unwrap();
+    let racer = raced
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the second database's V7 failed: {e:?}"));
+
+    for client in [&creator, &racer] {
+        let granted: bool = client
+            .query_one(
+                "SELECT has_table_privilege($1, 'usage_rollup_minute', 'SELECT')",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(granted, "each database grants the role its own tables");
+    }
+    drop((creator, racer, first, second));
+    drop(cleanup);
+}
+
+/// Drops a role of the test's own once its databases (and grants) are gone.
+struct RoleCleanup(String);
+
+impl Drop for RoleCleanup {
+    fn drop(&mut self) {
+        admin_statement_on_drop(format!("DROP ROLE IF EXISTS {}", self.0));
+    }
 }
