@@ -55,9 +55,9 @@ pub enum Command {
 pub struct MigrateArgs {
     /// Also let the read-only role tollgate_grafana, which the migrations
     /// create for Grafana's dashboards, log in with this password (only its
-    /// SCRAM verifier is sent). Without it the role's login is left as it
-    /// is: it cannot log in until given a password. Set it in the
-    /// environment rather than on the command line, where `ps` shows it.
+    /// SCRAM verifier is sent). Without it, migrate leaves the role's login
+    /// alone (a new role cannot log in). Set it in the environment rather
+    /// than on the command line, where `ps` shows it.
     #[arg(
         long,
         env = "GRAFANA_DB_PASSWORD",

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tollgate::config::{DatabaseConfig, Secret};
@@ -103,7 +105,12 @@ impl Server {
             return None;
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
-        let address = (host.as_str(), port).to_socket_addrs().ok()?.next()?.ip();
+        let address = (host.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addresses| addresses.next())
+            .unwrap_or_else(|| panic!("DATABASE_URL's host {host} does not resolve"))
+            .ip();
         let encode = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
         let mut credentials = encode(config.get_user().unwrap_or("postgres"));
         if let Some(password) = config.get_password() {
@@ -175,11 +182,13 @@ impl TlsServer {
                 return None;
             }
         };
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         let parsed = webpki::EndEntityCert::try_from(&der).unwrap();
-        let Some(name) = parsed.valid_dns_names().next().map(str::to_owned) else {
+        let Some(name) = parsed
+            .valid_dns_names()
+            .find(|name| !name.starts_with('*'))
+            .map(str::to_owned)
+        else {
             eprintln!(
                 "skipped: the server's certificate {} names no DNS name (subjectAltName) to check",
                 certificate.display()

@@ -43,9 +43,10 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 const URL_KEY: &str = "database.url (env DATABASE_URL)";
 
 /// A `database.url` that cannot be used as written, naming what to change.
+/// Causes are sources, not part of the message: `{:#}` prints the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum DatabaseUrlError {
-    #[error("{URL_KEY} is not valid: {0}")]
+    #[error("{URL_KEY} is not valid")]
     Invalid(#[source] tokio_postgres::Error),
     #[error(
         "{URL_KEY}: sslmode={0} is not supported; use disable, prefer, require, verify-ca or verify-full"
@@ -56,7 +57,7 @@ pub enum DatabaseUrlError {
          signs certificates for any name, so only the name check makes the chain mean something"
     )]
     SystemRootsNeedVerifyFull(SslMode),
-    #[error("{URL_KEY}: cannot read sslrootcert {path}: {source}")]
+    #[error("{URL_KEY}: cannot read sslrootcert {path}")]
     RootCert {
         path: PathBuf,
         source: rustls::pki_types::pem::Error,
@@ -69,7 +70,7 @@ pub enum DatabaseUrlError {
          or set sslrootcert to the CA's PEM file"
     )]
     NoSystemRoots(SslMode),
-    #[error("TLS to Postgres cannot be set up: {0}")]
+    #[error("TLS to Postgres cannot be set up")]
     Rustls(#[from] rustls::Error),
 }
 
