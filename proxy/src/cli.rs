@@ -28,7 +28,7 @@ pub enum Command {
     /// SIGTERM drains requests in flight (up to server.drain_timeout); SIGINT exits at once.
     Serve,
     /// Apply the database migrations in sql/ (idempotent).
-    Migrate,
+    Migrate(MigrateArgs),
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -48,6 +48,23 @@ pub enum Command {
     /// an always-hot fleet sized for the peak, and draws one day as an SVG.
     /// Needs no database or backend: nothing real is started.
     Simulate(SimulateArgs),
+}
+
+/// `tollgate migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Also let the read-only role tollgate_grafana, which the migrations
+    /// create for Grafana's dashboards, log in with this password (only its
+    /// SCRAM verifier is sent). Without it, migrate leaves the role's login
+    /// alone (a new role cannot log in). Set it in the environment rather
+    /// than on the command line, where `ps` shows it.
+    #[arg(
+        long,
+        env = "GRAFANA_DB_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD"
+    )]
+    pub grafana_password: Option<String>,
 }
 
 /// `tollgate simulate`.

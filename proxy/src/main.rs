@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 use tollgate::billing::{CheckoutRequest, PortalRequest};
-use tollgate::cli::{BillingCommand, Cli, Command, FleetCommand, KeysCommand, UsageCommand};
+use tollgate::cli::{
+    BillingCommand, Cli, Command, FleetCommand, KeysCommand, MigrateArgs, UsageCommand,
+};
 use tollgate::config::{Config, ProcessEnv, parse_duration};
 use tollgate::keys::store::{KeyListing, KeyStore};
 use tollgate::keys::{KeyAdmin, NewKeyRequest};
@@ -49,7 +51,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             block_on(check_account_tiers(&config))?;
             server::serve(config)
         }
-        Command::Migrate => block_on(migrate(&config)),
+        Command::Migrate(args) => block_on(migrate(&config, args)),
         Command::Keys(command) => block_on(keys(&config, command)),
         Command::Usage(command) => block_on(usage(&config, command)),
         Command::Billing(BillingCommand::Export) => block_on(billing_export(&config)),
@@ -289,13 +291,21 @@ async fn billing_session(
     Ok(())
 }
 
-async fn migrate(config: &Config) -> anyhow::Result<()> {
+async fn migrate(config: &Config, args: MigrateArgs) -> anyhow::Result<()> {
     let applied = db::migrate(&config.database).await?;
     if applied.is_empty() {
         println!("database is up to date");
     }
     for migration in applied {
         println!("applied {migration}");
+    }
+    // An empty GRAFANA_DB_PASSWORD counts as unset, as every other variable.
+    if let Some(password) = args.grafana_password.filter(|p| !p.is_empty()) {
+        db::allow_grafana_login(&config.database, &password).await?;
+        println!(
+            "role {} can log in with the given password",
+            db::GRAFANA_ROLE
+        );
     }
     Ok(())
 }

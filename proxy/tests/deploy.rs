@@ -104,6 +104,59 @@ impl Compose {
     /// `environment:` as a map or a `KEY=VALUE` list, `${VAR:-default}` resolved
     /// to the default (the environment of whoever runs the test is ignored).
     fn environment(&self, name: &str) -> HashMap<String, String> {
+        self.raw_environment(name)
+            .into_iter()
+            .map(|(k, v)| (k, interpolate(&v)))
+            .collect()
+    }
+
+    /// Container ports the service publishes (short and long syntax).
+    fn published_container_ports(&self, name: &str) -> Result<Vec<u16>, String> {
+        Ok(self
+            .published_ports(name)?
+            .into_iter()
+            .map(|p| p.container)
+            .collect())
+    }
+
+    /// The service's published ports with the host address each is bound
+    /// to (`None`: every interface).
+    fn published_ports(&self, name: &str) -> Result<Vec<Published>, String> {
+        let Some(ports) = self.service(name).get("ports") else {
+            return Ok(Vec::new());
+        };
+        let ports = ports
+            .as_sequence()
+            .ok_or_else(|| format!("service `{name}`: `ports` is not a list"))?;
+        ports
+            .iter()
+            .map(|entry| match entry {
+                Value::Mapping(_) => {
+                    let container = entry
+                        .get("target")
+                        .and_then(Value::as_u64)
+                        .and_then(|p| u16::try_from(p).ok())
+                        .ok_or_else(|| format!("service `{name}`: port {entry:?} has no target"))?;
+                    let host_ip = entry.get("host_ip").and_then(scalar);
+                    Ok(Published { host_ip, container })
+                }
+                _ => {
+                    // [IP:][HOST:]CONTAINER[/PROTOCOL]; IP may be [::1].
+                    let text = scalar(entry).unwrap_or_default();
+                    let text = text.split('/').next().unwrap_or_default();
+                    let parts: Vec<&str> = text.rsplitn(3, ':').collect();
+                    let container = parts[0].parse().map_err(|_| {
+                        format!("service `{name}`: cannot read the container port of `{text}`")
+                    })?;
+                    let host_ip = parts.get(2).map(|ip| (*ip).to_owned());
+                    Ok(Published { host_ip, container })
+                }
+            })
+            .collect()
+    }
+
+    /// `environment:` as written, `${VAR:-default}` and all.
+    fn raw_environment(&self, name: &str) -> HashMap<String, String> {
         let mut env = HashMap::new();
         match self.service(name).get("environment") {
             None => {}
@@ -114,48 +167,19 @@ impl Compose {
                     } else {
                         scalar(v).unwrap_or_default()
                     };
-                    env.insert(scalar(k).unwrap_or_default(), interpolate(&value));
+                    env.insert(scalar(k).unwrap_or_default(), value);
                 }
             }
             Some(Value::Sequence(items)) => {
                 for item in items {
                     let item = scalar(item).unwrap_or_default();
                     let (k, v) = item.split_once('=').unwrap_or((&item, ""));
-                    env.insert(k.to_owned(), interpolate(v));
+                    env.insert(k.to_owned(), v.to_owned());
                 }
             }
             Some(other) => panic!("{COMPOSE}: service `{name}` has an environment of {other:?}"),
         }
         env
-    }
-
-    /// Container ports the service publishes (short and long syntax).
-    fn published_container_ports(&self, name: &str) -> Result<Vec<u16>, String> {
-        let Some(ports) = self.service(name).get("ports") else {
-            return Ok(Vec::new());
-        };
-        let ports = ports
-            .as_sequence()
-            .ok_or_else(|| format!("service `{name}`: `ports` is not a list"))?;
-        ports
-            .iter()
-            .map(|entry| match entry {
-                Value::Mapping(_) => entry
-                    .get("target")
-                    .and_then(Value::as_u64)
-                    .and_then(|p| u16::try_from(p).ok())
-                    .ok_or_else(|| format!("service `{name}`: port {entry:?} has no target")),
-                _ => {
-                    // [IP:][HOST:]CONTAINER[/PROTOCOL]
-                    let text = scalar(entry).unwrap_or_default();
-                    let text = text.split('/').next().unwrap_or_default();
-                    let container = text.rsplit(':').next().unwrap_or_default();
-                    container.parse().map_err(|_| {
-                        format!("service `{name}`: cannot read the container port of `{text}`")
-                    })
-                }
-            })
-            .collect()
     }
 
     /// `(source, target)` of each volume: a bind mount's source is a path
@@ -211,6 +235,12 @@ impl Compose {
             .filter(|name| self.command(name).first().map(String::as_str) == Some("gpu-sim"))
             .collect()
     }
+}
+
+/// A published port: `host_ip` is `None` when it listens on every interface.
+struct Published {
+    host_ip: Option<String>,
+    container: u16,
 }
 
 fn scalar(value: &Value) -> Option<String> {
@@ -792,6 +822,116 @@ fn grafana_dashboard_provider_reads_the_mounted_dashboards_folder() {
         problems.push("grafana/dashboards holds no dashboard (*.json)".to_owned());
     }
     assert_no_problems("Grafana dashboard provisioning", &problems);
+}
+
+/// Everything but the public API is for this host only: admin API, metrics,
+/// Prometheus, the backends and Grafana (whose login is the only thing
+/// between the Internet and every account's usage) are reached from
+/// elsewhere through a tunnel or a proxy of the operator's choice.
+#[test]
+fn only_the_public_api_is_published_beyond_this_host() {
+    let compose = Compose::load();
+    let public = compose_config(&compose).server.listen.port();
+    let mut problems = Vec::new();
+    for name in compose.service_names() {
+        let ports = compose
+            .published_ports(&name)
+            .unwrap_or_else(|e| panic!("{COMPOSE}: {e}"));
+        for port in ports {
+            if name == "tollgate" && port.container == public {
+                continue;
+            }
+            if !matches!(port.host_ip.as_deref(), Some("127.0.0.1" | "[::1]" | "::1")) {
+                problems.push(format!(
+                    "{COMPOSE}: service `{name}` publishes container port {} on {}: write \"127.0.0.1:{0}:{0}\"",
+                    port.container,
+                    port.host_ip.as_deref().unwrap_or("every interface")
+                ));
+            }
+        }
+    }
+    if !compose
+        .published_container_ports("grafana")
+        .unwrap_or_default()
+        .contains(&3000)
+    {
+        problems.push(format!(
+            "{COMPOSE}: the grafana service does not publish 3000"
+        ));
+    }
+    assert_no_problems("ports open beyond this host", &problems);
+}
+
+/// Grafana's Postgres datasource logs in as the read-only role the
+/// migrations create, with the password `tollgate migrate` gives it, never as
+/// the owner of the tables.
+#[test]
+fn grafana_logs_in_to_postgres_as_the_read_only_role() {
+    let compose = Compose::load();
+    let datasources = yaml(GRAFANA_DATASOURCES);
+    let grafana = compose.environment("grafana");
+    let (grafana_raw, tollgate_raw) = (
+        compose.raw_environment("grafana"),
+        compose.raw_environment("tollgate"),
+    );
+    let role = tollgate::db::GRAFANA_ROLE;
+    let mut problems = Vec::new();
+    let postgres = datasources
+        .get("datasources")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .find(|d| {
+            d.get("type")
+                .and_then(scalar)
+                .is_some_and(|t| t == "postgres" || t == "grafana-postgresql-datasource")
+        })
+        .unwrap_or_else(|| panic!("{GRAFANA_DATASOURCES} has no Postgres datasource"));
+    let variable = |field: Option<&Value>| {
+        field
+            .and_then(scalar)
+            .and_then(|v| env_reference(&v).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let user_var = variable(postgres.get("user"));
+    match grafana.get(&user_var) {
+        Some(user) if user == role => {}
+        other => problems.push(format!(
+            "{COMPOSE}: the grafana service's {user_var} (the datasource's user) is {other:?}; it must be the read-only role {role}"
+        )),
+    }
+    let migration = read("sql/V7__grafana_reader.sql");
+    if !migration.contains(&format!("CREATE ROLE {role} NOLOGIN")) {
+        problems.push(format!(
+            "sql/V7__grafana_reader.sql does not create the role {role} (NOLOGIN)"
+        ));
+    }
+    let password_var = variable(
+        postgres
+            .get("secureJsonData")
+            .and_then(|j| j.get("password")),
+    );
+    let datasource_password = grafana_raw.get(&password_var).cloned().unwrap_or_default();
+    let migrate_password = tollgate_raw
+        .get("GRAFANA_DB_PASSWORD")
+        .cloned()
+        .unwrap_or_default();
+    if interpolate(&migrate_password).is_empty() {
+        problems.push(format!(
+            "{COMPOSE}: the tollgate service does not set GRAFANA_DB_PASSWORD, so `tollgate migrate` never lets {role} log in"
+        ));
+    }
+    if datasource_password != migrate_password {
+        problems.push(format!(
+            "{COMPOSE}: the datasource's password ({password_var} = {datasource_password}) is not the GRAFANA_DB_PASSWORD the tollgate service migrates with ({migrate_password})"
+        ));
+    }
+    if datasource_password.contains("POSTGRES_PASSWORD") {
+        problems.push(format!(
+            "{COMPOSE}: Grafana must not hold POSTGRES_PASSWORD, the tables' owner's password"
+        ));
+    }
+    assert_no_problems("Grafana's Postgres login", &problems);
 }
 
 /// The variable a Grafana provisioning value reads: `$__env{VAR}`, `${VAR}` or `$VAR`.

@@ -5,8 +5,9 @@
 //! under `promtool` and name only metrics a live gateway exports after some
 //! traffic; every SQL query, with Grafana's macros expanded as its Postgres
 //! datasource expands them, must run on a migrated database holding sample
-//! data and return rows. Each test collects every problem and fails with the
-//! whole list.
+//! data and return rows, logged in as the read-only role the datasource uses
+//! (`tollgate_grafana`, what it may not do is in tests/postgres.rs). Each test
+//! collects every problem and fails with the whole list.
 //!
 //! What this cannot show: that Grafana draws the panels as intended.
 
@@ -848,11 +849,48 @@ INSERT INTO instance_events (at, backend, instance_id, from_state, to_state, rea
          AS e (at, f, t, r, c);
 ";
 
+/// What `tollgate migrate` gives the read-only role here. The test server
+/// trusts local connections, so the login is checked, not the password.
+const GRAFANA_PASSWORD: &str = "dashboards-test-password";
+
+/// Logs in as Grafana's datasource does, once `tollgate migrate` with
+/// GRAFANA_DB_PASSWORD (as in docker-compose.yml) let the role log in.
+async fn login_as_grafana(gateway: &Gateway) -> tokio_postgres::Client {
+    let migrated = gateway
+        .cli(&["migrate"])
+        .env("GRAFANA_DB_PASSWORD", GRAFANA_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let mut config: tokio_postgres::Config = gateway.db.url.parse().unwrap();
+    config
+        .user(tollgate::db::GRAFANA_ROLE)
+        .password(GRAFANA_PASSWORD);
+    let (client, connection) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, tollgate::db::GRAFANA_ROLE);
+    client
+}
+
 #[tokio::test]
-async fn every_sql_query_runs_and_returns_rows_on_a_migrated_database() {
+async fn every_sql_query_runs_as_the_grafana_role_and_returns_rows() {
     let (_sim, gateway) = gateway_with_traffic().await;
-    let db = gateway.db_client().await;
-    db.batch_execute(SAMPLE_DATA).await.unwrap();
+    gateway
+        .db_client()
+        .await
+        .batch_execute(SAMPLE_DATA)
+        .await
+        .unwrap();
+    let db = login_as_grafana(&gateway).await;
     let scrape = Scrape::of(&gateway.metrics_url).await;
     db.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
     let bounds = db
