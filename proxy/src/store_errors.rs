@@ -60,15 +60,18 @@ pub enum RedisOperation {
     Subscribe,
     /// Raising quota counters to the usage log's totals.
     QuotaReconcile,
+    /// Putting this process's copy of an account's counters back into Redis.
+    Restore,
 }
 
 impl RedisOperation {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Admit,
         Self::Settle,
         Self::Publish,
         Self::Subscribe,
         Self::QuotaReconcile,
+        Self::Restore,
     ];
 
     fn as_str(self) -> &'static str {
@@ -78,6 +81,7 @@ impl RedisOperation {
             Self::Publish => "publish",
             Self::Subscribe => "subscribe",
             Self::QuotaReconcile => "quota_reconcile",
+            Self::Restore => "restore",
         }
     }
 }

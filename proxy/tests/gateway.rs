@@ -363,6 +363,7 @@ impl Gateway {
             .env("DATABASE_URL", &self.db.url)
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env_remove("REDIS_URL")
+            .env_remove("GRAFANA_DB_PASSWORD")
             .env("LOG_LEVEL", "warn");
         command
     }
@@ -504,8 +505,10 @@ impl Drop for Gateway {
         self.proc.take();
         let _ = std::fs::remove_file(&self.config);
         let _ = std::fs::remove_dir_all(&self.spool_dir);
-        if let Some(url) = &self.options.redis {
-            delete_redis_keys(url, &self.redis_prefix);
+        // The shared server itself, not the URL the gateway was given (a
+        // test's link, which cannot forward while this drop blocks its runtime).
+        if self.options.redis.is_some() {
+            delete_redis_keys(&redis_url(), &self.redis_prefix);
         }
     }
 }

@@ -377,8 +377,8 @@ async fn ten_thousand_mixed_requests_leave_one_event_each_with_the_backends_tota
     assert_eq!(rolled.get::<_, i64>(1), count(3) + count(4) + count(5));
 }
 
-/// A TCP forwarder to Postgres that the test can cut, as an outage looks
-/// from Tollgate: connections reset, new ones refused.
+/// A TCP forwarder to Postgres (or Redis) that the test can cut, as an
+/// outage looks from Tollgate: connections reset, new ones refused.
 pub(super) struct PostgresLink {
     pub(super) port: u16,
     up: Arc<AtomicBool>,
@@ -388,9 +388,15 @@ pub(super) struct PostgresLink {
 
 impl PostgresLink {
     pub(super) async fn start() -> Self {
-        let target = database_url()
-            .split('@')
+        Self::to(&database_url()).await
+    }
+
+    /// A link to the host and port of `url` (`postgres://…` or `redis://…`).
+    pub(super) async fn to(url: &str) -> Self {
+        let target = url
+            .split("://")
             .nth(1)
+            .map(|rest| rest.rsplit('@').next().unwrap_or(rest))
             .and_then(|rest| rest.split('/').next())
             .unwrap_or("127.0.0.1:5432")
             .to_owned();

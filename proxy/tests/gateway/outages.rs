@@ -167,6 +167,62 @@ async fn reconciliation_goes_on_past_an_account_redis_fails_for() {
     );
 }
 
+/// Before: a Redis restart (its counters gone) gave a capped account its
+/// whole cap again until the next reconciliation, and while Redis could not
+/// be reached the local fallback knew nothing of what had been spent through
+/// Redis: both let an account past its hard cap.
+#[tokio::test]
+async fn caps_hold_through_a_redis_restart_and_a_redis_outage() {
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "0",
+        "--output-tokens",
+        "4",
+    ]);
+    let link = PostgresLink::to(&redis_url()).await;
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            redis: Some(format!("redis://127.0.0.1:{}", link.port)),
+            tiers: Some(
+                "[[tiers]]\nname = \"free\"\npriority = 0\nincluded_units = 30\nhard_cap = true\n\
+                 on_redis_down = \"local\"\n"
+                    .to_owned(),
+            ),
+            // Only the start-up reconciliation: nothing else restores counters.
+            admission: "reconcile_interval = \"1h\"",
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key_on("acme", "free", &[]);
+    let request = chat("hi", 4);
+    let ask = || gateway.post_json(&key, "/v1/chat/completions", &request);
+    // 12 units each: two fit in 30, the third does not.
+    for expected in [200, 200, 429] {
+        assert_eq!(ask().await.0, expected);
+    }
+
+    // Redis restarts empty.
+    delete_redis_keys(&redis_url(), &gateway.redis_prefix);
+    let (status, body) = ask().await;
+    assert_eq!(status, 429, "after the restart: {body}");
+    assert_eq!(error_code(&body), "insufficient_quota");
+
+    // Redis unreachable: the tier falls back to this instance's limits.
+    link.cut().await;
+    let (status, body) = ask().await;
+    assert_eq!(status, 429, "during the outage: {body}");
+    assert_eq!(error_code(&body), "insufficient_quota");
+
+    link.restore();
+    let (status, _) = ask().await;
+    assert_eq!(status, 429, "after the outage");
+    assert_eq!(gateway.units_logged().await, 24);
+}
+
 /// Before: two processes could share a spool directory, interleaving
 /// records in one file and each replaying the other's events.
 #[tokio::test]

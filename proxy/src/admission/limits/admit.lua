@@ -17,7 +17,8 @@
 -- Returns {status, failed rule (0-based) or units granted, retry after µs,
 -- levels...}: status 0 admitted (units granted, levels after charging),
 -- 1 rate limited (levels as they stand), 2 concurrency, 3 month quota,
--- 4 day quota.
+-- 4 day quota, 5 a capped quota whose month is not primed: Redis lost the
+-- account's counters (or never had them), restore.lua must run first.
 
 local month, day, reservations, records = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id = ARGV[1]
@@ -29,6 +30,12 @@ local burst, level_cap = tonumber(ARGV[9]), tonumber(ARGV[10])
 local now = now_us()
 local now_ms = math.floor(now / 1000)
 purge(reservations, records, now_ms)
+
+-- A cap is only as good as the counters: refuse to decide one on counters
+-- Redis may have lost.
+if (month_cap >= 0 or day_cap >= 0) and redis.call('HEXISTS', month, 'primed') == 0 then
+  return {5, 0, 0}
+end
 
 -- Quota: month (hard cap only), then day, then requests in progress. A
 -- capped quota grants the room left under it, refused below the minimum.

@@ -22,8 +22,8 @@ use uuid::Uuid;
 use super::local::LocalLimits;
 use super::redis::RedisLimits;
 use super::{
-    AdmitRequest, LimitStore, Period, Periods, QuotaRule, QuotaState, RateKind, RateRule,
-    Reservation, Scope, Settlement, Verdict, Window, Windows,
+    AdmitRequest, HeldReservation, LimitStore, Period, Periods, QuotaRule, QuotaState, RateKind,
+    RateRule, Reservation, Scope, Settlement, Snapshot, StoreError, Verdict, Window, Windows,
 };
 
 type Store = Arc<dyn LimitStore>;
@@ -164,10 +164,17 @@ struct Account {
 }
 
 impl Account {
-    fn new(store: &Store) -> Self {
+    /// A new account whose counters the store knows (in Redis: primed, as
+    /// the limiter makes them before a capped admission).
+    async fn new(store: &Store) -> Self {
+        let id = Uuid::now_v7();
+        store
+            .restore(id, &periods(), &Snapshot::default())
+            .await
+            .unwrap();
         Self {
             store: store.clone(),
-            id: Uuid::now_v7(),
+            id,
         }
     }
 
@@ -269,7 +276,7 @@ fn assert_remaining(window: Option<Window>, expected: u64, per_minute: u64, star
 }
 
 async fn rpm_admits_a_minutes_worth_then_refuses(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let rpm = [rule(Scope::Key, RateKind::Requests, 60)];
     let start = Instant::now();
@@ -316,7 +323,7 @@ async fn rpm_admits_a_minutes_worth_then_refuses(store: Store) {
 }
 
 async fn token_estimate_is_charged_and_settlement_refunds_the_difference(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let tpm = [rule(Scope::Account, RateKind::Tokens, 150)];
     let (first, windows) = admitted(account.admit(key, &tpm, QuotaRule::default(), 0, 100).await);
@@ -349,7 +356,7 @@ async fn token_estimate_is_charged_and_settlement_refunds_the_difference(store: 
 }
 
 async fn key_rules_and_account_rules_are_independent(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let (key_a, key_b) = (Uuid::now_v7(), Uuid::now_v7());
     let rules = [
         rule(Scope::Key, RateKind::Requests, 2),
@@ -390,7 +397,7 @@ async fn key_rules_and_account_rules_are_independent(store: Store) {
     );
 
     // Another account is untouched by all of this.
-    let other = Account::new(&store);
+    let other = Account::new(&store).await;
     let (_, windows) = admitted(
         other
             .admit(Uuid::now_v7(), &rules, QuotaRule::default(), 0, 0)
@@ -403,7 +410,7 @@ async fn key_rules_and_account_rules_are_independent(store: Store) {
 }
 
 async fn hard_cap_refuses_past_included_units_until_settlement_frees_some(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let quota = hard_cap(50);
     let mut held = Vec::new();
@@ -442,7 +449,7 @@ async fn hard_cap_refuses_past_included_units_until_settlement_frees_some(store:
 }
 
 async fn overage_never_refuses_on_the_month(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let quota = QuotaRule {
         included_units: Some(50),
@@ -456,7 +463,7 @@ async fn overage_never_refuses_on_the_month(store: Store) {
 }
 
 async fn daily_cap_refuses_with_the_day_and_the_month_is_checked_first(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let daily = QuotaRule {
         daily_cap: Some(20),
@@ -486,7 +493,7 @@ async fn daily_cap_refuses_with_the_day_and_the_month_is_checked_first(store: St
 }
 
 async fn max_concurrent_refuses_until_a_reservation_is_settled(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let quota = QuotaRule {
         max_concurrent: Some(2),
@@ -509,7 +516,7 @@ async fn max_concurrent_refuses_until_a_reservation_is_settled(store: Store) {
 }
 
 async fn a_dry_run_refuses_like_an_admission_and_changes_nothing(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let rpm = [rule(Scope::Key, RateKind::Requests, 2)];
     let quota = QuotaRule {
@@ -546,7 +553,7 @@ async fn a_dry_run_refuses_like_an_admission_and_changes_nothing(store: Store) {
 }
 
 async fn refused_requests_change_nothing(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let (key_a, key_b, key_c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let with_key_rule = [
         rule(Scope::Account, RateKind::Requests, 10),
@@ -625,7 +632,7 @@ async fn refused_requests_change_nothing(store: Store) {
 }
 
 async fn unsettled_reservation_lapses_and_frees_its_units(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let quota = QuotaRule {
         max_concurrent: Some(1),
@@ -681,7 +688,7 @@ async fn unsettled_reservation_lapses_and_frees_its_units(store: Store) {
 }
 
 async fn a_replayed_settlement_counts_once(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let (held, _) = admitted(account.admit(key, &[], hard_cap(50), 10, 0).await);
     account.settle(&held, 7, 0).await;
@@ -691,7 +698,7 @@ async fn a_replayed_settlement_counts_once(store: Store) {
 }
 
 async fn a_capped_quota_grants_the_room_left(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let (first, _) = admitted(account.admit(key, &[], hard_cap(50), 40, 0).await);
     assert_eq!(first.units, 40);
@@ -714,7 +721,7 @@ async fn a_capped_quota_grants_the_room_left(store: Store) {
         daily_cap: Some(8),
         ..QuotaRule::default()
     };
-    let other = Account::new(&store);
+    let other = Account::new(&store).await;
     let mut request = other.request(key, &[], daily, 30, 0);
     request.min_units = 3;
     let (granted, _) = admitted(store.admit(&request).await.unwrap());
@@ -731,7 +738,7 @@ async fn a_capped_quota_grants_the_room_left(store: Store) {
 }
 
 async fn a_request_never_forwarded_gets_its_request_charge_back(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let rpm = [rule(Scope::Account, RateKind::Requests, 2)];
     let (first, _) = admitted(account.admit(key, &rpm, QuotaRule::default(), 1, 1).await);
@@ -758,7 +765,7 @@ async fn a_request_never_forwarded_gets_its_request_charge_back(store: Store) {
 }
 
 async fn reconcile_raises_used_but_never_lowers_it(store: Store) {
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let key = Uuid::now_v7();
     let (held, _) = admitted(account.admit(key, &[], QuotaRule::default(), 5, 0).await);
     account.settle(&held, 5, 0).await;
@@ -772,7 +779,7 @@ async fn reconcile_raises_used_but_never_lowers_it(store: Store) {
     assert_eq!((state.month_used, state.day_used), (8, 6));
 
     // An account this store never saw gets the usage log's totals.
-    let other = Account::new(&store);
+    let other = Account::new(&store).await;
     store.reconcile(other.id, &periods(), 7, 1).await.unwrap();
     let state = other.state().await;
     assert_eq!(
@@ -794,7 +801,7 @@ async fn reconcile_raises_used_but_never_lowers_it(store: Store) {
 async fn concurrent_admissions_never_pass_a_hard_cap(store: Store) {
     const REQUESTS: u64 = 1_000;
     const TPM: u64 = 100_000;
-    let account = Account::new(&store);
+    let account = Account::new(&store).await;
     let quota = hard_cap(50);
     let rates = [rule(Scope::Account, RateKind::Tokens, TPM)];
     let start = Instant::now();
@@ -879,7 +886,7 @@ async fn concurrent_admissions_never_pass_a_hard_cap(store: Store) {
 async fn redis_keys_all_expire() {
     with_redis(|store, client, prefix| async move {
         const DAY_MS: i64 = 86_400_000;
-        let account = Account::new(&store);
+        let account = Account::new(&store).await;
         let key = Uuid::now_v7();
         let rules = [
             rule(Scope::Key, RateKind::Requests, 60),
@@ -948,6 +955,58 @@ async fn redis_keys_all_expire() {
             let (key, ttl) = ttl(key).await;
             assert!(ttl > 0, "{key}: ttl {ttl} ms");
         }
+    })
+    .await;
+}
+
+/// Before: Redis restarted empty gave a capped account its whole cap again
+/// until the next reconciliation. Now a capped admission on counters Redis
+/// does not hold as known is refused until they are restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_counters_refuse_a_cap_until_restored() {
+    with_redis(|store, client, prefix| async move {
+        let account = Account::new(&store).await;
+        let key = Uuid::now_v7();
+        let (used, _) = admitted(account.admit(key, &[], hard_cap(100), 10, 0).await);
+        account.settle(&used, 60, 0).await;
+        let (live, _) = admitted(account.admit(key, &[], hard_cap(100), 10, 0).await);
+
+        // A restart with no persistence: every key is gone.
+        delete_keys(&client, &prefix).await;
+        let request = account.request(key, &[], hard_cap(100), 10, 0);
+        assert!(matches!(
+            store.admit(&request).await,
+            Err(StoreError::Unprimed)
+        ));
+
+        let known = Snapshot {
+            month_used: 60,
+            day_used: 60,
+            reservations: vec![HeldReservation {
+                id: live.id,
+                units: 10,
+                remaining: Duration::from_secs(60),
+            }],
+        };
+        for _ in 0..2 {
+            // Restoring twice puts nothing back twice.
+            store.restore(account.id, &periods(), &known).await.unwrap();
+            let state = account.state().await;
+            assert_eq!(
+                (state.month_used, state.month_reserved, state.in_progress),
+                (60, 10, 1)
+            );
+        }
+        // 30 of 100 left.
+        assert!(matches!(
+            account.admit(key, &[], hard_cap(100), 31, 0).await,
+            Verdict::QuotaExhausted { .. }
+        ));
+        admitted(account.admit(key, &[], hard_cap(100), 30, 0).await);
+        // The restored reservation settles as if it had never left.
+        account.settle(&live, 5, 0).await;
+        let state = account.state().await;
+        assert_eq!((state.month_used, state.month_reserved), (65, 30));
     })
     .await;
 }

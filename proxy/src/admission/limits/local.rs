@@ -6,6 +6,12 @@
 //! check-then-charge is cheap and makes each call all or nothing, as the
 //! Redis scripts are.
 //!
+//! With Redis, this store is also the process's copy of what it did there:
+//! every reservation made in Redis is held here too ([`LocalLimits::hold`])
+//! and every settlement lands here as well, so when Redis fails this store
+//! knows the account's usage, and when Redis comes back empty the limiter
+//! puts this copy back ([`LocalLimits::snapshot`]).
+//!
 //! Time is microseconds on this process's monotonic clock. Old state is
 //! dropped lazily: lapsed reservations when their account is next touched,
 //! other periods' counters once nothing is reserved in them, and, in sweeps
@@ -19,8 +25,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    AdmitRequest, LimitStore, Period, Periods, QuotaState, RateKind, RateRule, Reservation, Scope,
-    Settlement, StoreError, Verdict, gcra,
+    AdmitRequest, HeldReservation, LimitStore, Period, Periods, QuotaState, RateKind, RateRule,
+    Reservation, Scope, Settlement, Snapshot, StoreError, Verdict, gcra,
 };
 
 /// Maps are swept when they have doubled since the last sweep, and never
@@ -52,6 +58,61 @@ impl LocalLimits {
                 sweep_tats_at: SWEEP_MIN_LEN,
                 sweep_accounts_at: SWEEP_MIN_LEN,
             }),
+        }
+    }
+
+    /// Holds a reservation another store (Redis) granted, as if granted
+    /// here: its units count as reserved in its periods until it is settled
+    /// here too or lapses after `ttl`.
+    pub fn hold(&self, reservation: &Reservation, ttl: std::time::Duration) {
+        let now = self.clock.now_us();
+        let ttl = u64::try_from(ttl.as_micros()).unwrap_or(u64::MAX);
+        let mut state = self.lock();
+        let account = state.accounts.entry(reservation.account).or_default();
+        account.purge(now);
+        account.end(reservation.id);
+        for (map, period) in [
+            (&mut account.months, &reservation.periods.month),
+            (&mut account.days, &reservation.periods.day),
+        ] {
+            let counter = map.entry(period.clone()).or_default();
+            counter.reserved = counter.reserved.saturating_add(reservation.units);
+        }
+        account.hold(
+            reservation.id,
+            Live {
+                expires_at: now.saturating_add(ttl),
+                month: reservation.periods.month.clone(),
+                day: reservation.periods.day.clone(),
+                units: reservation.units,
+            },
+        );
+    }
+
+    /// What this store knows of `account` in `periods`: `used`, and the live
+    /// reservations made in them.
+    pub fn snapshot(&self, account: Uuid, periods: &Periods) -> Snapshot {
+        let now = self.clock.now_us();
+        let mut state = self.lock();
+        let Some(account) = state.accounts.get_mut(&account) else {
+            return Snapshot::default();
+        };
+        account.purge(now);
+        Snapshot {
+            month_used: Account::counter(&account.months, &periods.month).used,
+            day_used: Account::counter(&account.days, &periods.day).used,
+            reservations: account
+                .live
+                .iter()
+                .filter(|(_, live)| live.month == periods.month && live.day == periods.day)
+                .map(|(&id, live)| HeldReservation {
+                    id,
+                    units: live.units,
+                    remaining: std::time::Duration::from_micros(
+                        live.expires_at.saturating_sub(now),
+                    ),
+                })
+                .collect(),
         }
     }
 
@@ -438,6 +499,11 @@ impl LimitStore for LocalLimits {
     ) -> Result<QuotaState, StoreError> {
         let now = self.clock.now_us();
         Ok(self.lock().quota_state(now, account, periods))
+    }
+
+    /// This process's own state is never lost while it runs.
+    async fn restore(&self, _: Uuid, _: &Periods, _: &Snapshot) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

@@ -36,6 +36,11 @@
 //!   in the order given; the first that fails is reported.
 //! - **Dry runs** (`dry_run`) check the same way and change nothing: the
 //!   gateway asks one with no tokens before counting a prompt.
+//! - **Caps need known counters.** Redis can lose an account's counters (a
+//!   restart with no persistence, a flush); deciding a cap on zeros would
+//!   grant free usage. A capped admission on counters Redis does not hold as
+//!   known fails with [`StoreError::Unprimed`]; the limiter then
+//!   [restores](LimitStore::restore) them from its own copy and asks again.
 
 #[cfg(test)]
 mod conformance;
@@ -215,6 +220,15 @@ pub enum StoreError {
     Protocol(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The store lost the account's counters (a Redis restart or flush), or
+    /// never had them: [`LimitStore::restore`] must put them back before a
+    /// cap can be decided there.
+    #[error("the account's counters are not known here; restore them first")]
+    Unprimed,
+    /// Nothing to restore from yet: this process has not read the usage
+    /// log's totals since it started.
+    #[error("this process has not reconciled with the usage log yet")]
+    NotReconciled,
 }
 
 #[async_trait]
@@ -239,4 +253,34 @@ pub trait LimitStore: Send + Sync {
 
     async fn quota_state(&self, account: Uuid, periods: &Periods)
     -> Result<QuotaState, StoreError>;
+
+    /// Puts back what `known` says of an account's counters in `periods`:
+    /// raises `used` to its figures, adds the reservations it holds that the
+    /// store lacks, and marks the account's counters known again, which a
+    /// capped admission requires. A store that never loses state (this
+    /// process's own) has nothing to do.
+    async fn restore(
+        &self,
+        account: Uuid,
+        periods: &Periods,
+        known: &Snapshot,
+    ) -> Result<(), StoreError>;
+}
+
+/// What this process knows of one account's counters in some periods.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub month_used: u64,
+    pub day_used: u64,
+    /// Live reservations made in those periods.
+    pub reservations: Vec<HeldReservation>,
+}
+
+/// A live reservation as a snapshot carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldReservation {
+    pub id: Uuid,
+    pub units: u64,
+    /// Until it lapses.
+    pub remaining: Duration,
 }

@@ -14,7 +14,7 @@
 //! |---|---|---|---|
 //! | `P:{A}:rate:key:<key id>:rpm` / `:tpm` | string | a key's GCRA TAT, µs | when full again, + 1 s |
 //! | `P:{A}:rate:acct:rpm` / `:tpm` | string | the account's GCRA TAT | same |
-//! | `P:{A}:q:m:<month>` | hash | `used`, `reserved` units | 40 days after the last write |
+//! | `P:{A}:q:m:<month>` | hash | `used`, `reserved` units; `primed` once its counters are known (restore.lua) | 40 days after the last write |
 //! | `P:{A}:q:d:<day>` | hash | `used`, `reserved` units | 3 days after the last write |
 //! | `P:{A}:res` | zset | live reservation ids, scored by expiry (ms) | with the month hash |
 //! | `P:{A}:resv` | hash | reservation id → units and the period keys to give them back to | same |
@@ -34,7 +34,7 @@ use uuid::Uuid;
 use super::local::reservation;
 use super::{
     AdmitRequest, LimitStore, Period, Periods, QuotaState, RateKind, RateRule, Reservation, Scope,
-    Settlement, StoreError, Verdict, gcra,
+    Settlement, Snapshot, StoreError, Verdict, gcra,
 };
 
 /// A month hash lives past its month for late settlements and for
@@ -61,6 +61,7 @@ pub struct RedisLimits {
     settle: Script,
     reconcile: Script,
     state: Script,
+    restore: Script,
 }
 
 impl RedisLimits {
@@ -76,6 +77,7 @@ impl RedisLimits {
             settle: with_common(include_str!("settle.lua")),
             reconcile: Script::from_lua(include_str!("reconcile.lua")),
             state: with_common(include_str!("state.lua")),
+            restore: with_common(include_str!("restore.lua")),
         }
     }
 
@@ -245,6 +247,7 @@ impl LimitStore for RedisLimits {
             4 => Verdict::QuotaExhausted {
                 period: Period::Day,
             },
+            5 => return Err(StoreError::Unprimed),
             _ => return Err(unexpected()),
         })
     }
@@ -296,6 +299,28 @@ impl LimitStore for RedisLimits {
             millis(DAY_TTL),
         ];
         self.call(&self.reconcile, keys, args, self.timeout).await?;
+        Ok(())
+    }
+
+    async fn restore(
+        &self,
+        account: Uuid,
+        periods: &Periods,
+        known: &Snapshot,
+    ) -> Result<(), StoreError> {
+        let keys = self.quota_keys(account, periods);
+        let mut args = vec![
+            int(known.month_used),
+            int(known.day_used),
+            millis(MONTH_TTL),
+            millis(DAY_TTL),
+        ];
+        for held in &known.reservations {
+            args.push(Value::from(held.id.to_string()));
+            args.push(int(held.units));
+            args.push(millis(held.remaining));
+        }
+        self.call(&self.restore, keys, args, self.timeout).await?;
         Ok(())
     }
 
