@@ -28,6 +28,8 @@ async fn a_json_answer_over_16_mib_is_billed_from_its_usage() {
         "0",
         "--output-tokens",
         &TOKENS.to_string(),
+        "--max-request-tokens",
+        &(2 * TOKENS).to_string(),
     ]);
     let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
     let key = gateway.create_key("acme", &[]);
@@ -210,5 +212,221 @@ async fn usage_tollgate_computed_for_a_triton_backend_is_recorded_as_counted() {
         let event = gateway.event_of(id).await;
         assert_eq!(event.usage_source, "counted", "{id}");
         assert_eq!(event.completion_tokens, 4, "{id}");
+    }
+}
+
+/// A capped tier of `units` units (a token each).
+fn capped(units: u64) -> Option<String> {
+    Some(format!(
+        "[[tiers]]\nname = \"free\"\npriority = 0\nincluded_units = {units}\nhard_cap = true\n"
+    ))
+}
+
+/// Before: a completions request with a prompt array reserved `n` answers
+/// where the backend generated `n` per prompt, so three prompts × two
+/// choices spent three times what was reserved, past the hard cap.
+#[tokio::test]
+async fn completions_with_a_prompt_array_reserve_and_cap_for_every_prompt_and_choice() {
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "0",
+        "--output-tokens",
+        "50",
+    ]);
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            tiers: capped(200),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key_on("acme", "free", &[]);
+    let body =
+        json!({"model": "sim-model", "prompt": ["one", "two", "three"], "n": 2, "max_tokens": 50});
+    let response = gateway
+        .post_with_id(&key, "/v1/completions", &body, "array")
+        .await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let choices = answer["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 6, "every prompt gets both choices");
+    let event = gateway.event_of("array").await;
+    // 3 prompt tokens and six answers, shortened to fit the 200 units.
+    assert!(
+        event.units <= 200,
+        "billed {} units of a 200 cap",
+        event.units
+    );
+    assert_eq!(event.prompt_tokens, 3);
+    let recount: i64 = choices
+        .iter()
+        .map(|c| cl100k(c["text"].as_str().unwrap()) as i64)
+        .sum();
+    assert_eq!(event.completion_tokens, recount);
+    assert_eq!(gateway.units_logged().await, event.units);
+}
+
+/// Before: `max_completion_tokens` was read as the limit of a legacy
+/// completion, which backends ignore there: the reservation covered two
+/// tokens and the backend generated its default, past the cap.
+#[tokio::test]
+async fn a_legacy_completion_is_capped_in_the_field_its_backend_honours() {
+    let sim = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "0"]);
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            tiers: capped(30),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key_on("acme", "free", &[]);
+    let body = json!({"model": "sim-model", "prompt": "hi", "max_completion_tokens": 2});
+    for _ in 0..4 {
+        let (status, answer) = gateway.post_json(&key, "/v1/completions", &body).await;
+        assert!(matches!(status, 200 | 429), "{answer}");
+    }
+    eventually("every answered request is logged", || async {
+        gateway
+            .usage_events()
+            .await
+            .iter()
+            .all(|e| e.status != "ok" || e.units > 0)
+    })
+    .await;
+    let used = gateway.units_logged().await;
+    assert!(used <= 30, "{used} units billed under a 30-unit hard cap");
+
+    let both = json!({"model": "sim-model", "messages": [{"role": "user", "content": "hi"}],
+                      "max_completion_tokens": 1, "max_tokens": 500});
+    let (status, answer) = gateway.post_json(&key, "/v1/chat/completions", &both).await;
+    assert_eq!(status, 400);
+    assert_eq!(answer["error"]["param"], "max_completion_tokens");
+}
+
+/// Before: without a usage report, the text of several choices was counted
+/// as one interleaved string, which tokenizes differently from the choices
+/// it was made of.
+#[tokio::test]
+async fn several_choices_without_usage_are_counted_choice_by_choice() {
+    let sim = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "0", "--no-usage"]);
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let mut body = chat("tell me more", 40);
+    body["n"] = json!(3);
+    for (id, body) in [("whole", body.clone()), ("stream", streamed(body))] {
+        let response = gateway
+            .post_with_id(&key, "/v1/chat/completions", &body, id)
+            .await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        let mut by_choice = std::collections::BTreeMap::<u64, String>::new();
+        if id == "stream" {
+            for data in sse_data(&text).iter().filter(|d| *d != "[DONE]") {
+                let chunk: Value = serde_json::from_str(data).unwrap();
+                for choice in chunk["choices"].as_array().into_iter().flatten() {
+                    let piece = choice["delta"]["content"].as_str().unwrap_or("");
+                    by_choice
+                        .entry(choice["index"].as_u64().unwrap())
+                        .or_default()
+                        .push_str(piece);
+                }
+            }
+        } else {
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            for choice in answer["choices"].as_array().unwrap() {
+                by_choice.insert(
+                    choice["index"].as_u64().unwrap(),
+                    choice["message"]["content"].as_str().unwrap().to_owned(),
+                );
+            }
+        }
+        assert_eq!(by_choice.len(), 3);
+        let recount: i64 = by_choice.values().map(|t| cl100k(t) as i64).sum();
+        let event = gateway.event_of(id).await;
+        assert_eq!(event.usage_source, "counted", "{id}");
+        assert_eq!(event.completion_tokens, recount, "{id}");
+    }
+}
+
+/// Embeddings of an array, tool calls and logprobs are reserved and billed
+/// as any request: the backend's figures, the prompt counted with the tools,
+/// and no logprob tokens taken for generated text.
+#[tokio::test]
+async fn embeddings_arrays_tool_calls_and_logprobs_are_billed_like_any_request() {
+    let sim = Sim::fast();
+    let bare = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "0", "--no-usage"]);
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let without_usage = Gateway::start(&[BackendSpec::new(&bare.url)], Options::default()).await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "The weather in a city", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let requests = [
+        (
+            "embeddings",
+            "/v1/embeddings",
+            json!({"model": "sim-model", "input": ["first text", "second, longer text", "third"]}),
+        ),
+        (
+            "tools",
+            "/v1/chat/completions",
+            json!({"model": "sim-model", "messages": [{"role": "user", "content": "weather in Oslo?"}],
+                "tools": tools, "tool_choice": "required", "max_tokens": 30}),
+        ),
+        (
+            "logprobs",
+            "/v1/chat/completions",
+            json!({"model": "sim-model", "messages": [{"role": "user", "content": "hi"}],
+                "logprobs": true, "top_logprobs": 3, "max_tokens": 12}),
+        ),
+    ];
+    for (id, path, body) in &requests {
+        let key = gateway.create_key("acme", &[]);
+        let response = gateway.post_with_id(&key, path, body, id).await;
+        assert_eq!(response.status(), 200, "{id}");
+        let answer: Value = response.json().await.unwrap();
+        let event = gateway.event_of(id).await;
+        assert_eq!(event.usage_source, "backend", "{id}");
+        assert_eq!(
+            event.prompt_tokens,
+            answer["usage"]["prompt_tokens"].as_i64().unwrap(),
+            "{id}"
+        );
+        // Tollgate's own prompt count, tools included, agrees with the backend's.
+        assert_eq!(
+            event.counted_prompt_tokens,
+            Some(event.prompt_tokens),
+            "{id}"
+        );
+        assert_eq!(
+            event.completion_tokens,
+            answer["usage"]["completion_tokens"].as_i64().unwrap_or(0),
+            "{id}"
+        );
+    }
+    // Without usage, only generated text is counted: the tool call's
+    // arguments, the message's content, never the logprobs' tokens.
+    for (id, path, body) in &requests[1..] {
+        let key = without_usage.create_key("acme", &[]);
+        let response = without_usage.post_with_id(&key, path, body, id).await;
+        let answer: Value = response.json().await.unwrap();
+        let message = &answer["choices"][0]["message"];
+        let generated = format!(
+            "{}{}",
+            message["content"].as_str().unwrap_or(""),
+            message["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap_or("")
+        );
+        let event = without_usage.event_of(id).await;
+        assert_eq!(event.usage_source, "counted", "{id}");
+        let name = message["tool_calls"][0]["function"]["name"]
+            .as_str()
+            .unwrap_or("");
+        let recount = cl100k(&format!("{name}{generated}")) as i64;
+        assert_eq!(event.completion_tokens, recount, "{id}: {answer}");
     }
 }

@@ -163,6 +163,7 @@ async fn racing_first_lookups_of_a_key_count_one_miss_and_the_rest_hits() {
         vec![
             (labels(&[("result", "hit")]), 49.0),
             (labels(&[("result", "miss")]), 1.0),
+            (labels(&[("result", "stale")]), 0.0),
         ]
     );
 }
@@ -368,6 +369,7 @@ async fn every_metric_family_is_exported_with_bounded_labels() {
         sorted(vec![
             (labels(&[("result", "hit")]), 1.0),
             (labels(&[("result", "miss")]), 1.0),
+            (labels(&[("result", "stale")]), 0.0),
         ])
     );
     assert_eq!(
