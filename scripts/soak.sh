@@ -288,9 +288,8 @@ url = "$DATABASE"
 url = "redis://127.0.0.1:$REDIS_PORT"
 [metering]
 spool_dir = "$RUN_DIR/spool"
-# A batch is written 1 s after its first event (default 200 ms): an event spends
-# longer in memory only, so a SIGKILL that loses in-memory events is caught in
-# every run rather than one in several. Durable events make this irrelevant.
+# A batch is written 1 s after its first event (default 200 ms): every SIGKILL
+# then finds events not yet in Postgres, which only the journal brings back.
 flush_interval = "1s"
 
 # Hard-capped, and refused while Redis is down (the default for a free tier).
