@@ -86,9 +86,13 @@ fn recording(c: &mut Criterion) {
                     write_timeout: Duration::from_secs(5),
                     journal_sync_interval: Duration::from_secs(60),
                 };
-                let pool = deadpool_postgres::Config::new()
-                    .create_pool(None, tokio_postgres::NoTls)
-                    .unwrap();
+                // Never connected to: no writer runs.
+                let pool = deadpool_postgres::Config {
+                    dbname: Some("unused".to_owned()),
+                    ..deadpool_postgres::Config::new()
+                }
+                .create_pool(None, tokio_postgres::NoTls)
+                .unwrap();
                 let (sink, writer) = writer::channel(
                     pool,
                     spool,

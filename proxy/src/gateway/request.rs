@@ -125,22 +125,20 @@ pub struct InferenceRequest {
 }
 
 impl InferenceRequest {
-    /// Sets the completion limit in the body sent upstream: in every limit
-    /// field the client sent (both hold one value, see [`completion_limit`]),
-    /// or in `max_tokens`, which every backend honours, when it sent none.
+    /// Sets the completion limit in the body sent upstream: in `max_tokens`,
+    /// which every backend reads (legacy completions read nothing else), and
+    /// in `max_completion_tokens` too when the client sent it (chat backends
+    /// read it first).
     pub fn set_max_tokens(&mut self, max_tokens: u64) {
         let Some(fields) = self.json.as_object_mut() else {
             return;
         };
-        let mut named = false;
-        for name in LIMIT_FIELDS {
-            if let Some(value) = fields.get_mut(name).filter(|v| !v.is_null()) {
-                *value = Value::from(max_tokens);
-                named = true;
-            }
-        }
-        if !named {
-            fields.insert("max_tokens".to_owned(), Value::from(max_tokens));
+        fields.insert("max_tokens".to_owned(), Value::from(max_tokens));
+        if let Some(value) = fields
+            .get_mut("max_completion_tokens")
+            .filter(|v| !v.is_null())
+        {
+            *value = Value::from(max_tokens);
         }
         if let Ok(body) = serde_json::to_vec(&self.json) {
             self.upstream_body = Bytes::from(body);
@@ -494,8 +492,10 @@ mod tests {
         }
     }
 
+    /// Before: the capped limit went only into the field the client used,
+    /// and a legacy completion's backend ignores `max_completion_tokens`.
     #[test]
-    fn the_limit_is_written_into_every_field_the_client_used() {
+    fn the_limit_is_written_where_every_backend_reads_it() {
         let mut both = parse_str(
             Endpoint::ChatCompletions,
             r#"{"model":"m","messages":[{}],"max_completion_tokens":50,"max_tokens":50}"#,
@@ -510,10 +510,15 @@ mod tests {
             ),
             (Some(3), Some(3))
         );
-        let mut none = parse_str(Endpoint::Completions, r#"{"model":"m","prompt":"p"}"#).unwrap();
-        none.set_max_tokens(4);
-        let sent: Value = serde_json::from_slice(&none.upstream_body).unwrap();
-        assert_eq!(sent["max_tokens"], 4);
+        for body in [
+            r#"{"model":"m","prompt":"p"}"#,
+            r#"{"model":"m","prompt":"p","max_completion_tokens":9}"#,
+        ] {
+            let mut completion = parse_str(Endpoint::Completions, body).unwrap();
+            completion.set_max_tokens(4);
+            let sent: Value = serde_json::from_slice(&completion.upstream_body).unwrap();
+            assert_eq!(sent["max_tokens"], 4, "{body}");
+        }
     }
 
     /// Before: a prompt array counted as one prompt, so `n` answers were

@@ -289,12 +289,8 @@ async fn a_legacy_completion_is_capped_in_the_field_its_backend_honours() {
         let (status, answer) = gateway.post_json(&key, "/v1/completions", &body).await;
         assert!(matches!(status, 200 | 429), "{answer}");
     }
-    eventually("every answered request is logged", || async {
-        gateway
-            .usage_events()
-            .await
-            .iter()
-            .all(|e| e.status != "ok" || e.units > 0)
+    eventually("every request is logged", || async {
+        gateway.usage_events().await.len() == 4
     })
     .await;
     let used = gateway.units_logged().await;
@@ -307,9 +303,10 @@ async fn a_legacy_completion_is_capped_in_the_field_its_backend_honours() {
     assert_eq!(answer["error"]["param"], "max_completion_tokens");
 }
 
-/// Before: without a usage report, the text of several choices was counted
-/// as one interleaved string, which tokenizes differently from the choices
-/// it was made of.
+/// Without a usage report, each choice's text is counted apart (tokens never
+/// span two choices), streamed or not. (gpu-sim's words are space-led, so
+/// counting them joined gave the same figure: this pins the per-choice count,
+/// it did not fail before.)
 #[tokio::test]
 async fn several_choices_without_usage_are_counted_choice_by_choice() {
     let sim = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "0", "--no-usage"]);
