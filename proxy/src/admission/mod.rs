@@ -115,7 +115,7 @@ pub struct Estimate {
     pub sequences: u64,
     /// False for embeddings, which generate nothing.
     pub generates: bool,
-    /// Tokens in one unit of quota ([`crate::gateway::usage::UnitSizes`]).
+    /// Tokens in one unit of quota ([`crate::metering::request::UnitSizes`]).
     pub tokens_per_unit: u64,
 }
 
@@ -278,25 +278,15 @@ impl Admission {
         }
         let now = SystemTime::now();
         let request = AdmitRequest {
-            account: key.account_id,
-            key: key.key_id,
             reservation_id,
-            rates: plan.rates.clone(),
-            quota: plan.quota,
             estimate_tokens: tokens,
             estimate_units: units(tokens, per_unit),
             // The prompt and a token per choice: a capped quota with less room
             // refuses; with more, the answer is shortened to fit.
             min_units: units(estimate.prompt_tokens.saturating_add(least), per_unit),
-            periods: periods::periods(now, key.billing_period),
-            reservation_ttl: self.config.reservation_ttl,
-            dry_run: false,
+            ..self.costing_nothing(plan, key, now)
         };
-        let (verdict, store) = self
-            .limiter
-            .admit(&plan.tier.name, plan.tier.on_redis_down, &request)
-            .await
-            .map_err(|_| self.refuse(plan, "limiter_unavailable", ApiError::LimiterUnavailable))?;
+        let (verdict, store) = self.ask(plan, &request).await?;
         match verdict {
             Verdict::Admitted {
                 reservation,
@@ -337,6 +327,20 @@ impl Admission {
         }
         let now = SystemTime::now();
         let request = AdmitRequest {
+            dry_run: true,
+            ..self.costing_nothing(plan, key, now)
+        };
+        let (verdict, _) = self.ask(plan, &request).await?;
+        match verdict {
+            Verdict::Admitted { .. } => Ok(()),
+            refused => Err(self.refusal(plan, refused, now, key)),
+        }
+    }
+
+    /// An admission of `key` on `plan` at `now` that costs nothing and needs
+    /// one unit of room: callers set what theirs costs.
+    fn costing_nothing(&self, plan: &Plan, key: &KeyRecord, now: SystemTime) -> AdmitRequest {
+        AdmitRequest {
             account: key.account_id,
             key: key.key_id,
             reservation_id: Uuid::nil(),
@@ -347,17 +351,20 @@ impl Admission {
             min_units: 1,
             periods: periods::periods(now, key.billing_period),
             reservation_ttl: self.config.reservation_ttl,
-            dry_run: true,
-        };
-        let (verdict, _) = self
-            .limiter
-            .admit(&plan.tier.name, plan.tier.on_redis_down, &request)
-            .await
-            .map_err(|_| self.refuse(plan, "limiter_unavailable", ApiError::LimiterUnavailable))?;
-        match verdict {
-            Verdict::Admitted { .. } => Ok(()),
-            refused => Err(self.refusal(plan, refused, now, key)),
+            dry_run: false,
         }
+    }
+
+    /// The limiter's verdict, or the refusal when it cannot give one.
+    async fn ask(
+        &self,
+        plan: &Plan,
+        request: &AdmitRequest,
+    ) -> Result<(Verdict, StoreKind), Refusal> {
+        self.limiter
+            .admit(&plan.tier.name, plan.tier.on_redis_down, request)
+            .await
+            .map_err(|_| self.refuse(plan, "limiter_unavailable", ApiError::LimiterUnavailable))
     }
 
     /// The answer to a verdict that refused.

@@ -133,7 +133,6 @@ async fn reconciliation_goes_on_past_an_account_redis_fails_for() {
         gateway.usage_events().await.len() == names.len()
     })
     .await;
-    delete_redis_keys(&redis_url(), &gateway.redis_prefix);
     // The broken account's month counter is a string: reconciling it fails
     // with WRONGTYPE.
     let month: String = gateway
@@ -150,6 +149,15 @@ async fn reconciliation_goes_on_past_an_account_redis_fails_for() {
         .status()
         .unwrap();
     assert!(set.success());
+    // Then the others lose their counters: every pass from here on meets the
+    // broken account first, so restoring the others proves reconciliation
+    // went on past it.
+    for &account in &accounts[1..] {
+        delete_redis_keys(
+            &redis_url(),
+            &format!("{}:{{{account}}}", gateway.redis_prefix),
+        );
+    }
     for &account in &accounts[1..] {
         eventually("every other account's counters are restored", || async {
             gateway.quota_state(account).await.month_used > 0
