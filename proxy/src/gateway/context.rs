@@ -10,12 +10,12 @@ use tollgate_backends::routing::{BackendId, Lease};
 use super::metrics::ModelLabel;
 use super::request::{Endpoint, InferenceRequest};
 use super::triton::TritonCall;
-use super::usage::RequestUsage;
 use crate::admission::Ticket;
 use crate::admission::limits::Windows;
 use crate::admission::queue::Slot;
 use crate::error::ApiError;
 use crate::keys::store::KeyRecord;
+use crate::metering::request::RequestUsage;
 
 pub struct RequestContext {
     pub started: Instant,

@@ -18,7 +18,7 @@
 //!   otherwise an OpenAI error, or an SSE error event when a stream was
 //!   already under way.
 //! - `response_body_filter`: watch the answer for usage and generated text
-//!   (see [`usage`]); drop the usage chunk we asked for on the client's behalf.
+//!   (see [`crate::metering::request`]); drop the usage chunk we asked for on the client's behalf.
 //! - `logging`: release the GPU slot, one usage event per metered request
 //!   handed to the writer without waiting, settle the quota reservation;
 //!   the request metrics (see [`metrics`]) and one log line per request.
@@ -26,11 +26,11 @@
 pub mod context;
 pub mod metrics;
 pub mod request;
+pub mod routes;
 pub mod triton;
-pub mod usage;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -43,15 +43,14 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 use serde_json::json;
 use tollgate_backends::balance::RequestFacts;
-use tollgate_backends::fleet::state::InstanceState;
 use tollgate_backends::protocol::Protocol;
 use tollgate_backends::routing::{Outcome, UpstreamSelector};
 
 use self::context::{InFlight, RequestContext};
 use self::metrics::{Observation, RequestMetrics};
-use self::request::{BodyError, Endpoint, Route, read_body};
+use self::request::{BodyError, Endpoint, read_body};
+use self::routes::Route;
 use self::triton::TritonCall;
-use self::usage::{FinishedRequest, Metered, Metering};
 use crate::admission::headers::{rate_limit_headers, retry_after};
 use crate::admission::queue::Slot;
 use crate::admission::{Admission, Estimate, Refusal};
@@ -59,9 +58,8 @@ use crate::billing::{BillingSessions, StripeWebhooks};
 use crate::config::UpstreamTimeouts;
 use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
-use crate::keys::store::KeyRecord;
+use crate::metering::request::{FinishedRequest, Metered, Metering};
 use crate::readiness::PostgresReadiness;
-use crate::usage_api::{self, UsageQuery};
 
 pub const REQUEST_ID: &str = "x-request-id";
 /// How long the request waited for a GPU slot, in milliseconds.
@@ -77,10 +75,6 @@ const UNTRANSLATABLE: &str = "untranslatable";
 /// How long a refused upload is read and dropped before the connection closes
 /// (nginx's `lingering_time` plays this role there).
 const UPLOAD_DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Stripe's event payloads are a few KiB, and far below this; a bigger body
-/// is refused before its signature is checked (HMAC over a body of any size
-/// is work anyone could make us do).
-const STRIPE_WEBHOOK_MAX_BYTES: usize = 256 * 1024;
 /// Pooled upstream connections idle longer than this are not reused: below
 /// uvicorn's 5 s keep-alive (vLLM, SGLang), so a POST never lands on a
 /// connection the backend is closing (Pingora does not retry POSTs).
@@ -146,7 +140,7 @@ impl Gateway {
     async fn admit(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<(), Stop> {
         let header = session.req_header();
         request::check_header_size(header)?;
-        let route = request::route(&header.method, header.uri.path())?;
+        let route = routes::route(&header.method, header.uri.path())?;
         let endpoint = match route {
             Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
             Route::StripeWebhook => return Err(self.stripe_webhook(session).await),
@@ -246,45 +240,6 @@ impl Gateway {
         }))
     }
 
-    /// `POST /stripe/webhook`; 404 when billing has no webhook secret.
-    async fn stripe_webhook(&self, session: &mut Session) -> Stop {
-        let Some(webhooks) = &self.stripe_webhooks else {
-            return unknown_route(session.req_header()).into();
-        };
-        let signature = session
-            .req_header()
-            .headers
-            .get("stripe-signature")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = match read_body(session, STRIPE_WEBHOOK_MAX_BYTES).await {
-            Ok(body) => body,
-            Err(e) => return e.into(),
-        };
-        let (status, answer) = webhooks
-            .handle(&self.pool, &self.keys, signature.as_deref(), &body)
-            .await;
-        Stop::Answer(status, answer)
-    }
-
-    /// `POST /v1/billing/checkout|portal` for the key's own account.
-    async fn billing_session(
-        &self,
-        route: Route,
-        session: &mut Session,
-        key: &KeyRecord,
-    ) -> Result<serde_json::Value, Stop> {
-        let Some(sessions) = &self.billing_sessions else {
-            return Err(unknown_route(session.req_header()).into());
-        };
-        let body = read_body(session, self.max_body_bytes).await?;
-        Ok(if route == Route::BillingCheckout {
-            sessions.checkout_json(key.account_id, &body).await?
-        } else {
-            sessions.portal_json(key.account_id, &body).await?
-        })
-    }
-
     /// The request in Triton's generate protocol, for this attempt.
     fn triton_call(&self, ctx: &RequestContext) -> Result<TritonCall, ApiError> {
         let (Some(request), Some(usage)) = (&ctx.request, &ctx.usage) else {
@@ -298,70 +253,6 @@ impl Gateway {
             usage.counted_prompt().unwrap_or(0),
             self.metering.encoding_for(&request.model),
         )
-    }
-
-    /// `/v1/usage`: usage totals of the key's own account.
-    async fn own_usage(
-        &self,
-        header: &RequestHeader,
-        key: &KeyRecord,
-    ) -> Result<serde_json::Value, ApiError> {
-        let query = UsageQuery::parse(header.uri.query())?;
-        if query.account.is_some() {
-            return Err(ApiError::bad_request(
-                "`account` is not a parameter here: a key reads its own account's usage.",
-                Some("account"),
-            ));
-        }
-        usage_api::totals(&self.pool, Some(key.account_id), &query).await
-    }
-
-    /// `/v1/models`: the models this key may use, in OpenAI's list shape.
-    fn model_list(&self, key: &KeyRecord) -> serde_json::Value {
-        let data: Vec<_> = self
-            .models
-            .iter()
-            .filter(|m| key.allows_model(m))
-            .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "tollgate"}))
-            .collect();
-        json!({"object": "list", "data": data})
-    }
-
-    /// `/readyz`: Postgres answered within the last second (a check made in
-    /// the background, see [`crate::readiness`]) and at least one backend
-    /// routable or on its way (a scaled-to-zero fleet serves by waking an
-    /// instance); also reports whether revocations fan out through Redis
-    /// (informative: without it revocations still land within the key cache
-    /// TTL).
-    fn readiness(&self) -> Stop {
-        let postgres = self.readiness.reachable();
-        let backends = self.selector.statuses().iter().any(|b| {
-            b.routable
-                || matches!(
-                    b.state,
-                    InstanceState::Cold
-                        | InstanceState::Warm
-                        | InstanceState::Provisioning
-                        | InstanceState::Starting
-                )
-        });
-        let status = if postgres && backends { 200 } else { 503 };
-        let fanout = match &self.revocation_fanout {
-            None => "off",
-            Some(up) if up.load(Ordering::Relaxed) => "subscribed",
-            Some(_) => "connecting",
-        };
-        Stop::Answer(
-            status,
-            json!({"postgres": postgres, "backends": backends, "revocation_fanout": fanout}),
-        )
-    }
-}
-
-fn unknown_route(header: &RequestHeader) -> ApiError {
-    ApiError::UnknownRoute {
-        method: header.method.to_string(),
-        path: header.uri.path().to_owned(),
     }
 }
 
@@ -908,12 +799,21 @@ impl ProxyHttp for Gateway {
                 tokens: metered.as_ref().map(|m| m.tokens),
             });
         }
+        // One line per request, with what an operator searches by (id,
+        // account, tier, model) and what it cost (units, tokens, timings).
         tracing::info!(
             request_id = %ctx.request_id,
             status,
             account,
+            tier = ctx.key.as_ref().map_or("-", |k| k.tier.as_str()),
+            model = ctx.request.as_ref().map_or("-", |r| r.model.as_str()),
             backend,
+            units = metered.as_ref().map(|m| m.settlement.units),
+            prompt_tokens = metered.as_ref().map(|m| m.tokens.prompt),
+            completion_tokens = metered.as_ref().map(|m| m.tokens.completion),
             elapsed_ms = ctx.started.elapsed().as_millis() as u64,
+            queue_ms = ctx.queue_wait.map(|w| w.as_millis() as u64),
+            upstream_ms = ctx.upstream_sent.map(|_| ctx.upstream_time().as_millis() as u64),
             error = error.map(|e| e.to_string()),
             "request"
         );

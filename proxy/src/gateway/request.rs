@@ -1,8 +1,7 @@
-//! What a client asked for: the route, and for inference the body, read once
+//! What an inference request asks for: the endpoint, and the body, read once
 //! (bounded) and parsed once into the fields later phases need.
 
 use bytes::{Bytes, BytesMut};
-use http::Method;
 use pingora::proxy::Session;
 use serde_json::Value;
 
@@ -32,57 +31,6 @@ impl Endpoint {
             Self::Completions => "prompt",
             Self::Embeddings => "input",
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    Inference(Endpoint),
-    Models,
-    /// `GET /v1/usage`: the caller's own usage.
-    Usage,
-    Healthz,
-    Readyz,
-    /// `POST /stripe/webhook`: Stripe's event deliveries.
-    StripeWebhook,
-    /// `POST /v1/billing/checkout`: a Checkout Session for the caller's account.
-    BillingCheckout,
-    /// `POST /v1/billing/portal`: a Customer Portal session for it.
-    BillingPortal,
-}
-
-/// The route for `method` and `path`, or the 404/405 to answer.
-pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
-    let (route, allowed) = match path.trim_end_matches('/') {
-        "/v1/chat/completions" => (Route::Inference(Endpoint::ChatCompletions), Method::POST),
-        "/v1/completions" => (Route::Inference(Endpoint::Completions), Method::POST),
-        "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
-        "/v1/models" => (Route::Models, Method::GET),
-        "/v1/usage" => (Route::Usage, Method::GET),
-        "/healthz" => (Route::Healthz, Method::GET),
-        "/readyz" => (Route::Readyz, Method::GET),
-        "/stripe/webhook" => (Route::StripeWebhook, Method::POST),
-        "/v1/billing/checkout" => (Route::BillingCheckout, Method::POST),
-        "/v1/billing/portal" => (Route::BillingPortal, Method::POST),
-        _ => {
-            return Err(ApiError::UnknownRoute {
-                method: method.to_string(),
-                path: path.to_owned(),
-            });
-        }
-    };
-    if *method == allowed || (allowed == Method::GET && *method == Method::HEAD) {
-        Ok(route)
-    } else {
-        Err(ApiError::MethodNotAllowed {
-            method: method.to_string(),
-            path: path.to_owned(),
-            allow: if allowed == Method::GET {
-                "GET, HEAD"
-            } else {
-                "POST"
-            },
-        })
     }
 }
 
@@ -403,23 +351,6 @@ mod tests {
     }
 
     #[test]
-    fn routes_match_method_and_path() {
-        assert_eq!(
-            route(&Method::POST, "/v1/chat/completions").unwrap(),
-            Route::Inference(Endpoint::ChatCompletions)
-        );
-        assert_eq!(route(&Method::GET, "/v1/models/").unwrap(), Route::Models);
-        assert!(matches!(
-            route(&Method::GET, "/v1/chat/completions"),
-            Err(ApiError::MethodNotAllowed { .. })
-        ));
-        assert!(matches!(
-            route(&Method::POST, "/v2/anything"),
-            Err(ApiError::UnknownRoute { .. })
-        ));
-    }
-
-    #[test]
     fn chat_request_fields_are_extracted() {
         let request = parse_str(
             Endpoint::ChatCompletions,
@@ -682,13 +613,6 @@ mod tests {
                 }
             }
 
-            #[test]
-            fn any_path_routes_or_gets_404_or_405(path in "/[a-z/_.%]{0,40}", post in any::<bool>()) {
-                let method = if post { Method::POST } else { Method::GET };
-                if let Err(error) = route(&method, &path) {
-                    prop_assert!(matches!(error.status(), 404 | 405));
-                }
-            }
         }
     }
 }

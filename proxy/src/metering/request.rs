@@ -18,10 +18,10 @@ use tollgate_metering::tokens::{Encoding, EncodingMap, PromptCounter};
 use tollgate_metering::writer::UsageSink;
 use uuid::Uuid;
 
-use super::request::{Endpoint, InferenceRequest};
 use crate::admission::limits::Settlement;
 use crate::admission::units;
 use crate::config::{Config, MeteringConfig};
+use crate::gateway::request::{Endpoint, InferenceRequest};
 use crate::keys::store::KeyRecord;
 
 /// The gateway's metering settings and the writer's sink.

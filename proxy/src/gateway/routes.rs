@@ -1,0 +1,218 @@
+//! The routes beside inference: what each path is, and the answers that
+//! need no backend (health, readiness, the model list, the caller's usage,
+//! Stripe's webhook, Checkout and Portal sessions). Inference requests go on
+//! to admission; these are answered in `request_filter`.
+
+use std::sync::atomic::Ordering;
+
+use http::Method;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use serde_json::json;
+use tollgate_backends::fleet::state::InstanceState;
+
+use super::request::{Endpoint, read_body};
+use super::{Gateway, Stop};
+use crate::error::ApiError;
+use crate::keys::store::KeyRecord;
+use crate::usage_api::{self, UsageQuery};
+
+/// Stripe's event payloads are a few KiB, and far below this; a bigger body
+/// is refused before its signature is checked (HMAC over a body of any size
+/// is work anyone could make us do).
+const STRIPE_WEBHOOK_MAX_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Inference(Endpoint),
+    Models,
+    /// `GET /v1/usage`: the caller's own usage.
+    Usage,
+    Healthz,
+    Readyz,
+    /// `POST /stripe/webhook`: Stripe's event deliveries.
+    StripeWebhook,
+    /// `POST /v1/billing/checkout`: a Checkout Session for the caller's account.
+    BillingCheckout,
+    /// `POST /v1/billing/portal`: a Customer Portal session for it.
+    BillingPortal,
+}
+
+/// The route for `method` and `path`, or the 404/405 to answer.
+pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
+    let (route, allowed) = match path.trim_end_matches('/') {
+        "/v1/chat/completions" => (Route::Inference(Endpoint::ChatCompletions), Method::POST),
+        "/v1/completions" => (Route::Inference(Endpoint::Completions), Method::POST),
+        "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
+        "/v1/models" => (Route::Models, Method::GET),
+        "/v1/usage" => (Route::Usage, Method::GET),
+        "/healthz" => (Route::Healthz, Method::GET),
+        "/readyz" => (Route::Readyz, Method::GET),
+        "/stripe/webhook" => (Route::StripeWebhook, Method::POST),
+        "/v1/billing/checkout" => (Route::BillingCheckout, Method::POST),
+        "/v1/billing/portal" => (Route::BillingPortal, Method::POST),
+        _ => {
+            return Err(ApiError::UnknownRoute {
+                method: method.to_string(),
+                path: path.to_owned(),
+            });
+        }
+    };
+    if *method == allowed || (allowed == Method::GET && *method == Method::HEAD) {
+        Ok(route)
+    } else {
+        Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_owned(),
+            allow: if allowed == Method::GET {
+                "GET, HEAD"
+            } else {
+                "POST"
+            },
+        })
+    }
+}
+
+impl Gateway {
+    /// `POST /stripe/webhook`; 404 when billing has no webhook secret.
+    pub(super) async fn stripe_webhook(&self, session: &mut Session) -> Stop {
+        let Some(webhooks) = &self.stripe_webhooks else {
+            return unknown_route(session.req_header()).into();
+        };
+        let signature = session
+            .req_header()
+            .headers
+            .get("stripe-signature")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = match read_body(session, STRIPE_WEBHOOK_MAX_BYTES).await {
+            Ok(body) => body,
+            Err(e) => return e.into(),
+        };
+        let (status, answer) = webhooks
+            .handle(&self.pool, &self.keys, signature.as_deref(), &body)
+            .await;
+        Stop::Answer(status, answer)
+    }
+
+    /// `POST /v1/billing/checkout|portal` for the key's own account.
+    pub(super) async fn billing_session(
+        &self,
+        route: Route,
+        session: &mut Session,
+        key: &KeyRecord,
+    ) -> Result<serde_json::Value, Stop> {
+        let Some(sessions) = &self.billing_sessions else {
+            return Err(unknown_route(session.req_header()).into());
+        };
+        let body = read_body(session, self.max_body_bytes).await?;
+        Ok(if route == Route::BillingCheckout {
+            sessions.checkout_json(key.account_id, &body).await?
+        } else {
+            sessions.portal_json(key.account_id, &body).await?
+        })
+    }
+
+    /// `/v1/usage`: usage totals of the key's own account.
+    pub(super) async fn own_usage(
+        &self,
+        header: &RequestHeader,
+        key: &KeyRecord,
+    ) -> Result<serde_json::Value, ApiError> {
+        let query = UsageQuery::parse(header.uri.query())?;
+        if query.account.is_some() {
+            return Err(ApiError::bad_request(
+                "`account` is not a parameter here: a key reads its own account's usage.",
+                Some("account"),
+            ));
+        }
+        usage_api::totals(&self.pool, Some(key.account_id), &query).await
+    }
+
+    /// `/v1/models`: the models this key may use, in OpenAI's list shape.
+    pub(super) fn model_list(&self, key: &KeyRecord) -> serde_json::Value {
+        let data: Vec<_> = self
+            .models
+            .iter()
+            .filter(|m| key.allows_model(m))
+            .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "tollgate"}))
+            .collect();
+        json!({"object": "list", "data": data})
+    }
+
+    /// `/readyz`: Postgres answered within the last second (a check made in
+    /// the background, see [`crate::readiness`]) and at least one backend
+    /// routable or on its way (a scaled-to-zero fleet serves by waking an
+    /// instance); also reports whether revocations fan out through Redis
+    /// (informative: without it revocations still land within the key cache
+    /// TTL).
+    pub(super) fn readiness(&self) -> Stop {
+        let postgres = self.readiness.reachable();
+        let backends = self.selector.statuses().iter().any(|b| {
+            b.routable
+                || matches!(
+                    b.state,
+                    InstanceState::Cold
+                        | InstanceState::Warm
+                        | InstanceState::Provisioning
+                        | InstanceState::Starting
+                )
+        });
+        let status = if postgres && backends { 200 } else { 503 };
+        let fanout = match &self.revocation_fanout {
+            None => "off",
+            Some(up) if up.load(Ordering::Relaxed) => "subscribed",
+            Some(_) => "connecting",
+        };
+        Stop::Answer(
+            status,
+            json!({"postgres": postgres, "backends": backends, "revocation_fanout": fanout}),
+        )
+    }
+}
+
+fn unknown_route(header: &RequestHeader) -> ApiError {
+    ApiError::UnknownRoute {
+        method: header.method.to_string(),
+        path: header.uri.path().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn routes_match_method_and_path() {
+        assert_eq!(
+            route(&Method::POST, "/v1/chat/completions").unwrap(),
+            Route::Inference(Endpoint::ChatCompletions)
+        );
+        assert_eq!(route(&Method::GET, "/v1/models/").unwrap(), Route::Models);
+        assert!(matches!(
+            route(&Method::GET, "/v1/chat/completions"),
+            Err(ApiError::MethodNotAllowed { .. })
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/v2/anything"),
+            Err(ApiError::UnknownRoute { .. })
+        ));
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn any_path_routes_or_gets_404_or_405(path in "/[a-z/_.%]{0,40}", post in any::<bool>()) {
+                let method = if post { Method::POST } else { Method::GET };
+                if let Err(error) = route(&method, &path) {
+                    prop_assert!(matches!(error.status(), 404 | 405));
+                }
+            }
+        }
+    }
+}
