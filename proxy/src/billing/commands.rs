@@ -1,0 +1,60 @@
+//! `tollgate billing …`: one export pass, the catalog synced to Stripe, and
+//! the usage log reconciled against the exports and Stripe's summaries.
+
+use std::time::SystemTime;
+
+use deadpool_postgres::Pool;
+use tollgate_billing::catalog::{SyncReport, sync_catalog};
+use tollgate_billing::export::{ExportReport, export_once};
+use tollgate_billing::reconcile::{Day, MeterSummaries, Reconciliation, reconcile};
+use tollgate_billing::stripe_api::StripeMeterSummaries;
+
+use super::export::{export_config, meter_events};
+use super::{catalog, stripe_client};
+use crate::config::{BillingConfig, Config, StripeConfig};
+
+/// `tollgate billing sync-catalog`: the catalog created or updated in Stripe.
+pub async fn sync_catalog_now(
+    config: &Config,
+    stripe: &StripeConfig,
+) -> anyhow::Result<SyncReport> {
+    sync_catalog(&stripe_client(stripe)?, &catalog(config)).await
+}
+
+/// `tollgate billing reconcile`: the usage log against the exports and, with
+/// `STRIPE_SECRET_KEY` set, Stripe's meter event summaries.
+pub async fn reconcile_now(
+    pool: &Pool,
+    config: &Config,
+    from: Day,
+    to: Day,
+) -> anyhow::Result<Reconciliation> {
+    let summaries = match &config.billing.stripe {
+        Some(stripe) => Some(StripeMeterSummaries::new(stripe_client(stripe)?)),
+        None => None,
+    };
+    reconcile(
+        pool,
+        &export_config(&config.billing),
+        from,
+        to,
+        SystemTime::now(),
+        summaries.as_ref().map(|s| s as &dyn MeterSummaries),
+    )
+    .await
+}
+
+/// One export pass now: plans every closed bucket and sends what is pending.
+pub async fn export_now(
+    pool: &Pool,
+    billing: &BillingConfig,
+    stripe: &StripeConfig,
+) -> anyhow::Result<ExportReport> {
+    export_once(
+        pool,
+        &export_config(billing),
+        &meter_events(stripe)?,
+        SystemTime::now(),
+    )
+    .await
+}
