@@ -21,5 +21,6 @@ pub mod journal;
 pub mod partitions;
 pub mod report;
 pub mod spool;
+pub mod sse;
 pub mod tokens;
 pub mod writer;

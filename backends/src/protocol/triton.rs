@@ -76,6 +76,8 @@ use std::fmt::Write as _;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use tollgate_metering::capture::{MAX_EVENT_BYTES, MAX_TEXT_BYTES};
+use tollgate_metering::sse::{EventReader, EventTooLarge};
 use tollgate_metering::tokens::Encoding;
 
 pub use super::FinishReason;
@@ -89,17 +91,6 @@ pub const DEFAULT_CHAT_MAX_TOKENS: u32 = 4096;
 /// `max_tokens` for a completions request that sets none: 16, OpenAI's
 /// documented default for `/v1/completions`, which vLLM also uses.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
-
-/// Largest Triton event the transcoder holds while it waits for the event's
-/// end. A token event is about a hundred bytes; a megabyte is far beyond any
-/// real event yet bounds what one answer can make the gateway hold. An event
-/// past it fails the stream.
-pub const MAX_EVENT_BYTES: usize = 1 << 20;
-
-/// Most generated text kept for counting. About four million tokens of
-/// English, beyond any model's output limit, so reaching it means a broken
-/// backend; the stream fails there.
-pub const MAX_TEXT_BYTES: usize = 16 << 20;
 
 /// The OpenAI endpoint a client called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -808,11 +799,11 @@ pub enum StreamOutcome {
 /// inside fails it, because that is a truncated stream, not an extra event.
 #[derive(Debug)]
 pub struct StreamTranscoder {
-    parser: EventParser,
+    events: EventReader,
     state: TranscodeState,
 }
 
-/// Everything but the parser, so the two can be borrowed apart.
+/// Everything but the event reader, so the two can be borrowed apart.
 #[derive(Debug)]
 struct TranscodeState {
     endpoint: Endpoint,
@@ -843,7 +834,7 @@ impl StreamTranscoder {
             json_string(&meta.model),
         );
         Self {
-            parser: EventParser::default(),
+            events: EventReader::new(MAX_EVENT_BYTES),
             state: TranscodeState {
                 endpoint: exchange.endpoint,
                 include_usage: exchange.include_usage,
@@ -866,7 +857,7 @@ impl StreamTranscoder {
         let mut out = Vec::new();
         let mut at = 0;
         while self.state.outcome.is_none() {
-            match self.parser.next_event(chunk, &mut at) {
+            match self.events.next_data(chunk, &mut at) {
                 Ok(Some(data)) => self.state.take_event(data, false, &mut out),
                 Ok(None) => break,
                 Err(EventTooLarge) => self.state.fail(oversize_message(), &mut out),
@@ -883,10 +874,8 @@ impl StreamTranscoder {
         if self.state.outcome.is_some() {
             return out;
         }
-        match self.parser.end() {
-            Ok(Some(data)) => self.state.take_event(data, true, &mut out),
-            Ok(None) => {}
-            Err(EventTooLarge) => self.state.fail(oversize_message(), &mut out),
+        if let Some(data) = self.events.end() {
+            self.state.take_event(data, true, &mut out);
         }
         if self.state.outcome.is_none() {
             self.state.complete(&mut out);
@@ -1102,139 +1091,6 @@ fn json_string(text: &str) -> String {
 fn push_json_string(out: &mut Vec<u8>, text: &str) {
     // Serialising a str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, text);
-}
-
-/// An event outgrew [`MAX_EVENT_BYTES`].
-#[derive(Debug)]
-struct EventTooLarge;
-
-/// Splits a server-sent-event stream into events' data across chunks. Lines
-/// end in LF, CRLF or a lone CR, as the event-stream format allows; a blank
-/// line ends an event; `data` fields are joined with LF; other fields and
-/// comments are ignored. Only an unfinished line and the current event's
-/// data are held, at most [`MAX_EVENT_BYTES`] together.
-#[derive(Debug, Default)]
-struct EventParser {
-    /// The current line, when a chunk ended inside it.
-    line: Vec<u8>,
-    /// The current event's data.
-    data: Vec<u8>,
-    /// The current event has a `data` field (which may be empty).
-    has_data: bool,
-    /// The last chunk ended with a CR: an LF starting the next one completes it.
-    after_cr: bool,
-    /// `data` holds an event already returned; clear it before going on.
-    returned: bool,
-}
-
-impl EventParser {
-    /// The data of the next event completed in `chunk[*at..]`, moving `*at`
-    /// past it; `None` when the rest of the chunk completes no event (it is
-    /// then held).
-    fn next_event(&mut self, chunk: &[u8], at: &mut usize) -> Result<Option<&[u8]>, EventTooLarge> {
-        if std::mem::take(&mut self.returned) {
-            self.data.clear();
-            self.has_data = false;
-        }
-        if self.after_cr && *at < chunk.len() {
-            self.after_cr = false;
-            if chunk.get(*at) == Some(&b'\n') {
-                *at += 1;
-            }
-        }
-        loop {
-            let rest = chunk.get(*at..).unwrap_or_default();
-            if rest.is_empty() {
-                return Ok(None);
-            }
-            let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
-                self.check_room(rest.len())?;
-                self.line.extend_from_slice(rest);
-                *at = chunk.len();
-                return Ok(None);
-            };
-            let (part, ending) = rest.split_at(end);
-            *at += end + 1;
-            if ending.first() == Some(&b'\r') {
-                match chunk.get(*at) {
-                    Some(b'\n') => *at += 1,
-                    Some(_) => {}
-                    None => self.after_cr = true,
-                }
-            }
-            if self.line.is_empty() && part.is_empty() {
-                if self.has_data {
-                    self.returned = true;
-                    return Ok(Some(&self.data));
-                }
-                // A blank line ending an event without data (comments only).
-                continue;
-            }
-            self.check_room(part.len())?;
-            if self.line.is_empty() {
-                take_line(&mut self.data, &mut self.has_data, part);
-            } else {
-                self.line.extend_from_slice(part);
-                let line = std::mem::take(&mut self.line);
-                take_line(&mut self.data, &mut self.has_data, &line);
-                self.line = line;
-                self.line.clear();
-            }
-        }
-    }
-
-    /// At the end of the stream: the data of an event the stream ended
-    /// inside (no blank line after it), if it has any.
-    fn end(&mut self) -> Result<Option<&[u8]>, EventTooLarge> {
-        if std::mem::take(&mut self.returned) {
-            self.data.clear();
-            self.has_data = false;
-        }
-        if !self.line.is_empty() {
-            let line = std::mem::take(&mut self.line);
-            take_line(&mut self.data, &mut self.has_data, &line);
-        }
-        if self.has_data {
-            self.returned = true;
-            return Ok(Some(&self.data));
-        }
-        Ok(None)
-    }
-
-    /// Fails when `more` bytes would take the held event past the limit.
-    fn check_room(&mut self, more: usize) -> Result<(), EventTooLarge> {
-        let held = self.line.len().saturating_add(self.data.len());
-        if held.saturating_add(more) > MAX_EVENT_BYTES {
-            // Give the memory back: the stream is over.
-            self.line = Vec::new();
-            self.data = Vec::new();
-            self.has_data = false;
-            return Err(EventTooLarge);
-        }
-        Ok(())
-    }
-}
-
-/// Reads one complete, non-blank line into the current event.
-fn take_line(data: &mut Vec<u8>, has_data: &mut bool, line: &[u8]) {
-    let (name, value) = match line.iter().position(|&b| b == b':') {
-        // A line starting with a colon is a comment.
-        Some(0) => return,
-        Some(colon) => {
-            let (name, value) = line.split_at(colon);
-            let value = value.get(1..).unwrap_or_default();
-            (name, value.strip_prefix(b" ").unwrap_or(value))
-        }
-        None => (line, &[][..]),
-    };
-    if name != b"data" {
-        return;
-    }
-    if *has_data {
-        data.push(b'\n');
-    }
-    data.extend_from_slice(value);
-    *has_data = true;
 }
 
 #[cfg(test)]
@@ -1795,7 +1651,7 @@ mod tests {
             fed += filler.len();
         }
         assert!(transcoder.failed(), "held {fed} bytes");
-        assert!(transcoder.parser.line.capacity() == 0 && transcoder.parser.data.capacity() == 0);
+        assert_eq!(transcoder.events.capacity(), 0);
         assert!(std::str::from_utf8(&out).unwrap().contains("larger than"));
         assert!(transcoder.finish().is_empty());
     }

@@ -25,7 +25,6 @@
 //! reaches the client unchanged and in order.
 
 mod json;
-mod sse;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -33,7 +32,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use self::json::AnswerScanner;
-use self::sse::{EventSplitter, event_data};
+use crate::sse::{EventSplitter, event_data};
 
 /// Largest single SSE event the capture will hold and read. A chat chunk
 /// carries one token's delta, a few hundred bytes, and a usage event about

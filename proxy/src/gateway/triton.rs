@@ -123,7 +123,7 @@ impl TritonCall {
             Answer::Whole { status, buffer } => {
                 // Bounded like the transcoder's text: a backend that sends
                 // more is broken, and the translation reports it.
-                if buffer.len() + chunk.len() <= triton::MAX_TEXT_BYTES {
+                if buffer.len() + chunk.len() <= tollgate_metering::capture::MAX_TEXT_BYTES {
                     buffer.extend_from_slice(&chunk);
                 }
                 if !end_of_stream {
