@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+pub use tollgate_backends::balance::RoutingPolicy;
 use tollgate_backends::fleet::controller::ControllerTiming;
 use tollgate_backends::fleet::policy::FleetPolicy;
 use tollgate_backends::fleet::providers::HourlyCost;
@@ -400,13 +401,6 @@ pub struct RoutingConfig {
     pub breaker_failures: u32,
     /// How long an open breaker passes the backend over before one probe.
     pub breaker_open: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RoutingPolicy {
-    LeastOutstanding,
-    RoundRobin,
-    SessionAffinity,
 }
 
 /// A tier: its place in the queue, its limits and its quota. `None` is unlimited.

@@ -13,11 +13,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
-use tollgate_backends::balance::Policy;
 use tollgate_backends::balance::breaker::BreakerConfig;
-use tollgate_backends::balance::least_outstanding::LeastOutstanding;
-use tollgate_backends::balance::round_robin::RoundRobin;
-use tollgate_backends::balance::session_affinity::SessionAffinity;
 use tollgate_backends::fleet::controller::{FleetController, Managed};
 use tollgate_backends::health::{Probe, ProbeClient, ProbeConfig};
 use tollgate_backends::routing::{Backend, BackendPool, UpstreamSelector};
@@ -30,7 +26,7 @@ use crate::admission::Admission;
 use crate::admission::limits::redis::RedisLimits;
 use crate::admission::reconcile::PeriodReconciler;
 use crate::billing::{BillingSessions, PastDueSweep, StripeWebhooks, UsageExporter};
-use crate::config::{Config, RoutingConfig, RoutingPolicy};
+use crate::config::{Config, RoutingConfig};
 use crate::db::{self, PoolJanitor};
 use crate::fleet::{self, EventLog, FleetService};
 use crate::gateway::Gateway;
@@ -308,13 +304,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
 /// The backends behind the configured policy and breakers.
 fn backend_pool(backends: Vec<Backend>, routing: &RoutingConfig) -> BackendPool {
-    let policy: Box<dyn Policy> = match routing.policy {
-        RoutingPolicy::LeastOutstanding => Box::new(LeastOutstanding::default()),
-        RoutingPolicy::RoundRobin => Box::new(RoundRobin::default()),
-        RoutingPolicy::SessionAffinity => Box::new(SessionAffinity {
-            fallback: Box::new(LeastOutstanding::default()),
-        }),
-    };
+    let policy = routing.policy.build(None);
     let breaker = BreakerConfig {
         failure_threshold: routing.breaker_failures,
         open_for: routing.breaker_open,
