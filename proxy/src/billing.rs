@@ -13,6 +13,7 @@ use deadpool_postgres::Pool;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_billing::StripeClient;
@@ -41,7 +42,10 @@ pub fn export_config(billing: &BillingConfig) -> ExportConfig {
 
 /// A client of the configured Stripe (`STRIPE_SECRET_KEY`, `STRIPE_API_BASE`).
 fn stripe_client(stripe: &StripeConfig) -> anyhow::Result<StripeClient> {
-    client(stripe.secret_key.expose(), stripe.api_base.as_deref())
+    client(
+        stripe.secret_key.expose_secret(),
+        stripe.api_base.as_deref(),
+    )
 }
 
 /// Meter events through the configured Stripe.
@@ -305,7 +309,7 @@ impl StripeWebhooks {
         else {
             return Ok(None);
         };
-        let secrets = WebhookSecrets::from_list(secrets.expose())
+        let secrets = WebhookSecrets::from_list(secrets.expose_secret())
             .map_err(|e| anyhow::anyhow!("STRIPE_WEBHOOK_SECRET: {e}"))?;
         let deliveries = IntCounterVec::new(
             Opts::new(
@@ -320,7 +324,10 @@ impl StripeWebhooks {
         Ok(Some(Self {
             secrets,
             plans: plans(config),
-            redis_url: config.redis_url.as_ref().map(|u| u.expose().to_owned()),
+            redis_url: config
+                .redis_url
+                .as_ref()
+                .map(|u| u.expose_secret().to_owned()),
             deliveries,
         }))
     }

@@ -13,6 +13,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
+use secrecy::ExposeSecret;
 use tollgate_backends::balance::breaker::BreakerConfig;
 use tollgate_backends::fleet::controller::{FleetController, Managed};
 use tollgate_backends::health::{Probe, ProbeClient, ProbeConfig};
@@ -99,13 +100,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             tls: b.tls,
             models: b.models.clone(),
             max_concurrency: b.max_concurrency,
-            credential: b.credential.as_ref().map(|c| c.expose().to_owned()),
+            credential: b.credential.clone(),
             probe: Probe::for_protocol(b.protocol, &b.models, &b.health_path),
             protocol: b.protocol,
         });
     }
     let redis = match &config.redis_url {
-        Some(url) => Some(redis_client(url.expose())?),
+        Some(url) => Some(redis_client(url.expose_secret())?),
         None => None,
     };
     let admission = Arc::new(Admission::new(
@@ -224,7 +225,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         server.add_service(background_service(
             "key revocation listener",
             RevocationListener {
-                redis_url: url.expose().to_owned(),
+                redis_url: url.expose_secret().to_owned(),
                 cache,
                 subscribed,
             },
