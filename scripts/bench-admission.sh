@@ -112,18 +112,18 @@ aging = "6s"
 [[tiers]]
 name = "free"
 priority = 0
-max_queue_wait_secs = 30
-max_expected_wait_secs = 6
+max_queue_wait = "30s"
+max_expected_wait = "6s"
 [[tiers]]
 name = "premium"
 priority = 20
 monthly_price = 15.0
-max_queue_wait_secs = 12
+max_queue_wait = "12s"
 [[tiers]]
 name = "pro"
 priority = 30
 monthly_price = 49.0
-max_queue_wait_secs = 3
+max_queue_wait = "3s"
 """
 text = text.replace('[[tiers]]\nname = "pro"\n', tiers)
 text = text.replace("max_concurrency = 4096", f"max_concurrency = {slots}")

@@ -90,19 +90,19 @@ priority = 0
 requests_per_minute = 30
 tokens_per_minute = 40000
 max_concurrent = 4
-max_queue_wait_secs = 6
-max_expected_wait_secs = 3
+max_queue_wait = "6s"
+max_expected_wait = "3s"
 [[tiers]]
 name = "pro"
 priority = 30
 requests_per_minute = 1200
 tokens_per_minute = 400000
 max_concurrent = 32
-max_queue_wait_secs = 3
+max_queue_wait = "3s"
 [[tiers]]
 name = "enterprise"
 priority = 100
-max_queue_wait_secs = 2
+max_queue_wait = "2s"
 
 [[backends]]
 name = "gpu-a"

@@ -298,7 +298,7 @@ name = "free"
 priority = 0
 included_units = $FREE_CAP
 hard_cap = true
-max_queue_wait_secs = 20
+max_queue_wait = "20s"
 # Hard-capped, and admitted on this instance's own counters while Redis is down
 # (the default for a paid tier).
 [[tiers]]
@@ -307,18 +307,18 @@ priority = 10
 monthly_price = 9.0
 included_units = $STARTER_CAP
 hard_cap = true
-max_queue_wait_secs = 20
+max_queue_wait = "20s"
 [[tiers]]
 name = "pro"
 priority = 30
 monthly_price = 49.0
 included_units = 2000000
 overage_price = 0.00002
-max_queue_wait_secs = 20
+max_queue_wait = "20s"
 [[tiers]]
 name = "enterprise"
 priority = 100
-max_queue_wait_secs = 20
+max_queue_wait = "20s"
 
 [[backends]]
 name = "gpu-a"

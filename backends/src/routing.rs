@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures_util::future::join_all;
+use secrecy::SecretString;
 
 use crate::balance::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::balance::{Candidate, Policy, RequestFacts};
@@ -40,7 +41,7 @@ pub struct Backend {
     pub models: Vec<String>,
     pub max_concurrency: u32,
     /// Sent upstream as `Authorization: Bearer …` in place of the client's key.
-    pub credential: Option<String>,
+    pub credential: Option<SecretString>,
     /// How its health is asked, per its protocol.
     pub probe: Probe,
     /// What it speaks: OpenAI passed through, or Triton translated.
@@ -53,10 +54,7 @@ impl fmt::Debug for Backend {
             .field("name", &self.name)
             .field("address", &self.address)
             .field("models", &self.models)
-            .field(
-                "credential",
-                &self.credential.as_ref().map(|_| "[redacted]"),
-            )
+            .field("credential", &self.credential)
             .finish()
     }
 }

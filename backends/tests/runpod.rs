@@ -13,13 +13,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use support::Sim;
 
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use tollgate_backends::fleet::providers::runpod::fake::{
     FakeOptions, FakeRunPod, LostAnswer, RecordedRequest,
 };
-use tollgate_backends::fleet::providers::runpod::{
-    ApiKey, CloudType, PodTemplate, RunPod, RunPodConfig,
-};
+use tollgate_backends::fleet::providers::runpod::{CloudType, PodTemplate, RunPod, RunPodConfig};
 use tollgate_backends::fleet::providers::{
     HourlyCost, Instance, InstanceStatus, Provider, ProviderError,
 };
@@ -60,7 +59,7 @@ const COST: HourlyCost = HourlyCost {
 fn config(fake: &FakeRunPod) -> RunPodConfig {
     RunPodConfig {
         api_url: fake.url().to_owned(),
-        api_key: ApiKey::new(fake.api_key()),
+        api_key: SecretString::from(fake.api_key()),
         pod: template(),
         inference_port: INFERENCE_PORT,
         timeout: Duration::from_secs(10),
@@ -272,7 +271,7 @@ async fn wrong_api_key_is_an_error_naming_401() {
     let fake = FakeRunPod::start(FakeOptions::default()).await.unwrap();
     let runpod = RunPod::new(
         RunPodConfig {
-            api_key: ApiKey::new("rpa_wrong"),
+            api_key: SecretString::from("rpa_wrong"),
             ..config(&fake)
         },
         COST,

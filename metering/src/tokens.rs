@@ -43,12 +43,15 @@ use std::str::FromStr;
 use serde_json::Value;
 use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
 
-/// The byte-pair encodings Tollgate counts with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The byte-pair encodings Tollgate counts with. Config spells them as
+/// [`FromStr`] reads them: tiktoken's name, or that name without `_base`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
 pub enum Encoding {
     /// GPT-4, GPT-3.5-turbo and most OpenAI-compatible defaults.
+    #[serde(rename = "cl100k_base", alias = "cl100k")]
     Cl100k,
     /// GPT-4o, GPT-4.1, o-series and later.
+    #[serde(rename = "o200k_base", alias = "o200k")]
     O200k,
 }
 
@@ -935,5 +938,21 @@ mod tests {
             assert_eq!(e.name().parse::<Encoding>().ok(), Some(e));
         }
         assert!("p50k_base".parse::<Encoding>().is_err());
+    }
+
+    /// Config reads an encoding by exactly the names `FromStr` takes.
+    #[test]
+    fn config_spells_encodings_as_from_str_does() {
+        for name in [
+            "cl100k_base",
+            "cl100k",
+            "o200k_base",
+            "o200k",
+            "p50k_base",
+            "CL100K",
+        ] {
+            let from_config = serde_json::from_value::<Encoding>(json!(name)).ok();
+            assert_eq!(from_config, name.parse::<Encoding>().ok(), "{name}");
+        }
     }
 }

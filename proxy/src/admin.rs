@@ -38,6 +38,7 @@ use http::{Method, Response, StatusCode, header};
 use percent_encoding::percent_decode_str;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -48,7 +49,7 @@ use tollgate_backends::routing::UpstreamSelector;
 
 use crate::admission::AdmissionQueues;
 use crate::billing::BillingSessions;
-use crate::config::{Secret, parse_duration};
+use crate::config::parse_duration;
 use crate::error::ApiError;
 use crate::keys::store::StoreError;
 use crate::keys::{KeyAdmin, KeyAdminError, NewKeyRequest};
@@ -59,7 +60,7 @@ use crate::usage_api::{self, UsageQuery};
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 pub struct AdminApi {
-    pub token: Option<Secret>,
+    pub token: Option<SecretString>,
     pub keys: Arc<KeyAdmin>,
     pub pool: Pool,
     pub queues: Arc<AdmissionQueues>,
@@ -128,7 +129,7 @@ impl AdminApi {
             .map_or("", |(_, token)| token.trim());
         // Digests compare in constant time whatever the lengths: no length leak.
         let presented = Sha256::digest(presented.as_bytes());
-        let expected = Sha256::digest(token.expose().as_bytes());
+        let expected = Sha256::digest(token.expose_secret().as_bytes());
         presented.ct_eq(&expected).into()
     }
 

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use secrecy::ExposeSecret;
 use tokio::task::JoinHandle;
 
 use crate::config::DatabaseConfig;
@@ -37,7 +38,7 @@ const JANITOR_INTERVAL: Duration = Duration::from_secs(5);
 pub const GRAFANA_ROLE: &str = "tollgate_grafana";
 
 pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
-    let target = PostgresTarget::parse(config.url.expose())?;
+    let target = PostgresTarget::parse(config.url.expose_secret())?;
     let manager = Manager::from_config(
         target.config,
         target.tls,
@@ -74,7 +75,7 @@ pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<Vec<String>> {
 /// server's runtimes exist); `None` when Postgres does not answer in time.
 pub async fn account_tiers(config: &DatabaseConfig) -> anyhow::Result<Option<Vec<String>>> {
     // A URL that cannot work is the operator's to fix now, not "unreachable".
-    let target = PostgresTarget::parse(config.url.expose())?;
+    let target = PostgresTarget::parse(config.url.expose_secret())?;
     let (client, driver) = match tokio::time::timeout(POOL_WAIT, open(target)).await {
         Ok(Ok(connected)) => connected,
         Ok(Err(e)) => {
@@ -117,7 +118,7 @@ pub async fn allow_grafana_login(config: &DatabaseConfig, password: &str) -> any
 pub async fn connect(
     config: &DatabaseConfig,
 ) -> anyhow::Result<(tokio_postgres::Client, JoinHandle<()>)> {
-    open(PostgresTarget::parse(config.url.expose())?).await
+    open(PostgresTarget::parse(config.url.expose_secret())?).await
 }
 
 async fn open(target: PostgresTarget) -> anyhow::Result<(tokio_postgres::Client, JoinHandle<()>)> {

@@ -1,7 +1,8 @@
 //! Tollgate, the gateway: an OpenAI-compatible reverse proxy on Pingora with
 //! API keys, in front of self-hosted GPU inference backends.
 //!
-//! - [`config`]: the TOML config, env overrides, validation.
+//! - [`config`]: the TOML config, env overrides, validation; a folder with one
+//!   file per TOML section.
 //! - [`gateway`]: the `ProxyHttp` request path (auth, body, routing, errors).
 //! - [`keys`]: API keys: hashing, Postgres store, cache, revocation fan-out.
 //! - [`admin`]: the admin API and the metrics endpoint.

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
+use secrecy::ExposeSecret;
 use tollgate::billing::{CheckoutRequest, PortalRequest};
 use tollgate::cli::{
     BillingCommand, Cli, Command, FleetCommand, KeysCommand, MigrateArgs, UsageCommand,
@@ -146,7 +147,7 @@ async fn admin_call(
         .uri(&url)
         .header(
             http::header::AUTHORIZATION,
-            format!("Bearer {}", token.expose()),
+            format!("Bearer {}", token.expose_secret()),
         )
         .body(Empty::<bytes::Bytes>::new())?;
     let client = Client::builder(TokioExecutor::new()).build_http();

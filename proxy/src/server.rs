@@ -13,11 +13,8 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
-use tollgate_backends::balance::Policy;
+use secrecy::ExposeSecret;
 use tollgate_backends::balance::breaker::BreakerConfig;
-use tollgate_backends::balance::least_outstanding::LeastOutstanding;
-use tollgate_backends::balance::round_robin::RoundRobin;
-use tollgate_backends::balance::session_affinity::SessionAffinity;
 use tollgate_backends::fleet::controller::{FleetController, Managed};
 use tollgate_backends::health::{Probe, ProbeClient, ProbeConfig};
 use tollgate_backends::routing::{Backend, BackendPool, UpstreamSelector};
@@ -30,7 +27,7 @@ use crate::admission::Admission;
 use crate::admission::limits::redis::RedisLimits;
 use crate::admission::reconcile::PeriodReconciler;
 use crate::billing::{BillingSessions, PastDueSweep, StripeWebhooks, UsageExporter};
-use crate::config::{Config, RoutingConfig, RoutingPolicy};
+use crate::config::{Config, RoutingConfig};
 use crate::db::{self, PoolJanitor};
 use crate::fleet::{self, EventLog, FleetService};
 use crate::gateway::Gateway;
@@ -103,13 +100,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             tls: b.tls,
             models: b.models.clone(),
             max_concurrency: b.max_concurrency,
-            credential: b.credential.as_ref().map(|c| c.expose().to_owned()),
+            credential: b.credential.clone(),
             probe: Probe::for_protocol(b.protocol, &b.models, &b.health_path),
             protocol: b.protocol,
         });
     }
     let redis = match &config.redis_url {
-        Some(url) => Some(redis_client(url.expose())?),
+        Some(url) => Some(redis_client(url.expose_secret())?),
         None => None,
     };
     let admission = Arc::new(Admission::new(
@@ -228,7 +225,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         server.add_service(background_service(
             "key revocation listener",
             RevocationListener {
-                redis_url: url.expose().to_owned(),
+                redis_url: url.expose_secret().to_owned(),
                 cache,
                 subscribed,
             },
@@ -308,13 +305,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
 /// The backends behind the configured policy and breakers.
 fn backend_pool(backends: Vec<Backend>, routing: &RoutingConfig) -> BackendPool {
-    let policy: Box<dyn Policy> = match routing.policy {
-        RoutingPolicy::LeastOutstanding => Box::new(LeastOutstanding::default()),
-        RoutingPolicy::RoundRobin => Box::new(RoundRobin::default()),
-        RoutingPolicy::SessionAffinity => Box::new(SessionAffinity {
-            fallback: Box::new(LeastOutstanding::default()),
-        }),
-    };
+    let policy = routing.policy.build(None);
     let breaker = BreakerConfig {
         failure_threshold: routing.breaker_failures,
         open_for: routing.breaker_open,

@@ -21,9 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use secrecy::SecretString;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
-use tollgate::config::{DatabaseConfig, Secret};
+use tollgate::config::DatabaseConfig;
 use tollgate::db;
 
 /// A CA certificate whose key was thrown away: it signed no server's
@@ -66,7 +67,7 @@ async fn connect_plain(url: &str) -> Client {
 /// `database.url` as the config would hold it; pool limits do not matter here.
 fn database(url: &str) -> DatabaseConfig {
     DatabaseConfig {
-        url: Secret::new(url),
+        url: SecretString::from(url),
         max_open_conns: 2,
         max_idle_conns: 1,
         max_lifetime: Duration::from_secs(60),

@@ -14,11 +14,49 @@
 //!   session goes to the same backend (warm KV cache), else a fallback policy.
 //! - [`breaker`]: [`breaker::CircuitBreaker`], stop sending to a backend after
 //!   consecutive failures and probe it before trusting it again.
+//!
+//! [`RoutingPolicy`] is the configured choice (`[routing] policy`) and
+//! [`RoutingPolicy::build`] the one place a policy is made from it, for the
+//! gateway and the simulator alike.
 
 pub mod breaker;
 pub mod least_outstanding;
 pub mod round_robin;
 pub mod session_affinity;
+
+use serde::Deserialize;
+
+use self::least_outstanding::LeastOutstanding;
+use self::round_robin::RoundRobin;
+use self::session_affinity::SessionAffinity;
+
+/// Which [`Policy`] routes a model's requests, spelt in config as the
+/// policy's [`Policy::name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingPolicy {
+    #[default]
+    LeastOutstanding,
+    RoundRobin,
+    SessionAffinity,
+}
+
+impl RoutingPolicy {
+    /// The policy, its random draws seeded with `seed` when given (so a
+    /// simulation repeats) and from the OS otherwise. Session affinity falls
+    /// back to least outstanding for requests without a session.
+    pub fn build(self, seed: Option<u64>) -> Box<dyn Policy> {
+        let least_outstanding = || match seed {
+            Some(seed) => LeastOutstanding::with_seed(seed),
+            None => LeastOutstanding::new(),
+        };
+        match self {
+            Self::LeastOutstanding => Box::new(least_outstanding()),
+            Self::RoundRobin => Box::new(RoundRobin::new()),
+            Self::SessionAffinity => Box::new(SessionAffinity::new(Box::new(least_outstanding()))),
+        }
+    }
+}
 
 /// What a policy sees of one eligible backend (healthy, breaker allows,
 /// serves the model, not yet tried).
@@ -49,4 +87,25 @@ pub trait Policy: Send + Sync {
 
     /// One of `candidates` (never empty when called), by its index in the slice.
     fn pick(&self, candidates: &[Candidate], request: &RequestFacts<'_>) -> usize;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Config spells a policy by the name its metrics carry.
+    #[test]
+    fn a_policy_is_configured_by_its_metric_name() {
+        #[derive(Deserialize)]
+        struct Routing {
+            policy: RoutingPolicy,
+        }
+        for name in ["least_outstanding", "round_robin", "session_affinity"] {
+            let routing: Routing = toml::from_str(&format!("policy = \"{name}\"")).unwrap();
+            assert_eq!(routing.policy.build(Some(1)).name(), name);
+            assert_eq!(routing.policy.build(None).name(), name);
+        }
+        assert!(toml::from_str::<Routing>("policy = \"random\"").is_err());
+    }
 }

@@ -21,15 +21,20 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::Deserialize;
+
 pub mod triton;
 
-/// How Tollgate talks to one backend; see the module docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How Tollgate talks to one backend; see the module docs. Config spells it
+/// as [`Protocol::name`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 pub enum Protocol {
     /// OpenAI's API, passed through.
     #[default]
+    #[serde(rename = "openai")]
     OpenAi,
     /// Triton's generate extension, translated by [`triton`].
+    #[serde(rename = "triton")]
     Triton,
 }
 
@@ -84,6 +89,11 @@ mod tests {
         for wrong in ["OpenAI", "open_ai", "Triton", "", " triton", "vllm"] {
             let error = wrong.parse::<Protocol>().unwrap_err();
             assert_eq!(error, UnknownProtocol(wrong.to_owned()));
+            assert!(serde_json::from_value::<Protocol>(wrong.into()).is_err());
+        }
+        for protocol in [Protocol::OpenAi, Protocol::Triton] {
+            let from_config: Protocol = serde_json::from_value(protocol.name().into()).unwrap();
+            assert_eq!(from_config, protocol);
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod export;
 pub mod sessions;
 pub mod webhooks;
 
+use secrecy::ExposeSecret;
 use tollgate_billing::StripeClient;
 use tollgate_billing::catalog::{Catalog, CatalogTier, Overage};
 use tollgate_billing::stripe_api::client;
@@ -27,7 +28,10 @@ pub use self::webhooks::{PastDueSweep, StripeWebhooks};
 
 /// A client of the configured Stripe (`STRIPE_SECRET_KEY`, `STRIPE_API_BASE`).
 pub(crate) fn stripe_client(stripe: &StripeConfig) -> anyhow::Result<StripeClient> {
-    client(stripe.secret_key.expose(), stripe.api_base.as_deref())
+    client(
+        stripe.secret_key.expose_secret(),
+        stripe.api_base.as_deref(),
+    )
 }
 
 /// What `[[tiers]]` sell in Stripe: the paid tiers' prices and the meter.

@@ -9,6 +9,7 @@ use deadpool_postgres::Pool;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use prometheus::{IntCounterVec, Opts, Registry};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tollgate_billing::webhook::{
     Event, HANDLED_EVENT_TYPES, Plans, TierChange, WebhookSecrets, apply, downgrade_past_due,
@@ -41,7 +42,7 @@ impl StripeWebhooks {
         else {
             return Ok(None);
         };
-        let secrets = WebhookSecrets::from_list(secrets.expose())
+        let secrets = WebhookSecrets::from_list(secrets.expose_secret())
             .map_err(|e| anyhow::anyhow!("STRIPE_WEBHOOK_SECRET: {e}"))?;
         let deliveries = IntCounterVec::new(
             Opts::new(
@@ -56,7 +57,10 @@ impl StripeWebhooks {
         Ok(Some(Self {
             secrets,
             plans: plans(config),
-            redis_url: config.redis_url.as_ref().map(|u| u.expose().to_owned()),
+            redis_url: config
+                .redis_url
+                .as_ref()
+                .map(|u| u.expose_secret().to_owned()),
             deliveries,
         }))
     }

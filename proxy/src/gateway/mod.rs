@@ -41,6 +41,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
+use secrecy::ExposeSecret;
 use serde_json::json;
 use tollgate_backends::balance::RequestFacts;
 use tollgate_backends::protocol::Protocol;
@@ -588,7 +589,10 @@ impl ProxyHttp for Gateway {
         if let Some(backend) = backend {
             upstream.insert_header(header::HOST, backend.address.as_str())?;
             if let Some(credential) = &backend.credential {
-                upstream.insert_header(header::AUTHORIZATION, format!("Bearer {credential}"))?;
+                upstream.insert_header(
+                    header::AUTHORIZATION,
+                    format!("Bearer {}", credential.expose_secret()),
+                )?;
             }
         }
         upstream.insert_header(REQUEST_ID, ctx.request_id.as_str())?;

@@ -11,9 +11,11 @@ pub mod store;
 
 use std::time::{Duration, SystemTime};
 
+use secrecy::{ExposeSecret, SecretString};
+
 use self::cache::KeyCache;
 use self::store::{Account, CreateKey, CreatedKey, KeyListing, KeyStore, StoreError};
-use crate::config::{Config, Secret};
+use crate::config::Config;
 
 /// Why a key operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +48,7 @@ pub struct NewKeyRequest {
 pub struct KeyAdmin {
     store: KeyStore,
     tiers: Vec<String>,
-    redis_url: Option<Secret>,
+    redis_url: Option<SecretString>,
     /// This instance's cache, dropped from at once on revocation.
     cache: Option<KeyCache>,
 }
@@ -122,7 +124,7 @@ impl KeyAdmin {
             cache.invalidate(&hash).await;
         }
         if let Some(url) = &self.redis_url {
-            revocation::publish(url.expose(), &hash).await;
+            revocation::publish(url.expose_secret(), &hash).await;
         }
         Ok(listing)
     }

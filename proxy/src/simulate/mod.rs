@@ -42,11 +42,8 @@ use prometheus::Registry;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tollgate_backends::balance::RequestFacts;
 use tollgate_backends::balance::breaker::BreakerConfig;
-use tollgate_backends::balance::least_outstanding::LeastOutstanding;
-use tollgate_backends::balance::round_robin::RoundRobin;
-use tollgate_backends::balance::session_affinity::SessionAffinity;
-use tollgate_backends::balance::{Policy, RequestFacts};
 use tollgate_backends::fleet::controller::{Connections, FleetController, Managed, Readiness};
 use tollgate_backends::fleet::policy::Scaler;
 use tollgate_backends::health::{DEFAULT_HEALTH_PATH, Probe};
@@ -58,7 +55,7 @@ use self::provider::{ProviderCalls, SimProvider, SimTiming};
 use self::trace::{Arrival, Diurnal, DiurnalParams, TokenModel, TraceReader};
 use crate::admission::Admission;
 use crate::cli::{SimulateArgs, Synthetic};
-use crate::config::{Config, ProviderConfig, RoutingPolicy};
+use crate::config::{Config, ProviderConfig};
 use crate::error::ApiError;
 
 /// The fleet and queue are sampled for the chart this often.
@@ -679,7 +676,7 @@ async fn run_once(config: &Config, options: &Options) -> anyhow::Result<RunOutco
     }
     let pool = Arc::new(BackendPool::new(
         backends,
-        routing_policy(config.routing.policy, options.seed),
+        config.routing.policy.build(Some(options.seed)),
         BreakerConfig {
             failure_threshold: config.routing.breaker_failures,
             open_for: config.routing.breaker_open,
@@ -857,17 +854,6 @@ async fn run_once(config: &Config, options: &Options) -> anyhow::Result<RunOutco
         granted_without_backend: stats.granted_without_backend,
         busy_slot_hours: stats.busy_secs / 3600.0,
     })
-}
-
-/// The configured routing policy, seeded so a run repeats.
-fn routing_policy(policy: RoutingPolicy, seed: u64) -> Box<dyn Policy> {
-    match policy {
-        RoutingPolicy::LeastOutstanding => Box::new(LeastOutstanding::with_seed(seed)),
-        RoutingPolicy::RoundRobin => Box::new(RoundRobin::default()),
-        RoutingPolicy::SessionAffinity => Box::new(SessionAffinity::new(Box::new(
-            LeastOutstanding::with_seed(seed),
-        ))),
-    }
 }
 
 #[cfg(test)]

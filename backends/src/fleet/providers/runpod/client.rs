@@ -23,9 +23,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
 use reqwest::{Method, StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-
-use super::ApiKey;
 
 /// Longest piece of an error body kept in an error message.
 const MAX_MESSAGE_CHARS: usize = 500;
@@ -110,12 +109,12 @@ pub enum ApiError {
 pub struct PodsClient {
     http: reqwest::Client,
     base: Url,
-    key: ApiKey,
+    key: SecretString,
     timeout: Duration,
 }
 
 impl PodsClient {
-    pub fn new(api_url: &str, key: ApiKey, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(api_url: &str, key: SecretString, timeout: Duration) -> anyhow::Result<Self> {
         let base = Url::parse(api_url).with_context(|| format!("`api_url` {api_url}"))?;
         if base.cannot_be_a_base() {
             return Err(anyhow!("`api_url` {api_url} cannot have paths under it"));
@@ -209,7 +208,7 @@ impl PodsClient {
         let mut request = self
             .http
             .request(method.clone(), url)
-            .bearer_auth(self.key.expose());
+            .bearer_auth(self.key.expose_secret());
         if let Some(body) = body {
             request = request.json(body);
         }

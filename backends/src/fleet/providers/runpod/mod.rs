@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
 use self::client::{ApiError, Pod, PodCreateInput, PodsClient};
@@ -62,27 +63,6 @@ const NO_CAPACITY_MESSAGES: &[&str] = &[
     "no longer any instances available",
 ];
 
-/// An API key: never printed, not even by `{:?}`.
-#[derive(Clone, Deserialize)]
-#[serde(transparent)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    pub fn new(key: impl Into<String>) -> Self {
-        Self(key.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey([redacted])")
-    }
-}
-
 /// Where RunPod may place the pod (`cloudType`), spelt as RunPod spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -112,7 +92,8 @@ pub struct RunPodConfig {
     /// Base URL of RunPod's REST API v1; tests point it at [`fake`].
     #[serde(default = "default_api_url")]
     pub api_url: String,
-    pub api_key: ApiKey,
+    /// Never printed, not even by `{:?}`.
+    pub api_key: SecretString,
     /// What every created pod looks like.
     pub pod: PodTemplate,
     /// The container port the inference server (OpenAI API or Triton)
@@ -221,7 +202,7 @@ impl RunPodConfig {
         if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
             bail!("`api_url`: `{}` is not an http(s) URL", self.api_url);
         }
-        if self.api_key.expose().trim().is_empty() {
+        if self.api_key.expose_secret().trim().is_empty() {
             bail!("`api_key` is empty");
         }
         if self.timeout.is_zero() {
