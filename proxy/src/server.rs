@@ -26,6 +26,7 @@ use crate::admin::{AdminApi, MetricsApp};
 use crate::admission::Admission;
 use crate::admission::limits::redis::RedisLimits;
 use crate::admission::reconcile::PeriodReconciler;
+use crate::billing::export::ExportMetrics;
 use crate::billing::{BillingSessions, PastDueSweep, StripeWebhooks, UsageExporter};
 use crate::config::{Config, RoutingConfig};
 use crate::db::{self, PoolJanitor};
@@ -138,6 +139,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
 
     let billing_sessions = BillingSessions::from_config(&config, pool.clone())?.map(Arc::new);
     let stripe_webhooks = StripeWebhooks::from_config(&config, prometheus::default_registry())?;
+    let export_metrics = ExportMetrics::new(prometheus::default_registry())?;
     // Subscriptions come from webhooks: where they are received, their grace
     // is enforced.
     let past_due_sweep = stripe_webhooks.as_ref().map(|webhooks| PastDueSweep {
@@ -267,6 +269,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 pool: pool.clone(),
                 billing: config.billing.clone(),
                 stripe: stripe.clone(),
+                metrics: export_metrics,
             },
         ));
     }

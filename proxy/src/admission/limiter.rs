@@ -112,10 +112,21 @@ impl RedisHealth {
     }
 }
 
+/// The `policy` label of `tollgate_admission_redis_fallback_total`.
+fn policy_label(policy: RedisDownPolicy) -> &'static str {
+    match policy {
+        RedisDownPolicy::Local => "local",
+        RedisDownPolicy::Reject => "reject",
+    }
+}
+
 impl Limiter {
+    /// `tiers`: each tier's name and its `on_redis_down`, whose fallback
+    /// series are exported from zero (with Redis configured).
     pub fn new(
         redis: Option<RedisLimits>,
         timeout: Duration,
+        tiers: &[(&str, RedisDownPolicy)],
         registry: &Registry,
     ) -> prometheus::Result<Self> {
         let fallbacks = IntCounterVec::new(
@@ -125,6 +136,12 @@ impl Limiter {
             ),
             &["tier", "policy"],
         )?;
+        if redis.is_some() {
+            // So that a panel shows 0 and `increase` sees the first fallback.
+            for (tier, policy) in tiers {
+                fallbacks.with_label_values(&[*tier, policy_label(*policy)]);
+            }
+        }
         registry.register(Box::new(fallbacks.clone()))?;
         Ok(Self {
             redis,
@@ -169,11 +186,9 @@ impl Limiter {
                     }
                 }
             }
-            let policy_name = match policy {
-                RedisDownPolicy::Local => "local",
-                RedisDownPolicy::Reject => "reject",
-            };
-            self.fallbacks.with_label_values(&[tier, policy_name]).inc();
+            self.fallbacks
+                .with_label_values(&[tier, policy_label(policy)])
+                .inc();
             if policy == RedisDownPolicy::Reject {
                 return Err(RedisDown);
             }

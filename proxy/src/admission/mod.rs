@@ -216,7 +216,15 @@ impl Admission {
         registry.register(Box::new(queue_wait.clone()))?;
         Ok(Self {
             plans,
-            limiter: Limiter::new(redis, config.redis.timeout, registry)?,
+            limiter: Limiter::new(
+                redis,
+                config.redis.timeout,
+                &by_priority
+                    .iter()
+                    .map(|t| (t.name.as_str(), t.on_redis_down))
+                    .collect::<Vec<_>>(),
+                registry,
+            )?,
             queues,
             config: config.admission,
             rejected,

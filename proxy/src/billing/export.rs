@@ -30,6 +30,7 @@ pub struct UsageExporter {
     pub pool: Pool,
     pub billing: BillingConfig,
     pub stripe: StripeConfig,
+    pub metrics: ExportMetrics,
 }
 
 #[async_trait]
@@ -42,14 +43,6 @@ impl BackgroundService for UsageExporter {
                 return;
             }
         };
-        // Registered here, where the exporter runs: only `serve` runs it.
-        let metrics = match ExportMetrics::new(prometheus::default_registry()) {
-            Ok(metrics) => Some(metrics),
-            Err(e) => {
-                tracing::error!(error = %e, "usage export metrics not registered");
-                None
-            }
-        };
         let config = export_config(&self.billing);
         let mut ticks = tokio::time::interval(self.billing.export_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -60,32 +53,27 @@ impl BackgroundService for UsageExporter {
             }
             match export_once(&self.pool, &config, &events, SystemTime::now()).await {
                 Ok(report) => {
-                    if let Some(metrics) = &metrics {
-                        metrics.count(&report);
-                    }
+                    self.metrics.count(&report);
                     if report != ExportReport::default() {
                         tracing::info!(?report, "usage exported to Stripe");
                     }
                 }
                 Err(e) => {
-                    if let Some(metrics) = &metrics {
-                        metrics.pass_failed();
-                    }
+                    self.metrics.pass_failed();
                     tracing::warn!(error = %e, "usage export pass failed; next pass retries");
                 }
             }
-            if let Some(metrics) = &metrics {
-                metrics
-                    .read_pending(&self.pool, &config.meter_event_name)
-                    .await;
-            }
+            self.metrics
+                .read_pending(&self.pool, &config.meter_event_name)
+                .await;
         }
     }
 }
 
 /// The usage exporter's metrics: what became of each meter event, and the
-/// rows still waiting to be sent.
-struct ExportMetrics {
+/// rows still waiting to be sent. Registered by `serve` whether billing is
+/// on or not, so the export alerts and panels read 0, not "No data".
+pub struct ExportMetrics {
     /// Meter events by outcome (see [`EXPORT_OUTCOMES`]).
     events: IntCounterVec,
     /// Export passes that ended in an error (Postgres or the planner).
@@ -101,7 +89,7 @@ struct ExportMetrics {
 const EXPORT_OUTCOMES: [&str; 5] = ["delivered", "duplicate", "failed", "rejected", "expired"];
 
 impl ExportMetrics {
-    fn new(registry: &Registry) -> prometheus::Result<Self> {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let events = IntCounterVec::new(
             Opts::new(
                 "tollgate_stripe_export_events_total",

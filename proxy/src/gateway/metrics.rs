@@ -115,6 +115,25 @@ impl RequestMetrics {
             ),
             &["tier", "model", "direction"],
         )?;
+        // The configured tiers and models from zero, so a panel shows 0 and
+        // `increase` sees the first request (bounded: the config's names).
+        for tier in &tiers {
+            for model in &models {
+                for endpoint in ENDPOINTS {
+                    for status in ["2xx", "4xx", "5xx"] {
+                        requests.with_label_values(&[
+                            tier,
+                            model,
+                            endpoint_label(endpoint),
+                            status,
+                        ]);
+                    }
+                }
+                for direction in ["prompt", "completion"] {
+                    tokens.with_label_values(&[tier, model, direction]);
+                }
+            }
+        }
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(overhead.clone()))?;
@@ -176,6 +195,12 @@ impl RequestMetrics {
         }
     }
 }
+
+const ENDPOINTS: [Endpoint; 3] = [
+    Endpoint::ChatCompletions,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+];
 
 fn endpoint_label(endpoint: Endpoint) -> &'static str {
     match endpoint {
@@ -262,6 +287,11 @@ mod tests {
                 )
             })
             .collect();
+        // The configured names are exported from zero: 2 tiers x 2 models x
+        // 3 endpoints x 3 status classes.
+        let zeros = series.iter().filter(|(_, _, n)| *n == 0).count();
+        assert_eq!(zeros, 2 * 2 * 3 * 3 - 1, "one of them counted m2 on pro");
+        series.retain(|(_, _, n)| *n > 0);
         series.sort();
         assert_eq!(
             series,

@@ -977,3 +977,63 @@ async fn every_sql_query_runs_as_the_grafana_role_and_returns_rows() {
     }
     fail_with("dashboard SQL", &problems);
 }
+
+/// Every counter a dashboard or an alert names, with the expressions that
+/// name it: a counter missing until its first event shows "No data" in a
+/// panel and makes `increase()` miss that first event.
+fn counters_named_by_dashboards_and_alerts() -> BTreeMap<String, String> {
+    let datasources = datasources();
+    let mut named = BTreeMap::new();
+    for dashboard in Dashboard::all() {
+        let variables = dashboard.variables();
+        for query in dashboard.queries(&datasources) {
+            if query.kind == Kind::Prometheus {
+                for name in metric_names(&promql_for_check(&query.text, &variables)) {
+                    named.entry(name).or_insert_with(|| query.at.clone());
+                }
+            }
+        }
+    }
+    let alerts: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(workspace().join("deploy/prometheus/alerts.yml")).unwrap(),
+    )
+    .unwrap();
+    for group in alerts["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let at = format!("alert {}", rule["alert"].as_str().unwrap_or("?"));
+            for name in metric_names(rule["expr"].as_str().unwrap()) {
+                named.entry(name).or_insert_with(|| at.clone());
+            }
+        }
+    }
+    named.retain(|name, _| name.ends_with("_total"));
+    named
+}
+
+#[tokio::test]
+async fn every_counter_dashboards_and_alerts_name_is_exported_before_any_traffic() {
+    let sim = Sim::fast();
+    // The same configuration as the traffic test: Redis configured, billing
+    // with a priced tier, a managed backend.
+    let tiers = "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 100\n\
+                 [[tiers]]\nname = \"pro\"\npriority = 10\nrequests_per_minute = 2\n\
+                 monthly_price = 49.0\nincluded_units = 2000000\nhard_cap = false\n\
+                 overage_price = 0.00002\n";
+    let options = Options {
+        redis: Some(redis_url()),
+        tiers: Some(tiers.to_owned()),
+        tail: super::api_metrics::priced_process_backend(),
+        ..Options::default()
+    };
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], options).await;
+    let scrape = Scrape::of(&gateway.metrics_url).await;
+    let problems: Vec<String> = counters_named_by_dashboards_and_alerts()
+        .into_iter()
+        .filter(|(name, _)| !scrape.exports(name))
+        .map(|(name, at)| format!("{name} (first used by {at})"))
+        .collect();
+    fail_with(
+        "counters the dashboards and alerts name that a fresh gateway does not export",
+        &problems,
+    );
+}
