@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
 use stripe::{Client, StripeError};
 use stripe_billing::BillingMeter;
 use stripe_billing::billing_meter::{
@@ -15,11 +13,11 @@ use stripe_billing::billing_meter::{
 use stripe_product::price::{ListPrice, RetrievePrice};
 use stripe_product::product::{ListProduct, RetrieveProduct, UpdateProduct};
 use stripe_shared::{Price, PriceBillingScheme, PriceTiersMode, Product};
-use support::fake_stripe::{FakeStripe, Fault, RecordedRequest, Route};
 use tollgate_billing::catalog::{
     Catalog, CatalogTier, ObjectKind, Outcome, Overage, SyncReport, sync_catalog,
 };
 use tollgate_billing::stripe_api::client;
+use tollgate_testkit::stripe::{FakeStripe, Fault, RecordedRequest, Route};
 
 const METER: &str = "tollgate_units";
 

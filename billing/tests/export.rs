@@ -13,11 +13,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use support::db::TestDb;
-use support::fake_stripe::{FakeStripe, Fault, Route};
 use tollgate_billing::export::{
     ExportConfig, ExportReport, MeterEvent, MeterEvents, SendError, export_once,
 };
 use tollgate_billing::stripe_api::{StripeMeterEvents, client};
+use tollgate_testkit::stripe::{FakeStripe, Fault, Route};
 use uuid::Uuid;
 
 const HOUR: i64 = 3600;

@@ -16,12 +16,12 @@ use stripe_billing::billing_meter::{
     CreateBillingMeterDefaultAggregationFormula,
 };
 use support::db::TestDb;
-use support::fake_stripe::FakeStripe;
 use tollgate_billing::export::{ExportConfig, MeterEvent, MeterEvents, export_once};
 use tollgate_billing::reconcile::{
     Day, Reconciliation, Row, StripeComparison, SummariesError, reconcile,
 };
 use tollgate_billing::stripe_api::{StripeMeterEvents, StripeMeterSummaries, client};
+use tollgate_testkit::stripe::FakeStripe;
 use uuid::Uuid;
 
 const HOUR: i64 = 3600;

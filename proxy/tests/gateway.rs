@@ -587,9 +587,6 @@ mod api_metrics;
 mod billing;
 #[path = "gateway/dashboards.rs"]
 mod dashboards;
-#[path = "../../billing/tests/support/fake_stripe.rs"]
-#[allow(dead_code)]
-mod fake_stripe;
 #[path = "gateway/fleet.rs"]
 mod fleet;
 #[path = "gateway/hostile.rs"]

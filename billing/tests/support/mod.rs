@@ -4,4 +4,3 @@
 #![allow(dead_code)]
 
 pub mod db;
-pub mod fake_stripe;
