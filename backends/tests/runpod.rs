@@ -14,15 +14,13 @@ use std::time::Duration;
 use support::Sim;
 
 use serde_json::{Value, json};
-use tollgate_backends::fleet::providers::runpod::fake::{
-    FakeOptions, FakeRunPod, LostAnswer, RecordedRequest,
-};
 use tollgate_backends::fleet::providers::runpod::{
     ApiKey, CloudType, PodTemplate, RunPod, RunPodConfig,
 };
 use tollgate_backends::fleet::providers::{
     HourlyCost, Instance, InstanceStatus, Provider, ProviderError,
 };
+use tollgate_testkit::runpod::{FakeOptions, FakeRunPod, LostAnswer, RecordedRequest};
 
 const INFERENCE_PORT: u16 = 8000;
 /// A name as the controller mints them: `{pod.name}-{backend}-{uuid v7}`.

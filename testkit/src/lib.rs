@@ -3,7 +3,9 @@
 //! `[dev-dependencies]` entry only; it is never published.
 //!
 //! - [`stripe`]: a stateful fake of the part of Stripe's API Tollgate uses,
-//!   speaking Stripe's wire format (billing's tests, the gateway's billing tests).
+//!   speaking Stripe's wire format (billing's tests, the gateway's billing tests);
+//! - [`runpod`]: a stateful fake of RunPod's pods API (REST v1), for the
+//!   provider's tests and the gateway's fleet tests.
 //!
 //! The kit depends on no tollgate crate: the fakes speak HTTP and JSON, not
 //! the crates' types, so backends' tests (say) use it without a second copy
@@ -20,4 +22,5 @@
     reason = "a test kit reports a broken fixture by failing the test that uses it"
 )]
 
+pub mod runpod;
 pub mod stripe;

@@ -3,7 +3,7 @@
 //! recorded in `instance_events`; rented pods never orphaned by a create
 //! whose answer was lost, nor by a restart in the middle of one.
 
-use tollgate_backends::fleet::providers::runpod::fake::{FakeOptions, FakeRunPod, LostAnswer};
+use tollgate_testkit::runpod::{FakeOptions, FakeRunPod, LostAnswer};
 
 use super::*;
 
