@@ -25,11 +25,8 @@ use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
 use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, WriterConfig, WriterStats};
+use tollgate_testkit::TestDb;
 use uuid::Uuid;
-
-#[path = "../tests/support/mod.rs"]
-mod support;
-use support::TestDb;
 
 const ACCOUNTS: u64 = 1_000;
 
@@ -50,7 +47,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let db = TestDb::create().await;
+        let db = TestDb::migrated().await;
         writer_rate(&db).await;
         if setting("LOG_ROWS", 1) > 0 {
             query_latency(&db).await;

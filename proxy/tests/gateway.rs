@@ -7,24 +7,21 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
+use tollgate_testkit::TestDb;
+use tollgate_testkit::db::{admin_url, unique};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// Upper bound for conditions the tests wait on (a process being ready, a
 /// revocation landing): far above what they take, so only a failure reaches it.
 const POLL_DEADLINE: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
@@ -40,20 +37,6 @@ fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A name unique across processes and runs.
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}_{}_{}_{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Ports [`free_port`] hands out: below Linux's ephemeral range (32768 up), so
@@ -95,55 +78,6 @@ fn free_port() -> u16 {
         }
     }
     panic!("no free port in {TEST_PORTS:?} after 1000 tries");
-}
-
-/// A database of its own, dropped with the test.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let name = unique("tollgate_test");
-        let admin = database_url();
-        let (client, connection) = tokio_postgres::connect(&admin, NoTls).await.unwrap();
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let base = admin
-            .rsplit_once('/')
-            .map_or(admin.as_str(), |(base, _)| base);
-        Self {
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let admin = database_url();
-        let name = self.name.clone();
-        // Drop runs outside any async context guarantee: use a thread of our own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin, NoTls).await {
-                    tokio::spawn(connection);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
 }
 
 /// A child process killed when dropped.
@@ -270,7 +204,7 @@ struct Gateway {
 
 impl Gateway {
     async fn start(backends: &[BackendSpec], options: Options) -> Self {
-        let db = TestDb::create().await;
+        let db = TestDb::empty().await;
         let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
         let spool_dir = std::env::temp_dir().join(unique("tollgate_spool"));
         let redis_prefix = unique("tgtest");

@@ -5,7 +5,9 @@
 //! - [`stripe`]: a stateful fake of the part of Stripe's API Tollgate uses,
 //!   speaking Stripe's wire format (billing's tests, the gateway's billing tests);
 //! - [`runpod`]: a stateful fake of RunPod's pods API (REST v1), for the
-//!   provider's tests and the gateway's fleet tests.
+//!   provider's tests and the gateway's fleet tests;
+//! - [`db`]: [`TestDb`], a Postgres database of each test's own, migrated
+//!   from `sql/` as `tollgate migrate` does, dropped with the test.
 //!
 //! The kit depends on no tollgate crate: the fakes speak HTTP and JSON, not
 //! the crates' types, so backends' tests (say) use it without a second copy
@@ -22,5 +24,8 @@
     reason = "a test kit reports a broken fixture by failing the test that uses it"
 )]
 
+pub mod db;
 pub mod runpod;
 pub mod stripe;
+
+pub use db::TestDb;
