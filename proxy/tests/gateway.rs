@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,29 +13,14 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
-use tollgate_testkit::TestDb;
 use tollgate_testkit::db::{admin_url, unique};
+use tollgate_testkit::poll::{POLL_DEADLINE, POLL_INTERVAL};
+use tollgate_testkit::{GpuSim, TestDb, eventually};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-/// Upper bound for conditions the tests wait on (a process being ready, a
-/// revocation landing): far above what they take, so only a failure reaches it.
-const POLL_DEADLINE: Duration = Duration::from_secs(30);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-fn bin(name: &str) -> PathBuf {
-    // gpu-sim is built beside tollgate (same workspace target directory).
-    let tollgate = PathBuf::from(env!("CARGO_BIN_EXE_tollgate"));
-    let path = tollgate.with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --workspace --bins`",
-        path.display()
-    );
-    path
 }
 
 /// Ports [`free_port`] hands out: below Linux's ephemeral range (32768 up), so
@@ -96,33 +80,19 @@ impl Drop for Proc {
     }
 }
 
-/// A gpu-sim process, killed when dropped.
+/// gpu-sim serving `sim-model`, killed when dropped.
 struct Sim {
-    _proc: Proc,
+    _sim: GpuSim,
+    /// `http://host:port`.
     url: String,
 }
 
 impl Sim {
     fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(bin("gpu-sim"))
-            .args(["--listen", "127.0.0.1:0", "--model", "sim-model"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap()
-            .to_owned();
+        let sim = GpuSim::start(&[&["--model", "sim-model"], args].concat());
         Self {
-            _proc: Proc(child),
-            url,
+            url: sim.base().to_owned(),
+            _sim: sim,
         }
     }
 
@@ -455,18 +425,6 @@ fn delete_redis_keys(url: &str, prefix: &str) {
         .args(["-u", url, "EVAL", DELETE, "0", &format!("{prefix}:*")])
         .stdout(Stdio::null())
         .status();
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + POLL_DEADLINE;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
 }
 
 fn chat(content: &str, max_tokens: u32) -> Value {

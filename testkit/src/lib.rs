@@ -7,7 +7,9 @@
 //! - [`runpod`]: a stateful fake of RunPod's pods API (REST v1), for the
 //!   provider's tests and the gateway's fleet tests;
 //! - [`db`]: [`TestDb`], a Postgres database of each test's own, migrated
-//!   from `sql/` as `tollgate migrate` does, dropped with the test.
+//!   from `sql/` as `tollgate migrate` does, dropped with the test;
+//! - [`gpu_sim`]: [`GpuSim`], the real `gpu-sim` binary on a free port;
+//! - [`poll`]: [`eventually`], waiting for a condition without sleeping a guess.
 //!
 //! The kit depends on no tollgate crate: the fakes speak HTTP and JSON, not
 //! the crates' types, so backends' tests (say) use it without a second copy
@@ -25,7 +27,11 @@
 )]
 
 pub mod db;
+pub mod gpu_sim;
+pub mod poll;
 pub mod runpod;
 pub mod stripe;
 
 pub use db::TestDb;
+pub use gpu_sim::GpuSim;
+pub use poll::eventually;

@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio_postgres::NoTls;
 use tollgate_testkit::TestDb;
 
-use super::{GpuSim, run_loadgen};
+use super::{gpu_sim_paced, run_loadgen};
 
 /// A file under the test target's temporary directory, unique to this process.
 fn temp_path(name: &str) -> PathBuf {
@@ -76,10 +76,10 @@ fn words(texts: &Value) -> u64 {
 #[test]
 fn soak_ledger_records_every_request_as_the_client_saw_it() {
     // Paced, so a stream lasts long enough for its client to hang up in the middle.
-    let sim = GpuSim::start_paced(&["--ttft-ms", "0", "--tokens-per-sec", "400"], &[]);
+    let sim = gpu_sim_paced(&["--ttft-ms", "0", "--tokens-per-sec", "400"], &[]);
     let ledger = soak(
         "mix",
-        &sim.base_url,
+        sim.base(),
         &["--rate", "60", "--duration", "1", "--max-tokens", "24"],
     );
     assert_eq!(ledger.len(), 60, "one line per scheduled request");

@@ -10,7 +10,7 @@ use super::*;
 /// A `process` backend running gpu-sim with a start-up delay, and a
 /// `[fleet]` that scales it to zero after `idle_stop_secs`.
 fn process_fleet(startup_delay_secs: u32, idle_stop_secs: u32) -> String {
-    let sim = bin("gpu-sim");
+    let sim = tollgate_testkit::gpu_sim::binary();
     format!(
         "[[backends]]\nname = \"gpu\"\nprovider = \"process\"\nmodels = [\"sim-model\"]\n\
          max_concurrency = 4\nhourly_cost = 2.0\nstopped_hourly_cost = 0.1\n\
