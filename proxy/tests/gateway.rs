@@ -1,5 +1,6 @@
 //! Tollgate end to end: real Postgres (a fresh database per test), real
-//! gpu-sim and tollgate processes, HTTP over loopback.
+//! gpu-sim and tollgate processes, HTTP over loopback; and the limit stores'
+//! conformance suite against a real Redis ([`limit_stores`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -483,6 +484,8 @@ mod dashboards;
 mod fleet;
 #[path = "gateway/hostile.rs"]
 mod hostile;
+#[path = "gateway/limit_stores.rs"]
+mod limit_stores;
 #[path = "gateway/metering.rs"]
 mod metering;
 #[path = "gateway/money_path.rs"]
