@@ -1,7 +1,5 @@
 //! Load signals scraped from the real gpu-sim binary, started on a free port.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 mod support;
 
 use std::time::Duration;

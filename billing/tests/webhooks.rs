@@ -4,7 +4,10 @@
 //! events are whole envelopes in Stripe's wire format, read with
 //! `Event::parse` as the gateway does.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use tollgate_testkit::TestDb;
 

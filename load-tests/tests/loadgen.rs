@@ -8,7 +8,12 @@
 //! gpu-sim is a binary of another package, so it must be built first:
 //! `cargo build --workspace --bins`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 mod soak;
 

@@ -647,8 +647,6 @@ pub fn plans(config: &Config) -> Plans {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     #[test]

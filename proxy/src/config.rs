@@ -1668,7 +1668,6 @@ fn override_number(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use std::collections::HashMap;
 
     use super::*;

@@ -2,7 +2,12 @@
 //! gpu-sim and tollgate processes, HTTP over loopback; and the limit stores'
 //! conformance suite against a real Redis ([`limit_stores`]).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,11 @@
 //! cannot read, cannot show any of that: those tests then say why and pass.
 //! Whether a connection is encrypted is asked of the server (`pg_stat_ssl`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use std::net::{IpAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};

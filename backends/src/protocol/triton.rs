@@ -1239,8 +1239,6 @@ fn take_line(data: &mut Vec<u8>, has_data: &mut bool, line: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn chat_body(messages: Value) -> Value {

@@ -872,7 +872,6 @@ fn routing_policy(policy: RoutingPolicy, seed: u64) -> Box<dyn Policy> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::config::Env;
     use clap::Parser;

@@ -11,8 +11,6 @@
 //! rule only ever gains room as time passes, and bounds are set from the
 //! measured elapsed time, never from a guess of how fast things run.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -497,8 +497,6 @@ impl Provider for RunPod {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn pod(status: &str, ip: Option<&str>, mappings: Option<&[(&str, u16)]>) -> Pod {
