@@ -317,8 +317,6 @@ pub async fn probe(client: &ProbeClient, address: &str, probe: &Probe, timeout: 
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     const CONFIG: ProbeConfig = ProbeConfig::DEFAULT;

@@ -407,7 +407,6 @@ impl UpstreamSelector for BackendPool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::balance::least_outstanding::LeastOutstanding;
     use crate::balance::round_robin::RoundRobin;

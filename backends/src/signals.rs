@@ -265,8 +265,6 @@ pub async fn scrape(client: &ProbeClient, address: &str, timeout: Duration) -> O
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

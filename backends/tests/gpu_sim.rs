@@ -3,25 +3,24 @@
 //! Token counts are checked against `tiktoken-rs`, an implementation of the
 //! tiktoken encodings independent of the `bpe-openai` the simulator counts with.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 mod support;
 #[path = "gpu_sim/vllm.rs"]
 mod vllm;
 
 use std::process::{Command, ExitStatus};
-use std::time::Duration;
 use support::Sim;
 
 use base64::Engine as _;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-
-/// Upper bound for conditions the tests poll for (readiness, queue depth): far
-/// above what they take, so only a real failure reaches it.
-const POLL_DEADLINE: Duration = Duration::from_secs(30);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+use tollgate_testkit::eventually;
 
 impl Sim {
     async fn post(&self, path: &str, body: Value) -> reqwest::Response {
@@ -59,19 +58,6 @@ impl Sim {
     fn terminate(mut self) -> ExitStatus {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
         self.child.wait().unwrap()
-    }
-}
-
-/// Polls `check` until it returns true, failing after [`POLL_DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + POLL_DEADLINE;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 

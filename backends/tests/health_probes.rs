@@ -1,8 +1,6 @@
 //! Active health probes against a real gpu-sim, per protocol, through an
 //! injected engine failure and back.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 mod support;
 
 use std::time::Duration;

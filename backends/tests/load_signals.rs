@@ -1,7 +1,5 @@
 //! Load signals scraped from the real gpu-sim binary, started on a free port.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 mod support;
 
 use std::time::Duration;
@@ -10,11 +8,8 @@ use support::Sim;
 use serde_json::json;
 use tollgate_backends::health::ProbeClient;
 use tollgate_backends::signals::{LoadSignals, scrape};
+use tollgate_testkit::poll::{POLL_DEADLINE, POLL_INTERVAL};
 
-/// Upper bound for the state the test polls for: far above what it takes, so
-/// only a real failure reaches it.
-const POLL_DEADLINE: Duration = Duration::from_secs(30);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[tokio::test]

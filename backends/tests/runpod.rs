@@ -5,7 +5,11 @@
 //! and are found again by name. One test reaches a real gpu-sim through the
 //! address the provider reports.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 mod support;
 
@@ -15,13 +19,11 @@ use support::Sim;
 
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use tollgate_backends::fleet::providers::runpod::fake::{
-    FakeOptions, FakeRunPod, LostAnswer, RecordedRequest,
-};
 use tollgate_backends::fleet::providers::runpod::{CloudType, PodTemplate, RunPod, RunPodConfig};
 use tollgate_backends::fleet::providers::{
     HourlyCost, Instance, InstanceStatus, Provider, ProviderError,
 };
+use tollgate_testkit::runpod::{FakeOptions, FakeRunPod, LostAnswer, RecordedRequest};
 
 const INFERENCE_PORT: u16 = 8000;
 /// A name as the controller mints them: `{pod.name}-{backend}-{uuid v7}`.

@@ -1019,8 +1019,6 @@ fn parse_as<T: FromStr<Err = Infallible>>(_field: fn(&Price) -> &T, code: &str) 
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     fn catalog(tiers: Vec<CatalogTier>) -> Catalog {

@@ -636,8 +636,6 @@ fn write_table<const N: usize>(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn day(text: &str) -> Day {

@@ -2,9 +2,10 @@
 //! per paid tier and one active price per lookup key, however often it runs
 //! and wherever a run stopped; a second run only reads.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use stripe::{Client, StripeError};
 use stripe_billing::BillingMeter;
@@ -15,11 +16,11 @@ use stripe_billing::billing_meter::{
 use stripe_product::price::{ListPrice, RetrievePrice};
 use stripe_product::product::{ListProduct, RetrieveProduct, UpdateProduct};
 use stripe_shared::{Price, PriceBillingScheme, PriceTiersMode, Product};
-use support::fake_stripe::{FakeStripe, Fault, RecordedRequest, Route};
 use tollgate_billing::catalog::{
     Catalog, CatalogTier, ObjectKind, Outcome, Overage, SyncReport, sync_catalog,
 };
 use tollgate_billing::stripe_api::client;
+use tollgate_testkit::stripe::{FakeStripe, Fault, RecordedRequest, Route};
 
 const METER: &str = "tollgate_units";
 

@@ -3,21 +3,23 @@
 //! fails on the way, Stripe ends up with exactly the units in the usage log,
 //! per customer and hour.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use support::db::TestDb;
-use support::fake_stripe::{FakeStripe, Fault, Route};
 use tollgate_billing::export::{
     ExportConfig, ExportReport, MeterEvent, MeterEvents, SendError, export_once,
 };
 use tollgate_billing::stripe_api::{StripeMeterEvents, client};
+use tollgate_testkit::TestDb;
+use tollgate_testkit::stripe::{FakeStripe, Fault, Route};
 use uuid::Uuid;
 
 const HOUR: i64 = 3600;
@@ -171,7 +173,7 @@ async fn pending(db: &TestDb) -> i64 {
 
 #[tokio::test]
 async fn a_month_of_usage_reaches_stripe_exactly_once_per_customer_hour() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let month = seed_month(&db, 30 * 24).await;
     let fake = FakeStripe::start().await.unwrap();
     let events = Route::post("/v1/billing/meter_events");
@@ -239,7 +241,7 @@ impl MeterEvents for DiesAfterAccept {
 
 #[tokio::test]
 async fn an_exporter_that_dies_after_stripe_accepted_sends_nothing_twice() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let month = seed_month(&db, 48).await;
     let fake = FakeStripe::start().await.unwrap();
     let dying = DiesAfterAccept {
@@ -262,7 +264,7 @@ async fn an_exporter_that_dies_after_stripe_accepted_sends_nothing_twice() {
 
 #[tokio::test]
 async fn two_exporters_at_once_never_send_an_event_twice() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let month = seed_month(&db, 72).await;
     let fake = FakeStripe::start().await.unwrap();
     let (a, b) = (stripe(&fake), stripe(&fake));
@@ -279,7 +281,7 @@ async fn two_exporters_at_once_never_send_an_event_twice() {
 
 #[tokio::test]
 async fn usage_that_arrives_after_its_hour_was_exported_is_sent_as_a_correction() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let mut month = seed_month(&db, 6).await;
     let fake = FakeStripe::start().await.unwrap();
     export_until_done(&db, &stripe(&fake), at(month.end)).await;

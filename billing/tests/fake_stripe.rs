@@ -1,4 +1,4 @@
-//! The fake Stripe (`support/fake_stripe.rs`) against Stripe's documented
+//! The test kit's fake Stripe (`tollgate_testkit::stripe`) against Stripe's documented
 //! behaviour, through plain HTTP with form bodies as any client sends them:
 //! the catalog a metered plan needs, meter events counted once, idempotent
 //! replay, every fault kind, auth errors, Checkout and the portal, and event
@@ -6,16 +6,17 @@
 //! `async-stripe`'s own types, so the fake cannot drift from what the real
 //! client accepts.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use std::time::Duration;
 
 use reqwest::Method;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde_json::Value;
-use support::fake_stripe::{FakeStripe, Fault, Outage, Route};
+use tollgate_testkit::stripe::{FakeStripe, Fault, Outage, Route};
 
 const METER_EVENT_NAME: &str = "tollgate_units";
 const LOOKUP_KEY: &str = "tollgate_pro_units";

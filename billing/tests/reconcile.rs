@@ -4,9 +4,10 @@
 //! exports and Stripe can disagree is reported for exactly the customer and
 //! day it happened to.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod support;
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,13 +16,13 @@ use stripe_billing::billing_meter::{
     CreateBillingMeter, CreateBillingMeterDefaultAggregation,
     CreateBillingMeterDefaultAggregationFormula,
 };
-use support::db::TestDb;
-use support::fake_stripe::FakeStripe;
 use tollgate_billing::export::{ExportConfig, MeterEvent, MeterEvents, export_once};
 use tollgate_billing::reconcile::{
     Day, Reconciliation, Row, StripeComparison, SummariesError, reconcile,
 };
 use tollgate_billing::stripe_api::{StripeMeterEvents, StripeMeterSummaries, client};
+use tollgate_testkit::TestDb;
+use tollgate_testkit::stripe::FakeStripe;
 use uuid::Uuid;
 
 const HOUR: i64 = 3600;
@@ -195,7 +196,7 @@ fn only_difference(reconciliation: &Reconciliation) -> &Row {
 
 #[tokio::test]
 async fn a_fully_exported_log_reconciles_with_no_differences_including_stripe() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let fake = FakeStripe::start().await.unwrap();
     let log = exported_log(&db, &fake).await;
 
@@ -270,7 +271,7 @@ async fn a_fully_exported_log_reconciles_with_no_differences_including_stripe() 
 
 #[tokio::test]
 async fn usage_added_to_an_exported_hour_is_reported_for_that_customer_and_day() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let fake = FakeStripe::start().await.unwrap();
     let log = exported_log(&db, &fake).await;
     let (account, customer) = log.customers[1].clone();
@@ -331,7 +332,7 @@ async fn usage_added_to_an_exported_hour_is_reported_for_that_customer_and_day()
 
 #[tokio::test]
 async fn an_extra_meter_event_at_stripe_is_reported_for_that_customer_and_day() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let fake = FakeStripe::start().await.unwrap();
     let log = exported_log(&db, &fake).await;
     let customer = log.customers[2].1.clone();
@@ -364,7 +365,7 @@ async fn an_extra_meter_event_at_stripe_is_reported_for_that_customer_and_day() 
 
 #[tokio::test]
 async fn an_expired_export_is_reported_as_not_billed() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let fake = FakeStripe::start().await.unwrap();
     let log = exported_log(&db, &fake).await;
     let (account, customer) = log.customers[0].clone();
@@ -430,7 +431,7 @@ async fn an_expired_export_is_reported_as_not_billed() {
 
 #[tokio::test]
 async fn with_stripe_unreachable_the_log_is_still_compared_with_the_exports() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let fake = FakeStripe::start().await.unwrap();
     let log = exported_log(&db, &fake).await;
     let (account, customer) = log.customers[1].clone();
@@ -465,7 +466,7 @@ async fn with_stripe_unreachable_the_log_is_still_compared_with_the_exports() {
 
 #[tokio::test]
 async fn a_meter_stripe_does_not_have_is_reported_not_taken_for_zero_usage() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let fake = FakeStripe::start().await.unwrap();
     let log = seed(&db).await;
     export_once(&db.pool, &config(), &events(&fake), at(log.now))

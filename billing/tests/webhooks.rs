@@ -4,11 +4,12 @@
 //! events are whole envelopes in Stripe's wire format, read with
 //! `Event::parse` as the gateway does.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
-mod support;
-
-use support::db::TestDb;
+use tollgate_testkit::TestDb;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +31,18 @@ const STUDIO: &str = "tollgate_studio_monthly";
 const BASIL: &str = "2025-03-31.basil";
 const ACACIA: &str = "2024-06-20";
 
-impl TestDb {
+/// The rows these tests read and write, on the test kit's database (a trait:
+/// a type of another crate takes no inherent methods).
+trait BillingRows {
+    async fn account(&self) -> Uuid;
+    async fn tier(&self, account: Uuid) -> String;
+    async fn customer_of(&self, account: Uuid) -> Option<String>;
+    /// (status, tier, past_due_since) of a subscription.
+    async fn subscription(&self, id: &str) -> (Option<String>, Option<String>, Option<SystemTime>);
+    async fn events_seen(&self) -> i64;
+}
+
+impl BillingRows for TestDb {
     async fn account(&self) -> Uuid {
         let id = Uuid::now_v7();
         self.execute(
@@ -61,7 +73,6 @@ impl TestDb {
             .map(|row| row.get(0))
     }
 
-    /// (status, tier, past_due_since) of a subscription.
     async fn subscription(&self, id: &str) -> (Option<String>, Option<String>, Option<SystemTime>) {
         let row = self
             .query_one(
@@ -313,7 +324,7 @@ fn invoice(
 
 #[tokio::test]
 async fn checkout_then_subscription_created_puts_the_account_on_the_paid_tier() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
 
     let linked = deliver(
@@ -350,7 +361,7 @@ async fn checkout_then_subscription_created_puts_the_account_on_the_paid_tier() 
 
 #[tokio::test]
 async fn a_redelivered_event_changes_nothing() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     deliver(
         &db,
@@ -390,7 +401,7 @@ async fn a_redelivered_event_changes_nothing() {
 
 #[tokio::test]
 async fn the_same_event_delivered_twice_at_once_is_applied_once() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     deliver(
         &db,
@@ -418,7 +429,7 @@ async fn the_same_event_delivered_twice_at_once_is_applied_once() {
 /// second later) can arrive before `created`.
 #[tokio::test]
 async fn updated_before_created_ends_in_the_updated_state() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     deliver(
         &db,
@@ -453,7 +464,7 @@ async fn updated_before_created_ends_in_the_updated_state() {
 /// in reverse: `updated` wins the tie.
 #[tokio::test]
 async fn within_one_second_updated_wins_over_created() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     deliver(
         &db,
@@ -478,7 +489,7 @@ async fn within_one_second_updated_wins_over_created() {
 
 #[tokio::test]
 async fn a_stale_updated_after_deleted_stays_free() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     deliver(
         &db,
@@ -524,7 +535,7 @@ async fn a_stale_updated_after_deleted_stays_free() {
 
 #[tokio::test]
 async fn an_unknown_event_type_is_ignored_but_recorded() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let event = envelope(
         "evt_1",
         "customer.created",
@@ -547,7 +558,7 @@ async fn an_unknown_event_type_is_ignored_but_recorded() {
 
 #[tokio::test]
 async fn trial_will_end_changes_nothing() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let event = Sub::new("sub_A", "cus_A", "trialing", PRO).event(
         "evt_1",
         "customer.subscription.trial_will_end",
@@ -597,7 +608,7 @@ async fn renewal_fails(db: &TestDb) -> Uuid {
 
 #[tokio::test]
 async fn a_failed_payment_keeps_the_tier_for_the_grace_period_then_the_sweep_downgrades() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = renewal_fails(&db).await;
     let failed_at = T0 + MONTH + 5;
     assert_eq!(
@@ -630,7 +641,7 @@ async fn a_failed_payment_keeps_the_tier_for_the_grace_period_then_the_sweep_dow
 
 #[tokio::test]
 async fn invoice_paid_clears_past_due_and_starts_the_new_period() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = renewal_fails(&db).await;
     let renewal = T0 + MONTH;
     // Stripe's retry succeeds a day later.
@@ -667,7 +678,7 @@ async fn invoice_paid_clears_past_due_and_starts_the_new_period() {
 
 #[tokio::test]
 async fn paying_after_the_downgrade_restores_the_tier() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = renewal_fails(&db).await;
     let renewal = T0 + MONTH;
     downgrade_past_due(&db.pool, &plans(), at(renewal + 4 * DAY))
@@ -701,7 +712,7 @@ async fn paying_after_the_downgrade_restores_the_tier() {
 /// subscription's `updated` that moves its period.
 #[tokio::test]
 async fn a_renewal_reports_the_new_period_once() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     deliver(
         &db,
@@ -751,7 +762,7 @@ async fn a_renewal_reports_the_new_period_once() {
 /// event not recorded, and Stripe's redelivery after the checkout applies.
 #[tokio::test]
 async fn a_subscription_of_an_unlinked_customer_is_retried_until_checkout_links_it() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     let created = Sub::new("sub_A", "cus_A", "active", PRO).event(
         "evt_2",
@@ -788,7 +799,7 @@ async fn a_subscription_of_an_unlinked_customer_is_retried_until_checkout_links_
 /// wait for the checkout event.
 #[tokio::test]
 async fn metadata_account_id_needs_no_linked_customer() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     let mut sub = Sub::new("sub_A", "cus_A", "active", PRO);
     sub.metadata = json!({ "account_id": account.to_string() });
@@ -822,7 +833,7 @@ async fn metadata_account_id_needs_no_linked_customer() {
 /// The first invoice is often delivered before `customer.subscription.created`.
 #[tokio::test]
 async fn invoice_paid_before_the_subscription_is_known() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     deliver(
         &db,
@@ -850,7 +861,7 @@ async fn invoice_paid_before_the_subscription_is_known() {
 /// period on the subscription and the subscription on the invoice.
 #[tokio::test]
 async fn older_api_versions_are_read_too() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     deliver(
         &db,
@@ -921,7 +932,7 @@ async fn older_api_versions_are_read_too() {
 
 #[tokio::test]
 async fn checkout_links_keeps_or_replaces_the_customer() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let account = db.account().await;
     let other = db.account().await;
     deliver(

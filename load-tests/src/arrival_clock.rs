@@ -83,8 +83,6 @@ impl Drop for ArrivalClock {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use std::time::Duration;
 
     use super::*;

@@ -344,8 +344,6 @@ pub fn seconds(raw: &str) -> Result<Duration, FlagError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use clap::error::ErrorKind;
 
     use super::*;

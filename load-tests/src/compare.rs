@@ -401,8 +401,6 @@ impl fmt::Display for Comparison {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
     use crate::report::{FORMAT, TokenCounts};
 

@@ -108,8 +108,6 @@ impl fmt::Display for Endpoint {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     fn url(raw: &str) -> String {

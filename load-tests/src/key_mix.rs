@@ -140,8 +140,6 @@ impl SmoothWeightedPicker {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     fn sequence(mix: &str, n: usize) -> Vec<usize> {

@@ -574,8 +574,6 @@ impl fmt::Display for RunReport {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
     use crate::sse::BodyTally;
 

@@ -145,8 +145,6 @@ fn record(recorder: &mut RunRecorder, joined: Result<Finished, JoinError>) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     #[test]

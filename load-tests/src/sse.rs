@@ -257,8 +257,6 @@ fn tally_event(tally: &mut BodyTally, data: &[u8]) -> Result<(), BodyFault> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     /// A stream shaped like gpu-sim's and OpenAI's: role chunk with empty content,

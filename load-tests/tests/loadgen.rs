@@ -8,95 +8,37 @@
 //! gpu-sim is a binary of another package, so it must be built first:
 //! `cargo build --workspace --bins`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 mod soak;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
+use tollgate_testkit::GpuSim;
 
-/// How long gpu-sim may take to print its address: generous, because a cold debug
-/// build loading its tokenizer tables on a busy 2-core machine can be slow. Only
-/// reached when something is broken.
-const STARTUP_LIMIT: Duration = Duration::from_secs(60);
-
-/// A running gpu-sim, killed when the test ends (also on panic).
-struct GpuSim {
-    child: Child,
-    base_url: String,
+/// gpu-sim serving `sim-model` on one worker thread, answering at once (no
+/// time to first token, unlimited tokens per second).
+fn gpu_sim(extra_args: &[&str]) -> GpuSim {
+    gpu_sim_paced(&["--ttft-ms", "0", "--tokens-per-sec", "0"], extra_args)
 }
 
-impl GpuSim {
-    /// Answers at once: no time to first token, unlimited tokens per second.
-    fn start(extra_args: &[&str]) -> Self {
-        Self::start_paced(&["--ttft-ms", "0", "--tokens-per-sec", "0"], extra_args)
-    }
-
-    /// With its own timing flags (`--ttft-ms`, `--tokens-per-sec`).
-    fn start_paced(timing: &[&str], extra_args: &[&str]) -> Self {
-        let mut child = Command::new(gpu_sim_path())
-            .args(["--listen", "127.0.0.1:0", "--model", "sim-model"])
-            .args(["--threads", "1"])
-            .args(timing)
-            .args(extra_args)
-            .env("LOG_LEVEL", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning gpu-sim");
-        let stdout = child.stdout.take().expect("gpu-sim stdout is piped");
-        let (first_line, receive) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = first_line.send(lines.next());
-            // Keep draining so gpu-sim never blocks on a full pipe.
-            lines.for_each(drop);
-        });
-        let mut sim = Self {
-            child,
-            base_url: String::new(),
-        };
-        let line = match receive.recv_timeout(STARTUP_LIMIT) {
-            Ok(Some(Ok(line))) => line,
-            other => panic!("gpu-sim did not print its address (got {other:?})"),
-        };
-        let address = line
-            .strip_prefix("gpu-sim listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line from gpu-sim: {line:?}"));
-        sim.base_url = address.to_owned();
-        sim
-    }
-}
-
-impl Drop for GpuSim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `<target>/debug/gpu-sim`, found from this test's own path,
-/// `<target>/debug/deps/loadgen-<hash>`.
-fn gpu_sim_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in <target>/<profile>/deps");
-    let path = profile_dir.join(format!("gpu-sim{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "gpu-sim not found at {}: run `cargo build --workspace --bins` first",
-        path.display()
-    );
-    path
+/// The same with its own timing flags (`--ttft-ms`, `--tokens-per-sec`).
+fn gpu_sim_paced(timing: &[&str], extra_args: &[&str]) -> GpuSim {
+    GpuSim::start(
+        &[
+            &["--model", "sim-model", "--threads", "1"],
+            timing,
+            extra_args,
+        ]
+        .concat(),
+    )
 }
 
 fn run_loadgen(args: &[&str]) -> Output {
@@ -221,20 +163,17 @@ fn assert_all_ok(report: &Value, expected_scheduled: u64) {
 
 #[test]
 fn non_streamed_run_counts_every_request_and_its_usage() {
-    let sim = GpuSim::start(&[]);
+    let sim = gpu_sim(&[]);
     let doc = loadgen_json(
         "plain",
-        &["--url", &sim.base_url, "--rate", "200", "--duration", "1"],
+        &["--url", sim.base(), "--rate", "200", "--duration", "1"],
     );
     assert_eq!(doc["format"], "tollgate-loadgen/1");
     assert_eq!(doc["mode"], "run");
     assert_eq!(doc["load"]["stream"], false);
     assert_eq!(doc["load"]["model"], "sim-model");
     let report = &doc["report"];
-    assert_eq!(
-        report["url"],
-        format!("{}/v1/chat/completions", sim.base_url)
-    );
+    assert_eq!(report["url"], format!("{}/v1/chat/completions", sim.base()));
     // 200/s for 1 s: requests due at 0, 5, …, 995 ms.
     assert_all_ok(report, 200);
     let ok = count(&report["requests"]["ok"]);
@@ -250,12 +189,12 @@ fn non_streamed_run_counts_every_request_and_its_usage() {
 
 #[test]
 fn streamed_run_counts_content_chunks_ttfb_and_final_usage() {
-    let sim = GpuSim::start(&[]);
+    let sim = gpu_sim(&[]);
     let doc = loadgen_json(
         "stream",
         &[
             "--url",
-            &sim.base_url,
+            sim.base(),
             "--rate",
             "200",
             "--duration",
@@ -281,10 +220,10 @@ fn streamed_run_counts_content_chunks_ttfb_and_final_usage() {
 
 #[test]
 fn every_http_500_is_counted_by_status() {
-    let sim = GpuSim::start(&["--error-rate", "1"]);
+    let sim = gpu_sim(&["--error-rate", "1"]);
     let doc = loadgen_json(
         "errors",
-        &["--url", &sim.base_url, "--rate", "100", "--duration", "1"],
+        &["--url", sim.base(), "--rate", "100", "--duration", "1"],
     );
     let report = &doc["report"];
     assert_consistent(report);
@@ -306,12 +245,12 @@ fn every_http_500_is_counted_by_status() {
 
 #[test]
 fn streams_cut_before_done_are_truncated_streams() {
-    let sim = GpuSim::start(&["--abort-mid-stream-rate", "1"]);
+    let sim = gpu_sim(&["--abort-mid-stream-rate", "1"]);
     let doc = loadgen_json(
         "truncated",
         &[
             "--url",
-            &sim.base_url,
+            sim.base(),
             "--rate",
             "50",
             "--duration",
@@ -333,12 +272,12 @@ fn streams_cut_before_done_are_truncated_streams() {
 
 #[test]
 fn key_mix_splits_requests_exactly_by_weight() {
-    let sim = GpuSim::start(&[]);
+    let sim = gpu_sim(&[]);
     let doc = loadgen_json(
         "keys",
         &[
             "--url",
-            &sim.base_url,
+            sim.base(),
             "--rate",
             "100",
             "--duration",
@@ -388,14 +327,14 @@ fn key_mix_splits_requests_exactly_by_weight() {
 
 #[test]
 fn compare_reports_both_targets_per_round_with_medians_and_ratios() {
-    let a = GpuSim::start(&[]);
-    let b = GpuSim::start(&[]);
+    let a = gpu_sim(&[]);
+    let b = gpu_sim(&[]);
     let doc = loadgen_json(
         "compare",
         &[
             "--compare",
-            &a.base_url,
-            &b.base_url,
+            a.base(),
+            b.base(),
             "--rate",
             "100",
             "--duration",
@@ -408,10 +347,7 @@ fn compare_reports_both_targets_per_round_with_medians_and_ratios() {
     assert_eq!(count(&doc["rounds"]), 2);
     for (side, sim) in [("a", &a), ("b", &b)] {
         let target = &doc[side];
-        assert_eq!(
-            target["url"],
-            format!("{}/v1/chat/completions", sim.base_url)
-        );
+        assert_eq!(target["url"], format!("{}/v1/chat/completions", sim.base()));
         let rounds = target["rounds"].as_array().expect("rounds array");
         assert_eq!(rounds.len(), 2, "{side}");
         for round in rounds {

@@ -14,7 +14,10 @@
 //! DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres; makes and
 //! drops its own database). Smaller: `LOG_ROWS=1000000 cargo bench …`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a benchmark's setup fails the run by panicking"
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -25,11 +28,8 @@ use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
 use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, WriterConfig, WriterStats};
+use tollgate_testkit::TestDb;
 use uuid::Uuid;
-
-#[path = "../tests/support/mod.rs"]
-mod support;
-use support::TestDb;
 
 const ACCOUNTS: u64 = 1_000;
 
@@ -50,7 +50,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let db = TestDb::create().await;
+        let db = TestDb::migrated().await;
         writer_rate(&db).await;
         if setting("LOG_ROWS", 1) > 0 {
             query_latency(&db).await;

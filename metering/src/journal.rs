@@ -247,8 +247,6 @@ fn io_error(path: &Path, source: std::io::Error) -> SpoolError {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     fn open(dir: &Path) -> (Spool, Journal, usize) {

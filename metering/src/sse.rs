@@ -177,8 +177,6 @@ impl EventReader {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn read_all(reader: &mut EventReader, chunks: &[&[u8]]) -> Vec<String> {

@@ -2,7 +2,10 @@
 //! migrations from `sql/`): the writer, the spool replay, partitions,
 //! retention and the report queries.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,11 +17,8 @@ use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
 use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, WriterConfig};
+use tollgate_testkit::TestDb;
 use uuid::Uuid;
-
-#[path = "support/mod.rs"]
-mod support;
-use support::TestDb;
 
 fn config() -> WriterConfig {
     WriterConfig {
@@ -93,7 +93,7 @@ async fn write_all(pool: &Pool, spool: Arc<Spool>, events: &[UsageEvent]) -> wri
 
 #[tokio::test]
 async fn writing_the_same_events_twice_stores_and_counts_them_once() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let dir = tempfile::tempdir().unwrap();
     let spool = Arc::new(Spool::open(dir.path()).unwrap());
     let account = Uuid::now_v7();
@@ -134,7 +134,7 @@ async fn writing_the_same_events_twice_stores_and_counts_them_once() {
 
 #[tokio::test]
 async fn a_spool_left_behind_is_replayed_exactly_once() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let dir = tempfile::tempdir().unwrap();
     let account = Uuid::now_v7();
     let events: Vec<_> = (0..300)
@@ -178,7 +178,7 @@ async fn a_spool_left_behind_is_replayed_exactly_once() {
 
 #[tokio::test]
 async fn a_month_without_a_partition_gets_one_on_demand() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let dir = tempfile::tempdir().unwrap();
     let spool = Arc::new(Spool::open(dir.path()).unwrap());
     let account = Uuid::now_v7();
@@ -193,7 +193,7 @@ async fn a_month_without_a_partition_gets_one_on_demand() {
 
 #[tokio::test]
 async fn partitions_ahead_are_created_and_purge_drops_whole_old_months() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let client = db.pool.get().await.unwrap();
     let names = partitions::ensure_ahead(&client).await.unwrap();
     assert_eq!(names.len(), 1 + partitions::MONTHS_AHEAD as usize);
@@ -245,7 +245,7 @@ async fn partitions_ahead_are_created_and_purge_drops_whole_old_months() {
 
 #[tokio::test]
 async fn per_account_queries_use_their_indexes() {
-    let db = TestDb::create().await;
+    let db = TestDb::migrated().await;
     let client = db.pool.get().await.unwrap();
     // A fixed month: its partition exists only once asked for, whatever
     // today's date (the migration creates the current month's and later).

@@ -479,8 +479,6 @@ impl FleetService {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use prometheus::proto::MetricType;
     use tollgate_backends::balance::breaker::BreakerConfig;
     use tollgate_backends::balance::round_robin::RoundRobin;

@@ -402,8 +402,6 @@ fn price(spans: &[Span], prices: &[(String, Option<HourlyCost>)]) -> (f64, BTree
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
     use super::*;

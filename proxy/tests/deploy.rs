@@ -7,7 +7,10 @@
 //! What this cannot show: that the images build and the stack comes up. That
 //! needs Docker (`docker compose up --build`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::panic,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

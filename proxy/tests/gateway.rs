@@ -1,59 +1,32 @@
 //! Tollgate end to end: real Postgres (a fresh database per test), real
-//! gpu-sim and tollgate processes, HTTP over loopback.
+//! gpu-sim and tollgate processes, HTTP over loopback; and the limit stores'
+//! conformance suite against a real Redis ([`limit_stores`]).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
+use tollgate_testkit::db::{admin_url, unique};
+use tollgate_testkit::poll::{POLL_DEADLINE, POLL_INTERVAL};
+use tollgate_testkit::{GpuSim, TestDb, eventually};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-/// Upper bound for conditions the tests wait on (a process being ready, a
-/// revocation landing): far above what they take, so only a failure reaches it.
-const POLL_DEADLINE: Duration = Duration::from_secs(30);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
 
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-fn bin(name: &str) -> PathBuf {
-    // gpu-sim is built beside tollgate (same workspace target directory).
-    let tollgate = PathBuf::from(env!("CARGO_BIN_EXE_tollgate"));
-    let path = tollgate.with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --workspace --bins`",
-        path.display()
-    );
-    path
-}
-
-/// A name unique across processes and runs.
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}_{}_{}_{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Ports [`free_port`] hands out: below Linux's ephemeral range (32768 up), so
@@ -97,55 +70,6 @@ fn free_port() -> u16 {
     panic!("no free port in {TEST_PORTS:?} after 1000 tries");
 }
 
-/// A database of its own, dropped with the test.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let name = unique("tollgate_test");
-        let admin = database_url();
-        let (client, connection) = tokio_postgres::connect(&admin, NoTls).await.unwrap();
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let base = admin
-            .rsplit_once('/')
-            .map_or(admin.as_str(), |(base, _)| base);
-        Self {
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let admin = database_url();
-        let name = self.name.clone();
-        // Drop runs outside any async context guarantee: use a thread of our own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin, NoTls).await {
-                    tokio::spawn(connection);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 /// A child process killed when dropped.
 struct Proc(Child);
 
@@ -162,33 +86,19 @@ impl Drop for Proc {
     }
 }
 
-/// A gpu-sim process, killed when dropped.
+/// gpu-sim serving `sim-model`, killed when dropped.
 struct Sim {
-    _proc: Proc,
+    _sim: GpuSim,
+    /// `http://host:port`.
     url: String,
 }
 
 impl Sim {
     fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(bin("gpu-sim"))
-            .args(["--listen", "127.0.0.1:0", "--model", "sim-model"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap()
-            .to_owned();
+        let sim = GpuSim::start(&[&["--model", "sim-model"], args].concat());
         Self {
-            _proc: Proc(child),
-            url,
+            url: sim.base().to_owned(),
+            _sim: sim,
         }
     }
 
@@ -270,7 +180,7 @@ struct Gateway {
 
 impl Gateway {
     async fn start(backends: &[BackendSpec], options: Options) -> Self {
-        let db = TestDb::create().await;
+        let db = TestDb::empty().await;
         let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
         let spool_dir = std::env::temp_dir().join(unique("tollgate_spool"));
         let redis_prefix = unique("tgtest");
@@ -523,18 +433,6 @@ fn delete_redis_keys(url: &str, prefix: &str) {
         .status();
 }
 
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + POLL_DEADLINE;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
 fn chat(content: &str, max_tokens: u32) -> Value {
     json!({"model": "sim-model", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
 }
@@ -587,13 +485,12 @@ mod api_metrics;
 mod billing;
 #[path = "gateway/dashboards.rs"]
 mod dashboards;
-#[path = "../../billing/tests/support/fake_stripe.rs"]
-#[allow(dead_code)]
-mod fake_stripe;
 #[path = "gateway/fleet.rs"]
 mod fleet;
 #[path = "gateway/hostile.rs"]
 mod hostile;
+#[path = "gateway/limit_stores.rs"]
+mod limit_stores;
 #[path = "gateway/metering.rs"]
 mod metering;
 #[path = "gateway/money_path.rs"]

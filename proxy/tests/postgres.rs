@@ -11,12 +11,15 @@
 //! cannot read, cannot show any of that: those tests then say why and pass.
 //! Whether a connection is encrypted is asked of the server (`pg_stat_ssl`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "helpers outside #[test] fns fail the test by panicking, and clippy.toml covers only #[test] fns"
+)]
 
 use std::net::{IpAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use rustls::pki_types::CertificateDer;
@@ -26,6 +29,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tollgate::config::DatabaseConfig;
 use tollgate::db;
+use tollgate_testkit::TestDb;
+use tollgate_testkit::db::{admin_statement_on_drop, admin_url, unique};
 
 /// A CA certificate whose key was thrown away: it signed no server's
 /// certificate, so `verify-*` against it must fail.
@@ -38,25 +43,6 @@ const WRONG_NAME: &str = "not-the-database.invalid";
 /// Upper bound for a condition the race test waits on.
 const POLL_DEADLINE: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
-
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// A name unique across processes and runs.
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{prefix}_{}_{}_{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 async fn connect_plain(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
@@ -332,7 +318,7 @@ async fn tollgate_migrate_connects_with_verify_full_and_refuses_the_wrong_ca() {
     let Some(tls) = TlsServer::find().await else {
         return;
     };
-    let db = TestDb::create().await;
+    let db = TestDb::empty().await;
     let migrate = |root: &Path| {
         let url = tls.server.url(
             &tls.name,
@@ -368,60 +354,6 @@ async fn tollgate_migrate_connects_with_verify_full_and_refuses_the_wrong_ca() {
         stderr.contains("UnknownIssuer") && stderr.contains(UNRELATED_CA),
         "{stderr}"
     );
-}
-
-/// A database of its own, dropped (with its grants) at the end.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let name = unique("tollgate_pg");
-        connect_plain(&admin_url())
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let admin = admin_url();
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-        Self {
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-
-    async fn migrated() -> Self {
-        let db = Self::create().await;
-        db::migrate(&database(&db.url)).await.unwrap();
-        db
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        admin_statement_on_drop(statement);
-    }
-}
-
-/// Runs `statement` on the admin database from a thread of its own (Drop may
-/// run outside any runtime).
-fn admin_statement_on_drop(statement: String) {
-    let _ = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await {
-                tokio::spawn(connection);
-                let _ = client.batch_execute(&statement).await;
-            }
-        });
-    })
-    .join();
 }
 
 // ------------------------------------------------------------------ the Grafana role

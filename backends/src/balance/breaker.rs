@@ -191,8 +191,6 @@ impl CircuitBreaker {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
     use std::sync::Barrier;
 

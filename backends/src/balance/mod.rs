@@ -91,7 +91,6 @@ pub trait Policy: Send + Sync {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// Config spells a policy by the name its metrics carry.

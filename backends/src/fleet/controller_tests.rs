@@ -2,8 +2,6 @@
 //! failures of the provider's calls and of the instance itself, and creates
 //! whose answers are lost.
 
-#![allow(clippy::unwrap_used, clippy::panic)]
-
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

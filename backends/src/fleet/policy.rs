@@ -283,7 +283,6 @@ impl Scaler {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use InstanceState::{Cold, Failed, Hot, Starting, Warm};
 

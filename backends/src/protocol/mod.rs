@@ -75,8 +75,6 @@ impl FromStr for Protocol {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     #[test]

@@ -1095,8 +1095,6 @@ fn push_json_string(out: &mut Vec<u8>, text: &str) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn chat_body(messages: Value) -> Value {

@@ -336,8 +336,6 @@ fn capitalize(word: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
     use tollgate_metering::tokens::Encoding;
 

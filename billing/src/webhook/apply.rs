@@ -1208,8 +1208,6 @@ struct LinePeriod {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     const T: u64 = 1_746_144_010;

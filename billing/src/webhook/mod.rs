@@ -116,8 +116,6 @@ impl VerifiedPayload<'_> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;

@@ -339,8 +339,6 @@ impl SignatureHeader {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     const SECRET: &str = "whsec_test";

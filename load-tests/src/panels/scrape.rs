@@ -133,8 +133,6 @@ fn parse_value(raw: &str) -> anyhow::Result<f64> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     #[test]

@@ -198,8 +198,6 @@ fn le_bound(raw: &str) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
     use crate::scrape::parse;
 

@@ -871,8 +871,6 @@ pub async fn run_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
     use crate::soak::mix::RequestKind;
 

@@ -352,8 +352,6 @@ impl StreamState {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     fn stream_of(text: &str) -> StreamState {

@@ -223,8 +223,6 @@ impl fmt::Display for LedgerSummary {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     fn entry(end: End, status: u16) -> LedgerEntry {

@@ -4,12 +4,12 @@
 //! Assertions are on ledger lines and check lines, never on timing.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::Value;
 use tokio_postgres::NoTls;
+use tollgate_testkit::TestDb;
 
-use super::{GpuSim, run_loadgen};
+use super::{gpu_sim_paced, run_loadgen};
 
 /// A file under the test target's temporary directory, unique to this process.
 fn temp_path(name: &str) -> PathBuf {
@@ -76,10 +76,10 @@ fn words(texts: &Value) -> u64 {
 #[test]
 fn soak_ledger_records_every_request_as_the_client_saw_it() {
     // Paced, so a stream lasts long enough for its client to hang up in the middle.
-    let sim = GpuSim::start_paced(&["--ttft-ms", "0", "--tokens-per-sec", "400"], &[]);
+    let sim = gpu_sim_paced(&["--ttft-ms", "0", "--tokens-per-sec", "400"], &[]);
     let ledger = soak(
         "mix",
-        &sim.base_url,
+        sim.base(),
         &["--rate", "60", "--duration", "1", "--max-tokens", "24"],
     );
     assert_eq!(ledger.len(), 60, "one line per scheduled request");
@@ -196,62 +196,30 @@ fn soak_keeps_going_while_nothing_listens() {
     }
 }
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// A database of its own with Tollgate's migrations applied, dropped at the end.
+/// A database of its own with Tollgate's migrations applied, dropped at the
+/// end, driven from these synchronous tests through a runtime of its own.
 struct UsageDb {
-    name: String,
-    url: String,
-    runtime: tokio::runtime::Runtime,
     client: tokio_postgres::Client,
+    database: TestDb,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl UsageDb {
     fn create() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "loadgen_soak_check_{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let admin = admin_url();
-        let base = admin
-            .rsplit_once('/')
-            .map_or(admin.as_str(), |(base, _)| base)
-            .to_owned();
-        let url = format!("{base}/{name}");
-        let client = runtime.block_on(async {
-            let (admin, connection) = tokio_postgres::connect(&admin_url(), NoTls).await.unwrap();
+        let (database, client) = runtime.block_on(async {
+            let database = TestDb::migrated().await;
+            let (client, connection) = tokio_postgres::connect(&database.url, NoTls).await.unwrap();
             tokio::spawn(connection);
-            admin
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .await
-                .unwrap();
-            let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-            tokio::spawn(connection);
-            for migration in ["V1__accounts_and_keys.sql", "V2__usage_events.sql"] {
-                let sql = std::fs::read_to_string(
-                    Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .join("../sql")
-                        .join(migration),
-                )
-                .unwrap();
-                client.batch_execute(&sql).await.unwrap();
-            }
-            client
+            (database, client)
         });
         Self {
-            name,
-            url,
-            runtime,
             client,
+            database,
+            runtime,
         }
     }
 
@@ -275,20 +243,6 @@ impl UsageDb {
     }
 }
 
-impl Drop for UsageDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        self.runtime.block_on(async {
-            if let Ok((admin, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await {
-                tokio::spawn(connection);
-                let _ = admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            }
-        });
-    }
-}
-
 fn ledger_line(id: &str, account: &str, tier: &str, status: u16, end: &str, text: &str) -> String {
     serde_json::json!({
         "request_id": id, "kind": "chat", "account": account, "tier": tier,
@@ -306,7 +260,7 @@ fn soak_check(db: &UsageDb, name: &str, ledger: &[String], extra: &[&str]) -> (b
         "--ledger",
         path.to_str().unwrap(),
         "--database-url",
-        &db.url,
+        &db.database.url,
         "--hard-cap",
         "free=100",
     ];

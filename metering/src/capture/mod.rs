@@ -413,8 +413,6 @@ impl Findings {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::*;
 
     /// The usage-only event include_usage adds (a macro so `concat!` can use it).
@@ -1115,8 +1113,6 @@ mod tests {
     /// Arbitrary answers: no panic, no changed byte, the same findings however
     /// the bytes are cut into chunks.
     mod properties {
-        #![allow(clippy::unwrap_used)]
-
         use proptest::prelude::*;
 
         /// Pieces an answer is made of: JSON and SSE syntax, the fields metering

@@ -574,8 +574,6 @@ pub struct TierSnapshot {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use std::future::Future;
     use std::pin::Pin;
     use std::task::{Context, Poll, Waker};

@@ -174,8 +174,6 @@ impl ExportMetrics {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     #[test]

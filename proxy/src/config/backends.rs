@@ -274,7 +274,6 @@ fn parse_backend_url(url: &str) -> Result<(bool, String, String), String> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::testing::{MINIMAL, error, no_env, parse};
 

@@ -133,7 +133,6 @@ pub(super) fn validate(b: RawBilling, env: &dyn Env) -> Result<BillingConfig, Co
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use std::time::Duration;
 
     use crate::config::testing::{MINIMAL, no_env, parse};

@@ -434,7 +434,6 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use std::collections::HashMap;
 
     use super::testing::{MINIMAL, MapEnv, error, no_env, parse};

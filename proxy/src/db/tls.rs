@@ -446,8 +446,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn split(url: &str) -> (String, Option<String>, Option<String>) {

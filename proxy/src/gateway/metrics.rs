@@ -223,8 +223,6 @@ fn status_class(status: Option<u16>) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn metrics() -> (Registry, RequestMetrics) {

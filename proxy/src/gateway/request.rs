@@ -336,7 +336,6 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
 
     fn parse_str(endpoint: Endpoint, body: &str) -> Result<InferenceRequest, ApiError> {

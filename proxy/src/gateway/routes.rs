@@ -180,7 +180,6 @@ fn unknown_route(header: &RequestHeader) -> ApiError {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -500,8 +500,6 @@ fn mismatched(reported: u64, counted: u64, tolerance: f64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use serde_json::json;
 
     use super::*;

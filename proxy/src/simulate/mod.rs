@@ -858,7 +858,6 @@ async fn run_once(config: &Config, options: &Options) -> anyhow::Result<RunOutco
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::config::Env;
     use clap::Parser;

@@ -139,7 +139,6 @@ impl Provider for SimProvider {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn provider(rate: f64, seed: u64) -> (SimProvider, Arc<ProviderCalls>) {

@@ -359,7 +359,6 @@ impl Iterator for Diurnal {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn tiers() -> Vec<String> {

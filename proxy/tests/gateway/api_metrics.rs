@@ -19,7 +19,7 @@ pub(super) fn priced_process_backend() -> String {
          command = [\"{}\", \"--listen\", \"127.0.0.1:{{port}}\", \"--model\", \"sim-model\", \
          \"--ttft-ms\", \"0\", \"--tokens-per-sec\", \"0\", \"--exit-with-parent\"]\n\
          [fleet]\nmin_hot = 0\nidle_stop_secs = 3600\ninterval = \"100ms\"\n",
-        bin("gpu-sim").display()
+        tollgate_testkit::gpu_sim::binary().display()
     )
 }
 

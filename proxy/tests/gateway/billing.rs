@@ -6,8 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tollgate_billing::webhook::sign;
 
 use super::admission::instant_sim;
-use super::fake_stripe::FakeStripe;
 use super::*;
+use tollgate_testkit::stripe::FakeStripe;
 
 const WEBHOOK_SECRET: &str = "whsec_gateway_test";
 

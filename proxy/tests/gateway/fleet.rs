@@ -3,14 +3,14 @@
 //! recorded in `instance_events`; rented pods never orphaned by a create
 //! whose answer was lost, nor by a restart in the middle of one.
 
-use tollgate_backends::fleet::providers::runpod::fake::{FakeOptions, FakeRunPod, LostAnswer};
+use tollgate_testkit::runpod::{FakeOptions, FakeRunPod, LostAnswer};
 
 use super::*;
 
 /// A `process` backend running gpu-sim with a start-up delay, and a
 /// `[fleet]` that scales it to zero after `idle_stop_secs`.
 fn process_fleet(startup_delay_secs: u32, idle_stop_secs: u32) -> String {
-    let sim = bin("gpu-sim");
+    let sim = tollgate_testkit::gpu_sim::binary();
     format!(
         "[[backends]]\nname = \"gpu\"\nprovider = \"process\"\nmodels = [\"sim-model\"]\n\
          max_concurrency = 4\nhourly_cost = 2.0\nstopped_hourly_cost = 0.1\n\

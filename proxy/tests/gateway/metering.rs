@@ -388,7 +388,7 @@ pub(super) struct PostgresLink {
 
 impl PostgresLink {
     pub(super) async fn start() -> Self {
-        Self::to(&database_url()).await
+        Self::to(&admin_url()).await
     }
 
     /// A link to the host and port of `url` (`postgres://…` or `redis://…`).

@@ -7,9 +7,9 @@ use futures_util::future::join_all;
 
 use super::admission::{one_slot, slow_sim, spawn_chat, tiers};
 use super::api_metrics::priced_process_backend;
-use super::fake_stripe::FakeStripe;
 use super::metering::scrape;
 use super::*;
+use tollgate_testkit::stripe::FakeStripe;
 
 /// One sample of a scrape: its labels and value.
 type Sample = (BTreeMap<String, String>, f64);

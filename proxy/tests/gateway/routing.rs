@@ -6,51 +6,39 @@ use std::sync::Arc;
 
 use super::*;
 
-/// A gpu-sim on a port the test chooses (to restart it in the same place).
-fn sim_on(port: u16) -> Proc {
-    let child = Command::new(bin("gpu-sim"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
+/// A gpu-sim on a port the test chooses (to restart it in the same place),
+/// once it accepts connections.
+fn sim_on(port: u16) -> GpuSim {
+    GpuSim::start_on(
+        &format!("127.0.0.1:{port}"),
+        &[
             "--model",
             "sim-model",
-        ])
-        .args(["--ttft-ms", "20", "--tokens-per-sec", "0"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    Proc(child)
-}
-
-async fn wait_listening(port: u16) {
-    eventually("gpu-sim listens", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
+            "--ttft-ms",
+            "20",
+            "--tokens-per-sec",
+            "0",
+        ],
+    )
 }
 
 /// Two gpu-sims on ports of their own: b0 (`a`, which tests kill) and b1.
 struct TwoSims {
-    a: Option<Proc>,
-    _b: Proc,
+    a: Option<GpuSim>,
+    _b: GpuSim,
     port_a: u16,
     port_b: u16,
 }
 
 impl TwoSims {
-    async fn start() -> Self {
+    fn start() -> Self {
         let (port_a, port_b) = (free_port(), free_port());
-        let sims = Self {
+        Self {
             a: Some(sim_on(port_a)),
             _b: sim_on(port_b),
             port_a,
             port_b,
-        };
-        wait_listening(port_a).await;
-        wait_listening(port_b).await;
-        sims
+        }
     }
 
     fn backends(&self) -> [BackendSpec; 2] {
@@ -78,7 +66,7 @@ async fn served_by(gateway: &Gateway) -> Vec<String> {
 
 #[tokio::test]
 async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
-    let mut sims = TwoSims::start().await;
+    let mut sims = TwoSims::start();
     // A long open period, so the breaker is still open when the test looks.
     let options = Options {
         routing: "breaker_open = \"60s\"",
@@ -185,7 +173,7 @@ async fn a_backend_killed_under_load_is_passed_over_with_no_failed_requests() {
 
 #[tokio::test]
 async fn a_backend_that_returns_is_found_again_through_a_half_open_probe() {
-    let mut sims = TwoSims::start().await;
+    let mut sims = TwoSims::start();
     let gateway = Gateway::start(
         &sims.backends(),
         Options {
@@ -204,7 +192,6 @@ async fn a_backend_that_returns_is_found_again_through_a_half_open_probe() {
         assert_eq!(status, 200);
     }
     let _sim_a = sim_on(sims.port_a);
-    wait_listening(sims.port_a).await;
     // After breaker_open one probe goes to a; it answers, the breaker
     // closes, and round-robin reaches a again.
     eventually("backend a serves again", || async {
@@ -220,7 +207,7 @@ async fn a_backend_that_returns_is_found_again_through_a_half_open_probe() {
 
 #[tokio::test]
 async fn a_backend_failing_its_health_checks_is_passed_over_until_it_recovers() {
-    let sims = TwoSims::start().await;
+    let sims = TwoSims::start();
     let gateway = Gateway::start(
         &sims.backends(),
         Options {

@@ -603,8 +603,6 @@ fn to_usize(n: u64, field: &'static str) -> Result<usize, SimError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::panic)]
-
     use super::*;
     use serde_json::json;
 

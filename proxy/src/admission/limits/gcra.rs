@@ -147,8 +147,6 @@ pub fn tightest(rules: &[RateRule], levels: &[u64]) -> Windows {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
     use super::super::Scope;
     use super::*;
 

@@ -6,9 +6,10 @@
 //! - this module: the configuration (`[backends.runpod]`) and [`RunPod`],
 //!   which turns pods into [`Instance`]s and RunPod's answers into
 //!   [`ProviderError`]s;
-//! - `client`: the REST v1 calls and their wire shapes (private);
-//! - [`fake`]: a stateful stand-in for the API on loopback, compiled into the
-//!   crate so the proxy's integration tests can rent "pods" too.
+//! - `client`: the REST v1 calls and their wire shapes (private).
+//!
+//! Tests run it against `tollgate_testkit::runpod`, a stateful stand-in for
+//! the API on loopback (`testkit/src/runpod.rs`), never shipped with this crate.
 //!
 //! Reaching the inference server: RunPod gives a pod's TCP ports a public
 //! `publicIp:port` mapping (`portMappings`) and its HTTP ports only an HTTPS
@@ -21,7 +22,6 @@
 //! found again instead of rented twice.
 
 mod client;
-pub mod fake;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -89,7 +89,7 @@ impl CloudType {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunPodConfig {
-    /// Base URL of RunPod's REST API v1; tests point it at [`fake`].
+    /// Base URL of RunPod's REST API v1; tests point it at the test kit's fake.
     #[serde(default = "default_api_url")]
     pub api_url: String,
     /// Never printed, not even by `{:?}`.
@@ -478,8 +478,6 @@ impl Provider for RunPod {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn pod(status: &str, ip: Option<&str>, mappings: Option<&[(&str, u16)]>) -> Pod {

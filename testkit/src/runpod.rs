@@ -1,7 +1,7 @@
 //! A stand-in for RunPod's pods API (REST v1) on loopback, with state, so the
-//! provider and the proxy's lifecycle tests rent, stop, resume and delete
-//! "pods" over the same requests and answers as production, without an
-//! account or a GPU. Point a pod's inference port at a local `gpu-sim` with
+//! provider's tests (backends) and the gateway's fleet tests (proxy) rent,
+//! stop, resume and delete "pods" over the same requests and answers as
+//! production, without an account or a GPU. Point a pod's inference port at a local `gpu-sim` with
 //! [`FakeOptions::map_port`] and the whole path is real but the GPU.
 //!
 //! Answers are written out as JSON here, not built from the client's types:
@@ -746,8 +746,6 @@ fn validate_create(body: &Value) -> Result<Map<String, Value>, String> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
-
     use super::*;
 
     fn minimal() -> Value {

@@ -1,5 +1,7 @@
-//! The same scenarios against both stores, so that falling back from Redis
-//! to the local store changes where the state is, not what it means.
+//! The limit stores' conformance suite: the same scenarios against both
+//! stores ([`LocalLimits`] and [`RedisLimits`], `proxy/src/admission/limits/`),
+//! so that falling back from Redis to the local store changes where the state
+//! is, not what it means.
 //!
 //! Each scenario is an `async fn(Store)`; [`on_both_stores!`] makes one test
 //! per store of it. The Redis tests need a Redis at `REDIS_URL` (default
@@ -9,8 +11,6 @@
 //! rule only ever gains room as time passes, and bounds are set from the
 //! measured elapsed time, never from a guess of how fast things run.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,9 +19,9 @@ use fred::prelude::{Builder, Client, ClientLike, Config, KeysInterface};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use super::local::LocalLimits;
-use super::redis::RedisLimits;
-use super::{
+use tollgate::admission::limits::local::LocalLimits;
+use tollgate::admission::limits::redis::RedisLimits;
+use tollgate::admission::limits::{
     AdmitRequest, HeldReservation, LimitStore, Period, Periods, QuotaRule, QuotaState, RateKind,
     RateRule, Reservation, Scope, Settlement, Snapshot, StoreError, Verdict, Window, Windows,
 };

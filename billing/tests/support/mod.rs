@@ -1,7 +1,0 @@
-//! Test support shared by the billing crate's integration tests; each test
-//! binary uses part of it.
-
-#![allow(dead_code)]
-
-pub mod db;
-pub mod fake_stripe;
