@@ -205,6 +205,10 @@ impl Gateway {
             }
         }
         ctx.ticket = ticket;
+        // Every rewrite is made: the body sent upstream is written once.
+        if let Some(request) = ctx.request.as_mut() {
+            request.seal_body();
+        }
         // Waiting costs no thread; a client that leaves stops waiting at once.
         let queued_at = Instant::now();
         let waited = tokio::select! {

@@ -68,15 +68,18 @@ pub struct InferenceRequest {
     pub sequences: u64,
     /// The parsed body, for token counting.
     pub json: Value,
-    /// The body sent upstream: the client's bytes, unless the proxy had to change them.
+    /// The body sent upstream: the client's bytes, unless the proxy had to
+    /// change them (then written once, by [`Self::seal_body`]).
     pub upstream_body: Bytes,
+    /// [`Self::json`] was changed since the body was last written.
+    pub rewritten: bool,
 }
 
 impl InferenceRequest {
     /// Sets the completion limit in the body sent upstream: in `max_tokens`,
     /// which every backend reads (legacy completions read nothing else), and
     /// in `max_completion_tokens` too when the client sent it (chat backends
-    /// read it first).
+    /// read it first). Takes effect at [`Self::seal_body`].
     pub fn set_max_tokens(&mut self, max_tokens: u64) {
         let Some(fields) = self.json.as_object_mut() else {
             return;
@@ -88,9 +91,18 @@ impl InferenceRequest {
         {
             *value = Value::from(max_tokens);
         }
-        if let Ok(body) = serde_json::to_vec(&self.json) {
+        self.max_tokens = Some(max_tokens);
+        self.rewritten = true;
+    }
+
+    /// Writes the body sent upstream, once, with every rewrite made to
+    /// [`Self::json`] (the usage option, the cap); the client's bytes go
+    /// unchanged when there was none.
+    pub fn seal_body(&mut self) {
+        if std::mem::take(&mut self.rewritten)
+            && let Ok(body) = serde_json::to_vec(&self.json)
+        {
             self.upstream_body = Bytes::from(body);
-            self.max_tokens = Some(max_tokens);
         }
     }
 }
@@ -331,6 +343,7 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
         sequences,
         json,
         upstream_body: body,
+        rewritten: false,
     })
 }
 
@@ -432,6 +445,7 @@ mod tests {
         )
         .unwrap();
         both.set_max_tokens(3);
+        both.seal_body();
         let sent: Value = serde_json::from_slice(&both.upstream_body).unwrap();
         assert_eq!(
             (
@@ -446,6 +460,7 @@ mod tests {
         ] {
             let mut completion = parse_str(Endpoint::Completions, body).unwrap();
             completion.set_max_tokens(4);
+            completion.seal_body();
             let sent: Value = serde_json::from_slice(&completion.upstream_body).unwrap();
             assert_eq!(sent["max_tokens"], 4, "{body}");
         }
@@ -594,6 +609,7 @@ mod tests {
                         prop_assert!(request.sequences >= 1);
                         // Rewriting the limit keeps the body JSON, same model.
                         request.set_max_tokens(limit);
+                        request.seal_body();
                         let sent: Value = serde_json::from_slice(&request.upstream_body).unwrap();
                         prop_assert_eq!(sent["model"].as_str(), Some(request.model.as_str()));
                         prop_assert_eq!(request.max_tokens, Some(limit));

@@ -9,7 +9,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
-use serde_json::Value;
 use tollgate_backends::protocol::triton::{
     self, AnswerMeta, Endpoint as TritonEndpoint, Exchange, StreamTranscoder,
 };
@@ -59,9 +58,7 @@ impl TritonCall {
                 ));
             }
         };
-        let body: Value = serde_json::from_slice(&request.upstream_body)
-            .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}."), None))?;
-        let translated = triton::translate_request(endpoint, &body)
+        let translated = triton::translate_request(endpoint, &request.json)
             .map_err(|e| ApiError::bad_request(e.message, e.param))?;
         let prefix = match endpoint {
             TritonEndpoint::Chat => "chatcmpl",

@@ -135,7 +135,8 @@ impl Metering {
     }
 
     /// At admission, before anything else: mints the event id and asks a
-    /// streaming backend for its usage chunk, rewriting the body sent upstream.
+    /// streaming backend for its usage chunk (in the parsed body, which the
+    /// gateway writes out once admission is done).
     pub fn start(&self, request: &mut InferenceRequest) -> RequestUsage {
         let strip_usage_event = self.request_stream_usage && request_stream_usage(request);
         RequestUsage {
@@ -454,13 +455,8 @@ fn request_stream_usage(request: &mut InferenceRequest) -> bool {
         return false;
     }
     options.insert("include_usage".to_owned(), Value::Bool(true));
-    match serde_json::to_vec(&request.json) {
-        Ok(body) => {
-            request.upstream_body = Bytes::from(body);
-            true
-        }
-        Err(_) => false,
-    }
+    request.rewritten = true;
+    true
 }
 
 fn kind(endpoint: Endpoint) -> Kind {
@@ -515,6 +511,7 @@ mod tests {
             json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
         let mut asked = request(Endpoint::ChatCompletions, body.clone());
         assert!(request_stream_usage(&mut asked));
+        asked.seal_body();
         let sent: Value = serde_json::from_slice(&asked.upstream_body).unwrap();
         assert_eq!(sent["stream_options"], json!({"include_usage": true}));
         assert_eq!(sent["messages"], body["messages"]);
@@ -524,6 +521,7 @@ mod tests {
         let mut client_asked = request(Endpoint::ChatCompletions, own);
         let original = client_asked.upstream_body.clone();
         assert!(!request_stream_usage(&mut client_asked));
+        client_asked.seal_body();
         assert_eq!(
             client_asked.upstream_body, original,
             "the client's bytes, untouched"
@@ -533,6 +531,7 @@ mod tests {
         other_options["stream_options"] = json!({"continuous_usage_stats": true});
         let mut merged = request(Endpoint::ChatCompletions, other_options);
         assert!(request_stream_usage(&mut merged));
+        merged.seal_body();
         let sent: Value = serde_json::from_slice(&merged.upstream_body).unwrap();
         assert_eq!(
             sent["stream_options"],
