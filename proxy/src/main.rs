@@ -13,7 +13,7 @@ use tollgate::config::{Config, ProcessEnv, parse_duration};
 use tollgate::keys::store::{KeyListing, KeyStore};
 use tollgate::keys::{KeyAdmin, NewKeyRequest};
 use tollgate::usage_api::{self, UsageQuery};
-use tollgate::{billing, db, server, simulate};
+use tollgate::{billing, db, server};
 use tollgate_billing::reconcile::Day;
 
 /// How long `fleet status` waits for the gateway's admin API.
@@ -23,8 +23,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve => "info",
-        // A month of simulated fleet transitions would drown the report.
-        Command::Simulate(_) => "error",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -91,8 +89,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fleet(FleetCommand::Wake { name }) => {
             block_on(fleet_command(&config, &name, "wake"))
         }
-        // Runs its own runtimes, on a paused clock.
-        Command::Simulate(args) => simulate::run(&config, &args),
     }
 }
 
