@@ -9,7 +9,8 @@ use tollgate_billing::reconcile::Day;
 /// GPU inference. Every subcommand reads the same config file (--config);
 /// environment variables (DATABASE_URL, REDIS_URL, TOLLGATE_ADMIN_TOKEN,
 /// WORKERS, SQL_MAX_OPEN_CONNS, SQL_MAX_IDLE_CONNS, SQL_MAX_LIFETIME,
-/// SQL_MAX_IDLE_TIME, LOG_LEVEL) override it.
+/// SQL_MAX_IDLE_TIME) override it. LOG_LEVEL (tracing's filter syntax) and
+/// LOG_FORMAT (text or json: one JSON object per line) set the logs on stderr.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate", version, verbatim_doc_comment)]
 pub struct Cli {

@@ -14,7 +14,7 @@ use clap::{Parser, ValueEnum};
 /// SVG. Needs no database or backend: nothing real is started.
 ///
 /// Reads the same config file as `tollgate` (--config); LOG_LEVEL (default
-/// error) sets what it logs on stderr.
+/// error) and LOG_FORMAT (text or json) set what it logs on stderr, and how.
 #[derive(Debug, Parser)]
 #[command(name = "tollgate-simulate", version, verbatim_doc_comment)]
 #[command(group = clap::ArgGroup::new("workload").required(true).args(["trace", "synthetic"]))]

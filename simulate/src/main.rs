@@ -10,13 +10,10 @@ use tollgate_simulate::cli::SimulateArgs;
 fn main() -> ExitCode {
     let args = SimulateArgs::parse();
     // A month of simulated fleet transitions would drown the report.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = tollgate_backends::logs::init("error") {
+        eprintln!("tollgate-simulate: {e}");
+        return ExitCode::FAILURE;
+    }
     // Runs its own runtimes, on a paused clock.
     let result = Config::load(args.config.as_deref(), &ProcessEnv)
         .map_err(anyhow::Error::from)
