@@ -39,13 +39,37 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# Build tools: a C toolchain and cmake (Pingora's zlib-ng build needs cmake).
+# Build tools: a C toolchain and cmake (Pingora's zlib-ng build needs cmake),
+# and Rust.
 ensure_build_tools() {
     apt_install build-essential cmake pkg-config ca-certificates curl
+    ensure_rust
+}
+
+# Rust, as rust-toolchain.toml at the root pins it. A machine without cargo
+# gets rustup for this user, non-interactively and with no toolchain of its
+# own: `rustup toolchain install` then reads rust-toolchain.toml and installs
+# that toolchain with its components (rustfmt, clippy). Where cargo is
+# already there, rustup installs the pinned toolchain on first use.
+ensure_rust() {
     if ! command -v cargo >/dev/null; then
-        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+        if [ -f "$HOME/.cargo/env" ]; then
+            # shellcheck source=/dev/null
+            . "$HOME/.cargo/env"
+        elif [ -x "$HOME/.cargo/bin/cargo" ]; then
+            export PATH="$HOME/.cargo/bin:$PATH"
+        fi
     fi
-    command -v cargo >/dev/null || die "Rust is not installed: install it with rustup (https://rustup.rs), then re-run"
+    command -v cargo >/dev/null && return 0
+    log "installing Rust with rustup (toolchain from rust-toolchain.toml)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+        sh -s -- -y --profile minimal --default-toolchain none ||
+        die "the rustup installer failed: install Rust from https://rustup.rs, then re-run"
+    # shellcheck source=/dev/null
+    . "$HOME/.cargo/env"
+    (cd "$ROOT" && rustup toolchain install) ||
+        die "rustup could not install the toolchain rust-toolchain.toml names"
+    command -v cargo >/dev/null || die "rustup installed no cargo on PATH"
 }
 
 # host_port URL DEFAULT_PORT : prints "HOST PORT" of a postgres:// or redis:// URL.

@@ -10,10 +10,13 @@
 //!   interface the health-checked pool will implement).
 //! - [`sim`]: the simulated GPU inference server behind the `gpu-sim`
 //!   binary, which every test, demo and benchmark runs against.
+//! - [`logs`]: how every Tollgate binary logs (`LOG_LEVEL`, `LOG_FORMAT`,
+//!   colour only on a terminal).
 
 pub mod balance;
 pub mod fleet;
 pub mod health;
+pub mod logs;
 pub mod protocol;
 pub mod routing;
 pub mod signals;

@@ -47,12 +47,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
+use time::{Date, Month, OffsetDateTime};
 use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
 use crate::export::ExportConfig;
 
 const DAY_SECS: i64 = 86_400;
+/// The Julian day number of 1970-01-01, where [`Day`] counts from.
+const EPOCH_JULIAN_DAY: i32 = OffsetDateTime::UNIX_EPOCH.to_julian_day();
 
 /// A UTC calendar day, read and written as `YYYY-MM-DD`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -81,6 +84,17 @@ impl Day {
     pub const fn next(self) -> Self {
         Self(self.0 + 1)
     }
+
+    fn from_date(date: Date) -> Self {
+        Self(i64::from(date.to_julian_day()) - i64::from(EPOCH_JULIAN_DAY))
+    }
+
+    /// Its calendar date; `None` outside the years -9999 to 9999 that the
+    /// `time` crate represents.
+    fn date(self) -> Option<Date> {
+        let julian = self.0.checked_add(i64::from(EPOCH_JULIAN_DAY))?;
+        Date::from_julian_day(i32::try_from(julian).ok()?).ok()
+    }
 }
 
 /// Not a `YYYY-MM-DD` calendar day.
@@ -105,52 +119,27 @@ impl FromStr for Day {
             return Err(error());
         }
         let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
-        if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
-            return Err(error());
-        }
-        let parsed = Self(days_from_civil(year, month, day));
-        // 2026-02-30 would land on March 2nd: only a real date round-trips.
-        if civil_from_days(parsed.0) != (year, month, day) {
-            return Err(error());
-        }
-        Ok(parsed)
+        // Refuses a month or a day the calendar does not have (2026-02-30),
+        // rather than rolling it over.
+        let month = u8::try_from(month)
+            .ok()
+            .and_then(|m| Month::try_from(m).ok())
+            .ok_or_else(error)?;
+        let year = i32::try_from(year).map_err(|_| error())?;
+        let day = u8::try_from(day).map_err(|_| error())?;
+        let date = Date::from_calendar_date(year, month, day).map_err(|_| error())?;
+        Ok(Self::from_date(date))
     }
 }
 
 impl fmt::Display for Day {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (year, month, day) = civil_from_days(self.0);
-        write!(f, "{year:04}-{month:02}-{day:02}")
+        match self.date() {
+            Some(date) => write!(f, "{date}"),
+            // Never a day of usage; printed rather than refused.
+            None => write!(f, "{} days from 1970-01-01", self.0),
+        }
     }
-}
-
-/// Days from 1970-01-01 to `year-month-day`, by Howard Hinnant's
-/// `days_from_civil` (as in `tollgate-metering`'s partitions, which keep
-/// theirs private and count months only).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let shifted_month = if month > 2 { month - 3 } else { month + 9 };
-    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-/// Year, month (1–12) and day (1–31) of a day counted from 1970-01-01, by
-/// Howard Hinnant's `civil_from_days`.
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 /// Why Stripe's figures are missing from a reconciliation.

@@ -10,6 +10,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{GenericClient, Pool};
+use time::{Date, Month, OffsetDateTime};
 
 /// Months created beyond the current one: a month boundary never finds its
 /// partition missing even if Tollgate was down for weeks around it.
@@ -20,51 +21,49 @@ const PURGE_BATCH_ROWS: i64 = 10_000;
 
 /// Months since January 1970 (UTC) of `at`: the cache key of a partition.
 pub fn month_index(at: SystemTime) -> i64 {
-    let seconds = match at.duration_since(UNIX_EPOCH) {
-        Ok(since) => since.as_secs() as i64,
-        Err(before) => -(before.duration().as_secs() as i64),
-    };
-    let (year, month) = civil_year_month(seconds.div_euclid(86_400));
-    (year - 1970) * 12 + (month - 1)
+    let date = utc_date(at);
+    (i64::from(date.year()) - 1970) * 12 + i64::from(u8::from(date.month())) - 1
 }
 
 /// The first instant of the UTC month containing `at`.
 pub fn month_start(at: SystemTime) -> SystemTime {
-    let month = month_index(at);
-    let days = days_from_civil(1970 + month.div_euclid(12), month.rem_euclid(12) + 1);
-    let seconds = days * 86_400;
-    if seconds >= 0 {
-        UNIX_EPOCH + Duration::from_secs(seconds as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(seconds.unsigned_abs())
+    let date = utc_date(at);
+    first_of(date.year(), date.month())
+}
+
+/// The first instant of the UTC month after the one containing `at`.
+pub fn next_month_start(at: SystemTime) -> SystemTime {
+    let date = utc_date(at);
+    let year = match date.month() {
+        Month::December => date.year() + 1,
+        _ => date.year(),
+    };
+    first_of(year, date.month().next())
+}
+
+/// The UTC calendar date of `at`. Times outside the years -9999 to 9999
+/// (which `time` represents, and no usage event is dated in) count as the
+/// nearest day it does.
+pub fn utc_date(at: SystemTime) -> Date {
+    let seconds = match at.duration_since(UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_secs()).map_or(i64::MIN, |s| -s),
+    };
+    match OffsetDateTime::from_unix_timestamp(seconds) {
+        Ok(at) => at.date(),
+        Err(_) if seconds < 0 => Date::MIN,
+        Err(_) => Date::MAX,
     }
 }
 
-/// Days from 1970-01-01 to the first of `month` (1–12) of `year`, by Howard
-/// Hinnant's `days_from_civil`.
-fn days_from_civil(year: i64, month: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let shifted_month = if month > 2 { month - 3 } else { month + 9 };
-    let day_of_year = (153 * shifted_month + 2) / 5;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-/// Year and month (1–12) of a day counted from 1970-01-01, by Howard
-/// Hinnant's `civil_from_days`.
-fn civil_year_month(days: i64) -> (i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month)
+/// Midnight UTC on the first of `month` in `year` (past the last month
+/// `time` represents: the last of its days).
+fn first_of(year: i32, month: Month) -> SystemTime {
+    Date::from_calendar_date(year, month, 1)
+        .unwrap_or(Date::MAX)
+        .midnight()
+        .assume_utc()
+        .into()
 }
 
 /// Creates the partition for the month containing `at`, if missing.
@@ -228,5 +227,14 @@ mod tests {
         assert_eq!(month_start(at(1_796_083_200)), at(1_796_083_200)); // 2026-12-01
         assert_eq!(month_start(at(1_835_395_200)), at(1_832_976_000)); // 2028-02-01
         assert_eq!(month_start(at(0)), at(0));
+    }
+
+    #[test]
+    fn next_month_start_crosses_years_and_leap_days() {
+        // 2026-12-15 → 2027-01-01; 2028-02-29 → 2028-03-01.
+        assert_eq!(next_month_start(at(1_797_292_800)), at(1_798_761_600));
+        assert_eq!(next_month_start(at(1_835_395_200)), at(1_835_481_600));
+        // The last second of November 2026 → 2026-12-01.
+        assert_eq!(next_month_start(at(1_796_083_199)), at(1_796_083_200));
     }
 }

@@ -11,8 +11,12 @@
 //! - [`readiness`]: `/readyz`'s Postgres check, kept fresh in the background.
 //! - [`store_errors`]: failed Postgres and Redis calls, counted by operation.
 //! - [`server`]: assembling and running the Pingora server, draining on SIGTERM.
-//! - [`simulate`]: `tollgate simulate`, the fleet's economics in simulated time.
 //! - [`cli`]: the command line; `main.rs` dispatches it.
+//!
+//! The fleet simulator, `tollgate-simulate` (`simulate/`), is a crate of its
+//! own: it runs [`admission`] and [`config`] from here with the fleet
+//! controller on tokio's paused clock, and its plotting and statistics are
+//! no dependencies of the server.
 
 pub mod admin;
 pub mod admission;
@@ -27,7 +31,6 @@ pub mod keys;
 pub mod metering;
 pub mod readiness;
 pub mod server;
-pub mod simulate;
 pub mod store_errors;
 pub mod summary;
 pub mod usage_api;

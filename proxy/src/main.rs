@@ -14,7 +14,7 @@ use tollgate::config::{Config, ProcessEnv, parse_duration};
 use tollgate::keys::store::{KeyListing, KeyStore};
 use tollgate::keys::{KeyAdmin, NewKeyRequest};
 use tollgate::usage_api::{self, UsageQuery};
-use tollgate::{billing, db, server, simulate};
+use tollgate::{billing, db, server};
 use tollgate_billing::reconcile::Day;
 
 /// How long `fleet status` waits for the gateway's admin API.
@@ -24,17 +24,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve => "info",
-        // A month of simulated fleet transitions would drown the report.
-        Command::Simulate(_) => "error",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = tollgate_backends::logs::init(default_level) {
+        eprintln!("tollgate: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -92,8 +87,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fleet(FleetCommand::Wake { name }) => {
             block_on(fleet_command(&config, &name, "wake"))
         }
-        // Runs its own runtimes, on a paused clock.
-        Command::Simulate(args) => simulate::run(&config, &args),
     }
 }
 

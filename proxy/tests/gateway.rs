@@ -161,6 +161,9 @@ struct Options {
     tail: String,
     /// Extra environment of `serve` (e.g. STRIPE_*).
     env: Vec<(&'static str, String)>,
+    /// `serve`'s stderr goes to a pipe, read by [`Gateway::stop_and_read_logs`],
+    /// instead of the test's own stderr.
+    capture_stderr: bool,
 }
 
 /// A migrated database and a running `tollgate serve`.
@@ -176,6 +179,8 @@ struct Gateway {
     options: Options,
     db: TestDb,
     client: reqwest::Client,
+    /// Reads `serve`'s stderr pipe to its end (with `capture_stderr`).
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
 }
 
 impl Gateway {
@@ -235,6 +240,7 @@ impl Gateway {
             options,
             db,
             client: reqwest::Client::new(),
+            stderr: None,
         };
         let migrated = gateway.cli(&["migrate"]).output().unwrap();
         assert!(
@@ -259,7 +265,19 @@ impl Gateway {
             let url = format!("postgres://postgres@127.0.0.1:{port}/{}", self.db.name);
             serve.env("DATABASE_URL", url);
         }
-        self.proc = Some(Proc(serve.spawn().unwrap()));
+        if self.options.capture_stderr {
+            serve.stderr(Stdio::piped());
+        }
+        let mut child = serve.spawn().unwrap();
+        // Read as it is written, so a full pipe never blocks the gateway.
+        self.stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut logs = Vec::new();
+                std::io::Read::read_to_end(&mut pipe, &mut logs).unwrap();
+                logs
+            })
+        });
+        self.proc = Some(Proc(child));
         self.wait_ready().await;
     }
 
@@ -407,6 +425,14 @@ impl Gateway {
     fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut proc = self.proc.take().unwrap();
         proc.0.wait().unwrap()
+    }
+
+    /// Stops `serve` with SIGTERM and answers everything it wrote to stderr
+    /// (started with `capture_stderr`).
+    fn stop_and_read_logs(&mut self) -> Vec<u8> {
+        self.sigterm();
+        assert!(self.wait_exit().success());
+        self.stderr.take().unwrap().join().unwrap()
     }
 }
 

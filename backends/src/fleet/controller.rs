@@ -12,7 +12,9 @@
 //!
 //! Provider calls are slow (minutes for a real cloud), so each runs in its
 //! own task; the instance is marked busy meanwhile and the scaler leaves it
-//! alone. Static backends have no provider: they count as hot capacity while
+//! alone. Those tasks are held in a [`JoinSet`], and [`FleetController::run`]
+//! waits for the ones under way when it stops, so no half-done action
+//! outlives the loop that started it. Static backends have no provider: they count as hot capacity while
 //! routable and are never touched, except by an operator's drain.
 //!
 //! A create is made idempotent by its name. An answer can be lost after the
@@ -29,6 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep};
 use uuid::Uuid;
 
@@ -190,6 +193,9 @@ pub struct FleetController {
     timing: ControllerTiming,
     /// One capacity sync at a time, so an older reading never lands last.
     syncing: Mutex<()>,
+    /// Provider actions under way, one task each. std Mutex: held only to
+    /// add a task or take the set, never across an await.
+    actions: Mutex<JoinSet<()>>,
 }
 
 struct Slot {
@@ -294,6 +300,7 @@ impl FleetController {
             readiness: connections.readiness,
             timing,
             syncing: Mutex::new(()),
+            actions: Mutex::new(JoinSet::new()),
         });
         controller.sync_capacity();
         controller
@@ -328,8 +335,10 @@ impl FleetController {
         self.backends.set_lifecycle(id, state);
     }
 
-    /// Runs until `shutdown` resolves. The gateway keeps it running through
-    /// its drain (requests held for a wake still need capacity) and calls
+    /// Runs until `shutdown` resolves, then waits for the provider actions
+    /// under way to finish: an instance is never left between two states by
+    /// a task nobody waits for. The gateway keeps it running through its
+    /// drain (requests held for a wake still need capacity) and calls
     /// [`Self::terminate_local`] last.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         self.recover();
@@ -342,6 +351,32 @@ impl FleetController {
                 () = &mut shutdown => break,
             }
         }
+        self.finish_actions().await;
+    }
+
+    /// Waits until no provider action is under way, those an operator
+    /// begins meanwhile included.
+    async fn finish_actions(&self) {
+        loop {
+            let mut actions = std::mem::take(&mut *lock(&self.actions));
+            if actions.is_empty() {
+                return;
+            }
+            while let Some(done) = actions.join_next().await {
+                report_action(done);
+            }
+        }
+    }
+
+    /// Runs a provider action in a task of its own, held in `actions`.
+    fn spawn_action(&self, action: impl Future<Output = ()> + Send + 'static) {
+        let mut actions = lock(&self.actions);
+        // Finished ones are collected here, so the set holds only the
+        // actions under way however long the controller runs.
+        while let Some(done) = actions.try_join_next() {
+            report_action(done);
+        }
+        actions.spawn(action);
     }
 
     /// Whether any backend's instances outlive Tollgate (rented ones), so
@@ -569,7 +604,7 @@ impl FleetController {
             record.busy = true;
         }
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        self.spawn_action(async move {
             match kind {
                 ActionKind::Wake => this.wake(id, &reason).await,
                 ActionKind::Sleep => this.sleep(id, &reason).await,
@@ -596,7 +631,7 @@ impl FleetController {
                 continue;
             }
             let this = Arc::clone(self);
-            tokio::spawn(async move {
+            self.spawn_action(async move {
                 this.verify(id).await;
                 if let Some(slot) = &this.slots[id] {
                     let mut record = lock(&slot.record);
@@ -1014,6 +1049,16 @@ impl FleetController {
             hourly_cost,
         });
         self.sync_capacity();
+    }
+}
+
+/// An action's task ended: only a panic is worth a word (the action logs
+/// its own failures); the slot it held stays busy, so the scaler leaves it.
+fn report_action(done: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = done
+        && error.is_panic()
+    {
+        tracing::error!(%error, "a fleet action panicked");
     }
 }
 

@@ -31,6 +31,9 @@ struct Cloud {
     create_fails: AtomicBool,
     finds: AtomicU32,
     find_fails: AtomicBool,
+    /// Creates wait for `release_creates` before they answer.
+    hold_creates: AtomicBool,
+    release_creates: tokio::sync::Notify,
     alive: Mutex<Vec<(String, String)>>,
     next: AtomicU32,
     journal: Arc<Journal>,
@@ -89,6 +92,9 @@ impl Provider for Cloud {
 
     async fn create(&self, name: &str) -> Result<Instance, ProviderError> {
         self.journal.write(format!("create {name}"));
+        if self.hold_creates.load(Ordering::SeqCst) {
+            self.release_creates.notified().await;
+        }
         if self.create_fails.load(Ordering::SeqCst) {
             return Err(ProviderError::Other(anyhow::anyhow!("HTTP 502")));
         }
@@ -283,6 +289,31 @@ impl Fixture {
         }
         panic!("never {state}; is {}", self.state());
     }
+}
+
+/// Before: provider actions ran in detached tasks, so the loop stopped
+/// while a create was still under way and nobody waited for its outcome.
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_an_action_under_way() {
+    let f = build(FleetPolicy::default(), true);
+    f.cloud.hold_creates.store(true, Ordering::SeqCst);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(Arc::clone(&f.controller).run(async {
+        let _ = stopped.await;
+    }));
+    // The floor's instance is being rented; its create does not answer.
+    f.reach(InstanceState::Provisioning).await;
+    stop.send(()).unwrap();
+    // An hour of paused time: the loop has long seen the shutdown.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(!run.is_finished(), "run returned with a create under way");
+    f.cloud.release_creates.notify_one();
+    run.await.unwrap();
+    assert_eq!(
+        f.state(),
+        InstanceState::Hot,
+        "the wake ran to its end before run returned"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,6 +1,6 @@
 //! When to wake and when to put instances to sleep: the scaling rules as a
 //! pure function of the admission queue's signals and the instances' states,
-//! so the same code runs in the live controller and in `tollgate simulate`.
+//! so the same code runs in the live controller and in `tollgate-simulate`.
 //!
 //! Rules, per backend pool, every thresholds from `[fleet]`:
 //!

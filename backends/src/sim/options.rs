@@ -18,6 +18,9 @@ use tollgate_metering::tokens::Encoding;
 /// metric names), and `POST /sim/fail` / `POST /sim/recover` to inject and clear
 /// an engine failure. It prints one line, `gpu-sim listening on http://ADDR`,
 /// when it accepts connections, and exits cleanly on SIGTERM or Ctrl-C.
+///
+/// Logs go to stderr: LOG_LEVEL (default warn) filters, LOG_FORMAT (text or
+/// json: one JSON object per line) formats.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "gpu-sim", version, verbatim_doc_comment)]
 pub struct SimOptions {

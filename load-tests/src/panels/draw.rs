@@ -1,5 +1,5 @@
 //! One panel as an SVG: a title, time on the x axis, a legend, one line per
-//! series. Drawn with plotters' SVG backend, like `tollgate simulate`'s chart.
+//! series. Drawn with plotters' SVG backend, like `tollgate-simulate`'s chart.
 
 use std::path::Path;
 

@@ -7,13 +7,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tollgate_metering::partitions::{month_index, month_start};
+use tollgate_metering::partitions::{month_start, next_month_start, utc_date};
 
 use super::limits::{Period, Periods};
 
 const DAY_SECS: u64 = 86_400;
-/// Any day in the next month is at most this far past a month's start.
-const PAST_MONTH_END: Duration = Duration::from_secs(32 * DAY_SECS);
 
 /// A subscription's current billing period, from `billing_subscriptions`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,12 +45,8 @@ pub fn periods(at: SystemTime, billing: Option<BillingPeriod>) -> Periods {
     let month = match billing {
         Some(billing) => format!("b{}", unix(billing.containing(at).start)),
         None => {
-            let month = month_index(at);
-            format!(
-                "{}-{:02}",
-                1970 + month.div_euclid(12),
-                month.rem_euclid(12) + 1
-            )
+            let date = utc_date(at);
+            format!("{}-{:02}", date.year(), u8::from(date.month()))
         }
     };
     Periods {
@@ -71,11 +65,10 @@ pub fn starts(at: SystemTime, billing: Option<BillingPeriod>) -> (SystemTime, Sy
 
 /// How long until `period` (containing `at`) ends.
 pub fn until_end(period: Period, at: SystemTime, billing: Option<BillingPeriod>) -> Duration {
-    let (month, day) = starts(at, billing);
     let end = match (period, billing) {
         (Period::Month, Some(billing)) => billing.containing(at).end,
-        (Period::Month, None) => month_start(month + PAST_MONTH_END),
-        (Period::Day, _) => day + Duration::from_secs(DAY_SECS),
+        (Period::Month, None) => next_month_start(at),
+        (Period::Day, _) => starts(at, billing).1 + Duration::from_secs(DAY_SECS),
     };
     end.duration_since(at).unwrap_or_default()
 }
@@ -87,10 +80,13 @@ pub fn next_midnight(at: SystemTime) -> SystemTime {
 }
 
 fn day_name(at: SystemTime) -> String {
-    let month = month_index(at);
-    let (year, month_of_year) = (1970 + month.div_euclid(12), month.rem_euclid(12) + 1);
-    let day_of_month = 1 + whole_days(at) - whole_days(month_start(at));
-    format!("{year}-{month_of_year:02}-{day_of_month:02}")
+    let date = utc_date(at);
+    format!(
+        "{}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
 }
 
 fn unix(at: SystemTime) -> u64 {

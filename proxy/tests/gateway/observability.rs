@@ -1,5 +1,6 @@
 //! The per-request metrics as Prometheus scrapes them: the families, their
-//! label names and bounded values, and counts that match the requests sent.
+//! label names and bounded values, and counts that match the requests sent;
+//! and the logs as a pipe receives them, in either `LOG_FORMAT`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -410,4 +411,61 @@ async fn every_metric_family_is_exported_with_bounded_labels() {
     );
     assert_eq!(scrape(metrics, "tollgate_postgres_errors_total").await, 0.0);
     assert_eq!(scrape(metrics, "tollgate_redis_errors_total").await, 0.0);
+}
+
+/// A gateway with one fast backend, logging at info to a pipe with `env`;
+/// serves one chat completion, stops, and answers what it logged.
+async fn logs_of_one_request(env: &[(&'static str, &str)]) -> Vec<u8> {
+    let sim = Sim::fast();
+    let mut options = Options {
+        capture_stderr: true,
+        env: vec![("LOG_LEVEL", "info".to_owned())],
+        ..Options::default()
+    };
+    options
+        .env
+        .extend(env.iter().map(|(name, value)| (*name, (*value).to_owned())));
+    let mut gateway = Gateway::start(&[BackendSpec::new(&sim.url)], options).await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, body) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat("hi", 4))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    gateway.stop_and_read_logs()
+}
+
+/// Before: text logs were coloured whatever stderr was, so a pipe, a file or
+/// journald got escape codes around every level and field name.
+#[tokio::test]
+async fn logs_to_a_pipe_carry_no_colour_codes() {
+    // An empty NO_COLOR counts as unset: only the pipe turns colour off.
+    let logs = logs_of_one_request(&[("LOG_FORMAT", "text"), ("NO_COLOR", "")]).await;
+    let text = String::from_utf8_lossy(&logs);
+    assert!(text.contains("drained; exiting"), "{text}");
+    assert!(
+        !logs.contains(&0x1b),
+        "escape codes in logs written to a pipe:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn log_format_json_writes_one_json_object_per_line() {
+    let logs = logs_of_one_request(&[("LOG_FORMAT", "json")]).await;
+    let text = String::from_utf8(logs).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .all(|e| e.is_object() && e["level"].is_string()),
+        "{text}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "drained; exiting"),
+        "{text}"
+    );
 }

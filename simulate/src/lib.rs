@@ -1,6 +1,13 @@
-//! `tollgate simulate`: the fleet's economics, measured by replaying a
+//! `tollgate-simulate`: the fleet's economics, measured by replaying a
 //! workload through the real admission queue and the real lifecycle
 //! controller in simulated time.
+//!
+//! A crate of its own, beside the server rather than inside it: it needs
+//! tokio's `test-util` (the paused clock), plotters, rand_distr and
+//! hdrhistogram, none of which the gateway has any use for, and a server
+//! binary should not link a simulator. It depends on the `tollgate` library
+//! for the admission queue and the config, and on `tollgate-backends` for
+//! the fleet controller, exactly as the gateway runs them.
 //!
 //! Nothing is faked above the provider: requests wait in
 //! [`Admission::wait_for_slot`] (priority, aging, shedding as configured),
@@ -14,10 +21,11 @@
 //! task waits, the clock jumps to the next timer, so a month of traffic runs
 //! in seconds to minutes of real time and nothing sleeps for real.
 //!
-//! Layout: [`trace`] (CSV traces, the diurnal generator), [`provider`]
+//! Layout: [`cli`] (the command line), [`trace`] (CSV traces, the diurnal
+//! generator), [`provider`]
 //! (the simulated cloud), [`ledger`] (GPU-hours and cost by state from the
 //! controller's transitions), [`chart`] (the SVG); this file runs a
-//! simulation and reports it.
+//! simulation and reports it, and `main.rs` only parses and dispatches.
 //!
 //! The baseline is an always-hot fleet sized for the peak: as many instances
 //! as were ever hot at once in the run, billed at the running price for the
@@ -25,6 +33,7 @@
 //! (always hot) backends to show its waits.
 
 pub mod chart;
+pub mod cli;
 pub mod ledger;
 pub mod provider;
 pub mod trace;
@@ -49,14 +58,15 @@ use tollgate_backends::fleet::policy::Scaler;
 use tollgate_backends::health::{DEFAULT_HEALTH_PATH, Probe};
 use tollgate_backends::routing::{Backend, BackendPool, UpstreamSelector};
 
+use tollgate::admission::Admission;
+use tollgate::config::{Config, ProviderConfig};
+use tollgate::error::ApiError;
+
 use self::chart::Sample;
+use self::cli::{SimulateArgs, Synthetic};
 use self::ledger::{ByState, Ledger, Totals};
 use self::provider::{ProviderCalls, SimProvider, SimTiming};
 use self::trace::{Arrival, Diurnal, DiurnalParams, TokenModel, TraceReader};
-use crate::admission::Admission;
-use crate::cli::{SimulateArgs, Synthetic};
-use crate::config::{Config, ProviderConfig};
-use crate::error::ApiError;
 
 /// The fleet and queue are sampled for the chart this often.
 const SAMPLE_EVERY: Duration = Duration::from_secs(60);
@@ -218,7 +228,7 @@ impl Options {
     }
 }
 
-/// `tollgate simulate`: runs, writes the chart, prints the report.
+/// `tollgate-simulate`: runs, writes the chart, prints the report.
 pub fn run(config: &Config, args: &SimulateArgs) -> anyhow::Result<()> {
     let options = Options::from_args(config, args)?;
     let report = simulate(config, &options)?;
@@ -228,7 +238,7 @@ pub fn run(config: &Config, args: &SimulateArgs) -> anyhow::Result<()> {
         None => report.busiest_day(),
     };
     let title = format!(
-        "tollgate simulate: day {} of {} (seed {})",
+        "tollgate-simulate: day {} of {} (seed {})",
         day + 1,
         report.arrivals_per_day.len().max(1),
         options.seed
@@ -859,8 +869,8 @@ async fn run_once(config: &Config, options: &Options) -> anyhow::Result<RunOutco
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Env;
     use clap::Parser;
+    use tollgate::config::Env;
 
     struct NoEnv;
 
@@ -876,11 +886,7 @@ mod tests {
     }
 
     fn args(extra: &[&str]) -> SimulateArgs {
-        let argv = ["tollgate", "simulate"].iter().chain(extra);
-        match crate::cli::Cli::parse_from(argv).command {
-            crate::cli::Command::Simulate(args) => args,
-            other => panic!("parsed {other:?}"),
-        }
+        SimulateArgs::parse_from(["tollgate-simulate"].iter().chain(extra))
     }
 
     fn assert_accounted(tiers: &[TierReport]) {
@@ -974,7 +980,7 @@ mod tests {
                 .contains("between 0 and 1")
         );
         assert!(
-            crate::cli::Cli::try_parse_from(["tollgate", "simulate"]).is_err(),
+            SimulateArgs::try_parse_from(["tollgate-simulate"]).is_err(),
             "a workload is required"
         );
     }
