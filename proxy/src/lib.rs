@@ -3,13 +3,24 @@
 //!
 //! - [`config`]: the TOML config, env overrides, validation; a folder with one
 //!   file per TOML section.
-//! - [`gateway`]: the `ProxyHttp` request path (auth, body, routing, errors).
+//! - [`gateway`]: the `ProxyHttp` request path phase by phase (see
+//!   docs/architecture.md); [`gateway::routes`] answers the routes that need
+//!   no backend.
+//! - [`admission`]: rate limits, quotas and reservations, the priority queue.
+//! - [`metering`]: metering on the request path, and the usage writer and
+//!   upkeep as background services.
+//! - [`billing`]: the Stripe exporter, webhooks and past-due sweep,
+//!   Checkout/Portal sessions, `tollgate billing` commands.
 //! - [`keys`]: API keys: hashing, Postgres store, cache, revocation fan-out.
+//! - [`fleet`]: providers from the config, the controller as a service, its
+//!   transitions logged to Postgres.
 //! - [`admin`]: the admin API and the metrics endpoint.
 //! - [`summary`]: `GET /api/metrics`, the admin listener's JSON summary.
-//! - [`db`]: the Postgres pool and migrations (`sql/`).
+//! - [`usage_api`]: usage reports for `/v1/usage`, the admin API and the CLI.
+//! - [`db`]: the Postgres pool (TLS when asked) and migrations (`sql/`).
 //! - [`readiness`]: `/readyz`'s Postgres check, kept fresh in the background.
 //! - [`store_errors`]: failed Postgres and Redis calls, counted by operation.
+//! - [`error`]: the one OpenAI-shaped error type.
 //! - [`server`]: assembling and running the Pingora server, draining on SIGTERM.
 //! - [`cli`]: the command line; `main.rs` dispatches it.
 //!

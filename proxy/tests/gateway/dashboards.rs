@@ -528,6 +528,13 @@ impl Scrape {
     }
 }
 
+/// A free tier and a priced, rate-limited pro tier: every panel has a tier
+/// to show.
+const TIERS: &str = "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 100\n\
+                     [[tiers]]\nname = \"pro\"\npriority = 10\nrequests_per_minute = 2\n\
+                     monthly_price = 49.0\nincluded_units = 2000000\nhard_cap = false\n\
+                     overage_price = 0.00002\n";
+
 /// A gateway after the traffic the dashboards watch. Its Redis never
 /// answers, so refusals, Redis errors and fallbacks have series too: `free`
 /// fails closed (503 rate_limiter_unavailable), `pro` falls back to this
@@ -535,13 +542,9 @@ impl Scrape {
 /// 200 ms so the first round's load signals arrive quickly.
 async fn gateway_with_traffic() -> (Sim, Gateway) {
     let sim = Sim::fast();
-    let tiers = "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 100\n\
-                 [[tiers]]\nname = \"pro\"\npriority = 10\nrequests_per_minute = 2\n\
-                 monthly_price = 49.0\nincluded_units = 2000000\nhard_cap = false\n\
-                 overage_price = 0.00002\n";
     let options = Options {
         redis: Some(format!("redis://127.0.0.1:{}", free_port())),
-        tiers: Some(tiers.to_owned()),
+        tiers: Some(TIERS.to_owned()),
         health: "interval = \"200ms\"",
         // A managed backend: instance time and cost are only counted for one.
         tail: super::api_metrics::priced_process_backend(),
@@ -1015,13 +1018,9 @@ async fn every_counter_dashboards_and_alerts_name_is_exported_before_any_traffic
     let sim = Sim::fast();
     // The same configuration as the traffic test: Redis configured, billing
     // with a priced tier, a managed backend.
-    let tiers = "[[tiers]]\nname = \"free\"\npriority = 0\nrequests_per_minute = 100\n\
-                 [[tiers]]\nname = \"pro\"\npriority = 10\nrequests_per_minute = 2\n\
-                 monthly_price = 49.0\nincluded_units = 2000000\nhard_cap = false\n\
-                 overage_price = 0.00002\n";
     let options = Options {
         redis: Some(redis_url()),
-        tiers: Some(tiers.to_owned()),
+        tiers: Some(TIERS.to_owned()),
         tail: super::api_metrics::priced_process_backend(),
         ..Options::default()
     };

@@ -468,4 +468,30 @@ async fn log_format_json_writes_one_json_object_per_line() {
             .any(|e| e["fields"]["message"] == "drained; exiting"),
         "{text}"
     );
+    // One line per request, with what an operator searches by and what the
+    // request cost.
+    // (The harness's /healthz polls have lines too, with no account.)
+    let requests: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["fields"]["message"] == "request" && e["fields"]["account"] != "-")
+        .collect();
+    assert_eq!(requests.len(), 1, "{text}");
+    let line = &requests[0]["fields"];
+    assert!(
+        line["request_id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{line}"
+    );
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["account"], "acme", "{line}");
+    assert_eq!(line["tier"], "pro", "{line}");
+    assert_eq!(line["model"], "sim-model", "{line}");
+    assert_eq!(line["backend"], "b0", "{line}");
+    assert!(
+        line["completion_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{line}"
+    );
+    assert!(line["units"].as_u64().is_some_and(|n| n > 0), "{line}");
+    for timing in ["elapsed_ms", "queue_ms", "upstream_ms"] {
+        assert!(line[timing].is_u64(), "{timing}: {line}");
+    }
 }
