@@ -154,6 +154,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         models.clone(),
         config.tiers.iter().map(|t| t.name.clone()).collect(),
     )?;
+    let figures = metrics.figures();
     let metering = Metering::new(
         &config.metering,
         &models,
@@ -188,6 +189,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         admission.queues(),
         Arc::clone(&selector),
         Arc::clone(&fleet_controller),
+        figures,
     );
     let admin_api = AdminApi {
         token: config.admin_token.clone(),

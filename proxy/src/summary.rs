@@ -2,9 +2,8 @@
 //! simple uptime checkers, where Prometheus would need queries.
 //!
 //! Everything but the spend is read from memory: request counts and
-//! latencies from the default Prometheus registry (the families the data
-//! plane already records, read by name, so the request path neither changes
-//! nor waits), queue depths from the admission queues, the fleet from the
+//! latencies through handles on the metrics the data plane already records
+//! (so the request path neither changes nor waits), queue depths from the admission queues, the fleet from the
 //! pool and the controller. Request figures count since this Tollgate
 //! started. Percentiles are *estimates* from histogram buckets, interpolated
 //! linearly inside the bucket as PromQL's `histogram_quantile` does, so they
@@ -21,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Pool;
+use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 use serde_json::{Value, json};
 use tollgate_backends::fleet::controller::FleetController;
@@ -30,11 +30,8 @@ use tollgate_backends::routing::UpstreamSelector;
 
 use crate::admission::AdmissionQueues;
 use crate::config::{Config, ProviderConfig};
+use crate::gateway::metrics::RequestFigures;
 
-/// The families read, as `RequestMetrics` registers them.
-const REQUESTS: &str = "tollgate_requests_total";
-const DURATION: &str = "tollgate_request_duration_seconds";
-const OVERHEAD: &str = "tollgate_overhead_seconds";
 /// Said in the answer next to every percentile, so nobody reads them as exact.
 const ESTIMATED_FROM: &str = "histogram buckets";
 /// Status classes always listed, at 0 before any request: the ones the rates use.
@@ -74,6 +71,8 @@ pub struct Summary {
     queues: Arc<AdmissionQueues>,
     selector: Arc<dyn UpstreamSelector>,
     fleet: Arc<FleetController>,
+    /// The request metrics summarised, read through their own handles.
+    figures: RequestFigures,
 }
 
 impl Summary {
@@ -83,6 +82,7 @@ impl Summary {
         queues: Arc<AdmissionQueues>,
         selector: Arc<dyn UpstreamSelector>,
         fleet: Arc<FleetController>,
+        figures: RequestFigures,
     ) -> Self {
         Self {
             started: Instant::now(),
@@ -102,13 +102,13 @@ impl Summary {
             queues,
             selector,
             fleet,
+            figures,
         }
     }
 
     /// The whole answer. Never fails: what cannot be read is `null` and
     /// explained under `errors`.
     pub async fn json(&self) -> Value {
-        let families = prometheus::gather();
         let mut errors: Vec<Value> = Vec::new();
         let (fleet, available) = self.fleet_json();
         if available == 0 {
@@ -139,9 +139,9 @@ impl Summary {
             "status": if errors.is_empty() { "ok" } else { "degraded" },
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": self.started.elapsed().as_secs(),
-            "requests": requests_json(&families, &self.tiers),
-            "latency_secs": percentiles_json(&families, DURATION, &[0.5, 0.95, 0.99]),
-            "overhead_secs": percentiles_json(&families, OVERHEAD, &[0.5, 0.99]),
+            "requests": requests_json(&collect(&self.figures.requests), &self.tiers),
+            "latency_secs": percentiles_json(&collect(&self.figures.duration), &[0.5, 0.95, 0.99]),
+            "overhead_secs": percentiles_json(&collect(&self.figures.overhead), &[0.5, 0.99]),
             "queues": self.queues_json(),
             "fleet": fleet,
             "gpu_spend_today": spend,
@@ -243,14 +243,14 @@ impl Summary {
 }
 
 /// Counts by status class and tier, and the shares of 2xx, 4xx and 5xx.
-fn requests_json(families: &[MetricFamily], tiers: &[String]) -> Value {
+fn requests_json(requests: &MetricFamily, tiers: &[String]) -> Value {
     let mut by_status: BTreeMap<String, u64> = STATUS_CLASSES
         .iter()
         .map(|s| ((*s).to_owned(), 0))
         .collect();
     let mut by_tier: BTreeMap<String, u64> = tiers.iter().map(|t| (t.clone(), 0)).collect();
     let mut total = 0;
-    for metric in family(families, REQUESTS).map_or(&[][..], |f| f.get_metric()) {
+    for metric in requests.get_metric() {
         // Counters hold whole numbers of requests.
         let count = metric.get_counter().get_value().round() as u64;
         total += count;
@@ -277,10 +277,10 @@ fn requests_json(families: &[MetricFamily], tiers: &[String]) -> Value {
     })
 }
 
-/// The `quantiles` of histogram family `name` over all its series, `null`
-/// each before the first observation.
-fn percentiles_json(families: &[MetricFamily], name: &str, quantiles: &[f64]) -> Value {
-    let buckets = merged_buckets(families, name);
+/// The `quantiles` of a histogram over all its series, `null` each before
+/// the first observation.
+fn percentiles_json(histogram: &MetricFamily, quantiles: &[f64]) -> Value {
+    let buckets = merged_buckets(histogram);
     let mut answer = serde_json::Map::new();
     for q in quantiles {
         let key = format!("p{}", (q * 100.0).round());
@@ -291,21 +291,22 @@ fn percentiles_json(families: &[MetricFamily], name: &str, quantiles: &[f64]) ->
         json!(buckets.last().map_or(0, |(_, count)| *count)),
     );
     answer.insert("estimated_from".to_owned(), json!(ESTIMATED_FROM));
-    answer.insert("histogram".to_owned(), json!(name));
+    answer.insert("histogram".to_owned(), json!(histogram.name()));
     Value::Object(answer)
 }
 
-fn family<'a>(families: &'a [MetricFamily], name: &str) -> Option<&'a MetricFamily> {
-    families.iter().find(|f| f.name() == name)
+/// A metric vector's one family, as a scrape would show it.
+fn collect(metric: &impl Collector) -> MetricFamily {
+    metric.collect().into_iter().next().unwrap_or_default()
 }
 
-/// The cumulative buckets of every series of histogram `name`, summed by
-/// upper bound (`sum by (le)`), ending with `+Inf`; empty when the family
-/// has no series yet.
-fn merged_buckets(families: &[MetricFamily], name: &str) -> Vec<(f64, u64)> {
-    let Some(family) = family(families, name).filter(|f| !f.get_metric().is_empty()) else {
+/// The cumulative buckets of every series of a histogram, summed by upper
+/// bound (`sum by (le)`), ending with `+Inf`; empty when the family has no
+/// series yet.
+fn merged_buckets(family: &MetricFamily) -> Vec<(f64, u64)> {
+    if family.get_metric().is_empty() {
         return Vec::new();
-    };
+    }
     let mut buckets: Vec<(f64, u64)> = Vec::new();
     let mut observations = 0;
     for metric in family.get_metric() {
@@ -402,7 +403,7 @@ fn price(spans: &[Span], prices: &[(String, Option<HourlyCost>)]) -> (f64, BTree
 
 #[cfg(test)]
 mod tests {
-    use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+    use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
     use super::*;
 
@@ -455,28 +456,37 @@ mod tests {
         assert!(p(0.5) <= p(0.95) && p(0.95) <= p(0.99), "{buckets:?}");
     }
 
-    fn families() -> Vec<MetricFamily> {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(Opts::new(REQUESTS, "r"), &["tier", "status"]).unwrap();
+    const DURATION: &str = "tollgate_request_duration_seconds";
+
+    /// Requests and durations as `RequestMetrics` counts them, empty.
+    fn vectors() -> (IntCounterVec, HistogramVec) {
+        let requests = IntCounterVec::new(
+            Opts::new("tollgate_requests_total", "r"),
+            &["tier", "status"],
+        )
+        .unwrap();
         let duration = HistogramVec::new(
             HistogramOpts::new(DURATION, "d").buckets(vec![0.1, 1.0]),
             &["tier"],
         )
         .unwrap();
-        registry.register(Box::new(requests.clone())).unwrap();
-        registry.register(Box::new(duration.clone())).unwrap();
+        (requests, duration)
+    }
+
+    fn counted() -> (MetricFamily, MetricFamily) {
+        let (requests, duration) = vectors();
         requests.with_label_values(&["pro", "2xx"]).inc_by(3);
         requests.with_label_values(&["none", "4xx"]).inc();
         for (tier, seconds) in [("pro", 0.05), ("pro", 0.5), ("free", 0.5), ("free", 5.0)] {
             duration.with_label_values(&[tier]).observe(seconds);
         }
-        registry.gather()
+        (collect(&requests), collect(&duration))
     }
 
     #[test]
     fn requests_are_counted_by_status_class_and_tier() {
         let tiers = ["free".to_owned(), "pro".to_owned()];
-        let requests = requests_json(&families(), &tiers);
+        let requests = requests_json(&counted().0, &tiers);
         assert_eq!(requests["total"], 4);
         assert_eq!(requests["by_status"], json!({"2xx": 3, "4xx": 1, "5xx": 0}));
         assert_eq!(requests["by_tier"], json!({"free": 0, "none": 1, "pro": 3}));
@@ -487,23 +497,22 @@ mod tests {
 
     #[test]
     fn before_any_request_counts_are_zero_and_rates_null() {
-        let requests = requests_json(&[], &["pro".to_owned()]);
+        let (requests, duration) = vectors();
+        let requests = requests_json(&collect(&requests), &["pro".to_owned()]);
         assert_eq!(requests["total"], 0);
         assert_eq!(requests["by_tier"], json!({"pro": 0}));
         assert_eq!(requests["success_rate"], Value::Null);
-        let latency = percentiles_json(&[], DURATION, &[0.5, 0.99]);
+        let latency = percentiles_json(&collect(&duration), &[0.5, 0.99]);
         assert_eq!(latency["p50"], Value::Null);
         assert_eq!(latency["observations"], 0);
+        assert_eq!(latency["histogram"], DURATION);
     }
 
     #[test]
     fn series_are_summed_by_bucket_before_the_quantile() {
-        let families = families();
-        assert_eq!(
-            merged_buckets(&families, DURATION),
-            [(0.1, 1), (1.0, 3), (INF, 4)]
-        );
-        let latency = percentiles_json(&families, DURATION, &[0.5, 0.95, 0.99]);
+        let duration = counted().1;
+        assert_eq!(merged_buckets(&duration), [(0.1, 1), (1.0, 3), (INF, 4)]);
+        let latency = percentiles_json(&duration, &[0.5, 0.95, 0.99]);
         // Rank 2 of 4: the first of (0.1, 1.0]'s two.
         assert!(close(latency["p50"].as_f64(), 0.55));
         assert_eq!(latency["p99"], 1.0);

@@ -67,7 +67,24 @@ pub struct RequestMetrics {
     tiers: Vec<String>,
 }
 
+/// Handles on the request metrics `GET /api/metrics` summarises (see
+/// [`crate::summary`]), so it reads them without looking names up.
+#[derive(Clone)]
+pub struct RequestFigures {
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub overhead: HistogramVec,
+}
+
 impl RequestMetrics {
+    pub fn figures(&self) -> RequestFigures {
+        RequestFigures {
+            requests: self.requests.clone(),
+            duration: self.duration.clone(),
+            overhead: self.overhead.clone(),
+        }
+    }
+
     /// Registers the metrics; `models` and `tiers` are the configured names,
     /// the only label values they take besides `other` and `none`.
     pub fn new(
