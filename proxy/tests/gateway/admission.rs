@@ -674,7 +674,7 @@ async fn requests_expected_to_wait_too_long_are_shed_at_once_with_retry_after() 
         &[one_slot(&sim)],
         Options {
             tiers: tiers(
-                "[[tiers]]\nname = \"free\"\npriority = 0\nmax_expected_wait_secs = 1.5\n",
+                "[[tiers]]\nname = \"free\"\npriority = 0\nmax_expected_wait = \"1500ms\"\n",
             ),
             ..Options::default()
         },

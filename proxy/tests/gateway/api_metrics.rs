@@ -18,7 +18,7 @@ pub(super) fn priced_process_backend() -> String {
          max_concurrency = 4\nhourly_cost = {RUNNING_PER_HOUR}\nstopped_hourly_cost = 0.1\n\
          command = [\"{}\", \"--listen\", \"127.0.0.1:{{port}}\", \"--model\", \"sim-model\", \
          \"--ttft-ms\", \"0\", \"--tokens-per-sec\", \"0\", \"--exit-with-parent\"]\n\
-         [fleet]\nmin_hot = 0\nidle_stop_secs = 3600\ninterval = \"100ms\"\n",
+         [fleet]\nmin_hot = 0\nidle_stop = \"1h\"\ninterval = \"100ms\"\n",
         tollgate_testkit::gpu_sim::binary().display()
     )
 }

@@ -159,8 +159,8 @@ async fn a_paid_subscription_by_webhook_lifts_the_free_limits_at_once() {
     assert!(accounts.to_string().contains("\"pro\""), "{accounts}");
 }
 
-/// A grace of 0.0001 days: 8.64 s.
-const SHORT_GRACE_DAYS: &str = "0.0001";
+/// A grace of 8.64 s (0.0001 days).
+const SHORT_GRACE: &str = "8s 640ms";
 
 /// `serve`'s environment with billing on (a Stripe that is never called)
 /// and webhooks verified with [`WEBHOOK_SECRET`].
@@ -259,7 +259,7 @@ async fn checkout_to_paid_tier_and_unpaid_invoice_downgrades_after_the_grace() {
                 ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
             ],
             tail: format!(
-                "[billing]\ngrace_days = {SHORT_GRACE_DAYS}\n\
+                "[billing]\ngrace = \"{SHORT_GRACE}\"\n\
                  success_url = \"https://example.test/welcome\"\n\
                  cancel_url = \"https://example.test/pricing\"\n"
             ),

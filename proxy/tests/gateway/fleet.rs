@@ -17,7 +17,7 @@ fn process_fleet(startup_delay_secs: u32, idle_stop_secs: u32) -> String {
          command = [\"{}\", \"--listen\", \"127.0.0.1:{{port}}\", \"--model\", \"sim-model\", \
          \"--startup-delay\", \"{startup_delay_secs}\", \"--ttft-ms\", \"0\", \"--tokens-per-sec\", \"0\", \
          \"--exit-with-parent\"]\n\
-         [fleet]\nmin_hot = 0\nidle_stop_secs = {idle_stop_secs}\ninterval = \"100ms\"\n",
+         [fleet]\nmin_hot = 0\nidle_stop = \"{idle_stop_secs}s\"\ninterval = \"100ms\"\n",
         sim.display()
     )
 }
@@ -314,7 +314,7 @@ fn runpod_fleet_with(fake: &FakeRunPod, runpod: &str, fleet: &str) -> String {
          [backends.runpod]\napi_url = \"{}\"\napi_key = \"{}\"\ninference_port = 8000\n{runpod}\
          [backends.runpod.pod]\nimage_name = \"vllm/vllm-openai:v0.9.1\"\n\
          gpu_type_ids = [\"NVIDIA RTX A6000\"]\nports = [\"8000/tcp\"]\n\
-         [fleet]\nmin_hot = 0\nidle_stop_secs = 3600\ninterval = \"100ms\"\n{fleet}",
+         [fleet]\nmin_hot = 0\nidle_stop = \"1h\"\ninterval = \"100ms\"\n{fleet}",
         fake.url(),
         fake.api_key()
     )
@@ -426,8 +426,8 @@ async fn a_pod_whose_create_answer_was_lost_is_found_by_name_and_serves() {
     let gateway = Gateway::start(
         &[],
         Options {
-            tail: runpod_fleet_with(&fake, "", "failed_retry_secs = 1\n"),
-            tiers: Some(format!("{DEFAULT_TIERS}max_queue_wait_secs = 60\n")),
+            tail: runpod_fleet_with(&fake, "", "failed_retry = \"1s\"\n"),
+            tiers: Some(format!("{DEFAULT_TIERS}max_queue_wait = \"60s\"\n")),
             ..Options::default()
         },
     )

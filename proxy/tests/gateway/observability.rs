@@ -190,7 +190,7 @@ async fn a_request_that_times_out_in_the_queue_adds_no_overhead() {
     let gateway = Gateway::start(
         &[one_slot(&sim)],
         Options {
-            tiers: tiers("[[tiers]]\nname = \"free\"\npriority = 0\nmax_queue_wait_secs = 1\n"),
+            tiers: tiers("[[tiers]]\nname = \"free\"\npriority = 0\nmax_queue_wait = \"1s\"\n"),
             ..Options::default()
         },
     )
