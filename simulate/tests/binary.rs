@@ -2,8 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 /// Far above the second a debug build takes, so only a hang reaches it.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -12,11 +12,11 @@ const DEADLINE: Duration = Duration::from_secs(120);
 /// the first log line that could not be written panicked the task that
 /// logged it (tracing-subscriber reported the failure with `eprintln!`); the
 /// fleet never reached its floor and the simulated clock ran on forever.
-#[test]
-fn a_closed_stderr_does_not_stop_the_simulation() {
+#[tokio::test]
+async fn a_closed_stderr_does_not_stop_the_simulation() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let chart = std::env::temp_dir().join(format!("tollgate-sim-{}.svg", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate-simulate"))
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate-simulate"))
         .arg("--config")
         .arg(format!("{root}/config/fleet-sim.toml"))
         .arg("--trace")
@@ -32,18 +32,12 @@ fn a_closed_stderr_does_not_stop_the_simulation() {
         .spawn()
         .unwrap();
     drop(child.stderr.take());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running after {DEADLINE:?} with its stderr closed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exited = tokio::time::timeout(DEADLINE, child.wait()).await;
+    if exited.is_err() {
+        let _ = child.kill().await;
+        panic!("still running after {DEADLINE:?} with its stderr closed");
+    }
+    let status = exited.unwrap().unwrap();
     let _ = std::fs::remove_file(&chart);
     assert!(status.success(), "{status}");
 }

@@ -298,15 +298,19 @@ async fn shutdown_waits_for_an_action_under_way() {
     let f = build(FleetPolicy::default(), true);
     f.cloud.hold_creates.store(true, Ordering::SeqCst);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(Arc::clone(&f.controller).run(async {
+    let mut run = tokio::spawn(Arc::clone(&f.controller).run(async {
         let _ = stopped.await;
     }));
     // The floor's instance is being rented; its create does not answer.
     f.reach(InstanceState::Provisioning).await;
     stop.send(()).unwrap();
     // An hour of paused time: the loop has long seen the shutdown.
-    tokio::time::sleep(Duration::from_secs(3600)).await;
-    assert!(!run.is_finished(), "run returned with a create under way");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3600), &mut run)
+            .await
+            .is_err(),
+        "run returned with a create under way"
+    );
     f.cloud.release_creates.notify_one();
     run.await.unwrap();
     assert_eq!(
