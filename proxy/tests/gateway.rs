@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 use tollgate_testkit::db::{admin_url, unique};
-use tollgate_testkit::poll::{POLL_DEADLINE, POLL_INTERVAL};
+use tollgate_testkit::poll::POLL_DEADLINE;
 use tollgate_testkit::{GpuSim, TestDb, eventually};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
