@@ -10,7 +10,6 @@
 //! it ended, which is what the breaker learns from. Types here are plain
 //! Rust; the proxy turns a [`Backend`] into its own peer type.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -77,26 +76,19 @@ pub enum Outcome {
 }
 
 pub trait UpstreamSelector: Send + Sync {
-    /// A hot backend serving `model`, other than those in `tried`, with a
-    /// lease counting the request as in flight there until dropped; `None`
-    /// when none is left or every one left is known to be down.
+    /// A hot backend among `serving` (the backends of the request's model),
+    /// other than those in `tried`, with a lease counting the request as in
+    /// flight there until dropped; `None` when none is left or every one
+    /// left is known to be down.
     fn select(
         &self,
-        model: &str,
+        serving: &[BackendId],
         tried: &[BackendId],
         facts: &RequestFacts<'_>,
     ) -> Option<(BackendId, Arc<Backend>, Lease)>;
 
     /// How a request to `backend` ended.
     fn report(&self, backend: BackendId, outcome: Outcome);
-
-    /// Whether any configured backend serves `model`.
-    fn serves(&self, model: &str) -> bool {
-        self.candidates(model) > 0
-    }
-
-    /// How many backends serve `model`.
-    fn candidates(&self, model: &str) -> usize;
 
     /// The backend as it is now (its address changes when a rented
     /// instance is replaced).
@@ -173,8 +165,6 @@ impl BackendState {
 /// policy that picks among them.
 pub struct BackendPool {
     states: Vec<Arc<BackendState>>,
-    /// Per model: the backends serving it, in config order.
-    by_model: HashMap<String, Vec<BackendId>>,
     policy: Box<dyn Policy>,
 }
 
@@ -190,12 +180,6 @@ impl BackendPool {
     /// Every backend starts hot; the fleet controller sets the lifecycle of
     /// those it manages before serving ([`Self::set_lifecycle`]).
     pub fn new(backends: Vec<Backend>, policy: Box<dyn Policy>, breaker: BreakerConfig) -> Self {
-        let mut by_model: HashMap<String, Vec<BackendId>> = HashMap::new();
-        for (id, backend) in backends.iter().enumerate() {
-            for model in &backend.models {
-                by_model.entry(model.clone()).or_default().push(id);
-            }
-        }
         let epoch = tokio::time::Instant::now();
         Self {
             states: backends
@@ -213,9 +197,23 @@ impl BackendPool {
                     })
                 })
                 .collect(),
-            by_model,
             policy,
         }
+    }
+
+    /// The backends serving `model`, in config order (the gateway resolves
+    /// this once per model, at start).
+    pub fn serving(&self, model: &str) -> Vec<BackendId> {
+        (0..self.states.len())
+            .filter(|&id| {
+                self.states[id]
+                    .backend
+                    .load()
+                    .models
+                    .iter()
+                    .any(|m| m == model)
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -315,17 +313,15 @@ impl BackendPool {
 impl UpstreamSelector for BackendPool {
     fn select(
         &self,
-        model: &str,
+        serving: &[BackendId],
         tried: &[BackendId],
         facts: &RequestFacts<'_>,
     ) -> Option<(BackendId, Arc<Backend>, Lease)> {
         let now = Instant::now();
-        let mut candidates: Vec<Candidate> = self
-            .by_model
-            .get(model)?
+        let mut candidates: Vec<Candidate> = serving
             .iter()
             .filter(|id| !tried.contains(id))
-            .filter(|id| self.states[**id].routable(now))
+            .filter(|id| self.states.get(**id).is_some_and(|s| s.routable(now)))
             .map(|&id| Candidate {
                 id,
                 in_flight: self.states[id].in_flight.load(Ordering::Acquire),
@@ -363,10 +359,6 @@ impl UpstreamSelector for BackendPool {
             Outcome::Unreachable => state.breaker.trip(Instant::now()),
             Outcome::Abandoned => state.breaker.on_abandoned(),
         }
-    }
-
-    fn candidates(&self, model: &str) -> usize {
-        self.by_model.get(model).map_or(0, Vec::len)
     }
 
     fn backend(&self, id: BackendId) -> Option<Arc<Backend>> {
@@ -437,8 +429,15 @@ mod tests {
     }
 
     fn pick(pool: &BackendPool, model: &str, tried: &[BackendId]) -> Option<String> {
-        pool.select(model, tried, &RequestFacts::default())
+        pool.select(&pool.serving(model), tried, &RequestFacts::default())
             .map(|(_, b, _)| b.name.clone())
+    }
+
+    fn select_m(
+        pool: &BackendPool,
+        tried: &[BackendId],
+    ) -> Option<(BackendId, Arc<Backend>, Lease)> {
+        pool.select(&pool.serving("m"), tried, &RequestFacts::default())
     }
 
     #[test]
@@ -452,27 +451,23 @@ mod tests {
         assert!(picks.iter().all(|p| p == "a" || p == "c"), "{picks:?}");
         assert!(picks.contains(&"a".to_owned()) && picks.contains(&"c".to_owned()));
         assert_eq!(pick(&pool, "unknown", &[]), None);
-        assert!(pool.serves("other") && !pool.serves("unknown"));
+        assert_eq!(pool.serving("other"), vec![1]);
+        assert!(pool.serving("unknown").is_empty());
     }
 
     #[test]
     fn retry_goes_to_a_different_backend() {
         let pool = pool(vec![backend("a", &["m"], 1), backend("b", &["m"], 1)]);
-        let (first, _, _) = pool.select("m", &[], &RequestFacts::default()).unwrap();
-        let (second, _, _) = pool
-            .select("m", &[first], &RequestFacts::default())
-            .unwrap();
+        let (first, _, _) = select_m(&pool, &[]).unwrap();
+        let (second, _, _) = select_m(&pool, &[first]).unwrap();
         assert_ne!(first, second);
-        assert!(
-            pool.select("m", &[0, 1], &RequestFacts::default())
-                .is_none()
-        );
+        assert!(select_m(&pool, &[0, 1]).is_none());
     }
 
     #[test]
     fn a_lease_counts_the_request_in_flight_until_dropped() {
         let pool = pool(vec![backend("a", &["m"], 4)]);
-        let (id, _, lease) = pool.select("m", &[], &RequestFacts::default()).unwrap();
+        let (id, _, lease) = select_m(&pool, &[]).unwrap();
         assert_eq!(pool.statuses()[id].in_flight, 1);
         drop(lease);
         assert_eq!(pool.statuses()[id].in_flight, 0);
@@ -488,7 +483,7 @@ mod tests {
         }
         pool.report(1, Outcome::Failed);
         assert_eq!(pick(&pool, "m", &[]), None, "every backend known down");
-        assert_eq!(pool.candidates("m"), 2);
+        assert_eq!(pool.serving("m").len(), 2);
     }
 
     #[test]
@@ -498,9 +493,9 @@ mod tests {
             Box::new(LeastOutstanding::with_seed(7)),
             BackendPool::DEFAULT_BREAKER,
         );
-        let (first, _, _held) = pool.select("m", &[], &RequestFacts::default()).unwrap();
+        let (first, _, _held) = select_m(&pool, &[]).unwrap();
         for _ in 0..10 {
-            let (next, _, _) = pool.select("m", &[], &RequestFacts::default()).unwrap();
+            let (next, _, _) = select_m(&pool, &[]).unwrap();
             assert_ne!(next, first);
         }
     }

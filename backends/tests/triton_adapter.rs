@@ -100,7 +100,7 @@ async fn multi_turn_chat_streams_to_done_with_usage() {
         "stream_options": {"include_usage": true},
         "temperature": 0.2,
     });
-    let request = translate_request(Endpoint::Chat, &body).unwrap();
+    let request = translate_request(Endpoint::ChatCompletions, &body).unwrap();
     assert_eq!(request.path, "/v2/models/sim-model/generate_stream");
     let (out, transcoder) = transcode(&sim, &request, &meta("chatcmpl-it", 42)).await;
 
@@ -198,7 +198,7 @@ async fn non_streamed_generate_round_trip() {
         "messages": [{"role": "user", "content": "What is ML?"}],
         "max_completion_tokens": 5,
     });
-    let request = translate_request(Endpoint::Chat, &body).unwrap();
+    let request = translate_request(Endpoint::ChatCompletions, &body).unwrap();
     assert_eq!(request.path, "/v2/models/sim-model/generate");
     assert!(!request.exchange.stream);
     let response = sim.send(&request).await;
@@ -255,7 +255,7 @@ async fn abort_mid_stream_becomes_openai_error_event_without_done() {
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    let request = translate_request(Endpoint::Chat, &body).unwrap();
+    let request = translate_request(Endpoint::ChatCompletions, &body).unwrap();
     let (out, transcoder) = transcode(&sim, &request, &meta("chatcmpl-abort", 8)).await;
 
     let events = sse_data(&out);

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let exchange = Exchange {
         endpoint: if control & 1 == 1 {
-            Endpoint::Chat
+            Endpoint::ChatCompletions
         } else {
             Endpoint::Completions
         },

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
+use tollgate_metering::endpoint::Endpoint;
+use tollgate_metering::event::{Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::journal::Journal;
 use tollgate_metering::spool::Spool;
 use tollgate_metering::writer::{self, WriterConfig, WriterStats};
@@ -37,7 +38,7 @@ fn event() -> UsageEvent {
         tier: "pro".to_owned(),
         model: "llama-3.1-8b-instruct".to_owned(),
         backend: Some("gpu-a".to_owned()),
-        kind: Kind::Chat,
+        kind: Endpoint::ChatCompletions,
         status: Status::Ok,
         tokens: Tokens {
             prompt: 812,

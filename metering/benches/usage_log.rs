@@ -22,7 +22,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
+use tollgate_metering::endpoint::Endpoint;
+use tollgate_metering::event::{Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::journal::Journal;
 use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
@@ -74,7 +75,7 @@ fn event(i: u64, created_at: SystemTime, tag: &str) -> UsageEvent {
         }
         .to_owned(),
         backend: Some("gpu-a".to_owned()),
-        kind: Kind::Chat,
+        kind: Endpoint::ChatCompletions,
         status: Status::Ok,
         tokens: Tokens {
             prompt: 100 + i % 50,

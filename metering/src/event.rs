@@ -6,24 +6,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// What kind of work a request asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    Chat,
-    Completion,
-    Embedding,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Chat => "chat",
-            Self::Completion => "completion",
-            Self::Embedding => "embedding",
-        }
-    }
-}
+use crate::endpoint::Endpoint;
 
 /// How a request ended, for billing and statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +87,8 @@ pub struct UsageEvent {
     pub tier: String,
     pub model: String,
     pub backend: Option<String>,
-    pub kind: Kind,
+    /// The endpoint asked, serialised as the kind of work (`chat`, …).
+    pub kind: Endpoint,
     pub status: Status,
     /// The billed figures (see `usage_source`).
     pub tokens: Tokens,

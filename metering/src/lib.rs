@@ -7,6 +7,7 @@
 //!   disagree about what a token is.
 //! - [`capture`]: reads a backend's answer as it streams by (usage report,
 //!   generated text), synchronously and without I/O.
+//! - [`endpoint`]: the OpenAI endpoints served, one vocabulary for every crate.
 //! - [`event`]: the usage event, one per admitted request.
 //! - [`writer`]: the request path's non-blocking sink and the batching
 //!   Postgres writer; [`spool`]: its durable fallback file.
@@ -16,6 +17,7 @@
 //! Nothing here knows about Pingora: the proxy calls these plain APIs.
 
 pub mod capture;
+pub mod endpoint;
 pub mod event;
 pub mod journal;
 pub mod partitions;

@@ -146,11 +146,18 @@ enum Flush {
     ForExit,
 }
 
+/// Counts a request's prompt for the event's `counted_prompt_tokens`: the
+/// check beside a backend's own figure, which the writer runs off the
+/// request path, on the blocking pool, before the event is written. An
+/// event that reaches the spool straight from the request path goes without.
+pub type PromptCount = Box<dyn FnOnce() -> u64 + Send>;
+
 /// An event on its way to Postgres, and where the journal holds it.
 struct Recorded {
     event: UsageEvent,
     /// `None` when the journal could not take it.
     mark: Option<JournalMark>,
+    count: Option<PromptCount>,
 }
 
 /// Events taken from the channel and not yet written.
@@ -158,13 +165,48 @@ struct Recorded {
 struct Batch {
     events: Vec<UsageEvent>,
     marks: Vec<JournalMark>,
+    /// Prompt counts still to run, by index in `events`.
+    counts: Vec<(usize, PromptCount)>,
 }
 
 impl Batch {
+    fn push(&mut self, recorded: Recorded) {
+        if let Some(count) = recorded.count {
+            self.counts.push((self.events.len(), count));
+        }
+        self.events.push(recorded.event);
+        self.marks.extend(recorded.mark);
+    }
+
     fn extend(&mut self, received: &mut Vec<Recorded>) {
         for recorded in received.drain(..) {
-            self.events.push(recorded.event);
-            self.marks.extend(recorded.mark);
+            self.push(recorded);
+        }
+    }
+
+    /// Runs the batch's prompt counts, all in one trip to the blocking pool.
+    async fn count_prompts(&mut self) {
+        if self.counts.is_empty() {
+            return;
+        }
+        let counts = std::mem::take(&mut self.counts);
+        let counted = tokio::task::spawn_blocking(move || {
+            counts
+                .into_iter()
+                .map(|(index, count)| (index, count()))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match counted {
+            Ok(counted) => {
+                for (index, tokens) in counted {
+                    if let Some(event) = self.events.get_mut(index) {
+                        event.counted_prompt_tokens = Some(tokens);
+                    }
+                }
+            }
+            // A check, not a billed figure: the events go without it.
+            Err(error) => tracing::error!("prompt counts failed: {error}"),
         }
     }
 
@@ -246,6 +288,11 @@ impl UsageSink {
     /// journal: through the channel, or when it is full (or the writer is
     /// gone) into the spool.
     pub fn record(&self, event: UsageEvent) {
+        self.record_with_count(event, None);
+    }
+
+    /// [`Self::record`], with the event's prompt count to run in the writer.
+    pub fn record_with_count(&self, event: UsageEvent, count: Option<PromptCount>) {
         let Some(payload) = serialize(&self.stats, &event) else {
             return;
         };
@@ -259,7 +306,7 @@ impl UsageSink {
                 None
             }
         };
-        let recorded = match self.events.try_send(Recorded { event, mark }) {
+        let recorded = match self.events.try_send(Recorded { event, mark, count }) {
             Ok(()) => return,
             Err(
                 mpsc::error::TrySendError::Full(recorded)
@@ -432,8 +479,7 @@ impl UsageWriter {
     /// Moves every event waiting in the channel into batches, writing full ones.
     async fn drain_channel(&mut self, batch: &mut Batch) {
         while let Ok(recorded) = self.events.try_recv() {
-            batch.events.push(recorded.event);
-            batch.marks.extend(recorded.mark);
+            batch.push(recorded);
             if batch.len() >= self.config.batch_size {
                 self.deliver(batch).await;
             }
@@ -446,6 +492,7 @@ impl UsageWriter {
         if batch.events.is_empty() {
             return;
         }
+        batch.count_prompts().await;
         if self.spool.is_empty() {
             match self.write(&batch.events).await {
                 Ok(()) => {
@@ -659,7 +706,7 @@ async fn insert_batch(
     let tiers: Vec<&str> = events.iter().map(|e| e.tier.as_str()).collect();
     let models: Vec<&str> = events.iter().map(|e| e.model.as_str()).collect();
     let backends: Vec<Option<&str>> = events.iter().map(|e| e.backend.as_deref()).collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.kind()).collect();
     let statuses: Vec<&str> = events.iter().map(|e| e.status.as_str()).collect();
     let prompt = column(|e| clamp(e.tokens.prompt));
     let completion = column(|e| clamp(e.tokens.completion));

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Pool;
-use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
+use tollgate_metering::endpoint::Endpoint;
+use tollgate_metering::event::{Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::journal::Journal;
 use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
@@ -47,7 +48,7 @@ fn event(account: Uuid, created_at: SystemTime, prompt: u64, completion: u64) ->
         tier: "pro".to_owned(),
         model: "sim-model".to_owned(),
         backend: Some("b0".to_owned()),
-        kind: Kind::Chat,
+        kind: Endpoint::ChatCompletions,
         status: Status::Ok,
         tokens: Tokens { prompt, completion },
         counted_prompt_tokens: Some(prompt),
@@ -130,6 +131,36 @@ async fn writing_the_same_events_twice_stores_and_counts_them_once() {
             "{table}"
         );
     }
+}
+
+/// A prompt count handed to the writer (the check beside a backend's own
+/// figure, made off the request path) is stored with its event.
+#[tokio::test]
+async fn a_prompt_count_left_to_the_writer_is_stored_with_its_event() {
+    let db = TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path()).unwrap());
+    let stats = writer::WriterStats::new().unwrap();
+    let journal = journal_beside(&spool);
+    let (sink, writer) = writer::channel(db.pool.clone(), spool, journal, config(), stats);
+    tokio::spawn(writer.run(std::future::pending()));
+    let account = Uuid::now_v7();
+    for i in 0..3 {
+        let mut later = event(account, at(MID_NOVEMBER + i), 10, 5);
+        later.counted_prompt_tokens = None;
+        sink.record_with_count(later, Some(Box::new(move || 100 + i)));
+    }
+    let mut without = event(account, at(MID_NOVEMBER + 3), 10, 5);
+    without.counted_prompt_tokens = None;
+    sink.record(without);
+    sink.flush().await;
+    let stored = count(
+        &db.pool,
+        "SELECT coalesce(sum(counted_prompt_tokens), -1)::int8 * 10 + count(counted_prompt_tokens) \
+         FROM usage_events",
+    )
+    .await;
+    assert_eq!(stored, (100 + 101 + 102) * 10 + 3);
 }
 
 #[tokio::test]

@@ -34,6 +34,7 @@ use crate::fleet::{self, EventLog, FleetService};
 use crate::gateway::Gateway;
 use crate::gateway::context::InFlight;
 use crate::gateway::metrics::RequestMetrics;
+use crate::gateway::models::ModelRoutes;
 use crate::keys::KeyAdmin;
 use crate::keys::cache::KeyCache;
 use crate::keys::revocation::RevocationListener;
@@ -162,6 +163,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         sink.clone(),
         prometheus::default_registry(),
     )?;
+    let models = ModelRoutes::new(&config, &admission.queues(), &metering, &metrics);
     let readiness = Arc::new(PostgresReadiness::default());
     let gateway = Gateway {
         keys: cache.clone(),

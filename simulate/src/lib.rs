@@ -56,9 +56,10 @@ use tollgate_backends::balance::breaker::BreakerConfig;
 use tollgate_backends::fleet::controller::{Connections, FleetController, Managed, Readiness};
 use tollgate_backends::fleet::policy::Scaler;
 use tollgate_backends::health::{DEFAULT_HEALTH_PATH, Probe};
-use tollgate_backends::routing::{Backend, BackendPool, UpstreamSelector};
+use tollgate_backends::routing::{Backend, BackendId, BackendPool, UpstreamSelector};
 
 use tollgate::admission::Admission;
+use tollgate::admission::queue::AdmissionQueue;
 use tollgate::config::{Config, ProviderConfig};
 use tollgate::error::ApiError;
 
@@ -591,7 +592,9 @@ struct Context {
     admission: Admission,
     pool: Arc<BackendPool>,
     tiers: Vec<String>,
-    model: String,
+    /// The model's admission queue and the backends serving it.
+    queue: Arc<AdmissionQueue>,
+    serving: Vec<BackendId>,
     service: ServiceModel,
     // std Mutex: a few counter updates, never held across an await.
     stats: Mutex<Stats>,
@@ -618,11 +621,11 @@ impl Context {
 /// service time.
 async fn request(ctx: Arc<Context>, arrival: Arrival, _running: mpsc::Sender<()>) {
     let tier = &ctx.tiers[arrival.tier];
-    match ctx.admission.wait_for_slot(tier, &ctx.model).await {
+    match ctx.admission.wait_for_slot(tier, &ctx.queue).await {
         Ok(slot) => {
             let lease = ctx
                 .pool
-                .select(&ctx.model, &[], &RequestFacts::default())
+                .select(&ctx.serving, &[], &RequestFacts::default())
                 .map(|(_, _, lease)| lease);
             if lease.is_none() {
                 ctx.stats().granted_without_backend += 1;
@@ -754,11 +757,17 @@ async fn run_once(config: &Config, options: &Options) -> anyhow::Result<RunOutco
         })
     };
 
+    // `pool_only` left the model's pool alone in the config.
+    let queue = queues
+        .for_pool(&config.backends[0].pool)
+        .ok_or_else(|| anyhow::anyhow!("the model's pool has no admission queue"))?
+        .clone();
     let ctx = Arc::new(Context {
         admission,
+        serving: pool.serving(&options.model),
         pool,
         tiers: tiers.clone(),
-        model: options.model.clone(),
+        queue,
         service: options.service,
         stats: Mutex::new(Stats {
             requests: vec![0; tiers.len()],

@@ -360,7 +360,10 @@ async fn a_failing_release_is_retried_once_per_failed_retry() {
 async fn a_wake_interrupts_a_sleep_still_draining() {
     let f = start(FleetPolicy::default(), true);
     f.reach(InstanceState::Hot).await;
-    let (_, _, lease) = f.pool.select("m", &[], &RequestFacts::default()).unwrap();
+    let (_, _, lease) = f
+        .pool
+        .select(&f.pool.serving("m"), &[], &RequestFacts::default())
+        .unwrap();
     f.controller.command("gpu", Command::Sleep).unwrap();
     f.reach(InstanceState::Draining).await;
     assert_eq!(

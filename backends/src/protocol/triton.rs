@@ -77,6 +77,7 @@ use std::fmt::Write as _;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tollgate_metering::capture::{MAX_EVENT_BYTES, MAX_TEXT_BYTES};
+pub use tollgate_metering::endpoint::Endpoint;
 use tollgate_metering::sse::{EventReader, EventTooLarge};
 use tollgate_metering::tokens::Encoding;
 
@@ -92,45 +93,12 @@ pub const DEFAULT_CHAT_MAX_TOKENS: u32 = 4096;
 /// documented default for `/v1/completions`, which vLLM also uses.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 
-/// The OpenAI endpoint a client called.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `POST /v1/chat/completions`.
-    Chat,
-    /// `POST /v1/completions`.
-    Completions,
-}
-
-impl Endpoint {
-    /// The OpenAI path of this endpoint.
-    pub fn path(self) -> &'static str {
-        match self {
-            Self::Chat => "/v1/chat/completions",
-            Self::Completions => "/v1/completions",
-        }
-    }
-
-    fn default_max_tokens(self) -> u32 {
-        match self {
-            Self::Chat => DEFAULT_CHAT_MAX_TOKENS,
-            Self::Completions => DEFAULT_COMPLETION_MAX_TOKENS,
-        }
-    }
-
-    /// `object` of a whole answer.
-    fn object(self) -> &'static str {
-        match self {
-            Self::Chat => "chat.completion",
-            Self::Completions => "text_completion",
-        }
-    }
-
-    /// `object` of a streamed chunk (completions chunks keep `text_completion`).
-    fn chunk_object(self) -> &'static str {
-        match self {
-            Self::Chat => "chat.completion.chunk",
-            Self::Completions => "text_completion",
-        }
+/// `max_tokens` sent when the client set none.
+fn default_max_tokens(endpoint: Endpoint) -> u32 {
+    if endpoint == Endpoint::ChatCompletions {
+        DEFAULT_CHAT_MAX_TOKENS
+    } else {
+        DEFAULT_COMPLETION_MAX_TOKENS
     }
 }
 
@@ -201,7 +169,7 @@ pub fn translate_request(
     };
     reject_unsupported(request)?;
     let text_input = match endpoint {
-        Endpoint::Chat => match field(request, "messages") {
+        Endpoint::ChatCompletions => match field(request, "messages") {
             Some(Value::Array(messages)) => render_chat_prompt(messages)?,
             _ => {
                 return Err(TranslateError::new(
@@ -211,6 +179,12 @@ pub fn translate_request(
             }
         },
         Endpoint::Completions => completion_prompt(field(request, "prompt"))?,
+        Endpoint::Embeddings => {
+            return Err(TranslateError::new(
+                "Embeddings are not served by a Triton generate backend.",
+                "model",
+            ));
+        }
     };
     let stream = optional_bool(request, "stream")?.unwrap_or(false);
     let include_usage = stream && include_usage(request)?;
@@ -479,7 +453,7 @@ fn max_tokens(endpoint: Endpoint, request: &Map<String, Value>) -> Result<u32, T
     ) {
         (Some(value), _) => ("max_completion_tokens", value),
         (None, Some(value)) => ("max_tokens", value),
-        (None, None) => return Ok(endpoint.default_max_tokens()),
+        (None, None) => return Ok(default_max_tokens(endpoint)),
     };
     match value.as_u64().and_then(|n| u32::try_from(n).ok()) {
         Some(n) if n >= 1 => Ok(n),
@@ -729,23 +703,24 @@ pub fn translate_response(
         completion_tokens: count(meta.encoding, &text),
     };
     let finish_reason = FinishReason::for_count(usage.completion_tokens, exchange.max_tokens);
-    let choice = match exchange.endpoint {
-        Endpoint::Chat => json!({
+    let choice = if exchange.endpoint == Endpoint::ChatCompletions {
+        json!({
             "index": 0,
             "message": {"role": "assistant", "content": text},
             "logprobs": null,
             "finish_reason": finish_reason.as_str(),
-        }),
-        Endpoint::Completions => json!({
+        })
+    } else {
+        json!({
             "index": 0,
             "text": text,
             "logprobs": null,
             "finish_reason": finish_reason.as_str(),
-        }),
+        })
     };
     let body = json!({
         "id": meta.id,
-        "object": exchange.endpoint.object(),
+        "object": exchange.endpoint.answer_object(false),
         "created": meta.created,
         "model": meta.model,
         "choices": [choice],
@@ -829,7 +804,7 @@ impl StreamTranscoder {
         let _ = write!(
             head,
             ",\"object\":\"{}\",\"created\":{},\"model\":{},\"choices\":[",
-            exchange.endpoint.chunk_object(),
+            exchange.endpoint.answer_object(true),
             meta.created,
             json_string(&meta.model),
         );
@@ -983,28 +958,24 @@ impl TranscodeState {
             return;
         }
         self.text.push_str(piece);
-        match self.endpoint {
-            Endpoint::Chat => {
-                self.send_role(out);
-                self.open_chunk(out);
-                out.extend_from_slice(b"{\"index\":0,\"delta\":{\"content\":");
-                push_json_string(out, piece);
-                out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":null}");
-                self.close_chunk(out);
-            }
-            Endpoint::Completions => {
-                self.open_chunk(out);
-                out.extend_from_slice(b"{\"index\":0,\"text\":");
-                push_json_string(out, piece);
-                out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}");
-                self.close_chunk(out);
-            }
+        if self.endpoint == Endpoint::ChatCompletions {
+            self.send_role(out);
+            self.open_chunk(out);
+            out.extend_from_slice(b"{\"index\":0,\"delta\":{\"content\":");
+            push_json_string(out, piece);
+            out.extend_from_slice(b"},\"logprobs\":null,\"finish_reason\":null}");
+        } else {
+            self.open_chunk(out);
+            out.extend_from_slice(b"{\"index\":0,\"text\":");
+            push_json_string(out, piece);
+            out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":null}");
         }
+        self.close_chunk(out);
     }
 
     /// The chat stream's first chunk, once.
     fn send_role(&mut self, out: &mut Vec<u8>) {
-        if self.endpoint == Endpoint::Chat && !self.role_sent {
+        if self.endpoint == Endpoint::ChatCompletions && !self.role_sent {
             self.role_sent = true;
             self.open_chunk(out);
             out.extend_from_slice(
@@ -1026,10 +997,11 @@ impl TranscodeState {
         let finish_reason = FinishReason::for_count(completion_tokens, self.max_tokens);
         self.send_role(out);
         self.open_chunk(out);
-        match self.endpoint {
-            Endpoint::Chat => out.extend_from_slice(b"{\"index\":0,\"delta\":{}"),
-            Endpoint::Completions => out.extend_from_slice(b"{\"index\":0,\"text\":\"\""),
-        }
+        out.extend_from_slice(if self.endpoint == Endpoint::ChatCompletions {
+            b"{\"index\":0,\"delta\":{}"
+        } else {
+            b"{\"index\":0,\"text\":\"\""
+        });
         let _ = write!(
             VecWriter(out),
             ",\"logprobs\":null,\"finish_reason\":\"{}\"}}",
@@ -1130,12 +1102,12 @@ mod tests {
         body["seed"] = json!(7);
         body["stop"] = json!("\n\n");
         body["user"] = json!("ignored");
-        let (request, generate) = translate(Endpoint::Chat, body);
+        let (request, generate) = translate(Endpoint::ChatCompletions, body);
         assert_eq!(request.path, "/v2/models/ensemble/generate");
         assert_eq!(
             request.exchange,
             Exchange {
-                endpoint: Endpoint::Chat,
+                endpoint: Endpoint::ChatCompletions,
                 stream: false,
                 include_usage: false,
                 max_tokens: 64,
@@ -1169,7 +1141,7 @@ mod tests {
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
         body["stop"] = json!(["a", "b"]);
-        let (request, generate) = translate(Endpoint::Chat, body.clone());
+        let (request, generate) = translate(Endpoint::ChatCompletions, body.clone());
         assert_eq!(request.path, "/v2/models/ensemble/generate_stream");
         assert!(request.exchange.stream && request.exchange.include_usage);
         assert_eq!(generate["parameters"]["stream"], true);
@@ -1177,14 +1149,17 @@ mod tests {
         assert_eq!(generate["max_tokens"], DEFAULT_CHAT_MAX_TOKENS);
 
         body["stream"] = json!(false);
-        let (request, _) = translate(Endpoint::Chat, body.clone());
+        let (request, _) = translate(Endpoint::ChatCompletions, body.clone());
         assert!(
             !request.exchange.include_usage,
             "usage chunks exist only in streams"
         );
 
         body["stream"] = json!("yes");
-        assert_eq!(refused(Endpoint::Chat, body).param, Some("stream"));
+        assert_eq!(
+            refused(Endpoint::ChatCompletions, body).param,
+            Some("stream")
+        );
     }
 
     #[test]
@@ -1192,23 +1167,26 @@ mod tests {
         let mut body = chat_body(json!([{"role": "user", "content": "Hi"}]));
         body["max_tokens"] = json!(10);
         body["max_completion_tokens"] = json!(20);
-        let (request, generate) = translate(Endpoint::Chat, body.clone());
+        let (request, generate) = translate(Endpoint::ChatCompletions, body.clone());
         assert_eq!(request.exchange.max_tokens, 20);
         assert_eq!(generate["max_tokens"], 20);
 
         body["max_completion_tokens"] = json!(0);
         assert_eq!(
-            refused(Endpoint::Chat, body.clone()).param,
+            refused(Endpoint::ChatCompletions, body.clone()).param,
             Some("max_completion_tokens")
         );
         body["max_completion_tokens"] = Value::Null;
         body["max_tokens"] = json!(1.5);
         assert_eq!(
-            refused(Endpoint::Chat, body.clone()).param,
+            refused(Endpoint::ChatCompletions, body.clone()).param,
             Some("max_tokens")
         );
         body["max_tokens"] = json!(u64::from(u32::MAX) + 1);
-        assert_eq!(refused(Endpoint::Chat, body).param, Some("max_tokens"));
+        assert_eq!(
+            refused(Endpoint::ChatCompletions, body).param,
+            Some("max_tokens")
+        );
     }
 
     #[test]
@@ -1259,7 +1237,7 @@ mod tests {
         ] {
             let mut body = base.clone();
             body[name] = value;
-            let error = refused(Endpoint::Chat, body);
+            let error = refused(Endpoint::ChatCompletions, body);
             assert_eq!(error.param, Some(name), "{name}");
             assert!(error.message.contains(name), "{}", error.message);
         }
@@ -1275,7 +1253,7 @@ mod tests {
         ] {
             body[name] = value;
         }
-        translate(Endpoint::Chat, body);
+        translate(Endpoint::ChatCompletions, body);
     }
 
     #[test]
@@ -1284,7 +1262,7 @@ mod tests {
             {"type": "text", "text": "What is this?"},
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
         ]}]));
-        let error = refused(Endpoint::Chat, image);
+        let error = refused(Endpoint::ChatCompletions, image);
         assert_eq!(error.param, Some("messages"));
         assert!(error.message.contains("image_url"), "{}", error.message);
         assert!(error.message.contains("images"), "{}", error.message);
@@ -1299,12 +1277,12 @@ mod tests {
             json!([{"role": "user"}]),
             json!([]),
         ] {
-            let error = refused(Endpoint::Chat, chat_body(messages.clone()));
+            let error = refused(Endpoint::ChatCompletions, chat_body(messages.clone()));
             assert_eq!(error.param, Some("messages"), "{messages}");
         }
         // An assistant turn without content is allowed.
         let (_, generate) = translate(
-            Endpoint::Chat,
+            Endpoint::ChatCompletions,
             chat_body(json!([
                 {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": null},
@@ -1341,7 +1319,7 @@ mod tests {
             );
             assert_eq!(error.param, Some("model"));
         }
-        assert_eq!(refused(Endpoint::Chat, json!([1])).param, None);
+        assert_eq!(refused(Endpoint::ChatCompletions, json!([1])).param, None);
     }
 
     fn meta() -> AnswerMeta {
@@ -1397,8 +1375,8 @@ mod tests {
     #[test]
     fn every_split_of_a_stream_transcodes_the_same() {
         for (endpoint, include_usage) in [
-            (Endpoint::Chat, true),
-            (Endpoint::Chat, false),
+            (Endpoint::ChatCompletions, true),
+            (Endpoint::ChatCompletions, false),
             (Endpoint::Completions, true),
         ] {
             let exchange = exchange(endpoint, include_usage, 100);
@@ -1426,7 +1404,7 @@ mod tests {
     #[test]
     fn chat_stream_is_openai_shaped() {
         let (out, transcoder) = transcode_whole(
-            exchange(Endpoint::Chat, true, 100),
+            exchange(Endpoint::ChatCompletions, true, 100),
             TRITON_STREAM.as_bytes(),
         );
         let events = events(&out);
@@ -1512,7 +1490,7 @@ mod tests {
             (3, FinishReason::Stop),
         ] {
             let (out, transcoder) = transcode_whole(
-                exchange(Endpoint::Chat, false, max_tokens),
+                exchange(Endpoint::ChatCompletions, false, max_tokens),
                 stream.as_bytes(),
             );
             assert_eq!(
@@ -1530,8 +1508,10 @@ mod tests {
     #[test]
     fn completion_tokens_count_the_whole_text_not_the_pieces() {
         let stream = "data: {\"text_output\":\"hel\"}\n\ndata: {\"text_output\":\"lo\"}\n\n";
-        let (_, transcoder) =
-            transcode_whole(exchange(Endpoint::Chat, true, 100), stream.as_bytes());
+        let (_, transcoder) = transcode_whole(
+            exchange(Endpoint::ChatCompletions, true, 100),
+            stream.as_bytes(),
+        );
         assert_eq!(
             Encoding::Cl100k.count("hel") + Encoding::Cl100k.count("lo"),
             2
@@ -1546,7 +1526,7 @@ mod tests {
             "data: {\"error\":\"Simulated engine abort mid-stream.\"}\n\n",
             "data: {\"text_output\":\" ignored\"}\n\n",
         );
-        for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+        for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions] {
             let (out, mut transcoder) =
                 transcode_whole(exchange(endpoint, true, 100), stream.as_bytes());
             let events = events(&out);
@@ -1576,7 +1556,8 @@ mod tests {
 
     #[test]
     fn abort_fails_the_stream_and_keeps_what_was_generated() {
-        let mut transcoder = StreamTranscoder::new(exchange(Endpoint::Chat, true, 100), &meta());
+        let mut transcoder =
+            StreamTranscoder::new(exchange(Endpoint::ChatCompletions, true, 100), &meta());
         let out = transcoder.feed(b"data: {\"text_output\":\"Hi there\"}\n\ndata: {\"text_out");
         assert_eq!(events(&out).len(), 2);
         let out = transcoder.abort("The backend connection was reset.");
@@ -1610,7 +1591,7 @@ mod tests {
 
         // The last event lacks its blank line but is whole: it counts.
         let (_, transcoder) = transcode_whole(
-            exchange(Endpoint::Chat, false, 100),
+            exchange(Endpoint::ChatCompletions, false, 100),
             b"data: {\"text_output\":\"a\"}\n\ndata: {\"text_output\":\"b\"}",
         );
         assert_eq!(transcoder.generated_text(), "ab");
@@ -1618,7 +1599,7 @@ mod tests {
 
         // The stream broke off inside an event.
         let (out, transcoder) = transcode_whole(
-            exchange(Endpoint::Chat, false, 100),
+            exchange(Endpoint::ChatCompletions, false, 100),
             b"data: {\"text_output\":\"a\"}\n\ndata: {\"text_out",
         );
         assert!(transcoder.failed());
@@ -1633,14 +1614,17 @@ mod tests {
     #[test]
     fn multi_line_data_is_joined_with_lf() {
         let stream = "data: {\"text_output\":\ndata: \"joined\"}\n\n";
-        let (_, transcoder) =
-            transcode_whole(exchange(Endpoint::Chat, false, 100), stream.as_bytes());
+        let (_, transcoder) = transcode_whole(
+            exchange(Endpoint::ChatCompletions, false, 100),
+            stream.as_bytes(),
+        );
         assert_eq!(transcoder.generated_text(), "joined");
     }
 
     #[test]
     fn an_oversize_event_fails_the_stream_and_frees_its_buffer() {
-        let mut transcoder = StreamTranscoder::new(exchange(Endpoint::Chat, true, 100), &meta());
+        let mut transcoder =
+            StreamTranscoder::new(exchange(Endpoint::ChatCompletions, true, 100), &meta());
         let mut out = transcoder.feed(b"data: {\"text_output\":\"");
         let filler = vec![b'x'; 64 * 1024];
         let mut fed = 0;
@@ -1672,7 +1656,8 @@ mod tests {
             let bytes: Vec<u8> = (0..len)
                 .map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize])
                 .collect();
-            let mut transcoder = StreamTranscoder::new(exchange(Endpoint::Chat, true, 5), &meta());
+            let mut transcoder =
+                StreamTranscoder::new(exchange(Endpoint::ChatCompletions, true, 5), &meta());
             let mut out = Vec::new();
             for piece in bytes.chunks(1 + (next() % 7) as usize) {
                 out.extend(transcoder.feed(piece));
@@ -1691,7 +1676,7 @@ mod tests {
     fn whole_answers_translate_to_completion_objects() {
         let triton = br#"{"model_name":"ensemble","model_version":"1","text_output":"Machine learning is fun."}"#;
         let tokens = Encoding::Cl100k.count("Machine learning is fun.") as u64;
-        let chat = exchange(Endpoint::Chat, false, 100);
+        let chat = exchange(Endpoint::ChatCompletions, false, 100);
         let answer = translate_response(chat, &meta(), triton).unwrap();
         let body: Value = serde_json::from_slice(&answer.body).unwrap();
         assert_eq!(
@@ -1744,7 +1729,7 @@ mod tests {
         assert!(error.message.contains("HTTP 500"), "{}", error.message);
         assert_eq!(translate_error(200, b"{}").status, 502);
 
-        let chat = exchange(Endpoint::Chat, false, 100);
+        let chat = exchange(Endpoint::ChatCompletions, false, 100);
         let error = translate_response(chat, &meta(), br#"{"error":"engine failed"}"#).unwrap_err();
         assert_eq!(
             (error.message.as_str(), error.status),
@@ -1776,7 +1761,7 @@ mod tests {
             (any::<bool>(), any::<bool>(), any::<bool>(), any::<u32>()).prop_map(
                 |(chat, stream, include_usage, max_tokens)| Exchange {
                     endpoint: if chat {
-                        Endpoint::Chat
+                        Endpoint::ChatCompletions
                     } else {
                         Endpoint::Completions
                     },
@@ -1847,7 +1832,7 @@ mod tests {
                 stream in any::<bool>(),
                 text in ".{0,40}",
             ) {
-                let endpoint = if chat { Endpoint::Chat } else { Endpoint::Completions };
+                let endpoint = if chat { Endpoint::ChatCompletions } else { Endpoint::Completions };
                 let body = json!({
                     "model": text.clone(),
                     "messages": [{"role": "user", "content": text.clone()}],

@@ -97,6 +97,13 @@ impl Plan {
             && q.max_concurrent.is_none()
     }
 
+    /// A rule reserves by tokens before the answer: a tokens-per-minute
+    /// rate, or a capped quota. Other rules (request rates, concurrency, a
+    /// quota billed past its units) are settled from the answer's usage.
+    fn reserves_tokens(&self) -> bool {
+        self.caps_output() || self.rates.iter().any(|r| r.kind == RateKind::Tokens)
+    }
+
     /// A capped tier must not let the backend generate past the reservation.
     fn caps_output(&self) -> bool {
         (self.quota.hard_cap && self.quota.included_units.is_some())
@@ -236,6 +243,12 @@ impl Admission {
         self.plans
             .get(tier)
             .ok_or_else(|| ApiError::UnknownTier(tier.to_owned()))
+    }
+
+    /// Whether `tier`'s limits need the prompt's tokens before the request
+    /// is forwarded (an unknown tier says yes: [`Self::check`] refuses it).
+    pub fn needs_prompt_tokens(&self, tier: &str) -> bool {
+        self.plans.get(tier).is_none_or(Plan::reserves_tokens)
     }
 
     pub fn queues(&self) -> Arc<AdmissionQueues> {
@@ -425,12 +438,14 @@ impl Admission {
         }
     }
 
-    /// Gate 2: a slot in the model's pool, waiting by tier priority.
-    pub async fn wait_for_slot(&self, tier: &str, model: &str) -> Result<Slot, ApiError> {
+    /// Gate 2: a slot in the pool's `queue` (the model's), waiting by tier
+    /// priority.
+    pub async fn wait_for_slot(
+        &self,
+        tier: &str,
+        queue: &Arc<AdmissionQueue>,
+    ) -> Result<Slot, ApiError> {
         let plan = self.plan(tier)?;
-        let Some(queue) = self.queues.for_model(model) else {
-            return Err(ApiError::NoBackend(model.to_owned()));
-        };
         match queue
             .acquire(
                 plan.rank,
@@ -476,7 +491,6 @@ impl Admission {
 
 /// The admission queues, one per backend pool, and their signals.
 pub struct AdmissionQueues {
-    by_model: HashMap<String, Arc<AdmissionQueue>>,
     all: Vec<Arc<AdmissionQueue>>,
 }
 
@@ -495,22 +509,14 @@ impl AdmissionQueues {
                 AdmissionQueue::new(pool, slots, tiers.clone(), config.admission.aging)
             })
             .collect();
-        let by_model = config
-            .backends
-            .iter()
-            .flat_map(|b| b.models.iter().map(move |m| (m, &b.pool)))
-            .filter_map(|(model, pool)| {
-                let queue = all.iter().find(|q| q.pool() == pool)?;
-                Some((model.clone(), Arc::clone(queue)))
-            })
-            .collect();
-        let queues = Self { by_model, all };
+        let queues = Self { all };
         registry.register(Box::new(QueueCollector::new(queues.all.clone())?))?;
         Ok(queues)
     }
 
-    fn for_model(&self, model: &str) -> Option<&Arc<AdmissionQueue>> {
-        self.by_model.get(model)
+    /// The queue of the pool named `pool`.
+    pub fn for_pool(&self, pool: &str) -> Option<&Arc<AdmissionQueue>> {
+        self.all.iter().find(|q| q.pool() == pool)
     }
 
     /// Per pool and tier: depth, oldest wait, expected wait, shed counts.

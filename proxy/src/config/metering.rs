@@ -40,7 +40,9 @@ pub(super) struct RawMetering {
 /// `[metering]`: token counting and the usage writer.
 #[derive(Debug, Clone)]
 pub struct MeteringConfig {
-    /// Count tokens locally (env `COUNT_TOKENS`); off: trust backends' usage only.
+    /// Count tokens locally (env `COUNT_TOKENS`): before forwarding when a
+    /// limit needs the count, else in the usage writer; off: trust backends'
+    /// usage, counting only answers that report none.
     pub count_tokens: bool,
     /// Encoding for models neither in `encodings` nor known to tiktoken.
     pub default_encoding: Encoding,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tollgate_backends::routing::{BackendId, Lease};
 
-use super::metrics::ModelLabel;
+use super::models::ModelRoute;
 use super::request::{Endpoint, InferenceRequest};
 use super::triton::TritonCall;
 use crate::admission::Ticket;
@@ -20,13 +20,10 @@ use crate::metering::request::RequestUsage;
 pub struct RequestContext {
     pub started: Instant,
     pub request_id: String,
+    /// The key the request authenticated with.
     pub key: Option<Arc<KeyRecord>>,
-    pub request: Option<InferenceRequest>,
-    /// Metering state, from the prompt count on: requests refused after it
-    /// are recorded as `rejected`.
-    pub usage: Option<RequestUsage>,
-    /// The request's reservation against its tier's limits, settled in `logging`.
-    pub ticket: Option<Ticket>,
+    /// The inference request, once its body is parsed and its model resolved.
+    pub inference: Option<Inference>,
     /// The rate windows reported in `x-ratelimit-*` headers.
     pub rate_windows: Windows,
     /// The GPU slot held while the request is forwarded.
@@ -36,8 +33,6 @@ pub struct RequestContext {
     /// The inference endpoint asked for; `None` for the other routes, which
     /// the request metrics leave out.
     pub endpoint: Option<Endpoint>,
-    /// The requested model as a metric label, once the body is parsed.
-    pub model_label: ModelLabel,
     /// When the first attempt's request header went to a backend.
     pub upstream_sent: Option<Instant>,
     /// When the answer's last byte arrived from the backend.
@@ -65,14 +60,11 @@ impl RequestContext {
             started: Instant::now(),
             request_id: String::new(),
             key: None,
-            request: None,
-            usage: None,
-            ticket: None,
+            inference: None,
             rate_windows: Windows::default(),
             slot: None,
             queue_wait: None,
             endpoint: None,
-            model_label: ModelLabel::default(),
             upstream_sent: None,
             upstream_done: None,
             tried: Vec::new(),
@@ -102,8 +94,31 @@ impl RequestContext {
 
     /// The status the backend answered with (metering notes it).
     pub fn upstream_status(&self) -> Option<u16> {
-        self.usage.as_ref().and_then(RequestUsage::upstream_status)
+        self.inference
+            .as_ref()
+            .and_then(|inference| inference.usage.upstream_status())
     }
+
+    /// The backends that may serve the request (none before it is resolved).
+    pub fn serving(&self) -> &[BackendId] {
+        self.inference
+            .as_ref()
+            .map_or(&[], |inference| &inference.route.backends)
+    }
+}
+
+/// An inference request's facts, resolved once after its body is parsed;
+/// every later phase reads them from here.
+pub struct Inference {
+    /// The requested model as configured: backends, queue, encoding, label.
+    pub route: Arc<ModelRoute>,
+    pub request: InferenceRequest,
+    /// Metering state; a request refused from here on is recorded as `rejected`.
+    pub usage: RequestUsage,
+    /// Tokens in one billed unit for the key's tier and this model.
+    pub tokens_per_unit: u64,
+    /// The reservation against the tier's limits, settled in `logging`.
+    pub ticket: Option<Ticket>,
 }
 
 /// The last two bytes sent of a stream: whether it stopped between events

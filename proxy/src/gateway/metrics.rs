@@ -136,12 +136,12 @@ impl RequestMetrics {
         // `increase` sees the first request (bounded: the config's names).
         for tier in &tiers {
             for model in &models {
-                for endpoint in ENDPOINTS {
+                for endpoint in Endpoint::ALL {
                     for status in ["2xx", "4xx", "5xx"] {
                         requests.with_label_values(&[
                             tier,
                             model,
-                            endpoint_label(endpoint),
+                            Endpoint::metric_label(endpoint),
                             status,
                         ]);
                     }
@@ -173,7 +173,7 @@ impl RequestMetrics {
     }
 
     pub fn observe(&self, done: &Observation<'_>) {
-        let endpoint = endpoint_label(done.endpoint);
+        let endpoint = Endpoint::metric_label(done.endpoint);
         let tier = match done.tier {
             None => NONE,
             Some(tier) => self
@@ -210,20 +210,6 @@ impl RequestMetrics {
                 .with_label_values(&[tier, model, "completion"])
                 .inc_by(tokens.completion);
         }
-    }
-}
-
-const ENDPOINTS: [Endpoint; 3] = [
-    Endpoint::ChatCompletions,
-    Endpoint::Completions,
-    Endpoint::Embeddings,
-];
-
-fn endpoint_label(endpoint: Endpoint) -> &'static str {
-    match endpoint {
-        Endpoint::ChatCompletions => "chat_completions",
-        Endpoint::Completions => "completions",
-        Endpoint::Embeddings => "embeddings",
     }
 }
 

@@ -25,6 +25,7 @@
 
 pub mod context;
 pub mod metrics;
+pub mod models;
 pub mod request;
 pub mod routes;
 pub mod triton;
@@ -47,9 +48,10 @@ use tollgate_backends::balance::RequestFacts;
 use tollgate_backends::protocol::Protocol;
 use tollgate_backends::routing::{Outcome, UpstreamSelector};
 
-use self::context::{InFlight, RequestContext};
+use self::context::{InFlight, Inference, RequestContext};
 use self::metrics::{Observation, RequestMetrics};
-use self::request::{BodyError, Endpoint, read_body};
+use self::models::ModelRoutes;
+use self::request::{BodyError, read_body};
 use self::routes::Route;
 use self::triton::TritonCall;
 use crate::admission::headers::{rate_limit_headers, retry_after};
@@ -92,8 +94,8 @@ pub struct Gateway {
     pub in_flight: Arc<InFlight>,
     pub max_body_bytes: usize,
     pub timeouts: UpstreamTimeouts,
-    /// Every model a backend serves, in config order.
-    pub models: Vec<String>,
+    /// Every model a backend serves, resolved from config.
+    pub models: ModelRoutes,
     /// Whether revocations arrive through Redis right now (`None`: no Redis).
     pub revocation_fanout: Option<Arc<AtomicBool>>,
     pub metering: Metering,
@@ -163,20 +165,41 @@ impl Gateway {
         ctx.key = Some(Arc::clone(&key));
         let body = read_body(session, self.max_body_bytes).await?;
         let mut request = request::parse(endpoint, body)?;
-        ctx.model_label = self.metrics.model_label(&request.model);
-        if !key.allows_model(&request.model) || !self.selector.serves(&request.model) {
-            return Err(ApiError::ModelNotFound(request.model).into());
-        }
+        let route = match self.models.get(&request.model) {
+            Some(route) if key.allows_model(&request.model) => Arc::clone(route),
+            _ => return Err(ApiError::ModelNotFound(request.model).into()),
+        };
         let usage = self.metering.start(&mut request);
-        let counting_is_costly = self.metering.counting_is_costly(&request);
-        let (usage, request) = (ctx.usage.insert(usage), ctx.request.insert(request));
-        // A key throttled by a rule that needs no token count is refused
-        // before its prompt keeps a CPU busy.
-        if counting_is_costly && let Err(refusal) = self.admission.precheck(&key).await {
-            ctx.rate_windows = refusal.windows;
-            return Err(refusal.into());
+        let tokens_per_unit = self.metering.tokens_per_unit(&key.tier, &route);
+        let Inference {
+            route,
+            request,
+            usage,
+            ticket,
+            ..
+        } = ctx.inference.insert(Inference {
+            route,
+            request,
+            usage,
+            tokens_per_unit,
+            ticket: None,
+        });
+        // The prompt is counted before forwarding only when something needs
+        // the count then (a limit reserving tokens, a Triton backend's
+        // usage); otherwise the writer counts it beside the backend's figure.
+        if route.counts_prompt_first || self.admission.needs_prompt_tokens(&key.tier) {
+            // A key throttled by a rule that needs no token count is refused
+            // before its prompt keeps a CPU busy.
+            if self.metering.counting_is_costly(request)
+                && let Err(refusal) = self.admission.precheck(&key).await
+            {
+                ctx.rate_windows = refusal.windows;
+                return Err(refusal.into());
+            }
+            self.metering
+                .count_prompt(usage, request, route.encoding)
+                .await;
         }
-        self.metering.count_prompt(usage, request).await;
         let estimate = Estimate {
             // Without local counting, a rough prompt size; settlement corrects it.
             prompt_tokens: usage
@@ -184,36 +207,30 @@ impl Gateway {
                 .unwrap_or(request.upstream_body.len() as u64 / 4),
             max_tokens: request.max_tokens,
             sequences: request.sequences,
-            generates: request.endpoint != Endpoint::Embeddings,
-            tokens_per_unit: self.metering.tokens_per_unit(&key.tier, &request.model),
+            generates: request.endpoint.generates(),
+            tokens_per_unit,
         };
-        let event_id = usage.event_id;
-        let model = request.model.clone();
-        let ticket = match self.admission.check(&key, event_id, estimate).await {
-            Ok(ticket) => ticket,
+        match self.admission.check(&key, usage.event_id, estimate).await {
+            Ok(Some(granted)) => {
+                ctx.rate_windows = granted.windows;
+                if let Some(max_tokens) = granted.send_max_tokens {
+                    request.set_max_tokens(max_tokens);
+                }
+                *ticket = Some(granted);
+            }
+            Ok(None) => {}
             Err(refusal) => {
                 ctx.rate_windows = refusal.windows;
                 return Err(refusal.into());
             }
-        };
-        if let Some(ticket) = &ticket {
-            ctx.rate_windows = ticket.windows;
-            if let (Some(max_tokens), Some(request)) =
-                (ticket.send_max_tokens, ctx.request.as_mut())
-            {
-                request.set_max_tokens(max_tokens);
-            }
         }
-        ctx.ticket = ticket;
         // Every rewrite is made: the body sent upstream is written once.
-        if let Some(request) = ctx.request.as_mut() {
-            request.seal_body();
-        }
+        request.seal_body();
         // Waiting costs no thread; a client that leaves stops waiting at once.
         let queued_at = Instant::now();
         let waited = tokio::select! {
             biased;
-            slot = self.admission.wait_for_slot(&key.tier, &model) => slot.map_err(Stop::from),
+            slot = self.admission.wait_for_slot(&key.tier, &route.queue) => slot.map_err(Stop::from),
             gone = client_gone(session) => Err(Stop::ClientGone(gone)),
         };
         // Queue time is not Tollgate's overhead, whether a slot came or not.
@@ -230,14 +247,12 @@ impl Gateway {
     /// `None` for a request that never reached metering.
     fn record_usage(&self, ctx: &mut RequestContext) -> Option<Metered> {
         let backend = ctx.backend().and_then(|id| self.selector.backend(id));
-        let (usage, request, key) = (
-            ctx.usage.as_mut()?,
-            ctx.request.as_ref()?,
-            ctx.key.as_ref()?,
-        );
+        let (inference, key) = (ctx.inference.as_mut()?, ctx.key.as_ref()?);
         Some(self.metering.record(FinishedRequest {
-            usage,
-            request,
+            usage: &mut inference.usage,
+            request: &inference.request,
+            encoding: inference.route.encoding,
+            tokens_per_unit: inference.tokens_per_unit,
             key,
             request_id: &ctx.request_id,
             backend: backend.as_deref().map(|b| b.name.as_str()),
@@ -246,17 +261,17 @@ impl Gateway {
     }
 
     /// The request in Triton's generate protocol, for this attempt.
-    fn triton_call(&self, ctx: &RequestContext) -> Result<TritonCall, ApiError> {
-        let (Some(request), Some(usage)) = (&ctx.request, &ctx.usage) else {
+    fn triton_call(&self, ctx: &mut RequestContext) -> Result<TritonCall, ApiError> {
+        let Some(inference) = &mut ctx.inference else {
             return Err(ApiError::BadGateway);
         };
         TritonCall::new(
-            request,
+            &mut inference.request,
             &ctx.request_id,
             // Config requires counting for Triton backends; 0 only if the
             // counter failed, and then the event says so by its mismatch.
-            usage.counted_prompt().unwrap_or(0),
-            self.metering.encoding_for(&request.model),
+            inference.usage.counted_prompt().unwrap_or(0),
+            inference.route.encoding,
         )
     }
 }
@@ -402,9 +417,9 @@ fn classify(error: &Error, ctx: &RequestContext) -> Option<ApiError> {
     Some(match error.etype() {
         ErrorType::Custom(UNTRANSLATABLE) => ctx.untranslatable.clone()?,
         ErrorType::Custom(NO_BACKEND) => ApiError::NoBackend(
-            ctx.request
+            ctx.inference
                 .as_ref()
-                .map(|r| r.model.clone())
+                .map(|i| i.request.model.clone())
                 .unwrap_or_default(),
         ),
         ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => {
@@ -436,8 +451,8 @@ impl ProxyHttp for Gateway {
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
             Err(Stop::Refuse(error)) => {
-                if let Some(usage) = ctx.usage.as_mut() {
-                    usage.reject();
+                if let Some(inference) = ctx.inference.as_mut() {
+                    inference.usage.reject();
                 }
                 let mut headers = rate_limit_headers(&ctx.rate_windows);
                 if let ApiError::MethodNotAllowed { allow, .. } = &error {
@@ -459,8 +474,8 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
             Err(Stop::ClientGone(error)) => {
-                if let Some(usage) = ctx.usage.as_mut() {
-                    usage.reject();
+                if let Some(inference) = ctx.inference.as_mut() {
+                    inference.usage.reject();
                 }
                 Err(error)
             }
@@ -472,7 +487,6 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestContext,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let model = ctx.request.as_ref().map_or("", |r| r.model.as_str());
         let facts = RequestFacts {
             session: session
                 .req_header()
@@ -485,7 +499,8 @@ impl ProxyHttp for Gateway {
         let mut excluded = ctx.tried.clone();
         ctx.untranslatable = None;
         let (id, backend, lease, triton) = loop {
-            let Some((id, backend, lease)) = self.selector.select(model, &excluded, &facts) else {
+            let Some((id, backend, lease)) = self.selector.select(ctx.serving(), &excluded, &facts)
+            else {
                 if ctx.untranslatable.is_some() {
                     return Err(Error::explain(
                         ErrorType::Custom(UNTRANSLATABLE),
@@ -494,7 +509,7 @@ impl ProxyHttp for Gateway {
                 }
                 return Err(Error::explain(
                     ErrorType::Custom(NO_BACKEND),
-                    format!("no backend for model {model}"),
+                    "no backend left for the model",
                 ));
             };
             match backend.protocol {
@@ -508,8 +523,8 @@ impl ProxyHttp for Gateway {
                 },
             }
         };
-        if let Some(usage) = ctx.usage.as_mut() {
-            usage.set_usage_counted_here(triton.is_some());
+        if let Some(inference) = ctx.inference.as_mut() {
+            inference.usage.set_usage_counted_here(triton.is_some());
         }
         ctx.triton = triton;
         ctx.tried.push(id);
@@ -542,8 +557,7 @@ impl ProxyHttp for Gateway {
             ctx.failure_reported = true;
         }
         // Nothing reached the backend yet: one more try, on another backend.
-        let model = ctx.request.as_ref().map_or("", |r| r.model.as_str());
-        if ctx.tried.len() < MAX_ATTEMPTS && self.selector.candidates(model) > ctx.tried.len() {
+        if ctx.tried.len() < MAX_ATTEMPTS && ctx.serving().len() > ctx.tried.len() {
             error.set_retry(true);
         }
         error
@@ -571,13 +585,12 @@ impl ProxyHttp for Gateway {
             error.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
         );
-        let model = ctx.request.as_ref().map_or("", |r| r.model.as_str());
         let retry = backend_fault
             && !timed_out
             && ctx.upstream_status().is_none()
             && final_status(session).is_none()
             && ctx.tried.len() < MAX_ATTEMPTS
-            && self.selector.candidates(model) > ctx.tried.len();
+            && ctx.serving().len() > ctx.tried.len();
         error.set_retry(retry);
         error
     }
@@ -616,7 +629,7 @@ impl ProxyHttp for Gateway {
             upstream.remove_header(&header::EXPECT);
             upstream.insert_header(header::CONTENT_TYPE, "application/json")?;
             upstream.insert_header(header::CONTENT_LENGTH, call.body.len().to_string())?;
-        } else if let Some(request) = &ctx.request {
+        } else if let Some(Inference { request, .. }) = &ctx.inference {
             // The canonical path (a client's trailing slash would earn a redirect).
             if upstream.uri.path() != request.endpoint.path() {
                 let uri = match upstream.uri.query() {
@@ -650,7 +663,7 @@ impl ProxyHttp for Gateway {
         // what goes upstream is the whole body, once per attempt.
         if let Some(call) = &ctx.triton {
             *body = end_of_stream.then(|| call.body.clone());
-        } else if let Some(request) = &ctx.request {
+        } else if let Some(Inference { request, .. }) = &ctx.inference {
             *body = end_of_stream.then(|| request.upstream_body.clone());
         }
         Ok(())
@@ -679,7 +692,7 @@ impl ProxyHttp for Gateway {
             .headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        if let Some(usage) = ctx.usage.as_mut() {
+        if let Some(Inference { usage, .. }) = ctx.inference.as_mut() {
             let reframe = self.metering.response_started(
                 usage,
                 response.status.as_u16(),
@@ -707,7 +720,7 @@ impl ProxyHttp for Gateway {
         if let Some(call) = ctx.triton.as_mut() {
             call.response_chunk(body, end_of_stream);
         }
-        if let Some(usage) = ctx.usage.as_mut() {
+        if let Some(Inference { usage, .. }) = ctx.inference.as_mut() {
             Metering::response_chunk(usage, body, end_of_stream);
         }
         if let Some(chunk) = body.as_deref()
@@ -783,7 +796,8 @@ impl ProxyHttp for Gateway {
                 .report(backend, backend_outcome(ctx.upstream_status(), error));
         }
         let metered = self.record_usage(ctx);
-        if let (Some(ticket), Some(used)) = (ctx.ticket.take(), &metered) {
+        let ticket = ctx.inference.as_mut().and_then(|i| i.ticket.take());
+        if let (Some(ticket), Some(used)) = (ticket, &metered) {
             self.admission.settle(ticket, used.settlement).await;
         }
         let status = final_status(session).unwrap_or(0);
@@ -794,7 +808,11 @@ impl ProxyHttp for Gateway {
             self.metrics.observe(&Observation {
                 endpoint,
                 tier: ctx.key.as_ref().map(|k| k.tier.as_str()),
-                model: ctx.model_label,
+                model: ctx
+                    .inference
+                    .as_ref()
+                    .map(|i| i.route.label)
+                    .unwrap_or_default(),
                 status: final_status(session),
                 total: ctx.started.elapsed(),
                 upstream: ctx.upstream_time(),
@@ -814,7 +832,7 @@ impl ProxyHttp for Gateway {
             status,
             account,
             tier = ctx.key.as_ref().map_or("-", |k| k.tier.as_str()),
-            model = ctx.request.as_ref().map_or("-", |r| r.model.as_str()),
+            model = ctx.inference.as_ref().map_or("-", |i| i.route.name.as_str()),
             backend,
             units = metered.as_ref().map(|m| m.settlement.units),
             prompt_tokens = metered.as_ref().map(|m| m.tokens.prompt),

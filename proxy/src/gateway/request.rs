@@ -1,36 +1,25 @@
 //! What an inference request asks for: the endpoint, and the body, read once
-//! (bounded) and parsed once into the fields later phases need.
+//! (bounded) and read once for the fields the gateway decides on; the rest
+//! stays raw bytes, parsed whole only when something needs it.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
+use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
+pub use tollgate_metering::endpoint::Endpoint;
 
 use crate::error::ApiError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-}
-
-impl Endpoint {
-    /// The path the backend is asked on, whatever spelling the client used.
-    pub fn path(self) -> &'static str {
-        match self {
-            Self::ChatCompletions => "/v1/chat/completions",
-            Self::Completions => "/v1/completions",
-            Self::Embeddings => "/v1/embeddings",
-        }
-    }
-
-    /// The JSON field holding the input, which the endpoint requires.
-    fn input_field(self) -> &'static str {
-        match self {
-            Self::ChatCompletions => "messages",
-            Self::Completions => "prompt",
-            Self::Embeddings => "input",
-        }
+/// The JSON field holding the input, which the endpoint requires.
+fn input_field(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::ChatCompletions => "messages",
+        Endpoint::Completions => "prompt",
+        Endpoint::Embeddings => "input",
     }
 }
 
@@ -66,13 +55,25 @@ pub struct InferenceRequest {
     /// `n`, or `best_of` when larger (1 if unset), times the prompts of a
     /// completions request.
     pub sequences: u64,
-    /// The parsed body, for token counting.
-    pub json: Value,
     /// The body sent upstream: the client's bytes, unless the proxy had to
     /// change them (then written once, by [`Self::seal_body`]).
     pub upstream_body: Bytes,
-    /// [`Self::json`] was changed since the body was last written.
-    pub rewritten: bool,
+    /// The client's `stream_options`, raw (`None` when absent or null).
+    stream_options: Option<Box<RawValue>>,
+    /// The client sent `max_completion_tokens` (a cap is written there too).
+    sent_completion_limit: bool,
+    /// Changes to make to the body, applied together by [`Self::seal_body`].
+    rewrites: Rewrites,
+    /// The body parsed whole, on first need ([`Self::json`]): the gateway
+    /// decides on a few fields, so most requests are never parsed this far.
+    parsed: Option<Value>,
+}
+
+/// What the gateway changes in a body before it goes upstream.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Rewrites {
+    max_tokens: Option<u64>,
+    include_usage: bool,
 }
 
 impl InferenceRequest {
@@ -81,30 +82,168 @@ impl InferenceRequest {
     /// in `max_completion_tokens` too when the client sent it (chat backends
     /// read it first). Takes effect at [`Self::seal_body`].
     pub fn set_max_tokens(&mut self, max_tokens: u64) {
-        let Some(fields) = self.json.as_object_mut() else {
-            return;
-        };
-        fields.insert("max_tokens".to_owned(), Value::from(max_tokens));
-        if let Some(value) = fields
-            .get_mut("max_completion_tokens")
-            .filter(|v| !v.is_null())
-        {
-            *value = Value::from(max_tokens);
-        }
+        self.rewrites.max_tokens = Some(max_tokens);
         self.max_tokens = Some(max_tokens);
-        self.rewritten = true;
     }
 
-    /// Writes the body sent upstream, once, with every rewrite made to
-    /// [`Self::json`] (the usage option, the cap); the client's bytes go
-    /// unchanged when there was none.
+    /// For a streamed chat or completion whose client did not ask for the
+    /// usage chunk, asks the backend for it (`stream_options.include_usage`,
+    /// at [`Self::seal_body`]). Returns whether it did, and so whether the
+    /// chunk must be kept from the client; a `stream_options` that is not an
+    /// object is left alone (the backend refuses it).
+    pub fn request_stream_usage(&mut self) -> bool {
+        if !self.stream || !self.endpoint.generates() {
+            return false;
+        }
+        let wanted = match &self.stream_options {
+            None => true,
+            Some(raw) => serde_json::from_str::<serde_json::Map<String, Value>>(raw.get())
+                .is_ok_and(|options| options.get("include_usage") != Some(&Value::Bool(true))),
+        };
+        self.rewrites.include_usage |= wanted;
+        wanted
+    }
+
+    /// Writes the body sent upstream, once, with every rewrite asked for
+    /// (the usage option, the cap); the client's bytes go unchanged when
+    /// there was none. Only the top level is rewritten: every other member
+    /// is copied as the client wrote it.
     pub fn seal_body(&mut self) {
-        if std::mem::take(&mut self.rewritten)
-            && let Ok(body) = serde_json::to_vec(&self.json)
-        {
-            self.upstream_body = Bytes::from(body);
+        let rewrites = std::mem::take(&mut self.rewrites);
+        if rewrites == Rewrites::default() {
+            return;
+        }
+        let body = match self.rewritten_body(rewrites) {
+            Ok(body) => body,
+            // Unreachable for a body `parse` accepted; the client's bytes go.
+            Err(error) => {
+                tracing::error!("could not rewrite a request body: {error}");
+                return;
+            }
+        };
+        self.upstream_body = Bytes::from(body);
+        self.parsed = None;
+    }
+
+    fn rewritten_body(&self, rewrites: Rewrites) -> serde_json::Result<Vec<u8>> {
+        let mut members: BTreeMap<String, Cow<'_, RawValue>> =
+            serde_json::from_slice::<BTreeMap<String, &RawValue>>(&self.upstream_body)?
+                .into_iter()
+                .map(|(name, value)| (name, Cow::Borrowed(value)))
+                .collect();
+        if let Some(max_tokens) = rewrites.max_tokens {
+            let value = RawValue::from_string(max_tokens.to_string())?;
+            if self.sent_completion_limit {
+                members.insert("max_completion_tokens".into(), Cow::Owned(value.clone()));
+            }
+            members.insert("max_tokens".into(), Cow::Owned(value));
+        }
+        if rewrites.include_usage {
+            let mut options: serde_json::Map<String, Value> = match &self.stream_options {
+                Some(raw) => serde_json::from_str(raw.get())?,
+                None => serde_json::Map::new(),
+            };
+            options.insert("include_usage".into(), Value::Bool(true));
+            let value = serde_json::value::to_raw_value(&options)?;
+            members.insert("stream_options".into(), Cow::Owned(value));
+        }
+        serde_json::to_vec(&members)
+    }
+
+    /// The body as sent upstream, parsed whole once, for what reads more
+    /// than the gateway's fields (the prompt count, the Triton translation).
+    pub fn json(&mut self) -> &Value {
+        let body = &self.upstream_body;
+        self.parsed
+            .get_or_insert_with(|| serde_json::from_slice(body).unwrap_or(Value::Null))
+    }
+
+    /// [`Self::json`] without keeping it (for a request already finished).
+    pub fn json_once(&self) -> Cow<'_, Value> {
+        match &self.parsed {
+            Some(json) => Cow::Borrowed(json),
+            None => Cow::Owned(serde_json::from_slice(&self.upstream_body).unwrap_or(Value::Null)),
         }
     }
+
+    /// Takes the parsed body out, for counting on another thread; give it
+    /// back with [`Self::restore_json`].
+    pub fn take_json(&mut self) -> Value {
+        self.json();
+        self.parsed.take().unwrap_or(Value::Null)
+    }
+
+    pub fn restore_json(&mut self, json: Value) {
+        self.parsed = Some(json);
+    }
+}
+
+/// The fields the gateway decides on, borrowed from the body; every other
+/// member is skipped unparsed. A field sent twice is refused: backends
+/// disagree on which copy wins, and the limit checked must be the one used.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    n: Option<&'a RawValue>,
+    #[serde(borrow)]
+    best_of: Option<&'a RawValue>,
+}
+
+impl<'a> Fields<'a> {
+    fn input(&self, endpoint: Endpoint) -> Option<&'a RawValue> {
+        match endpoint {
+            Endpoint::ChatCompletions => self.messages,
+            Endpoint::Completions => self.prompt,
+            Endpoint::Embeddings => self.input,
+        }
+    }
+}
+
+/// The JSON type of a raw value, from its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Object,
+    Array,
+    String,
+    Number,
+    Other,
+}
+
+fn shape(value: &RawValue) -> Shape {
+    match value.get().as_bytes().first() {
+        Some(b'{') => Shape::Object,
+        Some(b'[') => Shape::Array,
+        Some(b'"') => Shape::String,
+        Some(b'-' | b'0'..=b'9') => Shape::Number,
+        _ => Shape::Other,
+    }
+}
+
+/// The elements of a raw array, themselves raw.
+fn elements(array: &RawValue) -> Vec<&RawValue> {
+    serde_json::from_str(array.get()).unwrap_or_default()
+}
+
+/// A non-negative integer field; the error names it.
+fn count_field(value: &RawValue, name: &'static str, what: &str) -> Result<u64, ApiError> {
+    serde_json::from_str::<u64>(value.get())
+        .map_err(|_| ApiError::bad_request(format!("`{name}` must be {what}."), Some(name)))
 }
 
 /// The two names of the completion limit.
@@ -115,19 +254,12 @@ const LIMIT_FIELDS: [&str; 2] = ["max_completion_tokens", "max_tokens"];
 /// know only `max_tokens` (vLLM ignores the other there). A body that sets
 /// both to different values is refused: backends disagree on which wins,
 /// and whichever the reservation trusted, the other could let more through.
-fn completion_limit(
-    endpoint: Endpoint,
-    fields: &serde_json::Map<String, Value>,
-) -> Result<Option<u64>, ApiError> {
+fn completion_limit(endpoint: Endpoint, fields: &Fields<'_>) -> Result<Option<u64>, ApiError> {
     let mut limits = [None, None];
-    for (limit, name) in limits.iter_mut().zip(LIMIT_FIELDS) {
-        if let Some(value) = fields.get(name).filter(|v| !v.is_null()) {
-            *limit = Some(value.as_u64().ok_or_else(|| {
-                ApiError::bad_request(
-                    format!("`{name}` must be a non-negative integer."),
-                    Some(name),
-                )
-            })?);
+    let sent = [fields.max_completion_tokens, fields.max_tokens];
+    for ((limit, name), value) in limits.iter_mut().zip(LIMIT_FIELDS).zip(sent) {
+        if let Some(value) = value {
+            *limit = Some(count_field(value, name, "a non-negative integer")?);
         }
     }
     let [completion, legacy] = limits;
@@ -150,15 +282,21 @@ fn completion_limit(
 
 /// How many prompts a completions `prompt` holds: a string or a token array
 /// is one, an array of strings or of token arrays one per element.
-fn completion_prompts(prompt: Option<&Value>) -> Result<u64, ApiError> {
-    match prompt {
-        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::bad_request(
+fn completion_prompts(prompt: &RawValue) -> Result<u64, ApiError> {
+    if shape(prompt) != Shape::Array {
+        return Ok(1);
+    }
+    let items = elements(prompt);
+    if items.is_empty() {
+        return Err(ApiError::bad_request(
             "`prompt` must not be an empty list.",
             Some("prompt"),
-        )),
-        Some(Value::Array(items)) if items.iter().all(Value::is_number) => Ok(1),
-        Some(Value::Array(items)) => Ok(items.len() as u64),
-        _ => Ok(1),
+        ));
+    }
+    if items.iter().all(|item| shape(item) == Shape::Number) {
+        Ok(1)
+    } else {
+        Ok(items.len() as u64)
     }
 }
 
@@ -244,24 +382,38 @@ pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Bod
 }
 
 /// Parses and checks an inference body; the error names the field at fault.
+/// Only the fields the gateway decides on are read (see [`Fields`]).
 pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiError> {
-    let json: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!("Request body is not valid JSON: {e}."), None)
+    let opens_object = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    let fields: Fields<'_> = serde_json::from_slice(&body).map_err(|e| {
+        if opens_object && e.is_data() {
+            ApiError::bad_request(format!("Request body is invalid: {e}."), None)
+        } else if opens_object || e.is_syntax() || e.is_eof() {
+            ApiError::bad_request(format!("Request body is not valid JSON: {e}."), None)
+        } else {
+            ApiError::bad_request("Request body must be a JSON object.", None)
+        }
     })?;
-    let Some(fields) = json.as_object() else {
+    if !opens_object {
+        // A JSON array would fill the fields by position.
         return Err(ApiError::bad_request(
             "Request body must be a JSON object.",
             None,
         ));
-    };
-    let model = match fields.get("model") {
-        Some(Value::String(model)) if !model.is_empty() => model.clone(),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "`model` must be a non-empty string.",
-                Some("model"),
-            ));
-        }
+    }
+    let model = match fields.model {
+        Some(raw) => match serde_json::from_str::<String>(raw.get()) {
+            Ok(model) if !model.is_empty() => model,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "`model` must be a non-empty string.",
+                    Some("model"),
+                ));
+            }
+        },
         None => {
             return Err(ApiError::bad_request(
                 "You must provide a `model` parameter.",
@@ -269,32 +421,30 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
             ));
         }
     };
-    let input = endpoint.input_field();
-    match fields.get(input) {
-        None | Some(Value::Null) => {
-            return Err(ApiError::bad_request(
-                format!("Missing required parameter `{input}`."),
-                Some(input),
-            ));
-        }
-        Some(Value::Array(items)) if items.is_empty() && endpoint == Endpoint::ChatCompletions => {
-            return Err(ApiError::bad_request(
-                "`messages` must contain at least one message.",
-                Some("messages"),
-            ));
-        }
-        Some(Value::Array(_)) => {}
-        Some(_) if endpoint == Endpoint::ChatCompletions => {
+    let input_name = input_field(endpoint);
+    let Some(input) = fields.input(endpoint) else {
+        return Err(ApiError::bad_request(
+            format!("Missing required parameter `{input_name}`."),
+            Some(input_name),
+        ));
+    };
+    if endpoint == Endpoint::ChatCompletions {
+        if shape(input) != Shape::Array {
             return Err(ApiError::bad_request(
                 "`messages` must be an array of messages.",
                 Some("messages"),
             ));
         }
-        Some(_) => {}
+        if is_empty_array(input) {
+            return Err(ApiError::bad_request(
+                "`messages` must contain at least one message.",
+                Some("messages"),
+            ));
+        }
     }
-    let stream = match fields.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(stream)) => *stream,
+    let stream = match fields.stream.map(RawValue::get) {
+        None | Some("false") => false,
+        Some("true") => true,
         Some(_) => {
             return Err(ApiError::bad_request(
                 "`stream` must be a boolean.",
@@ -308,24 +458,23 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
             Some("stream"),
         ));
     }
-    let max_tokens = completion_limit(endpoint, fields)?;
+    let max_tokens = completion_limit(endpoint, &fields)?;
     let mut choices: u64 = 1;
-    for name in ["n", "best_of"] {
-        match fields.get(name) {
-            None | Some(Value::Null) => {}
-            Some(value) => match value.as_u64() {
-                Some(n) if n >= 1 => choices = choices.max(n),
-                _ => {
+    for (name, value) in [("n", fields.n), ("best_of", fields.best_of)] {
+        if let Some(value) = value {
+            match count_field(value, name, "a positive integer")? {
+                0 => {
                     return Err(ApiError::bad_request(
                         format!("`{name}` must be a positive integer."),
-                        Some(if name == "n" { "n" } else { "best_of" }),
+                        Some(name),
                     ));
                 }
-            },
+                n => choices = choices.max(n),
+            }
         }
     }
     let prompts = match endpoint {
-        Endpoint::Completions => completion_prompts(fields.get("prompt"))?,
+        Endpoint::Completions => completion_prompts(input)?,
         Endpoint::ChatCompletions | Endpoint::Embeddings => 1,
     };
     // Every prompt gets every choice: the reservation covers all of them.
@@ -335,20 +484,35 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
             Some("n"),
         )
     })?;
+    let stream_options = fields.stream_options.map(RawValue::to_owned);
+    let sent_completion_limit = fields.max_completion_tokens.is_some();
     Ok(InferenceRequest {
         endpoint,
         model,
         stream,
         max_tokens,
         sequences,
-        json,
         upstream_body: body,
-        rewritten: false,
+        stream_options,
+        sent_completion_limit,
+        rewrites: Rewrites::default(),
+        parsed: None,
     })
+}
+
+/// `[]`, whatever whitespace it holds.
+fn is_empty_array(value: &RawValue) -> bool {
+    value
+        .get()
+        .strip_prefix('[')
+        .and_then(|inner| inner.strip_suffix(']'))
+        .is_some_and(|inner| inner.trim().is_empty())
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn parse_str(endpoint: Endpoint, body: &str) -> Result<InferenceRequest, ApiError> {
@@ -360,6 +524,50 @@ mod tests {
             Err(ApiError::BadRequest { param, .. }) => param,
             other => panic!("expected a 400, got {other:?}"),
         }
+    }
+
+    fn json_request(body: Value) -> InferenceRequest {
+        parse(Endpoint::ChatCompletions, Bytes::from(body.to_string())).unwrap()
+    }
+
+    #[test]
+    fn streams_are_asked_for_usage_unless_the_client_already_did() {
+        let body =
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+        let mut asked = json_request(body.clone());
+        assert!(asked.request_stream_usage());
+        asked.seal_body();
+        let sent: Value = serde_json::from_slice(&asked.upstream_body).unwrap();
+        assert_eq!(sent["stream_options"], json!({"include_usage": true}));
+        assert_eq!(sent["messages"], body["messages"]);
+
+        let mut own = body.clone();
+        own["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": false});
+        let mut client_asked = json_request(own);
+        let original = client_asked.upstream_body.clone();
+        assert!(!client_asked.request_stream_usage());
+        client_asked.seal_body();
+        assert_eq!(
+            client_asked.upstream_body, original,
+            "the client's bytes, untouched"
+        );
+
+        let mut other_options = body.clone();
+        other_options["stream_options"] = json!({"continuous_usage_stats": true});
+        let mut merged = json_request(other_options);
+        assert!(merged.request_stream_usage());
+        merged.seal_body();
+        let sent: Value = serde_json::from_slice(&merged.upstream_body).unwrap();
+        assert_eq!(
+            sent["stream_options"],
+            json!({"continuous_usage_stats": true, "include_usage": true})
+        );
+
+        let mut plain = json_request(json!({"model": "m", "messages": body["messages"]}));
+        assert!(
+            !plain.request_stream_usage(),
+            "not streamed: nothing to ask"
+        );
     }
 
     #[test]
@@ -497,6 +705,56 @@ mod tests {
         );
     }
 
+    /// The gateway reads the fields it decides on once; a body naming one
+    /// of them twice is ambiguous (backends keep the first or the last), so
+    /// the limit checked could differ from the one used: refused.
+    #[test]
+    fn a_field_the_gateway_decides_on_sent_twice_is_refused() {
+        let twice = r#"{"model":"m","messages":[{}],"max_tokens":1,"max_tokens":900}"#;
+        let Err(ApiError::BadRequest { message, .. }) = parse_str(Endpoint::ChatCompletions, twice)
+        else {
+            panic!("expected a 400");
+        };
+        assert!(
+            message.contains("duplicate field `max_tokens`"),
+            "{message}"
+        );
+        // Other members are the backend's business, passed on as sent.
+        let other = r#"{"model":"m","messages":[{}],"x":1,"x":2}"#;
+        let request = parse_str(Endpoint::ChatCompletions, other).unwrap();
+        assert_eq!(request.upstream_body, other.as_bytes());
+    }
+
+    #[test]
+    fn the_input_is_read_for_its_shape_without_parsing_it() {
+        let chat = |messages: &str| {
+            parse_str(
+                Endpoint::ChatCompletions,
+                &format!(r#"{{"model":"m","messages":{messages}}}"#),
+            )
+        };
+        assert!(chat("[[]]").is_ok(), "one (malformed) message is not none");
+        assert!(chat("[ {} ]").is_ok());
+        assert_eq!(param(chat("[ \n ]")), Some("messages"));
+        assert_eq!(param(chat(r#"{"role":"user"}"#)), Some("messages"));
+        assert_eq!(param(chat("null")), Some("messages"));
+        let prompts = |prompt: &str| {
+            parse_str(
+                Endpoint::Completions,
+                &format!(r#"{{"model":"m","prompt":{prompt},"n":3}}"#),
+            )
+            .map(|r| r.sequences)
+        };
+        assert_eq!(prompts(r#""one""#).unwrap(), 3);
+        assert_eq!(prompts("[-1, 2, 3.5]").unwrap(), 3, "one token array");
+        assert_eq!(prompts(r#"[[1], "b", {"x": [1, 2]}]"#).unwrap(), 9);
+        let escaped = r#"{"model":"\u006d","messages":[{}]}"#;
+        assert_eq!(
+            parse_str(Endpoint::ChatCompletions, escaped).unwrap().model,
+            "m"
+        );
+    }
+
     #[test]
     fn errors_name_the_field() {
         let chat = Endpoint::ChatCompletions;
@@ -615,6 +873,52 @@ mod tests {
                         prop_assert_eq!(request.max_tokens, Some(limit));
                     }
                     Err(error) => prop_assert_eq!(error.status(), 400),
+                }
+            }
+
+            /// Rewriting only the top level gives the body that applying
+            /// the same changes to the whole parsed body would.
+            #[test]
+            fn the_rewritten_body_is_the_parsed_body_with_the_changes(
+                endpoint in endpoint(),
+                value in json(),
+                limit in any::<u64>(),
+                stream_options in prop_oneof![
+                    Just(None),
+                    Just(Some(Value::Null)),
+                    Just(Some(json!({}))),
+                    Just(Some(json!({"include_usage": false, "continuous_usage_stats": true}))),
+                    Just(Some(json!("not an object"))),
+                ],
+            ) {
+                let mut value = value;
+                if let (Value::Object(map), Some(options)) = (&mut value, stream_options) {
+                    map.insert("stream".into(), Value::Bool(true));
+                    map.insert("stream_options".into(), options);
+                }
+                let body = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
+                if let Ok(mut request) = parse(endpoint, body.clone()) {
+                    let asked = request.request_stream_usage();
+                    request.set_max_tokens(limit);
+                    request.seal_body();
+                    let sent: Value = serde_json::from_slice(&request.upstream_body).unwrap();
+                    // Read back from the same text, so numbers compare alike.
+                    let mut expected: Value = serde_json::from_slice(&body).unwrap();
+                    let fields = expected.as_object_mut().unwrap();
+                    if fields.get("max_completion_tokens").is_some_and(|v| !v.is_null()) {
+                        fields.insert("max_completion_tokens".into(), limit.into());
+                    }
+                    fields.insert("max_tokens".into(), limit.into());
+                    if asked {
+                        let options = fields
+                            .entry("stream_options")
+                            .or_insert_with(|| json!({}));
+                        if options.is_null() {
+                            *options = json!({});
+                        }
+                        options["include_usage"] = Value::Bool(true);
+                    }
+                    prop_assert_eq!(sent, expected);
                 }
             }
 

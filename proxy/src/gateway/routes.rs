@@ -133,7 +133,7 @@ impl Gateway {
     pub(super) fn model_list(&self, key: &KeyRecord) -> serde_json::Value {
         let data: Vec<_> = self
             .models
-            .iter()
+            .names()
             .filter(|m| key.allows_model(m))
             .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "tollgate"}))
             .collect();

@@ -9,12 +9,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
-use tollgate_backends::protocol::triton::{
-    self, AnswerMeta, Endpoint as TritonEndpoint, Exchange, StreamTranscoder,
-};
+use tollgate_backends::protocol::triton::{self, AnswerMeta, Exchange, StreamTranscoder};
 use tollgate_metering::tokens::Encoding;
 
-use super::request::{Endpoint, InferenceRequest};
+use super::request::InferenceRequest;
 use crate::error::ApiError;
 
 /// One attempt's translation state (a retry on another backend starts anew).
@@ -43,27 +41,14 @@ impl TritonCall {
     /// rewrites: `max_tokens`, `stream_options`). `prompt_tokens` is the
     /// gateway's count, `encoding` counts the completion.
     pub fn new(
-        request: &InferenceRequest,
+        request: &mut InferenceRequest,
         request_id: &str,
         prompt_tokens: u64,
         encoding: Encoding,
     ) -> Result<Self, ApiError> {
-        let endpoint = match request.endpoint {
-            Endpoint::ChatCompletions => TritonEndpoint::Chat,
-            Endpoint::Completions => TritonEndpoint::Completions,
-            Endpoint::Embeddings => {
-                return Err(ApiError::bad_request(
-                    "Embeddings are not served by a Triton generate backend.",
-                    Some("model"),
-                ));
-            }
-        };
-        let translated = triton::translate_request(endpoint, &request.json)
+        let translated = triton::translate_request(request.endpoint, request.json())
             .map_err(|e| ApiError::bad_request(e.message, e.param))?;
-        let prefix = match endpoint {
-            TritonEndpoint::Chat => "chatcmpl",
-            TritonEndpoint::Completions => "cmpl",
-        };
+        let prefix = request.endpoint.answer_id_prefix();
         Ok(Self {
             path: translated.path,
             body: Bytes::from(translated.body),

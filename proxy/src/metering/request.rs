@@ -13,14 +13,15 @@ use bytes::Bytes;
 use prometheus::{IntCounter, Registry};
 use serde_json::Value;
 use tollgate_metering::capture::{ResponseCapture, Texts};
-use tollgate_metering::event::{Kind, Status, Tokens, UsageEvent, UsageSource};
+use tollgate_metering::event::{Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::tokens::{Encoding, EncodingMap, PromptCounter};
-use tollgate_metering::writer::UsageSink;
+use tollgate_metering::writer::{PromptCount, UsageSink};
 use uuid::Uuid;
 
 use crate::admission::limits::Settlement;
 use crate::admission::units;
 use crate::config::{Config, MeteringConfig};
+use crate::gateway::models::ModelRoute;
 use crate::gateway::request::{Endpoint, InferenceRequest};
 use crate::keys::store::KeyRecord;
 
@@ -49,17 +50,15 @@ struct Counting {
 }
 
 /// How many tokens make one billed unit: a model's own size
-/// (`[metering] tokens_per_unit`), else its tier's (`tokens_per_unit`), else
-/// one token.
+/// (`[metering] tokens_per_unit`, read onto its route), else its tier's
+/// (`tokens_per_unit`), else one token.
 pub struct UnitSizes {
-    by_model: HashMap<String, u64>,
     by_tier: HashMap<String, u64>,
 }
 
 impl UnitSizes {
     pub fn from_config(config: &Config) -> Self {
         Self {
-            by_model: config.metering.tokens_per_unit.clone(),
             by_tier: config
                 .tiers
                 .iter()
@@ -68,11 +67,10 @@ impl UnitSizes {
         }
     }
 
-    pub fn tokens_per_unit(&self, tier: &str, model: &str) -> u64 {
-        self.by_model
-            .get(model)
-            .or_else(|| self.by_tier.get(tier))
-            .copied()
+    pub fn tokens_per_unit(&self, tier: &str, route: &ModelRoute) -> u64 {
+        route
+            .tokens_per_unit
+            .or_else(|| self.by_tier.get(tier).copied())
             .unwrap_or(1)
     }
 }
@@ -117,9 +115,9 @@ impl Metering {
         })
     }
 
-    /// Tokens per billed unit for a request of `tier` to `model`.
-    pub fn tokens_per_unit(&self, tier: &str, model: &str) -> u64 {
-        self.unit_sizes.tokens_per_unit(tier, model)
+    /// Tokens per billed unit for a request of `tier` to `route`'s model.
+    pub fn tokens_per_unit(&self, tier: &str, route: &ModelRoute) -> u64 {
+        self.unit_sizes.tokens_per_unit(tier, route)
     }
 
     /// The encoding tokens of `model` are counted with.
@@ -127,9 +125,9 @@ impl Metering {
         self.counting.encodings.for_model(model)
     }
 
-    fn counter(&self, model: &str) -> PromptCounter {
+    fn counter(&self, encoding: Encoding) -> PromptCounter {
         PromptCounter {
-            encoding: self.encoding_for(model),
+            encoding,
             image_tokens: self.counting.image_tokens,
         }
     }
@@ -138,7 +136,7 @@ impl Metering {
     /// streaming backend for its usage chunk (in the parsed body, which the
     /// gateway writes out once admission is done).
     pub fn start(&self, request: &mut InferenceRequest) -> RequestUsage {
-        let strip_usage_event = self.request_stream_usage && request_stream_usage(request);
+        let strip_usage_event = self.request_stream_usage && request.request_stream_usage();
         RequestUsage {
             event_id: Uuid::now_v7(),
             admitted_at: SystemTime::now(),
@@ -161,16 +159,21 @@ impl Metering {
 
     /// Counts the prompt (when `count_tokens` is on), on the blocking pool
     /// when it is long.
-    pub async fn count_prompt(&self, usage: &mut RequestUsage, request: &mut InferenceRequest) {
+    pub async fn count_prompt(
+        &self,
+        usage: &mut RequestUsage,
+        request: &mut InferenceRequest,
+        encoding: Encoding,
+    ) {
         if !self.count_prompts {
             return;
         }
-        let counter = self.counter(&request.model);
+        let counter = self.counter(encoding);
         let endpoint = request.endpoint;
         usage.counted_prompt = if request.upstream_body.len() <= self.blocking_count_bytes {
-            Some(count_prompt(&counter, endpoint, &request.json) as u64)
+            Some(count_prompt(&counter, endpoint, request.json()) as u64)
         } else {
-            let json = std::mem::take(&mut request.json);
+            let json = request.take_json();
             let counted = tokio::task::spawn_blocking(move || {
                 let tokens = count_prompt(&counter, endpoint, &json) as u64;
                 (json, tokens)
@@ -178,7 +181,7 @@ impl Metering {
             .await;
             match counted {
                 Ok((json, tokens)) => {
-                    request.json = json;
+                    request.restore_json(json);
                     Some(tokens)
                 }
                 // Only a panic in the counter gets here: meter without a count.
@@ -243,7 +246,7 @@ impl Metering {
             outcome(usage.upstream_status, capture, done.request.stream)
         };
         let billable = matches!(status, Status::Ok | Status::Partial);
-        let counter = self.counter(&done.request.model);
+        let counter = self.counter(done.encoding);
         // An answer that reports no usage (cut short, or from a backend that
         // never does) is billed by counting what was delivered: never as zero.
         let counted_completion = (billable && reported.is_none()).then(|| {
@@ -256,9 +259,9 @@ impl Metering {
         });
         let counted_prompt = usage.counted_prompt.or_else(|| {
             (billable && reported.is_none()).then(|| {
-                let json = &done.request.json;
                 self.count_blocking(done.request.upstream_body.len(), || {
-                    count_prompt(&counter, done.request.endpoint, json) as u64
+                    let json = done.request.json_once();
+                    count_prompt(&counter, done.request.endpoint, &json) as u64
                 })
             })
         });
@@ -284,20 +287,30 @@ impl Metering {
             ),
             (None, false) => (Tokens::default(), UsageSource::None),
         };
-        if let (Some(r), Some(counted), false) =
-            (reported, usage.counted_prompt, usage.usage_counted_here)
-            && mismatched(r.prompt_tokens, counted, self.mismatch_tolerance)
-        {
-            self.mismatches.inc();
-            // Debug, not info: with a self-hosted model's own tokenizer every
-            // request differs; the metric is where an operator looks.
-            tracing::debug!(
-                request_id = done.request_id,
-                model = %done.request.model,
-                reported = r.prompt_tokens,
-                counted,
-                "backend's prompt tokens differ from Tollgate's count (tokenizer or encoding map?)"
-            );
+        // The count beside a backend's own figure: made at admission when a
+        // limit needed it, else by the writer, off the request path.
+        let mut deferred_count = None;
+        if let Some(r) = reported.filter(|_| !usage.usage_counted_here) {
+            let check = MismatchCheck {
+                reported: r.prompt_tokens,
+                tolerance: self.mismatch_tolerance,
+                mismatches: self.mismatches.clone(),
+                event_id: usage.event_id,
+            };
+            match usage.counted_prompt {
+                Some(counted) => check.note(counted),
+                None if self.count_prompts => {
+                    let (body, endpoint) =
+                        (done.request.upstream_body.clone(), done.request.endpoint);
+                    deferred_count = Some(Box::new(move || {
+                        let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        let counted = count_prompt(&counter, endpoint, &json) as u64;
+                        check.note(counted);
+                        counted
+                    }) as PromptCount);
+                }
+                None => {}
+            }
         }
         let elapsed =
             |since: Instant| u32::try_from(since.elapsed().as_millis()).unwrap_or(u32::MAX);
@@ -307,14 +320,11 @@ impl Metering {
             .map(|at| at.duration_since(done.started));
         let ttft_ms = ttft.map(|ttft| u32::try_from(ttft.as_millis()).unwrap_or(u32::MAX));
         let units = if billable {
-            units(
-                tokens.total(),
-                self.tokens_per_unit(&done.key.tier, &done.request.model),
-            )
+            units(tokens.total(), done.tokens_per_unit)
         } else {
             0
         };
-        self.sink.record(UsageEvent {
+        let event = UsageEvent {
             event_id: usage.event_id,
             created_at: usage.admitted_at,
             request_id: done.request_id.to_owned(),
@@ -323,7 +333,7 @@ impl Metering {
             tier: done.key.tier.clone(),
             model: done.request.model.clone(),
             backend: done.backend.map(str::to_owned),
-            kind: kind(done.request.endpoint),
+            kind: done.request.endpoint,
             status,
             tokens,
             counted_prompt_tokens: counted_prompt,
@@ -332,7 +342,8 @@ impl Metering {
             units,
             latency_ms: elapsed(done.started),
             ttft_ms,
-        });
+        };
+        self.sink.record_with_count(event, deferred_count);
         let metered = Metered {
             settlement: Settlement {
                 units,
@@ -366,6 +377,9 @@ impl Metering {
 pub struct FinishedRequest<'a> {
     pub usage: &'a mut RequestUsage,
     pub request: &'a InferenceRequest,
+    /// The encoding of the request's model, for counting.
+    pub encoding: Encoding,
+    pub tokens_per_unit: u64,
     pub key: &'a KeyRecord,
     pub request_id: &'a str,
     pub backend: Option<&'a str>,
@@ -431,42 +445,6 @@ fn count_prompt(counter: &PromptCounter, endpoint: Endpoint, json: &Value) -> us
     }
 }
 
-/// For a streamed chat or completion the client did not ask usage for,
-/// sets `stream_options.include_usage` in the body sent upstream. Returns
-/// whether it did (and so whether the usage chunk must be kept from the client).
-fn request_stream_usage(request: &mut InferenceRequest) -> bool {
-    if !request.stream || request.endpoint == Endpoint::Embeddings {
-        return false;
-    }
-    let Some(fields) = request.json.as_object_mut() else {
-        return false;
-    };
-    let options = fields
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Default::default()));
-    if options.is_null() {
-        *options = Value::Object(Default::default());
-    }
-    let Some(options) = options.as_object_mut() else {
-        // Not an object: the backend will refuse it; leave the client's body alone.
-        return false;
-    };
-    if options.get("include_usage") == Some(&Value::Bool(true)) {
-        return false;
-    }
-    options.insert("include_usage".to_owned(), Value::Bool(true));
-    request.rewritten = true;
-    true
-}
-
-fn kind(endpoint: Endpoint) -> Kind {
-    match endpoint {
-        Endpoint::ChatCompletions => Kind::Chat,
-        Endpoint::Completions => Kind::Completion,
-        Endpoint::Embeddings => Kind::Embedding,
-    }
-}
-
 /// How an admitted request ended. A 2xx answer is `ok` when it arrived whole
 /// without an error; a stream cut short, or ended by an error event, bills
 /// the work done so far as `partial`; a JSON error under a 2xx status did no
@@ -488,6 +466,30 @@ fn outcome(
     }
 }
 
+/// Compares a backend's prompt tokens with Tollgate's count of them.
+struct MismatchCheck {
+    reported: u64,
+    tolerance: f64,
+    mismatches: IntCounter,
+    event_id: Uuid,
+}
+
+impl MismatchCheck {
+    fn note(&self, counted: u64) {
+        if mismatched(self.reported, counted, self.tolerance) {
+            self.mismatches.inc();
+            // Debug, not info: with a self-hosted model's own tokenizer every
+            // request differs; the metric is where an operator looks.
+            tracing::debug!(
+                event_id = %self.event_id,
+                reported = self.reported,
+                counted,
+                "backend's prompt tokens differ from Tollgate's count (tokenizer or encoding map?)"
+            );
+        }
+    }
+}
+
 fn mismatched(reported: u64, counted: u64, tolerance: f64) -> bool {
     let counted = counted as f64;
     let reported = reported as f64;
@@ -496,57 +498,7 @@ fn mismatched(reported: u64, counted: u64, tolerance: f64) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
-    use crate::gateway::request::parse;
-
-    fn request(endpoint: Endpoint, body: Value) -> InferenceRequest {
-        parse(endpoint, Bytes::from(body.to_string())).unwrap()
-    }
-
-    #[test]
-    fn streams_are_asked_for_usage_unless_the_client_already_did() {
-        let body =
-            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
-        let mut asked = request(Endpoint::ChatCompletions, body.clone());
-        assert!(request_stream_usage(&mut asked));
-        asked.seal_body();
-        let sent: Value = serde_json::from_slice(&asked.upstream_body).unwrap();
-        assert_eq!(sent["stream_options"], json!({"include_usage": true}));
-        assert_eq!(sent["messages"], body["messages"]);
-
-        let mut own = body.clone();
-        own["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": false});
-        let mut client_asked = request(Endpoint::ChatCompletions, own);
-        let original = client_asked.upstream_body.clone();
-        assert!(!request_stream_usage(&mut client_asked));
-        client_asked.seal_body();
-        assert_eq!(
-            client_asked.upstream_body, original,
-            "the client's bytes, untouched"
-        );
-
-        let mut other_options = body.clone();
-        other_options["stream_options"] = json!({"continuous_usage_stats": true});
-        let mut merged = request(Endpoint::ChatCompletions, other_options);
-        assert!(request_stream_usage(&mut merged));
-        merged.seal_body();
-        let sent: Value = serde_json::from_slice(&merged.upstream_body).unwrap();
-        assert_eq!(
-            sent["stream_options"],
-            json!({"continuous_usage_stats": true, "include_usage": true})
-        );
-
-        let mut plain = request(
-            Endpoint::ChatCompletions,
-            json!({"model": "m", "messages": body["messages"]}),
-        );
-        assert!(
-            !request_stream_usage(&mut plain),
-            "not streamed: nothing to ask"
-        );
-    }
 
     #[test]
     fn outcome_follows_the_status_and_how_the_answer_ended() {

@@ -28,7 +28,7 @@ impl OpenAiChunks {
         let chunk_prefix = format!(
             "data: {{\"id\":\"{}\",\"object\":\"{}\",\"created\":{},\"model\":{},\"choices\":[",
             answer.id,
-            answer.object(true),
+            answer.endpoint.answer_object(true),
             answer.created,
             json_string(&answer.model),
         );
@@ -72,19 +72,18 @@ impl OpenAiChunks {
 
 impl StreamFormat for OpenAiChunks {
     fn opening(&mut self, generation: &Generation, out: &mut String) {
-        match self.endpoint {
-            Endpoint::Chat => {
-                for index in 0..generation.sequences.len() {
-                    self.choice(
-                        index,
-                        "\"delta\":{\"role\":\"assistant\",\"content\":\"\"}",
-                        "null",
-                        None,
-                        out,
-                    );
-                }
+        if self.endpoint == Endpoint::ChatCompletions {
+            for index in 0..generation.sequences.len() {
+                self.choice(
+                    index,
+                    "\"delta\":{\"role\":\"assistant\",\"content\":\"\"}",
+                    "null",
+                    None,
+                    out,
+                );
             }
-            Endpoint::Completion => self.text_offsets = vec![0; generation.sequences.len()],
+        } else {
+            self.text_offsets = vec![0; generation.sequences.len()];
         }
     }
 
@@ -94,41 +93,38 @@ impl StreamFormat for OpenAiChunks {
         };
         let piece = completion.piece(token);
         let text = json_string(&piece);
-        let (body, logprobs) = match self.endpoint {
-            Endpoint::Chat => {
-                let body = match &self.style.tool_call {
-                    None => format!("\"delta\":{{\"content\":{text}}}"),
-                    // vLLM's first tool-call delta names the call, the rest
-                    // carry argument fragments.
-                    Some(call) if token == 0 => format!(
-                        "\"delta\":{{\"tool_calls\":[{{\"index\":0,\"id\":\"{}\",\
+        let (body, logprobs) = if self.endpoint == Endpoint::ChatCompletions {
+            let body = match &self.style.tool_call {
+                None => format!("\"delta\":{{\"content\":{text}}}"),
+                // vLLM's first tool-call delta names the call, the rest
+                // carry argument fragments.
+                Some(call) if token == 0 => format!(
+                    "\"delta\":{{\"tool_calls\":[{{\"index\":0,\"id\":\"{}\",\
                          \"type\":\"function\",\"function\":{{\"name\":{},\
                          \"arguments\":{text}}}}}]}}",
-                        tool_call_id(),
-                        json_string(&call.name),
-                    ),
-                    Some(_) => format!(
-                        "\"delta\":{{\"tool_calls\":[{{\"index\":0,\
+                    tool_call_id(),
+                    json_string(&call.name),
+                ),
+                Some(_) => format!(
+                    "\"delta\":{{\"tool_calls\":[{{\"index\":0,\
                          \"function\":{{\"arguments\":{text}}}}}]}}"
-                    ),
-                };
-                let logprobs = self
-                    .style
-                    .chat_logprobs(completion, token..token + 1)
-                    .and_then(|l| serde_json::to_string(&l).ok());
-                (body, logprobs)
+                ),
+            };
+            let logprobs = self
+                .style
+                .chat_logprobs(completion, token..token + 1)
+                .and_then(|l| serde_json::to_string(&l).ok());
+            (body, logprobs)
+        } else {
+            let offset = self.text_offsets.get(sequence).copied().unwrap_or(0);
+            let logprobs = self
+                .style
+                .completion_logprobs(completion, token..token + 1, offset)
+                .and_then(|l| serde_json::to_string(&l).ok());
+            if let Some(offset) = self.text_offsets.get_mut(sequence) {
+                *offset += piece.chars().count();
             }
-            Endpoint::Completion => {
-                let offset = self.text_offsets.get(sequence).copied().unwrap_or(0);
-                let logprobs = self
-                    .style
-                    .completion_logprobs(completion, token..token + 1, offset)
-                    .and_then(|l| serde_json::to_string(&l).ok());
-                if let Some(offset) = self.text_offsets.get_mut(sequence) {
-                    *offset += piece.chars().count();
-                }
-                (format!("\"text\":{text}"), logprobs)
-            }
+            (format!("\"text\":{text}"), logprobs)
         };
         self.choice(
             sequence,
@@ -143,9 +139,10 @@ impl StreamFormat for OpenAiChunks {
         let Some(completion) = generation.sequences.get(sequence) else {
             return;
         };
-        let last = match self.endpoint {
-            Endpoint::Chat => "\"delta\":{}",
-            Endpoint::Completion => "\"text\":\"\"",
+        let last = if self.endpoint == Endpoint::ChatCompletions {
+            "\"delta\":{}"
+        } else {
+            "\"text\":\"\""
         };
         let finish = self.style.finish_reason(completion);
         self.choice(sequence, last, "null", Some(finish), out);

@@ -27,6 +27,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Value, json};
+use tollgate_metering::endpoint::Endpoint;
 
 use self::chunks::OpenAiChunks;
 pub use self::embeddings::embeddings;
@@ -66,7 +67,7 @@ pub async fn chat_completions(
             sequences: request.plan(&engine.options),
         })
         .await?;
-    let answer = Answer::new(&engine, Endpoint::Chat, &request.model);
+    let answer = Answer::new(&engine, Endpoint::ChatCompletions, &request.model);
     let style = ChoiceStyle {
         logprobs: request.logprobs,
         tool_call: request.tool_call,
@@ -103,7 +104,7 @@ pub async fn completions(
             sequences,
         })
         .await?;
-    let answer = Answer::new(&engine, Endpoint::Completion, &request.model);
+    let answer = Answer::new(&engine, Endpoint::Completions, &request.model);
     let style = ChoiceStyle {
         logprobs: request.logprobs,
         tool_call: None,
@@ -142,12 +143,6 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-#[derive(Clone, Copy)]
-enum Endpoint {
-    Chat,
-    Completion,
-}
-
 /// The envelope of one answer: id, timestamps, model, and whether usage is
 /// reported.
 struct Answer {
@@ -160,24 +155,12 @@ struct Answer {
 
 impl Answer {
     fn new(engine: &Engine, endpoint: Endpoint, model: &str) -> Self {
-        let prefix = match endpoint {
-            Endpoint::Chat => "chatcmpl",
-            Endpoint::Completion => "cmpl",
-        };
         Self {
             endpoint,
-            id: response_id(prefix),
+            id: response_id(endpoint.answer_id_prefix()),
             created: unix_now(),
             model: model.to_owned(),
             report_usage: !engine.options.no_usage,
-        }
-    }
-
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.endpoint, chunk) {
-            (Endpoint::Chat, false) => "chat.completion",
-            (Endpoint::Chat, true) => "chat.completion.chunk",
-            (Endpoint::Completion, _) => "text_completion",
         }
     }
 
@@ -186,7 +169,7 @@ impl Answer {
     fn complete<C: Serialize>(&self, generation: &Generation, choices: Vec<C>) -> Response {
         Json(CompletionBody {
             id: &self.id,
-            object: self.object(false),
+            object: self.endpoint.answer_object(false),
             created: self.created,
             model: &self.model,
             choices,

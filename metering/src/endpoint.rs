@@ -1,0 +1,90 @@
+//! The OpenAI inference endpoints Tollgate serves and meters: one vocabulary
+//! for the gateway's routes and metrics, the usage event's `kind`, the Triton
+//! translation and gpu-sim's answers.
+
+use serde::{Deserialize, Serialize};
+
+/// One OpenAI inference endpoint. Serialised (in usage events, the spool and
+/// the usage log's `kind` column) by [`Endpoint::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    #[serde(rename = "chat")]
+    ChatCompletions,
+    /// `POST /v1/completions` (legacy text completions).
+    #[serde(rename = "completion")]
+    Completions,
+    /// `POST /v1/embeddings`.
+    #[serde(rename = "embedding")]
+    Embeddings,
+}
+
+impl Endpoint {
+    pub const ALL: [Self; 3] = [Self::ChatCompletions, Self::Completions, Self::Embeddings];
+
+    /// The canonical OpenAI path, which backends are asked on.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+            Self::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    /// What kind of work it is, as usage events and the usage log name it.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat",
+            Self::Completions => "completion",
+            Self::Embeddings => "embedding",
+        }
+    }
+
+    /// The `endpoint` label of the request metrics.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat_completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
+    /// Whether the endpoint generates text (and so takes a completion limit).
+    pub fn generates(self) -> bool {
+        !matches!(self, Self::Embeddings)
+    }
+
+    /// The prefix of the `id` of an answer (`chatcmpl-…`, `cmpl-…`).
+    pub fn answer_id_prefix(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chatcmpl",
+            Self::Completions => "cmpl",
+            Self::Embeddings => "embd",
+        }
+    }
+
+    /// The `object` of an answer, or of one streamed chunk of it (legacy
+    /// completions' chunks keep `text_completion`).
+    pub fn answer_object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Self::ChatCompletions, false) => "chat.completion",
+            (Self::ChatCompletions, true) => "chat.completion.chunk",
+            (Self::Completions, _) => "text_completion",
+            (Self::Embeddings, _) => "list",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Endpoint;
+
+    #[test]
+    fn serialised_as_the_usage_logs_kind() {
+        for endpoint in Endpoint::ALL {
+            let json = serde_json::to_string(&endpoint).unwrap();
+            assert_eq!(json, format!("\"{}\"", endpoint.kind()));
+            assert_eq!(serde_json::from_str::<Endpoint>(&json).unwrap(), endpoint);
+        }
+    }
+}
