@@ -13,6 +13,9 @@
 //!   Postgres writer; [`spool`]: its durable fallback file.
 //! - [`partitions`]: month partitions of the usage log and retention;
 //!   [`report`]: totals, live statistics and event listings.
+//! - [`metric_names`]: the name of every Prometheus metric Tollgate exports
+//!   (each is registered where its concern lives, here or in the proxy);
+//!   here because every crate that registers one depends on this one.
 //!
 //! Nothing here knows about Pingora: the proxy calls these plain APIs.
 
@@ -20,6 +23,7 @@ pub mod capture;
 pub mod endpoint;
 pub mod event;
 pub mod journal;
+pub mod metric_names;
 pub mod partitions;
 pub mod report;
 pub mod spool;

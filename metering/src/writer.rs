@@ -36,6 +36,7 @@ use uuid::Uuid;
 
 use crate::event::UsageEvent;
 use crate::journal::{Journal, JournalMark};
+use crate::metric_names;
 use crate::partitions;
 use crate::spool::Spool;
 
@@ -84,39 +85,39 @@ impl WriterStats {
     pub fn new() -> prometheus::Result<Self> {
         Ok(Self {
             written: IntCounter::new(
-                "tollgate_usage_events_written_total",
+                metric_names::USAGE_EVENTS_WRITTEN_TOTAL,
                 "Usage events inserted into Postgres.",
             )?,
             duplicates: IntCounter::new(
-                "tollgate_usage_events_duplicate_total",
+                metric_names::USAGE_EVENTS_DUPLICATE_TOTAL,
                 "Usage events written again and ignored because they were already stored.",
             )?,
             batches: IntCounter::new(
-                "tollgate_usage_writer_batches_total",
+                metric_names::USAGE_WRITER_BATCHES_TOTAL,
                 "Batches of usage events written to Postgres.",
             )?,
             spooled: IntCounter::new(
-                "tollgate_usage_events_spooled_total",
+                metric_names::USAGE_EVENTS_SPOOLED_TOTAL,
                 "Usage events appended to the local spool.",
             )?,
             replayed: IntCounter::new(
-                "tollgate_usage_events_replayed_total",
+                metric_names::USAGE_EVENTS_REPLAYED_TOTAL,
                 "Spooled usage events replayed into Postgres.",
             )?,
             lost: IntCounter::new(
-                "tollgate_usage_events_lost_total",
+                metric_names::USAGE_EVENTS_LOST_TOTAL,
                 "Usage events neither written to Postgres nor spooled.",
             )?,
             write_errors: IntCounter::new(
-                "tollgate_usage_write_errors_total",
+                metric_names::USAGE_WRITE_ERRORS_TOTAL,
                 "Failed or timed-out usage writes to Postgres.",
             )?,
             journal_errors: IntCounter::new(
-                "tollgate_usage_journal_errors_total",
+                metric_names::USAGE_JOURNAL_ERRORS_TOTAL,
                 "Failed appends to or syncs of the usage write-ahead journal.",
             )?,
             spool_events: IntGauge::new(
-                "tollgate_usage_spool_events",
+                metric_names::USAGE_SPOOL_EVENTS,
                 "Usage events in the spool awaiting replay.",
             )?,
         })

@@ -28,6 +28,7 @@ use tollgate_backends::fleet::providers::{HourlyCost, Instance, Provider};
 use tollgate_backends::fleet::state::InstanceState;
 use tollgate_backends::health::ProbeClient;
 use tollgate_backends::routing::{BackendPool, UpstreamSelector};
+use tollgate_metering::metric_names;
 
 use crate::admission::AdmissionQueues;
 use crate::config::{Config, ProviderConfig};
@@ -123,35 +124,35 @@ impl FleetCollector {
             scraping: Mutex::new(()),
             state: IntGaugeVec::new(
                 Opts::new(
-                    "tollgate_backend_state",
+                    metric_names::BACKEND_STATE,
                     "Lifecycle state of the backend's instance: 1 for the current state, 0 for the others.",
                 ),
                 backend_state,
             )?,
             up: IntGaugeVec::new(
                 Opts::new(
-                    "tollgate_backend_up",
+                    metric_names::BACKEND_UP,
                     "Whether the backend passes its active health probes (1) or not (0).",
                 ),
                 &["backend"],
             )?,
             breaker: IntGaugeVec::new(
                 Opts::new(
-                    "tollgate_backend_breaker_state",
+                    metric_names::BACKEND_BREAKER_STATE,
                     "The backend's circuit breaker: 1 for its current state (closed, open, half_open), 0 for the others.",
                 ),
                 backend_state,
             )?,
             in_flight: IntGaugeVec::new(
                 Opts::new(
-                    "tollgate_backend_in_flight",
+                    metric_names::BACKEND_IN_FLIGHT,
                     "Requests Tollgate has outstanding on the backend.",
                 ),
                 &["backend"],
             )?,
             load: GaugeVec::new(
                 Opts::new(
-                    "tollgate_backend_load",
+                    metric_names::BACKEND_LOAD,
                     "The backend's own load signals from its metrics endpoint: waiting and running \
                      requests, kv_cache_usage (0-1), pending (Triton); only those it reports.",
                 ),
@@ -159,7 +160,7 @@ impl FleetCollector {
             )?,
             gpu_utilization: GaugeVec::new(
                 Opts::new(
-                    "tollgate_backend_gpu_utilization",
+                    metric_names::BACKEND_GPU_UTILIZATION,
                     "GPU utilisation (0-1) the backend reports (`nv_gpu_utilization`, averaged over its GPUs); \
                      absent for backends that do not export it.",
                 ),
@@ -167,14 +168,14 @@ impl FleetCollector {
             )?,
             instance_seconds: CounterVec::new(
                 Opts::new(
-                    "tollgate_gpu_instance_seconds_total",
+                    metric_names::GPU_INSTANCE_SECONDS_TOTAL,
                     "Time the backend's managed instance has spent in each lifecycle state since this Tollgate started.",
                 ),
                 backend_state,
             )?,
             cost: CounterVec::new(
                 Opts::new(
-                    "tollgate_gpu_cost_dollars_total",
+                    metric_names::GPU_COST_DOLLARS_TOTAL,
                     "What the backend's managed instance has cost in each lifecycle state (USD at its configured \
                      hourly prices) since this Tollgate started.",
                 ),
@@ -621,7 +622,7 @@ mod tests {
         let state = |families: &[MetricFamily], backend: &str, state: &str| {
             value(
                 families,
-                "tollgate_backend_state",
+                metric_names::BACKEND_STATE,
                 &[("backend", backend), ("state", state)],
             )
         };
@@ -632,7 +633,7 @@ mod tests {
         let cost = |families: &[MetricFamily]| {
             value(
                 families,
-                "tollgate_gpu_cost_dollars_total",
+                metric_names::GPU_COST_DOLLARS_TOTAL,
                 &[("backend", "gpu-1"), ("state", "starting")],
             )
         };
@@ -640,21 +641,25 @@ mod tests {
         assert_eq!(
             value(
                 &families,
-                "tollgate_gpu_cost_dollars_total",
+                metric_names::GPU_COST_DOLLARS_TOTAL,
                 &[("backend", "static-1"), ("state", "hot")]
             ),
             None,
             "a static backend is not rented"
         );
         assert_eq!(
-            value(&families, "tollgate_backend_up", &[("backend", "static-1")]),
+            value(
+                &families,
+                metric_names::BACKEND_UP,
+                &[("backend", "static-1")]
+            ),
             Some(1.0)
         );
         // No load signals scraped: no utilisation series rather than a 0.
         assert_eq!(
             value(
                 &families,
-                "tollgate_backend_gpu_utilization",
+                metric_names::BACKEND_GPU_UTILIZATION,
                 &[("backend", "static-1")]
             ),
             None
@@ -683,14 +688,14 @@ mod tests {
         assert!((again - 3.6).abs() < 1e-6, "{again}");
         let seconds = value(
             &families,
-            "tollgate_gpu_instance_seconds_total",
+            metric_names::GPU_INSTANCE_SECONDS_TOTAL,
             &[("backend", "gpu-1"), ("state", "starting")],
         )
         .unwrap();
         assert!((seconds - 3600.0).abs() < 1e-3, "{seconds}");
         let cold = value(
             &families,
-            "tollgate_gpu_instance_seconds_total",
+            metric_names::GPU_INSTANCE_SECONDS_TOTAL,
             &[("backend", "gpu-1"), ("state", "cold")],
         )
         .unwrap();
@@ -698,7 +703,7 @@ mod tests {
         assert_eq!(
             value(
                 &families,
-                "tollgate_gpu_cost_dollars_total",
+                metric_names::GPU_COST_DOLLARS_TOTAL,
                 &[("backend", "gpu-1"), ("state", "cold")]
             ),
             Some(0.0),
@@ -707,7 +712,7 @@ mod tests {
         let breaker = |state| {
             value(
                 &families,
-                "tollgate_backend_breaker_state",
+                metric_names::BACKEND_BREAKER_STATE,
                 &[("backend", "static-1"), ("state", state)],
             )
         };
@@ -715,7 +720,7 @@ mod tests {
         assert_eq!(
             value(
                 &families,
-                "tollgate_backend_in_flight",
+                metric_names::BACKEND_IN_FLIGHT,
                 &[("backend", "static-1")]
             ),
             Some(0.0)

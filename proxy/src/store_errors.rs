@@ -11,6 +11,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{IntCounterVec, Opts, Registry};
+use tollgate_metering::metric_names;
 
 /// What Tollgate was doing with Postgres when it failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,11 +94,14 @@ struct Counters {
 
 static COUNTERS: LazyLock<Counters> = LazyLock::new(|| Counters {
     postgres: counter(
-        "tollgate_postgres_errors_total",
-        "Postgres calls that failed or timed out, by operation (usage writes: tollgate_usage_write_errors_total).",
+        metric_names::POSTGRES_ERRORS_TOTAL,
+        &format!(
+            "Postgres calls that failed or timed out, by operation (usage writes: {}).",
+            metric_names::USAGE_WRITE_ERRORS_TOTAL
+        ),
     ),
     redis: counter(
-        "tollgate_redis_errors_total",
+        metric_names::REDIS_ERRORS_TOTAL,
         "Redis calls that failed or timed out, by operation.",
     ),
 });

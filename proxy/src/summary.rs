@@ -404,6 +404,7 @@ fn price(spans: &[Span], prices: &[(String, Option<HourlyCost>)]) -> (f64, BTree
 #[cfg(test)]
 mod tests {
     use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+    use tollgate_metering::metric_names;
 
     use super::*;
 
@@ -456,17 +457,15 @@ mod tests {
         assert!(p(0.5) <= p(0.95) && p(0.95) <= p(0.99), "{buckets:?}");
     }
 
-    const DURATION: &str = "tollgate_request_duration_seconds";
-
     /// Requests and durations as `RequestMetrics` counts them, empty.
     fn vectors() -> (IntCounterVec, HistogramVec) {
         let requests = IntCounterVec::new(
-            Opts::new("tollgate_requests_total", "r"),
+            Opts::new(metric_names::REQUESTS_TOTAL, "r"),
             &["tier", "status"],
         )
         .unwrap();
         let duration = HistogramVec::new(
-            HistogramOpts::new(DURATION, "d").buckets(vec![0.1, 1.0]),
+            HistogramOpts::new(metric_names::REQUEST_DURATION_SECONDS, "d").buckets(vec![0.1, 1.0]),
             &["tier"],
         )
         .unwrap();
@@ -505,7 +504,7 @@ mod tests {
         let latency = percentiles_json(&collect(&duration), &[0.5, 0.99]);
         assert_eq!(latency["p50"], Value::Null);
         assert_eq!(latency["observations"], 0);
-        assert_eq!(latency["histogram"], DURATION);
+        assert_eq!(latency["histogram"], metric_names::REQUEST_DURATION_SECONDS);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The Prometheus alert rules in `deploy/prometheus/`: valid and passing
 //! their unit tests under `promtool` (when it is on PATH; `scripts/lib.sh`
-//! installs it), and, always, naming only metrics Tollgate registers, so a
-//! renamed metric cannot leave an alert silently watching nothing.
+//! installs it), and, always, naming only metrics Tollgate registers (those
+//! `tollgate_metering::metric_names::ALL` lists, which the gateway's tests hold
+//! against a live scrape), so a renamed metric cannot leave an alert silently
+//! watching nothing.
 
 #![allow(
     clippy::expect_used,
@@ -12,21 +14,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The crates whose sources register metrics on the gateway's registry.
-const METRIC_SOURCES: [&str; 4] = ["proxy/src", "backends/src", "metering/src", "billing/src"];
-
-/// Constructors whose first argument is a metric's name (the `*Vec` types
-/// take an `Opts` / `HistogramOpts`).
-const CONSTRUCTORS: [&str; 8] = [
-    "Opts",
-    "HistogramOpts",
-    "IntCounter",
-    "IntGauge",
-    "Counter",
-    "Gauge",
-    "Histogram",
-    "GenericCounter",
-];
+use tollgate_metering::metric_names;
 
 /// Series a histogram `name` exposes besides its own name.
 const HISTOGRAM_SUFFIXES: [&str; 3] = ["_bucket", "_sum", "_count"];
@@ -124,48 +112,6 @@ fn metric_names(text: &str) -> Vec<String> {
     names
 }
 
-fn rust_files(dir: &Path, files: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("source directory readable") {
-        let path = entry.expect("directory entry").path();
-        if path.is_dir() {
-            rust_files(&path, files);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            files.push(path);
-        }
-    }
-}
-
-/// Names passed as the first argument of a metric constructor
-/// (`Opts::new("tollgate_…"`, `IntGauge::new(\n "tollgate_…"`, …).
-fn registered_metric_names() -> BTreeSet<String> {
-    let mut files = Vec::new();
-    for dir in METRIC_SOURCES {
-        rust_files(&workspace().join(dir), &mut files);
-    }
-    let mut names = BTreeSet::new();
-    for file in files {
-        let source = std::fs::read_to_string(&file).expect("source readable");
-        let mut rest = source.as_str();
-        while let Some(at) = rest.find("::new(") {
-            let before = &rest[..at];
-            let ty_start = before
-                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .map_or(0, |i| i + 1);
-            let ty = &before[ty_start..];
-            let args = rest[at + "::new(".len()..].trim_start();
-            if CONSTRUCTORS.contains(&ty)
-                && let Some(quoted) = args.strip_prefix('"')
-                && let Some(end) = quoted.find('"')
-                && quoted[..end].starts_with("tollgate_")
-            {
-                names.insert(quoted[..end].to_owned());
-            }
-            rest = &rest[at + "::new(".len()..];
-        }
-    }
-    names
-}
-
 fn is_registered(name: &str, registered: &BTreeSet<String>) -> bool {
     registered.contains(name)
         || HISTOGRAM_SUFFIXES.iter().any(|suffix| {
@@ -178,19 +124,10 @@ fn is_registered(name: &str, registered: &BTreeSet<String>) -> bool {
 fn alert_rules_name_only_registered_metrics() {
     let rules = std::fs::read_to_string(rules_dir().join("alerts.yml")).expect("alerts.yml");
     let used = expr_metric_names(&rules);
-    let registered = registered_metric_names();
-    // The scan itself: metrics of each area are found.
-    for known in [
-        "tollgate_queue_depth",
-        "tollgate_usage_spool_events",
-        "tollgate_backend_state",
-        "tollgate_stripe_export_events_total",
-    ] {
-        assert!(
-            registered.contains(known),
-            "{known} not found by the source scan: {registered:?}"
-        );
-    }
+    let registered: BTreeSet<String> = metric_names::ALL
+        .iter()
+        .map(|name| (*name).to_owned())
+        .collect();
     assert!(
         used.len() >= 10,
         "too few metrics found in the rules: {used:?}"

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounterVec, Opts, Registry};
+use tollgate_metering::metric_names;
 use uuid::Uuid;
 
 use super::limits::local::LocalLimits;
@@ -131,7 +132,7 @@ impl Limiter {
     ) -> prometheus::Result<Self> {
         let fallbacks = IntCounterVec::new(
             Opts::new(
-                "tollgate_admission_redis_fallback_total",
+                metric_names::ADMISSION_REDIS_FALLBACK_TOTAL,
                 "Admissions decided without Redis, by tier and on_redis_down policy.",
             ),
             &["tier", "policy"],

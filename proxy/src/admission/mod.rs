@@ -44,6 +44,7 @@ use self::limits::{
 use self::queue::{AdmissionQueue, PoolSnapshot, Shed, Slot};
 use tollgate_backends::fleet::controller::Demand;
 use tollgate_backends::fleet::policy::TierWait;
+use tollgate_metering::metric_names;
 
 use crate::config::{AdmissionConfig, Config, TierConfig};
 use crate::error::ApiError;
@@ -198,14 +199,14 @@ impl Admission {
         let queues = Arc::new(AdmissionQueues::new(config, tier_names.clone(), registry)?);
         let rejected = IntCounterVec::new(
             Opts::new(
-                "tollgate_admission_rejected_total",
+                metric_names::ADMISSION_REJECTED_TOTAL,
                 "Requests refused at admission, by tier and reason.",
             ),
             &["tier", "reason"],
         )?;
         let queue_wait = HistogramVec::new(
             HistogramOpts::new(
-                "tollgate_queue_wait_seconds",
+                metric_names::QUEUE_WAIT_SECONDS,
                 "Time admitted requests waited for a GPU slot, by pool and tier.",
             )
             .buckets(vec![
@@ -615,39 +616,45 @@ impl QueueCollector {
             queues,
             scraping: std::sync::Mutex::new(()),
             depth: IntGaugeVec::new(
-                Opts::new("tollgate_queue_depth", "Requests waiting for a GPU slot."),
+                Opts::new(
+                    metric_names::QUEUE_DEPTH,
+                    "Requests waiting for a GPU slot.",
+                ),
                 tier,
             )?,
             oldest_wait: GaugeVec::new(
                 Opts::new(
-                    "tollgate_queue_oldest_wait_seconds",
+                    metric_names::QUEUE_OLDEST_WAIT_SECONDS,
                     "How long the longest-waiting request of the tier has waited.",
                 ),
                 tier,
             )?,
             expected_wait: GaugeVec::new(
                 Opts::new(
-                    "tollgate_queue_expected_wait_seconds",
+                    metric_names::QUEUE_EXPECTED_WAIT_SECONDS,
                     "Expected wait of a request of the tier arriving now (-1: unknown).",
                 ),
                 tier,
             )?,
             shed: IntCounterVec::new(
                 Opts::new(
-                    "tollgate_queue_shed_total",
+                    metric_names::QUEUE_SHED_TOTAL,
                     "Requests refused as server busy: expected wait too long (busy) or waited out (timeout).",
                 ),
                 &["pool", "tier", "reason"],
             )?,
             slots: IntGaugeVec::new(
                 Opts::new(
-                    "tollgate_pool_slots",
+                    metric_names::POOL_SLOTS,
                     "GPU slots of the pool (its capacity).",
                 ),
                 &["pool"],
             )?,
             in_use: IntGaugeVec::new(
-                Opts::new("tollgate_pool_slots_in_use", "GPU slots held by requests."),
+                Opts::new(
+                    metric_names::POOL_SLOTS_IN_USE,
+                    "GPU slots held by requests.",
+                ),
                 &["pool"],
             )?,
         })

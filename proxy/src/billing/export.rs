@@ -10,6 +10,7 @@ use pingora::services::background::BackgroundService;
 use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
 use tollgate_billing::export::{ExportConfig, ExportReport, export_once};
 use tollgate_billing::stripe_api::StripeMeterEvents;
+use tollgate_metering::metric_names;
 
 use super::stripe_client;
 use crate::config::{BillingConfig, StripeConfig};
@@ -92,7 +93,7 @@ impl ExportMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let events = IntCounterVec::new(
             Opts::new(
-                "tollgate_stripe_export_events_total",
+                metric_names::STRIPE_EXPORT_EVENTS_TOTAL,
                 "Usage meter events the exporter handled, by outcome (delivered, duplicate, \
                  failed: left pending for a retry, rejected, expired).",
             ),
@@ -103,15 +104,15 @@ impl ExportMetrics {
             events.with_label_values(&[outcome]);
         }
         let failed_passes = prometheus::IntCounter::new(
-            "tollgate_stripe_export_pass_errors_total",
+            metric_names::STRIPE_EXPORT_PASS_ERRORS_TOTAL,
             "Usage export passes that failed before sending (Postgres unreachable, planning failed).",
         )?;
         let pending = IntGauge::new(
-            "tollgate_stripe_export_pending_events",
+            metric_names::STRIPE_EXPORT_PENDING_EVENTS,
             "Usage meter events planned and not yet sent to Stripe, after the last pass.",
         )?;
         let oldest_pending = Gauge::new(
-            "tollgate_stripe_export_oldest_pending_seconds",
+            metric_names::STRIPE_EXPORT_OLDEST_PENDING_SECONDS,
             "Age of the oldest meter event still waiting to be sent (0 when none), after the last pass.",
         )?;
         registry.register(Box::new(events.clone()))?;
@@ -208,10 +209,10 @@ mod tests {
         assert_eq!(
             names,
             [
-                "tollgate_stripe_export_events_total",
-                "tollgate_stripe_export_oldest_pending_seconds",
-                "tollgate_stripe_export_pass_errors_total",
-                "tollgate_stripe_export_pending_events",
+                metric_names::STRIPE_EXPORT_EVENTS_TOTAL,
+                metric_names::STRIPE_EXPORT_OLDEST_PENDING_SECONDS,
+                metric_names::STRIPE_EXPORT_PASS_ERRORS_TOTAL,
+                metric_names::STRIPE_EXPORT_PENDING_EVENTS,
             ]
         );
     }

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tollgate_billing::webhook::{
     Event, HANDLED_EVENT_TYPES, Plans, TierChange, WebhookSecrets, apply, downgrade_past_due,
 };
+use tollgate_metering::metric_names;
 
 use super::plans;
 use crate::config::Config;
@@ -46,7 +47,7 @@ impl StripeWebhooks {
             .map_err(|e| anyhow::anyhow!("STRIPE_WEBHOOK_SECRET: {e}"))?;
         let deliveries = IntCounterVec::new(
             Opts::new(
-                "tollgate_stripe_webhooks_total",
+                metric_names::STRIPE_WEBHOOKS_TOTAL,
                 "Stripe webhook deliveries, by event type (those Tollgate handles, else `other`; \
                  `unverified` when refused before reading) and outcome (applied, duplicate, \
                  ignored, refused, failed).",

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use tollgate_metering::event::Tokens;
+use tollgate_metering::metric_names;
 
 use super::request::Endpoint;
 
@@ -94,14 +95,14 @@ impl RequestMetrics {
     ) -> prometheus::Result<Self> {
         let requests = IntCounterVec::new(
             Opts::new(
-                "tollgate_requests_total",
+                metric_names::REQUESTS_TOTAL,
                 "Inference requests, by tier, model, endpoint and status class.",
             ),
             &["tier", "model", "endpoint", "status"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
-                "tollgate_request_duration_seconds",
+                metric_names::REQUEST_DURATION_SECONDS,
                 "Inference requests from arrival to the last byte sent, as the client saw them.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
@@ -109,7 +110,7 @@ impl RequestMetrics {
         )?;
         let overhead = HistogramVec::new(
             HistogramOpts::new(
-                "tollgate_overhead_seconds",
+                metric_names::OVERHEAD_SECONDS,
                 "Time Tollgate added to a request: its duration less the queue wait and \
                  the time from the upstream request sent to the answer's last byte.",
             )
@@ -118,7 +119,7 @@ impl RequestMetrics {
         )?;
         let ttft = HistogramVec::new(
             HistogramOpts::new(
-                "tollgate_time_to_first_token_seconds",
+                metric_names::TIME_TO_FIRST_TOKEN_SECONDS,
                 "Streamed answers: from the request's arrival to the first byte of its stream.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
@@ -126,7 +127,7 @@ impl RequestMetrics {
         )?;
         let tokens = IntCounterVec::new(
             Opts::new(
-                "tollgate_tokens_total",
+                metric_names::TOKENS_TOTAL,
                 "Tokens of metered requests as their usage events record them, by direction \
                  (prompt, completion).",
             ),
@@ -267,7 +268,7 @@ mod tests {
         let requests = registry
             .gather()
             .into_iter()
-            .find(|f| f.name() == "tollgate_requests_total")
+            .find(|f| f.name() == metric_names::REQUESTS_TOTAL)
             .unwrap();
         let mut series: Vec<(String, String, u64)> = requests
             .get_metric()
@@ -312,7 +313,7 @@ mod tests {
         let overhead = registry
             .gather()
             .into_iter()
-            .find(|f| f.name() == "tollgate_overhead_seconds")
+            .find(|f| f.name() == metric_names::OVERHEAD_SECONDS)
             .unwrap();
         let sum = overhead.get_metric()[0].get_histogram().get_sample_sum();
         assert!((sum - 0.010).abs() < 1e-9, "{sum}");

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use moka::Expiry;
 use moka::future::Cache;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use tollgate_metering::metric_names;
 
 use super::secret::{KeyHash, is_key_shaped};
 use super::store::{KeyRecord, KeyStore, StoreError};
@@ -98,7 +99,7 @@ impl KeyCache {
             .build();
         let lookups = IntCounterVec::new(
             Opts::new(
-                "tollgate_key_cache_lookups_total",
+                metric_names::KEY_CACHE_LOOKUPS_TOTAL,
                 "API key lookups the cache answered: hit (from the cache, or by a concurrent lookup's read), miss (read from Postgres) or stale (Postgres unreachable: a key it verified within keys.stale_while_unavailable).",
             ),
             &["result"],

@@ -86,7 +86,7 @@ impl Metering {
         registry: &Registry,
     ) -> prometheus::Result<Self> {
         let mismatches = IntCounter::new(
-            "tollgate_usage_count_mismatch_total",
+            tollgate_metering::metric_names::USAGE_COUNT_MISMATCH_TOTAL,
             "Requests whose backend-reported prompt tokens differ from Tollgate's count \
              by more than metering.usage_mismatch_tolerance.",
         )?;
