@@ -146,6 +146,7 @@ wave() {
     wait_for $((STREAM_SECS + 60)) "$STREAMS streams through $variant" held "$port"
     HELD=$(status "$pid" VmRSS)
     wait "$loadgen" || die "loadgen failed against $variant (see $json)"
+    unlist "$loadgen"
     local ok
     ok=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['report']['requests']['ok'])" "$json")
     [ "$ok" -eq "$STREAMS" ] || die "$variant answered $ok of $STREAMS streams whole (see $json)"
@@ -168,6 +169,15 @@ start() {
 stop() {
     kill -INT "$1"
     wait "$1" 2>/dev/null || true
+    unlist "$1"
+}
+
+# unlist PID : PID has exited; bench_cleanup must not signal it (a failed kill
+# there would fail the script).
+unlist() {
+    local keep=() p
+    for p in "${BENCH_PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    BENCH_PIDS=("${keep[@]}")
 }
 
 # measure VARIANT RUN : one fresh Tollgate through two waves; sets
