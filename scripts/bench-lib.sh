@@ -5,7 +5,9 @@
 #                           gpu-sim at SIM (its usage spool under target/bench),
 #                           migrated, with one key:
 #                           sets TG (the tollgate command for that config),
-#                           TG_ENV (the environment to run it in) and KEY
+#                           TG_ENV (the environment to run it in) and KEY;
+#                           the backend's max_concurrency is
+#                           BENCH_MAX_CONCURRENCY (default 4096)
 # bench_background CMD...   runs CMD in the background until the script exits
 # bench_baseline REV        tollgate built from REV, set aside as $OUT/tollgate-REV
 #                           (call before building this checkout); sets BASELINE
@@ -70,7 +72,7 @@ name = "pro"
 name = "sim"
 url = "http://127.0.0.1:$sim"
 models = ["sim-model"]
-max_concurrency = 4096
+max_concurrency = ${BENCH_MAX_CONCURRENCY:-4096}
 TOML
     # The config names the database: the environment must not override it.
     # Per-request access logs off (LOG_LEVEL=warn): benchmarks measure the request path.

@@ -17,6 +17,17 @@ use tollgate::usage_api::{self, UsageQuery};
 use tollgate::{billing, db, server};
 use tollgate_billing::reconcile::Day;
 
+// The process's allocator: the system's (glibc malloc) unless a feature picks
+// another (scripts/bench-memory.sh compares them).
+#[cfg(all(feature = "jemalloc", feature = "mimalloc"))]
+compile_error!("features `jemalloc` and `mimalloc` each set the global allocator: enable one");
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How long `fleet status` waits for the gateway's admin API.
 const FLEET_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
