@@ -4,7 +4,9 @@
 # Each proxy runs under `valgrind --tool=callgrind` (one worker thread) in front of
 # gpu-sim while wrk sends non-streamed chat completions for DURATION seconds; the
 # figure is the inclusive count of Pingora's `process_request` (the whole request
-# path) divided by the requests wrk completed. A second of warm-up load runs first
+# path) divided by the requests wrk completed; beside it, the whole process's count
+# per request (every thread: the usage writer, the tokio runtime, background
+# tasks), which is what the machine pays. A second of warm-up load runs first
 # and the counters are zeroed after it, so one-time costs (connections, caches)
 # are left out. With BASE_REV, Tollgate built from that revision is measured too.
 #
@@ -37,7 +39,8 @@ load() {
         awk '/requests in/ {print $1}'
 }
 
-# measure NAME PORT KEY COMMAND... : prints instructions per request for one proxy.
+# measure NAME PORT KEY COMMAND... : prints thousands of instructions per request
+# for one proxy, on the request path and in the whole process.
 measure() {
     local name=$1 port=$2 key=$3; shift 3
     local profile="$OUT/callgrind-$name.out"
@@ -52,21 +55,29 @@ measure() {
     requests=$(load "$port" "$key" "$DURATION")
     kill -INT "$pid"
     wait "$pid" 2>/dev/null
-    local total
-    total=$(callgrind_annotate --inclusive=yes "$profile" 2>/dev/null |
-        grep -m1 -E 'process_request::\{\{closure\}\} \[' | awk '{gsub(",", "", $1); print $1}')
-    awk -v t="$total" -v r="$requests" 'BEGIN {printf "%.1f", t / r / 1000}'
+    local annotated path whole
+    annotated=$(callgrind_annotate --inclusive=yes "$profile" 2>/dev/null)
+    path=$(grep -m1 -E 'process_request::\{\{closure\}\} \[' <<<"$annotated" |
+        awk '{gsub(",", "", $1); print $1}')
+    whole=$(grep -m1 'PROGRAM TOTALS' <<<"$annotated" | awk '{gsub(",", "", $1); print $1}')
+    awk -v p="$path" -v w="$whole" -v r="$requests" \
+        'BEGIN {printf "%.1f %.1f", p / r / 1000, w / r / 1000}'
 }
 
 pass=$(measure passthrough $PASS_PORT "$KEY" "$BIN/examples/passthrough" "127.0.0.1:$PASS_PORT" "127.0.0.1:$SIM_PORT" 1)
 tollgate=$(measure tollgate $TG_PORT "$KEY" "${TG[@]}" serve)
 
-ratio() { awk -v a="$1" -v b="$pass" 'BEGIN {printf "%.2f", a / b}'; }
-echo "| target | instructions / request | relative to passthrough |"
-echo "|---|---|---|"
-echo "| bare passthrough | ${pass}k | 1.00 |"
+# row NAME "PATH WHOLE" : one table row, each figure with its ratio to the passthrough's.
+row() {
+    local path whole
+    read -r path whole <<<"$2"
+    awk -v n="$1" -v p="$path" -v w="$whole" -v pp="${pass% *}" -v pw="${pass#* }" \
+        'BEGIN {printf "| %s | %.1fk | %.2f | %.1fk | %.2f |\n", n, p, p / pp, w, w / pw}'
+}
+echo "| target | request path / request | relative | whole process / request | relative |"
+echo "|---|---|---|---|---|"
+row "bare passthrough" "$pass"
 if [ -n "$BASE_REV" ]; then
-    base=$(measure "tollgate-$BASE_REV" $BASE_PORT "$BASE_KEY" "${BASE_TG[@]}" serve)
-    echo "| Tollgate at $BASE_REV | ${base}k | $(ratio "$base") |"
+    row "Tollgate at $BASE_REV" "$(measure "tollgate-$BASE_REV" $BASE_PORT "$BASE_KEY" "${BASE_TG[@]}" serve)"
 fi
-echo "| Tollgate | ${tollgate}k | $(ratio "$tollgate") |"
+row "Tollgate" "$tollgate"
