@@ -4,8 +4,9 @@
 //! - [`config`]: the TOML config, env overrides, validation; a folder with one
 //!   file per TOML section.
 //! - [`gateway`]: the `ProxyHttp` request path phase by phase (see
-//!   docs/architecture.md); [`gateway::routes`] answers the routes that need
-//!   no backend.
+//!   docs/architecture.md); [`gateway::models`] resolves each model's route
+//!   from config once; [`gateway::routes`] answers the routes that need no
+//!   backend.
 //! - [`admission`]: rate limits, quotas and reservations, the priority queue.
 //! - [`metering`]: metering on the request path, and the usage writer and
 //!   upkeep as background services.

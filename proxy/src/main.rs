@@ -17,8 +17,8 @@ use tollgate::usage_api::{self, UsageQuery};
 use tollgate::{billing, db, server};
 use tollgate_billing::reconcile::Day;
 
-// The process's allocator: the system's (glibc malloc) unless a feature picks
-// another (scripts/bench-memory.sh compares them).
+// The process's allocator: jemalloc by default (see proxy/Cargo.toml's
+// features and BENCHMARKS.md, "Memory"); glibc malloc without features.
 #[cfg(all(feature = "jemalloc", feature = "mimalloc"))]
 compile_error!("features `jemalloc` and `mimalloc` each set the global allocator: enable one");
 #[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]

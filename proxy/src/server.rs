@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
@@ -184,10 +183,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         billing_sessions: billing_sessions.clone(),
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
-    proxy.add_listener(
-        ListenerConfig::tcp(config.server.listen.to_string())
-            .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER_BYTES)),
-    );
+    proxy.add_tcp(&config.server.listen.to_string());
 
     let summary = Summary::new(
         &config,
@@ -313,12 +309,6 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     );
     server.run_forever()
 }
-
-/// Each client connection's read buffer. Pingora's default, 64 KiB, is
-/// allocated zeroed and so resident for every open connection: with 5,000
-/// streams open that is 310 MiB (BENCHMARKS.md, "Memory"). Requests are headers
-/// and one JSON body, and a larger read goes past the buffer anyway.
-const CLIENT_READ_BUFFER_BYTES: usize = 16 * 1024;
 
 /// The backends behind the configured policy and breakers.
 fn backend_pool(backends: Vec<Backend>, routing: &RoutingConfig) -> BackendPool {
