@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::{Builder, Client, ClientLike, Config, KeysInterface};
 use tokio::task::JoinSet;
+use tollgate_testkit::eventually;
 use uuid::Uuid;
 
 use tollgate::admission::limits::local::LocalLimits;
@@ -647,21 +648,12 @@ async fn unsettled_reservation_lapses_and_frees_its_units(store: Store) {
         "{state:?}"
     );
 
-    // Real time for Redis's sake: poll until the lapse shows, within a
-    // deadline far beyond the ttl.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = account.state().await;
-        if state.in_progress == 0 {
-            assert_eq!(state, QuotaState::default());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "reservation never lapsed: {state:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Real time for Redis's sake: wait for the lapse to show.
+    eventually("the reservation lapses", || async {
+        account.state().await.in_progress == 0
+    })
+    .await;
+    assert_eq!(account.state().await, QuotaState::default());
 
     // Its place and units are free again.
     let (next, _) = admitted(account.admit(key, &[], quota, 6, 0).await);
