@@ -144,9 +144,12 @@ impl Gateway {
         let header = session.req_header();
         request::check_header_size(header)?;
         let route = routes::route(&header.method, header.uri.path())?;
+        // The routes beside inference are rare and their futures large (a
+        // Stripe call's is ~20 KiB): each is boxed, so the state of every
+        // inference request, moved into a box per request, stays small.
         let endpoint = match route {
             Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
-            Route::StripeWebhook => return Err(self.stripe_webhook(session).await),
+            Route::StripeWebhook => return Err(Box::pin(self.stripe_webhook(session)).await),
             Route::Readyz => return Err(self.readiness()),
             Route::Models | Route::Usage | Route::BillingCheckout | Route::BillingPortal => None,
             Route::Inference(endpoint) => Some(endpoint),
@@ -155,10 +158,11 @@ impl Gateway {
         let key = self.keys.authenticate(bearer_token(header)?).await?;
         let Some(endpoint) = endpoint else {
             return Err(match route {
-                Route::Usage => Stop::Answer(200, self.own_usage(header, &key).await?),
-                Route::BillingCheckout | Route::BillingPortal => {
-                    Stop::Answer(200, self.billing_session(route, session, &key).await?)
-                }
+                Route::Usage => Stop::Answer(200, Box::pin(self.own_usage(header, &key)).await?),
+                Route::BillingCheckout | Route::BillingPortal => Stop::Answer(
+                    200,
+                    Box::pin(self.billing_session(route, session, &key)).await?,
+                ),
                 _ => Stop::Answer(200, self.model_list(&key)),
             });
         };

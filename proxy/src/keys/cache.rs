@@ -40,6 +40,16 @@ enum Lookup {
     Unknown,
 }
 
+impl Lookup {
+    /// The usable key, or why it is refused.
+    fn answer(self) -> Result<Arc<KeyRecord>, ApiError> {
+        match self {
+            Self::Found(record) => usable(record),
+            Self::Unknown => Err(ApiError::InvalidKey),
+        }
+    }
+}
+
 struct LookupExpiry {
     found: Duration,
     unknown: Duration,
@@ -130,6 +140,21 @@ impl KeyCache {
         if self.tombstones.contains_key(&hash) {
             return Err(ApiError::RevokedKey);
         }
+        // A cached answer, the common case, keeps this future small; the
+        // read from Postgres (kilobytes of state) is boxed. The gateway's
+        // request future is moved into a box on every request, so its size
+        // is paid in copying each time.
+        if let Some(cached) = self.cache.get(&hash).await {
+            self.hits.inc();
+            return cached.answer();
+        }
+        Box::pin(self.read_through(hash)).await
+    }
+
+    /// A cache miss: reads the key from Postgres (once for concurrent
+    /// misses), or answers from a recently verified copy while Postgres is
+    /// unreachable.
+    async fn read_through(&self, hash: KeyHash) -> Result<Arc<KeyRecord>, ApiError> {
         let store = &self.store;
         let read = self
             .cache
@@ -159,16 +184,11 @@ impl KeyCache {
         // key waited on it and, like cached answers, count as hits.
         let fresh = entry.is_fresh();
         if fresh { &self.misses } else { &self.hits }.inc();
-        match entry.into_value() {
-            Lookup::Unknown => Err(ApiError::InvalidKey),
-            Lookup::Found(record) => {
-                let checked = usable(record);
-                if fresh && let Ok(record) = &checked {
-                    self.verified.insert(hash, Arc::clone(record)).await;
-                }
-                checked
-            }
+        let checked = entry.into_value().answer();
+        if fresh && let Ok(record) = &checked {
+            self.verified.insert(hash, Arc::clone(record)).await;
         }
+        checked
     }
 
     /// Refuses a revoked key from now on, whatever is cached for it.
