@@ -146,6 +146,7 @@ pub async fn plan(pool: &Pool, config: &ExportConfig, now: SystemTime) -> anyhow
                         sum(units)::bigint AS units
                  FROM usage_rollup_minute
                  WHERE bucket >= to_timestamp($3) AND bucket < to_timestamp($4)
+                   AND unit_kind = 'tokens'
                  GROUP BY 1, 2
              ),
              planned AS (

@@ -20,6 +20,7 @@ use tollgate_metering::endpoint::Endpoint;
 use tollgate_metering::event::{Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::journal::Journal;
 use tollgate_metering::spool::Spool;
+use tollgate_metering::units::UnitKind;
 use tollgate_metering::writer::{self, WriterConfig, WriterStats};
 use uuid::Uuid;
 
@@ -47,6 +48,7 @@ fn event() -> UsageEvent {
         counted_prompt_tokens: Some(812),
         counted_completion_tokens: None,
         usage_source: UsageSource::Backend,
+        unit_kind: UnitKind::Tokens,
         units: 1052,
         latency_ms: 912,
         ttft_ms: Some(41),

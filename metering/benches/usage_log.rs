@@ -28,6 +28,7 @@ use tollgate_metering::journal::Journal;
 use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
 use tollgate_metering::spool::Spool;
+use tollgate_metering::units::UnitKind;
 use tollgate_metering::writer::{self, WriterConfig, WriterStats};
 use tollgate_testkit::TestDb;
 use uuid::Uuid;
@@ -84,6 +85,7 @@ fn event(i: u64, created_at: SystemTime, tag: &str) -> UsageEvent {
         counted_prompt_tokens: Some(100 + i % 50),
         counted_completion_tokens: None,
         usage_source: UsageSource::Backend,
+        unit_kind: UnitKind::Tokens,
         units: 120 + i % 80,
         latency_ms: 40,
         ttft_ms: Some(5),

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::units::UnitKind;
+
 /// One OpenAI inference endpoint. Serialised (in usage events, the spool and
 /// the usage log's `kind` column) by [`Endpoint::kind`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -17,10 +19,18 @@ pub enum Endpoint {
     /// `POST /v1/embeddings`.
     #[serde(rename = "embedding")]
     Embeddings,
+    /// `POST /v1/images/generations`.
+    #[serde(rename = "image")]
+    ImageGenerations,
 }
 
 impl Endpoint {
-    pub const ALL: [Self; 3] = [Self::ChatCompletions, Self::Completions, Self::Embeddings];
+    pub const ALL: [Self; 4] = [
+        Self::ChatCompletions,
+        Self::Completions,
+        Self::Embeddings,
+        Self::ImageGenerations,
+    ];
 
     /// The canonical OpenAI path, which backends are asked on.
     pub fn path(self) -> &'static str {
@@ -28,6 +38,7 @@ impl Endpoint {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
+            Self::ImageGenerations => "/v1/images/generations",
         }
     }
 
@@ -37,6 +48,7 @@ impl Endpoint {
             Self::ChatCompletions => "chat",
             Self::Completions => "completion",
             Self::Embeddings => "embedding",
+            Self::ImageGenerations => "image",
         }
     }
 
@@ -46,31 +58,44 @@ impl Endpoint {
             Self::ChatCompletions => "chat_completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::ImageGenerations => "images_generations",
+        }
+    }
+
+    /// What the endpoint's work is billed in unless a tier or route says
+    /// otherwise.
+    pub fn unit_kind(self) -> UnitKind {
+        match self {
+            Self::ChatCompletions | Self::Completions | Self::Embeddings => UnitKind::Tokens,
+            Self::ImageGenerations => UnitKind::Images,
         }
     }
 
     /// Whether the endpoint generates text (and so takes a completion limit).
     pub fn generates(self) -> bool {
-        !matches!(self, Self::Embeddings)
+        matches!(self, Self::ChatCompletions | Self::Completions)
     }
 
-    /// The prefix of the `id` of an answer (`chatcmpl-…`, `cmpl-…`).
+    /// The prefix of the `id` of an answer (`chatcmpl-…`, `cmpl-…`); images
+    /// answers carry no id.
     pub fn answer_id_prefix(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chatcmpl",
             Self::Completions => "cmpl",
             Self::Embeddings => "embd",
+            Self::ImageGenerations => "img",
         }
     }
 
     /// The `object` of an answer, or of one streamed chunk of it (legacy
-    /// completions' chunks keep `text_completion`).
+    /// completions' chunks keep `text_completion`); images answers carry
+    /// none, and are lists.
     pub fn answer_object(self, chunk: bool) -> &'static str {
         match (self, chunk) {
             (Self::ChatCompletions, false) => "chat.completion",
             (Self::ChatCompletions, true) => "chat.completion.chunk",
             (Self::Completions, _) => "text_completion",
-            (Self::Embeddings, _) => "list",
+            (Self::Embeddings | Self::ImageGenerations, _) => "list",
         }
     }
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::endpoint::Endpoint;
+use crate::units::UnitKind;
 
 /// How a request ended, for billing and statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,7 +99,11 @@ pub struct UsageEvent {
     /// usage (it is not counted otherwise).
     pub counted_completion_tokens: Option<u64>,
     pub usage_source: UsageSource,
-    /// What the account is charged; one unit per token today.
+    /// What `units` count. Events spooled or journaled before unit kinds
+    /// existed were all tokens.
+    #[serde(default)]
+    pub unit_kind: UnitKind,
+    /// What the account is charged, in `unit_kind`.
     pub units: u64,
     pub latency_ms: u32,
     pub ttft_ms: Option<u32>,

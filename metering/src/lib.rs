@@ -8,7 +8,8 @@
 //! - [`capture`]: reads a backend's answer as it streams by (usage report,
 //!   generated text), synchronously and without I/O.
 //! - [`endpoint`]: the OpenAI endpoints served, one vocabulary for every crate.
-//! - [`event`]: the usage event, one per admitted request.
+//! - [`event`]: the usage event, one per admitted request; [`units`]: the
+//!   kinds of unit it is billed in.
 //! - [`writer`]: the request path's non-blocking sink and the batching
 //!   Postgres writer; [`spool`]: its durable fallback file.
 //! - [`partitions`]: month partitions of the usage log and retention;
@@ -29,4 +30,5 @@ pub mod report;
 pub mod spool;
 pub mod sse;
 pub mod tokens;
+pub mod units;
 pub mod writer;

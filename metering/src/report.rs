@@ -9,6 +9,7 @@
 //! minute). Only the event listing reads `usage_events`, through
 //! `(account_id, created_at)`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::GenericClient;
@@ -16,6 +17,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::partitions::month_start;
+use crate::units::UnitKind;
 
 /// The id of the account called `name`.
 pub async fn account_id<C: GenericClient>(
@@ -82,7 +84,25 @@ pub struct UsageTotals {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub total_tokens: i64,
+    /// Units billed in tokens (what `units` meant before other unit kinds).
     pub units: i64,
+    /// Units of every kind used, by kind (`tokens` included).
+    pub units_by_kind: BTreeMap<UnitKind, i64>,
+}
+
+impl UsageTotals {
+    fn zero(group: Option<String>) -> Self {
+        Self {
+            group,
+            requests: 0,
+            failed_requests: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+            units: 0,
+            units_by_kind: BTreeMap::new(),
+        }
+    }
 }
 
 /// Usage totals of `account` (every account when `None`) in `[from, to)`:
@@ -102,10 +122,10 @@ pub async fn totals<C: GenericClient>(
         "$3::uuid IS NULL AND"
     };
     let group = group_by.expression();
-    let columns =
-        "requests, failed_requests, prompt_tokens, completion_tokens, total_tokens, units";
+    let columns = "unit_kind, requests, failed_requests, prompt_tokens, completion_tokens, \
+                   total_tokens, units";
     let sql = format!(
-        "SELECT grp,
+        "SELECT grp, unit_kind,
                 coalesce(sum(requests), 0)::int8, coalesce(sum(failed_requests), 0)::int8,
                 coalesce(sum(prompt_tokens), 0)::int8, coalesce(sum(completion_tokens), 0)::int8,
                 coalesce(sum(total_tokens), 0)::int8, coalesce(sum(units), 0)::int8
@@ -119,35 +139,38 @@ pub async fn totals<C: GenericClient>(
              SELECT {group} AS grp, {columns} FROM usage_rollup_minute
              WHERE {account_filter} bucket >= $5 AND bucket < $2
          ) AS periods
-         GROUP BY grp ORDER BY grp"
+         GROUP BY grp, unit_kind ORDER BY grp"
     );
     let statement = client.prepare_cached(&sql).await?;
     let rows = client
         .query(&statement, &[&from, &to, &account, &days_from, &days_to])
         .await?;
-    let mut totals: Vec<UsageTotals> = rows
-        .iter()
-        .map(|row| UsageTotals {
-            group: row.get(0),
-            requests: row.get(1),
-            failed_requests: row.get(2),
-            prompt_tokens: row.get(3),
-            completion_tokens: row.get(4),
-            total_tokens: row.get(5),
-            units: row.get(6),
-        })
-        .collect();
+    // One row per group and unit kind, in group order: folded to one per group.
+    let mut totals: Vec<UsageTotals> = Vec::new();
+    for row in &rows {
+        let group: Option<String> = row.get(0);
+        let kind = row.get::<_, &str>(1).parse().unwrap_or_default();
+        let units: i64 = row.get(7);
+        let same_group = totals.last().is_some_and(|last| last.group == group);
+        if !same_group {
+            totals.push(UsageTotals::zero(group));
+        }
+        let Some(total) = totals.last_mut() else {
+            continue;
+        };
+        total.requests += row.get::<_, i64>(2);
+        total.failed_requests += row.get::<_, i64>(3);
+        total.prompt_tokens += row.get::<_, i64>(4);
+        total.completion_tokens += row.get::<_, i64>(5);
+        total.total_tokens += row.get::<_, i64>(6);
+        if kind == UnitKind::Tokens {
+            total.units += units;
+        }
+        *total.units_by_kind.entry(kind).or_default() += units;
+    }
     if totals.is_empty() && group_by == GroupBy::Total {
         // A period with no usage still has a total: zero.
-        totals.push(UsageTotals {
-            group: None,
-            requests: 0,
-            failed_requests: 0,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            total_tokens: 0,
-            units: 0,
-        });
+        totals.push(UsageTotals::zero(None));
     }
     Ok(totals)
 }
@@ -175,8 +198,10 @@ pub struct LiveStats {
     pub requests_per_minute: f64,
     /// Tokens in the last 60 seconds.
     pub tokens_per_minute: f64,
-    /// Units used by every account in the current UTC month (the sum quotas draw on).
+    /// Token units used by every account in the current UTC month.
     pub units_this_month: i64,
+    /// Units of every kind used in the current UTC month, by kind.
+    pub units_this_month_by_kind: BTreeMap<UnitKind, i64>,
     pub requests_this_month: i64,
 }
 
@@ -188,9 +213,10 @@ pub async fn live_stats<C: GenericClient>(client: &C) -> Result<LiveStats, tokio
     // start comes as a parameter (date_trunc with a time zone would be
     // evaluated once per row). The month reads the all-accounts day totals:
     // at most 31 rows, where the per-account day rollups hold tens of thousands.
+    let month_start = month_start(SystemTime::now());
     let row = client
         .query_one(
-            "SELECT recent.requests, recent.tokens, month.units, month.requests
+            "SELECT recent.requests, recent.tokens, month.requests
              FROM (SELECT coalesce(sum(requests * w), 0)::float8 AS requests,
                           coalesce(sum(total_tokens * w), 0)::float8 AS tokens
                    FROM (SELECT requests, total_tokens,
@@ -200,18 +226,36 @@ pub async fn live_stats<C: GenericClient>(client: &C) -> Result<LiveStats, tokio
                          FROM usage_rollup_minute
                          WHERE bucket >= date_trunc('minute', now()) - interval '1 minute') AS weighted
                   ) AS recent,
-                  (SELECT coalesce(sum(units), 0)::int8 AS units,
-                          coalesce(sum(requests), 0)::int8 AS requests
+                  (SELECT coalesce(sum(requests), 0)::int8 AS requests
                    FROM usage_rollup_total_day
                    WHERE bucket >= $1) AS month",
-            &[&month_start(SystemTime::now())],
+            &[&month_start],
         )
         .await?;
+    let units_this_month_by_kind: BTreeMap<UnitKind, i64> = client
+        .query(
+            "SELECT unit_kind, sum(units)::int8 FROM usage_rollup_total_day
+             WHERE bucket >= $1 GROUP BY unit_kind",
+            &[&month_start],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            (
+                row.get::<_, &str>(0).parse().unwrap_or_default(),
+                row.get(1),
+            )
+        })
+        .collect();
     Ok(LiveStats {
         requests_per_minute: row.get(0),
         tokens_per_minute: row.get(1),
-        units_this_month: row.get(2),
-        requests_this_month: row.get(3),
+        units_this_month: units_this_month_by_kind
+            .get(&UnitKind::Tokens)
+            .copied()
+            .unwrap_or(0),
+        units_this_month_by_kind,
+        requests_this_month: row.get(2),
     })
 }
 
@@ -233,6 +277,7 @@ pub struct StoredEvent {
     pub counted_prompt_tokens: Option<i64>,
     pub counted_completion_tokens: Option<i64>,
     pub usage_source: String,
+    pub unit_kind: String,
     pub units: i64,
     pub latency_ms: i32,
     pub ttft_ms: Option<i32>,
@@ -243,7 +288,7 @@ pub const ACCOUNT_EVENTS: &str = "
     SELECT event_id, (extract(epoch FROM created_at) * 1000)::int8, request_id, key_id, model,
            backend, kind, status, prompt_tokens, completion_tokens, total_tokens,
            counted_prompt_tokens, counted_completion_tokens, usage_source, units,
-           latency_ms, ttft_ms
+           latency_ms, ttft_ms, unit_kind
     FROM usage_events
     WHERE account_id = $1 AND created_at >= $2 AND created_at < $3
     ORDER BY created_at DESC
@@ -278,6 +323,7 @@ pub async fn account_events<C: GenericClient>(
             counted_prompt_tokens: row.get(11),
             counted_completion_tokens: row.get(12),
             usage_source: row.get(13),
+            unit_kind: row.get(17),
             units: row.get(14),
             latency_ms: row.get(15),
             ttft_ms: row.get(16),

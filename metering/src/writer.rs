@@ -647,46 +647,47 @@ WITH inserted AS (
         event_id, created_at, request_id, account_id, key_id, tier, model, backend,
         kind, status, prompt_tokens, completion_tokens, total_tokens,
         counted_prompt_tokens, counted_completion_tokens, usage_source,
-        units, latency_ms, ttft_ms)
+        units, latency_ms, ttft_ms, unit_kind)
     SELECT * FROM unnest(
         $1::uuid[], $2::timestamptz[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::int8[],
         $13::int8[], $14::int8[], $15::int8[], $16::text[], $17::int8[], $18::int4[],
-        $19::int4[])
+        $19::int4[], $20::text[])
     ON CONFLICT DO NOTHING
-    RETURNING created_at, account_id, key_id, model, tier, status,
+    RETURNING created_at, account_id, key_id, model, tier, unit_kind, status,
               prompt_tokens, completion_tokens, total_tokens, units
 ), per_minute AS (
     SELECT date_trunc('minute', created_at) AS minute, account_id, key_id, model, tier,
-           count(*) AS requests,
+           unit_kind, count(*) AS requests,
            count(*) FILTER (WHERE status IN ('client_error', 'upstream_error', 'rejected')) AS failed,
            sum(prompt_tokens) AS prompt, sum(completion_tokens) AS completion,
            sum(total_tokens) AS total, sum(units) AS units
     FROM inserted
-    GROUP BY 1, 2, 3, 4, 5
+    GROUP BY 1, 2, 3, 4, 5, 6
 ), by_minute AS (
     INSERT INTO usage_rollup_minute AS r (
-        bucket, account_id, key_id, model, tier, requests, failed_requests,
+        bucket, account_id, key_id, model, tier, unit_kind, requests, failed_requests,
         prompt_tokens, completion_tokens, total_tokens, units)
     SELECT * FROM per_minute
-    ON CONFLICT (account_id, bucket, key_id, model, tier) {ADD_TO_ROLLUP}
+    ON CONFLICT (account_id, bucket, key_id, model, tier, unit_kind) {ADD_TO_ROLLUP}
 ), by_day AS (
     INSERT INTO usage_rollup_day AS r (
-        bucket, account_id, key_id, model, tier, requests, failed_requests,
+        bucket, account_id, key_id, model, tier, unit_kind, requests, failed_requests,
         prompt_tokens, completion_tokens, total_tokens, units)
-    SELECT date_trunc('day', minute, 'UTC'), account_id, key_id, model, tier, sum(requests),
-           sum(failed), sum(prompt), sum(completion), sum(total), sum(units)
+    SELECT date_trunc('day', minute, 'UTC'), account_id, key_id, model, tier, unit_kind,
+           sum(requests), sum(failed), sum(prompt), sum(completion), sum(total), sum(units)
     FROM per_minute
-    GROUP BY 1, 2, 3, 4, 5
-    ON CONFLICT (account_id, bucket, key_id, model, tier) {ADD_TO_ROLLUP}
+    GROUP BY 1, 2, 3, 4, 5, 6
+    ON CONFLICT (account_id, bucket, key_id, model, tier, unit_kind) {ADD_TO_ROLLUP}
 ), by_total AS (
     INSERT INTO usage_rollup_total_day AS r (
-        bucket, requests, failed_requests, prompt_tokens, completion_tokens, total_tokens, units)
-    SELECT date_trunc('day', minute, 'UTC'), sum(requests), sum(failed), sum(prompt),
-           sum(completion), sum(total), sum(units)
+        bucket, unit_kind, requests, failed_requests, prompt_tokens, completion_tokens,
+        total_tokens, units)
+    SELECT date_trunc('day', minute, 'UTC'), unit_kind, sum(requests), sum(failed),
+           sum(prompt), sum(completion), sum(total), sum(units)
     FROM per_minute
-    GROUP BY 1
-    ON CONFLICT (bucket) {ADD_TO_ROLLUP}
+    GROUP BY 1, 2
+    ON CONFLICT (bucket, unit_kind) {ADD_TO_ROLLUP}
 )
 SELECT count(*) FROM inserted"
     )
@@ -718,6 +719,7 @@ async fn insert_batch(
     let units = column(|e| clamp(e.units));
     let latency: Vec<i32> = events.iter().map(|e| clamp_ms(e.latency_ms)).collect();
     let ttft: Vec<Option<i32>> = events.iter().map(|e| e.ttft_ms.map(clamp_ms)).collect();
+    let unit_kinds: Vec<&str> = events.iter().map(|e| e.unit_kind.as_str()).collect();
     let row = client
         .query_one(
             &statement,
@@ -741,6 +743,7 @@ async fn insert_batch(
                 &units,
                 &latency,
                 &ttft,
+                &unit_kinds,
             ],
         )
         .await?;

@@ -17,6 +17,7 @@ use tollgate_metering::journal::Journal;
 use tollgate_metering::partitions;
 use tollgate_metering::report::{self, GroupBy};
 use tollgate_metering::spool::Spool;
+use tollgate_metering::units::UnitKind;
 use tollgate_metering::writer::{self, WriterConfig};
 use tollgate_testkit::TestDb;
 use uuid::Uuid;
@@ -54,6 +55,7 @@ fn event(account: Uuid, created_at: SystemTime, prompt: u64, completion: u64) ->
         counted_prompt_tokens: Some(prompt),
         counted_completion_tokens: None,
         usage_source: UsageSource::Backend,
+        unit_kind: UnitKind::Tokens,
         units: prompt + completion,
         latency_ms: 12,
         ttft_ms: Some(3),
@@ -131,6 +133,58 @@ async fn writing_the_same_events_twice_stores_and_counts_them_once() {
             "{table}"
         );
     }
+}
+
+/// Units of different kinds are stored with their kind and rolled up apart
+/// (an image is never added to tokens), and the reports total them by kind.
+#[tokio::test]
+async fn units_of_each_kind_are_rolled_up_apart() {
+    let db = TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path()).unwrap());
+    let account = Uuid::now_v7();
+    let image = |i| UsageEvent {
+        kind: Endpoint::ImageGenerations,
+        tokens: Tokens::default(),
+        counted_prompt_tokens: None,
+        usage_source: UsageSource::None,
+        unit_kind: UnitKind::Images,
+        units: 2,
+        ..event(account, at(MID_NOVEMBER + i), 0, 0)
+    };
+    let mut events: Vec<_> = (0..10).map(image).collect();
+    events.extend((0..5).map(|i| event(account, at(MID_NOVEMBER + i), 10, 5)));
+    write_all(&db.pool, spool, &events).await;
+    for table in [
+        "usage_rollup_minute",
+        "usage_rollup_day",
+        "usage_rollup_total_day",
+    ] {
+        let sql = format!(
+            "SELECT string_agg(unit_kind || '=' || requests || '/' || units, ',' ORDER BY unit_kind) \
+             FROM (SELECT unit_kind, sum(requests) AS requests, sum(units) AS units \
+                   FROM {table} GROUP BY 1) AS k"
+        );
+        let client = db.pool.get().await.unwrap();
+        let by_kind: String = client.query_one(&sql, &[]).await.unwrap().get(0);
+        assert_eq!(by_kind, "images=10/20,tokens=5/75", "{table}");
+    }
+    let client = db.pool.get().await.unwrap();
+    let totals = report::totals(
+        &client,
+        Some(account),
+        at(MID_NOVEMBER - 3600),
+        at(MID_NOVEMBER + 3600),
+        GroupBy::Total,
+    )
+    .await
+    .unwrap();
+    assert_eq!(totals.len(), 1);
+    assert_eq!((totals[0].requests, totals[0].units), (15, 75));
+    assert_eq!(
+        totals[0].units_by_kind,
+        [(UnitKind::Images, 20), (UnitKind::Tokens, 75)].into()
+    );
 }
 
 /// A prompt count handed to the writer (the check beside a backend's own

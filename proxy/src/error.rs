@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::json;
+use tollgate_metering::units::UnitKind;
 
 use crate::admission::limits::{Period, RateKind, Scope};
 
@@ -75,11 +76,12 @@ pub enum ApiError {
     )]
     TooManyConcurrent { limit: u64 },
     #[error(
-        "You exceeded your {} quota for this tier. It renews in {}.",
-        period_name(*period), seconds(*retry_after)
+        "You exceeded your {} {}quota for this tier. It renews in {}.",
+        period_name(*period), unit_name(*unit), seconds(*retry_after)
     )]
     InsufficientQuota {
         period: Period,
+        unit: UnitKind,
         retry_after: Duration,
     },
     #[error(
@@ -117,6 +119,15 @@ fn period_name(period: Period) -> &'static str {
     match period {
         Period::Month => "monthly",
         Period::Day => "daily",
+    }
+}
+
+/// The unit a quota counts, for messages: none for tokens (the quota most
+/// tiers have), else e.g. "images ".
+fn unit_name(unit: UnitKind) -> String {
+    match unit {
+        UnitKind::Tokens => String::new(),
+        other => format!("{} ", other.as_str().replace('_', " ")),
     }
 }
 

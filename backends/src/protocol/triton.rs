@@ -179,9 +179,9 @@ pub fn translate_request(
             }
         },
         Endpoint::Completions => completion_prompt(field(request, "prompt"))?,
-        Endpoint::Embeddings => {
+        Endpoint::Embeddings | Endpoint::ImageGenerations => {
             return Err(TranslateError::new(
-                "Embeddings are not served by a Triton generate backend.",
+                "Only chat and text completions are served by a Triton generate backend.",
                 "model",
             ));
         }

@@ -52,6 +52,9 @@ enum Slot {
     Error,
     /// The top-level `object`, which vLLM's older errors set to `"error"`.
     ObjectName,
+    /// The top-level `data` of an images (or embeddings) answer: an array
+    /// whose elements are counted, not read.
+    Data,
     Ignored,
 }
 
@@ -63,6 +66,7 @@ impl Slot {
             (Slot::Root, b"usage") => Slot::Usage,
             (Slot::Root, b"error") => Slot::Error,
             (Slot::Root, b"object") => Slot::ObjectName,
+            (Slot::Root, b"data") => Slot::Data,
             (Slot::Choice, b"message" | b"delta") => Slot::Message,
             (Slot::Choice, b"text") => Slot::Text,
             (Slot::Choice, b"index") => Slot::ChoiceIndex,
@@ -95,7 +99,7 @@ impl Slot {
     }
 
     fn is_array(self) -> bool {
-        matches!(self, Slot::Choices | Slot::ToolCalls)
+        matches!(self, Slot::Choices | Slot::ToolCalls | Slot::Data)
     }
 
     fn is_string(self) -> bool {
@@ -181,6 +185,8 @@ pub(super) struct Facts {
     pub error: bool,
     /// The answer's closing brace was read and nothing before it was malformed.
     pub complete: bool,
+    /// Elements of the top-level `data` array (images generated).
+    pub data_items: u64,
 }
 
 /// The incremental reader; see the module docs.
@@ -312,6 +318,9 @@ impl AnswerScanner {
     fn start_value(&mut self, slot: Slot, byte: u8) {
         if let Some(array) = self.path.last_mut().filter(|f| f.slot.is_array()) {
             array.elements = array.elements.saturating_add(1);
+            if array.slot == Slot::Data {
+                self.facts.data_items = self.facts.data_items.saturating_add(1);
+            }
         }
         if (slot.is_object() && byte == b'{') || (slot.is_array() && byte == b'[') {
             self.open(slot);

@@ -13,7 +13,7 @@
 //!   byte once; each complete event is read once, in place when it lies
 //!   inside one chunk; only the start of an event cut by a chunk boundary is
 //!   copied and held (at most [`MAX_EVENT_BYTES`]);
-//! - a JSON body (chat completion, completion, embeddings), read as it
+//! - a JSON body (chat completion, completion, embeddings, images), read as it
 //!   passes by [`json`]'s incremental reader, which keeps only the fields
 //!   metering needs: an answer of any size is read in constant memory, its
 //!   top-level `usage` is found wherever it sits, and a body cut short still
@@ -158,6 +158,8 @@ struct Findings {
     backend_error: bool,
     /// An SSE event over [`MAX_EVENT_BYTES`] passed through unread.
     oversize_event: bool,
+    /// Elements of a JSON answer's top-level `data` (images generated).
+    data_items: u64,
 }
 
 impl ResponseCapture {
@@ -223,6 +225,7 @@ impl ResponseCapture {
             self.findings.usage = facts.usage;
             self.findings.backend_error = facts.error;
             self.findings.completed = facts.complete;
+            self.findings.data_items = facts.data_items;
             return None;
         }
         let held = std::mem::take(&mut self.held);
@@ -233,6 +236,12 @@ impl ResponseCapture {
     /// backends that report usage on every chunk report running totals.
     pub fn usage(&self) -> Option<ReportedUsage> {
         self.findings.usage
+    }
+
+    /// How many elements a JSON answer's top-level `data` array held: the
+    /// images an images answer delivered (read without keeping them).
+    pub fn data_items(&self) -> u64 {
+        self.findings.data_items
     }
 
     /// The generated text, by choice.
@@ -529,6 +538,23 @@ mod tests {
                     "split at {at}, strip={strip}"
                 );
             }
+        }
+    }
+
+    /// An images answer's images are counted wherever the cut falls, without
+    /// keeping them; a `data` nested deeper is not the answer's.
+    #[test]
+    fn images_in_an_answer_are_counted_split_anywhere() {
+        let answer = r#"{"created":1,"data":[{"b64_json":"iVBO\"[{]}"},{"url":"http://x/1.png","meta":{"data":[1,2]}},{"b64_json":""}],"usage":null}"#;
+        let bytes = answer.as_bytes();
+        for at in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(at);
+            let mut capture = ResponseCapture::new(false, false);
+            capture.feed(a);
+            capture.feed(b);
+            capture.finish();
+            assert_eq!(capture.data_items(), 3, "split at {at}");
+            assert!(capture.completed());
         }
     }
 

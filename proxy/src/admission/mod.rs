@@ -45,6 +45,7 @@ use self::queue::{AdmissionQueue, PoolSnapshot, Shed, Slot};
 use tollgate_backends::fleet::controller::Demand;
 use tollgate_backends::fleet::policy::TierWait;
 use tollgate_metering::metric_names;
+use tollgate_metering::units::UnitKind;
 
 use crate::config::{AdmissionConfig, Config, TierConfig};
 use crate::error::ApiError;
@@ -56,7 +57,9 @@ struct Plan {
     /// Queue rank: the tier's place in priority order, lowest first.
     rank: usize,
     rates: Vec<RateRule>,
-    quota: QuotaRule,
+    /// The quota of each unit kind the tier limits (tokens' always, even
+    /// when it only carries `max_concurrent`).
+    quotas: HashMap<UnitKind, QuotaRule>,
 }
 
 impl Plan {
@@ -80,18 +83,34 @@ impl Plan {
                     })
                 })
                 .collect(),
-            quota: QuotaRule {
-                included_units: tier.included_units,
-                hard_cap: tier.hard_cap,
-                daily_cap: tier.daily_cap,
-                max_concurrent: tier.max_concurrent,
-            },
+            quotas: UnitKind::ALL
+                .into_iter()
+                .filter_map(|kind| Some((kind, tier.quota(kind)?)))
+                .map(|(kind, quota)| {
+                    let rule = QuotaRule {
+                        included_units: quota.included,
+                        hard_cap: quota.hard_cap,
+                        daily_cap: quota.daily_cap,
+                        max_concurrent: tier.max_concurrent,
+                    };
+                    (kind, rule)
+                })
+                .collect(),
         }
     }
 
-    /// Nothing to check or reserve: no round trip.
-    fn unlimited(&self) -> bool {
-        let q = &self.quota;
+    /// The quota on `kind`: only the concurrency limit for a kind the tier
+    /// does not limit.
+    fn quota(&self, kind: UnitKind) -> QuotaRule {
+        self.quotas.get(&kind).copied().unwrap_or(QuotaRule {
+            max_concurrent: self.tier.max_concurrent,
+            ..QuotaRule::default()
+        })
+    }
+
+    /// Nothing to check or reserve for work in `kind`: no round trip.
+    fn unlimited(&self, kind: UnitKind) -> bool {
+        let q = self.quota(kind);
         self.rates.is_empty()
             && q.included_units.is_none()
             && q.daily_cap.is_none()
@@ -105,16 +124,28 @@ impl Plan {
         self.caps_output() || self.rates.iter().any(|r| r.kind == RateKind::Tokens)
     }
 
-    /// A capped tier must not let the backend generate past the reservation.
+    /// A capped token quota must not let the backend generate past the
+    /// reservation.
     fn caps_output(&self) -> bool {
-        (self.quota.hard_cap && self.quota.included_units.is_some())
-            || self.quota.daily_cap.is_some()
+        let quota = self.quota(UnitKind::Tokens);
+        (quota.hard_cap && quota.included_units.is_some()) || quota.daily_cap.is_some()
     }
 }
 
 /// What a request may cost, known before it is forwarded.
 #[derive(Debug, Clone, Copy)]
-pub struct Estimate {
+pub enum Estimate {
+    /// Token-priced work: the prompt and what may be generated.
+    Tokens(TokenEstimate),
+    /// Work priced in another unit, whose quantity is known before it is
+    /// forwarded (`n` images, the input's characters, the audio's seconds):
+    /// reserved whole, since it cannot be shortened to fit a quota.
+    Units { kind: UnitKind, units: u64 },
+}
+
+/// What a token-priced request may cost.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenEstimate {
     pub prompt_tokens: u64,
     /// The request's `max_tokens` (`None`: the configured default).
     pub max_tokens: Option<u64>,
@@ -269,7 +300,61 @@ impl Admission {
         estimate: Estimate,
     ) -> Result<Option<Ticket>, Refusal> {
         let plan = self.plan(&key.tier)?;
-        if plan.unlimited() {
+        match estimate {
+            Estimate::Tokens(estimate) => {
+                self.check_tokens(plan, key, reservation_id, estimate).await
+            }
+            Estimate::Units { kind, units } => {
+                self.check_units(plan, key, reservation_id, kind, units)
+                    .await
+            }
+        }
+    }
+
+    /// [`Self::check`] for work priced in `kind`, `units` of it.
+    async fn check_units(
+        &self,
+        plan: &Plan,
+        key: &KeyRecord,
+        reservation_id: Uuid,
+        kind: UnitKind,
+        units: u64,
+    ) -> Result<Option<Ticket>, Refusal> {
+        if plan.unlimited(kind) {
+            return Ok(None);
+        }
+        let now = SystemTime::now();
+        let request = AdmitRequest {
+            reservation_id,
+            estimate_units: units,
+            // All of it or nothing: an image cannot be cut to fit.
+            min_units: units.max(1),
+            ..self.costing_nothing(plan, key, kind, now)
+        };
+        let (verdict, store) = self.ask(plan, &request).await?;
+        match verdict {
+            Verdict::Admitted {
+                reservation,
+                windows,
+            } => Ok(Some(Ticket {
+                reservation,
+                store,
+                windows,
+                send_max_tokens: None,
+            })),
+            refused => Err(self.refusal(plan, refused, now, key, kind)),
+        }
+    }
+
+    /// [`Self::check`] for token-priced work.
+    async fn check_tokens(
+        &self,
+        plan: &Plan,
+        key: &KeyRecord,
+        reservation_id: Uuid,
+        estimate: TokenEstimate,
+    ) -> Result<Option<Ticket>, Refusal> {
+        if plan.unlimited(UnitKind::Tokens) {
             return Ok(None);
         }
         let sequences = estimate.sequences.max(1);
@@ -306,7 +391,7 @@ impl Admission {
             // The prompt and a token per choice: a capped quota with less room
             // refuses; with more, the answer is shortened to fit.
             min_units: units(estimate.prompt_tokens.saturating_add(least), per_unit),
-            ..self.costing_nothing(plan, key, now)
+            ..self.costing_nothing(plan, key, UnitKind::Tokens, now)
         };
         let (verdict, store) = self.ask(plan, &request).await?;
         match verdict {
@@ -333,7 +418,7 @@ impl Admission {
                     send_max_tokens,
                 }))
             }
-            refused => Err(self.refusal(plan, refused, now, key)),
+            refused => Err(self.refusal(plan, refused, now, key, UnitKind::Tokens)),
         }
     }
 
@@ -344,34 +429,41 @@ impl Admission {
     /// real once the count is known.
     pub async fn precheck(&self, key: &KeyRecord) -> Result<(), Refusal> {
         let plan = self.plan(&key.tier)?;
-        if plan.unlimited() {
+        if plan.unlimited(UnitKind::Tokens) {
             return Ok(());
         }
         let now = SystemTime::now();
         let request = AdmitRequest {
             dry_run: true,
-            ..self.costing_nothing(plan, key, now)
+            ..self.costing_nothing(plan, key, UnitKind::Tokens, now)
         };
         let (verdict, _) = self.ask(plan, &request).await?;
         match verdict {
             Verdict::Admitted { .. } => Ok(()),
-            refused => Err(self.refusal(plan, refused, now, key)),
+            refused => Err(self.refusal(plan, refused, now, key, UnitKind::Tokens)),
         }
     }
 
-    /// An admission of `key` on `plan` at `now` that costs nothing and needs
-    /// one unit of room: callers set what theirs costs.
-    fn costing_nothing(&self, plan: &Plan, key: &KeyRecord, now: SystemTime) -> AdmitRequest {
+    /// An admission of `key` on `plan` at `now`, against its quota in
+    /// `kind`, that costs nothing and needs one unit of room: callers set
+    /// what theirs costs.
+    fn costing_nothing(
+        &self,
+        plan: &Plan,
+        key: &KeyRecord,
+        kind: UnitKind,
+        now: SystemTime,
+    ) -> AdmitRequest {
         AdmitRequest {
             account: key.account_id,
             key: key.key_id,
             reservation_id: Uuid::nil(),
             rates: plan.rates.clone(),
-            quota: plan.quota,
+            quota: plan.quota(kind),
             estimate_tokens: 0,
             estimate_units: 0,
             min_units: 1,
-            periods: periods::periods(now, key.billing_period),
+            periods: periods::periods(now, key.billing_period).of_unit(kind),
             reservation_ttl: self.config.reservation_ttl,
             dry_run: false,
         }
@@ -390,7 +482,14 @@ impl Admission {
     }
 
     /// The answer to a verdict that refused.
-    fn refusal(&self, plan: &Plan, verdict: Verdict, now: SystemTime, key: &KeyRecord) -> Refusal {
+    fn refusal(
+        &self,
+        plan: &Plan,
+        verdict: Verdict,
+        now: SystemTime,
+        key: &KeyRecord,
+        unit: UnitKind,
+    ) -> Refusal {
         match verdict {
             Verdict::Admitted { .. } => {
                 // Not a refusal: never passed here.
@@ -432,6 +531,7 @@ impl Admission {
                     reason,
                     ApiError::InsufficientQuota {
                         period,
+                        unit,
                         retry_after,
                     },
                 )

@@ -37,7 +37,7 @@ const CALENDAR_UNITS: &str = "\
            SUM(r.units)::bigint, \
            COALESCE(SUM(r.units) FILTER (WHERE r.bucket >= $2), 0)::bigint \
     FROM usage_rollup_day r JOIN accounts a ON a.id = r.account_id AND a.tier = r.tier \
-    WHERE r.bucket >= $1 GROUP BY r.account_id";
+    WHERE r.bucket >= $1 AND r.unit_kind = 'tokens' GROUP BY r.account_id";
 
 /// The current period of the subscription that grants each account its tier
 /// (`accounts.billing_subscription_id`, as in the key lookup).
@@ -53,9 +53,10 @@ const UNITS_SINCE: &str = "\
     SELECT p.account_id, \
            (COALESCE((SELECT SUM(units) FROM usage_rollup_minute m \
                       WHERE m.account_id = p.account_id AND m.bucket >= p.start \
-                        AND m.bucket < p.midnight), 0) \
+                        AND m.bucket < p.midnight AND m.unit_kind = 'tokens'), 0) \
           + COALESCE((SELECT SUM(units) FROM usage_rollup_day d \
-                      WHERE d.account_id = p.account_id AND d.bucket >= p.midnight), 0))::bigint \
+                      WHERE d.account_id = p.account_id AND d.bucket >= p.midnight \
+                        AND d.unit_kind = 'tokens'), 0))::bigint \
     FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS p(account_id, start, midnight)";
 
 /// What one reconciliation did.

@@ -3,10 +3,11 @@
 //! (`max_queue_wait_secs = 30`); those keys are still read
 //! ([`super::renamed`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tollgate_metering::units::UnitKind;
 
 use super::{ConfigError, HumanDuration, Name, defaults, invalid, renamed};
 
@@ -35,6 +36,33 @@ pub(super) struct RawTier {
     stripe_price_lookup_key: Option<String>,
     stripe_overage_lookup_key: Option<String>,
     tokens_per_unit: Option<u64>,
+    /// Quotas in units other than tokens (`[tiers.units.images]`).
+    #[serde(default)]
+    units: BTreeMap<UnitKind, RawUnitQuota>,
+}
+
+/// `[tiers.units.<kind>]`: the quota and overage of one unit kind.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnitQuota {
+    included: Option<u64>,
+    daily_cap: Option<u64>,
+    hard_cap: Option<bool>,
+    overage_price: Option<f64>,
+}
+
+/// A tier's quota in a unit kind other than tokens (the token quota is the
+/// tier's own `included_units`, `daily_cap`, `hard_cap`, `overage_price`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UnitQuota {
+    /// Units included per billing period.
+    pub included: Option<u64>,
+    /// Units per UTC day, always a hard limit.
+    pub daily_cap: Option<u64>,
+    /// Refuse requests once `included` are spent; otherwise bill overage.
+    pub hard_cap: bool,
+    /// USD per unit past `included`.
+    pub overage_price: Option<f64>,
 }
 
 /// A tier: its place in the queue, its limits and its quota. `None` is unlimited.
@@ -74,12 +102,32 @@ pub struct TierConfig {
     /// Tokens (prompt plus completion) in one unit; each request's units are
     /// rounded up. 1 unless set (here, or per model in `[metering]`).
     pub tokens_per_unit: u64,
+    /// Quotas in other unit kinds; a kind not listed is metered, not limited.
+    pub unit_quotas: BTreeMap<UnitKind, UnitQuota>,
 }
 
 impl TierConfig {
     /// Free tiers (no price at all) fail closed when Redis is down.
     pub fn is_paid(&self) -> bool {
-        self.monthly_price > 0.0 || self.overage_price.is_some_and(|p| p > 0.0)
+        self.monthly_price > 0.0
+            || self.overage_price.is_some_and(|p| p > 0.0)
+            || self
+                .unit_quotas
+                .values()
+                .any(|q| q.overage_price.is_some_and(|p| p > 0.0))
+    }
+
+    /// The tier's quota in `kind`, `None` when that kind is not limited.
+    pub fn quota(&self, kind: UnitKind) -> Option<UnitQuota> {
+        if kind != UnitKind::Tokens {
+            return self.unit_quotas.get(&kind).copied();
+        }
+        Some(UnitQuota {
+            included: self.included_units,
+            daily_cap: self.daily_cap,
+            hard_cap: self.hard_cap,
+            overage_price: self.overage_price,
+        })
     }
 }
 
@@ -112,6 +160,32 @@ fn wait(
         Some(Some(wait)) => Ok(Some(wait)),
         Some(None) => Err(invalid(used, "must be a number of seconds, 0 or more")),
     }
+}
+
+fn check_price(key: String, price: Option<f64>) -> Result<(), ConfigError> {
+    match price {
+        Some(p) if !p.is_finite() || p < 0.0 => {
+            Err(invalid(key, "must be a price in USD, 0 or more"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A quota's `hard_cap`: unset, it is capped unless it has an overage price.
+fn quota_hard_cap(
+    key: &dyn Fn(&str) -> String,
+    hard_cap: Option<bool>,
+    overage_price: Option<f64>,
+) -> Result<bool, ConfigError> {
+    check_price(key("overage_price"), overage_price)?;
+    let hard_cap = hard_cap.unwrap_or(overage_price.is_none());
+    if hard_cap && overage_price.is_some() {
+        return Err(invalid(
+            key("overage_price"),
+            "a hard-capped quota has no overage: remove overage_price or set hard_cap = false",
+        ));
+    }
+    Ok(hard_cap)
 }
 
 pub(super) fn validate(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError> {
@@ -152,22 +226,27 @@ pub(super) fn validate(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError
                 "must be at least 1 (leave it out for no limit)",
             ));
         }
-        let prices = [
-            ("overage_price", tier.overage_price),
-            ("monthly_price", tier.monthly_price),
-        ];
-        if let Some((field, _)) = prices
-            .iter()
-            .find(|(_, p)| p.is_some_and(|p| !p.is_finite() || p < 0.0))
-        {
-            return Err(invalid(key(field), "must be a price in USD, 0 or more"));
-        }
-        let hard_cap = tier.hard_cap.unwrap_or(tier.overage_price.is_none());
-        if hard_cap && tier.overage_price.is_some() {
-            return Err(invalid(
-                key("overage_price"),
-                "a hard-capped tier has no overage: remove overage_price or set hard_cap = false",
-            ));
+        check_price(key("monthly_price"), tier.monthly_price)?;
+        let hard_cap = quota_hard_cap(&key, tier.hard_cap, tier.overage_price)?;
+        let mut unit_quotas = BTreeMap::new();
+        for (kind, quota) in tier.units {
+            let key = |field: &str| format!("tiers[{i}].units.{kind}.{field}");
+            if kind == UnitKind::Tokens {
+                return Err(invalid(
+                    format!("tiers[{i}].units.tokens"),
+                    "the token quota is the tier's own included_units, daily_cap, hard_cap and overage_price",
+                ));
+            }
+            let hard_cap = quota_hard_cap(&key, quota.hard_cap, quota.overage_price)?;
+            unit_quotas.insert(
+                kind,
+                UnitQuota {
+                    included: quota.included,
+                    daily_cap: quota.daily_cap,
+                    hard_cap,
+                    overage_price: quota.overage_price,
+                },
+            );
         }
         let mut config = TierConfig {
             name: tier.name.into_string(),
@@ -198,6 +277,7 @@ pub(super) fn validate(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError
                 }
                 Some(tokens) => tokens,
             },
+            unit_quotas,
         };
         if config.stripe_overage_lookup_key.is_some()
             && (config.hard_cap || config.overage_price.is_none())
@@ -258,6 +338,15 @@ mod tests {
             ("max_queue_wait_secs = -1", "tiers[1].max_queue_wait_secs"),
             ("max_queue_wait = \"-1s\"", "tiers[1].max_queue_wait"),
             ("priority = 0", "tiers[1].priority"),
+            (
+                "[tiers.units.images]\noverage_price = 0.02\nhard_cap = true",
+                "tiers[1].units.images.overage_price",
+            ),
+            (
+                "[tiers.units.tokens]\nincluded = 5",
+                "tiers[1].units.tokens",
+            ),
+            ("[tiers.units.pixels]\nincluded = 5", "pixels"),
             ("tokens_per_unit = 0", "tiers[1].tokens_per_unit"),
             (
                 "hard_cap = false\nstripe_overage_lookup_key = \"pro_overage\"",

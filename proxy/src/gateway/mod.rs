@@ -56,7 +56,7 @@ use self::routes::Route;
 use self::triton::TritonCall;
 use crate::admission::headers::{rate_limit_headers, retry_after};
 use crate::admission::queue::Slot;
-use crate::admission::{Admission, Estimate, Refusal};
+use crate::admission::{Admission, Estimate, Refusal, TokenEstimate};
 use crate::billing::{BillingSessions, StripeWebhooks};
 use crate::config::UpstreamTimeouts;
 use crate::error::ApiError;
@@ -204,7 +204,7 @@ impl Gateway {
                 .count_prompt(usage, request, route.encoding)
                 .await;
         }
-        let estimate = Estimate {
+        let estimate = Estimate::Tokens(TokenEstimate {
             // Without local counting, a rough prompt size; settlement corrects it.
             prompt_tokens: usage
                 .counted_prompt()
@@ -213,7 +213,7 @@ impl Gateway {
             sequences: request.sequences,
             generates: request.endpoint.generates(),
             tokens_per_unit,
-        };
+        });
         match self.admission.check(&key, usage.event_id, estimate).await {
             Ok(Some(granted)) => {
                 ctx.rate_windows = granted.windows;

@@ -18,7 +18,7 @@ use crate::error::ApiError;
 fn input_field(endpoint: Endpoint) -> &'static str {
     match endpoint {
         Endpoint::ChatCompletions => "messages",
-        Endpoint::Completions => "prompt",
+        Endpoint::Completions | Endpoint::ImageGenerations => "prompt",
         Endpoint::Embeddings => "input",
     }
 }
@@ -209,7 +209,7 @@ impl<'a> Fields<'a> {
     fn input(&self, endpoint: Endpoint) -> Option<&'a RawValue> {
         match endpoint {
             Endpoint::ChatCompletions => self.messages,
-            Endpoint::Completions => self.prompt,
+            Endpoint::Completions | Endpoint::ImageGenerations => self.prompt,
             Endpoint::Embeddings => self.input,
         }
     }
@@ -276,7 +276,7 @@ fn completion_limit(endpoint: Endpoint, fields: &Fields<'_>) -> Result<Option<u6
     Ok(match endpoint {
         Endpoint::ChatCompletions => completion.or(legacy),
         Endpoint::Completions => legacy,
-        Endpoint::Embeddings => None,
+        Endpoint::Embeddings | Endpoint::ImageGenerations => None,
     })
 }
 
@@ -475,7 +475,7 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
     }
     let prompts = match endpoint {
         Endpoint::Completions => completion_prompts(input)?,
-        Endpoint::ChatCompletions | Endpoint::Embeddings => 1,
+        Endpoint::ChatCompletions | Endpoint::Embeddings | Endpoint::ImageGenerations => 1,
     };
     // Every prompt gets every choice: the reservation covers all of them.
     let sequences = choices.checked_mul(prompts).ok_or_else(|| {

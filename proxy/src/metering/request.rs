@@ -15,6 +15,7 @@ use serde_json::Value;
 use tollgate_metering::capture::{ResponseCapture, Texts};
 use tollgate_metering::event::{Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::tokens::{Encoding, EncodingMap, PromptCounter};
+use tollgate_metering::units::UnitKind;
 use tollgate_metering::writer::{PromptCount, UsageSink};
 use uuid::Uuid;
 
@@ -339,6 +340,7 @@ impl Metering {
             counted_prompt_tokens: counted_prompt,
             counted_completion_tokens: counted_completion,
             usage_source: source,
+            unit_kind: UnitKind::Tokens,
             units,
             latency_ms: elapsed(done.started),
             ttft_ms,
@@ -442,6 +444,8 @@ fn count_prompt(counter: &PromptCounter, endpoint: Endpoint, json: &Value) -> us
         Endpoint::Embeddings => {
             counter.count_embedding_input(json.get("input").unwrap_or(&Value::Null))
         }
+        // Billed per image, not per token.
+        Endpoint::ImageGenerations => 0,
     }
 }
 

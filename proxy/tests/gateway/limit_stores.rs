@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::{Builder, Client, ClientLike, Config, KeysInterface};
 use tokio::task::JoinSet;
+use tollgate_metering::units::UnitKind;
 use tollgate_testkit::eventually;
 use uuid::Uuid;
 
@@ -66,6 +67,7 @@ on_both_stores!(
     reconcile_raises_used_but_never_lowers_it,
     concurrent_admissions_never_pass_a_hard_cap,
     a_dry_run_refuses_like_an_admission_and_changes_nothing,
+    quotas_of_two_unit_kinds_are_counted_apart,
 );
 
 async fn on_local<F, Fut>(scenario: F)
@@ -491,6 +493,40 @@ async fn daily_cap_refuses_with_the_day_and_the_month_is_checked_first(store: St
     ));
     let state = account.state().await;
     assert_eq!((state.day_reserved, state.in_progress), (20, 2));
+}
+
+/// Regression: the local store forgot a kind's counters when an admission
+/// in another kind moved the account's current periods.
+async fn quotas_of_two_unit_kinds_are_counted_apart(store: Store) {
+    let account = Account::new(&store).await;
+    let images = periods().of_unit(UnitKind::Images);
+    store
+        .restore(account.id, &images, &Snapshot::default())
+        .await
+        .unwrap();
+    let key = Uuid::now_v7();
+    let daily = QuotaRule {
+        daily_cap: Some(5),
+        ..QuotaRule::default()
+    };
+    let in_images = |units| AdmitRequest {
+        periods: images.clone(),
+        ..account.request(key, &[], daily, units, 0)
+    };
+    let (spent, _) = admitted(store.admit(&in_images(5)).await.unwrap());
+    account.settle(&spent, 5, 0).await;
+    // Tokens have counters of their own: the images spent leave them whole.
+    let (tokens, _) = admitted(account.admit(key, &[], daily, 5, 0).await);
+    account.settle(&tokens, 5, 0).await;
+    assert!(matches!(
+        store.admit(&in_images(1)).await.unwrap(),
+        Verdict::QuotaExhausted {
+            period: Period::Day
+        }
+    ));
+    let in_images = store.quota_state(account.id, &images).await.unwrap();
+    assert_eq!((in_images.day_used, in_images.month_used), (5, 5));
+    assert_eq!(account.state().await.day_used, 5);
 }
 
 async fn max_concurrent_refuses_until_a_reservation_is_settled(store: Store) {

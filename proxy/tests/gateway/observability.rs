@@ -102,12 +102,16 @@ async fn request_metrics_have_bounded_labels_and_match_the_requests() {
         ("endpoint", "chat_completions"),
     ];
     // The configured tiers and models are exported from zero: 2 tiers x 1
-    // model x 3 endpoints x 3 status classes, one of which counted.
+    // model x every endpoint x 3 status classes, one of which counted.
     let (counted, zero): (Vec<Sample>, Vec<Sample>) = samples(metrics, "tollgate_requests_total")
         .await
         .into_iter()
         .partition(|(_, value)| *value > 0.0);
-    assert_eq!(zero.len(), 2 * 3 * 3 - 1, "{zero:?}");
+    assert_eq!(
+        zero.len(),
+        2 * tollgate_metering::endpoint::Endpoint::ALL.len() * 3 - 1,
+        "{zero:?}"
+    );
     assert!(
         zero.iter()
             .all(|(labels, _)| labels["model"] == "sim-model")

@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::{
     AdmitRequest, HeldReservation, LimitStore, Period, Periods, QuotaState, RateKind, RateRule,
-    Reservation, Scope, Settlement, Snapshot, StoreError, Verdict, gcra,
+    Reservation, Scope, Settlement, Snapshot, StoreError, Verdict, gcra, period_of,
 };
 
 /// Maps are swept when they have doubled since the last sweep, and never
@@ -244,14 +244,16 @@ impl Account {
 
     /// Forgets counters that no admission reads again: other periods' once
     /// nothing is reserved in them, and zeros (a missing counter is zero).
+    /// The current period's counters of every unit kind are kept.
     fn keep_only(&mut self, periods: &Periods) {
         let keep = |current: bool, counter: &Counter| {
             counter.reserved > 0 || (current && counter.used > 0)
         };
+        let (month, day) = (period_of(&periods.month), period_of(&periods.day));
         self.months
-            .retain(|month, counter| keep(*month == periods.month, counter));
+            .retain(|name, counter| keep(period_of(name) == month, counter));
         self.days
-            .retain(|day, counter| keep(*day == periods.day, counter));
+            .retain(|name, counter| keep(period_of(name) == day, counter));
     }
 
     fn is_empty(&self) -> bool {

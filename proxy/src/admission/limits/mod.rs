@@ -16,8 +16,8 @@
 //! - **Concurrency**: an account holds one live reservation per admitted
 //!   request until it is settled (or lapses after `reservation_ttl`); with
 //!   `max_concurrent` set, a request is refused while the account holds that many.
-//! - **Quotas** are reserve-then-settle per account and period (UTC month
-//!   and day). A request reserves `estimate_units`, or with a hard cap (month)
+//! - **Quotas** are reserve-then-settle per account, unit kind and period
+//!   (UTC month and day; see [`Periods::of_unit`]). A request reserves `estimate_units`, or with a hard cap (month)
 //!   or a daily cap only the room left under it, `cap - used - reserved`; it
 //!   is refused when that room is below `min_units` (the prompt and one
 //!   token per choice). The reservation says how many units were granted, so
@@ -52,6 +52,7 @@ pub mod redis;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tollgate_metering::units::UnitKind;
 use uuid::Uuid;
 
 /// Whose budget a rule spends.
@@ -89,11 +90,32 @@ pub struct QuotaRule {
     pub max_concurrent: Option<u64>,
 }
 
-/// The quota periods a request falls in, e.g. `2026-11` and `2026-11-23`.
+/// The quota periods a request falls in, e.g. `2026-11` and `2026-11-23`;
+/// for a quota in a unit kind other than tokens the kind follows a dot
+/// (`2026-11.images`), so each kind has its own counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Periods {
     pub month: String,
     pub day: String,
+}
+
+impl Periods {
+    /// The periods of the quota in `kind`. Tokens keep the bare names their
+    /// counters always had.
+    pub fn of_unit(self, kind: UnitKind) -> Self {
+        if kind == UnitKind::Tokens {
+            return self;
+        }
+        Self {
+            month: format!("{}.{kind}", self.month),
+            day: format!("{}.{kind}", self.day),
+        }
+    }
+}
+
+/// The period a counter's name is in, without its unit kind.
+pub fn period_of(name: &str) -> &str {
+    name.split_once('.').map_or(name, |(period, _)| period)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
