@@ -515,6 +515,8 @@ mod dashboards;
 mod fleet;
 #[path = "gateway/hostile.rs"]
 mod hostile;
+#[path = "gateway/images.rs"]
+mod images;
 #[path = "gateway/limit_stores.rs"]
 mod limit_stores;
 #[path = "gateway/metering.rs"]
@@ -1435,6 +1437,7 @@ async fn official_openai_sdks_work_unchanged() {
             .env("TOLLGATE_BASE_URL", &gateway.url)
             .env("TOLLGATE_KEY", &key)
             .env("TOLLGATE_MODEL", "sim-model")
+            .env("TOLLGATE_DIRECT_URL", &sim.url)
             .output()
             .unwrap_or_else(|e| {
                 panic!(

@@ -132,6 +132,20 @@ impl Engine {
         })
     }
 
+    /// For work that is not token generation (an image): checks the model,
+    /// draws the request's injected error and waits for a batch slot.
+    pub async fn hold_slot(&self, model: &str) -> Result<Slot, SimError> {
+        let metrics = self
+            .metrics
+            .model(model)
+            .ok_or_else(|| SimError::UnknownModel(model.to_owned()))?;
+        let draw = self.options.seed ^ self.sequence.fetch_add(1, Ordering::Relaxed);
+        if unit_interval(draw ^ ERROR_DRAW) < self.options.error_rate {
+            return Err(SimError::Injected);
+        }
+        self.admit(metrics).await
+    }
+
     /// Waits for a batch slot, counted as waiting meanwhile.
     async fn admit(&self, metrics: &ModelMetrics) -> Result<Slot, SimError> {
         let waiting = WaitingGuard::new(metrics);

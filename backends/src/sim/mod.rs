@@ -52,6 +52,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/images/generations", post(openai::images_generations))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&engine),
             require_api_key,
@@ -61,6 +62,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/metrics", get(metrics))
         .route("/sim/fail", post(fail))
         .route("/sim/recover", post(recover))
+        .route("/sim/images/{name}", get(openai::image_file))
         .merge(openai)
         .route("/v2/health/live", get(triton::live))
         .route("/v2/health/ready", get(triton::ready))

@@ -61,6 +61,11 @@ pub struct SimOptions {
     #[arg(long, default_value_t = 0.0, value_name = "P", value_parser = probability)]
     pub abort_mid_stream_rate: f64,
 
+    /// Time to generate one image (`/v1/images/generations`), held in a
+    /// batch slot; a request for `n` images takes `n` times as long.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub ms_per_image: u64,
+
     /// Omit `usage` from answers, as backends that do not report it do.
     #[arg(long)]
     pub no_usage: bool,

@@ -1,5 +1,6 @@
-//! `[metering]`: token counting (encodings, unit sizes, image tokens) and the
-//! usage writer (channel, batches, journal, rollup retention).
+//! `[metering]`: token counting (encodings, unit sizes, image tokens), what
+//! a generated image costs, and the usage writer (channel, batches, journal,
+//! rollup retention).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -35,6 +36,36 @@ pub(super) struct RawMetering {
     journal_sync_interval: Option<HumanDuration>,
     rollup_retention: Option<HumanDuration>,
     minute_rollup_retention: Option<HumanDuration>,
+    #[serde(default)]
+    image_weights: RawImageWeights,
+}
+
+/// `[metering.image_weights]`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImageWeights {
+    #[serde(default)]
+    size: HashMap<String, u64>,
+    #[serde(default)]
+    quality: HashMap<String, u64>,
+}
+
+/// What one image costs in `images` units: its size's weight times its
+/// quality's (the price book's "a 1792x1024 image is two"); 1 for a size or
+/// quality not listed, or not sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageWeights {
+    pub size: HashMap<String, u64>,
+    pub quality: HashMap<String, u64>,
+}
+
+impl ImageWeights {
+    pub fn units_per_image(&self, size: Option<&str>, quality: Option<&str>) -> u64 {
+        let weight = |table: &HashMap<String, u64>, key: Option<&str>| {
+            key.and_then(|k| table.get(k)).copied().unwrap_or(1)
+        };
+        weight(&self.size, size).saturating_mul(weight(&self.quality, quality))
+    }
 }
 
 /// `[metering]`: token counting and the usage writer.
@@ -65,6 +96,8 @@ pub struct MeteringConfig {
     pub rollup_retention: Duration,
     /// How long minute rollups are kept (minute precision at a period's edges).
     pub minute_rollup_retention: Duration,
+    /// Units per image by size and quality.
+    pub image_weights: ImageWeights,
 }
 
 pub(super) fn validate(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, ConfigError> {
@@ -90,6 +123,17 @@ pub(super) fn validate(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, 
             ));
         }
         tokens_per_unit.insert(model, tokens);
+    }
+    for (table, weights) in [
+        ("size", &m.image_weights.size),
+        ("quality", &m.image_weights.quality),
+    ] {
+        if let Some(key) = weights.iter().find(|(_, w)| **w == 0).map(|(k, _)| k) {
+            return Err(invalid(
+                format!("metering.image_weights.{table}.\"{key}\""),
+                "must be at least 1 (images units one image costs)",
+            ));
+        }
     }
     let tolerance = m
         .usage_mismatch_tolerance
@@ -136,6 +180,10 @@ pub(super) fn validate(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, 
             m.minute_rollup_retention,
             defaults::MINUTE_ROLLUP_RETENTION,
         ),
+        image_weights: ImageWeights {
+            size: m.image_weights.size,
+            quality: m.image_weights.quality,
+        },
     };
     if metering.writer.flush_interval.is_zero() || metering.writer.write_timeout.is_zero() {
         return Err(invalid(

@@ -52,7 +52,7 @@ pub use self::billing::{BillingConfig, StripeConfig};
 pub use self::database::DatabaseConfig;
 pub use self::fleet::FleetConfig;
 pub use self::keys::KeyCacheConfig;
-pub use self::metering::MeteringConfig;
+pub use self::metering::{ImageWeights, MeteringConfig};
 pub use self::name::Name;
 pub use self::redis::RedisConfig;
 pub use self::routing::RoutingConfig;
@@ -438,6 +438,7 @@ mod tests {
 
     use super::testing::{MINIMAL, MapEnv, error, no_env, parse};
     use super::*;
+    use tollgate_metering::units::UnitKind;
 
     #[test]
     fn minimal_config_gets_documented_defaults() {
@@ -593,6 +594,27 @@ mod tests {
         assert_eq!(names, ["free", "premium", "pro", "enterprise"]);
         assert_eq!(hybrid.tiers[0].daily_cap, Some(20));
         assert_eq!(hybrid.tiers[2].max_queue_wait, Duration::from_secs(30));
+
+        let images = plan("images");
+        let quotas: Vec<_> = images
+            .tiers
+            .iter()
+            .map(|t| {
+                let q = t.quota(UnitKind::Images).unwrap();
+                (t.name.as_str(), q.included, q.daily_cap, q.overage_price)
+            })
+            .collect();
+        assert_eq!(
+            quotas,
+            [
+                ("free", Some(50), Some(20), None),
+                ("starter", Some(500), None, Some(0.025)),
+                ("creator", Some(2000), None, Some(0.018)),
+                ("studio", Some(10000), None, Some(0.012)),
+            ]
+        );
+        assert!(images.tiers[0].quota(UnitKind::Images).unwrap().hard_cap);
+        assert!(!images.tiers[0].is_paid() && images.tiers[1].is_paid());
     }
 
     #[test]

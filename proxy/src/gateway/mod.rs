@@ -47,6 +47,7 @@ use serde_json::json;
 use tollgate_backends::balance::RequestFacts;
 use tollgate_backends::protocol::Protocol;
 use tollgate_backends::routing::{Outcome, UpstreamSelector};
+use tollgate_metering::units::UnitKind;
 
 use self::context::{InFlight, Inference, RequestContext};
 use self::metrics::{Observation, RequestMetrics};
@@ -188,10 +189,13 @@ impl Gateway {
             tokens_per_unit,
             ticket: None,
         });
+        let unit_kind = request.endpoint.unit_kind();
         // The prompt is counted before forwarding only when something needs
         // the count then (a limit reserving tokens, a Triton backend's
         // usage); otherwise the writer counts it beside the backend's figure.
-        if route.counts_prompt_first || self.admission.needs_prompt_tokens(&key.tier) {
+        if unit_kind == UnitKind::Tokens
+            && (route.counts_prompt_first || self.admission.needs_prompt_tokens(&key.tier))
+        {
             // A key throttled by a rule that needs no token count is refused
             // before its prompt keeps a CPU busy.
             if self.metering.counting_is_costly(request)
@@ -204,16 +208,22 @@ impl Gateway {
                 .count_prompt(usage, request, route.encoding)
                 .await;
         }
-        let estimate = Estimate::Tokens(TokenEstimate {
-            // Without local counting, a rough prompt size; settlement corrects it.
-            prompt_tokens: usage
-                .counted_prompt()
-                .unwrap_or(request.upstream_body.len() as u64 / 4),
-            max_tokens: request.max_tokens,
-            sequences: request.sequences,
-            generates: request.endpoint.generates(),
-            tokens_per_unit,
-        });
+        let estimate = match unit_kind {
+            UnitKind::Tokens => Estimate::Tokens(TokenEstimate {
+                // Without local counting, a rough prompt size; settlement corrects it.
+                prompt_tokens: usage
+                    .counted_prompt()
+                    .unwrap_or(request.upstream_body.len() as u64 / 4),
+                max_tokens: request.max_tokens,
+                sequences: request.sequences,
+                generates: request.endpoint.generates(),
+                tokens_per_unit,
+            }),
+            kind => Estimate::Units {
+                kind,
+                units: self.metering.units_asked(request),
+            },
+        };
         match self.admission.check(&key, usage.event_id, estimate).await {
             Ok(Some(granted)) => {
                 ctx.rate_windows = granted.windows;

@@ -58,6 +58,8 @@ pub struct InferenceRequest {
     /// The body sent upstream: the client's bytes, unless the proxy had to
     /// change them (then written once, by [`Self::seal_body`]).
     pub upstream_body: Bytes,
+    /// An images request's `size` and `quality`, which weigh its units.
+    pub image: ImageOptions,
     /// The client's `stream_options`, raw (`None` when absent or null).
     stream_options: Option<Box<RawValue>>,
     /// The client sent `max_completion_tokens` (a cap is written there too).
@@ -67,6 +69,13 @@ pub struct InferenceRequest {
     /// The body parsed whole, on first need ([`Self::json`]): the gateway
     /// decides on a few fields, so most requests are never parsed this far.
     parsed: Option<Value>,
+}
+
+/// What an images request asks for beyond `n` (empty for other endpoints).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ImageOptions {
+    pub size: Option<String>,
+    pub quality: Option<String>,
 }
 
 /// What the gateway changes in a body before it goes upstream.
@@ -203,6 +212,10 @@ struct Fields<'a> {
     n: Option<&'a RawValue>,
     #[serde(borrow)]
     best_of: Option<&'a RawValue>,
+    #[serde(borrow)]
+    size: Option<&'a RawValue>,
+    #[serde(borrow)]
+    quality: Option<&'a RawValue>,
 }
 
 impl<'a> Fields<'a> {
@@ -452,15 +465,39 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
             ));
         }
     };
-    if stream && endpoint == Endpoint::Embeddings {
-        return Err(ApiError::bad_request(
-            "Embeddings cannot be streamed.",
-            Some("stream"),
-        ));
+    match endpoint {
+        Endpoint::Embeddings if stream => {
+            return Err(ApiError::bad_request(
+                "Embeddings cannot be streamed.",
+                Some("stream"),
+            ));
+        }
+        Endpoint::ImageGenerations if stream => {
+            return Err(ApiError::bad_request(
+                "Streamed image generation is not supported; leave `stream` out.",
+                Some("stream"),
+            ));
+        }
+        Endpoint::ImageGenerations if shape(input) != Shape::String => {
+            return Err(ApiError::bad_request(
+                "`prompt` must be a string.",
+                Some("prompt"),
+            ));
+        }
+        _ => {}
     }
+    let image = if endpoint == Endpoint::ImageGenerations {
+        ImageOptions {
+            size: optional_string(fields.size, "size")?,
+            quality: optional_string(fields.quality, "quality")?,
+        }
+    } else {
+        ImageOptions::default()
+    };
     let max_tokens = completion_limit(endpoint, &fields)?;
     let mut choices: u64 = 1;
-    for (name, value) in [("n", fields.n), ("best_of", fields.best_of)] {
+    let best_of = fields.best_of.filter(|_| endpoint.generates());
+    for (name, value) in [("n", fields.n), ("best_of", best_of)] {
         if let Some(value) = value {
             match count_field(value, name, "a positive integer")? {
                 0 => {
@@ -492,12 +529,26 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
         stream,
         max_tokens,
         sequences,
+        image,
         upstream_body: body,
         stream_options,
         sent_completion_limit,
         rewrites: Rewrites::default(),
         parsed: None,
     })
+}
+
+/// A string field that may be absent or null.
+fn optional_string(
+    value: Option<&RawValue>,
+    name: &'static str,
+) -> Result<Option<String>, ApiError> {
+    match value.map(RawValue::get) {
+        None | Some("null") => Ok(None),
+        Some(raw) => serde_json::from_str(raw)
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("`{name}` must be a string."), Some(name))),
+    }
 }
 
 /// `[]`, whatever whitespace it holds.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use prometheus::{IntCounter, Registry};
 use serde_json::Value;
-use tollgate_metering::capture::{ResponseCapture, Texts};
+use tollgate_metering::capture::{ReportedUsage, ResponseCapture, Texts};
 use tollgate_metering::event::{Status, Tokens, UsageEvent, UsageSource};
 use tollgate_metering::tokens::{Encoding, EncodingMap, PromptCounter};
 use tollgate_metering::units::UnitKind;
@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::admission::limits::Settlement;
 use crate::admission::units;
-use crate::config::{Config, MeteringConfig};
+use crate::config::{Config, ImageWeights, MeteringConfig};
 use crate::gateway::models::ModelRoute;
 use crate::gateway::request::{Endpoint, InferenceRequest};
 use crate::keys::store::KeyRecord;
@@ -40,6 +40,7 @@ pub struct Metering {
     /// by more than the tolerance.
     mismatches: IntCounter,
     unit_sizes: UnitSizes,
+    image_weights: ImageWeights,
 }
 
 /// The encodings tokens are counted with and the image charge: used at
@@ -113,6 +114,7 @@ impl Metering {
             blocking_count_bytes: config.blocking_count_bytes,
             mismatches,
             unit_sizes,
+            image_weights: config.image_weights.clone(),
         })
     }
 
@@ -247,7 +249,95 @@ impl Metering {
             outcome(usage.upstream_status, capture, done.request.stream)
         };
         let billable = matches!(status, Status::Ok | Status::Partial);
-        let counter = self.counter(done.encoding);
+        let unit_kind = done.request.endpoint.unit_kind();
+        let measured = match unit_kind {
+            UnitKind::Tokens => self.measure_tokens(
+                usage,
+                done.request,
+                (done.encoding, done.tokens_per_unit),
+                reported,
+                billable,
+            ),
+            // What the answer delivered (images), in the weight they were asked at.
+            _ => Measured {
+                units: if billable {
+                    capture.map_or(0, ResponseCapture::data_items)
+                        * self.units_per_image(done.request)
+                } else {
+                    0
+                },
+                tokens: Tokens::default(),
+                counted_prompt: None,
+                counted_completion: None,
+                source: if billable {
+                    UsageSource::Counted
+                } else {
+                    UsageSource::None
+                },
+                deferred_count: None,
+            },
+        };
+        let Measured {
+            units,
+            tokens,
+            counted_prompt,
+            counted_completion,
+            source,
+            deferred_count,
+        } = measured;
+        let elapsed =
+            |since: Instant| u32::try_from(since.elapsed().as_millis()).unwrap_or(u32::MAX);
+        let ttft = usage
+            .first_byte
+            .filter(|_| done.request.stream)
+            .map(|at| at.duration_since(done.started));
+        let ttft_ms = ttft.map(|ttft| u32::try_from(ttft.as_millis()).unwrap_or(u32::MAX));
+        let event = UsageEvent {
+            event_id: usage.event_id,
+            created_at: usage.admitted_at,
+            request_id: done.request_id.to_owned(),
+            account_id: done.key.account_id,
+            key_id: done.key.key_id,
+            tier: done.key.tier.clone(),
+            model: done.request.model.clone(),
+            backend: done.backend.map(str::to_owned),
+            kind: done.request.endpoint,
+            status,
+            tokens,
+            counted_prompt_tokens: counted_prompt,
+            counted_completion_tokens: counted_completion,
+            usage_source: source,
+            unit_kind,
+            units,
+            latency_ms: elapsed(done.started),
+            ttft_ms,
+        };
+        self.sink.record_with_count(event, deferred_count);
+        let metered = Metered {
+            settlement: Settlement {
+                units,
+                tokens: tokens.total(),
+                forwarded: usage.upstream_status.is_some(),
+            },
+            tokens,
+            ttft,
+        };
+        usage.metered = Some(metered);
+        metered
+    }
+
+    /// A token-priced request's figures: the backend's usage when it
+    /// reported some, else Tollgate's count of what was delivered.
+    fn measure_tokens(
+        &self,
+        usage: &RequestUsage,
+        request: &InferenceRequest,
+        (encoding, tokens_per_unit): (Encoding, u64),
+        reported: Option<ReportedUsage>,
+        billable: bool,
+    ) -> Measured {
+        let capture = usage.capture.as_ref();
+        let counter = self.counter(encoding);
         // An answer that reports no usage (cut short, or from a backend that
         // never does) is billed by counting what was delivered: never as zero.
         let counted_completion = (billable && reported.is_none()).then(|| {
@@ -260,9 +350,9 @@ impl Metering {
         });
         let counted_prompt = usage.counted_prompt.or_else(|| {
             (billable && reported.is_none()).then(|| {
-                self.count_blocking(done.request.upstream_body.len(), || {
-                    let json = done.request.json_once();
-                    count_prompt(&counter, done.request.endpoint, &json) as u64
+                self.count_blocking(request.upstream_body.len(), || {
+                    let json = request.json_once();
+                    count_prompt(&counter, request.endpoint, &json) as u64
                 })
             })
         });
@@ -301,8 +391,7 @@ impl Metering {
             match usage.counted_prompt {
                 Some(counted) => check.note(counted),
                 None if self.count_prompts => {
-                    let (body, endpoint) =
-                        (done.request.upstream_body.clone(), done.request.endpoint);
+                    let (body, endpoint) = (request.upstream_body.clone(), request.endpoint);
                     deferred_count = Some(Box::new(move || {
                         let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
                         let counted = count_prompt(&counter, endpoint, &json) as u64;
@@ -313,50 +402,34 @@ impl Metering {
                 None => {}
             }
         }
-        let elapsed =
-            |since: Instant| u32::try_from(since.elapsed().as_millis()).unwrap_or(u32::MAX);
-        let ttft = usage
-            .first_byte
-            .filter(|_| done.request.stream)
-            .map(|at| at.duration_since(done.started));
-        let ttft_ms = ttft.map(|ttft| u32::try_from(ttft.as_millis()).unwrap_or(u32::MAX));
-        let units = if billable {
-            units(tokens.total(), done.tokens_per_unit)
-        } else {
-            0
-        };
-        let event = UsageEvent {
-            event_id: usage.event_id,
-            created_at: usage.admitted_at,
-            request_id: done.request_id.to_owned(),
-            account_id: done.key.account_id,
-            key_id: done.key.key_id,
-            tier: done.key.tier.clone(),
-            model: done.request.model.clone(),
-            backend: done.backend.map(str::to_owned),
-            kind: done.request.endpoint,
-            status,
-            tokens,
-            counted_prompt_tokens: counted_prompt,
-            counted_completion_tokens: counted_completion,
-            usage_source: source,
-            unit_kind: UnitKind::Tokens,
-            units,
-            latency_ms: elapsed(done.started),
-            ttft_ms,
-        };
-        self.sink.record_with_count(event, deferred_count);
-        let metered = Metered {
-            settlement: Settlement {
-                units,
-                tokens: tokens.total(),
-                forwarded: usage.upstream_status.is_some(),
+        Measured {
+            units: if billable {
+                units(tokens.total(), tokens_per_unit)
+            } else {
+                0
             },
             tokens,
-            ttft,
-        };
-        usage.metered = Some(metered);
-        metered
+            counted_prompt,
+            counted_completion,
+            source,
+            deferred_count,
+        }
+    }
+
+    /// What one image of `request` costs in `images` units.
+    fn units_per_image(&self, request: &InferenceRequest) -> u64 {
+        self.image_weights.units_per_image(
+            request.image.size.as_deref(),
+            request.image.quality.as_deref(),
+        )
+    }
+
+    /// The units a request priced in other than tokens asks for, reserved
+    /// before it is forwarded: `n` images times their weight.
+    pub fn units_asked(&self, request: &InferenceRequest) -> u64 {
+        request
+            .sequences
+            .saturating_mul(self.units_per_image(request))
     }
 
     /// Runs a count of `bytes` of input here, or for a large one (above
@@ -386,6 +459,17 @@ pub struct FinishedRequest<'a> {
     pub request_id: &'a str,
     pub backend: Option<&'a str>,
     pub started: Instant,
+}
+
+/// A finished request's figures before they become its event.
+struct Measured {
+    units: u64,
+    tokens: Tokens,
+    counted_prompt: Option<u64>,
+    counted_completion: Option<u64>,
+    source: UsageSource,
+    /// A prompt count left to the usage writer.
+    deferred_count: Option<PromptCount>,
 }
 
 /// What a finished request used, as its usage event records it.

@@ -24,6 +24,7 @@ pub(super) struct StoredEvent {
     pub(super) counted_prompt_tokens: Option<i64>,
     pub(super) counted_completion_tokens: Option<i64>,
     pub(super) usage_source: String,
+    pub(super) unit_kind: String,
     pub(super) units: i64,
 }
 
@@ -46,7 +47,8 @@ impl Gateway {
             .await
             .query(
                 "SELECT request_id, model, kind, status, prompt_tokens, completion_tokens,
-                        counted_prompt_tokens, counted_completion_tokens, usage_source, units
+                        counted_prompt_tokens, counted_completion_tokens, usage_source, units,
+                        unit_kind
                  FROM usage_events ORDER BY created_at",
                 &[],
             )
@@ -64,6 +66,7 @@ impl Gateway {
                 counted_completion_tokens: r.get(7),
                 usage_source: r.get(8),
                 units: r.get(9),
+                unit_kind: r.get(10),
             })
             .collect()
     }

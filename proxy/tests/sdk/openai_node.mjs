@@ -1,6 +1,7 @@
 // The official openai Node SDK against Tollgate, as a user would call it.
 // Run by proxy/tests/gateway.rs with TOLLGATE_BASE_URL, TOLLGATE_KEY and
-// TOLLGATE_MODEL set; exits non-zero on the first mismatch.
+// TOLLGATE_MODEL set, and TOLLGATE_DIRECT_URL (the gpu-sim behind it, for
+// comparing answers); exits non-zero on the first mismatch.
 
 import assert from "node:assert/strict";
 import OpenAI from "openai";
@@ -41,6 +42,22 @@ assert.equal(usage?.completion_tokens, 6);
 const embeddings = await client.embeddings.create({ model, input: ["first", "second"] });
 assert.equal(embeddings.data.length, 2);
 assert.ok(embeddings.data[0].embedding.length > 0);
+
+const direct = new OpenAI({
+  baseURL: `${process.env.TOLLGATE_DIRECT_URL}/v1`,
+  apiKey: "unused",
+  maxRetries: 0,
+});
+const images = await Promise.all(
+  [client, direct].map((c) =>
+    c.images.generate({ model, prompt: "a lighthouse", n: 2, size: "256x256", response_format: "b64_json" }),
+  ),
+);
+assert.equal(images[0].data.length, 2);
+assert.deepEqual(
+  images[0].data.map((i) => i.b64_json),
+  images[1].data.map((i) => i.b64_json),
+);
 
 await assert.rejects(
   new OpenAI({ baseURL, apiKey: "tg_wrong", maxRetries: 0 }).models.list(),

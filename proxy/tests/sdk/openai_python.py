@@ -1,7 +1,8 @@
 """The official openai Python SDK against Tollgate, as a user would call it.
 
 Run by proxy/tests/gateway.rs with TOLLGATE_BASE_URL, TOLLGATE_KEY and
-TOLLGATE_MODEL set; exits non-zero on the first mismatch.
+TOLLGATE_MODEL set, and TOLLGATE_DIRECT_URL (the gpu-sim behind it, for
+comparing answers); exits non-zero on the first mismatch.
 """
 
 import os
@@ -51,6 +52,20 @@ assert completion.usage.completion_tokens == 3, completion
 
 embeddings = client.embeddings.create(model=model, input=["first", "second"])
 assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) > 0, embeddings
+
+direct = OpenAI(
+    base_url=os.environ["TOLLGATE_DIRECT_URL"] + "/v1", api_key="unused", max_retries=0
+)
+images = [
+    c.images.generate(
+        model=model, prompt="a lighthouse", n=2, size="256x256", response_format="b64_json"
+    )
+    for c in (client, direct)
+]
+assert len(images[0].data) == 2, images[0]
+assert [i.b64_json for i in images[0].data] == [i.b64_json for i in images[1].data]
+url = client.images.generate(model=model, prompt="a lighthouse", size="256x256")
+assert url.data[0].url.endswith(".png"), url
 
 try:
     OpenAI(base_url=base_url, api_key="tg_wrong", max_retries=0).models.list()

@@ -1,6 +1,6 @@
 //! The OpenAI HTTP API as trtllm-serve, vLLM and Triton's OpenAI frontend
 //! speak it: models, chat completions, completions and embeddings, streamed
-//! and not.
+//! and not, and image generation.
 //!
 //! Chat and completions behave as vLLM's server does: prompt lists and `n`
 //! choices per prompt (choice `prompt * n + i`), `best_of`, log
@@ -11,9 +11,11 @@
 //!   probabilities, usage).
 //! - [`chunks`]: the same answer streamed.
 //! - [`embeddings`]: the `/v1/embeddings` endpoint.
+//! - [`images`]: the `/v1/images/generations` endpoint and its image files.
 
 mod chunks;
 mod embeddings;
+mod images;
 mod request;
 mod response;
 
@@ -31,6 +33,7 @@ use tollgate_metering::endpoint::Endpoint;
 
 use self::chunks::OpenAiChunks;
 pub use self::embeddings::embeddings;
+pub use self::images::{image_file, images_generations};
 use self::request::{ChatRequest, CompletionRequest};
 pub use self::request::{check_max_tokens, parse_body};
 use self::response::{ChoiceStyle, Usage, response_id};
