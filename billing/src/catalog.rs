@@ -1,6 +1,7 @@
-//! The tiers as Stripe sells them: one Billing Meter for the units Tollgate
-//! exports, and for every paid tier a product with a flat monthly price and,
-//! where the tier allows overage, a metered price in Stripe's "flat fee and
+//! The tiers as Stripe sells them: one Billing Meter per unit kind Tollgate
+//! exports (token units, and each kind with a meter of its own), and for
+//! every paid tier a product with a flat monthly price and, where the tier
+//! allows overage, a metered price per kind in Stripe's "flat fee and
 //! overages" shape. [`sync_catalog`] (`tollgate billing sync-catalog`)
 //! creates what is missing and replaces what differs; run again, it sends
 //! Stripe nothing but reads.
@@ -89,6 +90,18 @@ pub struct CatalogTier {
     pub included_units: u64,
     /// The metered overage price, if the tier allows overage.
     pub overage: Option<Overage>,
+    /// Overage prices on the meters of other unit kinds (images, …).
+    pub unit_overages: Vec<UnitOverage>,
+}
+
+/// A tier's overage in a unit kind with a meter of its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitOverage {
+    /// The kind's Billing Meter `event_name`.
+    pub meter_event_name: String,
+    /// Units of the kind the flat price includes.
+    pub included_units: u64,
+    pub overage: Overage,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -210,7 +223,21 @@ pub fn product_id(tier: &str) -> String {
 pub async fn sync_catalog(client: &Client, catalog: &Catalog) -> Result<SyncReport, anyhow::Error> {
     let tiers = plan(catalog)?;
     let mut report = SyncReport::default();
-    let meter = sync_meter(client, &catalog.meter_event_name, &mut report).await?;
+    // The token meter always, and every meter a price is metered on.
+    let mut meters: HashMap<String, String> = HashMap::new();
+    let priced = tiers
+        .iter()
+        .flat_map(|t| &t.prices)
+        .filter_map(|p| match &p.shape {
+            PriceShape::Overage { meter, .. } => Some(meter),
+            PriceShape::Flat { .. } => None,
+        });
+    for event_name in std::iter::once(&catalog.meter_event_name).chain(priced) {
+        if !meters.contains_key(event_name) {
+            let id = sync_meter(client, event_name, &mut report).await?;
+            meters.insert(event_name.clone(), id);
+        }
+    }
     let lookup_keys: Vec<String> = tiers
         .iter()
         .flat_map(|tier| tier.prices.iter().map(|price| price.lookup_key.clone()))
@@ -219,9 +246,13 @@ pub async fn sync_catalog(client: &Client, catalog: &Catalog) -> Result<SyncRepo
     for tier in &tiers {
         sync_product(client, tier, &mut report).await?;
         for price in &tier.prices {
-            let terms = price.terms(&tier.product_id, &catalog.currency, &meter);
+            let meter = match &price.shape {
+                PriceShape::Overage { meter, .. } => meters.get(meter).map_or("", String::as_str),
+                PriceShape::Flat { .. } => "",
+            };
+            let terms = price.terms(&tier.product_id, &catalog.currency, meter);
             let existing = current.remove(&price.lookup_key);
-            sync_price(client, price, &terms, &meter, existing, &mut report).await?;
+            sync_price(client, price, &terms, meter, existing, &mut report).await?;
         }
         archive_replaced_prices(client, tier, &mut report).await?;
     }
@@ -250,9 +281,10 @@ struct PricePlan {
 enum PriceShape {
     /// Licensed, per month.
     Flat { cents: i64 },
-    /// Metered on the meter, per month: `included` units free, then
-    /// `cents_per_unit` (a decimal string) each.
+    /// Metered on the meter of `meter` (its event name), per month:
+    /// `included` units free, then `cents_per_unit` (a decimal string) each.
     Overage {
+        meter: String,
         included: i64,
         cents_per_unit: String,
     },
@@ -295,7 +327,8 @@ fn plan(catalog: &Catalog) -> anyhow::Result<Vec<TierPlan>> {
                 tier.monthly_price_cents
             );
         }
-        if tier.monthly_price_cents == 0 && tier.overage.is_none() {
+        if tier.monthly_price_cents == 0 && tier.overage.is_none() && tier.unit_overages.is_empty()
+        {
             continue; // free: nothing to sell
         }
         let mut prices = vec![PricePlan {
@@ -305,19 +338,26 @@ fn plan(catalog: &Catalog) -> anyhow::Result<Vec<TierPlan>> {
                 cents: tier.monthly_price_cents,
             },
         }];
-        if let Some(overage) = &tier.overage {
-            let included = i64::try_from(tier.included_units).map_err(|_| {
+        let token_overage = tier.overage.as_ref().map(|overage| UnitOverage {
+            meter_event_name: catalog.meter_event_name.clone(),
+            included_units: tier.included_units,
+            overage: overage.clone(),
+        });
+        for unit in token_overage.iter().chain(&tier.unit_overages) {
+            let meter = &unit.meter_event_name;
+            let included = i64::try_from(unit.included_units).map_err(|_| {
                 anyhow!(
-                    "tier `{name}`: included_units {} is more than Stripe takes",
-                    tier.included_units
+                    "tier `{name}`: {} included units on `{meter}` is more than Stripe takes",
+                    unit.included_units
                 )
             })?;
-            let cents_per_unit = cents_decimal(overage.usd_per_unit)
-                .map_err(|e| anyhow!("tier `{name}`: overage usd_per_unit: {e}"))?;
+            let cents_per_unit = cents_decimal(unit.overage.usd_per_unit)
+                .map_err(|e| anyhow!("tier `{name}`: overage usd_per_unit on `{meter}`: {e}"))?;
             prices.push(PricePlan {
                 tier: name.clone(),
-                lookup_key: overage.lookup_key.clone(),
+                lookup_key: unit.overage.lookup_key.clone(),
                 shape: PriceShape::Overage {
+                    meter: meter.clone(),
                     included,
                     cents_per_unit,
                 },
@@ -475,6 +515,7 @@ impl PricePlan {
             PriceShape::Overage {
                 included,
                 cents_per_unit,
+                ..
             } => {
                 let amount = if *included == 0 {
                     format!("per unit {cents_per_unit}")
@@ -505,6 +546,7 @@ impl PricePlan {
             PriceShape::Overage {
                 included,
                 cents_per_unit,
+                ..
             } => format!(
                 "first {included} units included, then {cents_per_unit} {} cents/unit, {}",
                 terms.currency, terms.recurring
@@ -849,6 +891,7 @@ fn create_price(price: &PricePlan, terms: &PriceTerms, meter: &str) -> CreatePri
         PriceShape::Overage {
             included,
             cents_per_unit,
+            ..
         } => {
             let mut recurring = CreatePriceRecurring::new(CreatePriceRecurringInterval::Month);
             recurring.usage_type = Some(CreatePriceRecurringUsageType::Metered);
@@ -1039,6 +1082,7 @@ mod tests {
                 lookup_key: key.to_owned(),
                 usd_per_unit: usd,
             }),
+            unit_overages: Vec::new(),
         }
     }
 
@@ -1087,8 +1131,31 @@ mod tests {
         assert_eq!(
             tiers[0].prices[1].shape,
             PriceShape::Overage {
+                meter: "tollgate_units".to_owned(),
                 included: 1_000_000,
                 cents_per_unit: "0.0002".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn an_image_overage_is_metered_on_the_images_meter() {
+        let mut starter = tier("starter", 900, None);
+        starter.unit_overages.push(UnitOverage {
+            meter_event_name: "tollgate_images".to_owned(),
+            included_units: 500,
+            overage: Overage {
+                lookup_key: "starter_images_overage".to_owned(),
+                usd_per_unit: 0.025,
+            },
+        });
+        let tiers = plan(&catalog(vec![starter])).unwrap();
+        assert_eq!(
+            tiers[0].prices[1].shape,
+            PriceShape::Overage {
+                meter: "tollgate_images".to_owned(),
+                included: 500,
+                cents_per_unit: "2.5".to_owned()
             }
         );
     }
@@ -1112,6 +1179,7 @@ mod tests {
             tier: "pro".to_owned(),
             lookup_key: "pro_overage".to_owned(),
             shape: PriceShape::Overage {
+                meter: "tollgate_units".to_owned(),
                 included: 1000,
                 cents_per_unit: "0.0002".to_owned(),
             },

@@ -29,11 +29,15 @@ use tokio_postgres::types::ToSql;
 /// Key of the advisory lock planners take (any constant unique to Tollgate).
 const PLAN_LOCK: i64 = 0x746f_6c6c_6761_7465; // "tollgate"
 
-/// How the exporter works.
+/// How the exporter works, for one meter: one unit kind's usage goes to
+/// one Billing Meter, so a deployment selling tokens and images runs one
+/// export per kind, each exactly once on its own.
 #[derive(Debug, Clone)]
 pub struct ExportConfig {
     /// The Billing Meter's `event_name`.
     pub meter_event_name: String,
+    /// The unit kind whose usage the meter counts (the rollups' `unit_kind`).
+    pub unit_kind: String,
     /// The export bucket (`bucket_secs`).
     pub bucket: Duration,
     /// A bucket is planned this long after it ended: the usage writer batches
@@ -55,9 +59,11 @@ pub struct ExportConfig {
 }
 
 impl ExportConfig {
+    /// The export of token units to `meter_event_name`.
     pub fn new(meter_event_name: impl Into<String>, bucket: Duration) -> Self {
         Self {
             meter_event_name: meter_event_name.into(),
+            unit_kind: "tokens".to_owned(),
             bucket,
             settle: Duration::from_secs(120),
             lookback: Duration::from_secs(30 * 86_400),
@@ -137,7 +143,13 @@ pub async fn plan(pool: &Pool, config: &ExportConfig, now: SystemTime) -> anyhow
     if !locked {
         return Ok(0);
     }
-    let params: [&(dyn ToSql + Sync); 4] = [&config.meter_event_name, &bucket_secs, &from, &until];
+    let params: [&(dyn ToSql + Sync); 5] = [
+        &config.meter_event_name,
+        &bucket_secs,
+        &from,
+        &until,
+        &config.unit_kind,
+    ];
     let planned = tx
         .execute(
             "WITH usage AS (
@@ -146,7 +158,7 @@ pub async fn plan(pool: &Pool, config: &ExportConfig, now: SystemTime) -> anyhow
                         sum(units)::bigint AS units
                  FROM usage_rollup_minute
                  WHERE bucket >= to_timestamp($3) AND bucket < to_timestamp($4)
-                   AND unit_kind = 'tokens'
+                   AND unit_kind = $5
                  GROUP BY 1, 2
              ),
              planned AS (

@@ -430,11 +430,11 @@ async fn read_database(
              ) b
              WHERE r.bucket >= to_timestamp($2)
                AND r.bucket < to_timestamp($3) + $1 * interval '1 second'
-               AND r.unit_kind = 'tokens'
+               AND r.unit_kind = $5
                AND b.bucket_start >= to_timestamp($2)
                AND b.bucket_start < to_timestamp($3)
              GROUP BY 1, 2",
-            &[&bucket_secs, &start, &end, &until],
+            &[&bucket_secs, &start, &end, &until, &config.unit_kind],
         )
         .await?;
     let exports = tx

@@ -17,7 +17,7 @@ use stripe_product::price::{ListPrice, RetrievePrice};
 use stripe_product::product::{ListProduct, RetrieveProduct, UpdateProduct};
 use stripe_shared::{Price, PriceBillingScheme, PriceTiersMode, Product};
 use tollgate_billing::catalog::{
-    Catalog, CatalogTier, ObjectKind, Outcome, Overage, SyncReport, sync_catalog,
+    Catalog, CatalogTier, ObjectKind, Outcome, Overage, SyncReport, UnitOverage, sync_catalog,
 };
 use tollgate_billing::stripe_api::client;
 use tollgate_testkit::stripe::{FakeStripe, Fault, RecordedRequest, Route};
@@ -35,6 +35,7 @@ fn catalog() -> Catalog {
             lookup_key: format!("{name}_overage"),
             usd_per_unit: usd,
         }),
+        unit_overages: Vec::new(),
     };
     Catalog {
         meter_event_name: METER.to_owned(),
@@ -458,4 +459,48 @@ async fn a_meter_that_counts_instead_of_summing_stops_the_sync_before_anything_i
     assert!(message.contains(counting.id.as_str()), "{message}");
     assert!(message.contains("`count`"), "{message}");
     assert_eq!(posts(&fake.requests()[before..]), Vec::<String>::new());
+}
+
+/// A tier selling images beyond its included ones gets a metered price on
+/// an images meter of its own, beside the token meter; a second run reads.
+#[tokio::test]
+async fn an_image_overage_is_a_price_on_the_images_meter() {
+    const IMAGES: &str = "tollgate_images";
+    let (fake, client) = start().await;
+    let mut catalog = catalog();
+    catalog.tiers[1].unit_overages.push(UnitOverage {
+        meter_event_name: IMAGES.to_owned(),
+        included_units: 500,
+        overage: Overage {
+            lookup_key: "starter_images_overage".to_owned(),
+            usd_per_unit: 0.025,
+        },
+    });
+    let (first, _) = run(&fake, &client, &catalog).await;
+    assert!(first.changed(), "{first}");
+    let holdings = Holdings::read(&client).await;
+    let mut meters: Vec<&str> = holdings
+        .meters
+        .iter()
+        .map(|m| m.event_name.as_str())
+        .collect();
+    meters.sort_unstable();
+    assert_eq!(meters, [IMAGES, METER]);
+    let images_meter = holdings
+        .meters
+        .iter()
+        .find(|m| m.event_name == IMAGES)
+        .unwrap();
+    let price = holdings.active_with_key("starter_images_overage")[0];
+    let recurring = price.recurring.as_ref().unwrap();
+    assert_eq!(recurring.usage_type.as_str(), "metered");
+    assert_eq!(recurring.meter.as_deref(), Some(images_meter.id.as_str()));
+    assert_eq!(
+        price.product.id().as_str(),
+        "tollgate_tier_starter",
+        "{price:?}"
+    );
+    let (second, posts) = run(&fake, &client, &catalog).await;
+    assert!(!second.changed(), "{second}");
+    assert_eq!(posts, Vec::<String>::new());
 }

@@ -301,3 +301,70 @@ async fn usage_that_arrives_after_its_hour_was_exported_is_sent_as_a_correction(
     assert_eq!((report.planned, report.sent), (1, 1), "{report:?}");
     assert_eq!(fake.meter_event_totals(), month.usage);
 }
+
+/// Each unit kind goes to its own meter, exactly once: tokens and images
+/// of the same customer and hour are never added together.
+#[tokio::test]
+async fn each_unit_kind_reaches_its_own_meter_exactly_once() {
+    const IMAGES_METER: &str = "tollgate_images";
+    let db = TestDb::migrated().await;
+    let end = (SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / HOUR)
+        * HOUR
+        - HOUR;
+    let account = Uuid::now_v7();
+    db.execute(
+        "INSERT INTO accounts (id, name, tier) VALUES ($1, 'acme', 'pro')",
+        &[&account],
+    )
+    .await;
+    db.execute(
+        "INSERT INTO billing_customers (account_id, stripe_customer_id) VALUES ($1, 'cus_acme')",
+        &[&account],
+    )
+    .await;
+    for (kind, units, minute) in [
+        ("tokens", 1500_i64, 0),
+        ("images", 12, 0),
+        ("images", 3, 10),
+    ] {
+        db.execute(
+            "INSERT INTO usage_rollup_minute (account_id, bucket, key_id, model, tier, unit_kind, \
+             requests, failed_requests, prompt_tokens, completion_tokens, total_tokens, units) \
+             VALUES ($1, to_timestamp($2::int8), $1, 'm', 'pro', $3, 1, 0, 0, 0, 0, $4)",
+            &[&account, &(end - HOUR + minute * 60), &kind, &units],
+        )
+        .await;
+    }
+    let fake = FakeStripe::start().await.unwrap();
+    let images = ExportConfig {
+        unit_kind: "images".to_owned(),
+        meter_event_name: IMAGES_METER.to_owned(),
+        ..config()
+    };
+    for pass in 0..2 {
+        for export in [config(), images.clone()] {
+            let report = export_once(&db.pool, &export, &stripe(&fake), at(end))
+                .await
+                .unwrap();
+            let expected = if pass == 0 { 1 } else { 0 };
+            assert_eq!(
+                (report.planned, report.sent),
+                (expected, expected),
+                "{export:?}"
+            );
+        }
+    }
+    let mut by_meter: BTreeMap<String, u64> = BTreeMap::new();
+    for event in fake.meter_events() {
+        *by_meter.entry(event.event_name).or_default() +=
+            event.payload["value"].parse::<u64>().unwrap();
+    }
+    assert_eq!(
+        by_meter,
+        [(METER.to_owned(), 1500), (IMAGES_METER.to_owned(), 15)].into()
+    );
+}

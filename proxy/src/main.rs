@@ -263,9 +263,15 @@ async fn billing_sync_catalog(config: &Config) -> anyhow::Result<()> {
 /// `tollgate billing reconcile`.
 async fn billing_reconcile(config: &Config, from: Day, to: Day) -> anyhow::Result<()> {
     let pool = db::pool(&config.database)?;
-    let report = billing::reconcile_now(&pool, config, from, to).await?;
-    print!("{report}");
-    let differences = report.differences().count();
+    let reports = billing::reconcile_now(&pool, config, from, to).await?;
+    let mut differences = 0;
+    for (meter, report) in &reports {
+        if reports.len() > 1 {
+            println!("meter {meter}:");
+        }
+        print!("{report}");
+        differences += report.differences().count();
+    }
     anyhow::ensure!(
         differences == 0,
         "{differences} customer-days differ between the usage log, the exports and Stripe"

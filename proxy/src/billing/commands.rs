@@ -9,7 +9,7 @@ use tollgate_billing::export::{ExportReport, export_once};
 use tollgate_billing::reconcile::{Day, MeterSummaries, Reconciliation, reconcile};
 use tollgate_billing::stripe_api::StripeMeterSummaries;
 
-use super::export::{export_config, meter_events};
+use super::export::{export_configs, meter_events};
 use super::{catalog, stripe_client};
 use crate::config::{BillingConfig, Config, StripeConfig};
 
@@ -22,39 +22,51 @@ pub async fn sync_catalog_now(
 }
 
 /// `tollgate billing reconcile`: the usage log against the exports and, with
-/// `STRIPE_SECRET_KEY` set, Stripe's meter event summaries.
+/// `STRIPE_SECRET_KEY` set, Stripe's meter event summaries; one
+/// reconciliation per meter, with its event name.
 pub async fn reconcile_now(
     pool: &Pool,
     config: &Config,
     from: Day,
     to: Day,
-) -> anyhow::Result<Reconciliation> {
+) -> anyhow::Result<Vec<(String, Reconciliation)>> {
     let summaries = match &config.billing.stripe {
         Some(stripe) => Some(StripeMeterSummaries::new(stripe_client(stripe)?)),
         None => None,
     };
-    reconcile(
-        pool,
-        &export_config(&config.billing),
-        from,
-        to,
-        SystemTime::now(),
-        summaries.as_ref().map(|s| s as &dyn MeterSummaries),
-    )
-    .await
+    let mut reconciliations = Vec::new();
+    for export in export_configs(&config.billing) {
+        let reconciliation = reconcile(
+            pool,
+            &export,
+            from,
+            to,
+            SystemTime::now(),
+            summaries.as_ref().map(|s| s as &dyn MeterSummaries),
+        )
+        .await?;
+        reconciliations.push((export.meter_event_name, reconciliation));
+    }
+    Ok(reconciliations)
 }
 
-/// One export pass now: plans every closed bucket and sends what is pending.
+/// One export pass now, for every meter: plans every closed bucket and
+/// sends what is pending.
 pub async fn export_now(
     pool: &Pool,
     billing: &BillingConfig,
     stripe: &StripeConfig,
 ) -> anyhow::Result<ExportReport> {
-    export_once(
-        pool,
-        &export_config(billing),
-        &meter_events(stripe)?,
-        SystemTime::now(),
-    )
-    .await
+    let events = meter_events(stripe)?;
+    let mut total = ExportReport::default();
+    for export in export_configs(billing) {
+        let report = export_once(pool, &export, &events, SystemTime::now()).await?;
+        total.planned += report.planned;
+        total.sent += report.sent;
+        total.duplicates += report.duplicates;
+        total.retry_later += report.retry_later;
+        total.rejected += report.rejected;
+        total.expired += report.expired;
+    }
+    Ok(total)
 }

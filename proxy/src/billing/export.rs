@@ -15,9 +15,18 @@ use tollgate_metering::metric_names;
 use super::stripe_client;
 use crate::config::{BillingConfig, StripeConfig};
 
-/// The exporter's settings from `[billing]`.
-pub fn export_config(billing: &BillingConfig) -> ExportConfig {
-    ExportConfig::new(billing.meter_event_name.clone(), billing.bucket)
+/// The exporter's settings from `[billing]`: one export per meter, token
+/// units first, then each unit kind with a meter of its own.
+pub fn export_configs(billing: &BillingConfig) -> Vec<ExportConfig> {
+    let tokens = ExportConfig::new(billing.meter_event_name.clone(), billing.bucket);
+    let others = billing
+        .unit_meters
+        .iter()
+        .map(|(kind, meter)| ExportConfig {
+            unit_kind: kind.as_str().to_owned(),
+            ..ExportConfig::new(meter.clone(), billing.bucket)
+        });
+    std::iter::once(tokens).chain(others).collect()
 }
 
 /// Meter events through the configured Stripe.
@@ -44,7 +53,7 @@ impl BackgroundService for UsageExporter {
                 return;
             }
         };
-        let config = export_config(&self.billing);
+        let configs = export_configs(&self.billing);
         let mut ticks = tokio::time::interval(self.billing.export_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -52,21 +61,21 @@ impl BackgroundService for UsageExporter {
                 _ = ticks.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            match export_once(&self.pool, &config, &events, SystemTime::now()).await {
-                Ok(report) => {
-                    self.metrics.count(&report);
-                    if report != ExportReport::default() {
-                        tracing::info!(?report, "usage exported to Stripe");
+            for config in &configs {
+                match export_once(&self.pool, config, &events, SystemTime::now()).await {
+                    Ok(report) => {
+                        self.metrics.count(&report);
+                        if report != ExportReport::default() {
+                            tracing::info!(meter = %config.meter_event_name, ?report, "usage exported to Stripe");
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.pass_failed();
+                        tracing::warn!(meter = %config.meter_event_name, error = %e, "usage export pass failed; next pass retries");
                     }
                 }
-                Err(e) => {
-                    self.metrics.pass_failed();
-                    tracing::warn!(error = %e, "usage export pass failed; next pass retries");
-                }
             }
-            self.metrics
-                .read_pending(&self.pool, &config.meter_event_name)
-                .await;
+            self.metrics.read_pending(&self.pool).await;
         }
     }
 }
@@ -146,15 +155,16 @@ impl ExportMetrics {
 
     /// Reads the pending rows' count and oldest age (the partial index on
     /// pending rows keeps it cheap); left as they were when Postgres fails.
-    async fn read_pending(&self, pool: &Pool, meter: &str) {
+    /// Rows waiting to be sent, for every meter.
+    async fn read_pending(&self, pool: &Pool) {
         let row = match pool.get().await {
             Ok(client) => {
                 client
                     .query_one(
                         "SELECT count(*), \
                                 coalesce(extract(epoch FROM now() - min(planned_at))::float8, 0) \
-                         FROM billing_usage_exports WHERE state = 'pending' AND meter = $1",
-                        &[&meter],
+                         FROM billing_usage_exports WHERE state = 'pending'",
+                        &[],
                     )
                     .await
             }

@@ -15,7 +15,7 @@ pub mod webhooks;
 
 use secrecy::ExposeSecret;
 use tollgate_billing::StripeClient;
-use tollgate_billing::catalog::{Catalog, CatalogTier, Overage};
+use tollgate_billing::catalog::{Catalog, CatalogTier, Overage, UnitOverage};
 use tollgate_billing::stripe_api::client;
 use tollgate_billing::webhook::Plans;
 
@@ -56,6 +56,21 @@ pub fn catalog(config: &Config) -> Catalog {
                             // Config requires overage_price with this lookup key.
                             usd_per_unit: t.overage_price.unwrap_or(0.0),
                         }),
+                    // Config requires a meter for every kind sold this way.
+                    unit_overages: t
+                        .unit_quotas
+                        .iter()
+                        .filter_map(|(kind, quota)| {
+                            Some(UnitOverage {
+                                meter_event_name: config.billing.unit_meters.get(kind)?.clone(),
+                                included_units: quota.included.unwrap_or(0),
+                                overage: Overage {
+                                    lookup_key: quota.stripe_overage_lookup_key.clone()?,
+                                    usd_per_unit: quota.overage_price.unwrap_or(0.0),
+                                },
+                            })
+                        })
+                        .collect(),
                 })
             })
             .collect(),

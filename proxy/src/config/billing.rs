@@ -1,10 +1,12 @@
 //! `[billing]` and the Stripe environment (`STRIPE_SECRET_KEY`,
 //! `STRIPE_WEBHOOK_SECRET`, `STRIPE_API_BASE`: secrets stay out of files).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use secrecy::SecretString;
 use serde::Deserialize;
+use tollgate_metering::units::UnitKind;
 
 use super::{ConfigError, Env, HumanDuration, Name, defaults, invalid, renamed};
 
@@ -12,6 +14,8 @@ use super::{ConfigError, Env, HumanDuration, Name, defaults, invalid, renamed};
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBilling {
     meter_event_name: Option<Name>,
+    #[serde(default)]
+    unit_meters: BTreeMap<UnitKind, Name>,
     bucket: Option<HumanDuration>,
     /// Deprecated: `bucket`.
     bucket_secs: Option<u64>,
@@ -27,8 +31,11 @@ pub(super) struct RawBilling {
 /// `[billing]` and the Stripe environment.
 #[derive(Debug, Clone)]
 pub struct BillingConfig {
-    /// The Billing Meter's `event_name` usage is sent under.
+    /// The Billing Meter's `event_name` token units are sent under.
     pub meter_event_name: String,
+    /// The meters of other unit kinds (`unit_meters = { images =
+    /// "tollgate_images" }`); a kind not listed is not exported.
+    pub unit_meters: BTreeMap<UnitKind, String>,
     /// Usage is exported per account and bucket of this length.
     pub bucket: Duration,
     /// A subscription past due this long is downgraded to the free tier.
@@ -113,10 +120,30 @@ pub(super) fn validate(b: RawBilling, env: &dyn Env) -> Result<BillingConfig, Co
             ));
         }
     }
+    let meter_event_name = b
+        .meter_event_name
+        .map_or_else(|| defaults::METER_EVENT_NAME.to_owned(), Name::into_string);
+    let mut unit_meters = BTreeMap::new();
+    for (kind, name) in b.unit_meters {
+        let key = format!("billing.unit_meters.{kind}");
+        if kind == UnitKind::Tokens {
+            return Err(invalid(key, "token units go to billing.meter_event_name"));
+        }
+        let taken = name.as_ref() == meter_event_name
+            || unit_meters
+                .values()
+                .any(|other: &String| other == name.as_ref());
+        if taken {
+            return Err(invalid(
+                key,
+                format!("meter `{name}` already counts another unit kind; give each kind its own"),
+            ));
+        }
+        unit_meters.insert(kind, name.into_string());
+    }
     Ok(BillingConfig {
-        meter_event_name: b
-            .meter_event_name
-            .map_or_else(|| defaults::METER_EVENT_NAME.to_owned(), Name::into_string),
+        meter_event_name,
+        unit_meters,
         bucket,
         grace,
         export_interval: HumanDuration::or(b.export_interval, defaults::BILLING_EXPORT_INTERVAL),
@@ -174,6 +201,37 @@ mod tests {
             ("grace = \"1d\"\ngrace_days = 1", "billing.grace_days"),
         ] {
             let err = billing(line).unwrap_err();
+            assert!(err.contains(key), "{line:?} → {err}");
+        }
+    }
+
+    #[test]
+    fn each_unit_kind_has_a_meter_of_its_own() {
+        let meters = |lines: &str| {
+            parse(&format!("{MINIMAL}\n[billing]\n{lines}\n"), &no_env())
+                .map(|c| c.billing.unit_meters)
+                .map_err(|e| e.to_string())
+        };
+        let images = meters("unit_meters = { images = \"tollgate_images\" }").unwrap();
+        assert_eq!(
+            images.get(&tollgate_metering::units::UnitKind::Images),
+            Some(&"tollgate_images".to_owned())
+        );
+        for (line, key) in [
+            (
+                "unit_meters = { tokens = \"t\" }",
+                "billing.unit_meters.tokens",
+            ),
+            (
+                "unit_meters = { images = \"tollgate_units\" }",
+                "billing.unit_meters.images",
+            ),
+            (
+                "unit_meters = { images = \"m\", characters = \"m\" }",
+                "billing.unit_meters",
+            ),
+        ] {
+            let err = meters(line).unwrap_err();
             assert!(err.contains(key), "{line:?} → {err}");
         }
     }

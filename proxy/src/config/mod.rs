@@ -205,7 +205,28 @@ impl Config {
         }
         .check_reservation_ttl()?
         .check_triton_counting()?
-        .check_unit_models()
+        .check_unit_models()?
+        .check_unit_meters()
+    }
+
+    /// A tier selling a unit kind's overage in Stripe needs the kind's
+    /// meter, or its usage would never reach the price.
+    fn check_unit_meters(self) -> Result<Self, ConfigError> {
+        for (i, tier) in self.tiers.iter().enumerate() {
+            for (kind, quota) in &tier.unit_quotas {
+                if quota.stripe_overage_lookup_key.is_some()
+                    && !self.billing.unit_meters.contains_key(kind)
+                {
+                    return Err(invalid(
+                        format!("tiers[{i}].units.{kind}.stripe_overage_lookup_key"),
+                        format!(
+                            "add a meter for {kind}: [billing] unit_meters = {{ {kind} = \"tollgate_{kind}\" }}"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(self)
     }
 
     /// A unit size for a model nothing serves is a typo that would bill a
@@ -551,6 +572,25 @@ mod tests {
                 "{extra:?} → {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_unit_kind_sold_in_stripe_needs_its_meter() {
+        let tiers = "[[tiers]]\nname = \"starter\"\n[tiers.units.images]\nhard_cap = false\n\
+                     overage_price = 0.025\nstripe_overage_lookup_key = \"starter_images\"\n";
+        let config = MINIMAL.replace("[[tiers]]\n        name = \"free\"", "");
+        let err = parse(&format!("{config}\n{tiers}"), &no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tiers[0].units.images.stripe_overage_lookup_key")
+                && err.contains("unit_meters"),
+            "{err}"
+        );
+        let with_meter = format!(
+            "{config}\n[billing]\nunit_meters = {{ images = \"tollgate_images\" }}\n{tiers}"
+        );
+        parse(&with_meter, &no_env()).unwrap();
     }
 
     #[test]

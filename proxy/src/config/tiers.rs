@@ -49,11 +49,12 @@ struct RawUnitQuota {
     daily_cap: Option<u64>,
     hard_cap: Option<bool>,
     overage_price: Option<f64>,
+    stripe_overage_lookup_key: Option<String>,
 }
 
 /// A tier's quota in a unit kind other than tokens (the token quota is the
 /// tier's own `included_units`, `daily_cap`, `hard_cap`, `overage_price`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UnitQuota {
     /// Units included per billing period.
     pub included: Option<u64>,
@@ -63,6 +64,9 @@ pub struct UnitQuota {
     pub hard_cap: bool,
     /// USD per unit past `included`.
     pub overage_price: Option<f64>,
+    /// Lookup key of the metered overage price on the kind's meter
+    /// (`billing.unit_meters`); `None` for tokens, whose key is the tier's.
+    pub stripe_overage_lookup_key: Option<String>,
 }
 
 /// A tier: its place in the queue, its limits and its quota. `None` is unlimited.
@@ -120,13 +124,14 @@ impl TierConfig {
     /// The tier's quota in `kind`, `None` when that kind is not limited.
     pub fn quota(&self, kind: UnitKind) -> Option<UnitQuota> {
         if kind != UnitKind::Tokens {
-            return self.unit_quotas.get(&kind).copied();
+            return self.unit_quotas.get(&kind).cloned();
         }
         Some(UnitQuota {
             included: self.included_units,
             daily_cap: self.daily_cap,
             hard_cap: self.hard_cap,
             overage_price: self.overage_price,
+            stripe_overage_lookup_key: None,
         })
     }
 }
@@ -238,6 +243,12 @@ pub(super) fn validate(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError
                 ));
             }
             let hard_cap = quota_hard_cap(&key, quota.hard_cap, quota.overage_price)?;
+            if quota.stripe_overage_lookup_key.is_some() && hard_cap {
+                return Err(invalid(
+                    key("stripe_overage_lookup_key"),
+                    "a metered overage price needs hard_cap = false and an overage_price",
+                ));
+            }
             unit_quotas.insert(
                 kind,
                 UnitQuota {
@@ -245,6 +256,7 @@ pub(super) fn validate(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError
                     daily_cap: quota.daily_cap,
                     hard_cap,
                     overage_price: quota.overage_price,
+                    stripe_overage_lookup_key: quota.stripe_overage_lookup_key,
                 },
             );
         }
