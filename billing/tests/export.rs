@@ -37,14 +37,19 @@ struct Month {
     end: i64,
 }
 
-async fn seed_month(db: &TestDb, hours: i64) -> Month {
-    let end = (SystemTime::now()
+/// The start of the hour before the current one (unix seconds).
+fn last_closed_hour() -> i64 {
+    (SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
         / HOUR)
         * HOUR
-        - HOUR;
+        - HOUR
+}
+
+async fn seed_month(db: &TestDb, hours: i64) -> Month {
+    let end = last_closed_hour();
     let start = end - hours * HOUR;
     let mut customers = Vec::new();
     let mut usage = BTreeMap::new();
@@ -308,13 +313,7 @@ async fn usage_that_arrives_after_its_hour_was_exported_is_sent_as_a_correction(
 async fn each_unit_kind_reaches_its_own_meter_exactly_once() {
     const IMAGES_METER: &str = "tollgate_images";
     let db = TestDb::migrated().await;
-    let end = (SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        / HOUR)
-        * HOUR
-        - HOUR;
+    let end = last_closed_hour();
     let account = Uuid::now_v7();
     db.execute(
         "INSERT INTO accounts (id, name, tier) VALUES ($1, 'acme', 'pro')",
