@@ -815,7 +815,8 @@ fn sql_list(values: &BTreeSet<String>) -> String {
 
 /// Rows the dashboards need beyond what the traffic left: a Stripe
 /// subscription and exported units, usage past the free tier's included
-/// units, and an instance that was rented, slept and resumed.
+/// units, images (a second unit kind), and an instance that was rented,
+/// slept and resumed.
 const SAMPLE_DATA: &str = "
 UPDATE accounts SET billing_subscription_id = 'sub_dash' WHERE name = 'pro-co';
 INSERT INTO billing_customers (account_id, stripe_customer_id)
@@ -835,11 +836,18 @@ INSERT INTO usage_rollup_minute (bucket, account_id, key_id, model, tier, reques
     SELECT date_trunc('minute', now()) - interval '2 hours', a.id, k.id, 'sample-large', 'free',
            3, 1, 40, 20, 60, 60
     FROM accounts a JOIN api_keys k ON k.account_id = a.id WHERE a.name = 'free-co';
-INSERT INTO usage_rollup_day (bucket, account_id, key_id, model, tier, requests, failed_requests,
-                              prompt_tokens, completion_tokens, total_tokens, units)
-    SELECT date_trunc('day', now(), 'UTC'), account_id, key_id, model, tier, requests,
+INSERT INTO usage_rollup_minute (bucket, account_id, key_id, model, tier, unit_kind, requests,
+                                 failed_requests, prompt_tokens, completion_tokens, total_tokens,
+                                 units)
+    SELECT date_trunc('minute', now()) - interval '90 minutes', a.id, k.id, 'sample-image', 'free',
+           'images', 2, 0, 0, 0, 0, 8
+    FROM accounts a JOIN api_keys k ON k.account_id = a.id WHERE a.name = 'free-co';
+INSERT INTO usage_rollup_day (bucket, account_id, key_id, model, tier, unit_kind, requests,
+                              failed_requests, prompt_tokens, completion_tokens, total_tokens,
+                              units)
+    SELECT date_trunc('day', now(), 'UTC'), account_id, key_id, model, tier, unit_kind, requests,
            failed_requests, prompt_tokens, completion_tokens, total_tokens, units
-    FROM usage_rollup_minute WHERE model = 'sample-large';
+    FROM usage_rollup_minute WHERE model IN ('sample-large', 'sample-image');
 INSERT INTO instance_events (at, backend, instance_id, from_state, to_state, reason, hourly_cost)
     SELECT now() - at, 'b0', 'sample-1', f, t, r, c
     FROM (VALUES (interval '5 hours', 'cold', 'provisioning', 'create', 1.2),
