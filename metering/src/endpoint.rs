@@ -22,14 +22,18 @@ pub enum Endpoint {
     /// `POST /v1/images/generations`.
     #[serde(rename = "image")]
     ImageGenerations,
+    /// `POST /v1/audio/speech`: text to speech.
+    #[serde(rename = "speech")]
+    Speech,
 }
 
 impl Endpoint {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
         Self::ImageGenerations,
+        Self::Speech,
     ];
 
     /// The canonical OpenAI path, which backends are asked on.
@@ -39,6 +43,7 @@ impl Endpoint {
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
             Self::ImageGenerations => "/v1/images/generations",
+            Self::Speech => "/v1/audio/speech",
         }
     }
 
@@ -49,6 +54,7 @@ impl Endpoint {
             Self::Completions => "completion",
             Self::Embeddings => "embedding",
             Self::ImageGenerations => "image",
+            Self::Speech => "speech",
         }
     }
 
@@ -59,6 +65,7 @@ impl Endpoint {
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
             Self::ImageGenerations => "images_generations",
+            Self::Speech => "audio_speech",
         }
     }
 
@@ -68,7 +75,14 @@ impl Endpoint {
         match self {
             Self::ChatCompletions | Self::Completions | Self::Embeddings => UnitKind::Tokens,
             Self::ImageGenerations => UnitKind::Images,
+            Self::Speech => UnitKind::Characters,
         }
+    }
+
+    /// Whether the answer is JSON (or a stream of JSON events), which
+    /// metering reads; speech answers with audio bytes.
+    pub fn answers_json(self) -> bool {
+        !matches!(self, Self::Speech)
     }
 
     /// Whether the endpoint generates text (and so takes a completion limit).
@@ -76,26 +90,27 @@ impl Endpoint {
         matches!(self, Self::ChatCompletions | Self::Completions)
     }
 
-    /// The prefix of the `id` of an answer (`chatcmpl-…`, `cmpl-…`); images
-    /// answers carry no id.
+    /// The prefix of the `id` of a text answer (`chatcmpl-…`, `cmpl-…`);
+    /// images and speech answers carry no id.
     pub fn answer_id_prefix(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chatcmpl",
             Self::Completions => "cmpl",
             Self::Embeddings => "embd",
             Self::ImageGenerations => "img",
+            Self::Speech => "speech",
         }
     }
 
-    /// The `object` of an answer, or of one streamed chunk of it (legacy
+    /// The `object` of a text answer, or of one streamed chunk of it (legacy
     /// completions' chunks keep `text_completion`); images answers carry
-    /// none, and are lists.
+    /// none and are lists, speech answers are audio.
     pub fn answer_object(self, chunk: bool) -> &'static str {
         match (self, chunk) {
             (Self::ChatCompletions, false) => "chat.completion",
             (Self::ChatCompletions, true) => "chat.completion.chunk",
             (Self::Completions, _) => "text_completion",
-            (Self::Embeddings | Self::ImageGenerations, _) => "list",
+            (Self::Embeddings | Self::ImageGenerations | Self::Speech, _) => "list",
         }
     }
 }

@@ -507,6 +507,8 @@ fn cl100k(text: &str) -> usize {
 mod admission;
 #[path = "gateway/api_metrics.rs"]
 mod api_metrics;
+#[path = "gateway/audio.rs"]
+mod audio;
 #[path = "gateway/billing.rs"]
 mod billing;
 #[path = "gateway/dashboards.rs"]

@@ -53,6 +53,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/images/generations", post(openai::images_generations))
+        .route("/v1/audio/speech", post(openai::speech))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&engine),
             require_api_key,

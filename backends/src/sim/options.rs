@@ -66,6 +66,16 @@ pub struct SimOptions {
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub ms_per_image: u64,
 
+    /// Seconds of speech (`/v1/audio/speech`) per character of input: the
+    /// answer's length follows the input's.
+    #[arg(long, default_value_t = 0.06, value_name = "SECS", value_parser = non_negative)]
+    pub speech_secs_per_char: f64,
+
+    /// Pace speech answers at this many times real time (0: unpaced, as
+    /// fast as they are written); the batch slot is held while they stream.
+    #[arg(long, default_value_t = 0.0, value_name = "X", value_parser = non_negative)]
+    pub speech_realtime_factor: f64,
+
     /// Omit `usage` from answers, as backends that do not report it do.
     #[arg(long)]
     pub no_usage: bool,

@@ -19,7 +19,7 @@ fn input_field(endpoint: Endpoint) -> &'static str {
     match endpoint {
         Endpoint::ChatCompletions => "messages",
         Endpoint::Completions | Endpoint::ImageGenerations => "prompt",
-        Endpoint::Embeddings => "input",
+        Endpoint::Embeddings | Endpoint::Speech => "input",
     }
 }
 
@@ -60,6 +60,8 @@ pub struct InferenceRequest {
     pub upstream_body: Bytes,
     /// An images request's `size` and `quality`, which weigh its units.
     pub image: ImageOptions,
+    /// Characters of a speech request's `input` (0 for other endpoints).
+    pub characters: u64,
     /// The client's `stream_options`, raw (`None` when absent or null).
     stream_options: Option<Box<RawValue>>,
     /// The client sent `max_completion_tokens` (a cap is written there too).
@@ -223,7 +225,7 @@ impl<'a> Fields<'a> {
         match endpoint {
             Endpoint::ChatCompletions => self.messages,
             Endpoint::Completions | Endpoint::ImageGenerations => self.prompt,
-            Endpoint::Embeddings => self.input,
+            Endpoint::Embeddings | Endpoint::Speech => self.input,
         }
     }
 }
@@ -289,7 +291,7 @@ fn completion_limit(endpoint: Endpoint, fields: &Fields<'_>) -> Result<Option<u6
     Ok(match endpoint {
         Endpoint::ChatCompletions => completion.or(legacy),
         Endpoint::Completions => legacy,
-        Endpoint::Embeddings | Endpoint::ImageGenerations => None,
+        Endpoint::Embeddings | Endpoint::ImageGenerations | Endpoint::Speech => None,
     })
 }
 
@@ -484,8 +486,27 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
                 Some("prompt"),
             ));
         }
+        Endpoint::Speech if stream => {
+            return Err(ApiError::bad_request(
+                "Speech streams as audio by itself; leave `stream` out.",
+                Some("stream"),
+            ));
+        }
         _ => {}
     }
+    let characters = if endpoint == Endpoint::Speech {
+        match serde_json::from_str::<String>(input.get()) {
+            Ok(text) if !text.is_empty() => text.chars().count() as u64,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "`input` must be a non-empty string.",
+                    Some("input"),
+                ));
+            }
+        }
+    } else {
+        0
+    };
     let image = if endpoint == Endpoint::ImageGenerations {
         ImageOptions {
             size: optional_string(fields.size, "size")?,
@@ -512,7 +533,10 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
     }
     let prompts = match endpoint {
         Endpoint::Completions => completion_prompts(input)?,
-        Endpoint::ChatCompletions | Endpoint::Embeddings | Endpoint::ImageGenerations => 1,
+        Endpoint::ChatCompletions
+        | Endpoint::Embeddings
+        | Endpoint::ImageGenerations
+        | Endpoint::Speech => 1,
     };
     // Every prompt gets every choice: the reservation covers all of them.
     let sequences = choices.checked_mul(prompts).ok_or_else(|| {
@@ -530,6 +554,7 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
         max_tokens,
         sequences,
         image,
+        characters,
         upstream_body: body,
         stream_options,
         sent_completion_limit,

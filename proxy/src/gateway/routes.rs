@@ -45,6 +45,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         "/v1/completions" => (Route::Inference(Endpoint::Completions), Method::POST),
         "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
         "/v1/images/generations" => (Route::Inference(Endpoint::ImageGenerations), Method::POST),
+        "/v1/audio/speech" => (Route::Inference(Endpoint::Speech), Method::POST),
         "/v1/models" => (Route::Models, Method::GET),
         "/v1/usage" => (Route::Usage, Method::GET),
         "/healthz" => (Route::Healthz, Method::GET),

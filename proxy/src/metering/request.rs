@@ -149,6 +149,8 @@ impl Metering {
             upstream_status: None,
             usage_counted_here: false,
             first_byte: None,
+            audio_answer: !request.endpoint.answers_json(),
+            answer_ended: false,
             rejected: false,
             metered: None,
         }
@@ -200,6 +202,10 @@ impl Metering {
     /// the body may be shortened (a usage event stripped from a stream).
     pub fn response_started(&self, usage: &mut RequestUsage, status: u16, streaming: bool) -> bool {
         usage.upstream_status = Some(status);
+        // Audio is passed through unread: its units are known from the request.
+        if usage.audio_answer {
+            return false;
+        }
         let strip = usage.strip_usage_event && streaming;
         usage.capture = Some(ResponseCapture::new(streaming, strip));
         strip
@@ -207,7 +213,11 @@ impl Metering {
 
     /// One chunk of the answer on its way to the client; may replace it.
     pub fn response_chunk(usage: &mut RequestUsage, body: &mut Option<Bytes>, end_of_stream: bool) {
+        usage.answer_ended |= end_of_stream;
         let Some(capture) = usage.capture.as_mut() else {
+            if body.as_deref().is_some_and(|b| !b.is_empty()) {
+                usage.first_byte.get_or_insert_with(Instant::now);
+            }
             return;
         };
         if let Some(chunk) = body.as_deref()
@@ -246,7 +256,12 @@ impl Metering {
         let status = if usage.rejected {
             Status::Rejected
         } else {
-            outcome(usage.upstream_status, capture, done.request.stream)
+            outcome(
+                usage.upstream_status,
+                capture,
+                done.request.stream,
+                usage.answer_ended,
+            )
         };
         let billable = matches!(status, Status::Ok | Status::Partial);
         let unit_kind = done.request.endpoint.unit_kind();
@@ -258,11 +273,9 @@ impl Metering {
                 reported,
                 billable,
             ),
-            // What the answer delivered (images), in the weight they were asked at.
-            _ => Measured {
+            kind => Measured {
                 units: if billable {
-                    capture.map_or(0, ResponseCapture::data_items)
-                        * self.units_per_image(done.request)
+                    self.units_delivered(kind, done.request, capture)
                 } else {
                     0
                 },
@@ -425,11 +438,33 @@ impl Metering {
     }
 
     /// The units a request priced in other than tokens asks for, reserved
-    /// before it is forwarded: `n` images times their weight.
+    /// before it is forwarded: `n` images times their weight, the
+    /// characters to speak.
     pub fn units_asked(&self, request: &InferenceRequest) -> u64 {
-        request
-            .sequences
-            .saturating_mul(self.units_per_image(request))
+        match request.endpoint.unit_kind() {
+            UnitKind::Images => request
+                .sequences
+                .saturating_mul(self.units_per_image(request)),
+            UnitKind::Characters => request.characters,
+            _ => 0,
+        }
+    }
+
+    /// What a billable answer priced in `kind` delivered: the images in it,
+    /// in the weight they were asked at; the characters spoken (the whole
+    /// input, once the backend answered with audio).
+    fn units_delivered(
+        &self,
+        kind: UnitKind,
+        request: &InferenceRequest,
+        capture: Option<&ResponseCapture>,
+    ) -> u64 {
+        match kind {
+            UnitKind::Images => capture
+                .map_or(0, ResponseCapture::data_items)
+                .saturating_mul(self.units_per_image(request)),
+            _ => self.units_asked(request),
+        }
     }
 
     /// Runs a count of `bytes` of input here, or for a large one (above
@@ -494,6 +529,10 @@ pub struct RequestUsage {
     /// backend reports none): the event says `counted`.
     usage_counted_here: bool,
     first_byte: Option<Instant>,
+    /// The answer is audio, passed through unread (no capture).
+    audio_answer: bool,
+    /// The answer's last byte went by.
+    answer_ended: bool,
     /// Refused at admission: recorded as `rejected`, never forwarded.
     rejected: bool,
     /// Recorded already: the event went to the sink.
@@ -528,24 +567,26 @@ fn count_prompt(counter: &PromptCounter, endpoint: Endpoint, json: &Value) -> us
         Endpoint::Embeddings => {
             counter.count_embedding_input(json.get("input").unwrap_or(&Value::Null))
         }
-        // Billed per image, not per token.
-        Endpoint::ImageGenerations => 0,
+        // Billed per image or character, not per token.
+        Endpoint::ImageGenerations | Endpoint::Speech => 0,
     }
 }
 
 /// How an admitted request ended. A 2xx answer is `ok` when it arrived whole
 /// without an error; a stream cut short, or ended by an error event, bills
 /// the work done so far as `partial`; a JSON error under a 2xx status did no
-/// work.
+/// work. An answer passed through unread (audio) is `ok` once it `ended`.
 fn outcome(
     upstream_status: Option<u16>,
     capture: Option<&ResponseCapture>,
     streamed: bool,
+    ended: bool,
 ) -> Status {
     let Some(status) = upstream_status else {
         return Status::UpstreamError;
     };
     match (status, capture) {
+        (200..=299, None) if ended => Status::Ok,
         (200..=299, Some(c)) if !streamed && c.backend_error() => Status::UpstreamError,
         (200..=299, Some(c)) if c.completed() && !c.backend_error() => Status::Ok,
         (200..=299, _) => Status::Partial,
@@ -607,15 +648,18 @@ mod tests {
             capture.finish();
             capture
         };
-        assert_eq!(outcome(Some(200), Some(&whole), true), Status::Ok);
-        assert_eq!(outcome(Some(200), Some(&cut), true), Status::Partial);
+        assert_eq!(outcome(Some(200), Some(&whole), true, true), Status::Ok);
+        assert_eq!(outcome(Some(200), Some(&cut), true, false), Status::Partial);
         assert_eq!(
-            outcome(Some(200), Some(&json_error), false),
+            outcome(Some(200), Some(&json_error), false, true),
             Status::UpstreamError
         );
-        assert_eq!(outcome(Some(429), None, false), Status::ClientError);
-        assert_eq!(outcome(Some(503), None, false), Status::UpstreamError);
-        assert_eq!(outcome(None, None, false), Status::UpstreamError);
+        // Audio, passed through unread: whole once its last byte went by.
+        assert_eq!(outcome(Some(200), None, false, true), Status::Ok);
+        assert_eq!(outcome(Some(200), None, false, false), Status::Partial);
+        assert_eq!(outcome(Some(429), None, false, true), Status::ClientError);
+        assert_eq!(outcome(Some(503), None, false, true), Status::UpstreamError);
+        assert_eq!(outcome(None, None, false, false), Status::UpstreamError);
     }
 
     #[test]

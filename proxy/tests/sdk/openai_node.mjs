@@ -59,6 +59,21 @@ assert.deepEqual(
   images[1].data.map((i) => i.b64_json),
 );
 
+const speech = await Promise.all(
+  [client, direct].map(async (c) => {
+    const response = await c.audio.speech.create({
+      model,
+      voice: "alloy",
+      input: "Hello there",
+      response_format: "wav",
+    });
+    assert.equal(response.headers.get("content-type"), "audio/wav");
+    return Buffer.from(await response.arrayBuffer());
+  }),
+);
+assert.equal(speech[0].subarray(0, 4).toString(), "RIFF");
+assert.ok(speech[0].equals(speech[1]));
+
 await assert.rejects(
   new OpenAI({ baseURL, apiKey: "tg_wrong", maxRetries: 0 }).models.list(),
   (e) => e.status === 401 && e.code === "invalid_api_key",

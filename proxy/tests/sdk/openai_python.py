@@ -67,6 +67,13 @@ assert [i.b64_json for i in images[0].data] == [i.b64_json for i in images[1].da
 url = client.images.generate(model=model, prompt="a lighthouse", size="256x256")
 assert url.data[0].url.endswith(".png"), url
 
+speech = [
+    c.audio.speech.create(model=model, voice="alloy", input="Hello there", response_format="wav")
+    for c in (client, direct)
+]
+assert speech[0].response.headers["content-type"] == "audio/wav"
+assert speech[0].content[:4] == b"RIFF" and speech[0].content == speech[1].content
+
 try:
     OpenAI(base_url=base_url, api_key="tg_wrong", max_retries=0).models.list()
     raise AssertionError("a wrong key was accepted")

@@ -1,6 +1,6 @@
 //! The OpenAI HTTP API as trtllm-serve, vLLM and Triton's OpenAI frontend
 //! speak it: models, chat completions, completions and embeddings, streamed
-//! and not, and image generation.
+//! and not, image generation and speech.
 //!
 //! Chat and completions behave as vLLM's server does: prompt lists and `n`
 //! choices per prompt (choice `prompt * n + i`), `best_of`, log
@@ -12,12 +12,14 @@
 //! - [`chunks`]: the same answer streamed.
 //! - [`embeddings`]: the `/v1/embeddings` endpoint.
 //! - [`images`]: the `/v1/images/generations` endpoint and its image files.
+//! - [`speech`]: the `/v1/audio/speech` endpoint.
 
 mod chunks;
 mod embeddings;
 mod images;
 mod request;
 mod response;
+mod speech;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -37,6 +39,7 @@ pub use self::images::{image_file, images_generations};
 use self::request::{ChatRequest, CompletionRequest};
 pub use self::request::{check_max_tokens, parse_body};
 use self::response::{ChoiceStyle, Usage, response_id};
+pub use self::speech::speech;
 use super::engine::{Engine, Generation, GenerationRequest};
 use super::error::SimError;
 use super::stream::sse_response;
