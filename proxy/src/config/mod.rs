@@ -655,6 +655,25 @@ mod tests {
         );
         assert!(images.tiers[0].quota(UnitKind::Images).unwrap().hard_cap);
         assert!(!images.tiers[0].is_paid() && images.tiers[1].is_paid());
+
+        let speech = plan("speech");
+        let names: Vec<_> = speech.tiers.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["free", "creator", "studio"]);
+        let free = &speech.tiers[0];
+        assert_eq!(
+            free.quota(UnitKind::Characters).map(|q| (q.included, q.daily_cap)),
+            Some((Some(20000), Some(2000)))
+        );
+        assert_eq!(
+            free.quota(UnitKind::GpuSeconds).and_then(|q| q.included),
+            Some(300)
+        );
+        assert_eq!(
+            speech.tiers[1]
+                .quota(UnitKind::Characters)
+                .and_then(|q| q.overage_price),
+            Some(0.00002)
+        );
     }
 
     #[test]
