@@ -4,13 +4,16 @@
 # features (proxy/examples/passthrough.rs: the stack's own limit).
 #
 # Every process runs one worker thread (Tollgate's default WORKERS=1); gpu-sim
-# answers at once with 16 tokens. Sections (SECTIONS, default all three):
+# answers at once with 16 tokens. Sections (SECTIONS, default all four):
 #  fixed   open-loop load at fixed rates, `loadgen --compare direct X` with
 #          ROUNDS alternating rounds: added latency p50/p99 of the
 #          passthrough and of Tollgate;
 #  ladder  open-loop rate ladder: the highest rate each target sustains with
 #          p99 < 10 ms and no errors or dropped requests, in most of
 #          LADDER_RUNS runs;
+#  work    images (two 256x256 PNGs, b64_json) and speech (a WAV of one
+#          sentence) at WORK_RATE, `loadgen --compare direct Tollgate --body`:
+#          added latency p50/p99 for GPU work beyond chat;
 #  peak    closed-loop peak throughput with wrk (1 thread, 16 connections),
 #          median of PEAK_RUNS runs: the method of the passthrough ceiling
 #          quoted in the project brief.
@@ -25,11 +28,12 @@ provision
 cd "$ROOT"
 RATES="${RATES:-500 1000 2000}"
 ROUNDS="${ROUNDS:-3}"
+WORK_RATE="${WORK_RATE:-100}"
 DURATION="${DURATION:-5}"
 LADDER="${LADDER:-1000 2000 4000 6000 8000 10000 12000 14000 16000 20000}"
 LADDER_RUNS="${LADDER_RUNS:-3}"
 PEAK_RUNS="${PEAK_RUNS:-3}"
-SECTIONS="${SECTIONS:-fixed ladder peak}"
+SECTIONS="${SECTIONS:-fixed ladder work peak}"
 
 apt_install wrk
 cargo build --release --locked --bins --example passthrough >&2
@@ -76,6 +80,29 @@ for mode in plain stream; do
         add='"%+.3f / %+.3f" % (d["added_latency_ms"]["p50"], d["added_latency_ms"]["p99"])'
         echo "| $mode | $rate | $(field "$t" "$lat") | $(field "$p" "$latb") | $(field "$t" "$latb") | $(field "$p" "$add") | $(field "$t" "$add") |"
     done
+done
+fi
+
+if section work; then
+echo
+echo "### GPU work beyond chat: images and speech"
+echo
+echo "loadgen --compare direct Tollgate --body: one request shape each, $WORK_RATE req/s, median of $ROUNDS alternating rounds of ${DURATION}s; latency in ms."
+echo
+echo "| request | direct p50 / p99 | Tollgate p50 / p99 | Tollgate adds p50 / p99 |"
+echo "|---|---|---|---|"
+printf '%s' '{"model":"sim-model","prompt":"a lighthouse at dusk","n":2,"size":"256x256","response_format":"b64_json"}' >"$OUT/images.json"
+printf '%s' '{"model":"sim-model","voice":"alloy","input":"Welcome back. Your order has shipped and will arrive on Tuesday.","response_format":"wav"}' >"$OUT/speech.json"
+for work in images:/v1/images/generations speech:/v1/audio/speech; do
+    name=${work%%:*} path=${work#*:}
+    "$BIN/loadgen" --compare "$DIRECT$path" "$TOLLGATE$path" --key "$KEY" --body "$OUT/$name.json" \
+        --rate "$WORK_RATE" --duration "$DURATION" --rounds "$ROUNDS" \
+        --json "$OUT/work-$name.json" >/dev/null
+    w=$OUT/work-$name.json
+    lat='"%.3f / %.3f" % (d["a"]["median"]["latency_ms"]["p50"], d["a"]["median"]["latency_ms"]["p99"])'
+    latb='"%.3f / %.3f" % (d["b"]["median"]["latency_ms"]["p50"], d["b"]["median"]["latency_ms"]["p99"])'
+    add='"%+.3f / %+.3f" % (d["added_latency_ms"]["p50"], d["added_latency_ms"]["p99"])'
+    echo "| $name ($(wc -c <"$OUT/$name.json") B) | $(field "$w" "$lat") | $(field "$w" "$latb") | $(field "$w" "$add") |"
 done
 fi
 

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bytes::Bytes;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
@@ -136,6 +137,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub stream: bool,
 
+    /// Send this file's bytes as every request's JSON body instead of a chat
+    /// completion (an images or speech request, with the URL's path): any 2xx
+    /// answer read to its end counts as served, whatever its content
+    #[arg(long, value_name = "FILE", value_parser = read_body, conflicts_with = "stream")]
+    pub body: Option<Bytes>,
     /// Size of the user prompt in bytes (ASCII words)
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
@@ -194,6 +200,8 @@ pub struct LoadPlan {
     pub duration: Duration,
     pub concurrency: usize,
     pub stream: bool,
+    /// `--body`: sent in place of a chat completion.
+    pub body: Option<Bytes>,
     pub prompt_bytes: usize,
     pub max_tokens: u32,
     pub model: String,
@@ -210,6 +218,9 @@ pub struct LoadEcho {
     pub duration_secs: f64,
     pub concurrency: usize,
     pub stream: bool,
+    /// Size of a `--body` sent in place of a chat completion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_bytes: Option<usize>,
     pub prompt_bytes: usize,
     pub max_tokens: u32,
     pub model: String,
@@ -222,6 +233,12 @@ pub struct LoadEcho {
 pub struct KeyEcho {
     pub key: String,
     pub weight: u32,
+}
+
+fn read_body(path: &str) -> Result<Bytes, String> {
+    std::fs::read(path)
+        .map(Bytes::from)
+        .map_err(|e| format!("cannot read {path}: {e}"))
 }
 
 /// Enough rounds for a median to ignore one disturbed round.
@@ -269,6 +286,7 @@ impl RunArgs {
             duration: self.duration,
             concurrency: self.concurrency as usize,
             stream: self.stream,
+            body: self.body.clone(),
             prompt_bytes: self.prompt_bytes as usize,
             max_tokens: self.max_tokens,
             model: self.model.clone(),
@@ -286,6 +304,7 @@ impl LoadPlan {
             duration_secs: self.duration.as_secs_f64(),
             concurrency: self.concurrency,
             stream: self.stream,
+            body_bytes: self.body.as_ref().map(Bytes::len),
             prompt_bytes: self.prompt_bytes,
             max_tokens: self.max_tokens,
             model: self.model.clone(),

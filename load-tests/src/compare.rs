@@ -595,6 +595,7 @@ mod tests {
             duration: std::time::Duration::from_secs(1),
             concurrency: 8,
             stream: false,
+            body: None,
             prompt_bytes: 10,
             max_tokens: 4,
             model: "m".into(),

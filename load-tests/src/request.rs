@@ -45,6 +45,8 @@ pub struct RequestTemplate {
     /// One `Authorization` value per key of the mix, in [`crate::key_mix::KeyMix::keys`] order.
     authorizations: Vec<HeaderValue>,
     stream: bool,
+    /// A `--body` was sent: the answer is read, not checked as a completion.
+    custom_body: bool,
     timeout: Duration,
 }
 
@@ -58,9 +60,13 @@ impl RequestTemplate {
             .collect::<anyhow::Result<_>>()?;
         Ok(Self {
             uri: endpoint.uri().clone(),
-            body: chat_body(plan).context("serializing the request body")?,
+            body: match &plan.body {
+                Some(body) => body.clone(),
+                None => chat_body(plan).context("serializing the request body")?,
+            },
             authorizations,
             stream: plan.stream,
+            custom_body: plan.body.is_some(),
             timeout: plan.timeout,
         })
     }
@@ -195,7 +201,7 @@ pub async fn exchange(
         if template.stream {
             read_stream(response, scheduled).await
         } else {
-            read_completion(response, scheduled).await
+            read_completion(response, scheduled, !template.custom_body).await
         }
     };
     let outcome = tokio::time::timeout(template.timeout, attempt)
@@ -220,9 +226,11 @@ fn queue_wait_of(headers: &HeaderMap) -> Option<Duration> {
     Some(Duration::from_millis(millis))
 }
 
+/// Reads a whole answer; `completion`: it must be a chat completion.
 async fn read_completion(
     response: Response<Incoming>,
     scheduled: Instant,
+    completion: bool,
 ) -> Result<Success, Failure> {
     let body = response
         .into_body()
@@ -231,7 +239,11 @@ async fn read_completion(
         .map_err(|_| Failure::Io)?
         .to_bytes();
     let latency = scheduled.elapsed();
-    let tally = tally_completion_body(&body).map_err(|_| Failure::BadBody)?;
+    let tally = if completion {
+        tally_completion_body(&body).map_err(|_| Failure::BadBody)?
+    } else {
+        BodyTally::default()
+    };
     Ok(Success {
         latency,
         ttfb: None,
@@ -292,6 +304,7 @@ mod tests {
             duration: Duration::from_secs(1),
             concurrency: 4,
             stream,
+            body: None,
             prompt_bytes: 40,
             max_tokens: 16,
             model: "sim-model".into(),

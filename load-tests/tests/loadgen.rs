@@ -187,6 +187,52 @@ fn non_streamed_run_counts_every_request_and_its_usage() {
     assert_eq!(report["per_key"], Value::Array(Vec::new()));
 }
 
+/// `--body` sends any JSON request (here an image, then speech) to the URL's
+/// path, and counts every 2xx answer read to its end as served.
+#[test]
+fn a_body_file_drives_images_and_speech() {
+    let sim = gpu_sim(&[]);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, path, body) in [
+        (
+            "images",
+            "/v1/images/generations",
+            r#"{"model":"sim-model","prompt":"a lighthouse","size":"64x64","response_format":"b64_json"}"#,
+        ),
+        (
+            "speech",
+            "/v1/audio/speech",
+            r#"{"model":"sim-model","input":"hello there","response_format":"wav"}"#,
+        ),
+    ] {
+        let file = dir.join(format!("request-{name}-{}.json", std::process::id()));
+        std::fs::write(&file, body).unwrap();
+        let url = format!("{}{path}", sim.base());
+        let doc = loadgen_json(
+            &format!("body-{name}"),
+            &[
+                "--url",
+                &url,
+                "--body",
+                file.to_str().unwrap(),
+                "--rate",
+                "100",
+                "--duration",
+                "1",
+            ],
+        );
+        let report = &doc["report"];
+        assert_consistent(report);
+        assert_eq!(doc["load"]["body_bytes"], body.len());
+        assert_eq!(report["url"], url);
+        let requests = &report["requests"];
+        assert_eq!(count(&requests["errors"]), 0, "{name}: {report}");
+        assert_eq!(requests["ok"], requests["sent"], "{name}: {report}");
+        assert!(count(&requests["ok"]) > 50, "{name}: {report}");
+    }
+}
+
 #[test]
 fn streamed_run_counts_content_chunks_ttfb_and_final_usage() {
     let sim = gpu_sim(&[]);

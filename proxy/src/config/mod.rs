@@ -661,7 +661,8 @@ mod tests {
         assert_eq!(names, ["free", "creator", "studio"]);
         let free = &speech.tiers[0];
         assert_eq!(
-            free.quota(UnitKind::Characters).map(|q| (q.included, q.daily_cap)),
+            free.quota(UnitKind::Characters)
+                .map(|q| (q.included, q.daily_cap)),
             Some((Some(20000), Some(2000)))
         );
         assert_eq!(
