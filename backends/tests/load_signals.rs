@@ -30,35 +30,31 @@ async fn scrape_sees_gpu_sim_running_one_and_queueing_two() {
         })
         .collect();
 
+    // gpu-sim exports Triton's names too, and reports the share of busy batch
+    // slots as both KV-cache usage and GPU utilisation. The gauges move one
+    // at a time (waiting, then pending), so a scrape can fall between two
+    // of them: poll until the whole set agrees.
+    let expected = LoadSignals {
+        waiting: Some(2.0),
+        running: Some(1.0),
+        kv_cache_usage: Some(1.0),
+        pending: Some(2.0),
+        gpu_utilization: Some(1.0),
+    };
     let client = ProbeClient::new();
     let deadline = tokio::time::Instant::now() + POLL_DEADLINE;
-    let signals = loop {
+    loop {
         let signals = scrape(&client, sim.address(), SCRAPE_TIMEOUT).await;
-        if let Some(signals) = &signals
-            && signals.running == Some(1.0)
-            && signals.waiting == Some(2.0)
-        {
-            break signals.clone();
+        if signals.as_ref() == Some(&expected) {
+            break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for 1 running and 2 waiting; last scrape: {signals:?}"
+            "timed out waiting for 1 running and 2 waiting (all gauges); last scrape: {signals:?}"
         );
         tokio::time::sleep(POLL_INTERVAL).await;
-    };
-    // gpu-sim exports Triton's names too, and reports the share of busy batch
-    // slots as both KV-cache usage and GPU utilisation.
-    assert_eq!(
-        signals,
-        LoadSignals {
-            waiting: Some(2.0),
-            running: Some(1.0),
-            kv_cache_usage: Some(1.0),
-            pending: Some(2.0),
-            gpu_utilization: Some(1.0),
-        }
-    );
-    assert_eq!(signals.queued(), Some(2.0));
+    }
+    assert_eq!(expected.queued(), Some(2.0));
 
     for request in requests {
         request.abort();
