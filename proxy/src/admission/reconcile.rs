@@ -1,7 +1,7 @@
 //! Period counters from the usage log: at start-up and every
 //! `admission.reconcile_interval`, each account's `used` units this billing
-//! period (its subscription's, else the calendar month) and today are raised
-//! to what the usage log's rollups hold. A Redis flush,
+//! period (its subscription's, else the calendar month) and today, per unit
+//! kind, are raised to what the usage log's rollups hold. A Redis flush,
 //! a restart of a single instance, or a settlement lost while Redis was down
 //! therefore never grants free usage for longer than one interval.
 //!
@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tollgate_metering::units::UnitKind;
 use uuid::Uuid;
 
 use super::limiter::Limiter;
@@ -29,15 +30,15 @@ use crate::store_errors::{self, PostgresOperation};
 /// Bound on one reconciliation's queries.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Units this calendar month and today, per account, under its current
-/// tier: a paid period that ended this month is not charged to the free
-/// tier's month (its units were counted in the period's own counter).
+/// Units this calendar month and today, per account and unit kind, under
+/// its current tier: a paid period that ended this month is not charged to
+/// the free tier's month (its units were counted in the period's own counter).
 const CALENDAR_UNITS: &str = "\
-    SELECT r.account_id, \
+    SELECT r.account_id, r.unit_kind, \
            SUM(r.units)::bigint, \
            COALESCE(SUM(r.units) FILTER (WHERE r.bucket >= $2), 0)::bigint \
     FROM usage_rollup_day r JOIN accounts a ON a.id = r.account_id AND a.tier = r.tier \
-    WHERE r.bucket >= $1 AND r.unit_kind = 'tokens' GROUP BY r.account_id";
+    WHERE r.bucket >= $1 GROUP BY r.account_id, r.unit_kind";
 
 /// The current period of the subscription that grants each account its tier
 /// (`accounts.billing_subscription_id`, as in the key lookup).
@@ -47,24 +48,27 @@ const BILLING_PERIODS: &str = "\
       ON s.subscription_id = a.billing_subscription_id AND s.tier = a.tier \
     WHERE s.current_period_start IS NOT NULL";
 
-/// Units since each given start: minute rollups up to the first midnight,
-/// day rollups after it (a billing period starts at any time of day).
+/// Units since each given start, per unit kind: minute rollups up to the
+/// first midnight, day rollups after it (a billing period starts at any
+/// time of day).
 const UNITS_SINCE: &str = "\
-    SELECT p.account_id, \
-           (COALESCE((SELECT SUM(units) FROM usage_rollup_minute m \
-                      WHERE m.account_id = p.account_id AND m.bucket >= p.start \
-                        AND m.bucket < p.midnight AND m.unit_kind = 'tokens'), 0) \
-          + COALESCE((SELECT SUM(units) FROM usage_rollup_day d \
-                      WHERE d.account_id = p.account_id AND d.bucket >= p.midnight \
-                        AND d.unit_kind = 'tokens'), 0))::bigint \
-    FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS p(account_id, start, midnight)";
+    SELECT p.account_id, u.unit_kind, SUM(u.units)::bigint \
+    FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS p(account_id, start, midnight) \
+    JOIN LATERAL ( \
+        SELECT m.unit_kind, m.units FROM usage_rollup_minute m \
+        WHERE m.account_id = p.account_id AND m.bucket >= p.start AND m.bucket < p.midnight \
+        UNION ALL \
+        SELECT d.unit_kind, d.units FROM usage_rollup_day d \
+        WHERE d.account_id = p.account_id AND d.bucket >= p.midnight \
+    ) AS u ON true \
+    GROUP BY p.account_id, u.unit_kind";
 
 /// What one reconciliation did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reconciled {
-    /// Accounts whose counters were set.
+    /// Accounts' counters set (once per unit kind the account used).
     pub accounts: usize,
-    /// Accounts whose counters could not be set (each logged).
+    /// Counters that could not be set (each logged).
     pub failed: usize,
 }
 
@@ -72,7 +76,9 @@ pub struct Reconciled {
 pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<Reconciled> {
     let now = SystemTime::now();
     let (month_start, day_start) = periods::starts(now, None);
-    let (calendar, billing) = tokio::time::timeout(QUERY_TIMEOUT, async {
+    // Units per account and unit kind: each kind has its own counters.
+    let kind = |row: &tokio_postgres::Row| row.get::<_, &str>(1).parse::<UnitKind>().ok();
+    let (calendar, billing, period_units) = tokio::time::timeout(QUERY_TIMEOUT, async {
         let client = pool.get().await?;
         let calendar = client
             .query(CALENDAR_UNITS, &[&month_start, &day_start])
@@ -83,24 +89,25 @@ pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<Re
                 start: row.get(1),
                 end: row.get(2),
             };
-            billing.insert(row.get::<_, Uuid>(0), (period, 0_i64));
+            billing.insert(row.get::<_, Uuid>(0), period);
         }
         let (accounts, starts, midnights): (Vec<Uuid>, Vec<SystemTime>, Vec<SystemTime>) = billing
             .iter()
-            .map(|(account, (period, _))| {
+            .map(|(account, period)| {
                 let start = periods::starts(now, Some(*period)).0;
                 (*account, start, periods::next_midnight(start))
             })
             .collect();
+        let mut period_units: HashMap<(Uuid, UnitKind), i64> = HashMap::new();
         for row in client
             .query(UNITS_SINCE, &[&accounts, &starts, &midnights])
             .await?
         {
-            if let Some((_, units)) = billing.get_mut(&row.get::<_, Uuid>(0)) {
-                *units = row.get(1);
+            if let Some(kind) = kind(&row) {
+                period_units.insert((row.get(0), kind), row.get(2));
             }
         }
-        anyhow::Ok((calendar, billing))
+        anyhow::Ok((calendar, billing, period_units))
     })
     .await
     .map_err(|_| anyhow::anyhow!("usage query timed out"))
@@ -115,37 +122,50 @@ pub async fn reconcile_once(pool: &Pool, limiter: &Limiter) -> anyhow::Result<Re
             tracing::warn!(%account, "period counters of this account not reconciled: {error}");
         }
     };
-    let mut day_units: HashMap<Uuid, u64> = HashMap::new();
+    let mut day_units: HashMap<(Uuid, UnitKind), u64> = HashMap::new();
     for row in &calendar {
-        let account: Uuid = row.get(0);
-        day_units.insert(account, units(row.get(2)));
+        let (account, Some(kind)) = (row.get::<_, Uuid>(0), kind(row)) else {
+            continue;
+        };
+        day_units.insert((account, kind), units(row.get(3)));
         if !billing.contains_key(&account) {
             let result = limiter
                 .reconcile(
                     account,
-                    &periods::periods(now, None),
-                    units(row.get(1)),
+                    &periods::periods(now, None).of_unit(kind),
                     units(row.get(2)),
+                    units(row.get(3)),
                 )
                 .await;
             tally(account, result);
         }
     }
-    for (account, (period, period_units)) in &billing {
-        let today = day_units.get(account).copied().unwrap_or(0);
-        if *period_units == 0 && today == 0 {
-            // Nothing to raise: an idle subscriber gets no counters.
+    // A subscriber's kinds with units this period or today; an idle
+    // subscriber gets no counters.
+    let mut subscribed: Vec<(Uuid, UnitKind)> = period_units
+        .keys()
+        .chain(
+            day_units
+                .keys()
+                .filter(|(account, _)| billing.contains_key(account)),
+        )
+        .copied()
+        .collect();
+    subscribed.sort_unstable();
+    subscribed.dedup();
+    for (account, kind) in subscribed {
+        let Some(period) = billing.get(&account) else {
             continue;
-        }
+        };
         let result = limiter
             .reconcile(
-                *account,
-                &periods::periods(now, Some(*period)),
-                units(*period_units),
-                today,
+                account,
+                &periods::periods(now, Some(*period)).of_unit(kind),
+                units(period_units.get(&(account, kind)).copied().unwrap_or(0)),
+                day_units.get(&(account, kind)).copied().unwrap_or(0),
             )
             .await;
-        tally(*account, result);
+        tally(account, result);
     }
     // The local copy has every account's totals (its side never fails).
     limiter.reconciled();

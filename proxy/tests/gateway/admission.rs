@@ -11,6 +11,7 @@ use futures_util::future::join_all;
 use tollgate::admission::limits::redis::RedisLimits;
 use tollgate::admission::limits::{LimitStore, QuotaState};
 use tollgate::admission::periods::{BillingPeriod, periods};
+use tollgate_metering::units::UnitKind;
 use uuid::Uuid;
 
 use super::metering::scrape;
@@ -142,6 +143,17 @@ impl Gateway {
         account: Uuid,
         billing: Option<BillingPeriod>,
     ) -> QuotaState {
+        self.quota_state_of(account, billing, UnitKind::Tokens)
+            .await
+    }
+
+    /// The account's counters in Redis for its quota in `kind`.
+    pub(super) async fn quota_state_of(
+        &self,
+        account: Uuid,
+        billing: Option<BillingPeriod>,
+        kind: UnitKind,
+    ) -> QuotaState {
         let url = self.options.redis.as_deref().unwrap();
         let client = Builder::from_config(RedisConfig::from_url(url).unwrap())
             .build()
@@ -153,7 +165,7 @@ impl Gateway {
             Duration::from_secs(5),
         );
         let state = limits
-            .quota_state(account, &periods(SystemTime::now(), billing))
+            .quota_state(account, &periods(SystemTime::now(), billing).of_unit(kind))
             .await
             .unwrap();
         let _ = client.quit().await;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
+use tollgate_metering::units::UnitKind;
 
 use super::*;
 
@@ -165,4 +166,64 @@ async fn a_daily_image_cap_holds_under_200_concurrent_requests() {
         .post_json(&key, "/v1/chat/completions", &chat("hi", 4))
         .await;
     assert_eq!(status, 200);
+}
+
+/// Regression: the period reconciler restored token counters only, so after
+/// a Redis flush a tier's image quota started again from zero.
+#[tokio::test]
+async fn a_redis_flush_does_not_grant_free_images() {
+    let sim = Sim::start(&[]);
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            redis: Some(redis_url()),
+            tiers: Some(
+                "[[tiers]]\nname = \"free\"\npriority = 0\n\
+                 [tiers.units.images]\nincluded = 3\nhard_cap = true\n\
+                 [[tiers]]\nname = \"pro\"\npriority = 10\n"
+                    .to_owned(),
+            ),
+            admission: "reconcile_interval = \"200ms\"",
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key_on("acme", "free", &[]);
+    let account = gateway.account_id("acme").await;
+    let (status, _) = gateway
+        .post_json(
+            &key,
+            "/v1/images/generations",
+            &image_request(3, "256x256", "standard"),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually("the usage log holds 3 images", || async {
+        gateway.units_logged().await == 3
+    })
+    .await;
+    delete_redis_keys(&redis_url(), &gateway.redis_prefix);
+    // Before any request could restore them from the gateway's own copy.
+    eventually(
+        "the image counters are restored from the usage log",
+        || async {
+            gateway
+                .quota_state_of(account, None, UnitKind::Images)
+                .await
+                .month_used
+                == 3
+        },
+    )
+    .await;
+    let (status, body) = gateway
+        .post_json(
+            &key,
+            "/v1/images/generations",
+            &image_request(1, "256x256", "standard"),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (429, &json!("insufficient_quota"))
+    );
 }
