@@ -435,6 +435,56 @@ async fn metrics_count_tokens_and_time_to_first_token() {
     ));
 }
 
+/// Images and speech: real files, counted in `/metrics` under gpu-sim's
+/// own names, and refused like OpenAI refuses them.
+#[tokio::test]
+async fn images_and_speech_are_real_files_and_are_counted() {
+    let sim = Sim::fast(&["--speech-secs-per-char", "0.5"]);
+    let (status, images) = sim
+        .post_json(
+            "/v1/images/generations",
+            json!({"model": "sim-model", "prompt": "a fox", "n": 2, "size": "32x16",
+                   "response_format": "b64_json"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(images["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    // PNG signature, then the IHDR chunk's width and height.
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(
+        (&png[16..20], &png[20..24]),
+        (&32u32.to_be_bytes()[..], &16u32.to_be_bytes()[..])
+    );
+    let speech = sim
+        .post(
+            "/v1/audio/speech",
+            json!({"model": "sim-model", "input": "four"}),
+        )
+        .await;
+    assert_eq!(speech.headers()["content-type"], "audio/wav");
+    let wav = speech.bytes().await.unwrap();
+    // 4 characters x 0.5 s x 16 kHz x 2 bytes, after the 44-byte header.
+    assert_eq!(wav.len(), 44 + 4 * 8000 * 2);
+    let metrics = sim.metrics().await;
+    assert!(
+        metrics.contains("gpu_sim_images_generated_total{model_name=\"sim-model\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gpu_sim_speech_seconds_total{model_name=\"sim-model\"} 2"),
+        "{metrics}"
+    );
+    let (status, _) = sim
+        .post_json(
+            "/v1/images/generations",
+            json!({"model": "sim-model", "prompt": "a fox", "n": 11}),
+        )
+        .await;
+    assert_eq!(status, 400);
+}
+
 #[tokio::test]
 async fn error_injection_returns_openai_error_json() {
     let sim = Sim::fast(&["--error-rate", "1"]);

@@ -2,7 +2,8 @@
 //!
 //! Engine metrics carry vLLM's names (`vllm:*`, label `model_name`) and
 //! Triton's (`nv_*`), so Tollgate's load-signal scrapers are tested against the
-//! same series they will read in production.
+//! same series they will read in production; images and speech, which those
+//! servers do not make, are counted under gpu-sim's own names (`gpu_sim_*`).
 
 use std::collections::HashMap;
 
@@ -27,6 +28,10 @@ pub struct ModelMetrics {
     pub ttft: Histogram,
     pub prompt_tokens: IntCounter,
     pub generation_tokens: IntCounter,
+    /// Images drawn (`/v1/images/generations`); gpu-sim's own name.
+    pub images: IntCounter,
+    /// Seconds of speech written (`/v1/audio/speech`); gpu-sim's own name.
+    pub speech_seconds: prometheus::Counter,
 }
 
 pub struct SimMetrics {
@@ -77,6 +82,14 @@ impl SimMetrics {
                     "vllm:generation_tokens_total",
                     "Number of generation tokens processed.",
                 ))?,
+                images: IntCounter::with_opts(vllm(
+                    "gpu_sim_images_generated_total",
+                    "Images generated.",
+                ))?,
+                speech_seconds: prometheus::Counter::with_opts(vllm(
+                    "gpu_sim_speech_seconds_total",
+                    "Seconds of speech audio generated.",
+                ))?,
             };
             registry.register(Box::new(metrics.running.clone()))?;
             registry.register(Box::new(metrics.waiting.clone()))?;
@@ -84,6 +97,8 @@ impl SimMetrics {
             registry.register(Box::new(metrics.ttft.clone()))?;
             registry.register(Box::new(metrics.prompt_tokens.clone()))?;
             registry.register(Box::new(metrics.generation_tokens.clone()))?;
+            registry.register(Box::new(metrics.images.clone()))?;
+            registry.register(Box::new(metrics.speech_seconds.clone()))?;
             per_model.insert(model.clone(), metrics);
         }
         let kv_cache_usage = Gauge::with_opts(Opts::new(

@@ -86,6 +86,7 @@ pub async fn images_generations(
     if !work.is_zero() {
         tokio::time::sleep(work).await;
     }
+    slot.metrics.images.inc_by(u64::from(n));
     drop(slot);
     let host = headers
         .get(header::HOST)

@@ -78,6 +78,9 @@ pub async fn speech(
         pcm(key, samples)
     };
     let slot = engine.hold_slot(&request.model).await?;
+    slot.metrics
+        .speech_seconds
+        .inc_by(samples as f64 / f64::from(SAMPLE_RATE));
     // Each chunk is due when real time (scaled) reaches the audio it ends.
     let pace = (engine.options.speech_realtime_factor > 0.0).then(|| {
         Duration::from_secs_f64(
