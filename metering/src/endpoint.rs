@@ -25,26 +25,32 @@ pub enum Endpoint {
     /// `POST /v1/audio/speech`: text to speech.
     #[serde(rename = "speech")]
     Speech,
+    /// A custom GPU route (`[[routes]]`): any path, forwarded as it came.
+    #[serde(rename = "custom")]
+    Custom,
 }
 
 impl Endpoint {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
         Self::ImageGenerations,
         Self::Speech,
+        Self::Custom,
     ];
 
-    /// The canonical OpenAI path, which backends are asked on.
-    pub fn path(self) -> &'static str {
-        match self {
+    /// The canonical OpenAI path, which backends are asked on; `None` for a
+    /// custom route, whose requests keep their own path.
+    pub fn path(self) -> Option<&'static str> {
+        Some(match self {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
             Self::ImageGenerations => "/v1/images/generations",
             Self::Speech => "/v1/audio/speech",
-        }
+            Self::Custom => return None,
+        })
     }
 
     /// What kind of work it is, as usage events and the usage log name it.
@@ -55,6 +61,7 @@ impl Endpoint {
             Self::Embeddings => "embedding",
             Self::ImageGenerations => "image",
             Self::Speech => "speech",
+            Self::Custom => "custom",
         }
     }
 
@@ -66,23 +73,25 @@ impl Endpoint {
             Self::Embeddings => "embeddings",
             Self::ImageGenerations => "images_generations",
             Self::Speech => "audio_speech",
+            Self::Custom => "custom",
         }
     }
 
-    /// What the endpoint's work is billed in unless a tier or route says
-    /// otherwise.
+    /// What the endpoint's work is billed in; a custom route names its own.
     pub fn unit_kind(self) -> UnitKind {
         match self {
             Self::ChatCompletions | Self::Completions | Self::Embeddings => UnitKind::Tokens,
             Self::ImageGenerations => UnitKind::Images,
             Self::Speech => UnitKind::Characters,
+            Self::Custom => UnitKind::Requests,
         }
     }
 
     /// Whether the answer is JSON (or a stream of JSON events), which
-    /// metering reads; speech answers with audio bytes.
+    /// metering reads; speech answers with audio bytes, a custom route with
+    /// whatever its server sends.
     pub fn answers_json(self) -> bool {
-        !matches!(self, Self::Speech)
+        !matches!(self, Self::Speech | Self::Custom)
     }
 
     /// Whether the endpoint generates text (and so takes a completion limit).
@@ -99,6 +108,7 @@ impl Endpoint {
             Self::Embeddings => "embd",
             Self::ImageGenerations => "img",
             Self::Speech => "speech",
+            Self::Custom => "custom",
         }
     }
 
@@ -110,7 +120,7 @@ impl Endpoint {
             (Self::ChatCompletions, false) => "chat.completion",
             (Self::ChatCompletions, true) => "chat.completion.chunk",
             (Self::Completions, _) => "text_completion",
-            (Self::Embeddings | Self::ImageGenerations | Self::Speech, _) => "list",
+            (Self::Embeddings | Self::ImageGenerations | Self::Speech | Self::Custom, _) => "list",
         }
     }
 }

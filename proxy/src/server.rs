@@ -181,6 +181,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         admission: Arc::clone(&admission),
         stripe_webhooks,
         billing_sessions: billing_sessions.clone(),
+        custom_routes: config.routes.clone(),
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());

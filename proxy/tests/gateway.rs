@@ -511,6 +511,8 @@ mod api_metrics;
 mod audio;
 #[path = "gateway/billing.rs"]
 mod billing;
+#[path = "gateway/custom_routes.rs"]
+mod custom_routes;
 #[path = "gateway/dashboards.rs"]
 mod dashboards;
 #[path = "gateway/fleet.rs"]

@@ -12,6 +12,7 @@
 //! - [`openai`], [`triton`]: the two protocol front ends; `openai` behaves as
 //!   vLLM's server does (prompt lists, `n`, `best_of`, limits, tools).
 //! - [`stream`]: paced server-sent events shared by both.
+//! - [`work`]: a slow job that speaks no OpenAI, for custom routes.
 //! - [`metrics`]: `/metrics` under vLLM's and Triton's names.
 
 pub mod engine;
@@ -22,6 +23,7 @@ pub mod openai;
 pub mod options;
 pub mod stream;
 pub mod triton;
+pub mod work;
 
 use std::future::Future;
 use std::io;
@@ -64,6 +66,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/sim/fail", post(fail))
         .route("/sim/recover", post(recover))
         .route("/sim/images/{name}", get(openai::image_file))
+        .route("/sim/work", post(work::work))
         .merge(openai)
         .route("/v2/health/live", get(triton::live))
         .route("/v2/health/ready", get(triton::ready))

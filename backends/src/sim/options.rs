@@ -76,6 +76,11 @@ pub struct SimOptions {
     #[arg(long, default_value_t = 0.0, value_name = "X", value_parser = non_negative)]
     pub speech_realtime_factor: f64,
 
+    /// How long one `POST /sim/work` job (a custom route's avatar render)
+    /// holds a batch slot.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub work_ms: u64,
+
     /// Omit `usage` from answers, as backends that do not report it do.
     #[arg(long)]
     pub no_usage: bool,

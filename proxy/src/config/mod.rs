@@ -33,6 +33,7 @@ pub mod keys;
 pub mod metering;
 pub mod name;
 pub mod redis;
+pub mod routes;
 pub mod routing;
 pub mod server;
 pub mod tiers;
@@ -55,6 +56,7 @@ pub use self::keys::KeyCacheConfig;
 pub use self::metering::{ImageWeights, MeteringConfig};
 pub use self::name::Name;
 pub use self::redis::RedisConfig;
+pub use self::routes::CustomRoute;
 pub use self::routing::RoutingConfig;
 pub use self::server::{ServerConfig, UpstreamTimeouts};
 pub use self::tiers::{RedisDownPolicy, TierConfig};
@@ -114,6 +116,8 @@ pub struct RawConfig {
     tiers: Vec<tiers::RawTier>,
     #[serde(default)]
     backends: Vec<backends::RawBackend>,
+    #[serde(default)]
+    routes: Vec<routes::RawRoute>,
 }
 
 impl RawConfig {
@@ -150,6 +154,8 @@ pub struct Config {
     /// In config order.
     pub tiers: Vec<TierConfig>,
     pub backends: Vec<BackendConfig>,
+    /// Custom GPU routes, in config order.
+    pub routes: Vec<CustomRoute>,
 }
 
 /// Where environment overrides come from (the process env, or a map in tests).
@@ -201,8 +207,10 @@ impl Config {
             fleet: fleet::validate(raw.fleet, &tiers)?,
             billing: billing::validate(raw.billing, env)?,
             tiers,
+            routes: Vec::new(),
             backends: backends::validate(raw.backends)?,
         }
+        .with_routes(raw.routes)?
         .check_reservation_ttl()?
         .check_triton_counting()?
         .check_unit_models()?
@@ -226,6 +234,12 @@ impl Config {
                 }
             }
         }
+        Ok(self)
+    }
+
+    /// `[[routes]]`, checked against the models the backends serve.
+    fn with_routes(mut self, raw: Vec<routes::RawRoute>) -> Result<Self, ConfigError> {
+        self.routes = routes::validate(raw, &self.models())?;
         Ok(self)
     }
 

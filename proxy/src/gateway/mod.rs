@@ -52,14 +52,14 @@ use tollgate_metering::units::UnitKind;
 use self::context::{InFlight, Inference, RequestContext};
 use self::metrics::{Observation, RequestMetrics};
 use self::models::ModelRoutes;
-use self::request::{BodyError, read_body};
+use self::request::{BodyError, Endpoint, InferenceRequest, read_body};
 use self::routes::Route;
 use self::triton::TritonCall;
 use crate::admission::headers::{rate_limit_headers, retry_after};
 use crate::admission::queue::Slot;
 use crate::admission::{Admission, Estimate, Refusal, TokenEstimate};
 use crate::billing::{BillingSessions, StripeWebhooks};
-use crate::config::UpstreamTimeouts;
+use crate::config::{CustomRoute, UpstreamTimeouts};
 use crate::error::ApiError;
 use crate::keys::cache::KeyCache;
 use crate::metering::request::{FinishedRequest, Metered, Metering};
@@ -106,6 +106,8 @@ pub struct Gateway {
     pub stripe_webhooks: Option<StripeWebhooks>,
     /// `None` with billing off: the `/v1/billing/*` routes answer 404.
     pub billing_sessions: Option<Arc<BillingSessions>>,
+    /// `[[routes]]`, in config order.
+    pub custom_routes: Vec<CustomRoute>,
 }
 
 /// How `request_filter` ends when it does not forward.
@@ -144,7 +146,7 @@ impl Gateway {
     async fn admit(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<(), Stop> {
         let header = session.req_header();
         request::check_header_size(header)?;
-        let route = routes::route(&header.method, header.uri.path())?;
+        let route = routes::route(&header.method, header.uri.path(), &self.custom_routes)?;
         // The routes beside inference are rare and their futures large (a
         // Stripe call's is ~20 KiB): each is boxed, so the state of every
         // inference request, moved into a box per request, stays small.
@@ -154,6 +156,7 @@ impl Gateway {
             Route::Readyz => return Err(self.readiness()),
             Route::Models | Route::Usage | Route::BillingCheckout | Route::BillingPortal => None,
             Route::Inference(endpoint) => Some(endpoint),
+            Route::Custom(_) => Some(Endpoint::Custom),
         };
         ctx.endpoint = endpoint;
         let key = self.keys.authenticate(bearer_token(header)?).await?;
@@ -169,7 +172,14 @@ impl Gateway {
         };
         ctx.key = Some(Arc::clone(&key));
         let body = read_body(session, self.max_body_bytes).await?;
-        let mut request = request::parse(endpoint, body)?;
+        let custom = match route {
+            Route::Custom(i) => self.custom_routes.get(i),
+            _ => None,
+        };
+        let mut request = match custom {
+            Some(custom) => InferenceRequest::custom(custom, body),
+            None => request::parse(endpoint, body)?,
+        };
         let route = match self.models.get(&request.model) {
             Some(route) if key.allows_model(&request.model) => Arc::clone(route),
             _ => return Err(ApiError::ModelNotFound(request.model).into()),
@@ -189,7 +199,7 @@ impl Gateway {
             tokens_per_unit,
             ticket: None,
         });
-        let unit_kind = request.endpoint.unit_kind();
+        let unit_kind = request.unit_kind;
         // The prompt is counted before forwarding only when something needs
         // the count then (a limit reserving tokens, a Triton backend's
         // usage); otherwise the writer counts it beside the backend's figure.
@@ -221,7 +231,9 @@ impl Gateway {
             }),
             kind => Estimate::Units {
                 kind,
-                units: self.metering.units_asked(request),
+                // A custom route reserves what its config says (GPU-seconds
+                // are only known once the slot is given back).
+                units: custom.map_or_else(|| self.metering.units_asked(request), |c| c.reserve),
             },
         };
         match self.admission.check(&key, usage.event_id, estimate).await {
@@ -254,6 +266,7 @@ impl Gateway {
                 .map_or_else(|_| queued_at.elapsed(), Slot::waited),
         );
         ctx.slot = Some(waited?);
+        usage.slot_granted();
         Ok(())
     }
 
@@ -644,11 +657,14 @@ impl ProxyHttp for Gateway {
             upstream.insert_header(header::CONTENT_TYPE, "application/json")?;
             upstream.insert_header(header::CONTENT_LENGTH, call.body.len().to_string())?;
         } else if let Some(Inference { request, .. }) = &ctx.inference {
-            // The canonical path (a client's trailing slash would earn a redirect).
-            if upstream.uri.path() != request.endpoint.path() {
+            // The canonical path (a client's trailing slash would earn a
+            // redirect); a custom route's requests keep their own.
+            if let Some(path) = request.endpoint.path()
+                && upstream.uri.path() != path
+            {
                 let uri = match upstream.uri.query() {
-                    Some(query) => format!("{}?{query}", request.endpoint.path()),
-                    None => request.endpoint.path().to_owned(),
+                    Some(query) => format!("{path}?{query}"),
+                    None => path.to_owned(),
                 };
                 upstream.set_uri(
                     uri.parse()

@@ -11,7 +11,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 pub use tollgate_metering::endpoint::Endpoint;
+use tollgate_metering::units::UnitKind;
 
+use crate::config::CustomRoute;
 use crate::error::ApiError;
 
 /// The JSON field holding the input, which the endpoint requires.
@@ -19,7 +21,8 @@ fn input_field(endpoint: Endpoint) -> &'static str {
     match endpoint {
         Endpoint::ChatCompletions => "messages",
         Endpoint::Completions | Endpoint::ImageGenerations => "prompt",
-        Endpoint::Embeddings | Endpoint::Speech => "input",
+        // A custom route's body is not read.
+        Endpoint::Embeddings | Endpoint::Speech | Endpoint::Custom => "input",
     }
 }
 
@@ -48,6 +51,9 @@ pub fn check_header_size(header: &pingora::http::RequestHeader) -> Result<(), Ap
 pub struct InferenceRequest {
     pub endpoint: Endpoint,
     pub model: String,
+    /// What the request is billed in: its endpoint's kind, or its custom
+    /// route's.
+    pub unit_kind: UnitKind,
     pub stream: bool,
     /// The completion limit the backend honours (see [`completion_limit`]).
     pub max_tokens: Option<u64>,
@@ -88,6 +94,26 @@ struct Rewrites {
 }
 
 impl InferenceRequest {
+    /// A request on a custom route: its body forwarded unread, billed in
+    /// the route's unit, served by the route's model.
+    pub fn custom(route: &CustomRoute, body: Bytes) -> Self {
+        Self {
+            endpoint: Endpoint::Custom,
+            model: route.model.clone(),
+            unit_kind: route.unit,
+            stream: false,
+            max_tokens: None,
+            sequences: 1,
+            image: ImageOptions::default(),
+            characters: 0,
+            upstream_body: body,
+            stream_options: None,
+            sent_completion_limit: false,
+            rewrites: Rewrites::default(),
+            parsed: None,
+        }
+    }
+
     /// Sets the completion limit in the body sent upstream: in `max_tokens`,
     /// which every backend reads (legacy completions read nothing else), and
     /// in `max_completion_tokens` too when the client sent it (chat backends
@@ -226,6 +252,7 @@ impl<'a> Fields<'a> {
             Endpoint::ChatCompletions => self.messages,
             Endpoint::Completions | Endpoint::ImageGenerations => self.prompt,
             Endpoint::Embeddings | Endpoint::Speech => self.input,
+            Endpoint::Custom => None,
         }
     }
 }
@@ -291,7 +318,9 @@ fn completion_limit(endpoint: Endpoint, fields: &Fields<'_>) -> Result<Option<u6
     Ok(match endpoint {
         Endpoint::ChatCompletions => completion.or(legacy),
         Endpoint::Completions => legacy,
-        Endpoint::Embeddings | Endpoint::ImageGenerations | Endpoint::Speech => None,
+        Endpoint::Embeddings | Endpoint::ImageGenerations | Endpoint::Speech | Endpoint::Custom => {
+            None
+        }
     })
 }
 
@@ -536,7 +565,8 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
         Endpoint::ChatCompletions
         | Endpoint::Embeddings
         | Endpoint::ImageGenerations
-        | Endpoint::Speech => 1,
+        | Endpoint::Speech
+        | Endpoint::Custom => 1,
     };
     // Every prompt gets every choice: the reservation covers all of them.
     let sequences = choices.checked_mul(prompts).ok_or_else(|| {
@@ -550,6 +580,7 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
     Ok(InferenceRequest {
         endpoint,
         model,
+        unit_kind: endpoint.unit_kind(),
         stream,
         max_tokens,
         sequences,

@@ -13,6 +13,7 @@ use tollgate_backends::fleet::state::InstanceState;
 
 use super::request::{Endpoint, read_body};
 use super::{Gateway, Stop};
+use crate::config::CustomRoute;
 use crate::error::ApiError;
 use crate::keys::store::KeyRecord;
 use crate::usage_api::{self, UsageQuery};
@@ -25,6 +26,8 @@ const STRIPE_WEBHOOK_MAX_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Inference(Endpoint),
+    /// `[[routes]]`: the index of the custom route in config order.
+    Custom(usize),
     Models,
     /// `GET /v1/usage`: the caller's own usage.
     Usage,
@@ -38,9 +41,35 @@ pub enum Route {
     BillingPortal,
 }
 
-/// The route for `method` and `path`, or the 404/405 to answer.
-pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
-    let (route, allowed) = match path.trim_end_matches('/') {
+/// The route for `method` and `path`, or the 404/405 to answer. Custom
+/// routes (which config keeps off the gateway's own paths) take `POST`.
+pub fn route(method: &Method, path: &str, custom: &[CustomRoute]) -> Result<Route, ApiError> {
+    let custom = custom
+        .iter()
+        .position(|route| route.matches(path))
+        .map(|i| (Route::Custom(i), Method::POST));
+    let (route, allowed) = match custom {
+        Some(found) => found,
+        None => builtin(method, path)?,
+    };
+    if *method == allowed || (allowed == Method::GET && *method == Method::HEAD) {
+        Ok(route)
+    } else {
+        Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_owned(),
+            allow: if allowed == Method::GET {
+                "GET, HEAD"
+            } else {
+                "POST"
+            },
+        })
+    }
+}
+
+/// The gateway's own route for `path` and the method it takes.
+fn builtin(method: &Method, path: &str) -> Result<(Route, Method), ApiError> {
+    Ok(match path.trim_end_matches('/') {
         "/v1/chat/completions" => (Route::Inference(Endpoint::ChatCompletions), Method::POST),
         "/v1/completions" => (Route::Inference(Endpoint::Completions), Method::POST),
         "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
@@ -59,20 +88,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
                 path: path.to_owned(),
             });
         }
-    };
-    if *method == allowed || (allowed == Method::GET && *method == Method::HEAD) {
-        Ok(route)
-    } else {
-        Err(ApiError::MethodNotAllowed {
-            method: method.to_string(),
-            path: path.to_owned(),
-            allow: if allowed == Method::GET {
-                "GET, HEAD"
-            } else {
-                "POST"
-            },
-        })
-    }
+    })
 }
 
 impl Gateway {
@@ -187,16 +203,19 @@ mod tests {
     #[test]
     fn routes_match_method_and_path() {
         assert_eq!(
-            route(&Method::POST, "/v1/chat/completions").unwrap(),
+            route(&Method::POST, "/v1/chat/completions", &[]).unwrap(),
             Route::Inference(Endpoint::ChatCompletions)
         );
-        assert_eq!(route(&Method::GET, "/v1/models/").unwrap(), Route::Models);
+        assert_eq!(
+            route(&Method::GET, "/v1/models/", &[]).unwrap(),
+            Route::Models
+        );
         assert!(matches!(
-            route(&Method::GET, "/v1/chat/completions"),
+            route(&Method::GET, "/v1/chat/completions", &[]),
             Err(ApiError::MethodNotAllowed { .. })
         ));
         assert!(matches!(
-            route(&Method::POST, "/v2/anything"),
+            route(&Method::POST, "/v2/anything", &[]),
             Err(ApiError::UnknownRoute { .. })
         ));
     }
@@ -210,7 +229,7 @@ mod tests {
             #[test]
             fn any_path_routes_or_gets_404_or_405(path in "/[a-z/_.%]{0,40}", post in any::<bool>()) {
                 let method = if post { Method::POST } else { Method::GET };
-                if let Err(error) = route(&method, &path) {
+                if let Err(error) = route(&method, &path, &[]) {
                     prop_assert!(matches!(error.status(), 404 | 405));
                 }
             }

@@ -149,7 +149,8 @@ impl Metering {
             upstream_status: None,
             usage_counted_here: false,
             first_byte: None,
-            audio_answer: !request.endpoint.answers_json(),
+            slot_held_since: None,
+            unread_answer: !request.endpoint.answers_json(),
             answer_ended: false,
             rejected: false,
             metered: None,
@@ -202,8 +203,9 @@ impl Metering {
     /// the body may be shortened (a usage event stripped from a stream).
     pub fn response_started(&self, usage: &mut RequestUsage, status: u16, streaming: bool) -> bool {
         usage.upstream_status = Some(status);
-        // Audio is passed through unread: its units are known from the request.
-        if usage.audio_answer {
+        // Audio (or a custom route's answer) passes through unread: its
+        // units are known from the request.
+        if usage.unread_answer {
             return false;
         }
         let strip = usage.strip_usage_event && streaming;
@@ -264,7 +266,7 @@ impl Metering {
             )
         };
         let billable = matches!(status, Status::Ok | Status::Partial);
-        let unit_kind = done.request.endpoint.unit_kind();
+        let unit_kind = done.request.unit_kind;
         let measured = match unit_kind {
             UnitKind::Tokens => self.measure_tokens(
                 usage,
@@ -275,7 +277,7 @@ impl Metering {
             ),
             kind => Measured {
                 units: if billable {
-                    self.units_delivered(kind, done.request, capture)
+                    self.units_delivered(kind, done.request, usage)
                 } else {
                     0
                 },
@@ -441,28 +443,35 @@ impl Metering {
     /// before it is forwarded: `n` images times their weight, the
     /// characters to speak.
     pub fn units_asked(&self, request: &InferenceRequest) -> u64 {
-        match request.endpoint.unit_kind() {
+        match request.unit_kind {
             UnitKind::Images => request
                 .sequences
                 .saturating_mul(self.units_per_image(request)),
             UnitKind::Characters => request.characters,
-            _ => 0,
+            UnitKind::Requests => 1,
+            UnitKind::Tokens | UnitKind::AudioSeconds | UnitKind::GpuSeconds => 0,
         }
     }
 
     /// What a billable answer priced in `kind` delivered: the images in it,
     /// in the weight they were asked at; the characters spoken (the whole
-    /// input, once the backend answered with audio).
+    /// input, once the backend answered with audio); the request; the
+    /// seconds it held a backend slot, rounded up.
     fn units_delivered(
         &self,
         kind: UnitKind,
         request: &InferenceRequest,
-        capture: Option<&ResponseCapture>,
+        usage: &RequestUsage,
     ) -> u64 {
         match kind {
-            UnitKind::Images => capture
+            UnitKind::Images => usage
+                .capture
+                .as_ref()
                 .map_or(0, ResponseCapture::data_items)
                 .saturating_mul(self.units_per_image(request)),
+            UnitKind::GpuSeconds => usage
+                .slot_held_since
+                .map_or(0, |since| since.elapsed().as_secs_f64().ceil() as u64),
             _ => self.units_asked(request),
         }
     }
@@ -529,8 +538,10 @@ pub struct RequestUsage {
     /// backend reports none): the event says `counted`.
     usage_counted_here: bool,
     first_byte: Option<Instant>,
-    /// The answer is audio, passed through unread (no capture).
-    audio_answer: bool,
+    /// When the request got its backend slot (GPU-seconds are measured from it).
+    slot_held_since: Option<Instant>,
+    /// The answer is audio or a custom route's, passed through unread (no capture).
+    unread_answer: bool,
     /// The answer's last byte went by.
     answer_ended: bool,
     /// Refused at admission: recorded as `rejected`, never forwarded.
@@ -552,6 +563,11 @@ impl RequestUsage {
         self.rejected = true;
     }
 
+    /// The request got its backend slot now.
+    pub fn slot_granted(&mut self) {
+        self.slot_held_since = Some(Instant::now());
+    }
+
     /// The answer comes from Tollgate's own translation, usage included.
     pub fn set_usage_counted_here(&mut self, counted_here: bool) {
         self.usage_counted_here = counted_here;
@@ -567,8 +583,8 @@ fn count_prompt(counter: &PromptCounter, endpoint: Endpoint, json: &Value) -> us
         Endpoint::Embeddings => {
             counter.count_embedding_input(json.get("input").unwrap_or(&Value::Null))
         }
-        // Billed per image or character, not per token.
-        Endpoint::ImageGenerations | Endpoint::Speech => 0,
+        // Billed per image, character, request or GPU-second, not per token.
+        Endpoint::ImageGenerations | Endpoint::Speech | Endpoint::Custom => 0,
     }
 }
 

@@ -1,0 +1,181 @@
+//! `[[routes]]`: custom GPU routes for servers that do not speak OpenAI (an
+//! avatar renderer, AUTOMATIC1111's `/sdapi/v1/txt2img`). A request whose
+//! path starts with a route's `path` is authenticated, admitted, queued and
+//! metered like any other, then forwarded as it came to a backend serving the
+//! route's `model`, and billed in the route's unit.
+
+use serde::Deserialize;
+use tollgate_metering::units::UnitKind;
+
+use super::{ConfigError, invalid};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    path: String,
+    model: String,
+    unit: UnitKind,
+    reserve: Option<u64>,
+}
+
+/// One custom route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomRoute {
+    /// Requests at this path or under it (`/sdapi/v1/txt2img`, `/v1/avatar/`).
+    pub path: String,
+    /// The model whose backends serve it (they list it in `models`).
+    pub model: String,
+    /// `requests` (one per answered request) or `gpu_seconds` (how long the
+    /// request held a backend slot, measured by Tollgate, rounded up).
+    pub unit: UnitKind,
+    /// Units reserved before forwarding, against the tier's quota in `unit`:
+    /// 1 for `requests`; for `gpu_seconds`, the longest hold expected.
+    pub reserve: u64,
+}
+
+impl CustomRoute {
+    /// Whether `path` is this route's: the route's path itself, or below it.
+    pub fn matches(&self, path: &str) -> bool {
+        under(path.trim_end_matches('/'), &self.path)
+    }
+}
+
+/// `path` is `base` or below it.
+fn under(path: &str, base: &str) -> bool {
+    path.strip_prefix(base)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+fn overlap(a: &str, b: &str) -> bool {
+    under(a, b) || under(b, a)
+}
+
+/// The gateway's own paths, which a custom route may not take over.
+const RESERVED: [&str; 4] = ["/v1", "/healthz", "/readyz", "/stripe"];
+
+pub(super) fn validate(
+    raw: Vec<RawRoute>,
+    served: &[&str],
+) -> Result<Vec<CustomRoute>, ConfigError> {
+    let mut routes: Vec<CustomRoute> = Vec::new();
+    for (i, route) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("routes[{i}].{field}");
+        let path = route.path.trim_end_matches('/').to_owned();
+        let valid = path.starts_with('/')
+            && path.len() > 1
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"?#%".contains(&b));
+        if !valid {
+            return Err(invalid(
+                key("path"),
+                "must be a path like \"/sdapi/v1/txt2img\"",
+            ));
+        }
+        if RESERVED.iter().any(|own| overlap(&path, own)) {
+            return Err(invalid(
+                key("path"),
+                "overlaps the gateway's own routes (/v1, /healthz, /readyz, /stripe)",
+            ));
+        }
+        if let Some(other) = routes.iter().find(|r| overlap(&path, &r.path)) {
+            return Err(invalid(
+                key("path"),
+                format!("overlaps the route at {}", other.path),
+            ));
+        }
+        if !served.contains(&route.model.as_str()) {
+            return Err(invalid(key("model"), "no backend serves this model"));
+        }
+        let reserve = match (route.unit, route.reserve) {
+            (UnitKind::Requests, None | Some(1)) => 1,
+            (UnitKind::Requests, Some(_)) => {
+                return Err(invalid(
+                    key("reserve"),
+                    "a request is one unit: leave reserve out",
+                ));
+            }
+            (UnitKind::GpuSeconds, Some(0)) => {
+                return Err(invalid(key("reserve"), "must be at least 1 (GPU-seconds)"));
+            }
+            (UnitKind::GpuSeconds, reserve) => reserve.unwrap_or(1),
+            (other, _) => {
+                return Err(invalid(
+                    key("unit"),
+                    format!("a custom route bills requests or gpu_seconds, not {other}"),
+                ));
+            }
+        };
+        routes.push(CustomRoute {
+            path,
+            model: route.model,
+            unit: route.unit,
+            reserve,
+        });
+    }
+    Ok(routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::error;
+
+    #[test]
+    fn route_mistakes_name_the_key() {
+        let route = |lines: &str| format!("[[routes]]\n{lines}\n");
+        let ok = "path = \"/sdapi/v1/txt2img\"\nmodel = \"sim-model\"\nunit = \"requests\"";
+        assert!(
+            error(&route(ok)).starts_with("no error"),
+            "{}",
+            error(&route(ok))
+        );
+        for (lines, key) in [
+            (
+                "path = \"/v1/avatar\"\nmodel = \"sim-model\"\nunit = \"requests\"",
+                "routes[0].path",
+            ),
+            (
+                "path = \"avatar\"\nmodel = \"sim-model\"\nunit = \"requests\"",
+                "routes[0].path",
+            ),
+            (
+                "path = \"/avatar\"\nmodel = \"nope\"\nunit = \"requests\"",
+                "routes[0].model",
+            ),
+            (
+                "path = \"/avatar\"\nmodel = \"sim-model\"\nunit = \"images\"",
+                "routes[0].unit",
+            ),
+            (
+                "path = \"/avatar\"\nmodel = \"sim-model\"\nunit = \"gpu_seconds\"\nreserve = 0",
+                "routes[0].reserve",
+            ),
+        ] {
+            let err = error(&route(lines));
+            assert!(err.contains(key), "{lines:?} → {err}");
+        }
+        let twice = format!("{}{}", route(ok), route(ok));
+        assert!(
+            error(&twice).contains("routes[1].path"),
+            "{}",
+            error(&twice)
+        );
+    }
+
+    #[test]
+    fn a_route_matches_its_path_and_below_only() {
+        let route = CustomRoute {
+            path: "/sdapi/v1/txt2img".to_owned(),
+            model: "sd".to_owned(),
+            unit: UnitKind::Requests,
+            reserve: 1,
+        };
+        assert!(route.matches("/sdapi/v1/txt2img"));
+        assert!(route.matches("/sdapi/v1/txt2img/"));
+        assert!(route.matches("/sdapi/v1/txt2img/x"));
+        assert!(!route.matches("/sdapi/v1/txt2imgx"));
+        assert!(!route.matches("/sdapi/v1"));
+        assert!(overlap("/v1", "/v1/avatar") && !overlap("/v1x", "/v1"));
+    }
+}
