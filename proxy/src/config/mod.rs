@@ -10,7 +10,7 @@
 //! rule); each TOML section has its own file with its raw struct, its
 //! validated struct and its checks ([`server`], [`database`], [`redis`],
 //! [`admin`], [`keys`], [`metering`], [`admission`], [`tiers`], [`routing`],
-//! [`health`], [`billing`], [`fleet`], [`backends`]); [`defaults`] is the one
+//! [`health`], [`billing`], [`fleet`], [`backends`], [`routes`]); [`defaults`] is the one
 //! table of defaults, [`name`] the one rule for names.
 //!
 //! Conventions every section follows:

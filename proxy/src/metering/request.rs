@@ -204,7 +204,7 @@ impl Metering {
     pub fn response_started(&self, usage: &mut RequestUsage, status: u16, streaming: bool) -> bool {
         usage.upstream_status = Some(status);
         // Audio (or a custom route's answer) passes through unread: its
-        // units are known from the request.
+        // units come from the request, or from how long it held its slot.
         if usage.unread_answer {
             return false;
         }
