@@ -1,6 +1,7 @@
 //! `POST /sim/work`: a slow GPU job that speaks no OpenAI (an avatar
 //! renderer, a diffusion server's own API), for Tollgate's custom routes:
-//! it holds a batch slot for `--work-ms` and answers a small JSON.
+//! it holds a batch slot for `--work-ms` and answers a small JSON, with
+//! the seconds it took in `x-sim-work-seconds` and at `/usage/seconds`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,9 @@ use serde_json::json;
 use super::engine::Engine;
 use super::error::SimError;
 
+/// The header a job's seconds are reported in.
+pub const WORK_SECONDS: &str = "x-sim-work-seconds";
+
 pub async fn work(State(engine): State<Arc<Engine>>) -> Result<Response, SimError> {
     engine.check_ready()?;
     // The first model's slot: a custom job names no model.
@@ -23,5 +27,12 @@ pub async fn work(State(engine): State<Arc<Engine>>) -> Result<Response, SimErro
         tokio::time::sleep(held).await;
     }
     drop(slot);
-    Ok(Json(json!({"status": "done", "work_ms": engine.options.work_ms})).into_response())
+    // What the job cost, as a render server reports it: in a header and in
+    // its answer (custom routes can bill either).
+    let seconds = held.as_secs_f64();
+    Ok((
+        [(WORK_SECONDS, seconds.to_string())],
+        Json(json!({"status": "done", "usage": {"seconds": seconds}})),
+    )
+        .into_response())
 }

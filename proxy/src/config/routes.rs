@@ -2,7 +2,8 @@
 //! avatar renderer, AUTOMATIC1111's `/sdapi/v1/txt2img`). A request whose
 //! path starts with a route's `path` is authenticated, admitted, queued and
 //! metered like any other, then forwarded as it came to a backend serving the
-//! route's `model`, and billed in the route's unit.
+//! route's `model`, and billed in the route's unit: requests, GPU-seconds, or
+//! a figure the backend reports in a header or its JSON answer.
 
 use serde::Deserialize;
 use tollgate_metering::units::UnitKind;
@@ -16,6 +17,16 @@ pub(super) struct RawRoute {
     model: String,
     unit: UnitKind,
     reserve: Option<u64>,
+    reported: Option<ReportedUnits>,
+}
+
+/// Where a backend reports the units of its answer: a response header, or a
+/// number in its JSON answer at a JSON pointer (RFC 6901, `/usage/seconds`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ReportedUnits {
+    Header(String),
+    Json(String),
 }
 
 /// One custom route.
@@ -29,8 +40,12 @@ pub struct CustomRoute {
     /// request held a backend slot, measured by Tollgate, rounded up).
     pub unit: UnitKind,
     /// Units reserved before forwarding, against the tier's quota in `unit`:
-    /// 1 for `requests`; for `gpu_seconds`, the longest hold expected.
+    /// 1 for `requests`; for `gpu_seconds` or a reported unit, the most one
+    /// request is expected to use.
     pub reserve: u64,
+    /// The backend reports the units (any kind but tokens); settled to its
+    /// figure, rounded up.
+    pub reported: Option<ReportedUnits>,
 }
 
 impl CustomRoute {
@@ -87,22 +102,41 @@ pub(super) fn validate(
         if !served.contains(&route.model.as_str()) {
             return Err(invalid(key("model"), "no backend serves this model"));
         }
-        let reserve = match (route.unit, route.reserve) {
-            (UnitKind::Requests, None | Some(1)) => 1,
-            (UnitKind::Requests, Some(_)) => {
+        match &route.reported {
+            Some(ReportedUnits::Header(name))
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() =>
+            {
+                return Err(invalid(key("reported.header"), "must be a header name"));
+            }
+            Some(ReportedUnits::Json(pointer)) if !pointer.starts_with('/') => {
+                return Err(invalid(
+                    key("reported.json"),
+                    "must be a JSON pointer like \"/usage/seconds\"",
+                ));
+            }
+            _ => {}
+        }
+        let reserve = match (route.unit, &route.reported, route.reserve) {
+            (UnitKind::Tokens, _, _) => {
+                return Err(invalid(
+                    key("unit"),
+                    "a custom route bills requests, gpu_seconds or a reported unit, not tokens",
+                ));
+            }
+            (_, _, Some(0)) => return Err(invalid(key("reserve"), "must be at least 1")),
+            (UnitKind::Requests, None, Some(r)) if r != 1 => {
                 return Err(invalid(
                     key("reserve"),
                     "a request is one unit: leave reserve out",
                 ));
             }
-            (UnitKind::GpuSeconds, Some(0)) => {
-                return Err(invalid(key("reserve"), "must be at least 1 (GPU-seconds)"));
+            (UnitKind::Requests | UnitKind::GpuSeconds, None, reserve) | (_, Some(_), reserve) => {
+                reserve.unwrap_or(1)
             }
-            (UnitKind::GpuSeconds, reserve) => reserve.unwrap_or(1),
-            (other, _) => {
+            (other, None, _) => {
                 return Err(invalid(
                     key("unit"),
-                    format!("a custom route bills requests or gpu_seconds, not {other}"),
+                    format!("{other} needs `reported` (where the backend gives the figure)"),
                 ));
             }
         };
@@ -111,6 +145,7 @@ pub(super) fn validate(
             model: route.model,
             unit: route.unit,
             reserve,
+            reported: route.reported,
         });
     }
     Ok(routes)
@@ -148,6 +183,14 @@ mod tests {
                 "routes[0].unit",
             ),
             (
+                "path = \"/avatar\"\nmodel = \"sim-model\"\nunit = \"tokens\"",
+                "routes[0].unit",
+            ),
+            (
+                "path = \"/avatar\"\nmodel = \"sim-model\"\nunit = \"images\"\nreported = { json = \"n\" }",
+                "routes[0].reported.json",
+            ),
+            (
                 "path = \"/avatar\"\nmodel = \"sim-model\"\nunit = \"gpu_seconds\"\nreserve = 0",
                 "routes[0].reserve",
             ),
@@ -170,6 +213,7 @@ mod tests {
             model: "sd".to_owned(),
             unit: UnitKind::Requests,
             reserve: 1,
+            reported: None,
         };
         assert!(route.matches("/sdapi/v1/txt2img"));
         assert!(route.matches("/sdapi/v1/txt2img/"));

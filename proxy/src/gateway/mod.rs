@@ -184,7 +184,8 @@ impl Gateway {
             Some(route) if key.allows_model(&request.model) => Arc::clone(route),
             _ => return Err(ApiError::ModelNotFound(request.model).into()),
         };
-        let usage = self.metering.start(&mut request);
+        let mut usage = self.metering.start(&mut request);
+        usage.units_reported_at(custom.and_then(|c| c.reported.clone()));
         let tokens_per_unit = self.metering.tokens_per_unit(&key.tier, &route);
         let Inference {
             route,
@@ -726,6 +727,7 @@ impl ProxyHttp for Gateway {
             let reframe = self.metering.response_started(
                 usage,
                 response.status.as_u16(),
+                &response.headers,
                 ctx.streaming_response,
             );
             if reframe {

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::admission::limits::Settlement;
 use crate::admission::units;
+use crate::config::routes::ReportedUnits;
 use crate::config::{Config, ImageWeights, MeteringConfig};
 use crate::gateway::models::ModelRoute;
 use crate::gateway::request::{Endpoint, InferenceRequest};
@@ -151,6 +152,9 @@ impl Metering {
             first_byte: None,
             slot_held_since: None,
             unread_answer: !request.endpoint.answers_json(),
+            reported: None,
+            reported_figure: None,
+            answer: Vec::new(),
             answer_ended: false,
             rejected: false,
             metered: None,
@@ -201,8 +205,20 @@ impl Metering {
 
     /// The answer's header arrived: start watching its body. Returns whether
     /// the body may be shortened (a usage event stripped from a stream).
-    pub fn response_started(&self, usage: &mut RequestUsage, status: u16, streaming: bool) -> bool {
+    pub fn response_started(
+        &self,
+        usage: &mut RequestUsage,
+        status: u16,
+        headers: &http::HeaderMap,
+        streaming: bool,
+    ) -> bool {
         usage.upstream_status = Some(status);
+        if let Some(ReportedUnits::Header(name)) = &usage.reported {
+            usage.reported_figure = headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok());
+        }
         // Audio (or a custom route's answer) passes through unread: its
         // units come from the request, or from how long it held its slot.
         if usage.unread_answer {
@@ -217,8 +233,13 @@ impl Metering {
     pub fn response_chunk(usage: &mut RequestUsage, body: &mut Option<Bytes>, end_of_stream: bool) {
         usage.answer_ended |= end_of_stream;
         let Some(capture) = usage.capture.as_mut() else {
-            if body.as_deref().is_some_and(|b| !b.is_empty()) {
+            if let Some(chunk) = body.as_deref().filter(|b| !b.is_empty()) {
                 usage.first_byte.get_or_insert_with(Instant::now);
+                if matches!(usage.reported, Some(ReportedUnits::Json(_)))
+                    && usage.answer.len() + chunk.len() <= MAX_REPORTING_ANSWER_BYTES
+                {
+                    usage.answer.extend_from_slice(chunk);
+                }
             }
             return;
         };
@@ -284,10 +305,10 @@ impl Metering {
                 tokens: Tokens::default(),
                 counted_prompt: None,
                 counted_completion: None,
-                source: if billable {
-                    UsageSource::Counted
-                } else {
-                    UsageSource::None
+                source: match (billable, usage.reported.is_some()) {
+                    (false, _) => UsageSource::None,
+                    (true, true) => UsageSource::Backend,
+                    (true, false) => UsageSource::Counted,
                 },
                 deferred_count: None,
             },
@@ -469,6 +490,9 @@ impl Metering {
                 .as_ref()
                 .map_or(0, ResponseCapture::data_items)
                 .saturating_mul(self.units_per_image(request)),
+            _ if usage.reported.is_some() => usage
+                .reported_units()
+                .map_or(0, |figure| figure.ceil() as u64),
             UnitKind::GpuSeconds => usage
                 .slot_held_since
                 .map_or(0, |since| since.elapsed().as_secs_f64().ceil() as u64),
@@ -504,6 +528,11 @@ pub struct FinishedRequest<'a> {
     pub backend: Option<&'a str>,
     pub started: Instant,
 }
+
+/// Most bytes of a custom route's answer kept for its JSON pointer: a
+/// render's status answer is a few hundred bytes; an answer larger than
+/// this is not a report (and is billed nothing, with a warning).
+const MAX_REPORTING_ANSWER_BYTES: usize = 1 << 20;
 
 /// A finished request's figures before they become its event.
 struct Measured {
@@ -542,6 +571,12 @@ pub struct RequestUsage {
     slot_held_since: Option<Instant>,
     /// The answer is audio or a custom route's, passed through unread (no capture).
     unread_answer: bool,
+    /// A custom route whose backend reports the units, and where.
+    reported: Option<ReportedUnits>,
+    /// The backend's figure, once read.
+    reported_figure: Option<f64>,
+    /// The answer's bytes, kept (bounded) for a JSON pointer to read.
+    answer: Vec<u8>,
     /// The answer's last byte went by.
     answer_ended: bool,
     /// Refused at admission: recorded as `rejected`, never forwarded.
@@ -566,6 +601,29 @@ impl RequestUsage {
     /// The request got its backend slot now.
     pub fn slot_granted(&mut self) {
         self.slot_held_since = Some(Instant::now());
+    }
+
+    /// A custom route whose backend reports the units, at `reported`.
+    pub fn units_reported_at(&mut self, reported: Option<ReportedUnits>) {
+        self.reported = reported;
+    }
+
+    /// The backend's figure: from its header, or read from its JSON answer
+    /// at the pointer; `None` when it gave none (the request is then billed
+    /// nothing, and a warning says so).
+    fn reported_units(&self) -> Option<f64> {
+        let figure = match &self.reported {
+            Some(ReportedUnits::Json(pointer)) => serde_json::from_slice::<Value>(&self.answer)
+                .ok()
+                .and_then(|answer| answer.pointer(pointer).and_then(Value::as_f64)),
+            _ => self.reported_figure,
+        }
+        .filter(|figure| figure.is_finite() && *figure >= 0.0);
+        if figure.is_none() {
+            tracing::warn!(event_id = %self.event_id, reported = ?self.reported,
+                "the backend reported no units for a custom route's answer; billed 0");
+        }
+        figure
     }
 
     /// The answer comes from Tollgate's own translation, usage included.

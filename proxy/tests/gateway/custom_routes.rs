@@ -109,3 +109,48 @@ async fn a_gpu_seconds_quota_reserves_then_settles_to_the_hold() {
     })
     .await;
 }
+
+/// A figure the backend reports, in a header or at a JSON pointer of its
+/// answer, is what the request is billed, rounded up.
+#[tokio::test]
+async fn a_unit_the_backend_reports_is_billed_from_its_header_or_its_answer() {
+    let sim = Sim::start(&["--work-ms", "1300"]);
+    let routes = "[[routes]]\npath = \"/sim/work\"\nmodel = \"sim-model\"\n\
+                  unit = \"audio_seconds\"\nreserve = 10\n\
+                  reported = { header = \"x-sim-work-seconds\" }\n";
+    for (routes, id) in [
+        (routes.to_owned(), "by-header"),
+        (
+            routes.replace(
+                "reported = { header = \"x-sim-work-seconds\" }",
+                "reported = { json = \"/usage/seconds\" }",
+            ),
+            "by-pointer",
+        ),
+    ] {
+        let gateway = Gateway::start(
+            &[BackendSpec::new(&sim.url)],
+            Options {
+                tail: routes,
+                ..Options::default()
+            },
+        )
+        .await;
+        let key = gateway.create_key("acme", &[]);
+        let response = gateway
+            .post_with_id(&key, "/sim/work", &json!({}), id)
+            .await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        let event = gateway.event_of(id).await;
+        assert_eq!(
+            (
+                event.unit_kind.as_str(),
+                event.units,
+                event.usage_source.as_str()
+            ),
+            ("audio_seconds", 2, "backend"),
+            "{id}"
+        );
+    }
+}
