@@ -239,7 +239,7 @@ impl Config {
 
     /// `[[routes]]`, checked against the models the backends serve.
     fn with_routes(mut self, raw: Vec<routes::RawRoute>) -> Result<Self, ConfigError> {
-        self.routes = routes::validate(raw, &self.models())?;
+        self.routes = routes::validate(raw, &self.models(), self.server.max_body_bytes)?;
         Ok(self)
     }
 

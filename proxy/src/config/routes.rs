@@ -18,6 +18,7 @@ pub(super) struct RawRoute {
     unit: UnitKind,
     reserve: Option<u64>,
     reported: Option<ReportedUnits>,
+    max_body_bytes: Option<usize>,
 }
 
 /// Where a backend reports the units of its answer: a response header, or a
@@ -46,6 +47,9 @@ pub struct CustomRoute {
     /// The backend reports the units (any kind but tokens); settled to its
     /// figure, rounded up.
     pub reported: Option<ReportedUnits>,
+    /// Largest request body (413 above it); the server's `max_body_bytes`
+    /// unless set. The body is read whole before the request is admitted.
+    pub max_body_bytes: usize,
 }
 
 impl CustomRoute {
@@ -71,6 +75,7 @@ const RESERVED: [&str; 4] = ["/v1", "/healthz", "/readyz", "/stripe"];
 pub(super) fn validate(
     raw: Vec<RawRoute>,
     served: &[&str],
+    server_max_body_bytes: usize,
 ) -> Result<Vec<CustomRoute>, ConfigError> {
     let mut routes: Vec<CustomRoute> = Vec::new();
     for (i, route) in raw.into_iter().enumerate() {
@@ -146,6 +151,11 @@ pub(super) fn validate(
             unit: route.unit,
             reserve,
             reported: route.reported,
+            max_body_bytes: match route.max_body_bytes {
+                Some(0) => return Err(invalid(key("max_body_bytes"), "must be at least 1")),
+                Some(limit) => limit,
+                None => server_max_body_bytes,
+            },
         });
     }
     Ok(routes)
@@ -214,6 +224,7 @@ mod tests {
             unit: UnitKind::Requests,
             reserve: 1,
             reported: None,
+            max_body_bytes: 1,
         };
         assert!(route.matches("/sdapi/v1/txt2img"));
         assert!(route.matches("/sdapi/v1/txt2img/"));

@@ -171,11 +171,12 @@ impl Gateway {
             });
         };
         ctx.key = Some(Arc::clone(&key));
-        let body = read_body(session, self.max_body_bytes).await?;
         let custom = match route {
             Route::Custom(i) => self.custom_routes.get(i),
             _ => None,
         };
+        let limit = custom.map_or(self.max_body_bytes, |c| c.max_body_bytes);
+        let body = read_body(session, limit).await?;
         let mut request = match custom {
             Some(custom) => InferenceRequest::custom(custom, body),
             None => request::parse(endpoint, body)?,

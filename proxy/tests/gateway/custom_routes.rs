@@ -154,3 +154,40 @@ async fn a_unit_the_backend_reports_is_billed_from_its_header_or_its_answer() {
         );
     }
 }
+
+/// A route's own body limit: an upload over it gets 413 and is billed nothing.
+#[tokio::test]
+async fn a_routes_body_limit_refuses_a_larger_upload() {
+    let sim = Sim::start(&[]);
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            tail: format!("{}max_body_bytes = 64\n", route("requests", None)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, _) = gateway.post_json(&key, "/sim/work", &json!({"a": 1})).await;
+    assert_eq!(status, 200);
+    let (status, body) = gateway
+        .post_json(&key, "/sim/work", &json!({"text": "x".repeat(100)}))
+        .await;
+    assert_eq!(status, 413, "{body}");
+    // Chat keeps the server's limit.
+    let (status, _) = gateway
+        .post_json(&key, "/v1/chat/completions", &chat(&"word ".repeat(40), 4))
+        .await;
+    assert_eq!(status, 200);
+    eventually("one request is billed", || async {
+        gateway.units_logged().await > 1
+    })
+    .await;
+    let custom: Vec<_> = gateway
+        .usage_events()
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "custom")
+        .collect();
+    assert_eq!(custom.len(), 1, "the refused upload has no event");
+}
