@@ -43,18 +43,17 @@ async fn scrape_sees_gpu_sim_running_one_and_queueing_two() {
     };
     let client = ProbeClient::new();
     let deadline = tokio::time::Instant::now() + POLL_DEADLINE;
-    loop {
-        let signals = scrape(&client, sim.address(), SCRAPE_TIMEOUT).await;
-        if signals.as_ref() == Some(&expected) {
-            break;
+    let signals = loop {
+        match scrape(&client, sim.address(), SCRAPE_TIMEOUT).await {
+            Some(signals) if signals == expected => break signals,
+            last => assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for 1 running and 2 waiting (all gauges); last scrape: {last:?}"
+            ),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for 1 running and 2 waiting (all gauges); last scrape: {signals:?}"
-        );
         tokio::time::sleep(POLL_INTERVAL).await;
-    }
-    assert_eq!(expected.queued(), Some(2.0));
+    };
+    assert_eq!(signals.queued(), Some(2.0));
 
     for request in requests {
         request.abort();

@@ -121,6 +121,17 @@ pub struct ExportReport {
     pub expired: u64,
 }
 
+impl std::ops::AddAssign for ExportReport {
+    fn add_assign(&mut self, other: Self) {
+        self.planned += other.planned;
+        self.sent += other.sent;
+        self.duplicates += other.duplicates;
+        self.retry_later += other.retry_later;
+        self.rejected += other.rejected;
+        self.expired += other.expired;
+    }
+}
+
 fn unix(time: SystemTime) -> f64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

@@ -100,14 +100,7 @@ impl Engine {
     /// and returns the planned generation, timed from now.
     pub async fn start(&self, request: GenerationRequest<'_>) -> Result<Generation, SimError> {
         let arrival = Instant::now();
-        let metrics = self
-            .metrics
-            .model(request.model)
-            .ok_or_else(|| SimError::UnknownModel(request.model.to_owned()))?;
-        let draw = self.options.seed ^ self.sequence.fetch_add(1, Ordering::Relaxed);
-        if unit_interval(draw ^ ERROR_DRAW) < self.options.error_rate {
-            return Err(SimError::Injected);
-        }
+        let (metrics, draw) = self.draw(request.model)?;
         let longest = request
             .sequences
             .iter()
@@ -135,6 +128,13 @@ impl Engine {
     /// For work that is not token generation (an image): checks the model,
     /// draws the request's injected error and waits for a batch slot.
     pub async fn hold_slot(&self, model: &str) -> Result<Slot, SimError> {
+        let (metrics, _) = self.draw(model)?;
+        self.admit(metrics).await
+    }
+
+    /// The model's metrics and this request's fault draw, or the injected
+    /// error it drew.
+    fn draw(&self, model: &str) -> Result<(&ModelMetrics, u64), SimError> {
         let metrics = self
             .metrics
             .model(model)
@@ -143,7 +143,7 @@ impl Engine {
         if unit_interval(draw ^ ERROR_DRAW) < self.options.error_rate {
             return Err(SimError::Injected);
         }
-        self.admit(metrics).await
+        Ok((metrics, draw))
     }
 
     /// Waits for a batch slot, counted as waiting meanwhile.

@@ -60,13 +60,7 @@ pub async fn export_now(
     let events = meter_events(stripe)?;
     let mut total = ExportReport::default();
     for export in export_configs(billing) {
-        let report = export_once(pool, &export, &events, SystemTime::now()).await?;
-        total.planned += report.planned;
-        total.sent += report.sent;
-        total.duplicates += report.duplicates;
-        total.retry_later += report.retry_later;
-        total.rejected += report.rejected;
-        total.expired += report.expired;
+        total += export_once(pool, &export, &events, SystemTime::now()).await?;
     }
     Ok(total)
 }
