@@ -37,7 +37,6 @@ PREFIX="tgbench$$"
 # The queue section reads /admin/queues.
 export TOLLGATE_ADMIN_TOKEN="${TOLLGATE_ADMIN_TOKEN:-bench-admin-token-0123456789}"
 
-section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }
 # This run's Redis keys go with it.
 trap 'redis-cli -u "$REDIS_URL" EVAL "for _, k in ipairs(redis.call(\"KEYS\", ARGV[1])) do redis.call(\"DEL\", k) end" 0 "$PREFIX:*" >/dev/null; bench_cleanup' EXIT

@@ -81,3 +81,7 @@ TOML
     "${TG_ENV[@]}" "${TG[@]}" migrate >/dev/null
     KEY="$("${TG_ENV[@]}" "${TG[@]}" keys create --account bench --tier pro | tail -1)"
 }
+
+# section NAME : true when NAME is one of the words in $SECTIONS (each script
+# sets its own default).
+section() { [[ " $SECTIONS " == *" $1 "* ]]; }

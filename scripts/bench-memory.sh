@@ -52,7 +52,6 @@ SECTIONS="${SECTIONS:-memory}"
 PEAK_RUNS="${PEAK_RUNS:-3}"
 PEAK_DURATION="${PEAK_DURATION:-5}"
 
-section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 # Each stream is a connection into Tollgate and one out of it.
 ulimit -n "$(ulimit -Hn)"

@@ -23,7 +23,6 @@ ROUNDS="${ROUNDS:-5}"
 DURATION="${DURATION:-10}"
 SECTIONS="${SECTIONS:-overhead counting}"
 
-section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }
 
 if section overhead; then

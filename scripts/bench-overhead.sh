@@ -55,7 +55,6 @@ done
 # field FILE EXPR : a value from a loadgen JSON report.
 field() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$1"; }
 
-section() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 if section fixed; then
 echo "### Added latency at fixed rates"
