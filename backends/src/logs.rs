@@ -50,6 +50,12 @@ pub fn init(default_level: &str) -> Result<(), LogFormatError> {
     let format = LogFormat::from_env_value(std::env::var("LOG_FORMAT").ok().as_deref())?;
     let filter =
         EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new(default_level));
+    // The audio demuxers log what they find wrong in a client's upload at
+    // error level; the client is answered 400, and nothing of ours failed.
+    let filter = match "symphonia=off".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

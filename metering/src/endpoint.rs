@@ -25,18 +25,26 @@ pub enum Endpoint {
     /// `POST /v1/audio/speech`: text to speech.
     #[serde(rename = "speech")]
     Speech,
+    /// `POST /v1/audio/transcriptions`: speech to text, from an upload.
+    #[serde(rename = "transcription")]
+    Transcription,
+    /// `POST /v1/audio/translations`: speech to English text, from an upload.
+    #[serde(rename = "translation")]
+    Translation,
     /// A custom GPU route (`[[routes]]`): any path, forwarded as it came.
     #[serde(rename = "custom")]
     Custom,
 }
 
 impl Endpoint {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
         Self::ImageGenerations,
         Self::Speech,
+        Self::Transcription,
+        Self::Translation,
         Self::Custom,
     ];
 
@@ -49,6 +57,8 @@ impl Endpoint {
             Self::Embeddings => "/v1/embeddings",
             Self::ImageGenerations => "/v1/images/generations",
             Self::Speech => "/v1/audio/speech",
+            Self::Transcription => "/v1/audio/transcriptions",
+            Self::Translation => "/v1/audio/translations",
             Self::Custom => return None,
         })
     }
@@ -61,6 +71,8 @@ impl Endpoint {
             Self::Embeddings => "embedding",
             Self::ImageGenerations => "image",
             Self::Speech => "speech",
+            Self::Transcription => "transcription",
+            Self::Translation => "translation",
             Self::Custom => "custom",
         }
     }
@@ -73,6 +85,8 @@ impl Endpoint {
             Self::Embeddings => "embeddings",
             Self::ImageGenerations => "images_generations",
             Self::Speech => "audio_speech",
+            Self::Transcription => "audio_transcriptions",
+            Self::Translation => "audio_translations",
             Self::Custom => "custom",
         }
     }
@@ -83,15 +97,26 @@ impl Endpoint {
             Self::ChatCompletions | Self::Completions | Self::Embeddings => UnitKind::Tokens,
             Self::ImageGenerations => UnitKind::Images,
             Self::Speech => UnitKind::Characters,
+            Self::Transcription | Self::Translation => UnitKind::AudioSeconds,
             Self::Custom => UnitKind::Requests,
         }
     }
 
     /// Whether the answer is JSON (or a stream of JSON events), which
     /// metering reads; speech answers with audio bytes, a custom route with
-    /// whatever its server sends.
+    /// whatever its server sends, a transcription in the format asked for
+    /// (JSON, text, SRT, VTT).
     pub fn answers_json(self) -> bool {
-        !matches!(self, Self::Speech | Self::Custom)
+        !matches!(
+            self,
+            Self::Speech | Self::Transcription | Self::Translation | Self::Custom
+        )
+    }
+
+    /// Whether the request is a `multipart/form-data` upload (an audio
+    /// file), streamed to the backend as it arrives.
+    pub fn takes_upload(self) -> bool {
+        matches!(self, Self::Transcription | Self::Translation)
     }
 
     /// Whether the endpoint generates text (and so takes a completion limit).
@@ -108,6 +133,8 @@ impl Endpoint {
             Self::Embeddings => "embd",
             Self::ImageGenerations => "img",
             Self::Speech => "speech",
+            Self::Transcription => "transcription",
+            Self::Translation => "translation",
             Self::Custom => "custom",
         }
     }
@@ -120,7 +147,15 @@ impl Endpoint {
             (Self::ChatCompletions, false) => "chat.completion",
             (Self::ChatCompletions, true) => "chat.completion.chunk",
             (Self::Completions, _) => "text_completion",
-            (Self::Embeddings | Self::ImageGenerations | Self::Speech | Self::Custom, _) => "list",
+            (
+                Self::Embeddings
+                | Self::ImageGenerations
+                | Self::Speech
+                | Self::Transcription
+                | Self::Translation
+                | Self::Custom,
+                _,
+            ) => "list",
         }
     }
 }

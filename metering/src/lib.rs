@@ -5,6 +5,7 @@
 //! - [`tokens`]: exact token counting (tiktoken encodings, OpenAI's prompt
 //!   recipes). The `gpu-sim` backend counts through it too, so the two never
 //!   disagree about what a token is.
+//! - [`audio`]: how long an uploaded audio file plays (transcription's unit).
 //! - [`capture`]: reads a backend's answer as it streams by (usage report,
 //!   generated text), synchronously and without I/O.
 //! - [`endpoint`]: the OpenAI endpoints served, one vocabulary for every crate.
@@ -20,6 +21,7 @@
 //!
 //! Nothing here knows about Pingora: the proxy calls these plain APIs.
 
+pub mod audio;
 pub mod capture;
 pub mod endpoint;
 pub mod event;

@@ -173,6 +173,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         readiness: Arc::clone(&readiness),
         in_flight: Arc::clone(&in_flight),
         max_body_bytes: config.server.max_body_bytes,
+        max_upload_bytes: config.server.max_upload_bytes,
         timeouts: config.server.timeouts,
         models,
         revocation_fanout: revocation_fanout.clone(),

@@ -533,6 +533,8 @@ mod observability;
 mod outages;
 #[path = "gateway/routing.rs"]
 mod routing;
+#[path = "gateway/transcription.rs"]
+mod transcription;
 #[path = "gateway/triton.rs"]
 mod triton;
 

@@ -179,7 +179,12 @@ pub fn translate_request(
             }
         },
         Endpoint::Completions => completion_prompt(field(request, "prompt"))?,
-        Endpoint::Embeddings | Endpoint::ImageGenerations | Endpoint::Speech | Endpoint::Custom => {
+        Endpoint::Embeddings
+        | Endpoint::ImageGenerations
+        | Endpoint::Speech
+        | Endpoint::Transcription
+        | Endpoint::Translation
+        | Endpoint::Custom => {
             return Err(TranslateError::new(
                 "Only chat and text completions are served by a Triton generate backend.",
                 "model",

@@ -32,6 +32,8 @@ pub struct ModelMetrics {
     pub images: IntCounter,
     /// Seconds of speech written (`/v1/audio/speech`); gpu-sim's own name.
     pub speech_seconds: prometheus::Counter,
+    /// Seconds of uploaded audio transcribed or translated; gpu-sim's own name.
+    pub transcribed_seconds: prometheus::Counter,
 }
 
 pub struct SimMetrics {
@@ -90,6 +92,10 @@ impl SimMetrics {
                     "gpu_sim_speech_seconds_total",
                     "Seconds of speech audio generated.",
                 ))?,
+                transcribed_seconds: prometheus::Counter::with_opts(vllm(
+                    "gpu_sim_transcribed_seconds_total",
+                    "Seconds of uploaded audio transcribed or translated.",
+                ))?,
             };
             registry.register(Box::new(metrics.running.clone()))?;
             registry.register(Box::new(metrics.waiting.clone()))?;
@@ -99,6 +105,7 @@ impl SimMetrics {
             registry.register(Box::new(metrics.generation_tokens.clone()))?;
             registry.register(Box::new(metrics.images.clone()))?;
             registry.register(Box::new(metrics.speech_seconds.clone()))?;
+            registry.register(Box::new(metrics.transcribed_seconds.clone()))?;
             per_model.insert(model.clone(), metrics);
         }
         let kv_cache_usage = Gauge::with_opts(Opts::new(

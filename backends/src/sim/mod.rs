@@ -56,6 +56,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/images/generations", post(openai::images_generations))
         .route("/v1/audio/speech", post(openai::speech))
+        .route("/v1/audio/transcriptions", post(openai::transcriptions))
+        .route("/v1/audio/translations", post(openai::translations))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&engine),
             require_api_key,

@@ -76,6 +76,11 @@ pub struct SimOptions {
     #[arg(long, default_value_t = 0.0, value_name = "X", value_parser = non_negative)]
     pub speech_realtime_factor: f64,
 
+    /// Time to transcribe one second of uploaded audio
+    /// (`/v1/audio/transcriptions`, `/translations`), held in a batch slot.
+    #[arg(long, default_value_t = 0.0, value_name = "MS", value_parser = non_negative)]
+    pub ms_per_audio_second: f64,
+
     /// How long one `POST /sim/work` job (a custom route's avatar render)
     /// holds a batch slot.
     #[arg(long, default_value_t = 0, value_name = "MS")]

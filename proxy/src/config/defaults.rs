@@ -15,6 +15,11 @@ pub const LISTEN: &str = "127.0.0.1:8080";
 pub const ADMIN_LISTEN: &str = "127.0.0.1:8081";
 pub const METRICS_LISTEN: &str = "127.0.0.1:9091";
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// OpenAI's limit on an audio file for transcription (25 MB).
+pub const MAX_UPLOAD_BYTES: usize = 25 * 1024 * 1024;
+/// What an upload whose length its header does not declare reserves: ten
+/// minutes of audio, settled to the backend's figure.
+pub const UNMEASURED_AUDIO_RESERVE: Duration = secs(600);
 pub const WORKERS: usize = 1;
 pub const DRAIN_TIMEOUT: Duration = secs(30);
 pub const CONNECT_TIMEOUT: Duration = secs(2);

@@ -38,6 +38,7 @@ pub(super) struct RawMetering {
     minute_rollup_retention: Option<HumanDuration>,
     #[serde(default)]
     image_weights: RawImageWeights,
+    unmeasured_audio_reserve: Option<HumanDuration>,
 }
 
 /// `[metering.image_weights]`.
@@ -98,6 +99,9 @@ pub struct MeteringConfig {
     pub minute_rollup_retention: Duration,
     /// Units per image by size and quality.
     pub image_weights: ImageWeights,
+    /// Audio seconds an upload reserves when its header does not declare
+    /// its length (an OGG, an MP4 whose index comes last).
+    pub unmeasured_audio_reserve: Duration,
 }
 
 pub(super) fn validate(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, ConfigError> {
@@ -184,6 +188,10 @@ pub(super) fn validate(m: RawMetering, env: &dyn Env) -> Result<MeteringConfig, 
             size: m.image_weights.size,
             quality: m.image_weights.quality,
         },
+        unmeasured_audio_reserve: HumanDuration::or(
+            m.unmeasured_audio_reserve,
+            defaults::UNMEASURED_AUDIO_RESERVE,
+        ),
     };
     if metering.writer.flush_interval.is_zero() || metering.writer.write_timeout.is_zero() {
         return Err(invalid(

@@ -15,6 +15,7 @@ pub(super) struct RawServer {
     admin_listen: Option<String>,
     metrics_listen: Option<String>,
     max_body_bytes: Option<usize>,
+    max_upload_bytes: Option<usize>,
     workers: Option<usize>,
     drain_timeout: Option<HumanDuration>,
     connect_timeout: Option<HumanDuration>,
@@ -27,6 +28,9 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Largest upload (`multipart/form-data`: an audio file to transcribe),
+    /// streamed to the backend rather than held; 413 above it.
+    pub max_upload_bytes: usize,
     /// Pingora worker threads for the public listener.
     pub workers: usize,
     /// How long in-flight requests may run on after SIGTERM.
@@ -60,6 +64,10 @@ pub(super) fn validate(s: RawServer, env: &dyn Env) -> Result<ServerConfig, Conf
         max_body_bytes: positive(
             "server.max_body_bytes",
             s.max_body_bytes.unwrap_or(defaults::MAX_BODY_BYTES),
+        )?,
+        max_upload_bytes: positive(
+            "server.max_upload_bytes",
+            s.max_upload_bytes.unwrap_or(defaults::MAX_UPLOAD_BYTES),
         )?,
         workers: positive(
             "server.workers (env WORKERS)",

@@ -10,6 +10,7 @@ use tollgate_backends::routing::{BackendId, Lease};
 use super::models::ModelRoute;
 use super::request::{Endpoint, InferenceRequest};
 use super::triton::TritonCall;
+use super::upload::UploadStream;
 use crate::admission::Ticket;
 use crate::admission::limits::Windows;
 use crate::admission::queue::Slot;
@@ -47,6 +48,8 @@ pub struct RequestContext {
     pub triton: Option<TritonCall>,
     /// Why the request could not be put in the backend's protocol (400).
     pub untranslatable: Option<ApiError>,
+    /// The rest of an upload, streamed after admission.
+    pub upload: Option<UploadStream>,
     /// The answer is a server-sent-event stream.
     pub streaming_response: bool,
     /// The last bytes of the stream sent so far.
@@ -72,6 +75,7 @@ impl RequestContext {
             failure_reported: false,
             triton: None,
             untranslatable: None,
+            upload: None,
             streaming_response: false,
             stream_tail: StreamTail::default(),
             _in_flight: in_flight,

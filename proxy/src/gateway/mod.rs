@@ -29,6 +29,7 @@ pub mod models;
 pub mod request;
 pub mod routes;
 pub mod triton;
+pub mod upload;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -55,6 +56,7 @@ use self::models::ModelRoutes;
 use self::request::{BodyError, Endpoint, InferenceRequest, read_body};
 use self::routes::Route;
 use self::triton::TritonCall;
+use self::upload::read_upload;
 use crate::admission::headers::{rate_limit_headers, retry_after};
 use crate::admission::queue::Slot;
 use crate::admission::{Admission, Estimate, Refusal, TokenEstimate};
@@ -76,6 +78,8 @@ const MAX_ATTEMPTS: usize = 2;
 const NO_BACKEND: &str = "no_backend";
 /// The request cannot be put in the chosen backend's protocol.
 const UNTRANSLATABLE: &str = "untranslatable";
+/// An upload broke its form (or its limit) after forwarding began.
+const BAD_UPLOAD: &str = "bad_upload";
 /// How long a refused upload is read and dropped before the connection closes
 /// (nginx's `lingering_time` plays this role there).
 const UPLOAD_DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,6 +98,8 @@ pub struct Gateway {
     pub readiness: Arc<PostgresReadiness>,
     pub in_flight: Arc<InFlight>,
     pub max_body_bytes: usize,
+    /// The limit of an upload (an audio file), which streams.
+    pub max_upload_bytes: usize,
     pub timeouts: UpstreamTimeouts,
     /// Every model a backend serves, resolved from config.
     pub models: ModelRoutes,
@@ -175,11 +181,17 @@ impl Gateway {
             Route::Custom(i) => self.custom_routes.get(i),
             _ => None,
         };
-        let limit = custom.map_or(self.max_body_bytes, |c| c.max_body_bytes);
-        let body = read_body(session, limit).await?;
-        let mut request = match custom {
-            Some(custom) => InferenceRequest::custom(custom, body),
-            None => request::parse(endpoint, body)?,
+        let mut request = if endpoint.takes_upload() {
+            let upload = read_upload(session, endpoint, self.max_upload_bytes).await?;
+            ctx.upload = upload.stream;
+            upload.request
+        } else {
+            let limit = custom.map_or(self.max_body_bytes, |c| c.max_body_bytes);
+            let body = read_body(session, limit).await?;
+            match custom {
+                Some(custom) => InferenceRequest::custom(custom, body),
+                None => request::parse(endpoint, body)?,
+            }
         };
         let route = match self.models.get(&request.model) {
             Some(route) if key.allows_model(&request.model) => Arc::clone(route),
@@ -415,12 +427,17 @@ async fn discard_upload(session: &mut Session) {
 
 /// What a request's backend did, for its breaker: a 5xx, or an error on
 /// the backend's side (reset, timeout) is a failure; a client that left
-/// first gives no verdict.
+/// first, or whose upload was cut off, gives no verdict.
 fn backend_outcome(status: Option<u16>, error: Option<&Error>) -> Outcome {
     match (status, error) {
         (Some(500..), _) => Outcome::Failed,
         (Some(_), _) => Outcome::Answered,
-        (None, Some(e)) if !matches!(e.esource(), ErrorSource::Downstream) => Outcome::Failed,
+        (None, Some(e))
+            if !matches!(e.esource(), ErrorSource::Downstream)
+                && e.etype() != &ErrorType::Custom(BAD_UPLOAD) =>
+        {
+            Outcome::Failed
+        }
         (None, _) => Outcome::Abandoned,
     }
 }
@@ -445,6 +462,7 @@ fn classify(error: &Error, ctx: &RequestContext) -> Option<ApiError> {
     }
     Some(match error.etype() {
         ErrorType::Custom(UNTRANSLATABLE) => ctx.untranslatable.clone()?,
+        ErrorType::Custom(BAD_UPLOAD) => ctx.upload.as_ref()?.refused.clone()?,
         ErrorType::Custom(NO_BACKEND) => ApiError::NoBackend(
             ctx.inference
                 .as_ref()
@@ -605,6 +623,10 @@ impl ProxyHttp for Gateway {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut error = error.more_context(format!("Peer: {peer}"));
+        if error.etype() == &ErrorType::Custom(BAD_UPLOAD) {
+            // The client's body was at fault, not the backend.
+            return error;
+        }
         let backend_fault = !matches!(error.esource(), ErrorSource::Downstream);
         if backend_fault && let Some(backend) = ctx.backend() {
             self.selector.report(backend, Outcome::Failed);
@@ -619,7 +641,9 @@ impl ProxyHttp for Gateway {
             && ctx.upstream_status().is_none()
             && final_status(session).is_none()
             && ctx.tried.len() < MAX_ATTEMPTS
-            && ctx.serving().len() > ctx.tried.len();
+            && ctx.serving().len() > ctx.tried.len()
+            // An upload's body streams once: what went could not go again.
+            && !ctx.upload.as_ref().is_some_and(|u| u.started());
         error.set_retry(retry);
         error
     }
@@ -673,13 +697,16 @@ impl ProxyHttp for Gateway {
                         .map_err(|_| Error::new(ErrorType::InternalError))?,
                 );
             }
-            // We send the body ourselves, with its own length.
-            upstream.remove_header(&header::TRANSFER_ENCODING);
             upstream.remove_header(&header::EXPECT);
-            upstream.insert_header(
-                header::CONTENT_LENGTH,
-                request.upstream_body.len().to_string(),
-            )?;
+            // We send the body ourselves, with its own length; an upload
+            // streams on in the client's framing.
+            if ctx.upload.is_none() {
+                upstream.remove_header(&header::TRANSFER_ENCODING);
+                upstream.insert_header(
+                    header::CONTENT_LENGTH,
+                    request.upstream_body.len().to_string(),
+                )?;
+            }
         }
         Ok(())
     }
@@ -692,8 +719,20 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestContext,
     ) -> pingora::Result<()> {
         // Pingora replays the tail of the body it buffered (see `read_body`);
-        // what goes upstream is the whole body, once per attempt.
-        if let Some(call) = &ctx.triton {
+        // what goes upstream is the whole body, once per attempt. An upload
+        // streams on, checked chunk by chunk (see [`upload`]).
+        if let Some(upload) = ctx.upload.as_mut() {
+            if let Err(refusal) = upload.pass(body, end_of_stream) {
+                upload.refused = Some(refusal);
+                if let Some(inference) = ctx.inference.as_mut() {
+                    inference.usage.reject();
+                }
+                return Err(Error::explain(
+                    ErrorType::Custom(BAD_UPLOAD),
+                    "the upload broke its form",
+                ));
+            }
+        } else if let Some(call) = &ctx.triton {
             *body = end_of_stream.then(|| call.body.clone());
         } else if let Some(Inference { request, .. }) = &ctx.inference {
             *body = end_of_stream.then(|| request.upstream_body.clone());
@@ -806,6 +845,9 @@ impl ProxyHttp for Gateway {
         };
         if let Err(e) = written {
             tracing::debug!(request_id = %ctx.request_id, "could not send the error: {e}");
+        } else if error.etype() == &ErrorType::Custom(BAD_UPLOAD) {
+            // Like a 413 at admission: let a client still sending read it.
+            discard_upload(session).await;
         }
         FailToProxy {
             error_code: api_error.status(),

@@ -21,8 +21,9 @@ fn input_field(endpoint: Endpoint) -> &'static str {
     match endpoint {
         Endpoint::ChatCompletions => "messages",
         Endpoint::Completions | Endpoint::ImageGenerations => "prompt",
-        // A custom route's body is not read.
-        Endpoint::Embeddings | Endpoint::Speech | Endpoint::Custom => "input",
+        Endpoint::Embeddings | Endpoint::Speech => "input",
+        // Neither an upload's body nor a custom route's is JSON.
+        Endpoint::Transcription | Endpoint::Translation | Endpoint::Custom => "file",
     }
 }
 
@@ -68,6 +69,9 @@ pub struct InferenceRequest {
     pub image: ImageOptions,
     /// Characters of a speech request's `input` (0 for other endpoints).
     pub characters: u64,
+    /// An upload's length in seconds, as its audio file's header declares
+    /// it (`None`: not an upload, or a file whose first bytes do not say).
+    pub audio_seconds: Option<f64>,
     /// The client's `stream_options`, raw (`None` when absent or null).
     stream_options: Option<Box<RawValue>>,
     /// The client sent `max_completion_tokens` (a cap is written there too).
@@ -97,15 +101,36 @@ impl InferenceRequest {
     /// A request on a custom route: its body forwarded unread, billed in
     /// the route's unit, served by the route's model.
     pub fn custom(route: &CustomRoute, body: Bytes) -> Self {
+        Self::unread(Endpoint::Custom, route.model.clone(), route.unit, body)
+    }
+
+    /// An upload (an audio file to transcribe): `head` is the body as far
+    /// as it was read before admission (the whole body when it ended
+    /// there), forwarded as it came; `audio_seconds` what its file declares.
+    pub fn upload(
+        endpoint: Endpoint,
+        model: String,
+        head: Bytes,
+        audio_seconds: Option<f64>,
+    ) -> Self {
         Self {
-            endpoint: Endpoint::Custom,
-            model: route.model.clone(),
-            unit_kind: route.unit,
+            audio_seconds,
+            ..Self::unread(endpoint, model, endpoint.unit_kind(), head)
+        }
+    }
+
+    /// A request whose body the gateway forwards without parsing it as JSON.
+    fn unread(endpoint: Endpoint, model: String, unit_kind: UnitKind, body: Bytes) -> Self {
+        Self {
+            endpoint,
+            model,
+            unit_kind,
             stream: false,
             max_tokens: None,
             sequences: 1,
             image: ImageOptions::default(),
             characters: 0,
+            audio_seconds: None,
             upstream_body: body,
             stream_options: None,
             sent_completion_limit: false,
@@ -252,7 +277,7 @@ impl<'a> Fields<'a> {
             Endpoint::ChatCompletions => self.messages,
             Endpoint::Completions | Endpoint::ImageGenerations => self.prompt,
             Endpoint::Embeddings | Endpoint::Speech => self.input,
-            Endpoint::Custom => None,
+            Endpoint::Transcription | Endpoint::Translation | Endpoint::Custom => None,
         }
     }
 }
@@ -318,9 +343,12 @@ fn completion_limit(endpoint: Endpoint, fields: &Fields<'_>) -> Result<Option<u6
     Ok(match endpoint {
         Endpoint::ChatCompletions => completion.or(legacy),
         Endpoint::Completions => legacy,
-        Endpoint::Embeddings | Endpoint::ImageGenerations | Endpoint::Speech | Endpoint::Custom => {
-            None
-        }
+        Endpoint::Embeddings
+        | Endpoint::ImageGenerations
+        | Endpoint::Speech
+        | Endpoint::Transcription
+        | Endpoint::Translation
+        | Endpoint::Custom => None,
     })
 }
 
@@ -370,59 +398,94 @@ impl From<ApiError> for BodyError {
 /// the body, is never truncated, and its replay is the cue to send the whole
 /// body from the context instead (see `Gateway::request_body_filter`).
 pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, BodyError> {
-    let headers = &session.req_header().headers;
-    let chunked = headers
-        .get(http::header::TRANSFER_ENCODING)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
-    let declared: Option<usize> = if chunked {
-        None
-    } else {
-        headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-    };
-    let expects_continue = headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::BodyTooLarge { limit }.into());
+    let mut reader = BodyReader::start(session, limit).await?;
+    let mut body = BytesMut::with_capacity(reader.declared.unwrap_or(16 * 1024));
+    while let Some(chunk) = reader.next(session).await? {
+        body.extend_from_slice(&chunk);
     }
-    if expects_continue {
-        // Pingora never sends 100 Continue itself; without it curl waits a second.
-        session
-            .write_continue_response()
-            .await
-            .map_err(|e| BodyError::ClientGone(e.into_down()))?;
+    BodyReader::check_replayable(session, body.len())?;
+    Ok(body.freeze())
+}
+
+/// A request body read chunk by chunk in `request_filter`, within a limit,
+/// with retry buffering on for its last 64 KiB (see [`read_body`]).
+pub struct BodyReader {
+    /// `Content-Length`, when the body is not chunked.
+    pub declared: Option<usize>,
+    limit: usize,
+    read: usize,
+    buffering: bool,
+}
+
+impl BodyReader {
+    /// Refuses a declared length above `limit`, and answers
+    /// `Expect: 100-continue`.
+    pub async fn start(session: &mut Session, limit: usize) -> Result<Self, BodyError> {
+        let headers = &session.req_header().headers;
+        let chunked = headers
+            .get(http::header::TRANSFER_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        let declared: Option<usize> = if chunked {
+            None
+        } else {
+            headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        };
+        let expects_continue = headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ApiError::BodyTooLarge { limit }.into());
+        }
+        if expects_continue {
+            // Pingora never sends 100 Continue itself; without it curl waits a second.
+            session
+                .write_continue_response()
+                .await
+                .map_err(|e| BodyError::ClientGone(e.into_down()))?;
+        }
+        Ok(Self {
+            declared,
+            limit,
+            read: 0,
+            buffering: false,
+        })
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(16 * 1024));
-    let mut buffering = false;
-    loop {
-        let remaining = declared.map(|n| n.saturating_sub(body.len()));
-        if !buffering && remaining.is_none_or(|r| r <= RETRY_BUFFER_BYTES) {
+
+    /// The next chunk, `None` at the end of the body.
+    pub async fn next(&mut self, session: &mut Session) -> Result<Option<Bytes>, BodyError> {
+        let remaining = self.declared.map(|n| n.saturating_sub(self.read));
+        if !self.buffering && remaining.is_none_or(|r| r <= RETRY_BUFFER_BYTES) {
             session.enable_retry_buffering();
-            buffering = true;
+            self.buffering = true;
         }
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > limit {
-                    return Err(ApiError::BodyTooLarge { limit }.into());
+                self.read += chunk.len();
+                if self.read > self.limit {
+                    return Err(ApiError::BodyTooLarge { limit: self.limit }.into());
                 }
-                body.extend_from_slice(&chunk);
+                Ok(Some(chunk))
             }
-            Ok(None) => break,
-            Err(e) => return Err(BodyError::ClientGone(e.into_down())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(BodyError::ClientGone(e.into_down())),
         }
     }
-    if !body.is_empty() && session.get_retry_buffer().is_none() {
-        // Only a chunked body above 64 KiB gets here: Pingora could not replay it.
-        return Err(ApiError::bad_request(
-            "Chunked request bodies above 64 KiB are not supported; send Content-Length.",
-            None,
-        )
-        .into());
+
+    /// A body read to its end can be sent on only by the replay of its
+    /// tail: refuses one Pingora could not replay.
+    pub fn check_replayable(session: &Session, read: usize) -> Result<(), ApiError> {
+        if read > 0 && session.get_retry_buffer().is_none() {
+            // Only a chunked body above 64 KiB gets here: Pingora could not replay it.
+            return Err(ApiError::bad_request(
+                "Chunked request bodies above 64 KiB are not supported; send Content-Length.",
+                None,
+            ));
+        }
+        Ok(())
     }
-    Ok(body.freeze())
 }
 
 /// Parses and checks an inference body; the error names the field at fault.
@@ -566,6 +629,8 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
         | Endpoint::Embeddings
         | Endpoint::ImageGenerations
         | Endpoint::Speech
+        | Endpoint::Transcription
+        | Endpoint::Translation
         | Endpoint::Custom => 1,
     };
     // Every prompt gets every choice: the reservation covers all of them.
@@ -586,6 +651,7 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
         sequences,
         image,
         characters,
+        audio_seconds: None,
         upstream_body: body,
         stream_options,
         sent_completion_limit,

@@ -75,6 +75,8 @@ fn builtin(method: &Method, path: &str) -> Result<(Route, Method), ApiError> {
         "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
         "/v1/images/generations" => (Route::Inference(Endpoint::ImageGenerations), Method::POST),
         "/v1/audio/speech" => (Route::Inference(Endpoint::Speech), Method::POST),
+        "/v1/audio/transcriptions" => (Route::Inference(Endpoint::Transcription), Method::POST),
+        "/v1/audio/translations" => (Route::Inference(Endpoint::Translation), Method::POST),
         "/v1/models" => (Route::Models, Method::GET),
         "/v1/usage" => (Route::Usage, Method::GET),
         "/healthz" => (Route::Healthz, Method::GET),

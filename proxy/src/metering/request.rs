@@ -42,6 +42,8 @@ pub struct Metering {
     mismatches: IntCounter,
     unit_sizes: UnitSizes,
     image_weights: ImageWeights,
+    /// Audio seconds reserved for an upload whose header declares no length.
+    unmeasured_audio_reserve: u64,
 }
 
 /// The encodings tokens are counted with and the image charge: used at
@@ -116,6 +118,7 @@ impl Metering {
             mismatches,
             unit_sizes,
             image_weights: config.image_weights.clone(),
+            unmeasured_audio_reserve: config.unmeasured_audio_reserve.as_secs(),
         })
     }
 
@@ -152,6 +155,7 @@ impl Metering {
             first_byte: None,
             slot_held_since: None,
             unread_answer: !request.endpoint.answers_json(),
+            reads_duration: request.endpoint.takes_upload(),
             reported: None,
             reported_figure: None,
             answer: Vec::new(),
@@ -235,7 +239,7 @@ impl Metering {
         let Some(capture) = usage.capture.as_mut() else {
             if let Some(chunk) = body.as_deref().filter(|b| !b.is_empty()) {
                 usage.first_byte.get_or_insert_with(Instant::now);
-                if matches!(usage.reported, Some(ReportedUnits::Json(_)))
+                if (usage.reads_duration || matches!(usage.reported, Some(ReportedUnits::Json(_))))
                     && usage.answer.len() + chunk.len() <= MAX_REPORTING_ANSWER_BYTES
                 {
                     usage.answer.extend_from_slice(chunk);
@@ -296,22 +300,21 @@ impl Metering {
                 reported,
                 billable,
             ),
-            kind => Measured {
-                units: if billable {
+            kind => {
+                let (units, source) = if billable {
                     self.units_delivered(kind, done.request, usage)
                 } else {
-                    0
-                },
-                tokens: Tokens::default(),
-                counted_prompt: None,
-                counted_completion: None,
-                source: match (billable, usage.reported.is_some()) {
-                    (false, _) => UsageSource::None,
-                    (true, true) => UsageSource::Backend,
-                    (true, false) => UsageSource::Counted,
-                },
-                deferred_count: None,
-            },
+                    (0, UsageSource::None)
+                };
+                Measured {
+                    units,
+                    tokens: Tokens::default(),
+                    counted_prompt: None,
+                    counted_completion: None,
+                    source,
+                    deferred_count: None,
+                }
+            }
         };
         let Measured {
             units,
@@ -469,13 +472,20 @@ impl Metering {
                 .sequences
                 .saturating_mul(self.units_per_image(request)),
             UnitKind::Characters => request.characters,
+            UnitKind::AudioSeconds => request
+                .audio_seconds
+                .map_or(self.unmeasured_audio_reserve, |seconds| {
+                    seconds.ceil() as u64
+                }),
             UnitKind::Requests => 1,
-            UnitKind::Tokens | UnitKind::AudioSeconds | UnitKind::GpuSeconds => 0,
+            UnitKind::Tokens | UnitKind::GpuSeconds => 0,
         }
     }
 
-    /// What a billable answer priced in `kind` delivered: the images in it,
-    /// in the weight they were asked at; the characters spoken (the whole
+    /// What a billable answer priced in `kind` delivered, and who said so:
+    /// the images in it, in the weight they were asked at; the audio
+    /// transcribed (the backend's duration, else the file header's, else
+    /// the reservation), rounded up; the characters spoken (the whole
     /// input, once the backend answered with audio); the request; the
     /// seconds it held a backend slot, rounded up.
     fn units_delivered(
@@ -483,20 +493,31 @@ impl Metering {
         kind: UnitKind,
         request: &InferenceRequest,
         usage: &RequestUsage,
-    ) -> u64 {
+    ) -> (u64, UsageSource) {
+        let ceil = |figure: f64| figure.ceil() as u64;
         match kind {
-            UnitKind::Images => usage
-                .capture
-                .as_ref()
-                .map_or(0, ResponseCapture::data_items)
-                .saturating_mul(self.units_per_image(request)),
-            _ if usage.reported.is_some() => usage
-                .reported_units()
-                .map_or(0, |figure| figure.ceil() as u64),
-            UnitKind::GpuSeconds => usage
-                .slot_held_since
-                .map_or(0, |since| since.elapsed().as_secs_f64().ceil() as u64),
-            _ => self.units_asked(request),
+            UnitKind::Images => (
+                usage
+                    .capture
+                    .as_ref()
+                    .map_or(0, ResponseCapture::data_items)
+                    .saturating_mul(self.units_per_image(request)),
+                UsageSource::Counted,
+            ),
+            _ if usage.reported.is_some() => {
+                (usage.reported_units().map_or(0, ceil), UsageSource::Backend)
+            }
+            UnitKind::AudioSeconds if usage.reads_duration => match usage.answered_duration() {
+                Some(seconds) => (ceil(seconds), UsageSource::Backend),
+                None => (self.units_asked(request), UsageSource::Counted),
+            },
+            UnitKind::GpuSeconds => (
+                usage
+                    .slot_held_since
+                    .map_or(0, |since| ceil(since.elapsed().as_secs_f64())),
+                UsageSource::Counted,
+            ),
+            _ => (self.units_asked(request), UsageSource::Counted),
         }
     }
 
@@ -529,9 +550,11 @@ pub struct FinishedRequest<'a> {
     pub started: Instant,
 }
 
-/// Most bytes of a custom route's answer kept for its JSON pointer: a
-/// render's status answer is a few hundred bytes; an answer larger than
-/// this is not a report (and is billed nothing, with a warning).
+/// Most bytes of an answer kept for the units it reports: a render's status
+/// answer (a custom route's JSON pointer) is a few hundred bytes, a
+/// transcription's JSON a few KiB per minute of audio. A larger answer is
+/// not read (a custom route's is billed nothing, with a warning; a
+/// transcription by its file's header).
 const MAX_REPORTING_ANSWER_BYTES: usize = 1 << 20;
 
 /// A finished request's figures before they become its event.
@@ -571,6 +594,9 @@ pub struct RequestUsage {
     slot_held_since: Option<Instant>,
     /// The answer is audio or a custom route's, passed through unread (no capture).
     unread_answer: bool,
+    /// A transcription: its (bounded) answer is kept for the duration the
+    /// backend reports.
+    reads_duration: bool,
     /// A custom route whose backend reports the units, and where.
     reported: Option<ReportedUnits>,
     /// The backend's figure, once read.
@@ -626,6 +652,22 @@ impl RequestUsage {
         figure
     }
 
+    /// The seconds of audio a transcription's JSON answer reports: OpenAI's
+    /// `usage` of type `duration`, else `duration` (`verbose_json`, and
+    /// servers that predate `usage`); `None` for a text answer (`text`,
+    /// `srt`, `vtt`) or one without either.
+    fn answered_duration(&self) -> Option<f64> {
+        let answer: Value = serde_json::from_slice(&self.answer).ok()?;
+        let usage = answer
+            .get("usage")
+            .filter(|u| u.get("type").and_then(Value::as_str) == Some("duration"))
+            .and_then(|u| u.get("seconds"));
+        usage
+            .or_else(|| answer.get("duration"))
+            .and_then(Value::as_f64)
+            .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+    }
+
     /// The answer comes from Tollgate's own translation, usage included.
     pub fn set_usage_counted_here(&mut self, counted_here: bool) {
         self.usage_counted_here = counted_here;
@@ -642,7 +684,11 @@ fn count_prompt(counter: &PromptCounter, endpoint: Endpoint, json: &Value) -> us
             counter.count_embedding_input(json.get("input").unwrap_or(&Value::Null))
         }
         // Billed per image, character, request or GPU-second, not per token.
-        Endpoint::ImageGenerations | Endpoint::Speech | Endpoint::Custom => 0,
+        Endpoint::ImageGenerations
+        | Endpoint::Speech
+        | Endpoint::Transcription
+        | Endpoint::Translation
+        | Endpoint::Custom => 0,
     }
 }
 

@@ -111,7 +111,7 @@ impl Gateway {
 }
 
 /// A sim's counter (summed over its labels).
-async fn sim_counter(sim: &Sim, name: &str) -> f64 {
+pub(super) async fn sim_counter(sim: &Sim, name: &str) -> f64 {
     scrape(&format!("{}/metrics", sim.url), name).await
 }
 

@@ -4,6 +4,7 @@
 // comparing answers); exits non-zero on the first mismatch.
 
 import assert from "node:assert/strict";
+import fs from "node:fs";
 import OpenAI from "openai";
 
 const baseURL = `${process.env.TOLLGATE_BASE_URL}/v1`;
@@ -73,6 +74,23 @@ const speech = await Promise.all(
 );
 assert.equal(speech[0].subarray(0, 4).toString(), "RIFF");
 assert.ok(speech[0].equals(speech[1]));
+
+// The file before the model, as users write it: Tollgate holds the form
+// until the model arrives.
+const audio = new URL("../fixtures/audio/tone.mp3", import.meta.url);
+for (const [create, task] of [
+  [(c, body) => c.audio.transcriptions.create(body), "transcribe"],
+  [(c, body) => c.audio.translations.create(body), "translate"],
+]) {
+  const [through, straight] = await Promise.all(
+    [client, direct].map((c) =>
+      create(c, { file: fs.createReadStream(audio), model, response_format: "verbose_json" }),
+    ),
+  );
+  assert.deepEqual(through, straight);
+  assert.equal(through.task, task);
+  assert.equal(through.duration, 5.4);
+}
 
 await assert.rejects(
   new OpenAI({ baseURL, apiKey: "tg_wrong", maxRetries: 0 }).models.list(),

@@ -74,6 +74,15 @@ speech = [
 assert speech[0].response.headers["content-type"] == "audio/wav"
 assert speech[0].content[:4] == b"RIFF" and speech[0].content == speech[1].content
 
+audio = os.path.join(os.path.dirname(__file__), "..", "fixtures", "audio", "tone.wav")
+for name in ("transcriptions", "translations"):
+    answers = []
+    for c in (client, direct):
+        with open(audio, "rb") as file:
+            answers.append(getattr(c.audio, name).create(model=model, file=file))
+    assert answers[0] == answers[1], answers
+    assert answers[0].model_dump()["usage"]["seconds"] == 4, answers[0]
+
 try:
     OpenAI(base_url=base_url, api_key="tg_wrong", max_retries=0).models.list()
     raise AssertionError("a wrong key was accepted")

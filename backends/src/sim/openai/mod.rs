@@ -13,6 +13,7 @@
 //! - [`embeddings`]: the `/v1/embeddings` endpoint.
 //! - [`images`]: the `/v1/images/generations` endpoint and its image files.
 //! - [`speech`]: the `/v1/audio/speech` endpoint.
+//! - [`transcription`]: `/v1/audio/transcriptions` and `/translations`.
 
 mod chunks;
 mod embeddings;
@@ -20,6 +21,7 @@ mod images;
 mod request;
 mod response;
 mod speech;
+mod transcription;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -40,6 +42,7 @@ use self::request::{ChatRequest, CompletionRequest};
 pub use self::request::{check_max_tokens, parse_body};
 use self::response::{ChoiceStyle, Usage, response_id};
 pub use self::speech::speech;
+pub use self::transcription::{transcriptions, translations};
 use super::engine::{Engine, Generation, GenerationRequest};
 use super::error::SimError;
 use super::stream::sse_response;

@@ -1,0 +1,467 @@
+//! Uploads: `multipart/form-data` bodies carrying an audio file
+//! (`/v1/audio/transcriptions`, `/translations`), up to
+//! `server.max_upload_bytes`, streamed to the backend rather than held.
+//!
+//! Admission needs two things from the body: the `model` (which backends,
+//! which queue) and the file's length (what to reserve). Both are read from
+//! the body's head, in `request_filter`: the parts up to the `model` and
+//! the file's first [`PROBE_BYTES`], whose container header declares its
+//! length. The rest of the body goes on through `request_body_filter`, each
+//! chunk fed to the same multipart parser on its way, so a body that breaks
+//! its framing (a truncated last part, a second `model` after admission
+//! read the first) is cut off before its end reaches the backend, answered
+//! 400 and billed nothing.
+//!
+//! A body whose `model` comes after its file (the order curl and the Node
+//! SDK send when the file is listed first) is held until the `model`
+//! arrives, within the same limit; the Python SDK sends `model` first.
+
+use std::convert::Infallible;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use pingora::proxy::Session;
+use tokio::sync::mpsc;
+use tollgate_metering::audio::{AudioLength, audio_length};
+
+use super::request::{BodyError, BodyReader, Endpoint, InferenceRequest};
+use crate::error::ApiError;
+
+/// How much of the file is read before admission for its header: a WAV's
+/// or FLAC's is in the first bytes, an MP3's Xing frame follows its ID3 tag
+/// (cover art included), an MP4's index (`moov`) is ~10 bytes per second of
+/// AAC when it comes first.
+const PROBE_BYTES: usize = 256 * 1024;
+
+/// The most bytes a text field (`model`, `language`, `prompt`, …) may hold.
+const MAX_TEXT_FIELD_BYTES: usize = 64 * 1024;
+
+/// What a part of the form is, for the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Model,
+    File,
+    /// Any other field, passed on unread.
+    Other,
+}
+
+/// The multipart parser, fed chunk by chunk: `multer` reads from a channel
+/// this side fills, and is polled only after each chunk (never awaited), so
+/// it runs inside the synchronous stretch of each body filter call.
+pub struct FormReader {
+    inbox: Option<mpsc::UnboundedSender<Result<Bytes, Infallible>>>,
+    multipart: multer::Multipart<'static>,
+    field: Option<(Part, multer::Field<'static>)>,
+    /// The value of the text field being read.
+    text: Vec<u8>,
+    /// Kept once read: a second `model` (which a backend might take over
+    /// the one admission used) is refused.
+    model: Option<String>,
+    file_started: bool,
+    file_ended: bool,
+    /// The file's first bytes (up to [`PROBE_BYTES`]).
+    file_head: BytesMut,
+    /// The closing boundary was read.
+    finished: bool,
+}
+
+impl FormReader {
+    /// A reader for a body of `content_type` (400 unless it is
+    /// `multipart/form-data` with a boundary).
+    pub fn new(content_type: Option<&str>) -> Result<Self, ApiError> {
+        let boundary = content_type
+            .and_then(|ct| multer::parse_boundary(ct).ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "Send the audio as multipart/form-data (a `file` part and a `model` field).",
+                    None,
+                )
+            })?;
+        let (inbox, mut received) = mpsc::unbounded_channel();
+        let chunks = futures_util::stream::poll_fn(move |cx| received.poll_recv(cx));
+        Ok(Self {
+            inbox: Some(inbox),
+            multipart: multer::Multipart::new(chunks, boundary),
+            field: None,
+            text: Vec::new(),
+            model: None,
+            file_started: false,
+            file_ended: false,
+            file_head: BytesMut::new(),
+            finished: false,
+        })
+    }
+
+    /// Reads `chunk` as far as the form goes.
+    pub fn feed(&mut self, chunk: Bytes) -> Result<(), ApiError> {
+        if let Some(inbox) = &self.inbox {
+            // The receiver lives in `self.multipart`: sending cannot fail.
+            let _ = inbox.send(Ok(chunk));
+        }
+        self.read_on()
+    }
+
+    /// The body ended: refuses a form that did not end with it.
+    pub fn finish(&mut self) -> Result<(), ApiError> {
+        self.inbox = None;
+        self.read_on()?;
+        if self.finished {
+            Ok(())
+        } else {
+            Err(malformed("the form ends before its closing boundary"))
+        }
+    }
+
+    /// What admission needs has been read: the `model`, and the file's
+    /// header (its first bytes, or all of it).
+    fn head_read(&self) -> bool {
+        self.model.is_some()
+            && self.file_started
+            && (self.file_ended || self.file_head.len() >= PROBE_BYTES)
+    }
+
+    /// Polls the parser until it needs another chunk.
+    fn read_on(&mut self) -> Result<(), ApiError> {
+        loop {
+            if let Some((part, field)) = &mut self.field {
+                let part = *part;
+                match field.chunk().now_or_never() {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(malformed(e)),
+                    Some(Ok(Some(bytes))) => self.take(part, &bytes)?,
+                    Some(Ok(None)) => {
+                        self.field = None;
+                        self.end_part(part)?;
+                    }
+                }
+            } else if self.finished {
+                return Ok(());
+            } else {
+                match self.multipart.next_field().now_or_never() {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(malformed(e)),
+                    Some(Ok(None)) => self.finished = true,
+                    Some(Ok(Some(field))) => {
+                        let part = self.start_part(field.name())?;
+                        self.field = Some((part, field));
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_part(&mut self, name: Option<&str>) -> Result<Part, ApiError> {
+        Ok(match name {
+            None => return Err(malformed("a part has no name")),
+            Some("model") if self.model.is_some() => {
+                return Err(ApiError::bad_request(
+                    "`model` is sent twice; send it once.",
+                    Some("model"),
+                ));
+            }
+            Some("model") => Part::Model,
+            Some("file") if self.file_started => {
+                return Err(ApiError::bad_request(
+                    "More than one `file`; send one audio file per request.",
+                    Some("file"),
+                ));
+            }
+            Some("file") => {
+                self.file_started = true;
+                Part::File
+            }
+            Some(_) => Part::Other,
+        })
+    }
+
+    fn take(&mut self, part: Part, bytes: &Bytes) -> Result<(), ApiError> {
+        match part {
+            Part::Model => {
+                if self.text.len() + bytes.len() > MAX_TEXT_FIELD_BYTES {
+                    return Err(ApiError::bad_request("`model` is too long.", Some("model")));
+                }
+                self.text.extend_from_slice(bytes);
+            }
+            Part::File => {
+                let room = PROBE_BYTES.saturating_sub(self.file_head.len());
+                self.file_head
+                    .extend_from_slice(&bytes[..room.min(bytes.len())]);
+            }
+            Part::Other => {}
+        }
+        Ok(())
+    }
+
+    fn end_part(&mut self, part: Part) -> Result<(), ApiError> {
+        match part {
+            Part::Model => {
+                let text = std::mem::take(&mut self.text);
+                match String::from_utf8(text) {
+                    Ok(model) if !model.trim().is_empty() => self.model = Some(model),
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "`model` must be a non-empty string.",
+                            Some("model"),
+                        ));
+                    }
+                }
+            }
+            Part::File => self.file_ended = true,
+            Part::Other => {}
+        }
+        Ok(())
+    }
+}
+
+fn malformed(reason: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(format!("The multipart body is malformed: {reason}."), None)
+}
+
+/// The rest of an upload, after admission: forwarded chunk by chunk and
+/// checked on the way (see the module's doc).
+pub struct UploadStream {
+    form: FormReader,
+    /// The head read before admission, sent ahead of the first chunk.
+    head: Bytes,
+    /// Pingora replays a retry buffer first (the head's last bytes, when
+    /// retry buffering came on while the head was read): that call carries
+    /// the whole head instead.
+    replays_head: bool,
+    head_sent: bool,
+    /// Bytes read so far, against `limit` (a chunked body declares none).
+    read: usize,
+    limit: usize,
+    /// Why the upload was cut off, for the answer.
+    pub refused: Option<ApiError>,
+}
+
+impl UploadStream {
+    /// Some of the body went upstream: a retry could not send it again.
+    pub fn started(&self) -> bool {
+        self.head_sent
+    }
+
+    /// One call of `request_body_filter`: puts the head before the first
+    /// chunk, and checks each chunk before it goes.
+    pub fn pass(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) -> Result<(), ApiError> {
+        let fresh = if !self.head_sent && self.replays_head {
+            body.take();
+            None
+        } else {
+            body.take()
+        };
+        if let Some(chunk) = &fresh {
+            self.read += chunk.len();
+            if self.read > self.limit {
+                return Err(ApiError::BodyTooLarge { limit: self.limit });
+            }
+            self.form.feed(chunk.clone())?;
+        }
+        if end_of_stream {
+            self.form.finish()?;
+        }
+        *body = match (self.head_sent, fresh) {
+            (true, fresh) => fresh,
+            (false, None) => Some(self.head.clone()),
+            (false, Some(chunk)) => Some(Bytes::from([self.head.as_ref(), &chunk].concat())),
+        };
+        self.head_sent = true;
+        Ok(())
+    }
+}
+
+/// An upload read as far as admission needs.
+pub struct Upload {
+    pub request: InferenceRequest,
+    /// The rest of the body, when it did not end in the head.
+    pub stream: Option<UploadStream>,
+}
+
+/// Reads an upload's head (see the module's doc) and resolves its request.
+pub async fn read_upload(
+    session: &mut Session,
+    endpoint: Endpoint,
+    limit: usize,
+) -> Result<Upload, BodyError> {
+    let content_type = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let mut form = FormReader::new(content_type)?;
+    let mut reader = BodyReader::start(session, limit).await?;
+    let mut head = BytesMut::new();
+    let ended = loop {
+        if form.head_read() {
+            break false;
+        }
+        match reader.next(session).await? {
+            Some(chunk) => {
+                head.extend_from_slice(&chunk);
+                form.feed(chunk)?;
+            }
+            None => {
+                form.finish()?;
+                break true;
+            }
+        }
+    };
+    if ended {
+        BodyReader::check_replayable(session, head.len())?;
+    }
+    let Some(model) = form.model.clone() else {
+        return Err(
+            ApiError::bad_request("You must provide a `model` parameter.", Some("model")).into(),
+        );
+    };
+    if !form.file_started {
+        return Err(
+            ApiError::bad_request("Missing required parameter `file`.", Some("file")).into(),
+        );
+    }
+    let file = std::mem::take(&mut form.file_head).freeze();
+    let seconds = match audio_length(file, form.file_ended) {
+        Ok(AudioLength::Seconds(seconds)) => Some(seconds),
+        Ok(AudioLength::Unknown) => None,
+        // The file's first bytes only: a header longer than them (cover
+        // art before an MP3's first frame) is no proof of a bad file; the
+        // backend judges it, and its answer is billed by its own figure.
+        Err(_) if !form.file_ended => None,
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                format!("`file` could not be read as audio: {e}."),
+                Some("file"),
+            )
+            .into());
+        }
+    };
+    let head = head.freeze();
+    let stream = (!ended).then(|| UploadStream {
+        form,
+        head: head.clone(),
+        replays_head: session.get_retry_buffer().is_some(),
+        head_sent: false,
+        read: 0,
+        limit: limit.saturating_sub(head.len()),
+        refused: None,
+    });
+    Ok(Upload {
+        request: InferenceRequest::upload(endpoint, model, head, seconds),
+        stream,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(parts: &[(&str, &[u8])], close: bool) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (name, value) in parts {
+            body.extend_from_slice(b"--B\r\n");
+            let filename = if *name == "file" {
+                "; filename=\"a.wav\""
+            } else {
+                ""
+            };
+            body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"{filename}\r\n\r\n")
+                    .as_bytes(),
+            );
+            body.extend_from_slice(value);
+            body.extend_from_slice(b"\r\n");
+        }
+        if close {
+            body.extend_from_slice(b"--B--\r\n");
+        }
+        body
+    }
+
+    fn reader() -> FormReader {
+        FormReader::new(Some("multipart/form-data; boundary=B")).unwrap()
+    }
+
+    /// Feeds `body` in chunks of `size` bytes, then ends it.
+    fn read(body: &[u8], size: usize) -> Result<FormReader, ApiError> {
+        let mut form = reader();
+        for chunk in body.chunks(size) {
+            form.feed(Bytes::copy_from_slice(chunk))?;
+        }
+        form.finish()?;
+        Ok(form)
+    }
+
+    #[test]
+    fn fields_are_read_whatever_the_chunking() {
+        let body = form(&[("model", b"whisper"), ("file", b"RIFF....")], true);
+        for size in [1, 3, 7, 64, body.len()] {
+            let form = read(&body, size).unwrap();
+            assert_eq!(form.model.as_deref(), Some("whisper"));
+            assert!(form.file_started && form.file_ended && form.finished);
+            assert_eq!(&form.file_head[..], b"RIFF....");
+        }
+    }
+
+    #[test]
+    fn a_form_without_its_closing_boundary_is_refused() {
+        let body = form(&[("model", b"whisper"), ("file", b"RIFF....")], false);
+        assert!(read(&body, 5).is_err());
+        // Cut inside the file, too.
+        let whole = form(&[("model", b"whisper"), ("file", b"RIFF....")], true);
+        assert!(read(&whole[..whole.len() - 12], 5).is_err());
+    }
+
+    #[test]
+    fn a_second_model_or_file_is_refused() {
+        let body = form(&[("model", b"a"), ("file", b"x"), ("model", b"b")], true);
+        assert!(read(&body, 4).is_err());
+        let body = form(&[("model", b"a"), ("file", b"x"), ("file", b"y")], true);
+        assert!(read(&body, 4).is_err());
+    }
+
+    #[test]
+    fn a_body_that_is_not_multipart_is_refused() {
+        assert!(FormReader::new(Some("application/json")).is_err());
+        assert!(FormReader::new(None).is_err());
+        assert!(read(b"not a form at all", 4).is_err());
+    }
+
+    #[test]
+    fn the_stream_sends_the_head_before_its_first_chunk_once() {
+        let body = form(&[("model", b"m"), ("file", b"0123456789")], true);
+        let (head, rest) = body.split_at(60);
+        let mut form = reader();
+        form.feed(Bytes::copy_from_slice(head)).unwrap();
+        let mut stream = UploadStream {
+            form,
+            head: Bytes::copy_from_slice(head),
+            replays_head: false,
+            head_sent: false,
+            read: 0,
+            limit: 1 << 20,
+            refused: None,
+        };
+        let mut sent = Vec::new();
+        let (a, b) = rest.split_at(5);
+        for (chunk, end) in [(a, false), (b, true)] {
+            let mut piece = Some(Bytes::copy_from_slice(chunk));
+            stream.pass(&mut piece, end).unwrap();
+            sent.extend_from_slice(&piece.unwrap());
+        }
+        assert_eq!(sent, body);
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            /// Arbitrary bytes in arbitrary chunks never panic the reader.
+            #[test]
+            fn any_body_is_read_or_refused(body in proptest::collection::vec(any::<u8>(), 0..512), size in 1usize..64) {
+                let _ = read(&body, size);
+            }
+        }
+    }
+}
