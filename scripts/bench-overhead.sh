@@ -13,7 +13,9 @@
 #          LADDER_RUNS runs;
 #  work    images (two 256x256 PNGs, b64_json) and speech (a WAV of one
 #          sentence) at WORK_RATE, `loadgen --compare direct Tollgate --body`:
-#          added latency p50/p99 for GPU work beyond chat;
+#          added latency p50/p99 for GPU work beyond chat; then a
+#          transcription upload of UPLOAD_MIB MiB at UPLOAD_RATE: added
+#          latency, and each upload's throughput (its size over p50);
 #  peak    closed-loop peak throughput with wrk (1 thread, 16 connections),
 #          median of PEAK_RUNS runs: the method of the passthrough ceiling
 #          quoted in the project brief.
@@ -29,6 +31,8 @@ cd "$ROOT"
 RATES="${RATES:-500 1000 2000}"
 ROUNDS="${ROUNDS:-3}"
 WORK_RATE="${WORK_RATE:-100}"
+UPLOAD_MIB="${UPLOAD_MIB:-8}"
+UPLOAD_RATE="${UPLOAD_RATE:-10}"
 DURATION="${DURATION:-5}"
 LADDER="${LADDER:-1000 2000 4000 6000 8000 10000 12000 14000 16000 20000}"
 LADDER_RUNS="${LADDER_RUNS:-3}"
@@ -84,7 +88,7 @@ fi
 
 if section work; then
 echo
-echo "### GPU work beyond chat: images and speech"
+echo "### GPU work beyond chat: images, speech and transcription uploads"
 echo
 echo "loadgen --compare direct Tollgate --body: one request shape each, $WORK_RATE req/s, median of $ROUNDS alternating rounds of ${DURATION}s; latency in ms."
 echo
@@ -103,6 +107,26 @@ for work in images:/v1/images/generations speech:/v1/audio/speech; do
     add='"%+.3f / %+.3f" % (d["added_latency_ms"]["p50"], d["added_latency_ms"]["p99"])'
     echo "| $name ($(wc -c <"$OUT/$name.json") B) | $(field "$w" "$lat") | $(field "$w" "$latb") | $(field "$w" "$add") |"
 done
+# A transcription upload: a form holding a silent WAV of UPLOAD_MIB MiB.
+python3 - "$OUT/upload.form" "$UPLOAD_MIB" <<'PY'
+import struct, sys
+data = int(sys.argv[2]) * 1024 * 1024 - 44
+wav = b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16) + b"data" + struct.pack("<I", data)
+with open(sys.argv[1], "wb") as f:
+    f.write(b'--XB\r\nContent-Disposition: form-data; name="model"\r\n\r\nsim-model\r\n')
+    f.write(b'--XB\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + wav)
+    f.write(bytes(data) + b"\r\n--XB--\r\n")
+PY
+path=/v1/audio/transcriptions
+"$BIN/loadgen" --compare "$DIRECT$path" "$TOLLGATE$path" --key "$KEY" --body "$OUT/upload.form" \
+    --content-type "multipart/form-data; boundary=XB" \
+    --rate "$UPLOAD_RATE" --duration "$DURATION" --rounds "$ROUNDS" \
+    --json "$OUT/work-upload.json" >/dev/null
+w=$OUT/work-upload.json
+echo "| transcription upload ($UPLOAD_MIB MiB, $UPLOAD_RATE/s) | $(field "$w" "$lat") | $(field "$w" "$latb") | $(field "$w" "$add") |"
+echo
+mib='"%.0f MiB/s direct, %.0f MiB/s through Tollgate (%.2f of direct)" % ('"$UPLOAD_MIB"' * 1000 / d["a"]["median"]["latency_ms"]["p50"], '"$UPLOAD_MIB"' * 1000 / d["b"]["median"]["latency_ms"]["p50"], d["a"]["median"]["latency_ms"]["p50"] / d["b"]["median"]["latency_ms"]["p50"])'
+echo "Upload throughput (size over p50 latency): $(field "$w" "$mib")."
 fi
 
 # sustains URL RATE FLAGS... : true when most of LADDER_RUNS runs at RATE had

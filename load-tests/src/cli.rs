@@ -142,6 +142,15 @@ pub struct RunArgs {
     /// answer read to its end counts as served, whatever its content
     #[arg(long, value_name = "FILE", value_parser = read_body, conflicts_with = "stream")]
     pub body: Option<Bytes>,
+    /// The `Content-Type` of a `--body` (a prebuilt multipart upload's
+    /// `multipart/form-data; boundary=…`)
+    #[arg(
+        long,
+        value_name = "TYPE",
+        default_value = "application/json",
+        requires = "body"
+    )]
+    pub content_type: String,
     /// Size of the user prompt in bytes (ASCII words)
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
@@ -202,6 +211,8 @@ pub struct LoadPlan {
     pub stream: bool,
     /// `--body`: sent in place of a chat completion.
     pub body: Option<Bytes>,
+    /// `--content-type` of every request.
+    pub content_type: String,
     pub prompt_bytes: usize,
     pub max_tokens: u32,
     pub model: String,
@@ -287,6 +298,7 @@ impl RunArgs {
             concurrency: self.concurrency as usize,
             stream: self.stream,
             body: self.body.clone(),
+            content_type: self.content_type.clone(),
             prompt_bytes: self.prompt_bytes as usize,
             max_tokens: self.max_tokens,
             model: self.model.clone(),

@@ -596,6 +596,7 @@ mod tests {
             concurrency: 8,
             stream: false,
             body: None,
+            content_type: "application/json".into(),
             prompt_bytes: 10,
             max_tokens: 4,
             model: "m".into(),

@@ -42,6 +42,7 @@ pub fn http_client(max_in_flight: usize) -> HttpClient {
 pub struct RequestTemplate {
     uri: Uri,
     body: Bytes,
+    content_type: HeaderValue,
     /// One `Authorization` value per key of the mix, in [`crate::key_mix::KeyMix::keys`] order.
     authorizations: Vec<HeaderValue>,
     stream: bool,
@@ -64,6 +65,8 @@ impl RequestTemplate {
                 Some(body) => body.clone(),
                 None => chat_body(plan).context("serializing the request body")?,
             },
+            content_type: HeaderValue::from_str(&plan.content_type)
+                .context("--content-type is not a header value")?,
             authorizations,
             stream: plan.stream,
             custom_body: plan.body.is_some(),
@@ -76,7 +79,7 @@ impl RequestTemplate {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.uri.clone();
         let headers = request.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CONTENT_TYPE, self.content_type.clone());
         if let Some(auth) = key.and_then(|i| self.authorizations.get(i)) {
             headers.insert(AUTHORIZATION, auth.clone());
         }
@@ -305,6 +308,7 @@ mod tests {
             concurrency: 4,
             stream,
             body: None,
+            content_type: "application/json".into(),
             prompt_bytes: 40,
             max_tokens: 16,
             model: "sim-model".into(),

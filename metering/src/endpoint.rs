@@ -19,6 +19,9 @@ pub enum Endpoint {
     /// `POST /v1/embeddings`.
     #[serde(rename = "embedding")]
     Embeddings,
+    /// `POST /v1/responses`: OpenAI's Responses API (vLLM, trtllm-serve).
+    #[serde(rename = "response")]
+    Responses,
     /// `POST /v1/images/generations`.
     #[serde(rename = "image")]
     ImageGenerations,
@@ -37,10 +40,11 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
+        Self::Responses,
         Self::ImageGenerations,
         Self::Speech,
         Self::Transcription,
@@ -55,6 +59,7 @@ impl Endpoint {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
+            Self::Responses => "/v1/responses",
             Self::ImageGenerations => "/v1/images/generations",
             Self::Speech => "/v1/audio/speech",
             Self::Transcription => "/v1/audio/transcriptions",
@@ -69,6 +74,7 @@ impl Endpoint {
             Self::ChatCompletions => "chat",
             Self::Completions => "completion",
             Self::Embeddings => "embedding",
+            Self::Responses => "response",
             Self::ImageGenerations => "image",
             Self::Speech => "speech",
             Self::Transcription => "transcription",
@@ -83,6 +89,7 @@ impl Endpoint {
             Self::ChatCompletions => "chat_completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Responses => "responses",
             Self::ImageGenerations => "images_generations",
             Self::Speech => "audio_speech",
             Self::Transcription => "audio_transcriptions",
@@ -94,7 +101,9 @@ impl Endpoint {
     /// What the endpoint's work is billed in; a custom route names its own.
     pub fn unit_kind(self) -> UnitKind {
         match self {
-            Self::ChatCompletions | Self::Completions | Self::Embeddings => UnitKind::Tokens,
+            Self::ChatCompletions | Self::Completions | Self::Embeddings | Self::Responses => {
+                UnitKind::Tokens
+            }
             Self::ImageGenerations => UnitKind::Images,
             Self::Speech => UnitKind::Characters,
             Self::Transcription | Self::Translation => UnitKind::AudioSeconds,
@@ -121,6 +130,16 @@ impl Endpoint {
 
     /// Whether the endpoint generates text (and so takes a completion limit).
     pub fn generates(self) -> bool {
+        matches!(
+            self,
+            Self::ChatCompletions | Self::Completions | Self::Responses
+        )
+    }
+
+    /// Whether a stream reports usage only when asked
+    /// (`stream_options.include_usage`, chat and completions); a Responses
+    /// stream always ends with its usage, in `response.completed`.
+    pub fn usage_on_request(self) -> bool {
         matches!(self, Self::ChatCompletions | Self::Completions)
     }
 
@@ -131,6 +150,7 @@ impl Endpoint {
             Self::ChatCompletions => "chatcmpl",
             Self::Completions => "cmpl",
             Self::Embeddings => "embd",
+            Self::Responses => "resp",
             Self::ImageGenerations => "img",
             Self::Speech => "speech",
             Self::Transcription => "transcription",
@@ -147,6 +167,7 @@ impl Endpoint {
             (Self::ChatCompletions, false) => "chat.completion",
             (Self::ChatCompletions, true) => "chat.completion.chunk",
             (Self::Completions, _) => "text_completion",
+            (Self::Responses, _) => "response",
             (
                 Self::Embeddings
                 | Self::ImageGenerations

@@ -319,6 +319,36 @@ impl PromptCounter {
         tokens
     }
 
+    /// Prompt tokens of a Responses API request (`/v1/responses`), by the
+    /// chat recipe: `instructions` as a system message, then `input`, a
+    /// string (one user message) or a list of items. A message item counts
+    /// as a chat message; a function call its `name` and `arguments`, a
+    /// call's output its `output`, each framed as a message. Tool
+    /// definitions are not counted: the backend's usage prices them.
+    pub fn count_responses(&self, body: &Value) -> usize {
+        let mut tokens = REPLY_PRIMING_TOKENS;
+        if let Some(instructions) = body.get("instructions").and_then(Value::as_str) {
+            tokens +=
+                TOKENS_PER_MESSAGE + self.count_text("system") + self.count_text(instructions);
+        }
+        match body.get("input") {
+            Some(Value::String(text)) => {
+                tokens += TOKENS_PER_MESSAGE + self.count_text("user") + self.count_text(text);
+            }
+            Some(Value::Array(items)) => {
+                for item in items {
+                    tokens += TOKENS_PER_MESSAGE
+                        + self.count_field(item, "role")
+                        + self.count_content(item.get("content"))
+                        + self.count_function_call(item)
+                        + self.count_field(item, "output");
+                }
+            }
+            _ => {}
+        }
+        tokens
+    }
+
     /// Prompt tokens of a completions `prompt`: a string, an array of
     /// strings, a token array (its length), or an array of token arrays.
     pub fn count_completion_prompt(&self, prompt: &Value) -> usize {

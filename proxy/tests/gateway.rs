@@ -531,6 +531,8 @@ mod money_path;
 mod observability;
 #[path = "gateway/outages.rs"]
 mod outages;
+#[path = "gateway/responses.rs"]
+mod responses;
 #[path = "gateway/routing.rs"]
 mod routing;
 #[path = "gateway/transcription.rs"]

@@ -180,6 +180,7 @@ pub fn translate_request(
         },
         Endpoint::Completions => completion_prompt(field(request, "prompt"))?,
         Endpoint::Embeddings
+        | Endpoint::Responses
         | Endpoint::ImageGenerations
         | Endpoint::Speech
         | Endpoint::Transcription

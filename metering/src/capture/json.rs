@@ -1,9 +1,12 @@
 //! An incremental reader of one OpenAI-shaped JSON answer: a whole chat,
-//! completion or embeddings body, or the `data` of one stream event.
+//! completion, embeddings or Responses API body, or the `data` of one stream
+//! event.
 //!
 //! It is fed bytes in any pieces and keeps only the path to the fields
 //! metering reads (`choices[].message|delta`, their texts and tool calls, the
-//! top-level `usage`, `error` and `object`); every other value is skipped by
+//! top-level `usage`, `error` and `object`; for the Responses API `output[]`
+//! items' texts, a stream event's `type` and `delta`, and the `usage` of the
+//! `response` it carries); every other value is skipped by
 //! counting brackets, so a 100 MiB answer is read in constant memory and its
 //! `usage` is found wherever it sits. Text is kept as it arrives, so a body
 //! cut short still yields what was delivered. Nothing here panics or
@@ -52,6 +55,17 @@ enum Slot {
     Error,
     /// The top-level `object`, which vLLM's older errors set to `"error"`.
     ObjectName,
+    /// The top-level `type` of a Responses API stream event
+    /// (`response.completed`, `response.output_text.delta`, `error`, …).
+    EventType,
+    /// The `response` a Responses API stream event carries: its `usage`
+    /// is read (its `output` repeats the deltas, and is not).
+    Response,
+    /// A Responses API answer's `output`: items, their `content` parts.
+    Output,
+    OutputItem,
+    OutputContent,
+    OutputPart,
     /// The top-level `data` of an images (or embeddings) answer: an array
     /// whose elements are counted, not read.
     Data,
@@ -67,6 +81,14 @@ impl Slot {
             (Slot::Root, b"error") => Slot::Error,
             (Slot::Root, b"object") => Slot::ObjectName,
             (Slot::Root, b"data") => Slot::Data,
+            (Slot::Root, b"type") => Slot::EventType,
+            (Slot::Root, b"response") => Slot::Response,
+            (Slot::Root, b"delta") => Slot::Text,
+            (Slot::Root, b"output") => Slot::Output,
+            (Slot::Response, b"usage") => Slot::Usage,
+            (Slot::OutputItem, b"content") => Slot::OutputContent,
+            (Slot::OutputItem, b"arguments") => Slot::Text,
+            (Slot::OutputPart, b"text" | b"refusal") => Slot::Text,
             (Slot::Choice, b"message" | b"delta") => Slot::Message,
             (Slot::Choice, b"text") => Slot::Text,
             (Slot::Choice, b"index") => Slot::ChoiceIndex,
@@ -87,6 +109,8 @@ impl Slot {
         match self {
             Slot::Choices => Slot::Choice,
             Slot::ToolCalls => Slot::ToolCall,
+            Slot::Output => Slot::OutputItem,
+            Slot::OutputContent => Slot::OutputPart,
             _ => Slot::Ignored,
         }
     }
@@ -94,18 +118,32 @@ impl Slot {
     fn is_object(self) -> bool {
         matches!(
             self,
-            Slot::Root | Slot::Choice | Slot::Message | Slot::ToolCall | Slot::Function
+            Slot::Root
+                | Slot::Choice
+                | Slot::Message
+                | Slot::ToolCall
+                | Slot::Function
+                | Slot::Response
+                | Slot::OutputItem
+                | Slot::OutputPart
         )
     }
 
     fn is_array(self) -> bool {
-        matches!(self, Slot::Choices | Slot::ToolCalls | Slot::Data)
+        matches!(
+            self,
+            Slot::Choices | Slot::ToolCalls | Slot::Data | Slot::Output | Slot::OutputContent
+        )
     }
 
     fn is_string(self) -> bool {
         matches!(
             self,
-            Slot::Text | Slot::ReasoningContent | Slot::Reasoning | Slot::ObjectName
+            Slot::Text
+                | Slot::ReasoningContent
+                | Slot::Reasoning
+                | Slot::ObjectName
+                | Slot::EventType
         )
     }
 
@@ -179,9 +217,11 @@ pub(super) struct Facts {
     pub choices: bool,
     /// The last non-null `usage` read.
     pub usage: Option<ReportedUsage>,
-    /// A choice had a non-null `finish_reason`.
+    /// A choice had a non-null `finish_reason`, or a Responses stream's last
+    /// event (`response.completed`, `response.incomplete`) arrived.
     pub finish_reason: bool,
-    /// A non-null `error`, or `"object": "error"`.
+    /// A non-null `error`, `"object": "error"`, or a Responses stream's
+    /// `response.failed` or `error` event.
     pub error: bool,
     /// The answer's closing brace was read and nothing before it was malformed.
     pub complete: bool,
@@ -206,8 +246,9 @@ pub(super) struct AnswerScanner {
     /// The bytes of a skipped value read at its end (`usage`, a choice's
     /// `index`); `None` once over the slot's limit.
     raw: Option<Vec<u8>>,
-    /// The top-level `object` string; `None` once too long to be `"error"`.
-    object_name: Option<Vec<u8>>,
+    /// The top-level `object` or `type` string being read; `None` once too
+    /// long to be a name metering looks for.
+    name: Option<Vec<u8>>,
     /// The current choice's index.
     choice: u32,
     /// The current message's `reasoning` text, held until the message ends.
@@ -229,7 +270,7 @@ impl Default for AnswerScanner {
             escape: Escape::None,
             high_surrogate: None,
             raw: None,
-            object_name: None,
+            name: None,
             choice: 0,
             reasoning: Vec::new(),
             had_reasoning_content: false,
@@ -247,7 +288,7 @@ impl AnswerScanner {
         self.escape = Escape::None;
         self.high_surrogate = None;
         self.raw = None;
-        self.object_name = None;
+        self.name = None;
         self.choice = 0;
         self.reasoning.clear();
         self.had_reasoning_content = false;
@@ -329,8 +370,8 @@ impl AnswerScanner {
         if slot.is_string() && byte == b'"' {
             self.escape = Escape::None;
             self.high_surrogate = None;
-            if slot == Slot::ObjectName {
-                self.object_name = Some(Vec::new());
+            if matches!(slot, Slot::ObjectName | Slot::EventType) {
+                self.name = Some(Vec::new());
             }
             self.state = State::String(slot);
             return;
@@ -655,10 +696,10 @@ impl AnswerScanner {
             Slot::Reasoning if self.reasoning.len() + bytes.len() <= MAX_TEXT_BYTES => {
                 self.reasoning.extend_from_slice(bytes);
             }
-            Slot::ObjectName => {
-                if let Some(name) = self.object_name.as_mut() {
+            Slot::ObjectName | Slot::EventType => {
+                if let Some(name) = self.name.as_mut() {
                     if name.len() + bytes.len() > MAX_KEY_BYTES {
-                        self.object_name = None;
+                        self.name = None;
                     } else {
                         name.extend_from_slice(bytes);
                     }
@@ -670,8 +711,14 @@ impl AnswerScanner {
 
     fn end_string(&mut self, slot: Slot, texts: &mut Texts) {
         self.flush_surrogate(slot, texts);
-        if slot == Slot::ObjectName && self.object_name.as_deref() == Some(b"error") {
-            self.facts.error = true;
+        match (slot, self.name.as_deref()) {
+            (Slot::ObjectName, Some(b"error")) => self.facts.error = true,
+            // A Responses stream ends with one of these, and has no `[DONE]`.
+            (Slot::EventType, Some(b"response.completed" | b"response.incomplete")) => {
+                self.facts.finish_reason = true;
+            }
+            (Slot::EventType, Some(b"response.failed" | b"error")) => self.facts.error = true,
+            _ => {}
         }
         self.state = State::AfterValue;
     }
@@ -679,9 +726,12 @@ impl AnswerScanner {
 
 /// `usage` as backends send it; missing figures are 0 (embeddings have no
 /// completion tokens) and a missing total is the sum.
+/// The Responses API names them `input_tokens` and `output_tokens`.
 #[derive(Deserialize)]
 struct WireUsage {
+    #[serde(alias = "input_tokens")]
     prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
     completion_tokens: Option<u64>,
     total_tokens: Option<u64>,
 }

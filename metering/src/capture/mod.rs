@@ -412,7 +412,9 @@ impl Findings {
         if facts.usage.is_some() {
             self.usage = facts.usage;
         }
-        if facts.usage.is_some() && !facts.choices && facts.complete {
+        // A Responses stream's `response.completed` carries usage and no
+        // choices too, but it ends the stream: never a usage-only chunk.
+        if facts.usage.is_some() && !facts.choices && facts.complete && !facts.finish_reason {
             EventKind::UsageOnly
         } else {
             EventKind::Other
@@ -539,6 +541,54 @@ mod tests {
                 );
             }
         }
+    }
+
+    const RESPONSES_USAGE: ReportedUsage = ReportedUsage {
+        prompt_tokens: 11,
+        completion_tokens: 3,
+        total_tokens: 14,
+    };
+
+    /// A Responses API answer: usage under its own names, text in its
+    /// output items' content parts (not in `instructions` or `text`).
+    #[test]
+    fn a_responses_answer_reports_usage_and_output_text() {
+        let answer = r#"{"id":"resp_1","object":"response","status":"completed","instructions":"be brief","text":{"format":{"type":"text"}},"output":[{"type":"reasoning","content":[{"type":"reasoning_text","text":"hm "}]},{"type":"message","role":"assistant","content":[{"type":"output_text","text":"Hi there","annotations":[]}]},{"type":"function_call","name":"f","arguments":"{}"}],"usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},"output_tokens":3,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":14}}"#;
+        let outcome = run_whole(false, false, answer);
+        assert_eq!(outcome.usage, Some(RESPONSES_USAGE));
+        assert_eq!(outcome.text, "hm Hi there{}");
+        assert!(outcome.completed && !outcome.backend_error);
+    }
+
+    /// A Responses stream: text from its deltas (not again from the final
+    /// response), usage from `response.completed`, which also completes it
+    /// (there is no `[DONE]`); split anywhere.
+    #[test]
+    fn a_responses_stream_reports_usage_at_its_completed_event() {
+        let stream = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"status\":\"in_progress\",\"output\":[]}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi \"}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"there\"}\n\n",
+            "event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"text\":\"Hi there\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi there\"}]}],\"usage\":{\"input_tokens\":11,\"output_tokens\":3,\"total_tokens\":14}}}\n\n",
+        );
+        let expected = Outcome {
+            client: stream.as_bytes().to_vec(),
+            usage: Some(RESPONSES_USAGE),
+            text: "Hi there".to_owned(),
+            completed: true,
+            backend_error: false,
+            overflowed: false,
+        };
+        assert_split_invariant(stream, stream, &expected);
+        // Cut before its last event: not complete, text so far kept.
+        let cut = &stream[..stream.find("event: response.completed").unwrap()];
+        let outcome = run_whole(true, false, cut);
+        assert!(!outcome.completed && outcome.usage.is_none());
+        assert_eq!(outcome.text, "Hi there");
+        // A failed response is the backend's error.
+        let failed = "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"error\":{\"code\":\"server_error\"}}}\n\n";
+        assert!(run_whole(true, false, failed).backend_error);
     }
 
     /// An images answer's images are counted wherever the cut falls, without

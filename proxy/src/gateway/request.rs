@@ -21,7 +21,7 @@ fn input_field(endpoint: Endpoint) -> &'static str {
     match endpoint {
         Endpoint::ChatCompletions => "messages",
         Endpoint::Completions | Endpoint::ImageGenerations => "prompt",
-        Endpoint::Embeddings | Endpoint::Speech => "input",
+        Endpoint::Embeddings | Endpoint::Responses | Endpoint::Speech => "input",
         // Neither an upload's body nor a custom route's is JSON.
         Endpoint::Transcription | Endpoint::Translation | Endpoint::Custom => "file",
     }
@@ -142,7 +142,8 @@ impl InferenceRequest {
     /// Sets the completion limit in the body sent upstream: in `max_tokens`,
     /// which every backend reads (legacy completions read nothing else), and
     /// in `max_completion_tokens` too when the client sent it (chat backends
-    /// read it first). Takes effect at [`Self::seal_body`].
+    /// read it first); a Responses request's in `max_output_tokens`, the
+    /// only name it has. Takes effect at [`Self::seal_body`].
     pub fn set_max_tokens(&mut self, max_tokens: u64) {
         self.rewrites.max_tokens = Some(max_tokens);
         self.max_tokens = Some(max_tokens);
@@ -154,7 +155,7 @@ impl InferenceRequest {
     /// chunk must be kept from the client; a `stream_options` that is not an
     /// object is left alone (the backend refuses it).
     pub fn request_stream_usage(&mut self) -> bool {
-        if !self.stream || !self.endpoint.generates() {
+        if !self.stream || !self.endpoint.usage_on_request() {
             return false;
         }
         let wanted = match &self.stream_options {
@@ -193,7 +194,12 @@ impl InferenceRequest {
                 .into_iter()
                 .map(|(name, value)| (name, Cow::Borrowed(value)))
                 .collect();
-        if let Some(max_tokens) = rewrites.max_tokens {
+        if let Some(max_tokens) = rewrites.max_tokens
+            && self.endpoint == Endpoint::Responses
+        {
+            let value = RawValue::from_string(max_tokens.to_string())?;
+            members.insert("max_output_tokens".into(), Cow::Owned(value));
+        } else if let Some(max_tokens) = rewrites.max_tokens {
             let value = RawValue::from_string(max_tokens.to_string())?;
             if self.sent_completion_limit {
                 members.insert("max_completion_tokens".into(), Cow::Owned(value.clone()));
@@ -262,6 +268,8 @@ struct Fields<'a> {
     #[serde(borrow)]
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow)]
+    max_output_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
     n: Option<&'a RawValue>,
     #[serde(borrow)]
     best_of: Option<&'a RawValue>,
@@ -276,7 +284,7 @@ impl<'a> Fields<'a> {
         match endpoint {
             Endpoint::ChatCompletions => self.messages,
             Endpoint::Completions | Endpoint::ImageGenerations => self.prompt,
-            Endpoint::Embeddings | Endpoint::Speech => self.input,
+            Endpoint::Embeddings | Endpoint::Responses | Endpoint::Speech => self.input,
             Endpoint::Transcription | Endpoint::Translation | Endpoint::Custom => None,
         }
     }
@@ -343,6 +351,11 @@ fn completion_limit(endpoint: Endpoint, fields: &Fields<'_>) -> Result<Option<u6
     Ok(match endpoint {
         Endpoint::ChatCompletions => completion.or(legacy),
         Endpoint::Completions => legacy,
+        // The Responses API knows only its own name for the limit.
+        Endpoint::Responses => fields
+            .max_output_tokens
+            .map(|value| count_field(value, "max_output_tokens", "a non-negative integer"))
+            .transpose()?,
         Endpoint::Embeddings
         | Endpoint::ImageGenerations
         | Endpoint::Speech
@@ -578,6 +591,14 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
                 Some("prompt"),
             ));
         }
+        Endpoint::Responses
+            if !matches!(shape(input), Shape::String | Shape::Array) || is_empty_array(input) =>
+        {
+            return Err(ApiError::bad_request(
+                "`input` must be a string or a non-empty list of input items.",
+                Some("input"),
+            ));
+        }
         Endpoint::Speech if stream => {
             return Err(ApiError::bad_request(
                 "Speech streams as audio by itself; leave `stream` out.",
@@ -627,6 +648,7 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
         Endpoint::Completions => completion_prompts(input)?,
         Endpoint::ChatCompletions
         | Endpoint::Embeddings
+        | Endpoint::Responses
         | Endpoint::ImageGenerations
         | Endpoint::Speech
         | Endpoint::Transcription
@@ -844,6 +866,32 @@ mod tests {
             completion.seal_body();
             let sent: Value = serde_json::from_slice(&completion.upstream_body).unwrap();
             assert_eq!(sent["max_tokens"], 4, "{body}");
+        }
+    }
+
+    /// A Responses request's limit has one name, which a cap rewrites; the
+    /// chat names are not added (a Responses server refuses them).
+    #[test]
+    fn a_responses_limit_is_read_and_capped_as_max_output_tokens() {
+        let mut request = parse_str(
+            Endpoint::Responses,
+            r#"{"model":"m","input":"hi","max_output_tokens":50,"stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(request.max_tokens, Some(50));
+        // Its stream always ends with usage: nothing to ask for.
+        assert!(!request.request_stream_usage());
+        request.set_max_tokens(7);
+        request.seal_body();
+        let sent: Value = serde_json::from_slice(&request.upstream_body).unwrap();
+        assert_eq!(sent["max_output_tokens"], 7);
+        assert!(sent.get("max_tokens").is_none() && sent.get("stream_options").is_none());
+        for bad in [
+            r#"{"model":"m","input":[]}"#,
+            r#"{"model":"m","input":3}"#,
+            r#"{"model":"m"}"#,
+        ] {
+            assert!(parse_str(Endpoint::Responses, bad).is_err(), "{bad}");
         }
     }
 

@@ -683,6 +683,7 @@ fn count_prompt(counter: &PromptCounter, endpoint: Endpoint, json: &Value) -> us
         Endpoint::Embeddings => {
             counter.count_embedding_input(json.get("input").unwrap_or(&Value::Null))
         }
+        Endpoint::Responses => counter.count_responses(json),
         // Billed per image, character, request or GPU-second, not per token.
         Endpoint::ImageGenerations
         | Endpoint::Speech

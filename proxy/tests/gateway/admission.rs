@@ -233,7 +233,7 @@ pub(super) fn instant_sim(tokens: &str) -> Sim {
 }
 
 /// A gateway in front of `sim` with these tiers, its limits in the shared Redis.
-async fn on_shared_redis(sim: &Sim, tier_lines: &str) -> Gateway {
+pub(super) async fn on_shared_redis(sim: &Sim, tier_lines: &str) -> Gateway {
     Gateway::start(
         &[BackendSpec::new(&sim.url)],
         Options {

@@ -60,6 +60,24 @@ assert.deepEqual(
   images[1].data.map((i) => i.b64_json),
 );
 
+const response = await client.responses.create({ model, input: "Hello", max_output_tokens: 5 });
+assert.ok(response.output_text);
+assert.equal(response.usage.output_tokens, 5);
+const responseEvents = [];
+for await (const event of await client.responses.create({
+  model,
+  input: "Hello",
+  max_output_tokens: 4,
+  stream: true,
+})) {
+  responseEvents.push(event);
+}
+const completed = responseEvents.at(-1);
+assert.equal(completed.type, "response.completed");
+const deltas = responseEvents.filter((e) => e.type === "response.output_text.delta").map((e) => e.delta);
+assert.equal(deltas.length, 4);
+assert.equal(deltas.join(""), completed.response.output_text ?? completed.response.output[0].content[0].text);
+
 const speech = await Promise.all(
   [client, direct].map(async (c) => {
     const response = await c.audio.speech.create({

@@ -50,6 +50,13 @@ assert usage is not None and usage.completion_tokens == 6, usage
 completion = client.completions.create(model=model, prompt="Once upon", max_tokens=3)
 assert completion.usage.completion_tokens == 3, completion
 
+response = client.responses.create(model=model, input="Hello", max_output_tokens=5)
+assert response.output_text and response.usage.output_tokens == 5, response
+events = list(client.responses.create(model=model, input="Hello", max_output_tokens=4, stream=True))
+assert events[-1].type == "response.completed", events[-1]
+deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+assert len(deltas) == 4 and "".join(deltas) == events[-1].response.output_text, events
+
 embeddings = client.embeddings.create(model=model, input=["first", "second"])
 assert len(embeddings.data) == 2 and len(embeddings.data[0].embedding) > 0, embeddings
 

@@ -14,12 +14,14 @@
 //! - [`images`]: the `/v1/images/generations` endpoint and its image files.
 //! - [`speech`]: the `/v1/audio/speech` endpoint.
 //! - [`transcription`]: `/v1/audio/transcriptions` and `/translations`.
+//! - [`responses`]: the `/v1/responses` endpoint (OpenAI's Responses API).
 
 mod chunks;
 mod embeddings;
 mod images;
 mod request;
 mod response;
+mod responses;
 mod speech;
 mod transcription;
 
@@ -41,6 +43,7 @@ pub use self::images::{image_file, images_generations};
 use self::request::{ChatRequest, CompletionRequest};
 pub use self::request::{check_max_tokens, parse_body};
 use self::response::{ChoiceStyle, Usage, response_id};
+pub use self::responses::responses;
 pub use self::speech::speech;
 pub use self::transcription::{transcriptions, translations};
 use super::engine::{Engine, Generation, GenerationRequest};

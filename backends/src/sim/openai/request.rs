@@ -661,3 +661,68 @@ mod tests {
         assert!(count(many).is_err());
     }
 }
+
+#[derive(Deserialize)]
+struct RawResponses {
+    model: String,
+    stream: Option<bool>,
+    max_output_tokens: Option<Number>,
+}
+
+/// A validated Responses API request: one answer to `input` (and
+/// `instructions`), up to `max_output_tokens`.
+#[derive(Debug)]
+pub struct ResponsesRequest {
+    pub model: String,
+    pub stream: bool,
+    pub max_output_tokens: Option<u64>,
+    /// `instructions` and `input`, counted as the gateway counts them.
+    pub prompt_tokens: usize,
+    answer_key: u64,
+}
+
+impl ResponsesRequest {
+    pub fn parse(engine: &Engine, body: &Value) -> Result<Self, SimError> {
+        let raw = RawResponses::deserialize(body).map_err(invalid_body)?;
+        let input = match body.get("input") {
+            Some(Value::String(text)) if !text.is_empty() => text.as_bytes().to_vec(),
+            Some(items @ Value::Array(list)) if !list.is_empty() => {
+                serde_json::to_vec(items).unwrap_or_default()
+            }
+            _ => {
+                return Err(SimError::bad_request(
+                    "`input` must be a non-empty string or list of input items.",
+                    Some("input"),
+                ));
+            }
+        };
+        let limit = token_limit(raw.max_output_tokens, "max_output_tokens")?;
+        let options = &engine.options;
+        let default_tokens = options.output_tokens.map_or(MAX_NATURAL_TOKENS, u64::from);
+        Demand {
+            prompts: 1,
+            sequences: (1, "n"),
+            tokens: limit.map_or((default_tokens, None), |(limit, field)| {
+                (limit, Some(field))
+            }),
+        }
+        .check(options.max_request_tokens)?;
+        let encoding = engine.encoding_for(&raw.model);
+        Ok(Self {
+            answer_key: engine.answer_key(&raw.model, &input),
+            prompt_tokens: PromptCounter::new(encoding).count_responses(body),
+            model: raw.model,
+            stream: raw.stream.unwrap_or(false),
+            max_output_tokens: limit.map(|(limit, _)| limit),
+        })
+    }
+
+    /// The one sequence generated.
+    pub fn plan(&self, options: &SimOptions) -> Vec<Completion> {
+        vec![Completion::plan(
+            sequence_key(self.answer_key, 0),
+            options.output_tokens,
+            self.max_output_tokens,
+        )]
+    }
+}
