@@ -182,6 +182,23 @@ ensure_sdks() {
     export TOLLGATE_TEST_PYTHON="$venv/bin/python"
 }
 
+# A real Triton Inference Server for the Triton protocol's tests
+# (proxy/tests/gateway/triton.rs): PyPI's nvidia-pytriton bundles
+# tritonserver 2.51, which runs on CPU. Its Python stub is built for Debian's
+# python3.11 (a pyenv interpreter breaks it), hence a venv of its own.
+ensure_triton() {
+    local venv="$ROOT/target/triton-venv"
+    [ -x /usr/bin/python3.11 ] || apt_install python3.11
+    if [ ! -x "$venv/bin/python" ]; then
+        /usr/bin/python3.11 -m venv "$venv" 2>/dev/null \
+            || { apt_install python3.11-venv; /usr/bin/python3.11 -m venv "$venv"; }
+    fi
+    if ! "$venv/bin/pip" install -q --disable-pip-version-check -r "$ROOT/proxy/tests/triton/requirements.txt"; then
+        die "cannot install nvidia-pytriton (a real Triton server for the tests)"
+    fi
+    export TOLLGATE_TEST_TRITON_PYTHON="$venv/bin/python"
+}
+
 # promtool, for the alert rules' tests (proxy/tests/alert_rules.rs runs
 # `promtool check rules` and `promtool test rules` when it is on PATH).
 # Debian ships it in the `prometheus` package.

@@ -10,6 +10,7 @@
 source "$(dirname "$0")/lib.sh"
 provision
 ensure_sdks
+ensure_triton
 cd "$ROOT"
 
 log "building the workspace and its tests"

@@ -20,8 +20,13 @@
 //!
 //! The body is `{"text_input", "max_tokens", "parameters"}`. `max_tokens` is
 //! top-level because TensorRT-LLM's ensemble takes it as a (required) input;
-//! `temperature`, `top_p`, `presence_penalty`, `frequency_penalty`, `seed`,
-//! `stop` (always a list) and `stream` go in `parameters`. A request without
+//! `temperature`, `top_p`, `presence_penalty`, `frequency_penalty`, `seed`
+//! (as `random_seed`), `stop` (as `stop_words`, always a list) and `stream`
+//! go in `parameters`, under the names of the ensemble's inputs: Triton
+//! turns a parameter named like an input into that input, and passes any
+//! other on as a request parameter, which may not be a list (a `stop` list
+//! is refused whole). A real Triton server checks this in
+//! `proxy/tests/gateway/triton.rs`. A request without
 //! a limit gets [`DEFAULT_CHAT_MAX_TOKENS`] or
 //! [`DEFAULT_COMPLETION_MAX_TOKENS`].
 //!
@@ -219,12 +224,12 @@ pub fn translate_request(
     match field(request, "seed") {
         None => {}
         Some(Value::Number(seed)) if seed.is_i64() || seed.is_u64() => {
-            parameters.insert("seed".to_owned(), Value::Number(seed.clone()));
+            parameters.insert("random_seed".to_owned(), Value::Number(seed.clone()));
         }
         Some(_) => return Err(TranslateError::new("`seed` must be an integer.", "seed")),
     }
     if let Some(stop) = stop_list(request)? {
-        parameters.insert("stop".to_owned(), Value::Array(stop));
+        parameters.insert("stop_words".to_owned(), Value::Array(stop));
     }
     parameters.insert("stream".to_owned(), Value::Bool(stream));
 
@@ -1133,8 +1138,8 @@ mod tests {
                     "top_p": 0.9,
                     "presence_penalty": 0.1,
                     "frequency_penalty": -0.2,
-                    "seed": 7,
-                    "stop": ["\n\n"],
+                    "random_seed": 7,
+                    "stop_words": ["\n\n"],
                     "stream": false,
                 },
             })
@@ -1151,7 +1156,7 @@ mod tests {
         assert_eq!(request.path, "/v2/models/ensemble/generate_stream");
         assert!(request.exchange.stream && request.exchange.include_usage);
         assert_eq!(generate["parameters"]["stream"], true);
-        assert_eq!(generate["parameters"]["stop"], json!(["a", "b"]));
+        assert_eq!(generate["parameters"]["stop_words"], json!(["a", "b"]));
         assert_eq!(generate["max_tokens"], DEFAULT_CHAT_MAX_TOKENS);
 
         body["stream"] = json!(false);

@@ -196,3 +196,147 @@ async fn a_request_triton_cannot_carry_goes_to_an_openai_backend_of_the_model() 
         assert_eq!(status, 200, "{body}");
     }
 }
+
+/// A real Triton Inference Server (PyTriton's `tritonserver`, on CPU) with
+/// one decoupled model shaped like TensorRT-LLM's ensemble
+/// (proxy/tests/triton/serve.py); its process group is killed when dropped.
+struct RealTriton {
+    process: Child,
+    url: String,
+}
+
+impl RealTriton {
+    const MODEL: &'static str = "trt-model";
+
+    async fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        let python = std::env::var("TOLLGATE_TEST_TRITON_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/triton-venv/bin/python")
+            });
+        let (http, grpc, metrics) = (free_port(), free_port(), free_port());
+        let process = Command::new(&python)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/triton/serve.py"))
+            .args(["--model", Self::MODEL])
+            .args(["--http-port", &http.to_string()])
+            .args(["--grpc-port", &grpc.to_string()])
+            .args(["--metrics-port", &metrics.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // PyTriton runs tritonserver as a child: both go with the group.
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} not runnable ({e}): run scripts/test.sh",
+                    python.display()
+                )
+            });
+        let triton = Self {
+            process,
+            url: format!("http://127.0.0.1:{http}"),
+        };
+        // The server answers before the model is loaded: wait for the model.
+        let ready = format!("{}/v2/models/{}/ready", triton.url, Self::MODEL);
+        eventually("tritonserver loads the model", || async {
+            reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        triton
+    }
+}
+
+impl Drop for RealTriton {
+    fn drop(&mut self) {
+        let group = Pid::from_raw(self.process.id() as i32);
+        let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+        let _ = self.process.wait();
+    }
+}
+
+/// The text of a whole answer or of a stream's chunks, chat or completion.
+fn answer_text(body: &str, streamed: bool) -> String {
+    let pieces: Vec<Value> = if streamed {
+        chunks(&sse_data(body))
+    } else {
+        vec![serde_json::from_str(body).unwrap()]
+    };
+    pieces
+        .iter()
+        .filter_map(|piece| {
+            let choice = piece["choices"].get(0)?;
+            choice["message"]["content"]
+                .as_str()
+                .or(choice["delta"]["content"].as_str())
+                .or(choice["text"].as_str())
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_real_triton_server_serves_chat_and_completions_with_sampling_and_usage() {
+    let triton = RealTriton::start().await;
+    let backend = BackendSpec {
+        protocol: Some("triton"),
+        models: r#"["trt-model"]"#,
+        ..BackendSpec::new(&triton.url)
+    };
+    let gateway = Gateway::start(&[backend], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let sampling = json!({
+        "temperature": 0.5, "top_p": 0.25, "presence_penalty": 0.125,
+        "frequency_penalty": -0.5, "seed": 42, "stop": ["zz", "yy"],
+    });
+    let requests = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hello"}]}),
+        ),
+        ("/v1/completions", json!({"prompt": "Once upon a time"})),
+    ];
+    for (path, input) in requests {
+        let mut answers = Vec::new();
+        for stream in [false, true] {
+            let mut body = sampling.clone();
+            body["model"] = json!("trt-model");
+            body["max_tokens"] = json!(5);
+            body["stream"] = json!(stream);
+            if stream {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            for (name, value) in input.as_object().unwrap() {
+                body[name] = value.clone();
+            }
+            let id = format!(
+                "{}-{stream}",
+                path.trim_start_matches("/v1/").replace('/', ".")
+            );
+            let response = gateway.post_with_id(&key, path, &body, &id).await;
+            assert_eq!(response.status(), 200, "{id}");
+            let text = answer_text(&response.text().await.unwrap(), stream);
+            // Every sampling field reached the model under the ensemble's names.
+            assert!(
+                text.starts_with(
+                    "[temperature=0.5/top_p=0.25/presence_penalty=0.125/frequency_penalty=-0.5/seed=42/stop=zz+yy]"
+                ),
+                "{id}: {text}"
+            );
+            assert_eq!(text.split(' ').count(), 5, "{id}: five pieces in {text}");
+            let event = gateway.event_of(&id).await;
+            assert_eq!(
+                (
+                    event.status.as_str(),
+                    event.completion_tokens,
+                    event.usage_source.as_str()
+                ),
+                ("ok", cl100k(&text) as i64, "counted"),
+                "{id}"
+            );
+            assert!(event.prompt_tokens > 0, "{id}");
+            answers.push(text);
+        }
+        assert_eq!(answers[0], answers[1], "{path}: streamed as answered whole");
+    }
+}
