@@ -25,6 +25,9 @@ pub enum Endpoint {
     /// `POST /v1/images/generations`.
     #[serde(rename = "image")]
     ImageGenerations,
+    /// `POST /v1/images/edits`: images from an uploaded image and a prompt.
+    #[serde(rename = "image_edit")]
+    ImageEdits,
     /// `POST /v1/audio/speech`: text to speech.
     #[serde(rename = "speech")]
     Speech,
@@ -40,12 +43,13 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
         Self::Responses,
         Self::ImageGenerations,
+        Self::ImageEdits,
         Self::Speech,
         Self::Transcription,
         Self::Translation,
@@ -61,6 +65,7 @@ impl Endpoint {
             Self::Embeddings => "/v1/embeddings",
             Self::Responses => "/v1/responses",
             Self::ImageGenerations => "/v1/images/generations",
+            Self::ImageEdits => "/v1/images/edits",
             Self::Speech => "/v1/audio/speech",
             Self::Transcription => "/v1/audio/transcriptions",
             Self::Translation => "/v1/audio/translations",
@@ -76,6 +81,7 @@ impl Endpoint {
             Self::Embeddings => "embedding",
             Self::Responses => "response",
             Self::ImageGenerations => "image",
+            Self::ImageEdits => "image_edit",
             Self::Speech => "speech",
             Self::Transcription => "transcription",
             Self::Translation => "translation",
@@ -91,6 +97,7 @@ impl Endpoint {
             Self::Embeddings => "embeddings",
             Self::Responses => "responses",
             Self::ImageGenerations => "images_generations",
+            Self::ImageEdits => "images_edits",
             Self::Speech => "audio_speech",
             Self::Transcription => "audio_transcriptions",
             Self::Translation => "audio_translations",
@@ -104,7 +111,7 @@ impl Endpoint {
             Self::ChatCompletions | Self::Completions | Self::Embeddings | Self::Responses => {
                 UnitKind::Tokens
             }
-            Self::ImageGenerations => UnitKind::Images,
+            Self::ImageGenerations | Self::ImageEdits => UnitKind::Images,
             Self::Speech => UnitKind::Characters,
             Self::Transcription | Self::Translation => UnitKind::AudioSeconds,
             Self::Custom => UnitKind::Requests,
@@ -123,9 +130,12 @@ impl Endpoint {
     }
 
     /// Whether the request is a `multipart/form-data` upload (an audio
-    /// file), streamed to the backend as it arrives.
+    /// file, images to edit) rather than JSON.
     pub fn takes_upload(self) -> bool {
-        matches!(self, Self::Transcription | Self::Translation)
+        matches!(
+            self,
+            Self::Transcription | Self::Translation | Self::ImageEdits
+        )
     }
 
     /// Whether the endpoint generates text (and so takes a completion limit).
@@ -151,7 +161,7 @@ impl Endpoint {
             Self::Completions => "cmpl",
             Self::Embeddings => "embd",
             Self::Responses => "resp",
-            Self::ImageGenerations => "img",
+            Self::ImageGenerations | Self::ImageEdits => "img",
             Self::Speech => "speech",
             Self::Transcription => "transcription",
             Self::Translation => "translation",
@@ -171,6 +181,7 @@ impl Endpoint {
             (
                 Self::Embeddings
                 | Self::ImageGenerations
+                | Self::ImageEdits
                 | Self::Speech
                 | Self::Transcription
                 | Self::Translation

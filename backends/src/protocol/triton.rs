@@ -187,6 +187,7 @@ pub fn translate_request(
         Endpoint::Embeddings
         | Endpoint::Responses
         | Endpoint::ImageGenerations
+        | Endpoint::ImageEdits
         | Endpoint::Speech
         | Endpoint::Transcription
         | Endpoint::Translation

@@ -56,6 +56,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/responses", post(openai::responses))
         .route("/v1/images/generations", post(openai::images_generations))
+        .route("/v1/images/edits", post(openai::images_edits))
         .route("/v1/audio/speech", post(openai::speech))
         .route("/v1/audio/transcriptions", post(openai::transcriptions))
         .route("/v1/audio/translations", post(openai::translations))

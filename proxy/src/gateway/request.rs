@@ -24,6 +24,7 @@ fn input_field(endpoint: Endpoint) -> &'static str {
         Endpoint::Embeddings | Endpoint::Responses | Endpoint::Speech => "input",
         // Neither an upload's body nor a custom route's is JSON.
         Endpoint::Transcription | Endpoint::Translation | Endpoint::Custom => "file",
+        Endpoint::ImageEdits => "image",
     }
 }
 
@@ -285,7 +286,10 @@ impl<'a> Fields<'a> {
             Endpoint::ChatCompletions => self.messages,
             Endpoint::Completions | Endpoint::ImageGenerations => self.prompt,
             Endpoint::Embeddings | Endpoint::Responses | Endpoint::Speech => self.input,
-            Endpoint::Transcription | Endpoint::Translation | Endpoint::Custom => None,
+            Endpoint::ImageEdits
+            | Endpoint::Transcription
+            | Endpoint::Translation
+            | Endpoint::Custom => None,
         }
     }
 }
@@ -358,6 +362,7 @@ fn completion_limit(endpoint: Endpoint, fields: &Fields<'_>) -> Result<Option<u6
             .transpose()?,
         Endpoint::Embeddings
         | Endpoint::ImageGenerations
+        | Endpoint::ImageEdits
         | Endpoint::Speech
         | Endpoint::Transcription
         | Endpoint::Translation
@@ -650,6 +655,7 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
         | Endpoint::Embeddings
         | Endpoint::Responses
         | Endpoint::ImageGenerations
+        | Endpoint::ImageEdits
         | Endpoint::Speech
         | Endpoint::Transcription
         | Endpoint::Translation

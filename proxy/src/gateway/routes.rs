@@ -75,6 +75,7 @@ fn builtin(method: &Method, path: &str) -> Result<(Route, Method), ApiError> {
         "/v1/embeddings" => (Route::Inference(Endpoint::Embeddings), Method::POST),
         "/v1/responses" => (Route::Inference(Endpoint::Responses), Method::POST),
         "/v1/images/generations" => (Route::Inference(Endpoint::ImageGenerations), Method::POST),
+        "/v1/images/edits" => (Route::Inference(Endpoint::ImageEdits), Method::POST),
         "/v1/audio/speech" => (Route::Inference(Endpoint::Speech), Method::POST),
         "/v1/audio/transcriptions" => (Route::Inference(Endpoint::Transcription), Method::POST),
         "/v1/audio/translations" => (Route::Inference(Endpoint::Translation), Method::POST),

@@ -1,7 +1,8 @@
 //! Uploads: `multipart/form-data` bodies carrying an audio file
-//! (`/v1/audio/transcriptions`, `/translations`), up to
-//! `server.max_upload_bytes`, streamed to the backend rather than held.
+//! (`/v1/audio/transcriptions`, `/translations`) or images to edit
+//! (`/v1/images/edits`), up to `server.max_upload_bytes`.
 //!
+//! An audio upload is streamed to the backend rather than held.
 //! Admission needs two things from the body: the `model` (which backends,
 //! which queue) and the file's length (what to reserve). Both are read from
 //! the body's head, in `request_filter`: the parts up to the `model` and
@@ -15,6 +16,9 @@
 //! A body whose `model` comes after its file (the order curl and the Node
 //! SDK send when the file is listed first) is held until the `model`
 //! arrives, within the same limit; the Python SDK sends `model` first.
+//!
+//! An image edit is read whole before admission: `n`, `size` and `quality`,
+//! which weigh what it reserves, may come after its images.
 
 use std::convert::Infallible;
 
@@ -24,7 +28,7 @@ use pingora::proxy::Session;
 use tokio::sync::mpsc;
 use tollgate_metering::audio::{AudioLength, audio_length};
 
-use super::request::{BodyError, BodyReader, Endpoint, InferenceRequest};
+use super::request::{BodyError, BodyReader, Endpoint, ImageOptions, InferenceRequest};
 use crate::error::ApiError;
 
 /// How much of the file is read before admission for its header: a WAV's
@@ -33,15 +37,24 @@ use crate::error::ApiError;
 /// AAC when it comes first.
 const PROBE_BYTES: usize = 256 * 1024;
 
-/// The most bytes a text field (`model`, `language`, `prompt`, …) may hold.
+/// The most bytes a text field the gateway reads may hold.
 const MAX_TEXT_FIELD_BYTES: usize = 64 * 1024;
+
+/// The text fields the gateway reads, each at most once: a second copy
+/// (which a backend might take over the one admission used) is refused.
+const READ_FIELDS: [&str; 4] = ["model", "n", "size", "quality"];
+const MODEL: usize = 0;
 
 /// What a part of the form is, for the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
-    Model,
-    File,
-    /// Any other field, passed on unread.
+    /// One of [`READ_FIELDS`], by index.
+    Field(usize),
+    /// The audio `file`, whose head is kept for its length.
+    Audio,
+    /// An image to edit (`image`, or `image[]` for several).
+    Image,
+    /// Any other part, passed on unread.
     Other,
 }
 
@@ -54,9 +67,9 @@ pub struct FormReader {
     field: Option<(Part, multer::Field<'static>)>,
     /// The value of the text field being read.
     text: Vec<u8>,
-    /// Kept once read: a second `model` (which a backend might take over
-    /// the one admission used) is refused.
-    model: Option<String>,
+    /// [`READ_FIELDS`]' values, kept once read.
+    fields: [Option<String>; READ_FIELDS.len()],
+    images: u32,
     file_started: bool,
     file_ended: bool,
     /// The file's first bytes (up to [`PROBE_BYTES`]).
@@ -84,7 +97,8 @@ impl FormReader {
             multipart: multer::Multipart::new(chunks, boundary),
             field: None,
             text: Vec::new(),
-            model: None,
+            fields: Default::default(),
+            images: 0,
             file_started: false,
             file_ended: false,
             file_head: BytesMut::new(),
@@ -112,10 +126,15 @@ impl FormReader {
         }
     }
 
-    /// What admission needs has been read: the `model`, and the file's
-    /// header (its first bytes, or all of it).
+    fn field(&self, name: &str) -> Option<&str> {
+        let index = READ_FIELDS.iter().position(|f| *f == name)?;
+        self.fields.get(index)?.as_deref()
+    }
+
+    /// What an audio upload's admission needs has been read: the `model`,
+    /// and the file's header (its first bytes, or all of it).
     fn head_read(&self) -> bool {
-        self.model.is_some()
+        self.fields[MODEL].is_some()
             && self.file_started
             && (self.file_ended || self.file_head.len() >= PROBE_BYTES)
     }
@@ -151,63 +170,76 @@ impl FormReader {
     }
 
     fn start_part(&mut self, name: Option<&str>) -> Result<Part, ApiError> {
-        Ok(match name {
-            None => return Err(malformed("a part has no name")),
-            Some("model") if self.model.is_some() => {
+        let Some(name) = name else {
+            return Err(malformed("a part has no name"));
+        };
+        if let Some(index) = READ_FIELDS.iter().position(|f| *f == name) {
+            if self.fields[index].is_some() {
                 return Err(ApiError::bad_request(
-                    "`model` is sent twice; send it once.",
-                    Some("model"),
+                    format!("`{name}` is sent twice; send it once."),
+                    Some(READ_FIELDS[index]),
                 ));
             }
-            Some("model") => Part::Model,
-            Some("file") if self.file_started => {
+            return Ok(Part::Field(index));
+        }
+        Ok(match name {
+            "file" if self.file_started => {
                 return Err(ApiError::bad_request(
                     "More than one `file`; send one audio file per request.",
                     Some("file"),
                 ));
             }
-            Some("file") => {
+            "file" => {
                 self.file_started = true;
-                Part::File
+                Part::Audio
             }
-            Some(_) => Part::Other,
+            "image" | "image[]" => {
+                self.images += 1;
+                Part::Image
+            }
+            _ => Part::Other,
         })
     }
 
     fn take(&mut self, part: Part, bytes: &Bytes) -> Result<(), ApiError> {
         match part {
-            Part::Model => {
+            Part::Field(index) => {
                 if self.text.len() + bytes.len() > MAX_TEXT_FIELD_BYTES {
-                    return Err(ApiError::bad_request("`model` is too long.", Some("model")));
+                    let name = READ_FIELDS[index];
+                    return Err(ApiError::bad_request(
+                        format!("`{name}` is too long."),
+                        Some(name),
+                    ));
                 }
                 self.text.extend_from_slice(bytes);
             }
-            Part::File => {
+            Part::Audio => {
                 let room = PROBE_BYTES.saturating_sub(self.file_head.len());
                 self.file_head
                     .extend_from_slice(&bytes[..room.min(bytes.len())]);
             }
-            Part::Other => {}
+            Part::Image | Part::Other => {}
         }
         Ok(())
     }
 
     fn end_part(&mut self, part: Part) -> Result<(), ApiError> {
         match part {
-            Part::Model => {
+            Part::Field(index) => {
+                let name = READ_FIELDS[index];
                 let text = std::mem::take(&mut self.text);
                 match String::from_utf8(text) {
-                    Ok(model) if !model.trim().is_empty() => self.model = Some(model),
+                    Ok(value) if !value.trim().is_empty() => self.fields[index] = Some(value),
                     _ => {
                         return Err(ApiError::bad_request(
-                            "`model` must be a non-empty string.",
-                            Some("model"),
+                            format!("`{name}` must be a non-empty string."),
+                            Some(name),
                         ));
                     }
                 }
             }
-            Part::File => self.file_ended = true,
-            Part::Other => {}
+            Part::Audio => self.file_ended = true,
+            Part::Image | Part::Other => {}
         }
         Ok(())
     }
@@ -291,8 +323,9 @@ pub async fn read_upload(
     let mut form = FormReader::new(content_type)?;
     let mut reader = BodyReader::start(session, limit).await?;
     let mut head = BytesMut::new();
+    let streams = endpoint != Endpoint::ImageEdits;
     let ended = loop {
-        if form.head_read() {
+        if streams && form.head_read() {
             break false;
         }
         match reader.next(session).await? {
@@ -309,33 +342,18 @@ pub async fn read_upload(
     if ended {
         BodyReader::check_replayable(session, head.len())?;
     }
-    let Some(model) = form.model.clone() else {
+    let Some(model) = form.field("model").map(str::to_owned) else {
         return Err(
             ApiError::bad_request("You must provide a `model` parameter.", Some("model")).into(),
         );
     };
-    if !form.file_started {
-        return Err(
-            ApiError::bad_request("Missing required parameter `file`.", Some("file")).into(),
-        );
-    }
-    let file = std::mem::take(&mut form.file_head).freeze();
-    let seconds = match audio_length(file, form.file_ended) {
-        Ok(AudioLength::Seconds(seconds)) => Some(seconds),
-        Ok(AudioLength::Unknown) => None,
-        // The file's first bytes only: a header longer than them (cover
-        // art before an MP3's first frame) is no proof of a bad file; the
-        // backend judges it, and its answer is billed by its own figure.
-        Err(_) if !form.file_ended => None,
-        Err(e) => {
-            return Err(ApiError::bad_request(
-                format!("`file` could not be read as audio: {e}."),
-                Some("file"),
-            )
-            .into());
-        }
-    };
     let head = head.freeze();
+    let request = if endpoint == Endpoint::ImageEdits {
+        image_edit(&form, model, head.clone())?
+    } else {
+        let seconds = audio_seconds(&mut form)?;
+        InferenceRequest::upload(endpoint, model, head.clone(), seconds)
+    };
     let stream = (!ended).then(|| UploadStream {
         form,
         head: head.clone(),
@@ -345,10 +363,56 @@ pub async fn read_upload(
         limit: limit.saturating_sub(head.len()),
         refused: None,
     });
-    Ok(Upload {
-        request: InferenceRequest::upload(endpoint, model, head, seconds),
-        stream,
-    })
+    Ok(Upload { request, stream })
+}
+
+/// The length an audio upload's file declares, from its head.
+fn audio_seconds(form: &mut FormReader) -> Result<Option<f64>, ApiError> {
+    if !form.file_started {
+        return Err(ApiError::bad_request(
+            "Missing required parameter `file`.",
+            Some("file"),
+        ));
+    }
+    let file = std::mem::take(&mut form.file_head).freeze();
+    match audio_length(file, form.file_ended) {
+        Ok(AudioLength::Seconds(seconds)) => Ok(Some(seconds)),
+        Ok(AudioLength::Unknown) => Ok(None),
+        // The file's first bytes only: a header longer than them (cover
+        // art before an MP3's first frame) is no proof of a bad file; the
+        // backend judges it, and its answer is billed by its own figure.
+        Err(_) if !form.file_ended => Ok(None),
+        Err(e) => Err(ApiError::bad_request(
+            format!("`file` could not be read as audio: {e}."),
+            Some("file"),
+        )),
+    }
+}
+
+/// An image edit, read whole: `n` images of its `size` and `quality`.
+fn image_edit(form: &FormReader, model: String, body: Bytes) -> Result<InferenceRequest, ApiError> {
+    if form.images == 0 {
+        return Err(ApiError::bad_request(
+            "Missing required parameter `image`.",
+            Some("image"),
+        ));
+    }
+    let n = match form.field("n") {
+        None => 1,
+        Some(n) => n
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| ApiError::bad_request("`n` must be a positive integer.", Some("n")))?,
+    };
+    let mut request = InferenceRequest::upload(Endpoint::ImageEdits, model, body, None);
+    request.sequences = n;
+    request.image = ImageOptions {
+        size: form.field("size").map(str::to_owned),
+        quality: form.field("quality").map(str::to_owned),
+    };
+    Ok(request)
 }
 
 #[cfg(test)]
@@ -396,7 +460,7 @@ mod tests {
         let body = form(&[("model", b"whisper"), ("file", b"RIFF....")], true);
         for size in [1, 3, 7, 64, body.len()] {
             let form = read(&body, size).unwrap();
-            assert_eq!(form.model.as_deref(), Some("whisper"));
+            assert_eq!(form.field("model"), Some("whisper"));
             assert!(form.file_started && form.file_ended && form.finished);
             assert_eq!(&form.file_head[..], b"RIFF....");
         }

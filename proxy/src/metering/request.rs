@@ -686,6 +686,7 @@ fn count_prompt(counter: &PromptCounter, endpoint: Endpoint, json: &Value) -> us
         Endpoint::Responses => counter.count_responses(json),
         // Billed per image, character, request or GPU-second, not per token.
         Endpoint::ImageGenerations
+        | Endpoint::ImageEdits
         | Endpoint::Speech
         | Endpoint::Transcription
         | Endpoint::Translation

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tollgate_metering::units::UnitKind;
 
+use super::metering::sim_counter;
 use super::*;
 
 const WEIGHTS: &str = r#"image_weights = { size = { "512x256" = 2 }, quality = { hd = 2 } }"#;
@@ -70,6 +71,80 @@ async fn images_are_billed_as_n_times_their_size_and_quality_weight() {
         .await;
     assert_eq!(response.status(), 200);
     assert_eq!(gateway.event_of("plain").await.units, 2);
+}
+
+/// An edit form: the fields after the image (as the Node SDK may send
+/// them), so the gateway must read the whole form before it reserves.
+fn edit_form(n: &str, size: &str, quality: &str) -> reqwest::multipart::Form {
+    let image =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image.png"))
+            .unwrap();
+    reqwest::multipart::Form::new()
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(image).file_name("in.png"),
+        )
+        .text("prompt", "add a lighthouse")
+        .text("model", "sim-model")
+        .text("n", n.to_owned())
+        .text("size", size.to_owned())
+        .text("quality", quality.to_owned())
+        .text("response_format", "b64_json")
+}
+
+#[tokio::test]
+async fn image_edits_are_billed_as_n_times_their_weight_read_from_the_whole_form() {
+    let sim = Sim::start(&[]);
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            metering: WEIGHTS,
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let edit = |form, id: &'static str| {
+        gateway
+            .client
+            .post(format!("{}/v1/images/edits", gateway.url))
+            .bearer_auth(&key)
+            .header("x-request-id", id)
+            .multipart(form)
+            .send()
+    };
+    let response = edit(edit_form("2", "512x256", "hd"), "edit").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let through: Value = response.json().await.unwrap();
+    let direct: Value = reqwest::Client::new()
+        .post(format!("{}/v1/images/edits", sim.url))
+        .multipart(edit_form("2", "512x256", "hd"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(through["data"], direct["data"]);
+    assert_eq!(through["data"].as_array().unwrap().len(), 2);
+    let event = gateway.event_of("edit").await;
+    assert_eq!(
+        (event.kind.as_str(), event.unit_kind.as_str(), event.units),
+        ("image_edit", "images", 2 * 2 * 2)
+    );
+    // No image, or `n` sent twice: refused before a backend sees it.
+    let no_image = reqwest::multipart::Form::new()
+        .text("model", "sim-model")
+        .text("prompt", "x");
+    let response = edit(no_image, "no-image").await.unwrap();
+    assert_eq!(response.status(), 400);
+    let twice = edit_form("1", "512x256", "hd").text("n", "9");
+    let response = edit(twice, "n-twice").await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        sim_counter(&sim, "gpu_sim_images_generated_total").await,
+        4.0
+    );
 }
 
 #[tokio::test]

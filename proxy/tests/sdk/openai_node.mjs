@@ -78,6 +78,22 @@ const deltas = responseEvents.filter((e) => e.type === "response.output_text.del
 assert.equal(deltas.length, 4);
 assert.equal(deltas.join(""), completed.response.output_text ?? completed.response.output[0].content[0].text);
 
+const picture = new URL("../fixtures/image.png", import.meta.url);
+const edits = await Promise.all(
+  [client, direct].map((c) =>
+    c.images.edit({
+      image: fs.createReadStream(picture),
+      prompt: "add a boat",
+      model,
+      n: 2,
+      size: "64x64",
+      response_format: "b64_json",
+    }),
+  ),
+);
+assert.equal(edits[0].data.length, 2);
+assert.deepEqual(edits[0].data, edits[1].data);
+
 const speech = await Promise.all(
   [client, direct].map(async (c) => {
     const response = await c.audio.speech.create({

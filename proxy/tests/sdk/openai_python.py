@@ -71,6 +71,17 @@ images = [
 ]
 assert len(images[0].data) == 2, images[0]
 assert [i.b64_json for i in images[0].data] == [i.b64_json for i in images[1].data]
+picture = os.path.join(os.path.dirname(__file__), "..", "fixtures", "image.png")
+edits = []
+for c in (client, direct):
+    with open(picture, "rb") as image:
+        edits.append(
+            c.images.edit(
+                model=model, image=image, prompt="add a boat", n=2, size="64x64",
+                response_format="b64_json",
+            )
+        )
+assert len(edits[0].data) == 2 and edits[0].data == edits[1].data, edits[0]
 url = client.images.generate(model=model, prompt="a lighthouse", size="256x256")
 assert url.data[0].url.endswith(".png"), url
 

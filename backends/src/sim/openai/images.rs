@@ -1,6 +1,7 @@
-//! `/v1/images/generations`: real PNG files of the requested size, the same
-//! bytes for the same seed, model, prompt and position, so a test can compare
-//! an answer through a proxy with one straight from here. A `url` answer
+//! `/v1/images/generations` and `/v1/images/edits`: real PNG files of the
+//! requested size, the same bytes for the same seed, model, prompt,
+//! position (and, for an edit, source images), so a test can compare an
+//! answer through a proxy with one straight from here. A `url` answer
 //! points at `/sim/images/{name}`, which draws the image again from its name.
 //! `quality` (and any other field) is accepted and does not change the
 //! picture: it changes the price book's weight, not the simulation.
@@ -10,8 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::multipart::{Multipart, MultipartError};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -46,6 +48,55 @@ pub async fn images_generations(
 ) -> Result<Response, SimError> {
     engine.check_ready()?;
     let request: ImageRequest = parse_body(&body?)?;
+    draw(&engine, &headers, request, &[]).await
+}
+
+/// `/v1/images/edits`: a multipart form of `image` (or `image[]`) files,
+/// `mask`, `prompt`, `model`, `n`, `size`, `response_format`; the images
+/// drawn depend on the sources' bytes too.
+pub async fn images_edits(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, SimError> {
+    engine.check_ready()?;
+    let mut form = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| SimError::bad_request(e.body_text(), None))?;
+    let bad = |e: MultipartError| SimError::bad_request(e.body_text(), None);
+    let (mut fields, mut sources) = (serde_json::Map::new(), Vec::new());
+    while let Some(field) = form.next_field().await.map_err(bad)? {
+        match field.name().unwrap_or_default() {
+            "image" | "image[]" => sources.extend_from_slice(&field.bytes().await.map_err(bad)?),
+            "n" => {
+                let n = field.text().await.map_err(bad)?;
+                let n: u32 = n.trim().parse().map_err(|_| {
+                    SimError::bad_request("`n` must be a positive integer.", Some("n"))
+                })?;
+                fields.insert("n".into(), json!(n));
+            }
+            name @ ("model" | "prompt" | "size" | "response_format") => {
+                let name = name.to_owned();
+                fields.insert(name, json!(field.text().await.map_err(bad)?));
+            }
+            _ => {}
+        }
+    }
+    if sources.is_empty() {
+        return Err(SimError::bad_request("`image` is required.", Some("image")));
+    }
+    let request: ImageRequest = serde_json::from_value(Value::Object(fields))
+        .map_err(|e| SimError::bad_request(format!("Invalid form: {e}."), None))?;
+    draw(&engine, &headers, request, &sources).await
+}
+
+/// Draws `request`'s images (from `sources` too, for an edit) and answers.
+async fn draw(
+    engine: &Engine,
+    headers: &HeaderMap,
+    request: ImageRequest,
+    sources: &[u8],
+) -> Result<Response, SimError> {
     if !engine.serves(&request.model) {
         return Err(SimError::UnknownModel(request.model));
     }
@@ -94,14 +145,12 @@ pub async fn images_generations(
         .unwrap_or("127.0.0.1");
     let data: Vec<Value> = (0..n)
         .map(|index| {
-            let key = stable_hash(
-                engine.options.seed,
-                &[
-                    request.model.as_bytes(),
-                    request.prompt.as_bytes(),
-                    &index.to_le_bytes(),
-                ],
-            );
+            let index = index.to_le_bytes();
+            let mut parts = vec![request.model.as_bytes(), request.prompt.as_bytes(), &index];
+            if !sources.is_empty() {
+                parts.push(sources);
+            }
+            let key = stable_hash(engine.options.seed, &parts);
             let name = image_name(key, width, height);
             if inline {
                 let png = draw_png(key, width, height);

@@ -11,7 +11,7 @@
 //!   probabilities, usage).
 //! - [`chunks`]: the same answer streamed.
 //! - [`embeddings`]: the `/v1/embeddings` endpoint.
-//! - [`images`]: the `/v1/images/generations` endpoint and its image files.
+//! - [`images`]: `/v1/images/generations` and `/v1/images/edits`, and their image files.
 //! - [`speech`]: the `/v1/audio/speech` endpoint.
 //! - [`transcription`]: `/v1/audio/transcriptions` and `/translations`.
 //! - [`responses`]: the `/v1/responses` endpoint (OpenAI's Responses API).
@@ -39,7 +39,7 @@ use tollgate_metering::endpoint::Endpoint;
 
 use self::chunks::OpenAiChunks;
 pub use self::embeddings::embeddings;
-pub use self::images::{image_file, images_generations};
+pub use self::images::{image_file, images_edits, images_generations};
 use self::request::{ChatRequest, CompletionRequest};
 pub use self::request::{check_max_tokens, parse_body};
 use self::response::{ChoiceStyle, Usage, response_id};
