@@ -6,7 +6,7 @@
 //! - [`gateway`]: the `ProxyHttp` request path phase by phase (see
 //!   docs/architecture.md); [`gateway::models`] resolves each model's route
 //!   from config once; [`gateway::routes`] answers the routes that need no
-//!   backend.
+//!   backend; [`gateway::upload`] reads multipart uploads as they stream.
 //! - [`admission`]: rate limits, quotas and reservations, the priority queue.
 //! - [`metering`]: metering on the request path, and the usage writer and
 //!   upkeep as background services.

@@ -499,6 +499,19 @@ fn normalise_ids(body: &str) -> String {
     out
 }
 
+/// The Python `variable` names, else the one scripts/test.sh installs in
+/// `target/{venv}`.
+fn test_python(variable: &str, venv: &str) -> PathBuf {
+    std::env::var(variable)
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target")
+                .join(venv)
+                .join("bin/python")
+        })
+}
+
 fn cl100k(text: &str) -> usize {
     tiktoken_rs::cl100k_base_singleton().count_ordinary(text)
 }
@@ -1430,11 +1443,7 @@ async fn official_openai_sdks_work_unchanged() {
     let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
     let key = gateway.create_key("acme", &[]);
     let sdk_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk");
-    let python = std::env::var("TOLLGATE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sdk-venv/bin/python")
-        });
+    let python = test_python("TOLLGATE_TEST_PYTHON", "sdk-venv");
     let runs = [
         (python, sdk_dir.join("openai_python.py")),
         (PathBuf::from("node"), sdk_dir.join("openai_node.mjs")),

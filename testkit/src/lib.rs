@@ -9,7 +9,8 @@
 //! - [`db`]: [`TestDb`], a Postgres database of each test's own, migrated
 //!   from `sql/` as `tollgate migrate` does, dropped with the test;
 //! - [`gpu_sim`]: [`GpuSim`], the real `gpu-sim` binary on a free port;
-//! - [`poll`]: [`eventually`], waiting for a condition without sleeping a guess.
+//! - [`poll`]: [`eventually`], waiting for a condition without sleeping a guess;
+//! - [`multipart`]: hand-made upload forms, broken ones included.
 //!
 //! The kit depends on no tollgate crate: the fakes speak HTTP and JSON, not
 //! the crates' types, so backends' tests (say) use it without a second copy
@@ -28,6 +29,7 @@
 
 pub mod db;
 pub mod gpu_sim;
+pub mod multipart;
 pub mod poll;
 pub mod runpod;
 pub mod stripe;

@@ -2,8 +2,8 @@
 //! (`/v1/audio/transcriptions`, `/translations`) or images to edit
 //! (`/v1/images/edits`), up to `server.max_upload_bytes`.
 //!
-//! An audio upload is streamed to the backend rather than held.
-//! Admission needs two things from the body: the `model` (which backends,
+//! An audio upload is streamed to the backend rather than held. Admission
+//! needs two things from the body: the `model` (which backends,
 //! which queue) and the file's length (what to reserve). Both are read from
 //! the body's head, in `request_filter`: the parts up to the `model` and
 //! the file's first [`PROBE_BYTES`], whose container header declares its
@@ -43,7 +43,6 @@ const MAX_TEXT_FIELD_BYTES: usize = 64 * 1024;
 /// The text fields the gateway reads, each at most once: a second copy
 /// (which a backend might take over the one admission used) is refused.
 const READ_FIELDS: [&str; 4] = ["model", "n", "size", "quality"];
-const MODEL: usize = 0;
 
 /// What a part of the form is, for the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +85,7 @@ impl FormReader {
             .and_then(|ct| multer::parse_boundary(ct).ok())
             .ok_or_else(|| {
                 ApiError::bad_request(
-                    "Send the audio as multipart/form-data (a `file` part and a `model` field).",
+                    "Send the request as multipart/form-data, as OpenAI's API takes uploads.",
                     None,
                 )
             })?;
@@ -134,7 +133,7 @@ impl FormReader {
     /// What an audio upload's admission needs has been read: the `model`,
     /// and the file's header (its first bytes, or all of it).
     fn head_read(&self) -> bool {
-        self.fields[MODEL].is_some()
+        self.field("model").is_some()
             && self.file_started
             && (self.file_ended || self.file_head.len() >= PROBE_BYTES)
     }
@@ -417,29 +416,9 @@ fn image_edit(form: &FormReader, model: String, body: Bytes) -> Result<Inference
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use tollgate_testkit::multipart::form;
 
-    fn form(parts: &[(&str, &[u8])], close: bool) -> Vec<u8> {
-        let mut body = Vec::new();
-        for (name, value) in parts {
-            body.extend_from_slice(b"--B\r\n");
-            let filename = if *name == "file" {
-                "; filename=\"a.wav\""
-            } else {
-                ""
-            };
-            body.extend_from_slice(
-                format!("Content-Disposition: form-data; name=\"{name}\"{filename}\r\n\r\n")
-                    .as_bytes(),
-            );
-            body.extend_from_slice(value);
-            body.extend_from_slice(b"\r\n");
-        }
-        if close {
-            body.extend_from_slice(b"--B--\r\n");
-        }
-        body
-    }
+    use super::*;
 
     fn reader() -> FormReader {
         FormReader::new(Some("multipart/form-data; boundary=B")).unwrap()

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use reqwest::multipart::{Form, Part};
 use tokio::sync::Barrier;
+use tollgate_testkit::multipart::form as raw_form;
 
 use super::metering::sim_counter;
 use super::*;
@@ -26,11 +27,7 @@ fn fixture(name: &str) -> Vec<u8> {
 /// independent of the demuxers Tollgate (and gpu-sim) use. scripts/test.sh
 /// installs it in target/sdk-venv.
 fn mutagen_seconds(names: &[&str]) -> Vec<f64> {
-    let python = std::env::var("TOLLGATE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/sdk-venv/bin/python")
-        });
+    let python = test_python("TOLLGATE_TEST_PYTHON", "sdk-venv");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio");
     let output = Command::new(&python)
         .arg("-c")
@@ -268,28 +265,6 @@ async fn a_25_mib_upload_beside_20_others_streams_through_without_being_held() {
     for i in 0..UPLOADS {
         assert_eq!(gateway.event_of(&format!("long-{i}")).await.units, seconds);
     }
-}
-
-/// A form of `parts` (boundary `B`), closed unless `close` is false.
-fn raw_form(parts: &[(&str, &[u8])], close: bool) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, value) in parts {
-        let filename = if *name == "file" {
-            "; filename=\"a.wav\""
-        } else {
-            ""
-        };
-        body.extend_from_slice(
-            format!("--B\r\nContent-Disposition: form-data; name=\"{name}\"{filename}\r\n\r\n")
-                .as_bytes(),
-        );
-        body.extend_from_slice(value);
-        body.extend_from_slice(b"\r\n");
-    }
-    if close {
-        body.extend_from_slice(b"--B--\r\n");
-    }
-    body
 }
 
 #[tokio::test]

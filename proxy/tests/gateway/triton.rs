@@ -210,11 +210,7 @@ impl RealTriton {
 
     async fn start() -> Self {
         use std::os::unix::process::CommandExt;
-        let python = std::env::var("TOLLGATE_TEST_TRITON_PYTHON")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/triton-venv/bin/python")
-            });
+        let python = test_python("TOLLGATE_TEST_TRITON_PYTHON", "triton-venv");
         let (http, grpc, metrics) = (free_port(), free_port(), free_port());
         let process = Command::new(&python)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/triton/serve.py"))
