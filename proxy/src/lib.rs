@@ -13,6 +13,7 @@
 //! - [`billing`]: the Stripe exporter, webhooks and past-due sweep,
 //!   Checkout/Portal sessions, `tollgate billing` commands.
 //! - [`keys`]: API keys: hashing, Postgres store, cache, revocation fan-out.
+//! - [`jobs`]: durable async jobs in Postgres (claims under a lease).
 //! - [`fleet`]: providers from the config, the controller as a service, its
 //!   transitions logged to Postgres.
 //! - [`admin`]: the admin API and the metrics endpoint.
@@ -39,6 +40,7 @@ pub mod db;
 pub mod error;
 pub mod fleet;
 pub mod gateway;
+pub mod jobs;
 pub mod keys;
 pub mod metering;
 pub mod readiness;

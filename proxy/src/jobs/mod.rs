@@ -1,0 +1,10 @@
+//! Durable async jobs: a request accepted at once and run when a GPU slot
+//! is free, by whichever gateway claims it (issue 20; docs/jobs.md once the
+//! API lands).
+//!
+//! - [`store`]: jobs in Postgres: submit (idempotent per account and key),
+//!   read, list, cancel; and the runners' side: claim with a lease, renew
+//!   it, mark the request sent, finish, each write fenced by the claim's
+//!   attempt.
+
+pub mod store;

@@ -1,0 +1,405 @@
+//! Jobs in Postgres (`sql/V10__jobs.sql`), the system of record for them.
+//!
+//! Every gateway runs jobs; none owns one for longer than its lease. A
+//! runner claims runnable jobs with `FOR UPDATE SKIP LOCKED` (two runners
+//! never take the same job, and neither waits on the other's rows), holding
+//! each by a lease it renews. A job whose lease lapses (its gateway died)
+//! is runnable again; each claim raises the job's `attempt`, and every write
+//! a runner makes names the attempt it holds, so a runner that lost its job
+//! cannot overwrite what the next one did.
+
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::Pool;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::keys::store::StoreError;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Expired,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+        }
+    }
+
+    fn parse(state: &str) -> Self {
+        match state {
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            "expired" => Self::Expired,
+            // The table's CHECK allows nothing else.
+            _ => Self::Queued,
+        }
+    }
+
+    /// Nothing more happens to the job.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+}
+
+/// A request to run later, as submitted.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub account_id: Uuid,
+    pub key_id: Uuid,
+    pub tier: String,
+    /// The tier's priority: higher is claimed first.
+    pub priority: i32,
+    pub method: String,
+    pub path: String,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+    /// `Idempotency-Key`: the same key and body give the same job.
+    pub idempotency_key: Option<String>,
+}
+
+/// A job as its owner sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    pub id: Uuid,
+    #[serde(skip)]
+    pub account_id: Uuid,
+    pub state: JobState,
+    pub method: String,
+    pub path: String,
+    pub attempt: i32,
+    #[serde(with = "unix_seconds")]
+    pub created_at: SystemTime,
+    #[serde(with = "unix_seconds::option")]
+    pub started_at: Option<SystemTime>,
+    #[serde(with = "unix_seconds::option")]
+    pub finished_at: Option<SystemTime>,
+    pub result_status: Option<i32>,
+    pub result_type: Option<String>,
+    #[serde(skip)]
+    pub result_key: Option<String>,
+    pub result_bytes: Option<i64>,
+    pub error: Option<Value>,
+}
+
+/// What submitting gave.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    Created(JobRecord),
+    /// The idempotency key named a job submitted before with the same body.
+    Existing(JobRecord),
+}
+
+/// A job a runner now holds.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub id: Uuid,
+    /// Names this claim in every later write (see the module's doc).
+    pub attempt: i32,
+    pub account_id: Uuid,
+    pub key_id: Uuid,
+    pub tier: String,
+    pub method: String,
+    pub path: String,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+    /// An earlier attempt sent the request to a backend.
+    pub sent_before: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    /// An answer was stored (any status: a backend's 400 is a result too).
+    Answered {
+        status: i32,
+        content_type: Option<String>,
+        result_key: String,
+        bytes: i64,
+    },
+    /// No answer: why, OpenAI-shaped.
+    Failed(Value),
+}
+
+const COLUMNS: &str = "id, account_id, state, method, path, attempt, created_at, started_at, \
+                       finished_at, result_status, result_type, result_key, result_bytes, error";
+
+fn record(row: &Row) -> JobRecord {
+    JobRecord {
+        id: row.get("id"),
+        account_id: row.get("account_id"),
+        state: JobState::parse(row.get("state")),
+        method: row.get("method"),
+        path: row.get("path"),
+        attempt: row.get("attempt"),
+        created_at: row.get("created_at"),
+        started_at: row.get("started_at"),
+        finished_at: row.get("finished_at"),
+        result_status: row.get("result_status"),
+        result_type: row.get("result_type"),
+        result_key: row.get("result_key"),
+        result_bytes: row.get("result_bytes"),
+        error: row.get("error"),
+    }
+}
+
+/// Stores `job` as queued. With an idempotency key already used by the
+/// account: the earlier job when the body is the same, else a conflict.
+pub async fn submit(pool: &Pool, job: &NewJob) -> Result<Submitted, StoreError> {
+    let client = pool.get().await?;
+    let digest = Sha256::digest(&job.body).to_vec();
+    let inserted = client
+        .query_opt(
+            &format!(
+                "INSERT INTO jobs (id, account_id, key_id, tier, priority, method, path,
+                                   content_type, body, body_sha256, idempotency_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL
+                 DO NOTHING
+                 RETURNING {COLUMNS}"
+            ),
+            &[
+                &Uuid::now_v7(),
+                &job.account_id,
+                &job.key_id,
+                &job.tier,
+                &job.priority,
+                &job.method,
+                &job.path,
+                &job.content_type,
+                &job.body,
+                &digest,
+                &job.idempotency_key,
+            ],
+        )
+        .await?;
+    if let Some(row) = inserted {
+        return Ok(Submitted::Created(record(&row)));
+    }
+    // The key was used: the same request gets the same job.
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT {COLUMNS}, body_sha256 FROM jobs
+                 WHERE account_id = $1 AND idempotency_key = $2"
+            ),
+            &[&job.account_id, &job.idempotency_key],
+        )
+        .await?;
+    let earlier: Vec<u8> = row.get("body_sha256");
+    if earlier == digest {
+        Ok(Submitted::Existing(record(&row)))
+    } else {
+        Err(StoreError::Conflict(
+            "This Idempotency-Key was used with another request body.".into(),
+        ))
+    }
+}
+
+/// The account's job `id` (`None` for another account's: a job is not
+/// known to anyone else).
+pub async fn get(pool: &Pool, account_id: Uuid, id: Uuid) -> Result<Option<JobRecord>, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 AND account_id = $2"),
+            &[&id, &account_id],
+        )
+        .await?;
+    Ok(row.as_ref().map(record))
+}
+
+/// The account's jobs, newest first, up to `limit`, those older than
+/// `before` when given (the last id of the previous page).
+pub async fn list(
+    pool: &Pool,
+    account_id: Uuid,
+    before: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<JobRecord>, StoreError> {
+    let client = pool.get().await?;
+    // Ids are UUIDv7, ordered by creation: one comparison pages.
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM jobs
+                 WHERE account_id = $1 AND ($2::uuid IS NULL OR id < $2)
+                 ORDER BY id DESC LIMIT $3"
+            ),
+            &[&account_id, &before, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(record).collect())
+}
+
+/// Cancels the account's job `id` unless it has ended. A running job's
+/// runner learns of it at its next write, which no longer matches.
+pub async fn cancel(
+    pool: &Pool,
+    account_id: Uuid,
+    id: Uuid,
+) -> Result<Option<JobRecord>, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            &format!(
+                "UPDATE jobs SET state = 'cancelled', finished_at = now(), lease_owner = NULL,
+                                 lease_until = NULL
+                 WHERE id = $1 AND account_id = $2 AND state IN ('queued', 'running')
+                 RETURNING {COLUMNS}"
+            ),
+            &[&id, &account_id],
+        )
+        .await?;
+    match row {
+        Some(row) => Ok(Some(record(&row))),
+        // Ended already (or not the account's): as it is.
+        None => get(pool, account_id, id).await,
+    }
+}
+
+/// Claims up to `limit` runnable jobs for `owner`, highest priority and
+/// oldest first: queued ones, and running ones whose lease lapsed.
+pub async fn claim(
+    pool: &Pool,
+    owner: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<Claim>, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = $1,
+                             lease_until = now() + make_interval(secs => $2),
+                             started_at = coalesce(started_at, now())
+             WHERE id IN (
+                 SELECT id FROM jobs
+                 WHERE state = 'queued' OR (state = 'running' AND lease_until < now())
+                 ORDER BY priority DESC, created_at
+                 LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING id, attempt, account_id, key_id, tier, method, path, content_type,
+                       body, sent",
+            &[&owner, &lease.as_secs_f64(), &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| Claim {
+            id: row.get("id"),
+            attempt: row.get("attempt"),
+            account_id: row.get("account_id"),
+            key_id: row.get("key_id"),
+            tier: row.get("tier"),
+            method: row.get("method"),
+            path: row.get("path"),
+            content_type: row.get("content_type"),
+            body: row.get("body"),
+            sent_before: row.get("sent"),
+        })
+        .collect())
+}
+
+/// Extends `owner`'s leases on the jobs it still runs; returns how many it
+/// still holds.
+pub async fn renew(pool: &Pool, owner: &str, lease: Duration) -> Result<u64, StoreError> {
+    let client = pool.get().await?;
+    Ok(client
+        .execute(
+            "UPDATE jobs SET lease_until = now() + make_interval(secs => $2)
+             WHERE lease_owner = $1 AND state = 'running'",
+            &[&owner, &lease.as_secs_f64()],
+        )
+        .await?)
+}
+
+/// Records that the claim's request is going to a backend; `false` when
+/// the claim was lost (cancelled, or taken over): then it must not be sent.
+pub async fn mark_sent(pool: &Pool, id: Uuid, attempt: i32) -> Result<bool, StoreError> {
+    let client = pool.get().await?;
+    let updated = client
+        .execute(
+            "UPDATE jobs SET sent = true
+             WHERE id = $1 AND attempt = $2 AND state = 'running'",
+            &[&id, &attempt],
+        )
+        .await?;
+    Ok(updated == 1)
+}
+
+/// Ends the claim's run; `false` when the claim was lost, and then nothing
+/// changed.
+pub async fn finish(pool: &Pool, id: Uuid, attempt: i32, how: &Finish) -> Result<bool, StoreError> {
+    let client = pool.get().await?;
+    let updated =
+        match how {
+            Finish::Answered {
+                status,
+                content_type,
+                result_key,
+                bytes,
+            } => client
+                .execute(
+                    "UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_owner = NULL,
+                                     lease_until = NULL, result_status = $3, result_type = $4,
+                                     result_key = $5, result_bytes = $6
+                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+                    &[&id, &attempt, status, content_type, result_key, bytes],
+                )
+                .await?,
+            Finish::Failed(error) => {
+                client
+                    .execute(
+                        "UPDATE jobs SET state = 'failed', finished_at = now(), lease_owner = NULL,
+                                     lease_until = NULL, error = $3
+                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+                        &[&id, &attempt, error],
+                    )
+                    .await?
+            }
+        };
+    Ok(updated == 1)
+}
+
+/// Timestamps as Unix seconds, OpenAI's convention (`created_at`).
+mod unix_seconds {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+    }
+
+    pub mod option {
+        use std::time::SystemTime;
+
+        use serde::Serializer;
+
+        pub fn serialize<S: Serializer>(at: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+            match at {
+                Some(at) => super::serialize(at, s),
+                None => s.serialize_none(),
+            }
+        }
+    }
+}
