@@ -38,6 +38,12 @@ pub enum ApiError {
     },
     #[error("Request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
+    /// An upload that holds a GPU slot while arriving slower than this.
+    #[error(
+        "The upload arrived slower than {bytes_per_second} bytes a second while holding a GPU \
+         slot; send it faster, or from closer."
+    )]
+    UploadTooSlow { bytes_per_second: u64 },
     #[error("Request headers total more than the limit of {limit} bytes.")]
     HeadersTooLarge { limit: usize },
     #[error("The backend refused or dropped the connection.")]
@@ -155,6 +161,7 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::UnknownRoute { .. } | Self::NotFound(_) => 404,
             Self::MethodNotAllowed { .. } => 405,
             Self::Conflict(_) => 409,
+            Self::UploadTooSlow { .. } => 408,
             Self::BodyTooLarge { .. } => 413,
             Self::HeadersTooLarge { .. } => 431,
             Self::RateLimited { .. }
@@ -186,6 +193,7 @@ impl ApiError {
             | Self::UnknownRoute { .. }
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge { .. }
+            | Self::UploadTooSlow { .. }
             | Self::HeadersTooLarge { .. }
             | Self::Conflict(_)
             | Self::NotFound(_) => "invalid_request_error",
@@ -218,6 +226,7 @@ impl ApiError {
             Self::UnknownRoute { .. } => Some("unknown_url"),
             Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
             Self::BodyTooLarge { .. } => Some("request_too_large"),
+            Self::UploadTooSlow { .. } => Some("upload_too_slow"),
             Self::HeadersTooLarge { .. } => Some("request_header_fields_too_large"),
             Self::BadGateway => Some("bad_gateway"),
             Self::NoBackend(_) => Some("no_backend_available"),
@@ -247,6 +256,7 @@ impl ApiError {
             | Self::UnknownRoute { .. }
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge { .. }
+            | Self::UploadTooSlow { .. }
             | Self::HeadersTooLarge { .. }
             | Self::BadGateway
             | Self::GatewayTimeout { .. }
@@ -286,6 +296,7 @@ impl ApiError {
             | Self::UnknownRoute { .. }
             | Self::MethodNotAllowed { .. }
             | Self::BodyTooLarge { .. }
+            | Self::UploadTooSlow { .. }
             | Self::HeadersTooLarge { .. }
             | Self::BadGateway
             | Self::NoBackend(_)

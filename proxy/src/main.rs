@@ -33,6 +33,10 @@ const FLEET_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The audio probe's child: no config, no logs, only the demuxers.
+    if let Command::ProbeAudio { whole } = cli.command {
+        return tollgate::gateway::audio_probe::run_child(whole);
+    }
     let default_level = match cli.command {
         Command::Serve => "info",
         _ => "warn",
@@ -98,6 +102,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fleet(FleetCommand::Wake { name }) => {
             block_on(fleet_command(&config, &name, "wake"))
         }
+        // Handled in `main`, before the config is read.
+        Command::ProbeAudio { .. } => Ok(()),
     }
 }
 

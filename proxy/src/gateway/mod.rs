@@ -23,6 +23,7 @@
 //!   handed to the writer without waiting, settle the quota reservation;
 //!   the request metrics (see [`metrics`]) and one log line per request.
 
+pub mod audio_probe;
 pub mod context;
 pub mod metrics;
 pub mod models;
@@ -197,6 +198,7 @@ impl Gateway {
             Some(route) if key.allows_model(&request.model) => Arc::clone(route),
             _ => return Err(ApiError::ModelNotFound(request.model).into()),
         };
+        let streaming_upload = ctx.upload.is_some();
         let mut usage = self.metering.start(&mut request);
         usage.units_reported_at(custom.and_then(|c| c.reported.clone()));
         let tokens_per_unit = self.metering.tokens_per_unit(&key.tier, &route);
@@ -267,11 +269,18 @@ impl Gateway {
         // Every rewrite is made: the body sent upstream is written once.
         request.seal_body();
         // Waiting costs no thread; a client that leaves stops waiting at once.
+        // An upload still sending its body is not probed: the byte read to
+        // see whether the client left would be one of its file's.
         let queued_at = Instant::now();
-        let waited = tokio::select! {
-            biased;
-            slot = self.admission.wait_for_slot(&key.tier, &route.queue) => slot.map_err(Stop::from),
-            gone = client_gone(session) => Err(Stop::ClientGone(gone)),
+        let slot = self.admission.wait_for_slot(&key.tier, &route.queue);
+        let waited = if streaming_upload {
+            slot.await.map_err(Stop::from)
+        } else {
+            tokio::select! {
+                biased;
+                slot = slot => slot.map_err(Stop::from),
+                gone = client_gone(session) => Err(Stop::ClientGone(gone)),
+            }
         };
         // Queue time is not Tollgate's overhead, whether a slot came or not.
         ctx.queue_wait = Some(

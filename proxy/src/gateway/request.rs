@@ -271,6 +271,8 @@ struct Fields<'a> {
     #[serde(borrow)]
     max_output_tokens: Option<&'a RawValue>,
     #[serde(borrow)]
+    background: Option<&'a RawValue>,
+    #[serde(borrow)]
     n: Option<&'a RawValue>,
     #[serde(borrow)]
     best_of: Option<&'a RawValue>,
@@ -596,6 +598,15 @@ pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<InferenceRequest, ApiErr
                 Some("prompt"),
             ));
         }
+        // A background response is generated after its request is answered,
+        // out of the gateway's sight: nothing would meter it or hold its slot.
+        Endpoint::Responses if fields.background.is_some_and(|b| b.get() == "true") => {
+            return Err(ApiError::bad_request(
+                "`background` responses are not served here: a response is metered as it is \
+                 generated, so it is answered in its own request (stream it for long answers).",
+                Some("background"),
+            ));
+        }
         Endpoint::Responses
             if !matches!(shape(input), Shape::String | Shape::Array) || is_empty_array(input) =>
         {
@@ -896,6 +907,7 @@ mod tests {
             r#"{"model":"m","input":[]}"#,
             r#"{"model":"m","input":3}"#,
             r#"{"model":"m"}"#,
+            r#"{"model":"m","input":"hi","background":true}"#,
         ] {
             assert!(parse_str(Endpoint::Responses, bad).is_err(), "{bad}");
         }

@@ -21,21 +21,34 @@
 //! which weigh what it reserves, may come after its images.
 
 use std::convert::Infallible;
+use std::time::{Duration, Instant};
 
+use super::audio_probe::{Probe, probe};
+use super::request::{BodyError, BodyReader, Endpoint, ImageOptions, InferenceRequest};
+use crate::error::ApiError;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use pingora::proxy::Session;
 use tokio::sync::mpsc;
-use tollgate_metering::audio::{AudioLength, audio_length};
-
-use super::request::{BodyError, BodyReader, Endpoint, ImageOptions, InferenceRequest};
-use crate::error::ApiError;
 
 /// How much of the file is read before admission for its header: a WAV's
 /// or FLAC's is in the first bytes, an MP3's Xing frame follows its ID3 tag
 /// (cover art included), an MP4's index (`moov`) is ~10 bytes per second of
 /// AAC when it comes first.
 const PROBE_BYTES: usize = 256 * 1024;
+
+/// Below any speech codec's rate (Opus goes down to 6 kbit/s): a file that
+/// declares more seconds than its bytes could hold at this rate declares
+/// what it is not (a streamed WAV's `0xFFFFFFFF` size, a forged frame
+/// count), and is taken as of unknown length.
+const MIN_AUDIO_BYTES_PER_SECOND: f64 = 500.0;
+
+/// The slowest an upload may arrive once it holds a GPU slot, on average
+/// after [`SLOW_UPLOAD_GRACE`]: 512 kbit/s, a poor mobile uplink. A 25 MiB
+/// file then holds its slot at most ~7 minutes; a client trickling a byte a
+/// minute would otherwise hold it for good.
+const MIN_UPLOAD_BYTES_PER_SECOND: u64 = 64 * 1024;
+const SLOW_UPLOAD_GRACE: Duration = Duration::from_secs(10);
 
 /// The most bytes a text field the gateway reads may hold.
 const MAX_TEXT_FIELD_BYTES: usize = 64 * 1024;
@@ -71,8 +84,11 @@ pub struct FormReader {
     images: u32,
     file_started: bool,
     file_ended: bool,
-    /// The file's first bytes (up to [`PROBE_BYTES`]).
+    /// The file's bytes so far.
+    file_bytes: u64,
+    /// The file's first bytes (up to [`PROBE_BYTES`]), until probed.
     file_head: BytesMut,
+    probed: bool,
     /// The closing boundary was read.
     finished: bool,
 }
@@ -100,7 +116,9 @@ impl FormReader {
             images: 0,
             file_started: false,
             file_ended: false,
+            file_bytes: 0,
             file_head: BytesMut::new(),
+            probed: false,
             finished: false,
         })
     }
@@ -213,9 +231,12 @@ impl FormReader {
                 self.text.extend_from_slice(bytes);
             }
             Part::Audio => {
-                let room = PROBE_BYTES.saturating_sub(self.file_head.len());
-                self.file_head
-                    .extend_from_slice(&bytes[..room.min(bytes.len())]);
+                self.file_bytes += bytes.len() as u64;
+                if !self.probed {
+                    let room = PROBE_BYTES.saturating_sub(self.file_head.len());
+                    self.file_head
+                        .extend_from_slice(&bytes[..room.min(bytes.len())]);
+                }
             }
             Part::Image | Part::Other => {}
         }
@@ -259,6 +280,8 @@ pub struct UploadStream {
     /// the whole head instead.
     replays_head: bool,
     head_sent: bool,
+    /// When the rest of the body began to flow (the slot was held by then).
+    flowing_since: Option<Instant>,
     /// Bytes read so far, against `limit` (a chunked body declares none).
     read: usize,
     limit: usize,
@@ -281,10 +304,19 @@ impl UploadStream {
         } else {
             body.take()
         };
+        let since = *self.flowing_since.get_or_insert_with(Instant::now);
         if let Some(chunk) = &fresh {
             self.read += chunk.len();
             if self.read > self.limit {
                 return Err(ApiError::BodyTooLarge { limit: self.limit });
+            }
+            let elapsed = since.elapsed();
+            if elapsed > SLOW_UPLOAD_GRACE
+                && (self.read as f64) < elapsed.as_secs_f64() * MIN_UPLOAD_BYTES_PER_SECOND as f64
+            {
+                return Err(ApiError::UploadTooSlow {
+                    bytes_per_second: MIN_UPLOAD_BYTES_PER_SECOND,
+                });
             }
             self.form.feed(chunk.clone())?;
         }
@@ -321,6 +353,7 @@ pub async fn read_upload(
         .and_then(|v| v.to_str().ok());
     let mut form = FormReader::new(content_type)?;
     let mut reader = BodyReader::start(session, limit).await?;
+    let most_bytes = reader.declared.unwrap_or(limit);
     let mut head = BytesMut::new();
     let streams = endpoint != Endpoint::ImageEdits;
     let ended = loop {
@@ -350,7 +383,7 @@ pub async fn read_upload(
     let request = if endpoint == Endpoint::ImageEdits {
         image_edit(&form, model, head.clone())?
     } else {
-        let seconds = audio_seconds(&mut form)?;
+        let seconds = audio_seconds(&mut form, most_bytes).await?;
         InferenceRequest::upload(endpoint, model, head.clone(), seconds)
     };
     let stream = (!ended).then(|| UploadStream {
@@ -358,6 +391,7 @@ pub async fn read_upload(
         head: head.clone(),
         replays_head: session.get_retry_buffer().is_some(),
         head_sent: false,
+        flowing_since: None,
         read: 0,
         limit: limit.saturating_sub(head.len()),
         refused: None,
@@ -365,24 +399,38 @@ pub async fn read_upload(
     Ok(Upload { request, stream })
 }
 
-/// The length an audio upload's file declares, from its head.
-fn audio_seconds(form: &mut FormReader) -> Result<Option<f64>, ApiError> {
+/// The length an audio upload's file declares, from its head, when it is
+/// plausible for a file of at most `most_bytes`.
+async fn audio_seconds(form: &mut FormReader, most_bytes: usize) -> Result<Option<f64>, ApiError> {
     if !form.file_started {
         return Err(ApiError::bad_request(
             "Missing required parameter `file`.",
             Some("file"),
         ));
     }
-    let file = std::mem::take(&mut form.file_head).freeze();
-    match audio_length(file, form.file_ended) {
-        Ok(AudioLength::Seconds(seconds)) => Ok(Some(seconds)),
-        Ok(AudioLength::Unknown) => Ok(None),
+    // Whole only when every byte was kept: a file cut at the head's size
+    // is a prefix (its OGG "last page", its MP4 index are not there).
+    let whole = form.file_ended && form.file_bytes <= PROBE_BYTES as u64;
+    let most = if form.file_ended {
+        form.file_bytes
+    } else {
+        most_bytes as u64
+    };
+    let head = form.file_head.split().freeze();
+    form.probed = true;
+    match probe(head, whole).await {
+        Probe::Seconds(seconds)
+            if seconds > 0.0 && seconds <= most as f64 / MIN_AUDIO_BYTES_PER_SECOND =>
+        {
+            Ok(Some(seconds))
+        }
+        Probe::Seconds(_) | Probe::Unknown => Ok(None),
         // The file's first bytes only: a header longer than them (cover
         // art before an MP3's first frame) is no proof of a bad file; the
         // backend judges it, and its answer is billed by its own figure.
-        Err(_) if !form.file_ended => Ok(None),
-        Err(e) => Err(ApiError::bad_request(
-            format!("`file` could not be read as audio: {e}."),
+        Probe::Unreadable(_) if !whole => Ok(None),
+        Probe::Unreadable(why) => Err(ApiError::bad_request(
+            format!("`file` could not be read as audio: {why}."),
             Some("file"),
         )),
     }
@@ -480,6 +528,7 @@ mod tests {
             head: Bytes::copy_from_slice(head),
             replays_head: false,
             head_sent: false,
+            flowing_since: None,
             read: 0,
             limit: 1 << 20,
             refused: None,
@@ -492,6 +541,32 @@ mod tests {
             sent.extend_from_slice(&piece.unwrap());
         }
         assert_eq!(sent, body);
+    }
+
+    /// Before: once its slot was granted, an upload could trickle a byte a
+    /// minute and hold the slot for as long as it liked.
+    #[test]
+    fn an_upload_slower_than_the_floor_is_cut_off_after_the_grace() {
+        let body = form(&[("model", b"m"), ("file", &[0u8; 4096])], true);
+        let (head, rest) = body.split_at(100);
+        let mut form_reader = reader();
+        form_reader.feed(Bytes::copy_from_slice(head)).unwrap();
+        let mut stream = UploadStream {
+            form: form_reader,
+            head: Bytes::copy_from_slice(head),
+            replays_head: false,
+            head_sent: true,
+            // Flowing for 20 s, and only a few KiB so far.
+            flowing_since: Instant::now().checked_sub(Duration::from_secs(20)),
+            read: 0,
+            limit: 1 << 20,
+            refused: None,
+        };
+        let mut piece = Some(Bytes::copy_from_slice(&rest[..10]));
+        assert!(matches!(
+            stream.pass(&mut piece, false),
+            Err(ApiError::UploadTooSlow { .. })
+        ));
     }
 
     mod properties {

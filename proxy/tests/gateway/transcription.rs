@@ -397,3 +397,71 @@ async fn a_truncated_or_lying_form_gets_400_and_nothing_is_billed() {
     assert!(gateway.usage_events().await.iter().all(|e| e.units == 0));
     assert_eq!(sim_counter(&sim, TRANSCRIBED).await, 0.0);
 }
+
+/// Before: the demuxers ran in the gateway, and a hundred-byte WebM whose
+/// header claims a petabyte element made it allocate a petabyte: the
+/// process aborted, every client's requests with it. They now run in a
+/// child process with a memory limit.
+#[tokio::test]
+async fn a_file_whose_header_claims_a_petabyte_does_not_take_the_gateway_down() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    // EBML header of 2^52 bytes holding a DocType element of 2^50.
+    let mut evil = vec![
+        0x1A, 0x45, 0xDF, 0xA3, 0x01, 0x0F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+    ];
+    evil.extend_from_slice(&[0x42, 0x82, 0x01, 0x04, 0, 0, 0, 0, 0, 0]);
+    evil.extend_from_slice(&b"webm".repeat(16));
+    let response = gateway
+        .post_form(
+            &key,
+            raw_form(&[("model", b"sim-model"), ("file", &evil)], true),
+            "evil",
+        )
+        .await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "file", "{error}");
+    // Still serving.
+    let response = gateway
+        .upload(
+            &key,
+            "/v1/audio/transcriptions",
+            form("sim-model", fixture("tone.wav"), "a.wav", "json"),
+            "after",
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
+/// Before: a streamed upload that had to wait for a GPU slot was dropped:
+/// the check for a client gone read a byte of its body, which counted as
+/// the client misbehaving.
+#[tokio::test]
+async fn streamed_uploads_wait_their_turn_for_a_busy_slot() {
+    // One slot; each upload holds it for its 32 s of audio at 20 ms a second.
+    let sim = Sim::start(&["--ms-per-audio-second", "20"]);
+    let mut backend = BackendSpec::new(&sim.url);
+    backend.max_concurrency = Some(1);
+    let gateway = Gateway::start(&[backend], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let long = silent_wav(1 << 20);
+    let uploads = (0..3).map(|i| {
+        let form = form("sim-model", long.clone(), "long.wav", "json");
+        let id = format!("queued-{i}");
+        let gateway = &gateway;
+        let key = &key;
+        async move {
+            gateway
+                .upload(key, "/v1/audio/transcriptions", form, &id)
+                .await
+                .status()
+        }
+    });
+    let statuses = futures_util::future::join_all(uploads).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    for i in 0..3 {
+        assert_eq!(gateway.event_of(&format!("queued-{i}")).await.units, 33);
+    }
+}
