@@ -41,14 +41,10 @@ pub enum Command {
     /// Stripe billing (needs STRIPE_SECRET_KEY).
     #[command(subcommand)]
     Billing(BillingCommand),
-    /// Internal: reads an audio file's length from stdin, in a process of
+    /// Internal: reads audio files' lengths from stdin, in a process of
     /// its own with a memory limit (see gateway/audio_probe.rs).
     #[command(hide = true)]
-    ProbeAudio {
-        /// The bytes are the whole file (else its first bytes).
-        #[arg(long)]
-        whole: bool,
-    },
+    ProbeAudio,
 }
 
 /// `tollgate migrate`.

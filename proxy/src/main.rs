@@ -34,8 +34,8 @@ const FLEET_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The audio probe's child: no config, no logs, only the demuxers.
-    if let Command::ProbeAudio { whole } = cli.command {
-        return tollgate::gateway::audio_probe::run_child(whole);
+    if let Command::ProbeAudio = cli.command {
+        return tollgate::gateway::audio_probe::run_child();
     }
     let default_level = match cli.command {
         Command::Serve => "info",
@@ -103,7 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             block_on(fleet_command(&config, &name, "wake"))
         }
         // Handled in `main`, before the config is read.
-        Command::ProbeAudio { .. } => Ok(()),
+        Command::ProbeAudio => Ok(()),
     }
 }
 

@@ -174,6 +174,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         in_flight: Arc::clone(&in_flight),
         max_body_bytes: config.server.max_body_bytes,
         max_upload_bytes: config.server.max_upload_bytes,
+        audio_prober: Default::default(),
         timeouts: config.server.timeouts,
         models,
         revocation_fanout: revocation_fanout.clone(),

@@ -51,6 +51,7 @@ use tollgate_backends::protocol::Protocol;
 use tollgate_backends::routing::{Outcome, UpstreamSelector};
 use tollgate_metering::units::UnitKind;
 
+use self::audio_probe::AudioProber;
 use self::context::{InFlight, Inference, RequestContext};
 use self::metrics::{Observation, RequestMetrics};
 use self::models::ModelRoutes;
@@ -101,6 +102,8 @@ pub struct Gateway {
     pub max_body_bytes: usize,
     /// The limit of an upload (an audio file), which streams.
     pub max_upload_bytes: usize,
+    /// Reads uploads' audio lengths in a child process.
+    pub audio_prober: AudioProber,
     pub timeouts: UpstreamTimeouts,
     /// Every model a backend serves, resolved from config.
     pub models: ModelRoutes,
@@ -183,7 +186,8 @@ impl Gateway {
             _ => None,
         };
         let mut request = if endpoint.takes_upload() {
-            let upload = read_upload(session, endpoint, self.max_upload_bytes).await?;
+            let upload =
+                read_upload(session, endpoint, self.max_upload_bytes, &self.audio_prober).await?;
             ctx.upload = upload.stream;
             upload.request
         } else {

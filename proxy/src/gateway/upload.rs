@@ -23,7 +23,7 @@
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-use super::audio_probe::{Probe, probe};
+use super::audio_probe::{AudioProber, Probe};
 use super::request::{BodyError, BodyReader, Endpoint, ImageOptions, InferenceRequest};
 use crate::error::ApiError;
 use bytes::{Bytes, BytesMut};
@@ -97,7 +97,10 @@ impl FormReader {
     /// A reader for a body of `content_type` (400 unless it is
     /// `multipart/form-data` with a boundary).
     pub fn new(content_type: Option<&str>) -> Result<Self, ApiError> {
+        // One boundary only: parsers disagree on which of two wins, and the
+        // form admission reads must be the one the backend reads.
         let boundary = content_type
+            .filter(|ct| ct.to_ascii_lowercase().matches("boundary=").count() == 1)
             .and_then(|ct| multer::parse_boundary(ct).ok())
             .ok_or_else(|| {
                 ApiError::bad_request(
@@ -345,6 +348,7 @@ pub async fn read_upload(
     session: &mut Session,
     endpoint: Endpoint,
     limit: usize,
+    prober: &AudioProber,
 ) -> Result<Upload, BodyError> {
     let content_type = session
         .req_header()
@@ -383,7 +387,7 @@ pub async fn read_upload(
     let request = if endpoint == Endpoint::ImageEdits {
         image_edit(&form, model, head.clone())?
     } else {
-        let seconds = audio_seconds(&mut form, most_bytes).await?;
+        let seconds = audio_seconds(&mut form, most_bytes, prober).await?;
         InferenceRequest::upload(endpoint, model, head.clone(), seconds)
     };
     let stream = (!ended).then(|| UploadStream {
@@ -401,7 +405,11 @@ pub async fn read_upload(
 
 /// The length an audio upload's file declares, from its head, when it is
 /// plausible for a file of at most `most_bytes`.
-async fn audio_seconds(form: &mut FormReader, most_bytes: usize) -> Result<Option<f64>, ApiError> {
+async fn audio_seconds(
+    form: &mut FormReader,
+    most_bytes: usize,
+    prober: &AudioProber,
+) -> Result<Option<f64>, ApiError> {
     if !form.file_started {
         return Err(ApiError::bad_request(
             "Missing required parameter `file`.",
@@ -418,7 +426,7 @@ async fn audio_seconds(form: &mut FormReader, most_bytes: usize) -> Result<Optio
     };
     let head = form.file_head.split().freeze();
     form.probed = true;
-    match probe(head, whole).await {
+    match prober.probe(&head, whole).await {
         Probe::Seconds(seconds)
             if seconds > 0.0 && seconds <= most as f64 / MIN_AUDIO_BYTES_PER_SECOND =>
         {
@@ -513,6 +521,7 @@ mod tests {
     #[test]
     fn a_body_that_is_not_multipart_is_refused() {
         assert!(FormReader::new(Some("application/json")).is_err());
+        assert!(FormReader::new(Some("multipart/form-data; boundary=B; boundary=C")).is_err());
         assert!(FormReader::new(None).is_err());
         assert!(read(b"not a form at all", 4).is_err());
     }

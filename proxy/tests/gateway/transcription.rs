@@ -404,7 +404,8 @@ async fn a_truncated_or_lying_form_gets_400_and_nothing_is_billed() {
 /// child process with a memory limit.
 #[tokio::test]
 async fn a_file_whose_header_claims_a_petabyte_does_not_take_the_gateway_down() {
-    let sim = Sim::fast();
+    // No usage from the backend: the next upload is billed by the probe.
+    let sim = Sim::start(&["--no-usage"]);
     let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
     let key = gateway.create_key("acme", &[]);
     // EBML header of 2^52 bytes holding a DocType element of 2^50.
@@ -423,7 +424,7 @@ async fn a_file_whose_header_claims_a_petabyte_does_not_take_the_gateway_down() 
     assert_eq!(response.status(), 400);
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["param"], "file", "{error}");
-    // Still serving.
+    // Still serving, and a new probe process reads the next file's length.
     let response = gateway
         .upload(
             &key,
@@ -433,6 +434,8 @@ async fn a_file_whose_header_claims_a_petabyte_does_not_take_the_gateway_down() 
         )
         .await;
     assert_eq!(response.status(), 200);
+    let event = gateway.event_of("after").await;
+    assert_eq!((event.units, event.usage_source.as_str()), (4, "counted"));
 }
 
 /// Before: a streamed upload that had to wait for a GPU slot was dropped:
