@@ -12,7 +12,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use serde_json::json;
+use tollgate::jobs::results::ResultStore;
 use tollgate::jobs::store::{self, Finish, JobState, NewJob, Submitted};
 use tollgate::keys::store::StoreError;
 use tollgate_testkit::TestDb;
@@ -271,4 +273,88 @@ async fn a_cancelled_job_is_never_claimed_and_its_runner_cannot_finish_it() {
         .unwrap()
         .unwrap();
     assert_eq!(again.state, JobState::Cancelled);
+}
+
+/// A result is written as it streams, read back whole, and once its tier's
+/// retention has passed its job is marked expired and its file deleted.
+#[tokio::test]
+async fn a_result_is_stored_as_it_streams_and_deleted_when_its_time_is_up() {
+    let db = TestDb::migrated().await;
+    let acme = account(&db, "acme").await;
+    let dir = std::env::temp_dir().join(tollgate_testkit::db::unique("tollgate_results"));
+    let results = ResultStore::local(&dir).unwrap();
+    let job = created(store::submit(&db.pool, &job(acme, "{}", 0)).await.unwrap());
+    let claim = store::claim(&db.pool, "a", LEASE, 1)
+        .await
+        .unwrap()
+        .remove(0);
+    let key = ResultStore::key(acme.0, job.id);
+    // 3 MiB in 64 KiB pieces, as an answer arrives.
+    let pieces: Vec<std::io::Result<bytes::Bytes>> = (0..48u8)
+        .map(|i| Ok(bytes::Bytes::from(vec![i; 64 * 1024])))
+        .collect();
+    let written = results
+        .write(&key, futures_util::stream::iter(pieces))
+        .await
+        .unwrap();
+    assert_eq!(written, 3 << 20);
+    let answered = Finish::Answered {
+        status: 200,
+        content_type: Some("application/octet-stream".into()),
+        result_key: key.clone(),
+        bytes: written as i64,
+    };
+    assert!(
+        store::finish(&db.pool, claim.id, claim.attempt, &answered)
+            .await
+            .unwrap()
+    );
+    let read: Vec<bytes::Bytes> = results
+        .read(&key)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let read: Vec<u8> = read.concat();
+    assert_eq!(read.len(), 3 << 20);
+    assert!(
+        read.chunks(64 * 1024)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|b| *b as usize == i))
+    );
+
+    // Another tier's retention, or one not yet passed, leaves it be.
+    assert!(
+        store::expire(&db.pool, "free", Duration::ZERO, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store::expire(&db.pool, "pro", LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let expired = store::expire(&db.pool, "pro", Duration::ZERO, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        expired,
+        [store::Expired {
+            id: job.id,
+            result_key: key.clone(),
+            bytes: 3 << 20
+        }]
+    );
+    for gone in &expired {
+        results.delete(&gone.result_key).await.unwrap();
+    }
+    assert!(results.read(&key).await.is_err());
+    // Deleting twice is no error; the job says expired.
+    results.delete(&key).await.unwrap();
+    let job = store::get(&db.pool, acme.0, job.id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Expired);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,6 +5,9 @@
 //! - [`store`]: jobs in Postgres: submit (idempotent per account and key),
 //!   read, list, cancel; and the runners' side: claim with a lease, renew
 //!   it, mark the request sent, finish, each write fenced by the claim's
-//!   attempt.
+//!   attempt; [`store::expire`] ends the results whose time is up.
+//! - [`results`]: the answers, in a blob store (`object_store`), written as
+//!   they stream and read back as streams.
 
+pub mod results;
 pub mod store;

@@ -380,6 +380,52 @@ pub async fn finish(pool: &Pool, id: Uuid, attempt: i32, how: &Finish) -> Result
     Ok(updated == 1)
 }
 
+/// A result whose time is up: its key in the result store, and its size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub id: Uuid,
+    pub result_key: String,
+    pub bytes: i64,
+}
+
+/// Marks `expired` the succeeded jobs of `tier` that finished more than
+/// `retention` ago, up to `limit` of them, and returns their results for
+/// the caller to delete. A crash between the two leaks those files: no
+/// later sweep sees them (comparing the store's listing with the table
+/// would).
+pub async fn expire(
+    pool: &Pool,
+    tier: &str,
+    retention: Duration,
+    limit: i64,
+) -> Result<Vec<Expired>, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "UPDATE jobs SET state = 'expired'
+             WHERE id IN (
+                 SELECT id FROM jobs
+                 WHERE state = 'succeeded' AND tier = $1
+                   AND finished_at < now() - make_interval(secs => $2)
+                 ORDER BY finished_at
+                 LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING id, result_key, coalesce(result_bytes, 0) AS bytes",
+            &[&tier, &retention.as_secs_f64(), &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            Some(Expired {
+                id: row.get("id"),
+                result_key: row.get::<_, Option<String>>("result_key")?,
+                bytes: row.get("bytes"),
+            })
+        })
+        .collect())
+}
+
 /// Timestamps as Unix seconds, OpenAI's convention (`created_at`).
 mod unix_seconds {
     use std::time::{SystemTime, UNIX_EPOCH};
