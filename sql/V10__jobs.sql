@@ -25,6 +25,9 @@ CREATE TABLE jobs (
     body_sha256     bytea       NOT NULL,
     idempotency_key text,
     attempt         integer     NOT NULL DEFAULT 0,
+    -- Not claimed before this: a job refused for now (429, 503 with
+    -- Retry-After) waits its turn again instead of failing.
+    run_after       timestamptz NOT NULL DEFAULT now(),
     lease_owner     text,
     lease_until     timestamptz,
     sent            boolean     NOT NULL DEFAULT false,

@@ -358,3 +358,58 @@ async fn a_result_is_stored_as_it_streams_and_deleted_when_its_time_is_up() {
     assert_eq!(job.state, JobState::Expired);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A job refused for now goes back to the queue and waits out its delay;
+/// only the claim that holds it can put it back.
+#[tokio::test]
+async fn a_requeued_job_waits_its_delay_before_it_is_claimed_again() {
+    let db = TestDb::migrated().await;
+    let acme = account(&db, "acme").await;
+    let job = created(store::submit(&db.pool, &job(acme, "{}", 0)).await.unwrap());
+    let first = store::claim(&db.pool, "a", LEASE, 1)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        store::mark_sent(&db.pool, first.id, first.attempt)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store::requeue(&db.pool, first.id, first.attempt, LEASE)
+            .await
+            .unwrap()
+    );
+    // Waiting out its minute: not claimable.
+    assert!(
+        store::claim(&db.pool, "b", LEASE, 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    db.execute(
+        "UPDATE jobs SET run_after = now() WHERE id = $1",
+        &[&job.id],
+    )
+    .await;
+    let second = store::claim(&db.pool, "b", LEASE, 1)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (second.id, second.attempt, second.sent_before),
+        (job.id, 2, false)
+    );
+    // The first claim cannot requeue it again.
+    assert!(
+        !store::requeue(&db.pool, first.id, first.attempt, Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    let state = store::get(&db.pool, acme.0, job.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .state;
+    assert_eq!(state, JobState::Running);
+}

@@ -293,7 +293,8 @@ pub async fn claim(
                              started_at = coalesce(started_at, now())
              WHERE id IN (
                  SELECT id FROM jobs
-                 WHERE state = 'queued' OR (state = 'running' AND lease_until < now())
+                 WHERE (state = 'queued' AND run_after <= now())
+                    OR (state = 'running' AND lease_until < now())
                  ORDER BY priority DESC, created_at
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED)
@@ -341,6 +342,28 @@ pub async fn mark_sent(pool: &Pool, id: Uuid, attempt: i32) -> Result<bool, Stor
             "UPDATE jobs SET sent = true
              WHERE id = $1 AND attempt = $2 AND state = 'running'",
             &[&id, &attempt],
+        )
+        .await?;
+    Ok(updated == 1)
+}
+
+/// Puts the claim's job back in the queue, not to be claimed again for
+/// `after`: for an answer showing no backend did its work (a refusal for
+/// now, 429 or 503 with `Retry-After`), so its request counts as unsent.
+/// `false` when the claim was lost.
+pub async fn requeue(
+    pool: &Pool,
+    id: Uuid,
+    attempt: i32,
+    after: Duration,
+) -> Result<bool, StoreError> {
+    let client = pool.get().await?;
+    let updated = client
+        .execute(
+            "UPDATE jobs SET state = 'queued', run_after = now() + make_interval(secs => $3),
+                             sent = false, lease_owner = NULL, lease_until = NULL
+             WHERE id = $1 AND attempt = $2 AND state = 'running'",
+            &[&id, &attempt, &after.as_secs_f64()],
         )
         .await?;
     Ok(updated == 1)
