@@ -32,17 +32,6 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-            Self::Expired => "expired",
-        }
-    }
-
     fn parse(state: &str) -> Self {
         match state {
             "running" => Self::Running,
@@ -53,11 +42,6 @@ impl JobState {
             // The table's CHECK allows nothing else.
             _ => Self::Queued,
         }
-    }
-
-    /// Nothing more happens to the job.
-    pub fn is_terminal(self) -> bool {
-        !matches!(self, Self::Queued | Self::Running)
     }
 }
 
