@@ -202,7 +202,6 @@ impl Gateway {
             Some(route) if key.allows_model(&request.model) => Arc::clone(route),
             _ => return Err(ApiError::ModelNotFound(request.model).into()),
         };
-        let streaming_upload = ctx.upload.is_some();
         let mut usage = self.metering.start(&mut request);
         usage.units_reported_at(custom.and_then(|c| c.reported.clone()));
         let tokens_per_unit = self.metering.tokens_per_unit(&key.tier, &route);
@@ -273,18 +272,11 @@ impl Gateway {
         // Every rewrite is made: the body sent upstream is written once.
         request.seal_body();
         // Waiting costs no thread; a client that leaves stops waiting at once.
-        // An upload still sending its body is not probed: the byte read to
-        // see whether the client left would be one of its file's.
         let queued_at = Instant::now();
-        let slot = self.admission.wait_for_slot(&key.tier, &route.queue);
-        let waited = if streaming_upload {
-            slot.await.map_err(Stop::from)
-        } else {
-            tokio::select! {
-                biased;
-                slot = slot => slot.map_err(Stop::from),
-                gone = client_gone(session) => Err(Stop::ClientGone(gone)),
-            }
+        let waited = tokio::select! {
+            biased;
+            slot = self.admission.wait_for_slot(&key.tier, &route.queue) => slot.map_err(Stop::from),
+            gone = client_gone(session) => Err(Stop::ClientGone(gone)),
         };
         // Queue time is not Tollgate's overhead, whether a slot came or not.
         ctx.queue_wait = Some(
@@ -346,10 +338,15 @@ fn bearer_token(header: &RequestHeader) -> Result<&str, ApiError> {
 }
 
 /// Resolves when the client closes its connection while its request waits.
-/// The body is read, so Pingora reads one byte as a probe: end of stream is
-/// the client leaving; bytes are a request pipelined behind this one, which
-/// Pingora refuses (pipelining is off) and which therefore also ends it.
+/// Once the body is read, Pingora reads one byte as a probe: end of stream
+/// is the client leaving; bytes are a request pipelined behind this one,
+/// which Pingora refuses (pipelining is off) and which therefore also ends
+/// it. A body still arriving (an upload streamed on after admission) is not
+/// probed: the byte read would be one of its own; it never resolves then.
 async fn client_gone(session: &mut Session) -> Box<Error> {
+    if !session.is_body_done() {
+        return std::future::pending().await;
+    }
     match session.read_body_or_idle(true).await {
         Err(error) => error.into_down(),
         Ok(_) => std::future::pending().await,

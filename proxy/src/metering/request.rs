@@ -155,7 +155,7 @@ impl Metering {
             first_byte: None,
             slot_held_since: None,
             unread_answer: !request.endpoint.answers_json(),
-            reads_duration: request.endpoint.takes_upload(),
+            reads_duration: request.endpoint.unit_kind() == UnitKind::AudioSeconds,
             reported: None,
             reported_figure: None,
             answer: Vec::new(),

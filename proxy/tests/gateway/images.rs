@@ -104,16 +104,8 @@ async fn image_edits_are_billed_as_n_times_their_weight_read_from_the_whole_form
     )
     .await;
     let key = gateway.create_key("acme", &[]);
-    let edit = |form, id: &'static str| {
-        gateway
-            .client
-            .post(format!("{}/v1/images/edits", gateway.url))
-            .bearer_auth(&key)
-            .header("x-request-id", id)
-            .multipart(form)
-            .send()
-    };
-    let response = edit(edit_form("2", "512x256", "hd"), "edit").await.unwrap();
+    let edit = |form, id: &'static str| gateway.upload(&key, "/v1/images/edits", form, id);
+    let response = edit(edit_form("2", "512x256", "hd"), "edit").await;
     assert_eq!(response.status(), 200);
     let through: Value = response.json().await.unwrap();
     let direct: Value = reqwest::Client::new()
@@ -136,10 +128,10 @@ async fn image_edits_are_billed_as_n_times_their_weight_read_from_the_whole_form
     let no_image = reqwest::multipart::Form::new()
         .text("model", "sim-model")
         .text("prompt", "x");
-    let response = edit(no_image, "no-image").await.unwrap();
+    let response = edit(no_image, "no-image").await;
     assert_eq!(response.status(), 400);
     let twice = edit_form("1", "512x256", "hd").text("n", "9");
-    let response = edit(twice, "n-twice").await.unwrap();
+    let response = edit(twice, "n-twice").await;
     assert_eq!(response.status(), 400);
     assert_eq!(
         sim_counter(&sim, "gpu_sim_images_generated_total").await,

@@ -85,7 +85,13 @@ fn silent_wav(bytes: usize) -> Vec<u8> {
 }
 
 impl Gateway {
-    async fn upload(&self, key: &str, path: &str, form: Form, id: &str) -> reqwest::Response {
+    pub(super) async fn upload(
+        &self,
+        key: &str,
+        path: &str,
+        form: Form,
+        id: &str,
+    ) -> reqwest::Response {
         self.client
             .post(format!("{}{path}", self.url))
             .bearer_auth(key)

@@ -11,16 +11,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::multipart::{Multipart, MultipartError};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::request::parse_body;
+use super::request::{Form, parse_body};
 use crate::sim::engine::Engine;
 use crate::sim::error::SimError;
 use crate::sim::generate::{mix, stable_hash};
@@ -60,24 +59,24 @@ pub async fn images_edits(
     request: Request,
 ) -> Result<Response, SimError> {
     engine.check_ready()?;
-    let mut form = Multipart::from_request(request, &())
-        .await
-        .map_err(|e| SimError::bad_request(e.body_text(), None))?;
-    let bad = |e: MultipartError| SimError::bad_request(e.body_text(), None);
-    let (mut fields, mut sources) = (serde_json::Map::new(), Vec::new());
-    while let Some(field) = form.next_field().await.map_err(bad)? {
-        match field.name().unwrap_or_default() {
-            "image" | "image[]" => sources.extend_from_slice(&field.bytes().await.map_err(bad)?),
+    let form = Form::read(request, &["image", "image[]", "mask"]).await?;
+    let sources: Vec<u8> = form
+        .files
+        .iter()
+        .filter(|(name, _)| name != "mask")
+        .flat_map(|(_, bytes)| bytes.iter().copied())
+        .collect();
+    let mut fields = serde_json::Map::new();
+    for (name, value) in form.text {
+        match name.as_str() {
             "n" => {
-                let n = field.text().await.map_err(bad)?;
-                let n: u32 = n.trim().parse().map_err(|_| {
+                let n: u32 = value.trim().parse().map_err(|_| {
                     SimError::bad_request("`n` must be a positive integer.", Some("n"))
                 })?;
-                fields.insert("n".into(), json!(n));
+                fields.insert(name, json!(n));
             }
-            name @ ("model" | "prompt" | "size" | "response_format") => {
-                let name = name.to_owned();
-                fields.insert(name, json!(field.text().await.map_err(bad)?));
+            "model" | "prompt" | "size" | "response_format" => {
+                fields.insert(name, json!(value));
             }
             _ => {}
         }

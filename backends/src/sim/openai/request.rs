@@ -32,6 +32,40 @@ const MAX_TOP_LOGPROBS: u64 = 20;
 /// endpoint.
 const MAX_COMPLETION_LOGPROBS: u64 = 5;
 
+/// A `multipart/form-data` body as gpu-sim reads it: text fields by name,
+/// and the parts named as files, whole (gpu-sim is a test backend).
+#[derive(Default)]
+pub struct Form {
+    pub text: std::collections::HashMap<String, String>,
+    /// `(name, bytes)` of each file part, in order.
+    pub files: Vec<(String, axum::body::Bytes)>,
+}
+
+impl Form {
+    /// Reads `request`'s form; parts named in `file_names` are kept as bytes.
+    pub async fn read(
+        request: axum::extract::Request,
+        file_names: &[&str],
+    ) -> Result<Self, SimError> {
+        use axum::extract::FromRequest;
+        use axum::extract::multipart::{Multipart, MultipartError};
+        let bad = |e: MultipartError| SimError::bad_request(e.body_text(), None);
+        let mut parts = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| SimError::bad_request(e.body_text(), None))?;
+        let mut form = Self::default();
+        while let Some(part) = parts.next_field().await.map_err(bad)? {
+            let name = part.name().unwrap_or_default().to_owned();
+            if file_names.contains(&name.as_str()) {
+                form.files.push((name, part.bytes().await.map_err(bad)?));
+            } else {
+                form.text.insert(name, part.text().await.map_err(bad)?);
+            }
+        }
+        Ok(form)
+    }
+}
+
 /// Parses a JSON request body, naming what is wrong when it does not fit.
 pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, SimError> {
     serde_json::from_slice(body).map_err(invalid_body)

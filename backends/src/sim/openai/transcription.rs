@@ -9,15 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::multipart::{Multipart, MultipartError};
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tollgate_metering::audio::{AudioLength, audio_length};
 use tollgate_metering::endpoint::Endpoint;
 
+use super::request::Form;
 use crate::sim::engine::Engine;
 use crate::sim::error::SimError;
 
@@ -35,29 +34,24 @@ pub async fn translations(
     transcribe(engine, request, Endpoint::Translation).await
 }
 
-/// The fields gpu-sim reads from the form.
-#[derive(Default)]
-struct Upload {
-    model: Option<String>,
-    file: Option<Bytes>,
-    response_format: Option<String>,
-}
-
 async fn transcribe(
     engine: Arc<Engine>,
     request: Request,
     endpoint: Endpoint,
 ) -> Result<Response, SimError> {
     engine.check_ready()?;
-    let upload = read_form(request).await?;
-    let model = upload
-        .model
+    let mut form = Form::read(request, &["file"]).await?;
+    let model = form
+        .text
+        .remove("model")
         .ok_or_else(|| SimError::bad_request("`model` is required.", Some("model")))?;
     if !engine.serves(&model) {
         return Err(SimError::UnknownModel(model));
     }
-    let file = upload
-        .file
+    let file = form
+        .files
+        .pop()
+        .map(|(_, file)| file)
         .ok_or_else(|| SimError::bad_request("`file` is required.", Some("file")))?;
     let seconds = match audio_length(file, true) {
         Ok(AudioLength::Seconds(seconds)) => seconds,
@@ -68,7 +62,10 @@ async fn transcribe(
             ));
         }
     };
-    let format = upload.response_format.as_deref().unwrap_or("json");
+    let format = form
+        .text
+        .get("response_format")
+        .map_or("json", String::as_str);
     if !["json", "verbose_json", "text", "srt", "vtt"].contains(&format) {
         return Err(SimError::bad_request(
             format!("Unknown `response_format` {format:?}."),
@@ -113,26 +110,6 @@ async fn transcribe(
         _ if engine.options.no_usage => Json(json!({"text": text})).into_response(),
         _ => Json(json!({"text": text, "usage": usage})).into_response(),
     })
-}
-
-/// Reads the form's fields; the file whole (gpu-sim is a test backend).
-async fn read_form(request: Request) -> Result<Upload, SimError> {
-    let mut form = Multipart::from_request(request, &())
-        .await
-        .map_err(|e| SimError::bad_request(e.body_text(), None))?;
-    let bad = |e: MultipartError| SimError::bad_request(e.body_text(), None);
-    let mut upload = Upload::default();
-    while let Some(field) = form.next_field().await.map_err(bad)? {
-        match field.name() {
-            Some("file") => upload.file = Some(field.bytes().await.map_err(bad)?),
-            Some("model") => upload.model = Some(field.text().await.map_err(bad)?),
-            Some("response_format") => {
-                upload.response_format = Some(field.text().await.map_err(bad)?);
-            }
-            _ => {}
-        }
-    }
-    Ok(upload)
 }
 
 /// `HH:MM:SS,mmm` (SRT) or `HH:MM:SS.mmm` (VTT).
