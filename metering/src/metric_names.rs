@@ -106,6 +106,19 @@ pub const STRIPE_EXPORT_OLDEST_PENDING_SECONDS: &str =
 /// Stripe webhook deliveries, by event type and outcome.
 pub const STRIPE_WEBHOOKS_TOTAL: &str = "tollgate_stripe_webhooks_total";
 
+// ---------------------------------------------------------------- jobs
+
+/// Jobs in Postgres by state (every gateway's), as of the last sweep.
+pub const JOBS: &str = "tollgate_jobs";
+/// Jobs from submission to their GPU slot, by tier (histogram).
+pub const JOB_WAIT_SECONDS: &str = "tollgate_job_wait_seconds";
+/// Age of the oldest job still queued, as of the last sweep.
+pub const JOB_OLDEST_QUEUED_SECONDS: &str = "tollgate_job_oldest_queued_seconds";
+/// Bytes of results kept in the result store, as of the last sweep.
+pub const JOB_RESULT_BYTES: &str = "tollgate_job_result_bytes";
+/// Bytes of expired results this gateway deleted.
+pub const JOB_RESULTS_FREED_BYTES_TOTAL: &str = "tollgate_job_results_freed_bytes_total";
+
 // ---------------------------------------------------------------- keys and stores
 
 /// API key lookups, by result (hit, miss, stale).
@@ -119,6 +132,11 @@ pub const REDIS_ERRORS_TOTAL: &str = "tollgate_redis_errors_total";
 /// ways (each name exported, each exported `tollgate_*` family listed), so a
 /// metric added without its constant here fails them.
 pub const ALL: &[&str] = &[
+    JOBS,
+    JOB_WAIT_SECONDS,
+    JOB_OLDEST_QUEUED_SECONDS,
+    JOB_RESULT_BYTES,
+    JOB_RESULTS_FREED_BYTES_TOTAL,
     REQUESTS_TOTAL,
     REQUEST_DURATION_SECONDS,
     OVERHEAD_SECONDS,

@@ -51,7 +51,6 @@ use crate::admission::AdmissionQueues;
 use crate::billing::BillingSessions;
 use crate::config::parse_duration;
 use crate::error::ApiError;
-use crate::keys::store::StoreError;
 use crate::keys::{KeyAdmin, KeyAdminError, NewKeyRequest};
 use crate::summary::Summary;
 use crate::usage_api::{self, UsageQuery};
@@ -104,12 +103,7 @@ impl From<KeyAdminError> for ApiError {
             KeyAdminError::InvalidExpiry => {
                 ApiError::bad_request(error.to_string(), Some("expires_in"))
             }
-            KeyAdminError::Store(StoreError::NotFound(message)) => ApiError::NotFound(message),
-            KeyAdminError::Store(StoreError::Conflict(message)) => ApiError::Conflict(message),
-            KeyAdminError::Store(StoreError::Pool(_) | StoreError::Db(_) | StoreError::Timeout) => {
-                tracing::error!("admin API: {error}");
-                ApiError::DatabaseUnavailable
-            }
+            KeyAdminError::Store(error) => error.into(),
         }
     }
 }

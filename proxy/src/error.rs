@@ -9,6 +9,7 @@ use serde_json::json;
 use tollgate_metering::units::UnitKind;
 
 use crate::admission::limits::{Period, RateKind, Scope};
+use crate::keys::store::StoreError;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -81,6 +82,8 @@ pub enum ApiError {
         "Too many requests in progress for this account (limit {limit}); wait for one to finish."
     )]
     TooManyConcurrent { limit: u64 },
+    #[error("This account has {limit} jobs queued, its limit; wait for some to start.")]
+    TooManyJobs { limit: u64 },
     #[error(
         "You exceeded your {} {}quota for this tier. It renews in {}.",
         period_name(*period), unit_name(*unit), seconds(*retry_after)
@@ -167,6 +170,7 @@ impl ApiError {
             Self::RateLimited { .. }
             | Self::TooManyTokens { .. }
             | Self::TooManyConcurrent { .. }
+            | Self::TooManyJobs { .. }
             | Self::InsufficientQuota { .. } => 429,
             Self::UnknownTier(_) => 500,
             Self::BadGateway => 502,
@@ -200,7 +204,7 @@ impl ApiError {
             // OpenAI's rate-limit errors name what ran out.
             Self::RateLimited { kind, .. } => kind_name(*kind),
             Self::TooManyTokens { .. } => "tokens",
-            Self::TooManyConcurrent { .. } => "requests",
+            Self::TooManyConcurrent { .. } | Self::TooManyJobs { .. } => "requests",
             Self::InsufficientQuota { .. } => "insufficient_quota",
             Self::BadGateway
             | Self::NoBackend(_)
@@ -235,7 +239,8 @@ impl ApiError {
             Self::DatabaseUnavailable => Some("database_unavailable"),
             Self::RateLimited { .. }
             | Self::TooManyTokens { .. }
-            | Self::TooManyConcurrent { .. } => Some("rate_limit_exceeded"),
+            | Self::TooManyConcurrent { .. }
+            | Self::TooManyJobs { .. } => Some("rate_limit_exceeded"),
             Self::InsufficientQuota { .. } => Some("insufficient_quota"),
             Self::ServerBusy { .. } => Some("server_busy"),
             Self::LimiterUnavailable => Some("rate_limiter_unavailable"),
@@ -268,6 +273,7 @@ impl ApiError {
             | Self::RateLimited { .. }
             | Self::TooManyTokens { .. }
             | Self::TooManyConcurrent { .. }
+            | Self::TooManyJobs { .. }
             | Self::InsufficientQuota { .. }
             | Self::ServerBusy { .. }
             | Self::LimiterUnavailable
@@ -285,6 +291,8 @@ impl ApiError {
             Self::TooManyConcurrent { .. } | Self::LimiterUnavailable => {
                 Some(Duration::from_secs(1))
             }
+            // Queued jobs start at the pace of the GPUs: not within a second.
+            Self::TooManyJobs { .. } => Some(Duration::from_secs(10)),
             // Retrying the same request cannot help, or the cause is not a wait.
             Self::TooManyTokens { .. }
             | Self::MissingKey
@@ -328,6 +336,21 @@ impl ApiError {
     /// The error as one server-sent event, to end a stream that fails midway.
     pub fn sse_event(&self) -> Bytes {
         Bytes::from(format!("data: {}\n\n", self.json()))
+    }
+}
+
+/// A store's failure as the client sees it: what it said of the request, or
+/// (for the database itself) a retry later, logged here.
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound(message) => Self::NotFound(message),
+            StoreError::Conflict(message) => Self::Conflict(message),
+            StoreError::Pool(_) | StoreError::Db(_) | StoreError::Timeout => {
+                tracing::error!("{error}");
+                Self::DatabaseUnavailable
+            }
+        }
     }
 }
 

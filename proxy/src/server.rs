@@ -35,6 +35,10 @@ use crate::gateway::Gateway;
 use crate::gateway::context::InFlight;
 use crate::gateway::metrics::RequestMetrics;
 use crate::gateway::models::ModelRoutes;
+use crate::jobs::Jobs;
+use crate::jobs::results::ResultStore;
+use crate::jobs::runner::JobRunner;
+use crate::jobs::upkeep::{JobMetrics, JobUpkeep};
 use crate::keys::KeyAdmin;
 use crate::keys::cache::KeyCache;
 use crate::keys::revocation::RevocationListener;
@@ -165,6 +169,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     )?;
     let models = ModelRoutes::new(&config, &admission.queues(), &metering, &metrics);
     let readiness = Arc::new(PostgresReadiness::default());
+    let tier_names: Vec<String> = config.tiers.iter().map(|t| t.name.clone()).collect();
+    let results_dir = &config.jobs.results_dir;
+    let results = ResultStore::local(results_dir)
+        .map_err(|e| anyhow::anyhow!("jobs.results_dir {}: {e}", results_dir.display()))?;
+    let jobs = Arc::new(Jobs::new(
+        pool.clone(),
+        results,
+        config.jobs.clone(),
+        JobMetrics::new(prometheus::default_registry(), &tier_names)?,
+    ));
     let gateway = Gateway {
         keys: cache.clone(),
         selector: Arc::clone(&selector),
@@ -184,6 +198,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         stripe_webhooks,
         billing_sessions: billing_sessions.clone(),
         custom_routes: config.routes.clone(),
+        jobs: Arc::clone(&jobs),
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());
@@ -293,6 +308,31 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             pool: pool.clone(),
             minute_rollup_retention: config.metering.minute_rollup_retention,
             rollup_retention: config.metering.rollup_retention,
+        },
+    ));
+    server.add_service(background_service(
+        "job runner",
+        JobRunner {
+            jobs: Arc::clone(&jobs),
+            target: config.server.listen,
+            in_flight: Arc::clone(&in_flight),
+            budgets: config
+                .tiers
+                .iter()
+                .map(|t| (t.name.clone(), t.job_max_wait))
+                .collect(),
+            custom_routes: config.routes.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "job upkeep",
+        JobUpkeep {
+            jobs,
+            retention: config
+                .tiers
+                .iter()
+                .map(|t| (t.name.clone(), t.result_retention))
+                .collect(),
         },
     ));
     server.add_service(background_service(

@@ -157,6 +157,8 @@ struct Options {
     routing: &'static str,
     /// Extra `[health]` lines.
     health: &'static str,
+    /// Extra `[jobs]` lines.
+    jobs: &'static str,
     /// Appended to the config: `[fleet]`, managed `[[backends]]`.
     tail: String,
     /// Extra environment of `serve` (e.g. STRIPE_*).
@@ -174,6 +176,8 @@ struct Gateway {
     metrics_url: String,
     config: PathBuf,
     spool_dir: PathBuf,
+    /// `jobs.results_dir`.
+    results_dir: PathBuf,
     /// `redis.key_prefix`: this test's keys in a shared Redis.
     redis_prefix: String,
     options: Options,
@@ -188,12 +192,14 @@ impl Gateway {
         let db = TestDb::empty().await;
         let (port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
         let spool_dir = std::env::temp_dir().join(unique("tollgate_spool"));
+        let results_dir = std::env::temp_dir().join(unique("tollgate_results"));
         let redis_prefix = unique("tgtest");
         let mut config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
              metrics_listen = \"127.0.0.1:{metrics_port}\"\ndrain_timeout = \"20s\"\n{}\n\
              [keys]\n{}\n[metering]\nspool_dir = \"{}\"\n{}\n{}\n\
-             [admission]\n{}\n[routing]\n{}\n[health]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}\n{}",
+             [admission]\n{}\n[routing]\n{}\n[health]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}\n\
+             [jobs]\nresults_dir = \"{}\"\n{}\n{}",
             options.server,
             options.keys,
             spool_dir.display(),
@@ -209,6 +215,8 @@ impl Gateway {
             options.health,
             redis_prefix,
             options.redis_extra,
+            results_dir.display(),
+            options.jobs,
             options.tiers.as_deref().unwrap_or(DEFAULT_TIERS),
         );
         for (i, backend) in backends.iter().enumerate() {
@@ -236,6 +244,7 @@ impl Gateway {
             metrics_url: format!("http://127.0.0.1:{metrics_port}/metrics"),
             config: path,
             spool_dir,
+            results_dir,
             redis_prefix,
             options,
             db,
@@ -441,6 +450,7 @@ impl Drop for Gateway {
         self.proc.take();
         let _ = std::fs::remove_file(&self.config);
         let _ = std::fs::remove_dir_all(&self.spool_dir);
+        let _ = std::fs::remove_dir_all(&self.results_dir);
         // The shared server itself, not the URL the gateway was given (a
         // test's link, which cannot forward while this drop blocks its runtime).
         if self.options.redis.is_some() {
@@ -534,6 +544,8 @@ mod fleet;
 mod hostile;
 #[path = "gateway/images.rs"]
 mod images;
+#[path = "gateway/jobs.rs"]
+mod jobs;
 #[path = "gateway/limit_stores.rs"]
 mod limit_stores;
 #[path = "gateway/metering.rs"]

@@ -188,8 +188,11 @@ async fn a_lapsed_lease_is_taken_over_and_the_old_claim_is_fenced_off() {
             .unwrap()
             .is_empty()
     );
-    assert_eq!(store::renew(&db.pool, "b", LEASE).await.unwrap(), 1);
-    assert_eq!(store::renew(&db.pool, "a", LEASE).await.unwrap(), 0);
+    assert_eq!(
+        store::renew(&db.pool, "b", LEASE).await.unwrap(),
+        vec![submitted.id]
+    );
+    assert!(store::renew(&db.pool, "a", LEASE).await.unwrap().is_empty());
 
     let failed = Finish::Failed(json!({"message": "late", "type": "server_error"}));
     assert!(

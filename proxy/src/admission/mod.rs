@@ -271,6 +271,12 @@ impl Admission {
         })
     }
 
+    /// The tier's `priority` (jobs are claimed by it, highest first).
+    pub fn priority(&self, tier: &str) -> Result<i32, ApiError> {
+        let priority = self.plan(tier)?.tier.priority;
+        Ok(priority.clamp(i32::MIN.into(), i32::MAX.into()) as i32)
+    }
+
     fn plan(&self, tier: &str) -> Result<&Plan, ApiError> {
         self.plans
             .get(tier)

@@ -75,6 +75,23 @@ pub const IMAGE_TOKENS: usize = tollgate_metering::tokens::DEFAULT_IMAGE_TOKENS;
 pub const USAGE_MISMATCH_TOLERANCE: f64 = 0.02;
 pub const BLOCKING_COUNT_BYTES: usize = tollgate_metering::tokens::BLOCKING_THRESHOLD_BYTES;
 pub const SPOOL_DIR: &str = "spool";
+/// OpenAI's Batch API completion window: a job may wait a day for a GPU.
+pub const JOB_MAX_WAIT: Duration = days(1);
+/// A day to download a result, then its bytes are freed.
+pub const RESULT_RETENTION: Duration = days(1);
+pub const RESULTS_DIR: &str = "results";
+/// A gateway that dies loses its jobs to another within this.
+pub const JOB_LEASE: Duration = secs(30);
+/// How often a runner looks for jobs submitted through other gateways (its
+/// own are claimed at once).
+pub const JOB_POLL_INTERVAL: Duration = secs(1);
+/// Jobs one gateway runs at once (each waits in the admission queue).
+pub const JOB_MAX_RUNNING: usize = 64;
+pub const JOB_MAX_QUEUED_PER_ACCOUNT: u64 = 1_000;
+/// How often expired results are deleted and the job figures refreshed.
+pub const JOB_SWEEP_INTERVAL: Duration = secs(60);
+/// Ended jobs' records (not their results) are kept this long.
+pub const JOB_RECORD_RETENTION: Duration = days(30);
 /// About a few seconds of traffic at the rates one instance serves.
 pub const USAGE_CHANNEL_CAPACITY: usize = 65_536;
 pub const USAGE_BATCH_SIZE: usize = 10_000;

@@ -10,7 +10,7 @@
 //! rule); each TOML section has its own file with its raw struct, its
 //! validated struct and its checks ([`server`], [`database`], [`redis`],
 //! [`admin`], [`keys`], [`metering`], [`admission`], [`tiers`], [`routing`],
-//! [`health`], [`billing`], [`fleet`], [`backends`], [`routes`]); [`defaults`] is the one
+//! [`health`], [`jobs`], [`billing`], [`fleet`], [`backends`], [`routes`]); [`defaults`] is the one
 //! table of defaults, [`name`] the one rule for names.
 //!
 //! Conventions every section follows:
@@ -29,6 +29,7 @@ pub mod database;
 pub mod defaults;
 pub mod fleet;
 pub mod health;
+pub mod jobs;
 pub mod keys;
 pub mod metering;
 pub mod name;
@@ -52,6 +53,7 @@ pub use self::backends::{BackendConfig, ProviderConfig, ProviderKind};
 pub use self::billing::{BillingConfig, StripeConfig};
 pub use self::database::DatabaseConfig;
 pub use self::fleet::FleetConfig;
+pub use self::jobs::JobsConfig;
 pub use self::keys::KeyCacheConfig;
 pub use self::metering::{ImageWeights, MeteringConfig};
 pub use self::name::Name;
@@ -113,6 +115,8 @@ pub struct RawConfig {
     #[serde(default)]
     billing: billing::RawBilling,
     #[serde(default)]
+    jobs: jobs::RawJobs,
+    #[serde(default)]
     tiers: Vec<tiers::RawTier>,
     #[serde(default)]
     backends: Vec<backends::RawBackend>,
@@ -151,6 +155,7 @@ pub struct Config {
     pub health: ProbeConfig,
     pub fleet: FleetConfig,
     pub billing: BillingConfig,
+    pub jobs: JobsConfig,
     /// In config order.
     pub tiers: Vec<TierConfig>,
     pub backends: Vec<BackendConfig>,
@@ -206,6 +211,7 @@ impl Config {
             health: health::validate(raw.health)?,
             fleet: fleet::validate(raw.fleet, &tiers)?,
             billing: billing::validate(raw.billing, env)?,
+            jobs: jobs::validate(raw.jobs)?,
             tiers,
             routes: Vec::new(),
             backends: backends::validate(raw.backends)?,

@@ -19,6 +19,8 @@ pub(super) struct RawRoute {
     reserve: Option<u64>,
     reported: Option<ReportedUnits>,
     max_body_bytes: Option<usize>,
+    #[serde(default)]
+    idempotent: bool,
 }
 
 /// Where a backend reports the units of its answer: a response header, or a
@@ -50,6 +52,10 @@ pub struct CustomRoute {
     /// Largest request body (413 above it); the server's `max_body_bytes`
     /// unless set. The body is read whole before the request is admitted.
     pub max_body_bytes: usize,
+    /// Running a request twice does no harm (a read, a deterministic
+    /// render): a job whose gateway died after sending it is run again
+    /// instead of failed.
+    pub idempotent: bool,
 }
 
 impl CustomRoute {
@@ -156,6 +162,7 @@ pub(super) fn validate(
                 Some(limit) => limit,
                 None => server_max_body_bytes,
             },
+            idempotent: route.idempotent,
         });
     }
     Ok(routes)
@@ -225,6 +232,7 @@ mod tests {
             reserve: 1,
             reported: None,
             max_body_bytes: 1,
+            idempotent: false,
         };
         assert!(route.matches("/sdapi/v1/txt2img"));
         assert!(route.matches("/sdapi/v1/txt2img/"));

@@ -36,6 +36,8 @@ pub(super) struct RawTier {
     stripe_price_lookup_key: Option<String>,
     stripe_overage_lookup_key: Option<String>,
     tokens_per_unit: Option<u64>,
+    job_max_wait: Option<HumanDuration>,
+    result_retention: Option<HumanDuration>,
     /// Quotas in units other than tokens (`[tiers.units.images]`).
     #[serde(default)]
     units: BTreeMap<UnitKind, RawUnitQuota>,
@@ -108,6 +110,11 @@ pub struct TierConfig {
     pub tokens_per_unit: u64,
     /// Quotas in other unit kinds; a kind not listed is metered, not limited.
     pub unit_quotas: BTreeMap<UnitKind, UnitQuota>,
+    /// How long a job may wait for a GPU, from its submission, before it
+    /// fails (a closed connection never ends it; this does).
+    pub job_max_wait: Duration,
+    /// How long a job's result is kept after it finished.
+    pub result_retention: Duration,
 }
 
 impl TierConfig {
@@ -290,6 +297,8 @@ pub(super) fn validate(raw: Vec<RawTier>) -> Result<Vec<TierConfig>, ConfigError
                 Some(tokens) => tokens,
             },
             unit_quotas,
+            job_max_wait: HumanDuration::or(tier.job_max_wait, defaults::JOB_MAX_WAIT),
+            result_retention: HumanDuration::or(tier.result_retention, defaults::RESULT_RETENTION),
         };
         if config.stripe_overage_lookup_key.is_some()
             && (config.hard_cap || config.overage_price.is_none())

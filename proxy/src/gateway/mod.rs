@@ -25,6 +25,7 @@
 
 pub mod audio_probe;
 pub mod context;
+pub mod jobs;
 pub mod metrics;
 pub mod models;
 pub mod request;
@@ -53,8 +54,9 @@ use tollgate_metering::units::UnitKind;
 
 use self::audio_probe::AudioProber;
 use self::context::{InFlight, Inference, RequestContext};
+use self::jobs::wants_async;
 use self::metrics::{Observation, RequestMetrics};
-use self::models::ModelRoutes;
+use self::models::{ModelRoute, ModelRoutes};
 use self::request::{BodyError, Endpoint, InferenceRequest, read_body};
 use self::routes::Route;
 use self::triton::TritonCall;
@@ -65,7 +67,10 @@ use crate::admission::{Admission, Estimate, Refusal, TokenEstimate};
 use crate::billing::{BillingSessions, StripeWebhooks};
 use crate::config::{CustomRoute, UpstreamTimeouts};
 use crate::error::ApiError;
+use crate::jobs::Jobs;
+use crate::jobs::pass::JOB_RUN_HEADER;
 use crate::keys::cache::KeyCache;
+use crate::keys::store::{KeyRecord, StoreError};
 use crate::metering::request::{FinishedRequest, Metered, Metering};
 use crate::readiness::PostgresReadiness;
 
@@ -118,6 +123,8 @@ pub struct Gateway {
     pub billing_sessions: Option<Arc<BillingSessions>>,
     /// `[[routes]]`, in config order.
     pub custom_routes: Vec<CustomRoute>,
+    /// Async jobs: their store, results and this gateway's runner.
+    pub jobs: Arc<Jobs>,
 }
 
 /// How `request_filter` ends when it does not forward.
@@ -126,6 +133,10 @@ enum Stop {
     Refuse(ApiError),
     /// Answer with this JSON (health checks, the model list).
     Answer(u16, serde_json::Value),
+    /// Answer with this JSON and these headers (a job's `Location`).
+    AnswerWith(u16, serde_json::Value, Vec<(&'static str, String)>),
+    /// The answer was written already (a job's result, streamed).
+    Written,
     /// The client is gone: nothing to answer.
     ClientGone(Box<Error>),
 }
@@ -133,6 +144,12 @@ enum Stop {
 impl From<ApiError> for Stop {
     fn from(error: ApiError) -> Self {
         Self::Refuse(error)
+    }
+}
+
+impl From<StoreError> for Stop {
+    fn from(error: StoreError) -> Self {
+        Self::Refuse(error.into())
     }
 }
 
@@ -164,15 +181,36 @@ impl Gateway {
             Route::Healthz => return Err(Stop::Answer(200, json!({"status": "ok"}))),
             Route::StripeWebhook => return Err(Box::pin(self.stripe_webhook(session)).await),
             Route::Readyz => return Err(self.readiness()),
-            Route::Models | Route::Usage | Route::BillingCheckout | Route::BillingPortal => None,
+            Route::Models
+            | Route::Usage
+            | Route::BillingCheckout
+            | Route::BillingPortal
+            | Route::Jobs(_) => None,
             Route::Inference(endpoint) => Some(endpoint),
             Route::Custom(_) => Some(Endpoint::Custom),
         };
         ctx.endpoint = endpoint;
-        let key = self.keys.authenticate(bearer_token(header)?).await?;
+        // A job's run, sent by this gateway's runner (see `crate::jobs::pass`).
+        let run = match header.headers.get(JOB_RUN_HEADER) {
+            None => None,
+            Some(value) => Some(
+                self.jobs
+                    .pass
+                    .verify(value.as_bytes())
+                    .ok_or(ApiError::InvalidKey)?,
+            ),
+        };
+        let key = match &run {
+            Some(run) => self.keys.authenticate_hash(run.key_hash).await?,
+            None => self.keys.authenticate(bearer_token(header)?).await?,
+        };
+        let asked_async = run.is_none() && wants_async(header);
         let Some(endpoint) = endpoint else {
             return Err(match route {
                 Route::Usage => Stop::Answer(200, Box::pin(self.own_usage(header, &key)).await?),
+                Route::Jobs(route) => Box::pin(self.jobs_api(route, session, &key))
+                    .await
+                    .unwrap_or_else(|stop| stop),
                 Route::BillingCheckout | Route::BillingPortal => Stop::Answer(
                     200,
                     Box::pin(self.billing_session(route, session, &key)).await?,
@@ -186,8 +224,15 @@ impl Gateway {
             _ => None,
         };
         let mut request = if endpoint.takes_upload() {
-            let upload =
-                read_upload(session, endpoint, self.max_upload_bytes, &self.audio_prober).await?;
+            // A job's upload is stored whole: it is read to its end here.
+            let upload = read_upload(
+                session,
+                endpoint,
+                self.max_upload_bytes,
+                &self.audio_prober,
+                asked_async,
+            )
+            .await?;
             ctx.upload = upload.stream;
             upload.request
         } else {
@@ -198,10 +243,23 @@ impl Gateway {
                 None => request::parse(endpoint, body)?,
             }
         };
-        let route = match self.models.get(&request.model) {
-            Some(route) if key.allows_model(&request.model) => Arc::clone(route),
-            _ => return Err(ApiError::ModelNotFound(request.model).into()),
-        };
+        let route = self.model_route(&key, &request.model)?;
+        if asked_async {
+            // The client's bytes, as checked: nothing is rewritten before `start`.
+            let header = session.req_header();
+            let content_type = header
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let path = header.uri.path().trim_end_matches('/').to_owned();
+            let body = request.upstream_body.clone();
+            return Err(
+                Box::pin(self.submit_job(session, &key, path, content_type, body))
+                    .await
+                    .unwrap_or_else(|stop| stop),
+            );
+        }
         let mut usage = self.metering.start(&mut request);
         usage.units_reported_at(custom.and_then(|c| c.reported.clone()));
         let tokens_per_unit = self.metering.tokens_per_unit(&key.tier, &route);
@@ -285,8 +343,30 @@ impl Gateway {
                 .map_or_else(|_| queued_at.elapsed(), Slot::waited),
         );
         ctx.slot = Some(waited?);
+        if let Some(run) = &run {
+            // The job's request goes to a backend now, or not at all.
+            if !self
+                .jobs
+                .mark_sent(run, &key.tier)
+                .await
+                .map_err(ApiError::from)?
+            {
+                return Err(ApiError::Conflict("This job was cancelled.".to_owned()).into());
+            }
+            // Its event from here is the job's one usage event, whatever its
+            // attempts (see `JobRun`); a run refused before it has its own.
+            usage.identify_as(run.id, run.submitted_at());
+        }
         usage.slot_granted();
         Ok(())
+    }
+
+    /// The route of `model`, if `key` may use it.
+    fn model_route(&self, key: &KeyRecord, model: &str) -> Result<Arc<ModelRoute>, ApiError> {
+        match self.models.get(model) {
+            Some(route) if key.allows_model(model) => Ok(Arc::clone(route)),
+            _ => Err(ApiError::ModelNotFound(model.to_owned())),
+        }
     }
 
     /// Records the request's usage event, once (see [`Metering::record`]);
@@ -530,6 +610,12 @@ impl ProxyHttp for Gateway {
                 respond_json(session, status, body, &ctx.request_id).await?;
                 Ok(true)
             }
+            Err(Stop::AnswerWith(status, body, headers)) => {
+                let body = Bytes::from(body.to_string());
+                respond_json_with(session, status, body, &ctx.request_id, headers).await?;
+                Ok(true)
+            }
+            Err(Stop::Written) => Ok(true),
             Err(Stop::ClientGone(error)) => {
                 if let Some(inference) = ctx.inference.as_mut() {
                     inference.usage.reject();
@@ -665,6 +751,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestContext,
     ) -> pingora::Result<()> {
         upstream.remove_header(&header::AUTHORIZATION);
+        upstream.remove_header(JOB_RUN_HEADER);
         let backend = ctx.backend().and_then(|id| self.selector.backend(id));
         if let Some(backend) = backend {
             upstream.insert_header(header::HOST, backend.address.as_str())?;

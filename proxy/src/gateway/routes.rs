@@ -10,6 +10,7 @@ use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use serde_json::json;
 use tollgate_backends::fleet::state::InstanceState;
+use uuid::Uuid;
 
 use super::request::{Endpoint, read_body};
 use super::{Gateway, Stop};
@@ -39,11 +40,62 @@ pub enum Route {
     BillingCheckout,
     /// `POST /v1/billing/portal`: a Customer Portal session for it.
     BillingPortal,
+    /// `/v1/jobs…`: the caller's async jobs.
+    Jobs(JobsRoute),
+}
+
+/// The job routes (`/v1/jobs`, `/v1/jobs/{id}`, `/v1/jobs/{id}/result`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobsRoute {
+    /// `GET /v1/jobs`
+    List,
+    /// `POST /v1/jobs` with `{method, path, body}`
+    Create,
+    /// `GET /v1/jobs/{id}`; `None`: not a job id (so no job).
+    Get(Option<Uuid>),
+    /// `DELETE /v1/jobs/{id}`
+    Cancel(Option<Uuid>),
+    /// `GET /v1/jobs/{id}/result`
+    Result(Option<Uuid>),
+}
+
+/// The job route for `method` and `path`; `None` when the path is not one.
+fn jobs_route(method: &Method, path: &str) -> Option<Result<Route, ApiError>> {
+    let rest = path.trim_end_matches('/').strip_prefix("/v1/jobs")?;
+    let get = *method == Method::GET || *method == Method::HEAD;
+    let refuse = |allow| {
+        Some(Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_owned(),
+            allow,
+        }))
+    };
+    let route = match rest.strip_prefix('/').map(|r| r.split_once('/')) {
+        None if !rest.is_empty() => return None,
+        None if get => JobsRoute::List,
+        None if *method == Method::POST => JobsRoute::Create,
+        None => return refuse("GET, HEAD, POST"),
+        Some(None) => {
+            let id = rest[1..].parse().ok();
+            match method {
+                &Method::DELETE => JobsRoute::Cancel(id),
+                _ if get => JobsRoute::Get(id),
+                _ => return refuse("GET, HEAD, DELETE"),
+            }
+        }
+        Some(Some((id, "result"))) if get => JobsRoute::Result(id.parse().ok()),
+        Some(Some((_, "result"))) => return refuse("GET, HEAD"),
+        Some(Some(_)) => return None,
+    };
+    Some(Ok(Route::Jobs(route)))
 }
 
 /// The route for `method` and `path`, or the 404/405 to answer. Custom
 /// routes (which config keeps off the gateway's own paths) take `POST`.
 pub fn route(method: &Method, path: &str, custom: &[CustomRoute]) -> Result<Route, ApiError> {
+    if let Some(jobs) = jobs_route(method, path) {
+        return jobs;
+    }
     let custom = custom
         .iter()
         .position(|route| route.matches(path))
@@ -222,6 +274,46 @@ mod tests {
             route(&Method::POST, "/v2/anything", &[]),
             Err(ApiError::UnknownRoute { .. })
         ));
+    }
+
+    #[test]
+    fn job_routes_take_their_ids_and_methods() {
+        let id = Uuid::now_v7();
+        let jobs = |method: Method, path: &str| route(&method, path, &[]);
+        assert_eq!(
+            jobs(Method::GET, "/v1/jobs").unwrap(),
+            Route::Jobs(JobsRoute::List)
+        );
+        assert_eq!(
+            jobs(Method::POST, "/v1/jobs/").unwrap(),
+            Route::Jobs(JobsRoute::Create)
+        );
+        assert_eq!(
+            jobs(Method::GET, &format!("/v1/jobs/{id}")).unwrap(),
+            Route::Jobs(JobsRoute::Get(Some(id)))
+        );
+        assert_eq!(
+            jobs(Method::DELETE, &format!("/v1/jobs/{id}")).unwrap(),
+            Route::Jobs(JobsRoute::Cancel(Some(id)))
+        );
+        assert_eq!(
+            jobs(Method::GET, &format!("/v1/jobs/{id}/result")).unwrap(),
+            Route::Jobs(JobsRoute::Result(Some(id)))
+        );
+        assert_eq!(
+            jobs(Method::GET, "/v1/jobs/not-an-id").unwrap(),
+            Route::Jobs(JobsRoute::Get(None))
+        );
+        for (method, path) in [
+            (Method::PUT, "/v1/jobs".to_owned()),
+            (Method::POST, format!("/v1/jobs/{id}")),
+            (Method::DELETE, format!("/v1/jobs/{id}/result")),
+        ] {
+            assert_eq!(jobs(method, &path).unwrap_err().status(), 405, "{path}");
+        }
+        for path in ["/v1/jobsx", &format!("/v1/jobs/{id}/other")] {
+            assert_eq!(jobs(Method::GET, path).unwrap_err().status(), 404, "{path}");
+        }
     }
 
     mod properties {

@@ -343,12 +343,14 @@ pub struct Upload {
     pub stream: Option<UploadStream>,
 }
 
-/// Reads an upload's head (see the module's doc) and resolves its request.
+/// Reads an upload's head (see the module's doc), or all of it when
+/// `whole` (a job's, which is stored), and resolves its request.
 pub async fn read_upload(
     session: &mut Session,
     endpoint: Endpoint,
     limit: usize,
     prober: &AudioProber,
+    whole: bool,
 ) -> Result<Upload, BodyError> {
     let content_type = session
         .req_header()
@@ -359,7 +361,7 @@ pub async fn read_upload(
     let mut reader = BodyReader::start(session, limit).await?;
     let most_bytes = reader.declared.unwrap_or(limit);
     let mut head = BytesMut::new();
-    let streams = endpoint != Endpoint::ImageEdits;
+    let streams = endpoint != Endpoint::ImageEdits && !whole;
     let ended = loop {
         if streams && form.head_read() {
             break false;

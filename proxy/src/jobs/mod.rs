@@ -1,13 +1,97 @@
-//! Durable async jobs: a request accepted at once and run when a GPU slot
-//! is free, by whichever gateway claims it (issue 20; docs/jobs.md once the
-//! API lands).
+//! Durable async jobs: a request accepted at once (202) and run when a GPU
+//! slot is free, by whichever gateway claims it (docs/jobs.md).
 //!
 //! - [`store`]: jobs in Postgres: submit (idempotent per account and key),
 //!   read, list, cancel; and the runners' side: claim with a lease, renew
-//!   it, mark the request sent, finish, each write fenced by the claim's
-//!   attempt; [`store::expire`] ends the results whose time is up.
+//!   it, finish, each write fenced by the claim's attempt;
+//!   [`store::expire`] ends the results whose time is up.
 //! - [`results`]: the answers, in a blob store (`object_store`), written as
 //!   they stream and read back as streams.
+//! - [`runner`]: each gateway's runner, which claims jobs and sends each to
+//!   the gateway's own listener, so a job is admitted, queued by tier,
+//!   routed and metered exactly as a live request; [`pass`] is how such a
+//!   run proves itself there.
+//! - [`upkeep`]: deletes expired results and old records, and reports the
+//!   jobs' figures.
+//!
+//! The HTTP side (`/v1/jobs`, `Prefer: respond-async`) is in
+//! [`crate::gateway::jobs`].
 
+pub mod pass;
 pub mod results;
+pub mod runner;
 pub mod store;
+pub mod upkeep;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use deadpool_postgres::Pool;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+use uuid::Uuid;
+
+use self::pass::{JobRun, RunPass};
+use self::results::ResultStore;
+use self::upkeep::JobMetrics;
+use crate::config::JobsConfig;
+use crate::keys::store::StoreError;
+
+/// What the API and the runner of one gateway share.
+pub struct Jobs {
+    pub pool: Pool,
+    pub results: ResultStore,
+    pub config: JobsConfig,
+    pub metrics: JobMetrics,
+    /// Proves this process's runs to its gateway.
+    pub pass: RunPass,
+    /// This process's name on the leases it holds: a restarted gateway is
+    /// another owner, and takes its predecessor's jobs back only once their
+    /// leases lapse.
+    pub owner: String,
+    /// Wakes this gateway's runner when a job is submitted here.
+    pub submitted: Notify,
+    /// The runs in progress here, so a cancel here stops one at once.
+    running: Mutex<HashMap<Uuid, AbortHandle>>,
+}
+
+impl Jobs {
+    pub fn new(pool: Pool, results: ResultStore, config: JobsConfig, metrics: JobMetrics) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".to_owned());
+        Self {
+            pool,
+            results,
+            config,
+            metrics,
+            pass: RunPass::default(),
+            owner: format!("{host}:{}:{}", std::process::id(), Uuid::now_v7().simple()),
+            submitted: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records that `run`'s request has its GPU slot and is about to be
+    /// sent; `false` when the run's claim was lost (the job was cancelled,
+    /// or another gateway took it over): then it must not be sent.
+    pub async fn mark_sent(&self, run: &JobRun, tier: &str) -> Result<bool, StoreError> {
+        let sent = store::mark_sent(&self.pool, run.id, run.attempt).await?;
+        if sent && let Ok(waited) = run.submitted_at().elapsed() {
+            self.metrics
+                .wait
+                .with_label_values(&[tier])
+                .observe(waited.as_secs_f64());
+        }
+        Ok(sent)
+    }
+
+    /// Stops the job's run if it is in progress here.
+    pub fn abort_local(&self, id: Uuid) {
+        if let Some(run) = self.running().remove(&id) {
+            run.abort();
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, AbortHandle>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}

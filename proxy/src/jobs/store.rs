@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use crate::keys::secret::KeyHash;
 use crate::keys::store::StoreError;
 
 /// Where a job is in its life.
@@ -32,6 +33,30 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub const ALL: [Self; 6] = [
+        Self::Queued,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+        Self::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Expired => "expired",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+
     fn parse(state: &str) -> Self {
         match state {
             "running" => Self::Running,
@@ -83,6 +108,10 @@ pub struct JobRecord {
     pub result_key: Option<String>,
     pub result_bytes: Option<i64>,
     pub error: Option<Value>,
+    /// When its request got its GPU slot and was sent (a running job may
+    /// still wait for one).
+    #[serde(with = "unix_seconds::option")]
+    pub sent_at: Option<SystemTime>,
 }
 
 /// What submitting gave.
@@ -101,6 +130,9 @@ pub struct Claim {
     pub attempt: i32,
     pub account_id: Uuid,
     pub key_id: Uuid,
+    /// The submitting key's, so the run is authenticated as it (a key
+    /// revoked since refuses its jobs too).
+    pub key_hash: KeyHash,
     pub tier: String,
     pub method: String,
     pub path: String,
@@ -108,6 +140,7 @@ pub struct Claim {
     pub body: Vec<u8>,
     /// An earlier attempt sent the request to a backend.
     pub sent_before: bool,
+    pub created_at: SystemTime,
 }
 
 /// How a run ended.
@@ -125,7 +158,8 @@ pub enum Finish {
 }
 
 const COLUMNS: &str = "id, account_id, state, method, path, attempt, created_at, started_at, \
-                       finished_at, result_status, result_type, result_key, result_bytes, error";
+                       finished_at, result_status, result_type, result_key, result_bytes, error, \
+                       sent_at";
 
 fn record(row: &Row) -> JobRecord {
     JobRecord {
@@ -143,6 +177,7 @@ fn record(row: &Row) -> JobRecord {
         result_key: row.get("result_key"),
         result_bytes: row.get("result_bytes"),
         error: row.get("error"),
+        sent_at: row.get("sent_at"),
     }
 }
 
@@ -197,6 +232,18 @@ pub async fn submit(pool: &Pool, job: &NewJob) -> Result<Submitted, StoreError> 
             "This Idempotency-Key was used with another request body.".into(),
         ))
     }
+}
+
+/// How many of the account's jobs wait to be claimed.
+pub async fn queued(pool: &Pool, account_id: Uuid) -> Result<u64, StoreError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE account_id = $1 AND state = 'queued'",
+            &[&account_id],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) as u64)
 }
 
 /// The account's job `id` (`None` for another account's: a job is not
@@ -272,18 +319,20 @@ pub async fn claim(
     let client = pool.get().await?;
     let rows = client
         .query(
-            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = $1,
-                             lease_until = now() + make_interval(secs => $2),
-                             started_at = coalesce(started_at, now())
-             WHERE id IN (
+            "UPDATE jobs j SET state = 'running', attempt = attempt + 1, lease_owner = $1,
+                               lease_until = now() + make_interval(secs => $2),
+                               started_at = coalesce(started_at, now())
+             FROM api_keys k
+             WHERE k.id = j.key_id AND j.id IN (
                  SELECT id FROM jobs
                  WHERE (state = 'queued' AND run_after <= now())
                     OR (state = 'running' AND lease_until < now())
                  ORDER BY priority DESC, created_at
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED)
-             RETURNING id, attempt, account_id, key_id, tier, method, path, content_type,
-                       body, sent",
+             RETURNING j.id, j.attempt, j.account_id, j.key_id, k.hash, j.tier, j.method,
+                       j.path, j.content_type, j.body, j.sent_at IS NOT NULL AS sent,
+                       j.created_at",
             &[&owner, &lease.as_secs_f64(), &limit],
         )
         .await?;
@@ -294,27 +343,31 @@ pub async fn claim(
             attempt: row.get("attempt"),
             account_id: row.get("account_id"),
             key_id: row.get("key_id"),
+            key_hash: KeyHash(row.get::<_, &[u8]>("hash").try_into().unwrap_or([0; 32])),
             tier: row.get("tier"),
             method: row.get("method"),
             path: row.get("path"),
             content_type: row.get("content_type"),
             body: row.get("body"),
             sent_before: row.get("sent"),
+            created_at: row.get("created_at"),
         })
         .collect())
 }
 
-/// Extends `owner`'s leases on the jobs it still runs; returns how many it
-/// still holds.
-pub async fn renew(pool: &Pool, owner: &str, lease: Duration) -> Result<u64, StoreError> {
+/// Extends `owner`'s leases on the jobs it still runs; returns their ids
+/// (a job missing from them was cancelled, or taken over).
+pub async fn renew(pool: &Pool, owner: &str, lease: Duration) -> Result<Vec<Uuid>, StoreError> {
     let client = pool.get().await?;
-    Ok(client
-        .execute(
+    let rows = client
+        .query(
             "UPDATE jobs SET lease_until = now() + make_interval(secs => $2)
-             WHERE lease_owner = $1 AND state = 'running'",
+             WHERE lease_owner = $1 AND state = 'running'
+             RETURNING id",
             &[&owner, &lease.as_secs_f64()],
         )
-        .await?)
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
 /// Records that the claim's request is going to a backend; `false` when
@@ -323,7 +376,7 @@ pub async fn mark_sent(pool: &Pool, id: Uuid, attempt: i32) -> Result<bool, Stor
     let client = pool.get().await?;
     let updated = client
         .execute(
-            "UPDATE jobs SET sent = true
+            "UPDATE jobs SET sent_at = now()
              WHERE id = $1 AND attempt = $2 AND state = 'running'",
             &[&id, &attempt],
         )
@@ -345,7 +398,7 @@ pub async fn requeue(
     let updated = client
         .execute(
             "UPDATE jobs SET state = 'queued', run_after = now() + make_interval(secs => $3),
-                             sent = false, lease_owner = NULL, lease_until = NULL
+                             sent_at = NULL, lease_owner = NULL, lease_until = NULL
              WHERE id = $1 AND attempt = $2 AND state = 'running'",
             &[&id, &attempt, &after.as_secs_f64()],
         )
@@ -431,6 +484,61 @@ pub async fn expire(
             })
         })
         .collect())
+}
+
+/// Deletes up to `limit` records of jobs that ended (failed, cancelled,
+/// their result expired) more than `retention` ago; returns how many.
+pub async fn retire(pool: &Pool, retention: Duration, limit: i64) -> Result<u64, StoreError> {
+    let client = pool.get().await?;
+    Ok(client
+        .execute(
+            "DELETE FROM jobs WHERE id IN (
+                 SELECT id FROM jobs
+                 WHERE state IN ('failed', 'cancelled', 'expired')
+                   AND finished_at < now() - make_interval(secs => $1)
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED)",
+            &[&retention.as_secs_f64(), &limit],
+        )
+        .await?)
+}
+
+/// The jobs as a whole, for the metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Figures {
+    /// Jobs by state (every state listed, 0 when none).
+    pub by_state: Vec<(JobState, i64)>,
+    /// Bytes of the results kept.
+    pub result_bytes: i64,
+    /// Age of the oldest queued job.
+    pub oldest_queued: Duration,
+}
+
+pub async fn figures(pool: &Pool) -> Result<Figures, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT state, count(*), coalesce(sum(result_bytes) FILTER (WHERE state = 'succeeded'), 0)::bigint,
+                    coalesce(extract(epoch FROM now() - min(created_at)
+                                     FILTER (WHERE state = 'queued')), 0)::float8
+             FROM jobs GROUP BY state",
+            &[],
+        )
+        .await?;
+    let mut figures = Figures {
+        by_state: JobState::ALL.iter().map(|state| (*state, 0)).collect(),
+        ..Figures::default()
+    };
+    for row in rows {
+        let state = JobState::parse(row.get(0));
+        if let Some(count) = figures.by_state.iter_mut().find(|(s, _)| *s == state) {
+            count.1 = row.get(1);
+        }
+        figures.result_bytes += row.get::<_, i64>(2);
+        let oldest = Duration::try_from_secs_f64(row.get(3)).unwrap_or_default();
+        figures.oldest_queued = figures.oldest_queued.max(oldest);
+    }
+    Ok(figures)
 }
 
 /// Timestamps as Unix seconds, OpenAI's convention (`created_at`).

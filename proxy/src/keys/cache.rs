@@ -136,7 +136,12 @@ impl KeyCache {
         if !is_key_shaped(secret) {
             return Err(ApiError::InvalidKey);
         }
-        let hash = KeyHash::of(secret);
+        self.authenticate_hash(KeyHash::of(secret)).await
+    }
+
+    /// The usable key whose secret hashes to `hash` (a job's run, which
+    /// carries the hash its key had at submission), or why it is refused.
+    pub async fn authenticate_hash(&self, hash: KeyHash) -> Result<Arc<KeyRecord>, ApiError> {
         if self.tombstones.contains_key(&hash) {
             return Err(ApiError::RevokedKey);
         }

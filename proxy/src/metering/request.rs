@@ -624,6 +624,13 @@ impl RequestUsage {
         self.rejected = true;
     }
 
+    /// The event of a job's run: the job's id, dated at its submission, so
+    /// every attempt writes the same event and only the first is kept.
+    pub fn identify_as(&mut self, event_id: Uuid, at: SystemTime) {
+        self.event_id = event_id;
+        self.admitted_at = at;
+    }
+
     /// The request got its backend slot now.
     pub fn slot_granted(&mut self) {
         self.slot_held_since = Some(Instant::now());

@@ -1,0 +1,76 @@
+//! `[jobs]`: durable async jobs (docs/jobs.md): where their results are
+//! kept, how each gateway runs them, and the upkeep of both. Each tier sets
+//! its jobs' wait budget and result retention (`job_max_wait`,
+//! `result_retention` in `[[tiers]]`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, HumanDuration, defaults, invalid, positive};
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJobs {
+    results_dir: Option<PathBuf>,
+    lease: Option<HumanDuration>,
+    poll_interval: Option<HumanDuration>,
+    max_running: Option<usize>,
+    max_queued_per_account: Option<u64>,
+    sweep_interval: Option<HumanDuration>,
+    record_retention: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobsConfig {
+    /// Where results are written (a directory every gateway can reach).
+    pub results_dir: PathBuf,
+    /// How long a claimed job stays its runner's without a renewal.
+    pub lease: Duration,
+    /// How often a runner looks for jobs submitted elsewhere.
+    pub poll_interval: Duration,
+    /// Jobs this gateway runs at once.
+    pub max_running: usize,
+    /// Queued jobs per account; more are refused with 429.
+    pub max_queued_per_account: u64,
+    /// How often expired results are deleted.
+    pub sweep_interval: Duration,
+    /// How long ended jobs' records are kept.
+    pub record_retention: Duration,
+}
+
+pub(super) fn validate(j: RawJobs) -> Result<JobsConfig, ConfigError> {
+    let config = JobsConfig {
+        results_dir: j
+            .results_dir
+            .unwrap_or_else(|| PathBuf::from(defaults::RESULTS_DIR)),
+        lease: HumanDuration::or(j.lease, defaults::JOB_LEASE),
+        poll_interval: HumanDuration::or(j.poll_interval, defaults::JOB_POLL_INTERVAL),
+        max_running: positive(
+            "jobs.max_running",
+            j.max_running.unwrap_or(defaults::JOB_MAX_RUNNING),
+        )?,
+        max_queued_per_account: j
+            .max_queued_per_account
+            .unwrap_or(defaults::JOB_MAX_QUEUED_PER_ACCOUNT),
+        sweep_interval: HumanDuration::or(j.sweep_interval, defaults::JOB_SWEEP_INTERVAL),
+        record_retention: HumanDuration::or(j.record_retention, defaults::JOB_RECORD_RETENTION),
+    };
+    // A lease renewed every third of it survives one slow renewal.
+    if config.lease < Duration::from_secs(3) {
+        return Err(invalid(
+            "jobs.lease",
+            "must be at least 3s (it is renewed every third of it)",
+        ));
+    }
+    for (key, value) in [
+        ("jobs.poll_interval", config.poll_interval),
+        ("jobs.sweep_interval", config.sweep_interval),
+    ] {
+        if value.is_zero() {
+            return Err(invalid(key, "must be longer than zero"));
+        }
+    }
+    Ok(config)
+}

@@ -1,0 +1,616 @@
+//! Async jobs end to end (docs/jobs.md): `Prefer: respond-async` and
+//! `POST /v1/jobs` answer 202 at once, the gateway's runner sends the job
+//! through the same admission, queue, routing and metering as a live
+//! request, the answer is stored and read back; one usage event per job.
+
+use super::*;
+
+impl Gateway {
+    /// Submits `body` to `path` as a job: the 202's job object.
+    async fn submit(&self, key: &str, path: &str, body: &Value, extra: &[(&str, &str)]) -> Value {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .header("prefer", "respond-async")
+            .json(body);
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 202);
+        let location = response.headers()["location"].to_str().unwrap().to_owned();
+        let job: Value = response.json().await.unwrap();
+        assert_eq!(
+            location,
+            format!("/v1/jobs/{}", job["id"].as_str().unwrap())
+        );
+        job
+    }
+
+    /// The statuses of jobs `ids`, in order.
+    async fn statuses(&self, key: &str, ids: &[String]) -> Vec<String> {
+        let mut statuses = Vec::new();
+        for id in ids {
+            let job = self.job(key, id).await.1;
+            statuses.push(job["status"].as_str().unwrap().to_owned());
+        }
+        statuses
+    }
+
+    async fn job(&self, key: &str, id: &str) -> (u16, Value) {
+        let response = self.get(key, &format!("/v1/jobs/{id}")).await;
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    /// The job once it has ended.
+    async fn ended(&self, key: &str, id: &str) -> Value {
+        let ended = |job: &Value| {
+            ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
+        };
+        eventually(&format!("job {id} ends"), || async {
+            ended(&self.job(key, id).await.1)
+        })
+        .await;
+        self.job(key, id).await.1
+    }
+
+    /// The usage events of job `id` (its billed one carries its id), and
+    /// the units of every event of its runs (a run refused in the queue is
+    /// logged too, as `rejected`).
+    async fn events_of_job(&self, id: &str) -> (i64, i64) {
+        let id: uuid::Uuid = id.parse().unwrap();
+        let row = self
+            .db_client()
+            .await
+            .query_one(
+                "SELECT count(*) FILTER (WHERE event_id = $1), coalesce(sum(units), 0)::bigint
+                 FROM usage_events WHERE request_id = $2",
+                &[&id, &id.to_string()],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+}
+
+/// A chat answer with its per-answer id and timestamp taken out.
+fn without_ids(body: &[u8]) -> Value {
+    let mut answer: Value = serde_json::from_slice(body).unwrap();
+    answer["id"] = json!("ID");
+    answer["created"] = json!(0);
+    answer
+}
+
+#[tokio::test]
+async fn a_job_runs_once_and_its_result_is_the_backends_answer() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let request = chat("Tell me about durable jobs.", 24);
+
+    let job = gateway
+        .submit(&key, "/v1/chat/completions", &request, &[])
+        .await;
+    assert_eq!(job["object"], "job");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["path"], "/v1/chat/completions");
+    let id = job["id"].as_str().unwrap().to_owned();
+
+    let job = gateway.ended(&key, &id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"]["status"], 200);
+    assert_eq!(job["result"]["content_type"], "application/json");
+    assert!(job["finished_at"].as_u64().unwrap() >= job["created_at"].as_u64().unwrap());
+
+    let result = gateway.get(&key, &format!("/v1/jobs/{id}/result")).await;
+    assert_eq!(result.status(), 200);
+    assert_eq!(result.headers()["content-type"], "application/json");
+    let stored = result.bytes().await.unwrap();
+    assert_eq!(job["result"]["bytes"], stored.len());
+    let direct = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", sim.url))
+        .json(&request)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(without_ids(&stored), without_ids(&direct));
+
+    // One usage event, named by the job.
+    eventually("the job's usage event is stored", || async {
+        gateway.events_of_job(&id).await.0 == 1
+    })
+    .await;
+    let event = gateway.event_of(&id).await;
+    assert_eq!((event.status.as_str(), event.kind.as_str()), ("ok", "chat"));
+    assert_eq!(event.completion_tokens, 24);
+
+    let listing: Value = gateway.get(&key, "/v1/jobs").await.json().await.unwrap();
+    assert_eq!(listing["object"], "list");
+    assert_eq!(listing["data"][0]["id"], id.as_str());
+    assert_eq!(listing["has_more"], false);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_at_submission_and_store_nothing() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let ask = |path: &'static str, body: Value| {
+        let gateway = &gateway;
+        let key = key.clone();
+        async move {
+            let response = gateway
+                .client
+                .post(format!("{}{path}", gateway.url))
+                .bearer_auth(&key)
+                .header("prefer", "respond-async")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = ask("/v1/chat/completions", json!({"model": "sim-model"})).await;
+    assert_eq!(status, 400, "{body}");
+    let unknown = json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = ask("/v1/chat/completions", unknown).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (404, "model_not_found"),
+        "{body}"
+    );
+    for job in [
+        json!({"path": "/v1/audio/transcriptions", "body": {}}),
+        json!({"path": "/v1/jobs", "body": {}}),
+        json!({"path": "/v1/chat/completions", "body": {"model": "sim-model"}}),
+        json!({"path": "/v1/chat/completions"}),
+    ] {
+        let (status, body) = gateway.post_json(&key, "/v1/jobs", &job).await;
+        assert_eq!(status, 400, "{job}: {body}");
+    }
+    let listing: Value = gateway.get(&key, "/v1/jobs").await.json().await.unwrap();
+    assert_eq!(listing["data"], json!([]));
+}
+
+#[tokio::test]
+async fn jobs_are_their_accounts_alone_and_idempotency_keys_give_the_same_job() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let (alice, mallory) = (
+        gateway.create_key("alice", &[]),
+        gateway.create_key("mallory", &[]),
+    );
+    let request = chat("once", 4);
+    let first = gateway
+        .submit(
+            &alice,
+            "/v1/chat/completions",
+            &request,
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    let again = gateway
+        .submit(
+            &alice,
+            "/v1/chat/completions",
+            &request,
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    assert_eq!(first["id"], again["id"]);
+    let other = gateway
+        .client
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&alice)
+        .header("prefer", "respond-async")
+        .header("idempotency-key", "k-1")
+        .json(&chat("another body", 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 409);
+
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(gateway.ended(&alice, id).await["status"], "succeeded");
+    for path in [format!("/v1/jobs/{id}"), format!("/v1/jobs/{id}/result")] {
+        let response = gateway.get(&mallory, &path).await;
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    let cancel = gateway
+        .client
+        .delete(format!("{}/v1/jobs/{id}", gateway.url))
+        .bearer_auth(&mallory)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 404);
+    let listing: Value = gateway
+        .get(&mallory, "/v1/jobs")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["data"], json!([]));
+    // Same key, other account: its own job.
+    let theirs = gateway
+        .submit(
+            &mallory,
+            "/v1/chat/completions",
+            &request,
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    assert_ne!(theirs["id"], first["id"]);
+    eventually("the job is billed once", || async {
+        gateway.events_of_job(id).await.0 == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cancelled_job_never_runs_and_is_not_billed() {
+    // One slot, held by a slow request: the job waits in the queue.
+    let sim = Sim::start(&["--ttft-ms", "0", "--tokens-per-sec", "20"]);
+    let gateway = Gateway::start(
+        &[BackendSpec {
+            max_concurrency: Some(1),
+            ..BackendSpec::new(&sim.url)
+        }],
+        Options::default(),
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let holder = {
+        let (client, url, key) = (gateway.client.clone(), gateway.url.clone(), key.clone());
+        tokio::spawn(async move {
+            client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&chat("hold the slot", 60))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+        })
+    };
+    eventually("the slot is taken", || async {
+        gateway.backend("b0").await["in_flight"] == 1
+    })
+    .await;
+    let job = gateway
+        .submit(&key, "/v1/chat/completions", &chat("never", 4), &[])
+        .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let cancel = gateway
+        .client
+        .delete(format!("{}/v1/jobs/{id}", gateway.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 200);
+    let cancelled: Value = cancel.json().await.unwrap();
+    assert_eq!(cancelled["status"], "cancelled");
+    holder.await.unwrap();
+    // The live request is billed; the job never is (its run, stopped in
+    // the queue, is logged as rejected, with no units).
+    eventually("the live request is billed", || async {
+        gateway
+            .usage_events()
+            .await
+            .iter()
+            .any(|e| e.status == "ok")
+    })
+    .await;
+    assert_eq!(gateway.events_of_job(&id).await, (0, 0));
+    assert_eq!(gateway.job(&key, &id).await.1["status"], "cancelled");
+    let result = gateway.get(&key, &format!("/v1/jobs/{id}/result")).await;
+    assert_eq!(result.status(), 404);
+}
+
+#[tokio::test]
+async fn a_job_posted_to_v1_jobs_runs_like_one_asked_async() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let (status, job) = gateway
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &json!({"method": "POST", "path": "/v1/embeddings",
+                    "body": {"model": "sim-model", "input": "durable"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let job = gateway.ended(&key, id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let answer: Value = gateway
+        .get(&key, &format!("/v1/jobs/{id}/result"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["object"], "list", "{answer}");
+    assert_eq!(gateway.event_of(id).await.kind, "embedding");
+}
+
+#[tokio::test]
+async fn results_expire_on_schedule_and_their_files_are_deleted() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            tiers: Some(format!(
+                "{DEFAULT_TIERS}\n[[tiers]]\nname = \"brief\"\npriority = 5\nresult_retention = \"1s\"\n"
+            )),
+            jobs: "sweep_interval = \"200ms\"",
+            ..Options::default()
+        },
+    )
+    .await;
+    let (brief, pro) = (
+        gateway.create_key_on("brief", "brief", &[]),
+        gateway.create_key("keeper", &[]),
+    );
+    let short = gateway
+        .submit(&brief, "/v1/chat/completions", &chat("short", 4), &[])
+        .await;
+    let kept = gateway
+        .submit(&pro, "/v1/chat/completions", &chat("kept", 4), &[])
+        .await;
+    let (short, kept) = (short["id"].as_str().unwrap(), kept["id"].as_str().unwrap());
+    assert_eq!(gateway.ended(&pro, kept).await["status"], "succeeded");
+    eventually("the brief tier's result expires", || async {
+        gateway.job(&brief, short).await.1["status"] == "expired"
+    })
+    .await;
+    let result = gateway
+        .get(&brief, &format!("/v1/jobs/{short}/result"))
+        .await;
+    assert_eq!(result.status(), 404);
+    // Only the kept result is left on disk.
+    let files = walk(&gateway.results_dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(
+        gateway
+            .get(&pro, &format!("/v1/jobs/{kept}/result"))
+            .await
+            .status(),
+        200
+    );
+    let metrics = reqwest::get(&gateway.metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("tollgate_job_results_freed_bytes_total ")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[tokio::test]
+async fn jobs_under_way_when_the_gateway_is_killed_end_once_after_its_restart() {
+    const JOBS: usize = 50;
+    // A second a job, eight at a time: the kill finds some done, some
+    // generating and some still queued.
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "20",
+        "--output-tokens",
+        "1000",
+    ]);
+    let mut gateway = Gateway::start(
+        &[BackendSpec {
+            max_concurrency: Some(8),
+            ..BackendSpec::new(&sim.url)
+        }],
+        Options {
+            jobs: "lease = \"3s\"",
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let mut ids = Vec::new();
+    for i in 0..JOBS {
+        let job = gateway
+            .submit(
+                &key,
+                "/v1/chat/completions",
+                &chat(&format!("job {i}"), 20),
+                &[],
+            )
+            .await;
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+    eventually("some jobs are done and others running", || async {
+        let now = gateway.statuses(&key, &ids).await;
+        now.iter().filter(|s| *s == "succeeded").count() >= 8 && now.iter().any(|s| s == "running")
+    })
+    .await;
+    kill(gateway.proc.as_ref().unwrap().pid(), Signal::SIGKILL).unwrap();
+    gateway.wait_exit();
+    gateway.serve().await;
+
+    let (mut interrupted, mut run_again) = (0, 0);
+    for id in &ids {
+        let job = gateway.ended(&key, id).await;
+        let (billed, _) = gateway.events_of_job(id).await;
+        match job["status"].as_str().unwrap() {
+            "succeeded" => {
+                if job["attempt"].as_i64().unwrap() > 1 {
+                    run_again += 1;
+                }
+                let result = gateway.get(&key, &format!("/v1/jobs/{id}/result")).await;
+                assert_eq!(result.status(), 200);
+                let answer: Value = result.json().await.unwrap();
+                assert_eq!(answer["usage"]["completion_tokens"], 20, "{answer}");
+                eventually(&format!("job {id} is billed once"), || async {
+                    gateway.events_of_job(id).await.0 == 1
+                })
+                .await;
+            }
+            // Sent to the backend when the gateway died: not run twice.
+            "failed" => {
+                assert_eq!(job["error"]["code"], "job_interrupted", "{job}");
+                assert!(billed <= 1);
+                interrupted += 1;
+            }
+            other => panic!("job {id} ended {other}: {job}"),
+        }
+    }
+    // Those generating when it died are not run twice; those still queued
+    // for a slot are run by the restarted gateway.
+    assert!(
+        interrupted >= 1 && run_again >= 1,
+        "{interrupted} interrupted, {run_again} run again"
+    );
+    // The ids are the events' keys: none is stored twice.
+    let client = gateway.db_client().await;
+    let repeated: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT event_id FROM usage_events
+                                   GROUP BY event_id HAVING count(*) > 1) AS twice",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(repeated, 0);
+}
+
+/// A TCP proxy that cuts every connection `after` it was opened, as hosting
+/// platforms cut requests at 60 s.
+struct CuttingProxy {
+    url: String,
+    accept: tokio::task::AbortHandle,
+}
+
+impl CuttingProxy {
+    async fn start(target: &str, after: Duration) -> Self {
+        let target = target.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let _ = tokio::time::timeout(
+                        after,
+                        tokio::io::copy_bidirectional(&mut inbound, &mut outbound),
+                    )
+                    .await;
+                });
+            }
+        })
+        .abort_handle();
+        Self { url, accept }
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_job_longer_than_the_hosts_request_timeout_completes() {
+    // Scaled down: the host cuts at 2 s, the work takes 5 s.
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "10",
+        "--output-tokens",
+        "1000",
+    ]);
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let host = CuttingProxy::start(&gateway.url, Duration::from_secs(2)).await;
+    // A fresh connection a request, as each would be through the platform.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let request = chat("a long render", 50);
+
+    let live = client
+        .post(format!("{}/v1/chat/completions", host.url))
+        .bearer_auth(&key)
+        .json(&request)
+        .send()
+        .await;
+    let cut = match live {
+        Err(_) => true,
+        Ok(response) => response.bytes().await.is_err(),
+    };
+    assert!(cut, "the host's timeout cuts a live request");
+
+    let submitted = client
+        .post(format!("{}/v1/chat/completions", host.url))
+        .bearer_auth(&key)
+        .header("prefer", "respond-async")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(submitted.status(), 202);
+    let id = submitted.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually("the job succeeds, polled through the host", || async {
+        let Ok(response) = client
+            .get(format!("{}/v1/jobs/{id}", host.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+        else {
+            return false;
+        };
+        response.json::<Value>().await.unwrap()["status"] == "succeeded"
+    })
+    .await;
+    let answer: Value = client
+        .get(format!("{}/v1/jobs/{id}/result", host.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 50, "{answer}");
+}
