@@ -178,6 +178,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         results,
         config.jobs.clone(),
         JobMetrics::new(prometheus::default_registry(), &tier_names)?,
+        config
+            .tiers
+            .iter()
+            .map(|t| (t.name.clone(), t.result_retention))
+            .collect(),
     ));
     let gateway = Gateway {
         keys: cache.clone(),
@@ -324,17 +329,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             custom_routes: config.routes.clone(),
         },
     ));
-    server.add_service(background_service(
-        "job upkeep",
-        JobUpkeep {
-            jobs,
-            retention: config
-                .tiers
-                .iter()
-                .map(|t| (t.name.clone(), t.result_retention))
-                .collect(),
-        },
-    ));
+    server.add_service(background_service("job upkeep", JobUpkeep { jobs }));
     server.add_service(background_service(
         "drainer",
         Drainer {

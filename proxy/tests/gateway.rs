@@ -909,7 +909,7 @@ async fn request_errors_name_what_is_wrong() {
 
     let nowhere = gateway
         .client
-        .get(format!("{}/v1/files", gateway.url))
+        .get(format!("{}/v1/fine_tuning/jobs", gateway.url))
         .send()
         .await
         .unwrap();

@@ -9,6 +9,7 @@
 //! request waits on Postgres; a live request never does).
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
@@ -17,7 +18,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::request::{Endpoint, InferenceRequest, read_body};
-use super::routes::{JobsRoute, Route, route};
+use super::routes::{Action, Route, route};
 use super::{Gateway, REQUEST_ID, Stop};
 use crate::error::ApiError;
 use crate::jobs::results::ResultError;
@@ -64,7 +65,7 @@ impl Gateway {
     /// The `/v1/jobs` routes, for `key`'s account.
     pub(super) async fn jobs_api(
         &self,
-        route: JobsRoute,
+        action: Action,
         session: &mut Session,
         key: &KeyRecord,
     ) -> Result<Stop, Stop> {
@@ -75,37 +76,29 @@ impl Gateway {
                 Stop::from(ApiError::NotFound(format!("No job found with id `{id}`.")))
             })
         };
-        Ok(match route {
-            JobsRoute::Create => return Box::pin(self.create_job(session, key)).await,
-            JobsRoute::List => {
-                let (after, limit) = page(session.req_header())?;
+        Ok(match action {
+            Action::Create => return Box::pin(self.create_job(session, key)).await,
+            Action::List => {
+                let (after, limit) = page(session.req_header(), "")?;
                 let jobs = store::list(pool, account, after, limit + 1).await?;
-                let has_more = jobs.len() as i64 > limit;
-                let data: Vec<Value> = jobs.iter().take(limit as usize).map(job_json).collect();
-                let last = data.last().and_then(|job| job.get("id").cloned());
-                Stop::Answer(
-                    200,
-                    json!({"object": "list", "data": data, "has_more": has_more,
-                           "first_id": data.first().and_then(|job| job.get("id").cloned()),
-                           "last_id": last}),
-                )
+                Stop::Answer(200, list_json(jobs.iter().map(job_json), limit))
             }
-            JobsRoute::Get(id) => {
-                let id = id.ok_or_else(|| Stop::from(not_a_job(session.req_header())))?;
+            Action::Get(id) => {
+                let id = id.ok_or_else(|| Stop::from(no_such("job", session.req_header())))?;
                 Stop::Answer(
                     200,
                     job_json(&found(store::get(pool, account, id).await?, id)?),
                 )
             }
-            JobsRoute::Cancel(id) => {
-                let id = id.ok_or_else(|| Stop::from(not_a_job(session.req_header())))?;
+            Action::Delete(id) => {
+                let id = id.ok_or_else(|| Stop::from(no_such("job", session.req_header())))?;
                 let job = found(store::cancel(pool, account, id).await?, id)?;
                 // Running here: stopped now (elsewhere: at its runner's next renewal).
                 self.jobs.abort_local(id);
                 Stop::Answer(200, job_json(&job))
             }
-            JobsRoute::Result(id) => {
-                let id = id.ok_or_else(|| Stop::from(not_a_job(session.req_header())))?;
+            Action::Sub(id) => {
+                let id = id.ok_or_else(|| Stop::from(no_such("job", session.req_header())))?;
                 let job = found(store::get(pool, account, id).await?, id)?;
                 return self.job_result(session, &job).await;
             }
@@ -229,29 +222,43 @@ impl Gateway {
             )
             .into());
         }
-        let mut stream = match self.jobs.results.read(key).await {
+        let stored = Stored {
+            key,
+            status: u16::try_from(status).unwrap_or(200),
+            content_type: job.result_type.as_deref(),
+            bytes: job.result_bytes,
+            gone: "This job's result has expired and was deleted.",
+        };
+        self.send_stored(session, &stored, &job.id.to_string())
+            .await
+    }
+
+    /// Streams a stored answer or file from the result store.
+    pub(super) async fn send_stored(
+        &self,
+        session: &mut Session,
+        stored: &Stored<'_>,
+        request_id: &str,
+    ) -> Result<Stop, Stop> {
+        let mut stream = match self.jobs.results.read(stored.key).await {
             Ok(stream) => stream,
             Err(ResultError::Store(object_store::Error::NotFound { .. })) => {
-                return Err(ApiError::NotFound(
-                    "This job's result has expired and was deleted.".to_owned(),
-                )
-                .into());
+                return Err(ApiError::NotFound(stored.gone.to_owned()).into());
             }
             Err(error) => {
-                tracing::error!(job = %job.id, "job result unreadable: {error}");
+                tracing::error!(key = stored.key, "stored answer unreadable: {error}");
                 return Err(ApiError::DatabaseUnavailable.into());
             }
         };
-        let status = u16::try_from(status).unwrap_or(200);
         let written = async {
-            let mut answer = ResponseHeader::build(status, Some(4))?;
-            if let Some(content_type) = &job.result_type {
-                answer.insert_header(header::CONTENT_TYPE, content_type.as_str())?;
+            let mut answer = ResponseHeader::build(stored.status, Some(4))?;
+            if let Some(content_type) = stored.content_type {
+                answer.insert_header(header::CONTENT_TYPE, content_type)?;
             }
-            if let Some(bytes) = job.result_bytes {
+            if let Some(bytes) = stored.bytes {
                 answer.insert_header(header::CONTENT_LENGTH, bytes.to_string())?;
             }
-            answer.insert_header(REQUEST_ID, job.id.to_string())?;
+            answer.insert_header(REQUEST_ID, request_id)?;
             let head_only = session.req_header().method == http::Method::HEAD;
             session
                 .write_response_header(Box::new(answer), head_only)
@@ -259,7 +266,6 @@ impl Gateway {
             if head_only {
                 return Ok(());
             }
-            use futures_util::StreamExt;
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| {
                     pingora::Error::explain(pingora::ErrorType::ReadError, e.to_string())
@@ -273,6 +279,16 @@ impl Gateway {
             Err(error) => Stop::ClientGone(error),
         })
     }
+}
+
+/// A stored answer or file, as [`Gateway::send_stored`] sends it.
+pub(super) struct Stored<'a> {
+    pub key: &'a str,
+    pub status: u16,
+    pub content_type: Option<&'a str>,
+    pub bytes: Option<i64>,
+    /// The 404's message when its bytes are gone.
+    pub gone: &'a str,
 }
 
 /// The job as the API shows it.
@@ -309,15 +325,28 @@ fn status_name(job: &JobRecord, state: JobState) -> &'static str {
     }
 }
 
-/// `GET /v1/jobs`' page: `after` (the last id of the previous page), `limit`.
-fn page(header: &RequestHeader) -> Result<(Option<Uuid>, i64), ApiError> {
+/// A page of a listing, OpenAI's shape: `items` holds one more than
+/// `limit` when there are more.
+pub(super) fn list_json(items: impl Iterator<Item = Value>, limit: i64) -> Value {
+    let mut data: Vec<Value> = items.collect();
+    let has_more = data.len() as i64 > limit;
+    data.truncate(limit as usize);
+    let id = |item: Option<&Value>| item.and_then(|item| item.get("id").cloned());
+    json!({"object": "list", "first_id": id(data.first()), "last_id": id(data.last()),
+           "has_more": has_more, "data": data})
+}
+
+/// A listing's page: `after` (the last id of the previous page, written
+/// with `prefix`), `limit`.
+pub(super) fn page(header: &RequestHeader, prefix: &str) -> Result<(Option<Uuid>, i64), ApiError> {
     let mut after = None;
     let mut limit = DEFAULT_PAGE;
     for (name, value) in form_urlencoded::parse(header.uri.query().unwrap_or("").as_bytes()) {
         match &*name {
             "after" => {
-                after = Some(value.parse().map_err(|_| {
-                    ApiError::bad_request("`after` must be a job id.", Some("after"))
+                let id = value.strip_prefix(prefix).unwrap_or(&value);
+                after = Some(Uuid::parse_str(id).map_err(|_| {
+                    ApiError::bad_request("`after` must be an id from the listing.", Some("after"))
                 })?);
             }
             "limit" => {
@@ -338,10 +367,11 @@ fn page(header: &RequestHeader) -> Result<(Option<Uuid>, i64), ApiError> {
     Ok((after, limit))
 }
 
-fn not_a_job(header: &RequestHeader) -> ApiError {
-    let id = header.uri.path().trim_start_matches("/v1/jobs/");
-    let id = id.split('/').next().unwrap_or_default();
-    ApiError::NotFound(format!("No job found with id `{id}`."))
+/// The 404 for an id that is none of the collection's (the path's third
+/// segment).
+pub(super) fn no_such(what: &str, header: &RequestHeader) -> ApiError {
+    let id = header.uri.path().split('/').nth(3).unwrap_or_default();
+    ApiError::NotFound(format!("No {what} found with id `{id}`."))
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 //!   the request metrics (see [`metrics`]) and one log line per request.
 
 pub mod audio_probe;
+pub mod batches;
 pub mod context;
 pub mod jobs;
 pub mod metrics;
@@ -58,7 +59,7 @@ use self::jobs::wants_async;
 use self::metrics::{Observation, RequestMetrics};
 use self::models::{ModelRoute, ModelRoutes};
 use self::request::{BodyError, Endpoint, InferenceRequest, read_body};
-use self::routes::Route;
+use self::routes::{Resource, Route};
 use self::triton::TritonCall;
 use self::upload::read_upload;
 use crate::admission::headers::{rate_limit_headers, retry_after};
@@ -185,7 +186,7 @@ impl Gateway {
             | Route::Usage
             | Route::BillingCheckout
             | Route::BillingPortal
-            | Route::Jobs(_) => None,
+            | Route::Resource(..) => None,
             Route::Inference(endpoint) => Some(endpoint),
             Route::Custom(_) => Some(Endpoint::Custom),
         };
@@ -208,9 +209,16 @@ impl Gateway {
         let Some(endpoint) = endpoint else {
             return Err(match route {
                 Route::Usage => Stop::Answer(200, Box::pin(self.own_usage(header, &key)).await?),
-                Route::Jobs(route) => Box::pin(self.jobs_api(route, session, &key))
-                    .await
-                    .unwrap_or_else(|stop| stop),
+                Route::Resource(Resource::Jobs, action) => {
+                    Box::pin(self.jobs_api(action, session, &key))
+                        .await
+                        .unwrap_or_else(|stop| stop)
+                }
+                Route::Resource(resource, action) => {
+                    Box::pin(self.batches_api(resource, action, session, &key))
+                        .await
+                        .unwrap_or_else(|stop| stop)
+                }
                 Route::BillingCheckout | Route::BillingPortal => Stop::Answer(
                     200,
                     Box::pin(self.billing_session(route, session, &key)).await?,

@@ -40,28 +40,71 @@ pub enum Route {
     BillingCheckout,
     /// `POST /v1/billing/portal`: a Customer Portal session for it.
     BillingPortal,
-    /// `/v1/jobs…`: the caller's async jobs.
-    Jobs(JobsRoute),
+    /// `/v1/jobs…`, `/v1/files…`, `/v1/batches…`: the caller's own.
+    Resource(Resource, Action),
 }
 
-/// The job routes (`/v1/jobs`, `/v1/jobs/{id}`, `/v1/jobs/{id}/result`).
+/// The collections a key reads and writes under `/v1`: its jobs, its files
+/// and its batches (OpenAI's Files and Batch APIs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobsRoute {
+pub enum Resource {
+    Jobs,
+    Files,
+    Batches,
+}
+
+impl Resource {
+    const ALL: [Self; 3] = [Self::Jobs, Self::Files, Self::Batches];
+
+    fn path(self) -> &'static str {
+        match self {
+            Self::Jobs => "/v1/jobs",
+            Self::Files => "/v1/files",
+            Self::Batches => "/v1/batches",
+        }
+    }
+
+    /// The one route under an item (`/v1/jobs/{id}/result`), and its method.
+    fn sub(self) -> (&'static str, Method) {
+        match self {
+            Self::Jobs => ("result", Method::GET),
+            Self::Files => ("content", Method::GET),
+            Self::Batches => ("cancel", Method::POST),
+        }
+    }
+
+    /// How the API writes the ids (`file-…`, `batch_…`; a job's is bare).
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Self::Jobs => "",
+            Self::Files => "file-",
+            Self::Batches => "batch_",
+        }
+    }
+}
+
+/// What is asked of a [`Resource`]. An id that is not one of its ids is
+/// `None`: no such item, a 404 once the key is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
     /// `GET /v1/jobs`
     List,
-    /// `POST /v1/jobs` with `{method, path, body}`
+    /// `POST /v1/jobs`
     Create,
-    /// `GET /v1/jobs/{id}`; `None`: not a job id (so no job).
+    /// `GET /v1/jobs/{id}`
     Get(Option<Uuid>),
-    /// `DELETE /v1/jobs/{id}`
-    Cancel(Option<Uuid>),
-    /// `GET /v1/jobs/{id}/result`
-    Result(Option<Uuid>),
+    /// `DELETE /v1/jobs/{id}` (jobs: cancel; files: delete)
+    Delete(Option<Uuid>),
+    /// `/v1/jobs/{id}/result`, `/v1/files/{id}/content`, `/v1/batches/{id}/cancel`
+    Sub(Option<Uuid>),
 }
 
-/// The job route for `method` and `path`; `None` when the path is not one.
-fn jobs_route(method: &Method, path: &str) -> Option<Result<Route, ApiError>> {
-    let rest = path.trim_end_matches('/').strip_prefix("/v1/jobs")?;
+/// The resource route for `method` and `path`; `None` when the path is not one.
+fn resource_route(method: &Method, path: &str) -> Option<Result<Route, ApiError>> {
+    let trimmed = path.trim_end_matches('/');
+    let (resource, rest) = Resource::ALL
+        .into_iter()
+        .find_map(|r| trimmed.strip_prefix(r.path()).map(|rest| (r, rest)))?;
     let get = *method == Method::GET || *method == Method::HEAD;
     let refuse = |allow| {
         Some(Err(ApiError::MethodNotAllowed {
@@ -70,31 +113,42 @@ fn jobs_route(method: &Method, path: &str) -> Option<Result<Route, ApiError>> {
             allow,
         }))
     };
-    let route = match rest.strip_prefix('/').map(|r| r.split_once('/')) {
+    let id = |text: &str| {
+        let prefix = resource.id_prefix();
+        Uuid::parse_str(text.strip_prefix(prefix).unwrap_or(text)).ok()
+    };
+    let deletable = resource != Resource::Batches;
+    let action = match rest.strip_prefix('/').map(|r| r.split_once('/')) {
         None if !rest.is_empty() => return None,
-        None if get => JobsRoute::List,
-        None if *method == Method::POST => JobsRoute::Create,
+        None if get => Action::List,
+        None if *method == Method::POST => Action::Create,
         None => return refuse("GET, HEAD, POST"),
-        Some(None) => {
-            let id = rest[1..].parse().ok();
-            match method {
-                &Method::DELETE => JobsRoute::Cancel(id),
-                _ if get => JobsRoute::Get(id),
-                _ => return refuse("GET, HEAD, DELETE"),
+        Some(None) => match method {
+            &Method::DELETE if deletable => Action::Delete(id(&rest[1..])),
+            _ if get => Action::Get(id(&rest[1..])),
+            _ if deletable => return refuse("GET, HEAD, DELETE"),
+            _ => return refuse("GET, HEAD"),
+        },
+        Some(Some((item, sub))) if sub == resource.sub().0 => {
+            let allowed = resource.sub().1;
+            if *method == allowed || (allowed == Method::GET && get) {
+                Action::Sub(id(item))
+            } else if allowed == Method::GET {
+                return refuse("GET, HEAD");
+            } else {
+                return refuse("POST");
             }
         }
-        Some(Some((id, "result"))) if get => JobsRoute::Result(id.parse().ok()),
-        Some(Some((_, "result"))) => return refuse("GET, HEAD"),
         Some(Some(_)) => return None,
     };
-    Some(Ok(Route::Jobs(route)))
+    Some(Ok(Route::Resource(resource, action)))
 }
 
 /// The route for `method` and `path`, or the 404/405 to answer. Custom
 /// routes (which config keeps off the gateway's own paths) take `POST`.
 pub fn route(method: &Method, path: &str, custom: &[CustomRoute]) -> Result<Route, ApiError> {
-    if let Some(jobs) = jobs_route(method, path) {
-        return jobs;
+    if let Some(route) = resource_route(method, path) {
+        return route;
     }
     let custom = custom
         .iter()
@@ -277,42 +331,59 @@ mod tests {
     }
 
     #[test]
-    fn job_routes_take_their_ids_and_methods() {
+    fn resource_routes_take_their_ids_and_methods() {
         let id = Uuid::now_v7();
-        let jobs = |method: Method, path: &str| route(&method, path, &[]);
+        let ask = |method: Method, path: &str| route(&method, path, &[]);
+        let jobs = |action| Route::Resource(Resource::Jobs, action);
+        assert_eq!(ask(Method::GET, "/v1/jobs").unwrap(), jobs(Action::List));
         assert_eq!(
-            jobs(Method::GET, "/v1/jobs").unwrap(),
-            Route::Jobs(JobsRoute::List)
+            ask(Method::POST, "/v1/jobs/").unwrap(),
+            jobs(Action::Create)
         );
         assert_eq!(
-            jobs(Method::POST, "/v1/jobs/").unwrap(),
-            Route::Jobs(JobsRoute::Create)
+            ask(Method::GET, &format!("/v1/jobs/{id}")).unwrap(),
+            jobs(Action::Get(Some(id)))
         );
         assert_eq!(
-            jobs(Method::GET, &format!("/v1/jobs/{id}")).unwrap(),
-            Route::Jobs(JobsRoute::Get(Some(id)))
+            ask(Method::DELETE, &format!("/v1/jobs/{id}")).unwrap(),
+            jobs(Action::Delete(Some(id)))
         );
         assert_eq!(
-            jobs(Method::DELETE, &format!("/v1/jobs/{id}")).unwrap(),
-            Route::Jobs(JobsRoute::Cancel(Some(id)))
+            ask(Method::GET, &format!("/v1/jobs/{id}/result")).unwrap(),
+            jobs(Action::Sub(Some(id)))
         );
         assert_eq!(
-            jobs(Method::GET, &format!("/v1/jobs/{id}/result")).unwrap(),
-            Route::Jobs(JobsRoute::Result(Some(id)))
+            ask(Method::GET, "/v1/jobs/not-an-id").unwrap(),
+            jobs(Action::Get(None))
+        );
+        // Files and batches take OpenAI's ids.
+        assert_eq!(
+            ask(
+                Method::GET,
+                &format!("/v1/files/file-{}/content", id.simple())
+            )
+            .unwrap(),
+            Route::Resource(Resource::Files, Action::Sub(Some(id)))
         );
         assert_eq!(
-            jobs(Method::GET, "/v1/jobs/not-an-id").unwrap(),
-            Route::Jobs(JobsRoute::Get(None))
+            ask(
+                Method::POST,
+                &format!("/v1/batches/batch_{}/cancel", id.simple())
+            )
+            .unwrap(),
+            Route::Resource(Resource::Batches, Action::Sub(Some(id)))
         );
         for (method, path) in [
             (Method::PUT, "/v1/jobs".to_owned()),
             (Method::POST, format!("/v1/jobs/{id}")),
             (Method::DELETE, format!("/v1/jobs/{id}/result")),
+            (Method::DELETE, format!("/v1/batches/{id}")),
+            (Method::GET, format!("/v1/batches/{id}/cancel")),
         ] {
-            assert_eq!(jobs(method, &path).unwrap_err().status(), 405, "{path}");
+            assert_eq!(ask(method, &path).unwrap_err().status(), 405, "{path}");
         }
         for path in ["/v1/jobsx", &format!("/v1/jobs/{id}/other")] {
-            assert_eq!(jobs(Method::GET, path).unwrap_err().status(), 404, "{path}");
+            assert_eq!(ask(Method::GET, path).unwrap_err().status(), 404, "{path}");
         }
     }
 

@@ -11,12 +11,16 @@
 //!   the gateway's own listener, so a job is admitted, queued by tier,
 //!   routed and metered exactly as a live request; [`pass`] is how such a
 //!   run proves itself there.
-//! - [`upkeep`]: deletes expired results and old records, and reports the
-//!   jobs' figures.
+//! - [`upkeep`]: deletes expired results and old records, finalizes
+//!   batches left unfinished, and reports the jobs' figures.
+//! - [`batches`]: OpenAI's Files and Batch APIs: a batch is a job per line
+//!   of its input file, finalized into output and error files.
 //!
-//! The HTTP side (`/v1/jobs`, `Prefer: respond-async`) is in
-//! [`crate::gateway::jobs`].
+//! The HTTP side (`/v1/jobs`, `Prefer: respond-async`, `/v1/files`,
+//! `/v1/batches`) is in [`crate::gateway::jobs`] and
+//! [`crate::gateway::batches`].
 
+pub mod batches;
 pub mod pass;
 pub mod results;
 pub mod runner;
@@ -25,6 +29,7 @@ pub mod upkeep;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
@@ -43,6 +48,8 @@ pub struct Jobs {
     pub results: ResultStore,
     pub config: JobsConfig,
     pub metrics: JobMetrics,
+    /// Each tier's `result_retention`.
+    pub retention: HashMap<String, Duration>,
     /// Proves this process's runs to its gateway.
     pub pass: RunPass,
     /// This process's name on the leases it holds: a restarted gateway is
@@ -56,13 +63,20 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    pub fn new(pool: Pool, results: ResultStore, config: JobsConfig, metrics: JobMetrics) -> Self {
+    pub fn new(
+        pool: Pool,
+        results: ResultStore,
+        config: JobsConfig,
+        metrics: JobMetrics,
+        retention: HashMap<String, Duration>,
+    ) -> Self {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".to_owned());
         Self {
             pool,
             results,
             config,
             metrics,
+            retention,
             pass: RunPass::default(),
             owner: format!("{host}:{}:{}", std::process::id(), Uuid::now_v7().simple()),
             submitted: Notify::new(),
@@ -82,6 +96,21 @@ impl Jobs {
                 .observe(waited.as_secs_f64());
         }
         Ok(sent)
+    }
+
+    /// How long `tier` keeps results.
+    pub fn retention(&self, tier: &str) -> Duration {
+        self.retention.get(tier).copied().unwrap_or_default()
+    }
+
+    /// Finalizes batch `id` if it is done (see [`batches::finalize`]).
+    pub async fn finalize_batch(&self, id: Uuid) {
+        match batches::finalize(&self.pool, &self.results, id, |tier| self.retention(tier)).await {
+            Ok(true) => tracing::info!(batch = %id, "batch finalized"),
+            Ok(false) => {}
+            // Left for the upkeep's next sweep.
+            Err(error) => tracing::warn!(batch = %id, "batch not finalized: {error}"),
+        }
     }
 
     /// Stops the job's run if it is in progress here.

@@ -101,6 +101,7 @@ mod tests {
             body: Vec::new(),
             sent_before: false,
             created_at: SystemTime::now(),
+            batch_id: None,
         }
     }
 

@@ -187,6 +187,9 @@ impl Run {
             // The job's lease lapses, and a later claim tries again.
             tracing::warn!(job = %claim.id, "job run: {error}");
         }
+        if let Some(batch) = claim.batch_id {
+            self.jobs.finalize_batch(batch).await;
+        }
     }
 
     async fn attempt(&self, claim: &Claim) -> Result<(), StoreError> {

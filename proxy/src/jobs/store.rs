@@ -141,6 +141,8 @@ pub struct Claim {
     /// An earlier attempt sent the request to a backend.
     pub sent_before: bool,
     pub created_at: SystemTime,
+    /// The batch it is a line of: finalized once its last job ends.
+    pub batch_id: Option<Uuid>,
 }
 
 /// How a run ended.
@@ -332,7 +334,7 @@ pub async fn claim(
                  FOR UPDATE SKIP LOCKED)
              RETURNING j.id, j.attempt, j.account_id, j.key_id, k.hash, j.tier, j.method,
                        j.path, j.content_type, j.body, j.sent_at IS NOT NULL AS sent,
-                       j.created_at",
+                       j.created_at, j.batch_id",
             &[&owner, &lease.as_secs_f64(), &limit],
         )
         .await?;
@@ -351,6 +353,7 @@ pub async fn claim(
             body: row.get("body"),
             sent_before: row.get("sent"),
             created_at: row.get("created_at"),
+            batch_id: row.get("batch_id"),
         })
         .collect())
 }

@@ -1,11 +1,11 @@
 //! The jobs' upkeep, every `jobs.sweep_interval` on every gateway (each
 //! step takes rows with `SKIP LOCKED`, so gateways share the work): expired
-//! results are deleted from the result store (what each tier's
-//! `result_retention` promised to free, freed), old records of ended jobs
-//! are deleted, and the jobs' figures are refreshed for the metrics.
+//! results and batch files are deleted from the result store (what each
+//! tier's `result_retention` promised to free, freed), old records of ended
+//! jobs are deleted, batches whose last job ended unseen are finalized, and
+//! the jobs' figures are refreshed for the metrics.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -16,6 +16,7 @@ use prometheus::{
 use tollgate_metering::metric_names;
 
 use super::Jobs;
+use super::batches;
 use super::store::{self, JobState};
 use crate::keys::store::StoreError;
 
@@ -87,8 +88,6 @@ impl JobMetrics {
 
 pub struct JobUpkeep {
     pub jobs: Arc<Jobs>,
-    /// Each tier's `result_retention`.
-    pub retention: Vec<(String, Duration)>,
 }
 
 #[async_trait]
@@ -113,7 +112,7 @@ impl JobUpkeep {
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let pool = &self.jobs.pool;
         let mut freed = 0;
-        for (tier, retention) in &self.retention {
+        for (tier, retention) in &self.jobs.retention {
             loop {
                 let expired = store::expire(pool, tier, *retention, SWEEP_BATCH).await?;
                 for result in &expired {
@@ -128,6 +127,24 @@ impl JobUpkeep {
                     break;
                 }
             }
+        }
+        loop {
+            let expired = batches::expire_files(pool, SWEEP_BATCH).await?;
+            for file in &expired {
+                match self.jobs.results.delete(&file.storage_key).await {
+                    Ok(()) => freed += file.bytes.max(0) as u64,
+                    Err(error) => {
+                        tracing::warn!(file = %file.id, "expired file not deleted: {error}")
+                    }
+                }
+            }
+            if (expired.len() as i64) < SWEEP_BATCH {
+                break;
+            }
+        }
+        // Batches whose finalizer never came (its gateway died first).
+        for batch in batches::due_batches(pool, SWEEP_BATCH).await? {
+            self.jobs.finalize_batch(batch).await;
         }
         self.jobs.metrics.freed_bytes.inc_by(freed);
         if freed > 0 {

@@ -9,7 +9,7 @@ use super::*;
 
 /// A `process` backend running gpu-sim with a start-up delay, and a
 /// `[fleet]` that scales it to zero after `idle_stop_secs`.
-fn process_fleet(startup_delay_secs: u32, idle_stop_secs: u32) -> String {
+pub(super) fn process_fleet(startup_delay_secs: u32, idle_stop_secs: u32) -> String {
     let sim = tollgate_testkit::gpu_sim::binary();
     format!(
         "[[backends]]\nname = \"gpu\"\nprovider = \"process\"\nmodels = [\"sim-model\"]\n\
@@ -23,14 +23,14 @@ fn process_fleet(startup_delay_secs: u32, idle_stop_secs: u32) -> String {
 }
 
 impl Gateway {
-    async fn backend_state(&self, name: &str) -> String {
+    pub(super) async fn backend_state(&self, name: &str) -> String {
         self.backend(name).await["state"]
             .as_str()
             .unwrap()
             .to_owned()
     }
 
-    async fn wait_state(&self, name: &str, state: &str) {
+    pub(super) async fn wait_state(&self, name: &str, state: &str) {
         eventually(&format!("backend {name} is {state}"), || async {
             self.backend_state(name).await == state
         })

@@ -614,3 +614,170 @@ async fn a_job_longer_than_the_hosts_request_timeout_completes() {
         .unwrap();
     assert_eq!(answer["usage"]["completion_tokens"], 50, "{answer}");
 }
+
+/// OpenAI's Batch API through the official Python SDK, unchanged (see
+/// `tests/sdk/openai_batch.py`); then what the batch left in Tollgate.
+#[tokio::test]
+async fn the_python_sdks_batch_flow_works_unchanged() {
+    let sim = Sim::start(&[
+        "--ttft-ms",
+        "0",
+        "--tokens-per-sec",
+        "200",
+        "--output-tokens",
+        "1000",
+    ]);
+    let gateway = Gateway::start(
+        &[BackendSpec {
+            max_concurrency: Some(4),
+            ..BackendSpec::new(&sim.url)
+        }],
+        Options::default(),
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/openai_batch.py");
+    let python = test_python("TOLLGATE_TEST_PYTHON", "sdk-venv");
+    let output = Command::new(&python)
+        .arg(&script)
+        .env("TOLLGATE_BASE_URL", &gateway.url)
+        .env("TOLLGATE_KEY", &key)
+        .env("TOLLGATE_MODEL", "sim-model")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} not runnable ({e}): run scripts/test.sh",
+                python.display()
+            )
+        });
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("batch flow ok"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The first batch's five requests were billed once each, as jobs.
+    let client = gateway.db_client().await;
+    let billed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM usage_events e JOIN jobs j ON j.id = e.event_id
+             WHERE j.custom_id LIKE 'req-%' AND e.status = 'ok'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(billed >= 5, "{billed}");
+    // Another account sees none of it.
+    let other = gateway.create_key("other", &[]);
+    let listing: Value = gateway
+        .get(&other, "/v1/batches")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["data"], json!([]));
+    let files: Value = gateway.get(&key, "/v1/files").await.json().await.unwrap();
+    let id = files["data"][0]["id"].as_str().unwrap();
+    for path in [format!("/v1/files/{id}"), format!("/v1/files/{id}/content")] {
+        assert_eq!(gateway.get(&other, &path).await.status(), 404, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn two_hundred_jobs_over_three_tiers_wake_the_fleet_run_once_in_priority_order() {
+    const JOBS: usize = 200;
+    const TIERS: [&str; 3] = ["free", "pro", "enterprise"];
+    let gateway = Gateway::start(
+        &[],
+        Options {
+            tiers: Some(
+                "[[tiers]]\nname = \"free\"\npriority = 0\n[[tiers]]\nname = \"pro\"\npriority = 10\n\
+                 [[tiers]]\nname = \"enterprise\"\npriority = 20\n"
+                    .to_owned(),
+            ),
+            jobs: "max_running = 200",
+            // Scaled to zero; a 5 s start-up, back to warm after 2 s idle.
+            tail: super::fleet::process_fleet(5, 2),
+            ..Options::default()
+        },
+    )
+    .await;
+    assert_eq!(gateway.backend_state("gpu").await, "cold");
+    let keys: Vec<String> = TIERS
+        .iter()
+        .map(|tier| gateway.create_key_on(&format!("{tier}-co"), tier, &[]))
+        .collect();
+    // Submitted in mixed order, each tier a third.
+    let mut jobs = Vec::new();
+    for i in 0..JOBS {
+        let tier = i % TIERS.len();
+        let request = chat(&format!("job {i} of tier {}", TIERS[tier]), 8);
+        let job = gateway
+            .submit(&keys[tier], "/v1/chat/completions", &request, &[])
+            .await;
+        jobs.push((tier, job["id"].as_str().unwrap().to_owned(), request));
+    }
+    assert_ne!(
+        gateway.backend_state("gpu").await,
+        "hot",
+        "every job is submitted while the GPU wakes"
+    );
+
+    // The same gpu-sim, run directly, for the answers to compare.
+    let reference = Sim::fast();
+    let client = gateway.db_client().await;
+    let mut sent = [Vec::new(), Vec::new(), Vec::new()];
+    for (tier, id, request) in &jobs {
+        let job = gateway.ended(&keys[*tier], id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["attempt"], 1, "{job}");
+        let stored = gateway
+            .get(&keys[*tier], &format!("/v1/jobs/{id}/result"))
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        let direct = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", reference.url))
+            .json(request)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(without_ids(&stored), without_ids(&direct), "job {id}");
+        let uuid: uuid::Uuid = id.parse().unwrap();
+        let at: SystemTime = client
+            .query_one("SELECT sent_at FROM jobs WHERE id = $1", &[&uuid])
+            .await
+            .unwrap()
+            .get(0);
+        sent[*tier].push(at);
+    }
+    // Once each: one usage event per job.
+    let events: i64 = client
+        .query_one(
+            "SELECT count(*) FROM usage_events e JOIN jobs j ON j.id = e.event_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, JOBS as i64);
+    // By priority: a lower tier's job got a slot before a higher tier's last
+    // only in the window where the slots turned over (4 at a time).
+    for (higher, lower) in [(2, 1), (1, 0)] {
+        let last_higher = sent[higher].iter().max().unwrap();
+        let overtaking = sent[lower].iter().filter(|at| *at < last_higher).count();
+        assert!(
+            overtaking <= 4,
+            "{overtaking} {} jobs ran before the last {} job",
+            TIERS[lower],
+            TIERS[higher]
+        );
+    }
+    // Drained: the GPU goes back to warm.
+    gateway.wait_state("gpu", "warm").await;
+}
