@@ -36,6 +36,7 @@ use crate::gateway::context::InFlight;
 use crate::gateway::metrics::RequestMetrics;
 use crate::gateway::models::ModelRoutes;
 use crate::jobs::Jobs;
+use crate::jobs::callbacks::CallbackSender;
 use crate::jobs::results::ResultStore;
 use crate::jobs::runner::JobRunner;
 use crate::jobs::upkeep::{JobMetrics, JobUpkeep};
@@ -327,6 +328,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
                 .map(|t| (t.name.clone(), t.job_max_wait))
                 .collect(),
             custom_routes: config.routes.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "job callbacks",
+        CallbackSender {
+            jobs: Arc::clone(&jobs),
         },
     ));
     server.add_service(background_service("job upkeep", JobUpkeep { jobs }));

@@ -50,6 +50,7 @@ fn job(account: (Uuid, Uuid), body: &str, priority: i32) -> NewJob {
         content_type: Some("application/json".into()),
         body: body.as_bytes().to_vec(),
         idempotency_key: None,
+        callback_url: None,
     }
 }
 

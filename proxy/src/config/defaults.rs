@@ -92,6 +92,8 @@ pub const JOB_MAX_QUEUED_PER_ACCOUNT: u64 = 1_000;
 pub const JOB_SWEEP_INTERVAL: Duration = secs(60);
 /// Ended jobs' records (not their results) are kept this long.
 pub const JOB_RECORD_RETENTION: Duration = days(30);
+/// A failing callback is retried for a day (backoff up to an hour).
+pub const CALLBACK_RETRY_FOR: Duration = days(1);
 /// About a few seconds of traffic at the rates one instance serves.
 pub const USAGE_CHANNEL_CAPACITY: usize = 65_536;
 pub const USAGE_BATCH_SIZE: usize = 10_000;

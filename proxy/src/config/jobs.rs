@@ -20,6 +20,8 @@ pub(super) struct RawJobs {
     max_queued_per_account: Option<u64>,
     sweep_interval: Option<HumanDuration>,
     record_retention: Option<HumanDuration>,
+    callback_retry_for: Option<HumanDuration>,
+    callback_allow_private: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +40,11 @@ pub struct JobsConfig {
     pub sweep_interval: Duration,
     /// How long ended jobs' records are kept.
     pub record_retention: Duration,
+    /// How long a callback that fails is retried.
+    pub callback_retry_for: Duration,
+    /// Callbacks may go to private and loopback addresses (a test, a
+    /// gateway whose clients are all inside its own network).
+    pub callback_allow_private: bool,
 }
 
 pub(super) fn validate(j: RawJobs) -> Result<JobsConfig, ConfigError> {
@@ -56,6 +63,8 @@ pub(super) fn validate(j: RawJobs) -> Result<JobsConfig, ConfigError> {
             .unwrap_or(defaults::JOB_MAX_QUEUED_PER_ACCOUNT),
         sweep_interval: HumanDuration::or(j.sweep_interval, defaults::JOB_SWEEP_INTERVAL),
         record_retention: HumanDuration::or(j.record_retention, defaults::JOB_RECORD_RETENTION),
+        callback_retry_for: HumanDuration::or(j.callback_retry_for, defaults::CALLBACK_RETRY_FOR),
+        callback_allow_private: j.callback_allow_private.unwrap_or(false),
     };
     // A lease renewed every third of it survives one slow renewal.
     if config.lease < Duration::from_secs(3) {

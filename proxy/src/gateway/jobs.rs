@@ -21,10 +21,13 @@ use super::request::{Endpoint, InferenceRequest, read_body};
 use super::routes::{Action, Route, route};
 use super::{Gateway, REQUEST_ID, Stop};
 use crate::error::ApiError;
+use crate::jobs::callbacks;
 use crate::jobs::results::ResultError;
 use crate::jobs::store::{self, JobRecord, JobState, NewJob, Submitted};
 use crate::keys::store::KeyRecord;
 
+/// A job's own callback URL, on a `Prefer: respond-async` request.
+const CALLBACK_URL_HEADER: &str = "x-tollgate-callback-url";
 /// Jobs a page of `GET /v1/jobs` holds unless `limit` says.
 const DEFAULT_PAGE: i64 = 20;
 const MAX_PAGE: i64 = 100;
@@ -55,6 +58,8 @@ struct JobRequest {
     method: String,
     path: String,
     body: Value,
+    #[serde(default)]
+    callback_url: Option<String>,
 }
 
 fn post() -> String {
@@ -81,13 +86,13 @@ impl Gateway {
             Action::List => {
                 let (after, limit) = page(session.req_header(), "")?;
                 let jobs = store::list(pool, account, after, limit + 1).await?;
-                Stop::Answer(200, list_json(jobs.iter().map(job_json), limit))
+                Stop::Answer(200, list_json(jobs.iter().map(JobRecord::json), limit))
             }
             Action::Get(id) => {
                 let id = id.ok_or_else(|| Stop::from(no_such("job", session.req_header())))?;
                 Stop::Answer(
                     200,
-                    job_json(&found(store::get(pool, account, id).await?, id)?),
+                    JobRecord::json(&found(store::get(pool, account, id).await?, id)?),
                 )
             }
             Action::Delete(id) => {
@@ -95,7 +100,7 @@ impl Gateway {
                 let job = found(store::cancel(pool, account, id).await?, id)?;
                 // Running here: stopped now (elsewhere: at its runner's next renewal).
                 self.jobs.abort_local(id);
-                Stop::Answer(200, job_json(&job))
+                Stop::Answer(200, JobRecord::json(&job))
             }
             Action::Sub(id) => {
                 let id = id.ok_or_else(|| Stop::from(no_such("job", session.req_header())))?;
@@ -103,6 +108,42 @@ impl Gateway {
                 return self.job_result(session, &job).await;
             }
         })
+    }
+
+    /// `GET /v1/callbacks`: the account's callback URL and the secret its
+    /// callbacks are signed with (made on first ask); `POST` with
+    /// `{"url": …}` (or `null`) sets the URL first.
+    pub(super) async fn callbacks_api(
+        &self,
+        session: &mut Session,
+        key: &KeyRecord,
+    ) -> Result<Stop, Stop> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Settings {
+            url: Option<String>,
+        }
+        let pool = &self.jobs.pool;
+        if session.req_header().method == http::Method::POST {
+            let body = read_body(session, self.max_body_bytes).await?;
+            let settings: Settings = serde_json::from_slice(&body).map_err(|e| {
+                Stop::from(ApiError::bad_request(
+                    format!("Expected {{\"url\"}}: {e}."),
+                    None,
+                ))
+            })?;
+            if let Some(url) = &settings.url {
+                callbacks::check_url(url)
+                    .map_err(|why| Stop::from(ApiError::bad_request(why, Some("url"))))?;
+            }
+            callbacks::set_account_url(pool, key.account_id, settings.url.as_deref()).await?;
+        }
+        let secret = callbacks::account_secret(pool, key.account_id).await?;
+        let url = callbacks::account_url(pool, key.account_id).await?;
+        Ok(Stop::Answer(
+            200,
+            json!({"object": "callback_settings", "url": url, "secret": secret}),
+        ))
     }
 
     /// `POST /v1/jobs`: `{method, path, body}` for a JSON route.
@@ -136,12 +177,13 @@ impl Gateway {
         };
         self.model_route(key, &request.model)?;
         let path = job.path.trim_end_matches('/').to_owned();
-        self.submit_job(
+        self.store_job(
             session,
             key,
             path,
             Some("application/json".to_owned()),
             request.upstream_body,
+            job.callback_url,
         )
         .await
     }
@@ -156,6 +198,34 @@ impl Gateway {
         content_type: Option<String>,
         body: Bytes,
     ) -> Result<Stop, Stop> {
+        let header = session.req_header();
+        let callback_url = match header.headers.get(CALLBACK_URL_HEADER) {
+            None => None,
+            Some(value) => Some(value.to_str().map(str::to_owned).map_err(|_| {
+                Stop::from(ApiError::bad_request(
+                    "`x-tollgate-callback-url` is not a URL.",
+                    None,
+                ))
+            })?),
+        };
+        self.store_job(session, key, path, content_type, body, callback_url)
+            .await
+    }
+
+    /// [`Self::submit_job`] with the callback URL given.
+    async fn store_job(
+        &self,
+        session: &mut Session,
+        key: &KeyRecord,
+        path: String,
+        content_type: Option<String>,
+        body: Bytes,
+        callback_url: Option<String>,
+    ) -> Result<Stop, Stop> {
+        if let Some(url) = &callback_url {
+            callbacks::check_url(url)
+                .map_err(|why| Stop::from(ApiError::bad_request(why, Some("callback_url"))))?;
+        }
         let header = session.req_header();
         let idempotency_key = match header.headers.get("idempotency-key") {
             None => None,
@@ -190,6 +260,7 @@ impl Gateway {
             content_type,
             body: body.to_vec(),
             idempotency_key,
+            callback_url,
         };
         let job = match store::submit(&self.jobs.pool, &job).await? {
             Submitted::Created(job) => {
@@ -201,7 +272,7 @@ impl Gateway {
         let location = format!("/v1/jobs/{}", job.id);
         Ok(Stop::AnswerWith(
             202,
-            job_json(&job),
+            JobRecord::json(&job),
             vec![("location", location)],
         ))
     }
@@ -212,7 +283,7 @@ impl Gateway {
         let (Some(key), Some(status)) = (&job.result_key, job.result_status) else {
             let message = match job.state {
                 JobState::Expired => "This job's result has expired and was deleted.".to_owned(),
-                state => format!("This job has no result ({}).", status_name(job, state)),
+                _ => format!("This job has no result ({}).", job.status()),
             };
             return Err(ApiError::NotFound(message).into());
         };
@@ -289,40 +360,6 @@ pub(super) struct Stored<'a> {
     pub bytes: Option<i64>,
     /// The 404's message when its bytes are gone.
     pub gone: &'a str,
-}
-
-/// The job as the API shows it.
-pub fn job_json(job: &JobRecord) -> Value {
-    let mut value = serde_json::to_value(job).unwrap_or_default();
-    if let Some(object) = value.as_object_mut() {
-        object.insert("object".into(), "job".into());
-        object.insert("status".into(), status_name(job, job.state).into());
-        object.remove("state");
-        object.insert(
-            "result".into(),
-            match job.result_status {
-                Some(status) if job.state == JobState::Succeeded => json!({
-                    "status": status,
-                    "content_type": job.result_type,
-                    "bytes": job.result_bytes,
-                    "url": format!("/v1/jobs/{}/result", job.id),
-                }),
-                _ => Value::Null,
-            },
-        );
-        for field in ["result_status", "result_type", "result_bytes"] {
-            object.remove(field);
-        }
-    }
-    value
-}
-
-/// A job claimed but still waiting for its GPU slot is `queued` to its owner.
-fn status_name(job: &JobRecord, state: JobState) -> &'static str {
-    match state {
-        JobState::Running if job.sent_at.is_none() => JobState::Queued.as_str(),
-        state => state.as_str(),
-    }
 }
 
 /// A page of a listing, OpenAI's shape: `items` holds one more than

@@ -186,7 +186,8 @@ impl Gateway {
             | Route::Usage
             | Route::BillingCheckout
             | Route::BillingPortal
-            | Route::Resource(..) => None,
+            | Route::Resource(..)
+            | Route::Callbacks => None,
             Route::Inference(endpoint) => Some(endpoint),
             Route::Custom(_) => Some(Endpoint::Custom),
         };
@@ -209,6 +210,9 @@ impl Gateway {
         let Some(endpoint) = endpoint else {
             return Err(match route {
                 Route::Usage => Stop::Answer(200, Box::pin(self.own_usage(header, &key)).await?),
+                Route::Callbacks => Box::pin(self.callbacks_api(session, &key))
+                    .await
+                    .unwrap_or_else(|stop| stop),
                 Route::Resource(Resource::Jobs, action) => {
                     Box::pin(self.jobs_api(action, session, &key))
                         .await

@@ -42,6 +42,8 @@ pub enum Route {
     BillingPortal,
     /// `/v1/jobs…`, `/v1/files…`, `/v1/batches…`: the caller's own.
     Resource(Resource, Action),
+    /// `GET|POST /v1/callbacks`: the account's job callback URL and secret.
+    Callbacks,
 }
 
 /// The collections a key reads and writes under `/v1`: its jobs, its files
@@ -149,6 +151,16 @@ fn resource_route(method: &Method, path: &str) -> Option<Result<Route, ApiError>
 pub fn route(method: &Method, path: &str, custom: &[CustomRoute]) -> Result<Route, ApiError> {
     if let Some(route) = resource_route(method, path) {
         return route;
+    }
+    if path.trim_end_matches('/') == "/v1/callbacks" {
+        return match *method {
+            Method::GET | Method::HEAD | Method::POST => Ok(Route::Callbacks),
+            _ => Err(ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                path: path.to_owned(),
+                allow: "GET, HEAD, POST",
+            }),
+        };
     }
     let custom = custom
         .iter()

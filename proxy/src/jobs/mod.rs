@@ -13,6 +13,7 @@
 //!   run proves itself there.
 //! - [`upkeep`]: deletes expired results and old records, finalizes
 //!   batches left unfinished, and reports the jobs' figures.
+//! - [`callbacks`]: a signed POST when a job ends, retried with backoff.
 //! - [`batches`]: OpenAI's Files and Batch APIs: a batch is a job per line
 //!   of its input file, finalized into output and error files.
 //!
@@ -21,6 +22,7 @@
 //! [`crate::gateway::batches`].
 
 pub mod batches;
+pub mod callbacks;
 pub mod pass;
 pub mod results;
 pub mod runner;

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -84,6 +84,8 @@ pub struct NewJob {
     pub body: Vec<u8>,
     /// `Idempotency-Key`: the same key and body give the same job.
     pub idempotency_key: Option<String>,
+    /// Where to POST the ended job (else the account's URL, if any).
+    pub callback_url: Option<String>,
 }
 
 /// A job as its owner sees it.
@@ -112,6 +114,41 @@ pub struct JobRecord {
     /// still wait for one).
     #[serde(with = "unix_seconds::option")]
     pub sent_at: Option<SystemTime>,
+}
+
+impl JobRecord {
+    /// Its status as its owner sees it: a job claimed but still waiting for
+    /// its GPU slot is `queued`.
+    pub fn status(&self) -> &'static str {
+        match self.state {
+            JobState::Running if self.sent_at.is_none() => JobState::Queued.as_str(),
+            state => state.as_str(),
+        }
+    }
+
+    /// The job as the API shows it.
+    pub fn json(&self) -> Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(object) = value.as_object_mut() {
+            object.insert("object".into(), "job".into());
+            object.insert("status".into(), self.status().into());
+            object.remove("state");
+            let result = match self.result_status {
+                Some(status) if self.state == JobState::Succeeded => json!({
+                    "status": status,
+                    "content_type": self.result_type,
+                    "bytes": self.result_bytes,
+                    "url": format!("/v1/jobs/{}/result", self.id),
+                }),
+                _ => Value::Null,
+            };
+            object.insert("result".into(), result);
+            for field in ["result_status", "result_type", "result_bytes"] {
+                object.remove(field);
+            }
+        }
+        value
+    }
 }
 
 /// What submitting gave.
@@ -192,8 +229,8 @@ pub async fn submit(pool: &Pool, job: &NewJob) -> Result<Submitted, StoreError> 
         .query_opt(
             &format!(
                 "INSERT INTO jobs (id, account_id, key_id, tier, priority, method, path,
-                                   content_type, body, body_sha256, idempotency_key)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                                   content_type, body, body_sha256, idempotency_key, callback_url)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
                  ON CONFLICT (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL
                  DO NOTHING
                  RETURNING {COLUMNS}"
@@ -210,6 +247,7 @@ pub async fn submit(pool: &Pool, job: &NewJob) -> Result<Submitted, StoreError> 
                 &job.body,
                 &digest,
                 &job.idempotency_key,
+                &job.callback_url,
             ],
         )
         .await?;
@@ -410,37 +448,51 @@ pub async fn requeue(
 }
 
 /// Ends the claim's run; `false` when the claim was lost, and then nothing
-/// changed.
+/// changed. Its callback, if it has one (its own URL, else its account's;
+/// a batch's lines have none), is queued in the same statement.
 pub async fn finish(pool: &Pool, id: Uuid, attempt: i32, how: &Finish) -> Result<bool, StoreError> {
     let client = pool.get().await?;
-    let updated =
-        match how {
-            Finish::Answered {
-                status,
-                content_type,
-                result_key,
-                bytes,
-            } => client
-                .execute(
-                    "UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_owner = NULL,
-                                     lease_until = NULL, result_status = $3, result_type = $4,
-                                     result_key = $5, result_bytes = $6
-                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+    let ended = |set: &str| {
+        format!(
+            "WITH done AS (
+                 UPDATE jobs SET {set}, finished_at = now(), lease_owner = NULL, lease_until = NULL
+                 WHERE id = $1 AND attempt = $2 AND state = 'running'
+                 RETURNING id, account_id, callback_url, batch_id),
+             callback AS (
+                 INSERT INTO job_callbacks (job_id, url)
+                 SELECT done.id, coalesce(done.callback_url, a.callback_url)
+                 FROM done JOIN accounts a ON a.id = done.account_id
+                 WHERE done.batch_id IS NULL
+                   AND coalesce(done.callback_url, a.callback_url) IS NOT NULL)
+             SELECT count(*) FROM done"
+        )
+    };
+    let row = match how {
+        Finish::Answered {
+            status,
+            content_type,
+            result_key,
+            bytes,
+        } => {
+            let set = "state = 'succeeded', result_status = $3, result_type = $4, \
+                       result_key = $5, result_bytes = $6";
+            client
+                .query_one(
+                    &ended(set),
                     &[&id, &attempt, status, content_type, result_key, bytes],
                 )
-                .await?,
-            Finish::Failed(error) => {
-                client
-                    .execute(
-                        "UPDATE jobs SET state = 'failed', finished_at = now(), lease_owner = NULL,
-                                     lease_until = NULL, error = $3
-                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
-                        &[&id, &attempt, error],
-                    )
-                    .await?
-            }
-        };
-    Ok(updated == 1)
+                .await?
+        }
+        Finish::Failed(error) => {
+            client
+                .query_one(
+                    &ended("state = 'failed', error = $3"),
+                    &[&id, &attempt, error],
+                )
+                .await?
+        }
+    };
+    Ok(row.get::<_, i64>(0) == 1)
 }
 
 /// A result whose time is up: its key in the result store, and its size.

@@ -781,3 +781,228 @@ async fn two_hundred_jobs_over_three_tiers_wake_the_fleet_run_once_in_priority_o
     // Drained: the GPU goes back to warm.
     gateway.wait_state("gpu", "warm").await;
 }
+
+/// The Python function docs/jobs.md gives to verify a callback's signature.
+fn documented_verifier() -> String {
+    let docs =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/jobs.md"))
+            .unwrap();
+    let after = docs.split("<!-- verify-callback").nth(1).unwrap();
+    let code = after.split("```python\n").nth(1).unwrap();
+    code.split("```").next().unwrap().to_owned()
+}
+
+/// Each callback received: its signature header and its body.
+type Received = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A receiver of callbacks: answers 500 to the first, then 200.
+struct Receiver {
+    url: String,
+    received: Received,
+    accept: tokio::task::AbortHandle,
+}
+
+use std::sync::Arc;
+
+impl Receiver {
+    async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks/tollgate", listener.local_addr().unwrap());
+        let received: Received = Arc::default();
+        let kept = Arc::clone(&received);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 8192];
+                // Headers, then Content-Length bytes of body.
+                let (head, body) = loop {
+                    let n = stream.read(&mut buffer).await.unwrap();
+                    if n == 0 {
+                        break (String::new(), Vec::new());
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                    let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if request.len() >= end + 4 + length {
+                        break (head, request[end + 4..end + 4 + length].to_vec());
+                    }
+                };
+                let signature = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("x-tollgate-signature:"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                let first = {
+                    let mut all = kept.lock().unwrap();
+                    all.push((signature, body));
+                    all.len() == 1
+                };
+                let status = if first {
+                    "500 Internal Server Error"
+                } else {
+                    "200 OK"
+                };
+                let answer =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        })
+        .abort_handle();
+        Self {
+            url,
+            received,
+            accept,
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_job_calls_back_signed_and_retries_until_answered() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            jobs: "callback_allow_private = true\npoll_interval = \"200ms\"",
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key("acme", &[]);
+    let receiver = Receiver::start().await;
+    let (status, settings) = gateway
+        .post_json(&key, "/v1/callbacks", &json!({"url": receiver.url}))
+        .await;
+    assert_eq!(status, 200, "{settings}");
+    let secret = settings["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"));
+    let again: Value = gateway
+        .get(&key, "/v1/callbacks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (again["secret"].as_str(), again["url"].as_str()),
+        (Some(secret.as_str()), Some(receiver.url.as_str()))
+    );
+
+    let job = gateway
+        .submit(&key, "/v1/chat/completions", &chat("call me", 4), &[])
+        .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    // Refused once (500), delivered on the retry.
+    eventually("the callback is retried until answered", || async {
+        receiver.received.lock().unwrap().len() >= 2
+    })
+    .await;
+    let (signature, body) = receiver.received.lock().unwrap()[1].clone();
+    let event: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(event["type"], "job.succeeded", "{event}");
+    assert_eq!(event["data"]["id"], id.as_str());
+    assert_eq!(event["data"]["status"], "succeeded");
+
+    // The documented snippet accepts it, and refuses a changed body or secret.
+    let python = test_python("TOLLGATE_TEST_PYTHON", "sdk-venv");
+    let driver = format!(
+        "{}\nimport os, sys\nbody = open(sys.argv[1], 'rb').read()\n\
+         print(verify(os.environ['SECRET'], os.environ['HEADER'], body))\n",
+        documented_verifier()
+    );
+    let dir = std::env::temp_dir().join(unique("callback"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let verify = |secret: &str, body: &[u8]| {
+        std::fs::write(dir.join("body"), body).unwrap();
+        let output = Command::new(&python)
+            .arg("-c")
+            .arg(&driver)
+            .arg(dir.join("body"))
+            .env("SECRET", secret)
+            .env("HEADER", &signature)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(verify(&secret, &body), "True");
+    let mut changed = body.clone();
+    changed.extend_from_slice(b" ");
+    assert_eq!(verify(&secret, &changed), "False");
+    assert_eq!(verify("whsec_other", &body), "False");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A job's own URL is checked at submission.
+    let response = gateway
+        .client
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&key)
+        .header("prefer", "respond-async")
+        .header("x-tollgate-callback-url", "ftp://example.com/")
+        .json(&chat("bad url", 4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}
+
+#[tokio::test]
+async fn callbacks_to_private_addresses_are_refused_by_default() {
+    let sim = Sim::fast();
+    let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
+    let key = gateway.create_key("acme", &[]);
+    let receiver = Receiver::start().await;
+    let (status, job) = gateway
+        .post_json(
+            &key,
+            "/v1/jobs",
+            &json!({"path": "/v1/chat/completions", "body": chat("inside", 4),
+                    "callback_url": receiver.url}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(gateway.ended(&key, id).await["status"], "succeeded");
+    let client = gateway.db_client().await;
+    let uuid: uuid::Uuid = id.parse().unwrap();
+    eventually("the delivery is tried", || async {
+        client
+            .query_one(
+                "SELECT last_error FROM job_callbacks WHERE job_id = $1",
+                &[&uuid],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, Option<String>>(0).is_some())
+    })
+    .await;
+    let row = client
+        .query_one(
+            "SELECT delivered_at IS NULL, last_error FROM job_callbacks WHERE job_id = $1",
+            &[&uuid],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert!(
+        row.get::<_, Option<String>>(1)
+            .unwrap()
+            .contains("no public address")
+    );
+    assert!(receiver.received.lock().unwrap().is_empty());
+}
