@@ -66,6 +66,9 @@ workers = 1
 url = "${DATABASE_URL%/*}/$db"
 [metering]
 spool_dir = "$OUT/spool-$port"
+[jobs]
+results_dir = "$OUT/spool-$port-results"
+max_queued_per_account = 100000000
 [[tiers]]
 name = "pro"
 [[backends]]

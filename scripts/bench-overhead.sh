@@ -16,6 +16,11 @@
 #          added latency p50/p99 for GPU work beyond chat; then a
 #          transcription upload of UPLOAD_MIB MiB at UPLOAD_RATE: added
 #          latency, and each upload's throughput (its size over p50);
+#  jobs    job submission (`Prefer: respond-async`) at each of JOB_RATES,
+#          against the same chat request answered live, alternating in
+#          ROUNDS rounds: submit latency p50/p99 (a 202 once the job is in
+#          Postgres) and whether every submission was accepted; the runner
+#          runs the jobs meanwhile, as in production;
 #  peak    closed-loop peak throughput with wrk (1 thread, 16 connections),
 #          median of PEAK_RUNS runs: the method of the passthrough ceiling
 #          quoted in the project brief.
@@ -37,7 +42,8 @@ DURATION="${DURATION:-5}"
 LADDER="${LADDER:-1000 2000 4000 6000 8000 10000 12000 14000 16000 20000}"
 LADDER_RUNS="${LADDER_RUNS:-3}"
 PEAK_RUNS="${PEAK_RUNS:-3}"
-SECTIONS="${SECTIONS:-fixed ladder work peak}"
+JOB_RATES="${JOB_RATES:-100 250 500 1000}"
+SECTIONS="${SECTIONS:-fixed ladder work jobs peak}"
 
 apt_install wrk
 cargo build --release --locked --bins --example passthrough >&2
@@ -183,6 +189,39 @@ peak() {
     done
     printf '%s\n' "${rates[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
 }
+
+if section jobs; then
+echo
+echo "### Job submission"
+echo
+echo "The same chat request (16 tokens) answered live and submitted as a job (\`Prefer: respond-async\`: 202 once the job is in Postgres), open loop, ${DURATION}s runs alternating live and job, median of $ROUNDS rounds; latency in ms. The runner runs the submitted jobs meanwhile."
+echo
+echo "| rate (req/s) | live p50 / p99 | submit p50 / p99 | submit / live p50 | jobs refused or dropped |"
+echo "|---|---|---|---|---|"
+printf '%s' '{"model":"sim-model","messages":[{"role":"user","content":"Summarise the meeting notes."}],"max_tokens":16}' >"$OUT/job.json"
+for rate in $JOB_RATES; do
+    for round in $(seq "$ROUNDS"); do
+        "$BIN/loadgen" --url "$TOLLGATE/v1/chat/completions" --key "$KEY" --body "$OUT/job.json" \
+            --rate "$rate" --duration "$DURATION" --json "$OUT/jobs-live-$rate-$round.json" >/dev/null
+        "$BIN/loadgen" --url "$TOLLGATE/v1/chat/completions" --key "$KEY" --body "$OUT/job.json" \
+            --header "Prefer: respond-async" \
+            --rate "$rate" --duration "$DURATION" --json "$OUT/jobs-submit-$rate-$round.json" >/dev/null
+    done
+    python3 - "$OUT" "$rate" "$ROUNDS" <<'PY'
+import json, statistics, sys
+out, rate, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def runs(kind):
+    return [json.load(open(f"{out}/jobs-{kind}-{rate}-{r}.json"))["report"] for r in range(1, rounds + 1)]
+def median(reports, p):
+    return statistics.median(r["latency_ms"][p] for r in reports)
+live, submit = runs("live"), runs("submit")
+lost = sum(r["requests"]["errors"] + r["requests"]["dropped"] for r in submit)
+print(f"| {rate} | {median(live, 'p50'):.3f} / {median(live, 'p99'):.3f} "
+      f"| {median(submit, 'p50'):.3f} / {median(submit, 'p99'):.3f} "
+      f"| {median(submit, 'p50') / median(live, 'p50'):.2f} | {lost} |")
+PY
+done
+fi
 
 if section peak; then
 echo

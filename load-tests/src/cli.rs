@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use hyper::header::{HeaderName, HeaderValue};
 use serde::Serialize;
 
 use crate::endpoint::Endpoint;
@@ -151,6 +152,10 @@ pub struct RunArgs {
         requires = "body"
     )]
     pub content_type: String,
+    /// A header sent with every request, `NAME: VALUE` (repeatable), e.g.
+    /// `--header "Prefer: respond-async"` to submit async jobs
+    #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Size of the user prompt in bytes (ASCII words)
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
@@ -213,6 +218,8 @@ pub struct LoadPlan {
     pub body: Option<Bytes>,
     /// `--content-type` of every request.
     pub content_type: String,
+    /// `--header`s, sent with every request.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     pub prompt_bytes: usize,
     pub max_tokens: u32,
     pub model: String,
@@ -299,6 +306,7 @@ impl RunArgs {
             stream: self.stream,
             body: self.body.clone(),
             content_type: self.content_type.clone(),
+            headers: self.headers.clone(),
             prompt_bytes: self.prompt_bytes as usize,
             max_tokens: self.max_tokens,
             model: self.model.clone(),
@@ -307,6 +315,16 @@ impl RunArgs {
             threads: self.threads as usize,
         }
     }
+}
+
+/// `NAME: VALUE` as a header.
+fn parse_header(text: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| format!("`{text}` is not `NAME: VALUE`"))?;
+    let name = HeaderName::try_from(name.trim()).map_err(|e| format!("`{name}`: {e}"))?;
+    let value = HeaderValue::try_from(value.trim()).map_err(|e| format!("`{value}`: {e}"))?;
+    Ok((name, value))
 }
 
 impl LoadPlan {

@@ -597,6 +597,7 @@ mod tests {
             stream: false,
             body: None,
             content_type: "application/json".into(),
+            headers: Vec::new(),
             prompt_bytes: 10,
             max_tokens: 4,
             model: "m".into(),

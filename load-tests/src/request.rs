@@ -43,6 +43,7 @@ pub struct RequestTemplate {
     uri: Uri,
     body: Bytes,
     content_type: HeaderValue,
+    headers: Vec<(hyper::header::HeaderName, HeaderValue)>,
     /// One `Authorization` value per key of the mix, in [`crate::key_mix::KeyMix::keys`] order.
     authorizations: Vec<HeaderValue>,
     stream: bool,
@@ -67,6 +68,7 @@ impl RequestTemplate {
             },
             content_type: HeaderValue::from_str(&plan.content_type)
                 .context("--content-type is not a header value")?,
+            headers: plan.headers.clone(),
             authorizations,
             stream: plan.stream,
             custom_body: plan.body.is_some(),
@@ -80,6 +82,9 @@ impl RequestTemplate {
         *request.uri_mut() = self.uri.clone();
         let headers = request.headers_mut();
         headers.insert(CONTENT_TYPE, self.content_type.clone());
+        for (name, value) in &self.headers {
+            headers.append(name.clone(), value.clone());
+        }
         if let Some(auth) = key.and_then(|i| self.authorizations.get(i)) {
             headers.insert(AUTHORIZATION, auth.clone());
         }
@@ -309,6 +314,7 @@ mod tests {
             stream,
             body: None,
             content_type: "application/json".into(),
+            headers: Vec::new(),
             prompt_bytes: 40,
             max_tokens: 16,
             model: "sim-model".into(),
