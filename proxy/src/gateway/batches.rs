@@ -198,13 +198,7 @@ impl Gateway {
     /// request; any bad line fails the batch (with the lines' errors), else
     /// each runs as a job.
     async fn create_batch(&self, session: &mut Session, key: &KeyRecord) -> Result<Stop, Stop> {
-        let body = read_body(session, self.max_body_bytes).await?;
-        let asked: BatchRequest = serde_json::from_slice(&body).map_err(|e| {
-            Stop::from(ApiError::bad_request(
-                format!("Invalid batch request: {e}."),
-                None,
-            ))
-        })?;
+        let asked: BatchRequest = self.read_json(session, "batch request").await?;
         let endpoint = match route(&http::Method::POST, &asked.endpoint, &[]) {
             Ok(Route::Inference(
                 endpoint @ (Endpoint::ChatCompletions

@@ -125,13 +125,7 @@ impl Gateway {
         }
         let pool = &self.jobs.pool;
         if session.req_header().method == http::Method::POST {
-            let body = read_body(session, self.max_body_bytes).await?;
-            let settings: Settings = serde_json::from_slice(&body).map_err(|e| {
-                Stop::from(ApiError::bad_request(
-                    format!("Expected {{\"url\"}}: {e}."),
-                    None,
-                ))
-            })?;
+            let settings: Settings = self.read_json(session, "callback settings").await?;
             if let Some(url) = &settings.url {
                 callbacks::check_url(url)
                     .map_err(|why| Stop::from(ApiError::bad_request(why, Some("url"))))?;
@@ -146,15 +140,20 @@ impl Gateway {
         ))
     }
 
+    /// The request's JSON body as a `T` (`what` names it in the 400).
+    pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        session: &mut Session,
+        what: &str,
+    ) -> Result<T, Stop> {
+        let body = read_body(session, self.max_body_bytes).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| Stop::from(ApiError::bad_request(format!("Invalid {what}: {e}."), None)))
+    }
+
     /// `POST /v1/jobs`: `{method, path, body}` for a JSON route.
     async fn create_job(&self, session: &mut Session, key: &KeyRecord) -> Result<Stop, Stop> {
-        let body = read_body(session, self.max_body_bytes).await?;
-        let job: JobRequest = serde_json::from_slice(&body).map_err(|e| {
-            Stop::from(ApiError::bad_request(
-                format!("The body must be a job: {{\"path\", \"body\"}} ({e})."),
-                None,
-            ))
-        })?;
+        let job: JobRequest = self.read_json(session, "job").await?;
         let method = http::Method::from_bytes(job.method.as_bytes()).unwrap_or_default();
         let (endpoint, custom) = match route(&method, &job.path, &self.custom_routes) {
             Ok(Route::Inference(endpoint)) if !endpoint.takes_upload() => (endpoint, None),

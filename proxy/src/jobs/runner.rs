@@ -210,6 +210,18 @@ impl Run {
                 .get(&claim.tier)
                 .copied()
                 .unwrap_or(Duration::ZERO);
+        if !claim.sent_before && SystemTime::now() > deadline {
+            let why = format!(
+                "The job did not start within its tier's job_max_wait ({}).",
+                humantime::format_duration(
+                    deadline
+                        .duration_since(claim.created_at)
+                        .unwrap_or_default()
+                )
+            );
+            store::finish(pool, id, attempt, &failure("job_wait_exceeded", &why)).await?;
+            return Ok(());
+        }
         let response = match self.client.request(self.request(claim)).await {
             Ok(response) => response,
             Err(error) if error.is_connect() => {

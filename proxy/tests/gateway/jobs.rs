@@ -6,8 +6,14 @@
 use super::*;
 
 impl Gateway {
-    /// Submits `body` to `path` as a job: the 202's job object.
-    async fn submit(&self, key: &str, path: &str, body: &Value, extra: &[(&str, &str)]) -> Value {
+    /// Posts `body` to `path` with `Prefer: respond-async` and `extra` headers.
+    async fn ask_async(
+        &self,
+        key: &str,
+        path: &str,
+        body: &Value,
+        extra: &[(&str, &str)],
+    ) -> reqwest::Response {
         let mut request = self
             .client
             .post(format!("{}{path}", self.url))
@@ -17,7 +23,12 @@ impl Gateway {
         for (name, value) in extra {
             request = request.header(*name, *value);
         }
-        let response = request.send().await.unwrap();
+        request.send().await.unwrap()
+    }
+
+    /// Submits `body` to `path` as a job: the 202's job object.
+    async fn submit(&self, key: &str, path: &str, body: &Value, extra: &[(&str, &str)]) -> Value {
+        let response = self.ask_async(key, path, body, extra).await;
         assert_eq!(response.status(), 202);
         let location = response.headers()["location"].to_str().unwrap().to_owned();
         let job: Value = response.json().await.unwrap();
@@ -140,18 +151,9 @@ async fn bad_requests_are_refused_at_submission_and_store_nothing() {
     let gateway = Gateway::start(&[BackendSpec::new(&sim.url)], Options::default()).await;
     let key = gateway.create_key("acme", &[]);
     let ask = |path: &'static str, body: Value| {
-        let gateway = &gateway;
-        let key = key.clone();
+        let (gateway, key) = (&gateway, key.clone());
         async move {
-            let response = gateway
-                .client
-                .post(format!("{}{path}", gateway.url))
-                .bearer_auth(&key)
-                .header("prefer", "respond-async")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
+            let response = gateway.ask_async(&key, path, &body, &[]).await;
             let status = response.status().as_u16();
             (status, response.json::<Value>().await.unwrap())
         }
@@ -205,15 +207,13 @@ async fn jobs_are_their_accounts_alone_and_idempotency_keys_give_the_same_job() 
         .await;
     assert_eq!(first["id"], again["id"]);
     let other = gateway
-        .client
-        .post(format!("{}/v1/chat/completions", gateway.url))
-        .bearer_auth(&alice)
-        .header("prefer", "respond-async")
-        .header("idempotency-key", "k-1")
-        .json(&chat("another body", 4))
-        .send()
-        .await
-        .unwrap();
+        .ask_async(
+            &alice,
+            "/v1/chat/completions",
+            &chat("another body", 4),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
     assert_eq!(other.status(), 409);
 
     let id = first["id"].as_str().unwrap();
@@ -950,15 +950,13 @@ async fn a_job_calls_back_signed_and_retries_until_answered() {
 
     // A job's own URL is checked at submission.
     let response = gateway
-        .client
-        .post(format!("{}/v1/chat/completions", gateway.url))
-        .bearer_auth(&key)
-        .header("prefer", "respond-async")
-        .header("x-tollgate-callback-url", "ftp://example.com/")
-        .json(&chat("bad url", 4))
-        .send()
-        .await
-        .unwrap();
+        .ask_async(
+            &key,
+            "/v1/chat/completions",
+            &chat("bad url", 4),
+            &[("x-tollgate-callback-url", "ftp://example.com/")],
+        )
+        .await;
     assert_eq!(response.status(), 400);
 }
 
