@@ -245,7 +245,7 @@ impl Gateway {
             ),
         };
         let limit = self.jobs.config.max_queued_per_account;
-        if store::queued(&self.jobs.pool, key.account_id).await? >= limit {
+        if store::queued_at_least(&self.jobs.pool, key.account_id, limit).await? {
             return Err(ApiError::TooManyJobs { limit }.into());
         }
         let priority = self.admission.priority(&key.tier)?;

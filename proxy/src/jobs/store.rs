@@ -274,16 +274,19 @@ pub async fn submit(pool: &Pool, job: &NewJob) -> Result<Submitted, StoreError> 
     }
 }
 
-/// How many of the account's jobs wait to be claimed.
-pub async fn queued(pool: &Pool, account_id: Uuid) -> Result<u64, StoreError> {
+/// Whether the account has `cap` jobs or more waiting to be claimed
+/// (counting no further than the cap).
+pub async fn queued_at_least(pool: &Pool, account_id: Uuid, cap: u64) -> Result<bool, StoreError> {
     let client = pool.get().await?;
+    let cap = i64::try_from(cap).unwrap_or(i64::MAX);
     let row = client
         .query_one(
-            "SELECT count(*) FROM jobs WHERE account_id = $1 AND state = 'queued'",
-            &[&account_id],
+            "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE account_id = $1 AND state = 'queued'
+                                   LIMIT $2) AS queued",
+            &[&account_id, &cap],
         )
         .await?;
-    Ok(row.get::<_, i64>(0) as u64)
+    Ok(row.get::<_, i64>(0) >= cap)
 }
 
 /// The account's job `id` (`None` for another account's: a job is not
