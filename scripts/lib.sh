@@ -172,7 +172,7 @@ ensure_sdks() {
         python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
     fi
     if ! "$venv/bin/pip" install -q --disable-pip-version-check -r "$sdk/requirements.txt"; then
-        die "cannot install the openai Python SDK (and mutagen, the tests' independent audio reader)"
+        die "cannot install the openai Python SDK (with mutagen, the tests' independent audio reader, and moto, their S3)"
     fi
     command -v npm >/dev/null || apt_install nodejs npm
     if [ ! -d "$sdk/node_modules/openai" ] || [ "$sdk/package-lock.json" -nt "$sdk/node_modules" ]; then

@@ -171,9 +171,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let models = ModelRoutes::new(&config, &admission.queues(), &metering, &metrics);
     let readiness = Arc::new(PostgresReadiness::default());
     let tier_names: Vec<String> = config.tiers.iter().map(|t| t.name.clone()).collect();
-    let results_dir = &config.jobs.results_dir;
-    let results = ResultStore::local(results_dir)
-        .map_err(|e| anyhow::anyhow!("jobs.results_dir {}: {e}", results_dir.display()))?;
+    let results = match &config.jobs.results_url {
+        Some(url) => {
+            ResultStore::s3(url).map_err(|e| anyhow::anyhow!("jobs.results_url {url}: {e}"))?
+        }
+        None => {
+            let dir = &config.jobs.results_dir;
+            ResultStore::local(dir)
+                .map_err(|e| anyhow::anyhow!("jobs.results_dir {}: {e}", dir.display()))?
+        }
+    };
     let jobs = Arc::new(Jobs::new(
         pool.clone(),
         results,

@@ -199,7 +199,7 @@ impl Gateway {
              metrics_listen = \"127.0.0.1:{metrics_port}\"\ndrain_timeout = \"20s\"\n{}\n\
              [keys]\n{}\n[metering]\nspool_dir = \"{}\"\n{}\n{}\n\
              [admission]\n{}\n[routing]\n{}\n[health]\n{}\n[redis]\nkey_prefix = \"{}\"\n{}\n\
-             [jobs]\nresults_dir = \"{}\"\n{}\n{}",
+             [jobs]\n{}\n{}\n{}",
             options.server,
             options.keys,
             spool_dir.display(),
@@ -215,7 +215,12 @@ impl Gateway {
             options.health,
             redis_prefix,
             options.redis_extra,
-            results_dir.display(),
+            // A directory of the test's own, unless it keeps results in a bucket.
+            if options.jobs.contains("results_url") {
+                String::new()
+            } else {
+                format!("results_dir = \"{}\"", results_dir.display())
+            },
             options.jobs,
             options.tiers.as_deref().unwrap_or(DEFAULT_TIERS),
         );

@@ -14,6 +14,7 @@ use super::{ConfigError, HumanDuration, defaults, invalid, positive};
 #[serde(deny_unknown_fields)]
 pub(super) struct RawJobs {
     results_dir: Option<PathBuf>,
+    results_url: Option<String>,
     lease: Option<HumanDuration>,
     poll_interval: Option<HumanDuration>,
     max_running: Option<usize>,
@@ -26,8 +27,11 @@ pub(super) struct RawJobs {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobsConfig {
-    /// Where results are written (a directory every gateway can reach).
+    /// Where results are written: a directory (every gateway must reach the
+    /// same one), unless `results_url` names a bucket.
     pub results_dir: PathBuf,
+    /// `s3://bucket/prefix`: results in an S3-compatible bucket.
+    pub results_url: Option<String>,
     /// How long a claimed job stays its runner's without a renewal.
     pub lease: Duration,
     /// How often a runner looks for jobs submitted elsewhere.
@@ -48,10 +52,28 @@ pub struct JobsConfig {
 }
 
 pub(super) fn validate(j: RawJobs) -> Result<JobsConfig, ConfigError> {
+    if j.results_dir.is_some() && j.results_url.is_some() {
+        return Err(invalid(
+            "jobs.results_url",
+            "results go to a directory or a bucket: set results_dir or results_url, not both",
+        ));
+    }
+    if let Some(url) = &j.results_url {
+        let bucket = url
+            .strip_prefix("s3://")
+            .map(|rest| rest.split('/').next().unwrap_or(""));
+        if bucket.is_none_or(str::is_empty) {
+            return Err(invalid(
+                "jobs.results_url",
+                format!("`{url}` is not an S3 URL like s3://bucket/prefix"),
+            ));
+        }
+    }
     let config = JobsConfig {
         results_dir: j
             .results_dir
             .unwrap_or_else(|| PathBuf::from(defaults::RESULTS_DIR)),
+        results_url: j.results_url,
         lease: HumanDuration::or(j.lease, defaults::JOB_LEASE),
         poll_interval: HumanDuration::or(j.poll_interval, defaults::JOB_POLL_INTERVAL),
         max_running: positive(

@@ -1,6 +1,6 @@
-//! Job results in a blob store, through `object_store`: a directory of the
-//! gateway's disk by default (an S3-compatible bucket is a configuration
-//! away; every gateway of a cluster must then share it). A result is written
+//! Job results and batch files in a blob store, through `object_store`: a
+//! directory of the gateway's disk by default, or an S3-compatible bucket
+//! (`[jobs] results_url`), which every gateway of a cluster can share. A result is written
 //! as the answer streams in, never held whole, and read back as a stream.
 //!
 //! Results are kept by tier; [`super::store::expire`] marks the jobs whose
@@ -12,10 +12,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
@@ -40,6 +42,23 @@ impl ResultStore {
         Ok(Self {
             store: Arc::new(LocalFileSystem::new_with_prefix(dir)?),
         })
+    }
+
+    /// Results in an S3-compatible bucket, `s3://bucket/prefix`: credentials,
+    /// region and endpoint come from the usual `AWS_*` variables
+    /// (`AWS_ENDPOINT` and `AWS_ALLOW_HTTP=true` for a MinIO on plain HTTP).
+    pub fn s3(url: &str) -> Result<Self, ResultError> {
+        let bucket = AmazonS3Builder::from_env().with_url(url).build()?;
+        let prefix = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .map_or("", |(_, prefix)| prefix.trim_matches('/'));
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(bucket)
+        } else {
+            Arc::new(PrefixStore::new(bucket, prefix))
+        };
+        Ok(Self { store })
     }
 
     /// A job's result's key: under its account, so a listing by account

@@ -1004,3 +1004,119 @@ async fn callbacks_to_private_addresses_are_refused_by_default() {
     );
     assert!(receiver.received.lock().unwrap().is_empty());
 }
+
+/// moto's S3 server (PyPI `moto[server]`, installed in the SDK venv by
+/// scripts/test.sh): a stateful S3 speaking its wire format, as S3 itself
+/// cannot be reached from here.
+struct S3Fake {
+    url: String,
+    _server: Proc,
+}
+
+impl S3Fake {
+    async fn start() -> Self {
+        let port = free_port();
+        let python = test_python("TOLLGATE_TEST_PYTHON", "sdk-venv");
+        let moto = python.with_file_name("moto_server");
+        let server = Command::new(&moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{} not runnable ({e}): run scripts/test.sh", moto.display())
+            });
+        let fake = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            _server: Proc(server),
+        };
+        eventually("moto's S3 answers", || async {
+            reqwest::get(&fake.url).await.is_ok()
+        })
+        .await;
+        fake
+    }
+
+    async fn create_bucket(&self, bucket: &str) {
+        let response = reqwest::Client::new()
+            .put(format!("{}/{bucket}", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+
+    /// The keys in `bucket`.
+    async fn keys(&self, bucket: &str) -> Vec<String> {
+        let listing = reqwest::get(format!("{}/{bucket}?list-type=2", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        listing
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|rest| rest.split("</Key>").next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The environment that points `object_store`'s S3 client at this fake.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.url.clone()),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+            ("AWS_ACCESS_KEY_ID", "tollgate-test".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "tollgate-test".to_owned()),
+            ("AWS_DEFAULT_REGION", "us-east-1".to_owned()),
+        ]
+    }
+}
+
+#[tokio::test]
+async fn results_kept_in_an_s3_bucket_are_served_and_expire() {
+    let s3 = S3Fake::start().await;
+    s3.create_bucket("results").await;
+    let sim = Sim::fast();
+    let gateway = Gateway::start(
+        &[BackendSpec::new(&sim.url)],
+        Options {
+            tiers: Some(format!(
+                "{DEFAULT_TIERS}\n[[tiers]]\nname = \"brief\"\npriority = 5\nresult_retention = \"1s\"\n"
+            )),
+            jobs: "results_url = \"s3://results/tollgate\"\nsweep_interval = \"200ms\"",
+            env: s3.env(),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = gateway.create_key_on("acme", "brief", &[]);
+    let request = chat("into the bucket", 8);
+    let job = gateway
+        .submit(&key, "/v1/chat/completions", &request, &[])
+        .await;
+    let id = job["id"].as_str().unwrap();
+    let job = gateway.ended(&key, id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    // Stored under the prefix, by account and job; nothing on local disk.
+    let keys = s3.keys("results").await;
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("tollgate/results/") && k.ends_with(id)),
+        "{keys:?}"
+    );
+    assert!(walk(&gateway.results_dir).is_empty());
+    let answer: Value = gateway
+        .get(&key, &format!("/v1/jobs/{id}/result"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["object"], "chat.completion", "{answer}");
+
+    eventually("the result expires and leaves the bucket", || async {
+        gateway.job(&key, id).await.1["status"] == "expired" && s3.keys("results").await.is_empty()
+    })
+    .await;
+}
