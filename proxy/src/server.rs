@@ -32,6 +32,7 @@ use crate::config::{Config, RoutingConfig};
 use crate::db::{self, PoolJanitor};
 use crate::fleet::{self, EventLog, FleetService};
 use crate::gateway::Gateway;
+use crate::gateway::comfyui::ComfyBridge;
 use crate::gateway::context::InFlight;
 use crate::gateway::metrics::RequestMetrics;
 use crate::gateway::models::ModelRoutes;
@@ -192,6 +193,11 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             .map(|t| (t.name.clone(), t.result_retention))
             .collect(),
     ));
+    let workflows: Vec<_> = config.backends.iter().map(|b| b.workflow.clone()).collect();
+    let comfyui_bridge = match workflows.iter().any(Option::is_some) {
+        true => Some(ComfyBridge::bind(Arc::clone(&selector), workflows)?),
+        false => None,
+    };
     let gateway = Gateway {
         keys: cache.clone(),
         selector: Arc::clone(&selector),
@@ -212,6 +218,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         billing_sessions: billing_sessions.clone(),
         custom_routes: config.routes.clone(),
         jobs: Arc::clone(&jobs),
+        comfyui_bridge: comfyui_bridge.as_ref().map(|bridge| bridge.address),
     };
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&config.server.listen.to_string());
@@ -323,6 +330,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             rollup_retention: config.metering.rollup_retention,
         },
     ));
+    if let Some(bridge) = comfyui_bridge {
+        server.add_service(background_service("comfyui bridge", bridge));
+    }
     server.add_service(background_service(
         "job runner",
         JobRunner {

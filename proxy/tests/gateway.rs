@@ -539,6 +539,8 @@ mod api_metrics;
 mod audio;
 #[path = "gateway/billing.rs"]
 mod billing;
+#[path = "gateway/comfyui.rs"]
+mod comfyui;
 #[path = "gateway/custom_routes.rs"]
 mod custom_routes;
 #[path = "gateway/dashboards.rs"]

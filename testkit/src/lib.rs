@@ -4,6 +4,8 @@
 //!
 //! - [`stripe`]: a stateful fake of the part of Stripe's API Tollgate uses,
 //!   speaking Stripe's wire format (billing's tests, the gateway's billing tests);
+//! - [`comfyui`]: a stateful fake of ComfyUI's HTTP API (queue a workflow,
+//!   its history, its images), for the ComfyUI protocol's tests;
 //! - [`runpod`]: a stateful fake of RunPod's pods API (REST v1), for the
 //!   provider's tests and the gateway's fleet tests;
 //! - [`db`]: [`TestDb`], a Postgres database of each test's own, migrated
@@ -27,6 +29,7 @@
     reason = "a test kit reports a broken fixture by failing the test that uses it"
 )]
 
+pub mod comfyui;
 pub mod db;
 pub mod gpu_sim;
 pub mod multipart;

@@ -14,6 +14,10 @@
 //!   both ways: the request into a text prompt and generate body, the answer
 //!   (whole or streamed) into OpenAI's objects and events, counting the
 //!   completion tokens locally because Triton reports none.
+//! - [`Protocol::ComfyUi`]: ComfyUI's queue of workflow graphs, for image
+//!   generation: [`comfyui`] fills the backend's workflow template from an
+//!   OpenAI images request and reads the images back; the gateway makes
+//!   the calls (queue, history, view).
 //!
 //! Everything here is pure: no I/O, no clock, no awaits. The gateway calls it
 //! from its request and response phases and keeps the per-request state.
@@ -23,6 +27,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
+pub mod comfyui;
 pub mod triton;
 
 /// How Tollgate talks to one backend; see the module docs. Config spells it
@@ -36,14 +41,18 @@ pub enum Protocol {
     /// Triton's generate extension, translated by [`triton`].
     #[serde(rename = "triton")]
     Triton,
+    /// ComfyUI's workflow queue, for `/v1/images/generations` ([`comfyui`]).
+    #[serde(rename = "comfyui")]
+    ComfyUi,
 }
 
 impl Protocol {
-    /// The name used in config and metric labels: "openai" or "triton".
+    /// The name used in config and metric labels: "openai", "triton" or "comfyui".
     pub fn name(self) -> &'static str {
         match self {
             Self::OpenAi => "openai",
             Self::Triton => "triton",
+            Self::ComfyUi => "comfyui",
         }
     }
 }
@@ -56,7 +65,7 @@ impl fmt::Display for Protocol {
 
 /// A protocol name that is not one of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown backend protocol `{0}` (expected openai or triton)")]
+#[error("unknown backend protocol `{0}` (expected openai, triton or comfyui)")]
 pub struct UnknownProtocol(pub String);
 
 impl FromStr for Protocol {
@@ -68,6 +77,7 @@ impl FromStr for Protocol {
         match s {
             "openai" => Ok(Self::OpenAi),
             "triton" => Ok(Self::Triton),
+            "comfyui" => Ok(Self::ComfyUi),
             other => Err(UnknownProtocol(other.to_owned())),
         }
     }
@@ -79,7 +89,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_nothing_else_parses() {
-        for protocol in [Protocol::OpenAi, Protocol::Triton] {
+        for protocol in [Protocol::OpenAi, Protocol::Triton, Protocol::ComfyUi] {
             assert_eq!(protocol.name().parse::<Protocol>().unwrap(), protocol);
             assert_eq!(protocol.to_string(), protocol.name());
         }
@@ -89,7 +99,7 @@ mod tests {
             assert_eq!(error, UnknownProtocol(wrong.to_owned()));
             assert!(serde_json::from_value::<Protocol>(wrong.into()).is_err());
         }
-        for protocol in [Protocol::OpenAi, Protocol::Triton] {
+        for protocol in [Protocol::OpenAi, Protocol::Triton, Protocol::ComfyUi] {
             let from_config: Protocol = serde_json::from_value(protocol.name().into()).unwrap();
             assert_eq!(from_config, protocol);
         }

@@ -2,9 +2,12 @@
 //! (its provider), what it serves and through which admission pool.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use serde_json::Value;
 use tollgate_backends::fleet::providers::HourlyCost;
 use tollgate_backends::fleet::providers::runpod::RunPodConfig;
 use tollgate_backends::health::DEFAULT_HEALTH_PATH;
@@ -24,6 +27,8 @@ pub(super) struct RawBackend {
     pool: Option<Name>,
     credential: Option<SecretString>,
     health_path: Option<String>,
+    /// A comfyui backend's workflow template (a file, ComfyUI's API format).
+    workflow: Option<PathBuf>,
     #[serde(default)]
     provider: ProviderKind,
     command: Option<Vec<String>>,
@@ -68,6 +73,9 @@ pub struct BackendConfig {
     pub protocol: Protocol,
     /// `GET` path of an OpenAI-style backend's health check.
     pub health_path: String,
+    /// A comfyui backend's workflow template, checked
+    /// ([`tollgate_backends::protocol::comfyui`]).
+    pub workflow: Option<Arc<Value>>,
     pub provider: ProviderConfig,
     /// Hourly prices, running and stopped, for cost accounting.
     pub cost: HourlyCost,
@@ -147,9 +155,33 @@ pub(super) fn validate(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, Confi
                 "prices are accounted for process and runpod backends only",
             ));
         }
-        let health_path = b
-            .health_path
-            .unwrap_or_else(|| DEFAULT_HEALTH_PATH.to_owned());
+        let workflow = match (b.protocol, &b.workflow) {
+            (Protocol::ComfyUi, Some(path)) => {
+                Some(Arc::new(read_workflow(path).map_err(|problem| {
+                    invalid(key("workflow"), format!("{}: {problem}", path.display()))
+                })?))
+            }
+            (Protocol::ComfyUi, None) => {
+                return Err(invalid(
+                    key("workflow"),
+                    "a comfyui backend runs a workflow template: name its file (ComfyUI's \"Save (API)\" format)",
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(invalid(
+                    key("workflow"),
+                    "only a comfyui backend runs a workflow",
+                ));
+            }
+            (_, None) => None,
+        };
+        let health_path = b.health_path.unwrap_or_else(|| {
+            match b.protocol {
+                Protocol::ComfyUi => COMFYUI_HEALTH_PATH,
+                _ => DEFAULT_HEALTH_PATH,
+            }
+            .to_owned()
+        });
         if !health_path.starts_with('/') || health_path.contains(char::is_whitespace) {
             return Err(invalid(
                 key("health_path"),
@@ -206,6 +238,7 @@ pub(super) fn validate(raw: Vec<RawBackend>) -> Result<Vec<BackendConfig>, Confi
             tls,
             protocol: b.protocol,
             health_path,
+            workflow,
             provider,
             cost,
             models: b.models,
@@ -270,6 +303,17 @@ fn parse_backend_url(url: &str) -> Result<(bool, String, String), String> {
         format!("{host}:{port}")
     };
     Ok((tls, host, address))
+}
+
+/// ComfyUI answers its system stats once it is up.
+const COMFYUI_HEALTH_PATH: &str = "/system_stats";
+
+/// A workflow template from its file, checked.
+fn read_workflow(path: &std::path::Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let workflow: Value = serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
+    tollgate_backends::protocol::comfyui::check_template(&workflow)?;
+    Ok(workflow)
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@
 
 pub mod audio_probe;
 pub mod batches;
+pub mod comfyui;
 pub mod context;
 pub mod jobs;
 pub mod metrics;
@@ -126,6 +127,8 @@ pub struct Gateway {
     pub custom_routes: Vec<CustomRoute>,
     /// Async jobs: their store, results and this gateway's runner.
     pub jobs: Arc<Jobs>,
+    /// Where the ComfyUI bridge listens (`None`: no comfyui backend).
+    pub comfyui_bridge: Option<std::net::SocketAddr>,
 }
 
 /// How `request_filter` ends when it does not forward.
@@ -676,6 +679,17 @@ impl ProxyHttp for Gateway {
                         excluded.push(id);
                     }
                 },
+                Protocol::ComfyUi if ctx.endpoint == Some(Endpoint::ImageGenerations) => {
+                    break (id, backend, lease, None);
+                }
+                Protocol::ComfyUi => {
+                    ctx.untranslatable = Some(ApiError::bad_request(
+                        "This model is served by ComfyUI, which takes image generations \
+                         (/v1/images/generations) only.",
+                        None,
+                    ));
+                    excluded.push(id);
+                }
             }
         };
         if let Some(inference) = ctx.inference.as_mut() {
@@ -685,13 +699,18 @@ impl ProxyHttp for Gateway {
         ctx.tried.push(id);
         ctx.lease = Some(lease);
         ctx.failure_reported = false;
-        let address = resolve(&backend.address).await.map_err(|e| {
-            Error::explain(
-                ErrorType::ConnectNoRoute,
-                format!("backend {} ({}): {e}", backend.name, backend.address),
-            )
-        })?;
-        let mut peer = HttpPeer::new(address, backend.tls, backend.host.clone());
+        let bridged = backend.protocol == Protocol::ComfyUi;
+        let address = match self.comfyui_bridge.filter(|_| bridged) {
+            // The bridge calls the backend (see `comfyui`).
+            Some(bridge) => bridge,
+            None => resolve(&backend.address).await.map_err(|e| {
+                Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("backend {} ({}): {e}", backend.name, backend.address),
+                )
+            })?,
+        };
+        let mut peer = HttpPeer::new(address, backend.tls && !bridged, backend.host.clone());
         peer.options.connection_timeout = Some(self.timeouts.connect);
         peer.options.total_connection_timeout = Some(self.timeouts.connect);
         peer.options.read_timeout = Some(self.timeouts.read);
@@ -764,9 +783,14 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<()> {
         upstream.remove_header(&header::AUTHORIZATION);
         upstream.remove_header(JOB_RUN_HEADER);
-        let backend = ctx.backend().and_then(|id| self.selector.backend(id));
-        if let Some(backend) = backend {
+        let backend = ctx
+            .backend()
+            .and_then(|id| Some((id, self.selector.backend(id)?)));
+        if let Some((id, backend)) = backend {
             upstream.insert_header(header::HOST, backend.address.as_str())?;
+            if backend.protocol == Protocol::ComfyUi {
+                upstream.insert_header(comfyui::BACKEND_HEADER, id.to_string())?;
+            }
             if let Some(credential) = &backend.credential {
                 upstream.insert_header(
                     header::AUTHORIZATION,
