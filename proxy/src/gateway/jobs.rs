@@ -197,16 +197,7 @@ impl Gateway {
         content_type: Option<String>,
         body: Bytes,
     ) -> Result<Stop, Stop> {
-        let header = session.req_header();
-        let callback_url = match header.headers.get(CALLBACK_URL_HEADER) {
-            None => None,
-            Some(value) => Some(value.to_str().map(str::to_owned).map_err(|_| {
-                Stop::from(ApiError::bad_request(
-                    "`x-tollgate-callback-url` is not a URL.",
-                    None,
-                ))
-            })?),
-        };
+        let callback_url = header_text(session.req_header(), CALLBACK_URL_HEADER, 2048)?;
         self.store_job(session, key, path, content_type, body, callback_url)
             .await
     }
@@ -226,24 +217,7 @@ impl Gateway {
                 .map_err(|why| Stop::from(ApiError::bad_request(why, Some("callback_url"))))?;
         }
         let header = session.req_header();
-        let idempotency_key = match header.headers.get("idempotency-key") {
-            None => None,
-            Some(value) => Some(
-                value
-                    .to_str()
-                    .ok()
-                    .filter(|v| !v.is_empty() && v.len() <= MAX_IDEMPOTENCY_KEY)
-                    .ok_or_else(|| {
-                        Stop::from(ApiError::bad_request(
-                            format!(
-                                "`Idempotency-Key` must be 1 to {MAX_IDEMPOTENCY_KEY} visible characters."
-                            ),
-                            None,
-                        ))
-                    })?
-                    .to_owned(),
-            ),
-        };
+        let idempotency_key = header_text(header, "idempotency-key", MAX_IDEMPOTENCY_KEY)?;
         let limit = self.jobs.config.max_queued_per_account;
         if store::queued_at_least(&self.jobs.pool, key.account_id, limit).await? {
             return Err(ApiError::TooManyJobs { limit }.into());
@@ -359,6 +333,25 @@ pub(super) struct Stored<'a> {
     pub bytes: Option<i64>,
     /// The 404's message when its bytes are gone.
     pub gone: &'a str,
+}
+
+/// Header `name`'s value, when sent: 1 to `most` visible characters, else 400.
+fn header_text(header: &RequestHeader, name: &str, most: usize) -> Result<Option<String>, Stop> {
+    let Some(value) = header.headers.get(name) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|v| !v.is_empty() && v.len() <= most)
+        .map(|v| Some(v.to_owned()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                format!("`{name}` must be 1 to {most} visible characters."),
+                None,
+            )
+            .into()
+        })
 }
 
 /// A page of a listing, OpenAI's shape: `items` holds one more than

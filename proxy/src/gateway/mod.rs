@@ -344,6 +344,11 @@ impl Gateway {
         }
         // Every rewrite is made: the body sent upstream is written once.
         request.seal_body();
+        if let Some(run) = &run {
+            self.jobs
+                .note_wait(run, &key.tier, &route.queue.snapshot())
+                .await;
+        }
         // Waiting costs no thread; a client that leaves stops waiting at once.
         let queued_at = Instant::now();
         let waited = tokio::select! {

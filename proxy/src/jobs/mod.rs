@@ -31,7 +31,7 @@ pub mod upkeep;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
@@ -41,6 +41,7 @@ use uuid::Uuid;
 use self::pass::{JobRun, RunPass};
 use self::results::ResultStore;
 use self::upkeep::JobMetrics;
+use crate::admission::queue::PoolSnapshot;
 use crate::config::JobsConfig;
 use crate::keys::store::StoreError;
 
@@ -112,6 +113,31 @@ impl Jobs {
             Ok(false) => {}
             // Left for the upkeep's next sweep.
             Err(error) => tracing::warn!(batch = %id, "batch not finalized: {error}"),
+        }
+    }
+
+    /// Records what `run` waits for in `queue` before it waits: a GPU to
+    /// wake when the pool has none, and when it should start (the tier's
+    /// expected wait), when it will wait at all. Best effort: the run goes
+    /// on if Postgres does not answer.
+    pub async fn note_wait(&self, run: &JobRun, tier: &str, queue: &PoolSnapshot) {
+        let now = SystemTime::now();
+        let waking = (queue.capacity == 0).then_some(now);
+        let expected = queue
+            .tiers
+            .iter()
+            .find(|t| t.tier == tier)
+            .and_then(|t| t.expected_wait)
+            // A slot free now: nothing worth a write.
+            .filter(|wait| !wait.is_zero())
+            .map(|wait| now + wait);
+        if (waking, expected) == (None, None) {
+            return;
+        }
+        if let Err(error) =
+            store::note_wait(&self.pool, run.id, run.attempt, waking, expected).await
+        {
+            tracing::warn!(job = %run.id, "job wait not recorded: {error}");
         }
     }
 

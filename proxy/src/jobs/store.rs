@@ -114,13 +114,23 @@ pub struct JobRecord {
     /// still wait for one).
     #[serde(with = "unix_seconds::option")]
     pub sent_at: Option<SystemTime>,
+    /// Waiting for a GPU to wake (its model had none up) since then.
+    #[serde(with = "unix_seconds::option")]
+    pub waiting_since: Option<SystemTime>,
+    /// When it was expected to get its slot, where the queue knew.
+    #[serde(with = "unix_seconds::option")]
+    pub expected_start_at: Option<SystemTime>,
 }
 
 impl JobRecord {
     /// Its status as its owner sees it: a job claimed but still waiting for
-    /// its GPU slot is `queued`.
+    /// its GPU slot is `queued`, or `waiting_for_capacity` while a GPU wakes
+    /// for it.
     pub fn status(&self) -> &'static str {
         match self.state {
+            JobState::Running if self.sent_at.is_none() && self.waiting_since.is_some() => {
+                "waiting_for_capacity"
+            }
             JobState::Running if self.sent_at.is_none() => JobState::Queued.as_str(),
             state => state.as_str(),
         }
@@ -198,7 +208,7 @@ pub enum Finish {
 
 const COLUMNS: &str = "id, account_id, state, method, path, attempt, created_at, started_at, \
                        finished_at, result_status, result_type, result_key, result_bytes, error, \
-                       sent_at";
+                       sent_at, waiting_since, expected_start_at";
 
 fn record(row: &Row) -> JobRecord {
     JobRecord {
@@ -217,6 +227,8 @@ fn record(row: &Row) -> JobRecord {
         result_bytes: row.get("result_bytes"),
         error: row.get("error"),
         sent_at: row.get("sent_at"),
+        waiting_since: row.get("waiting_since"),
+        expected_start_at: row.get("expected_start_at"),
     }
 }
 
@@ -414,13 +426,33 @@ pub async fn renew(pool: &Pool, owner: &str, lease: Duration) -> Result<Vec<Uuid
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
+/// Records what the claim's request waits for in its gateway's queue: a
+/// GPU to wake (`waiting_since`), and when it is expected to start.
+pub async fn note_wait(
+    pool: &Pool,
+    id: Uuid,
+    attempt: i32,
+    waiting_since: Option<SystemTime>,
+    expected_start_at: Option<SystemTime>,
+) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "UPDATE jobs SET waiting_since = $3, expected_start_at = $4
+             WHERE id = $1 AND attempt = $2 AND state = 'running'",
+            &[&id, &attempt, &waiting_since, &expected_start_at],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Records that the claim's request is going to a backend; `false` when
 /// the claim was lost (cancelled, or taken over): then it must not be sent.
 pub async fn mark_sent(pool: &Pool, id: Uuid, attempt: i32) -> Result<bool, StoreError> {
     let client = pool.get().await?;
     let updated = client
         .execute(
-            "UPDATE jobs SET sent_at = now()
+            "UPDATE jobs SET sent_at = now(), waiting_since = NULL, expected_start_at = NULL
              WHERE id = $1 AND attempt = $2 AND state = 'running'",
             &[&id, &attempt],
         )
@@ -442,7 +474,8 @@ pub async fn requeue(
     let updated = client
         .execute(
             "UPDATE jobs SET state = 'queued', run_after = now() + make_interval(secs => $3),
-                             sent_at = NULL, lease_owner = NULL, lease_until = NULL
+                             sent_at = NULL, waiting_since = NULL, expected_start_at = NULL,
+                             lease_owner = NULL, lease_until = NULL
              WHERE id = $1 AND attempt = $2 AND state = 'running'",
             &[&id, &attempt, &after.as_secs_f64()],
         )

@@ -92,19 +92,12 @@ async fn image_generations_run_as_the_backends_comfyui_workflow() {
     assert_eq!((event.unit_kind.as_str(), event.units), ("images", 2));
 
     // As a job: the images are its result.
-    let job = {
-        let response = gateway
-            .client
-            .post(format!("{}/v1/images/generations", gateway.url))
-            .bearer_auth(&key)
-            .header("prefer", "respond-async")
-            .json(&json!({"model": "sdxl", "prompt": "a harbour", "size": "32x32", "seed": 7}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
-        response.json::<Value>().await.unwrap()
-    };
+    let asked = json!({"model": "sdxl", "prompt": "a harbour", "size": "32x32", "seed": 7});
+    let response = gateway
+        .ask_async(&key, "/v1/images/generations", &asked, &[])
+        .await;
+    assert_eq!(response.status(), 202);
+    let job: Value = response.json().await.unwrap();
     let id = job["id"].as_str().unwrap();
     eventually("the image job succeeds", || async {
         let job: Value = gateway

@@ -7,7 +7,7 @@ use super::*;
 
 impl Gateway {
     /// Posts `body` to `path` with `Prefer: respond-async` and `extra` headers.
-    async fn ask_async(
+    pub(super) async fn ask_async(
         &self,
         key: &str,
         path: &str,
@@ -723,6 +723,13 @@ async fn two_hundred_jobs_over_three_tiers_wake_the_fleet_run_once_in_priority_o
         "hot",
         "every job is submitted while the GPU wakes"
     );
+    // Claimed, and shown waiting for the GPU that wakes for it.
+    let (first_key, first_id) = (&keys[jobs[0].0], &jobs[0].1);
+    eventually("a job shows it waits for capacity", || async {
+        let job = gateway.job(first_key, first_id).await.1;
+        job["status"] == "waiting_for_capacity" && job["waiting_since"].is_u64()
+    })
+    .await;
 
     // The same gpu-sim, run directly, for the answers to compare.
     let reference = Sim::fast();
