@@ -279,6 +279,57 @@ async fn a_cancelled_job_is_never_claimed_and_its_runner_cannot_finish_it() {
     assert_eq!(again.state, JobState::Cancelled);
 }
 
+/// A job that ends (here: is cancelled) with a callback URL, its own or its
+/// account's, leaves exactly one delivery to send, to that URL.
+#[tokio::test]
+async fn an_ended_job_queues_one_callback_to_its_url() {
+    let db = TestDb::migrated().await;
+    let acme = account(&db, "acme").await;
+    let delivery = |id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            let client = pool.get().await.unwrap();
+            client
+                .query("SELECT url FROM job_callbacks WHERE job_id = $1", &[&id])
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    // No URL anywhere: nothing queued.
+    let silent = created(store::submit(&db.pool, &job(acme, "{}", 0)).await.unwrap());
+    store::cancel(&db.pool, acme.0, silent.id).await.unwrap();
+    assert!(delivery(silent.id).await.is_empty());
+    // The account's URL, then the job's own over it.
+    db.execute(
+        "UPDATE accounts SET callback_url = 'https://acme.example/hooks' WHERE id = $1",
+        &[&acme.0],
+    )
+    .await;
+    let by_account = created(
+        store::submit(&db.pool, &job(acme, "{\"a\":1}", 0))
+            .await
+            .unwrap(),
+    );
+    let own = NewJob {
+        callback_url: Some("https://acme.example/this-job".into()),
+        ..job(acme, "{\"a\":2}", 0)
+    };
+    let by_job = created(store::submit(&db.pool, &own).await.unwrap());
+    for id in [by_account.id, by_job.id] {
+        store::cancel(&db.pool, acme.0, id).await.unwrap();
+        // Cancelling again ends nothing more, and queues nothing more.
+        store::cancel(&db.pool, acme.0, id).await.unwrap();
+    }
+    assert_eq!(
+        delivery(by_account.id).await,
+        ["https://acme.example/hooks"]
+    );
+    assert_eq!(delivery(by_job.id).await, ["https://acme.example/this-job"]);
+}
+
 /// A result is written as it streams, read back whole, and once its tier's
 /// retention has passed its job is marked expired and its file deleted.
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! Completion callbacks: when a job ends (succeeded or failed), a POST of an
+//! Completion callbacks: when a job ends (succeeded, failed or cancelled), a POST of an
 //! event to the job's `callback_url`, else its account's, signed the way
 //! Stripe signs webhooks: `x-tollgate-signature: t=<unix time>,v1=<hex
 //! HMAC-SHA256 of "<t>.<body>">` with the account's secret (docs/jobs.md has

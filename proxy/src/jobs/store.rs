@@ -337,8 +337,18 @@ pub async fn list(
     Ok(rows.iter().map(record).collect())
 }
 
-/// Cancels the account's job `id` unless it has ended. A running job's
-/// runner learns of it at its next write, which no longer matches.
+/// Queues the callback of each job a statement ended, from its CTE `done`
+/// (`RETURNING id, account_id, callback_url, batch_id`): the job's URL,
+/// else its account's; a batch's lines have none (their batch is what ends).
+const QUEUE_CALLBACK: &str = "callback AS (
+    INSERT INTO job_callbacks (job_id, url)
+    SELECT done.id, coalesce(done.callback_url, a.callback_url)
+    FROM done JOIN accounts a ON a.id = done.account_id
+    WHERE done.batch_id IS NULL AND coalesce(done.callback_url, a.callback_url) IS NOT NULL)";
+
+/// Cancels the account's job `id` unless it has ended (its callback, if
+/// any, is queued). A running job's runner learns of it at its next write,
+/// which no longer matches.
 pub async fn cancel(
     pool: &Pool,
     account_id: Uuid,
@@ -348,10 +358,13 @@ pub async fn cancel(
     let row = client
         .query_opt(
             &format!(
-                "UPDATE jobs SET state = 'cancelled', finished_at = now(), lease_owner = NULL,
-                                 lease_until = NULL
-                 WHERE id = $1 AND account_id = $2 AND state IN ('queued', 'running')
-                 RETURNING {COLUMNS}"
+                "WITH done AS (
+                     UPDATE jobs SET state = 'cancelled', finished_at = now(), lease_owner = NULL,
+                                     lease_until = NULL
+                     WHERE id = $1 AND account_id = $2 AND state IN ('queued', 'running')
+                     RETURNING {COLUMNS}, callback_url, batch_id),
+                 {QUEUE_CALLBACK}
+                 SELECT {COLUMNS} FROM done"
             ),
             &[&id, &account_id],
         )
@@ -484,8 +497,7 @@ pub async fn requeue(
 }
 
 /// Ends the claim's run; `false` when the claim was lost, and then nothing
-/// changed. Its callback, if it has one (its own URL, else its account's;
-/// a batch's lines have none), is queued in the same statement.
+/// changed. Its callback, if any, is queued in the same statement.
 pub async fn finish(pool: &Pool, id: Uuid, attempt: i32, how: &Finish) -> Result<bool, StoreError> {
     let client = pool.get().await?;
     let ended = |set: &str| {
@@ -494,12 +506,7 @@ pub async fn finish(pool: &Pool, id: Uuid, attempt: i32, how: &Finish) -> Result
                  UPDATE jobs SET {set}, finished_at = now(), lease_owner = NULL, lease_until = NULL
                  WHERE id = $1 AND attempt = $2 AND state = 'running'
                  RETURNING id, account_id, callback_url, batch_id),
-             callback AS (
-                 INSERT INTO job_callbacks (job_id, url)
-                 SELECT done.id, coalesce(done.callback_url, a.callback_url)
-                 FROM done JOIN accounts a ON a.id = done.account_id
-                 WHERE done.batch_id IS NULL
-                   AND coalesce(done.callback_url, a.callback_url) IS NOT NULL)
+             {QUEUE_CALLBACK}
              SELECT count(*) FROM done"
         )
     };
