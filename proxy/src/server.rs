@@ -187,11 +187,7 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         results,
         config.jobs.clone(),
         JobMetrics::new(prometheus::default_registry(), &tier_names)?,
-        config
-            .tiers
-            .iter()
-            .map(|t| (t.name.clone(), t.result_retention))
-            .collect(),
+        &config.tiers,
     ));
     let workflows: Vec<_> = config.backends.iter().map(|b| b.workflow.clone()).collect();
     let comfyui_bridge = match workflows.iter().any(Option::is_some) {
@@ -335,17 +331,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     }
     server.add_service(background_service(
         "job runner",
-        JobRunner {
-            jobs: Arc::clone(&jobs),
-            target: config.server.listen,
-            in_flight: Arc::clone(&in_flight),
-            budgets: config
-                .tiers
-                .iter()
-                .map(|t| (t.name.clone(), t.job_max_wait))
-                .collect(),
-            custom_routes: config.routes.clone(),
-        },
+        JobRunner::new(
+            Arc::clone(&jobs),
+            config.server.listen,
+            Arc::clone(&in_flight),
+            config.routes.clone(),
+        ),
     ));
     server.add_service(background_service(
         "job callbacks",

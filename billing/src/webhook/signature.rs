@@ -252,8 +252,8 @@ impl fmt::Debug for WebhookSecrets {
 /// (Unix seconds), built as Stripe's libraries' `generate_test_header_string`
 /// builds it: `t=<timestamp>,v1=<hex>`.
 ///
-/// For tests and tools (such as replaying a delivery at a local gateway);
-/// nothing in Tollgate signs real traffic.
+/// For tests and tools (such as replaying a delivery at a local gateway),
+/// and for the gateway's job callbacks, which are signed the same way.
 pub fn sign(secret: &str, body: &[u8], timestamp: u64) -> String {
     let tag = tag(&keyed(secret), timestamp, body);
     format!("t={timestamp},{SCHEME}={}", hex::encode(tag))

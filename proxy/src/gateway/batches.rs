@@ -8,13 +8,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 use pingora::proxy::Session;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::jobs::{Stored, list_json, no_such, page};
+use super::jobs::{Stored, item_id, list_json, no_such, page};
 use super::request::{Endpoint, parse, read_body};
 use super::routes::{Action, Resource, Route, route};
 use super::{Gateway, Stop};
@@ -22,6 +21,7 @@ use crate::error::ApiError;
 use crate::jobs::batches::{
     self, BATCH_PREFIX, BatchLine, FILE_PREFIX, NewBatch, file_key, public_id,
 };
+use crate::jobs::results::ResultError;
 use crate::keys::store::KeyRecord;
 
 /// OpenAI's only completion window.
@@ -80,19 +80,17 @@ impl Gateway {
                 ))
             }
             (Resource::Files, Action::Get(id)) => {
-                let file = match id {
-                    Some(id) => batches::get_file(pool, account, id).await?,
-                    None => None,
-                };
-                let file = file.ok_or_else(|| missing(session))?;
+                let id = item_id(id, what, session.req_header())?;
+                let file = batches::get_file(pool, account, id)
+                    .await?
+                    .ok_or_else(|| missing(session))?;
                 Ok(Stop::Answer(200, file.json()))
             }
             (Resource::Files, Action::Delete(id)) => {
-                let file = match id {
-                    Some(id) => batches::delete_file(pool, account, id).await?,
-                    None => None,
-                };
-                let file = file.ok_or_else(|| missing(session))?;
+                let id = item_id(id, what, session.req_header())?;
+                let file = batches::delete_file(pool, account, id)
+                    .await?
+                    .ok_or_else(|| missing(session))?;
                 if let Err(error) = self.jobs.results.delete(&file.storage_key).await {
                     tracing::warn!(file = %file.id, "deleted file's bytes not deleted: {error}");
                 }
@@ -103,11 +101,10 @@ impl Gateway {
                 ))
             }
             (Resource::Files, Action::Sub(id)) => {
-                let file = match id {
-                    Some(id) => batches::get_file(pool, account, id).await?,
-                    None => None,
-                };
-                let file = file.ok_or_else(|| missing(session))?;
+                let id = item_id(id, what, session.req_header())?;
+                let file = batches::get_file(pool, account, id)
+                    .await?
+                    .ok_or_else(|| missing(session))?;
                 let stored = Stored {
                     key: &file.storage_key,
                     status: 200,
@@ -128,11 +125,10 @@ impl Gateway {
                 ))
             }
             (_, Action::Get(id)) => {
-                let batch = match id {
-                    Some(id) => batches::get_batch(pool, account, id).await?,
-                    None => None,
-                };
-                let batch = batch.ok_or_else(|| missing(session))?;
+                let id = item_id(id, what, session.req_header())?;
+                let batch = batches::get_batch(pool, account, id)
+                    .await?
+                    .ok_or_else(|| missing(session))?;
                 Ok(Stop::Answer(200, batch.json()))
             }
             (_, Action::Sub(Some(id))) => {
@@ -181,16 +177,18 @@ impl Gateway {
                 tracing::error!("file not stored: {error}");
                 Stop::from(ApiError::DatabaseUnavailable)
             })?;
-        let file = batches::create_file(
-            &self.jobs.pool,
-            key.account_id,
-            id,
-            &purpose,
-            &filename,
-            size,
-            None,
-        )
-        .await?;
+        let pool = &self.jobs.pool;
+        let file =
+            match batches::create_file(pool, key.account_id, id, &purpose, &filename, size, None)
+                .await
+            {
+                Ok(file) => file,
+                Err(error) => {
+                    // No record, no file: its bytes go too.
+                    let _ = self.jobs.results.delete(&storage_key).await;
+                    return Err(error.into());
+                }
+            };
         Ok(Stop::Answer(200, file.json()))
     }
 
@@ -233,20 +231,18 @@ impl Gateway {
                 asked.input_file_id
             )))
         })?;
-        let content: Vec<Bytes> = self
-            .jobs
-            .results
-            .read(&file.storage_key)
-            .await
-            .map_err(|_| {
-                Stop::from(ApiError::NotFound(
-                    "The input file's bytes are gone.".into(),
-                ))
-            })?
-            .try_collect()
-            .await
-            .map_err(|_| Stop::from(ApiError::DatabaseUnavailable))?;
-        let (lines, errors) = self.check_lines(key, endpoint, &asked.endpoint, &content.concat());
+        let content = match self.jobs.results.read_all(&file.storage_key).await {
+            Ok(content) => content,
+            Err(ResultError::Store(object_store::Error::NotFound { .. })) => {
+                let gone = "The input file's bytes are gone.";
+                return Err(ApiError::NotFound(gone.into()).into());
+            }
+            Err(error) => {
+                tracing::error!(file = %file.id, "batch input unreadable: {error}");
+                return Err(ApiError::DatabaseUnavailable.into());
+            }
+        };
+        let (lines, errors) = self.check_lines(key, endpoint, &asked.endpoint, &content);
         let new = NewBatch {
             account_id: key.account_id,
             key_id: key.key_id,

@@ -123,8 +123,8 @@ fn bad_gateway(message: &str) -> Response<Full<Bytes>> {
     )
 }
 
-/// Takes a prompt off ComfyUI's queue (and interrupts it if it runs) when
-/// its request is dropped before it finished.
+/// Takes a prompt off ComfyUI's queue (and interrupts it if it is the one
+/// running) when its request is dropped before it finished.
 struct Queued {
     client: Client<HttpConnector, Full<Bytes>>,
     base: String,
@@ -140,9 +140,23 @@ impl Drop for Queued {
         tokio::spawn(async move {
             let delete = json!({"delete": [prompt_id]}).to_string();
             let _ = client.request(post(&format!("{base}/queue"), delete)).await;
-            let _ = client
-                .request(post(&format!("{base}/interrupt"), "{}".into()))
-                .await;
+            // `/interrupt` stops whatever runs: only when that is this prompt
+            // (`queue_running` holds `[number, prompt_id, …]` entries).
+            let Ok(queue) = client.request(get(&format!("{base}/queue"))).await else {
+                return;
+            };
+            let Ok(queue) = queue.into_body().collect().await else {
+                return;
+            };
+            let queue: Value = serde_json::from_slice(&queue.to_bytes()).unwrap_or_default();
+            let running = queue["queue_running"]
+                .as_array()
+                .is_some_and(|running| running.iter().any(|entry| entry[1] == prompt_id));
+            if running {
+                let _ = client
+                    .request(post(&format!("{base}/interrupt"), "{}".into()))
+                    .await;
+            }
         });
     }
 }

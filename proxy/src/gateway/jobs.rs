@@ -76,11 +76,7 @@ impl Gateway {
     ) -> Result<Stop, Stop> {
         let pool = &self.jobs.pool;
         let account = key.account_id;
-        let found = |job: Option<JobRecord>, id: Uuid| {
-            job.ok_or_else(|| {
-                Stop::from(ApiError::NotFound(format!("No job found with id `{id}`.")))
-            })
-        };
+        let missing = |session: &Session| Stop::from(no_such("job", session.req_header()));
         Ok(match action {
             Action::Create => return Box::pin(self.create_job(session, key)).await,
             Action::List => {
@@ -89,22 +85,24 @@ impl Gateway {
                 Stop::Answer(200, list_json(jobs.iter().map(JobRecord::json), limit))
             }
             Action::Get(id) => {
-                let id = id.ok_or_else(|| Stop::from(no_such("job", session.req_header())))?;
-                Stop::Answer(
-                    200,
-                    JobRecord::json(&found(store::get(pool, account, id).await?, id)?),
-                )
+                let id = item_id(id, "job", session.req_header())?;
+                let job = store::get(pool, account, id).await?;
+                Stop::Answer(200, job.ok_or_else(|| missing(session))?.json())
             }
             Action::Delete(id) => {
-                let id = id.ok_or_else(|| Stop::from(no_such("job", session.req_header())))?;
-                let job = found(store::cancel(pool, account, id).await?, id)?;
+                let id = item_id(id, "job", session.req_header())?;
+                let job = store::cancel(pool, account, id)
+                    .await?
+                    .ok_or_else(|| missing(session))?;
                 // Running here: stopped now (elsewhere: at its runner's next renewal).
                 self.jobs.abort_local(id);
                 Stop::Answer(200, JobRecord::json(&job))
             }
             Action::Sub(id) => {
-                let id = id.ok_or_else(|| Stop::from(no_such("job", session.req_header())))?;
-                let job = found(store::get(pool, account, id).await?, id)?;
+                let id = item_id(id, "job", session.req_header())?;
+                let job = store::get(pool, account, id)
+                    .await?
+                    .ok_or_else(|| missing(session))?;
                 return self.job_result(session, &job).await;
             }
         })
@@ -396,7 +394,12 @@ pub(super) fn page(header: &RequestHeader, prefix: &str) -> Result<(Option<Uuid>
     Ok((after, limit))
 }
 
-/// The 404 for an id that is none of the collection's (the path's third
+/// The id of an item's route, or the 404 of one that is none of `what`'s.
+pub(super) fn item_id(id: Option<Uuid>, what: &str, header: &RequestHeader) -> Result<Uuid, Stop> {
+    id.ok_or_else(|| no_such(what, header).into())
+}
+
+/// The 404 for an id that is not one of the collection's (the path's third
 /// segment).
 pub(super) fn no_such(what: &str, header: &RequestHeader) -> ApiError {
     let id = header.uri.path().split('/').nth(3).unwrap_or_default();

@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use deadpool_postgres::Pool;
-use futures_util::TryStreamExt;
 use serde_json::{Value, json};
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -288,15 +287,16 @@ impl BatchRecord {
 }
 
 /// A batch's columns, with its jobs' counts while it runs (once finalized,
-/// its own: its jobs' records may be retired since).
+/// its own: its jobs' records may be retired since), counted as finalizing
+/// files them: a succeeded job's answer is output, anything else an error.
 const BATCH_COLUMNS: &str = "b.id, b.endpoint, b.input_file_id, b.completion_window, b.status, \
      b.metadata, b.errors, b.total, b.output_file_id, b.error_file_id, b.created_at, \
      b.expires_at, b.in_progress_at, b.finalizing_at, b.completed_at, b.failed_at, \
      b.cancelling_at, b.cancelled_at, \
      coalesce(b.completed, (SELECT count(*) FROM jobs j WHERE j.batch_id = b.id \
-                            AND j.state IN ('succeeded', 'expired')))::bigint AS completed, \
+                            AND j.state = 'succeeded'))::bigint AS completed, \
      coalesce(b.failed, (SELECT count(*) FROM jobs j WHERE j.batch_id = b.id \
-                         AND j.state IN ('failed', 'cancelled')))::bigint AS failed";
+                         AND j.state IN ('failed', 'cancelled', 'expired')))::bigint AS failed";
 
 fn batch(row: &Row) -> BatchRecord {
     BatchRecord {
@@ -641,8 +641,7 @@ fn without_status(error: &Value) -> Value {
 
 /// A stored answer as JSON (a batch's endpoints answer JSON); text otherwise.
 async fn read_json(results: &ResultStore, key: &str) -> Result<Value, ResultError> {
-    let bytes: Vec<Bytes> = results.read(key).await?.try_collect().await?;
-    let bytes = bytes.concat();
+    let bytes = results.read_all(key).await?;
     Ok(serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
 }

@@ -42,8 +42,15 @@ use self::pass::{JobRun, RunPass};
 use self::results::ResultStore;
 use self::upkeep::JobMetrics;
 use crate::admission::queue::PoolSnapshot;
-use crate::config::JobsConfig;
+use crate::config::{JobsConfig, TierConfig};
 use crate::keys::store::StoreError;
+
+/// A tier's `job_max_wait` and `result_retention`.
+#[derive(Debug, Clone, Copy)]
+pub struct TierJobs {
+    pub max_wait: Duration,
+    pub retention: Duration,
+}
 
 /// What the API and the runner of one gateway share.
 pub struct Jobs {
@@ -51,8 +58,8 @@ pub struct Jobs {
     pub results: ResultStore,
     pub config: JobsConfig,
     pub metrics: JobMetrics,
-    /// Each tier's `result_retention`.
-    pub retention: HashMap<String, Duration>,
+    /// What each tier says of its jobs.
+    pub tiers: HashMap<String, TierJobs>,
     /// Proves this process's runs to its gateway.
     pub pass: RunPass,
     /// This process's name on the leases it holds: a restarted gateway is
@@ -71,15 +78,25 @@ impl Jobs {
         results: ResultStore,
         config: JobsConfig,
         metrics: JobMetrics,
-        retention: HashMap<String, Duration>,
+        tiers: &[TierConfig],
     ) -> Self {
+        let tiers = tiers
+            .iter()
+            .map(|t| {
+                let jobs = TierJobs {
+                    max_wait: t.job_max_wait,
+                    retention: t.result_retention,
+                };
+                (t.name.clone(), jobs)
+            })
+            .collect();
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gateway".to_owned());
         Self {
             pool,
             results,
             config,
             metrics,
-            retention,
+            tiers,
             pass: RunPass::default(),
             owner: format!("{host}:{}:{}", std::process::id(), Uuid::now_v7().simple()),
             submitted: Notify::new(),
@@ -103,7 +120,12 @@ impl Jobs {
 
     /// How long `tier` keeps results.
     pub fn retention(&self, tier: &str) -> Duration {
-        self.retention.get(tier).copied().unwrap_or_default()
+        self.tiers.get(tier).map_or(Duration::ZERO, |t| t.retention)
+    }
+
+    /// How long a job of `tier` may wait to start, from its submission.
+    pub fn max_wait(&self, tier: &str) -> Duration {
+        self.tiers.get(tier).map_or(Duration::ZERO, |t| t.max_wait)
     }
 
     /// Finalizes batch `id` if it is done (see [`batches::finalize`]).

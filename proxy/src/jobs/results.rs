@@ -104,6 +104,12 @@ impl ResultStore {
         Ok(result.into_stream().map_err(ResultError::from).boxed())
     }
 
+    /// The whole object under `key`, for what is read whole (a batch's
+    /// input, an answer going into a batch's output).
+    pub async fn read_all(&self, key: &str) -> Result<Bytes, ResultError> {
+        Ok(self.store.get(&Path::from(key)).await?.bytes().await?)
+    }
+
     /// Deletes the result under `key`; one already gone is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), ResultError> {
         match self.store.delete(&Path::from(key)).await {

@@ -12,7 +12,6 @@
 //! queue's wait ran out, a rate limit) puts the job back in the queue until
 //! its `Retry-After`, within its tier's `job_max_wait`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -51,28 +50,35 @@ const LISTENER_RETRY: Duration = Duration::from_secs(1);
 const UNAVAILABLE_RETRY: Duration = Duration::from_secs(5);
 
 pub struct JobRunner {
-    pub jobs: Arc<Jobs>,
-    /// The gateway's own listener.
-    pub target: SocketAddr,
-    /// Runs count as requests in flight: a drain waits for them.
-    pub in_flight: Arc<InFlight>,
-    /// Each tier's `job_max_wait`.
-    pub budgets: HashMap<String, Duration>,
-    /// `[[routes]]`, to know which are idempotent.
-    pub custom_routes: Vec<CustomRoute>,
+    jobs: Arc<Jobs>,
+    /// What each run shares.
+    run: Arc<Run>,
+}
+
+impl JobRunner {
+    /// A runner sending jobs to the gateway listening at `target`; its runs
+    /// count in `in_flight` (a drain waits for them); `custom_routes` say
+    /// which routes are idempotent.
+    pub fn new(
+        jobs: Arc<Jobs>,
+        target: SocketAddr,
+        in_flight: Arc<InFlight>,
+        custom_routes: Vec<CustomRoute>,
+    ) -> Self {
+        let run = Arc::new(Run {
+            jobs: Arc::clone(&jobs),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            base: format!("http://{}", loopback(target)),
+            in_flight,
+            custom_routes,
+        });
+        Self { jobs, run }
+    }
 }
 
 #[async_trait]
 impl BackgroundService for JobRunner {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let run = Arc::new(Run {
-            jobs: Arc::clone(&self.jobs),
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            base: format!("http://{}", loopback(self.target)),
-            in_flight: Arc::clone(&self.in_flight),
-            budgets: self.budgets.clone(),
-            custom_routes: self.custom_routes.clone(),
-        });
         let config = &self.jobs.config;
         let mut runs = JoinSet::new();
         let mut poll = tokio::time::interval(config.poll_interval);
@@ -124,7 +130,7 @@ impl BackgroundService for JobRunner {
                 };
             for claim in claims {
                 let id = claim.id;
-                let handle = runs.spawn(Arc::clone(&run).execute(claim));
+                let handle = runs.spawn(Arc::clone(&self.run).execute(claim));
                 self.jobs.running().insert(id, handle);
             }
         }
@@ -160,7 +166,6 @@ struct Run {
     /// `http://` and the gateway's own listener.
     base: String,
     in_flight: Arc<InFlight>,
-    budgets: HashMap<String, Duration>,
     custom_routes: Vec<CustomRoute>,
 }
 
@@ -179,7 +184,7 @@ impl Drop for Running<'_> {
 impl Run {
     async fn execute(self: Arc<Self>, claim: Claim) {
         let _counted = self.in_flight.enter();
-        let _running = Running {
+        let running = Running {
             jobs: &self.jobs,
             id: claim.id,
         };
@@ -187,6 +192,10 @@ impl Run {
             // The job's lease lapses, and a later claim tries again.
             tracing::warn!(job = %claim.id, "job run: {error}");
         }
+        // Done with the job: from here a cancel must not abort this task, which
+        // may be finalizing its batch (a batch cut off there stays
+        // `finalizing` until the upkeep takes it over).
+        drop(running);
         if let Some(batch) = claim.batch_id {
             self.jobs.finalize_batch(batch).await;
         }
@@ -204,20 +213,12 @@ impl Run {
             store::finish(pool, id, attempt, &failure("job_interrupted", &why)).await?;
             return Ok(());
         }
-        let deadline = claim.created_at
-            + self
-                .budgets
-                .get(&claim.tier)
-                .copied()
-                .unwrap_or(Duration::ZERO);
+        let max_wait = self.jobs.max_wait(&claim.tier);
+        let deadline = claim.created_at + max_wait;
         if !claim.sent_before && SystemTime::now() > deadline {
             let why = format!(
                 "The job did not start within its tier's job_max_wait ({}).",
-                humantime::format_duration(
-                    deadline
-                        .duration_since(claim.created_at)
-                        .unwrap_or_default()
-                )
+                humantime::format_duration(max_wait)
             );
             store::finish(pool, id, attempt, &failure("job_wait_exceeded", &why)).await?;
             return Ok(());

@@ -112,9 +112,9 @@ impl JobUpkeep {
     pub async fn sweep(&self) -> Result<u64, StoreError> {
         let pool = &self.jobs.pool;
         let mut freed = 0;
-        for (tier, retention) in &self.jobs.retention {
+        for (tier, jobs) in &self.jobs.tiers {
             loop {
-                let expired = store::expire(pool, tier, *retention, SWEEP_BATCH).await?;
+                let expired = store::expire(pool, tier, jobs.retention, SWEEP_BATCH).await?;
                 for result in &expired {
                     match self.jobs.results.delete(&result.result_key).await {
                         Ok(()) => freed += result.bytes.max(0) as u64,
